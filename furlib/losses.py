@@ -1,0 +1,84 @@
+"""The decoder's loss: pixel terms in Oklab (or RGB), LPIPS, and LDM's adaptive critic weight.
+
+Hand-written where no library fits: the Oklab pixel loss with its weight schedule, and the
+adaptive weight. Conventions: ``recon_m11`` and ``target_m11`` are ``rgb_m11`` NCHW.
+
+LDM sets the critic term's weight each step from the gradients both terms send into the
+decoder's last layer (diffusers: ``decoder.conv_out.weight``)::
+
+    w = clamp(||d rec / d W|| / (||d gan / d W|| + 1e-4), 0, 1e4).detach() * disc_weight
+
+``last_layer_grad`` computes ``d loss / d W`` from the layer's input features and the loss's
+gradient at the layer's output, so both norms cost one small weight-gradient convolution
+each, not a backward through the decoder (which then runs once, on the weighted sum).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from furlib.oklab import rgb_to_oklab
+
+COLOR_SPACES = ("oklab", "rgb")
+
+
+def cosine_ramp(step: int, start: float, end: float, steps: int) -> float:
+    """``start`` at step 0 to ``end`` at ``steps`` along a half cosine; ``end`` after."""
+    if steps <= 0:
+        return end
+    t = min(step / steps, 1.0)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+class ReconstructionLoss(nn.Module):
+    """mae_w * L1 + mse_w * L2 (in ``color_space``, per-pixel means) + lpips_w * LPIPS (RGB)."""
+
+    def __init__(self, color_space: str = "oklab", lpips: nn.Module | None = None):
+        super().__init__()
+        if color_space not in COLOR_SPACES:
+            raise ValueError(f"color_space must be one of {COLOR_SPACES}, got {color_space!r}")
+        self.color_space, self.lpips = color_space, lpips
+
+    def forward(self, recon_m11, target_m11, mae_w: float, mse_w: float, lpips_w: float):
+        recon, target = recon_m11.float(), target_m11.float()
+        if self.color_space == "oklab":
+            a, b = rgb_to_oklab(recon), rgb_to_oklab(target)
+        else:
+            a, b = recon, target
+        diff = a - b
+        mae, mse = diff.abs().mean(), diff.pow(2).mean()
+        total = mae_w * mae + mse_w * mse
+        logs = {"rec/mae": mae.detach(), "rec/mse": mse.detach()}
+        if lpips_w and self.lpips is not None:
+            perceptual = self.lpips(recon_m11, target_m11).mean()  # LPIPS reads [-1, 1] RGB
+            total = total + lpips_w * perceptual
+            logs["rec/lpips"] = perceptual.detach()
+        logs["rec/total"] = total.detach()
+        return total, logs
+
+
+def last_layer_grad(features: torch.Tensor, grad_out: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """d loss / d conv.weight, given the conv's input ``features`` and d loss / d output."""
+    return torch.nn.grad.conv2d_weight(features.float(), conv.weight.shape, grad_out.float(),
+                                       stride=conv.stride, padding=conv.padding,
+                                       dilation=conv.dilation, groups=conv.groups)
+
+
+def adaptive_weight(rec_grad: torch.Tensor, gan_grad: torch.Tensor, disc_weight: float,
+                    max_weight: float = 1e4) -> torch.Tensor:
+    """LDM's ``calculate_adaptive_weight``: a detached scalar tensor."""
+    w = rec_grad.norm() / (gan_grad.norm() + 1e-4)
+    return w.clamp(0.0, max_weight).detach() * disc_weight
+
+
+def reference_adaptive_weight(rec_loss, gan_loss, last_layer_weight, disc_weight):
+    """The plain LDM computation through autograd (slow: two backward passes); for tests."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer_weight, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(gan_loss, last_layer_weight, retain_graph=True)[0]
+    return adaptive_weight(rec_grad, gan_grad, disc_weight)
+
+
+def l1_rgb(recon_m11, target_m11):  # plain helper for ablations and tests
+    return F.l1_loss(recon_m11.float(), target_m11.float())

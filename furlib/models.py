@@ -1,0 +1,120 @@
+"""Loading Stable Diffusion VAEs (diffusers ``AutoencoderKL``) and splitting what trains.
+
+``base_model`` names a VAE in one of these forms:
+- a Hugging Face Hub id (``stabilityai/sd-vae-ft-mse``) or ``id@subfolder`` (``repo@vae``);
+- a local diffusers folder (``config.json`` + weights);
+- a single-file ``.safetensors`` in the original LDM layout (A1111/ComfyUI files), with the
+  architecture from ``base_config`` (a diffusers folder) or, by default, the SD VAE's;
+- ``tiny``: a small seeded random ``AutoencoderKL`` for offline CPU runs (factor 8, 4 latents);
+- ``random:sd``: the sd-vae-ft-mse architecture with random weights, for offline GPU timing.
+``tiny`` and ``random:sd`` are not pretrained: reports of runs on them say so.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+SD_VAE_CONFIG = Path(__file__).parent / "configs" / "sd_vae"
+TINY_CONFIG = dict(
+    block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=16, latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    sample_size=64,
+)
+OFFLINE_HINT = (
+    "This machine cannot download it. Offline choices: a local diffusers folder, a single-file "
+    ".safetensors VAE, 'tiny' (small random VAE for CPU runs) or 'random:sd' (SD architecture, "
+    "random weights, for timing). With internet (Colab/Kaggle) the hub id works as given."
+)
+TRAINABLE_PREFIXES = ("decoder.", "post_quant_conv.")  # the rest (encoder, quant_conv) stays frozen
+
+
+def is_pretrained(base_model: str) -> bool:
+    return base_model not in ("tiny", "random:sd")
+
+
+def load_vae(base_model: str, base_config: str = "", seed: int = 0):
+    """Return an fp32 ``AutoencoderKL`` in eval mode on the CPU; raises with a clear message."""
+    from diffusers import AutoencoderKL
+
+    if base_model == "tiny":
+        torch.manual_seed(seed)
+        return AutoencoderKL(**TINY_CONFIG).eval()
+    if base_model == "random:sd":
+        torch.manual_seed(seed)
+        return AutoencoderKL.from_config(AutoencoderKL.load_config(SD_VAE_CONFIG)).eval()
+    path = Path(base_model).expanduser()
+    if path.suffix in (".safetensors", ".ckpt", ".pt", ".bin"):
+        return load_single_file(path, base_config)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ValueError(f"base_model folder {path} has no config.json: not a diffusers VAE folder")
+        return AutoencoderKL.from_pretrained(path).eval()
+    if path.exists() or base_model.startswith((".", "/", "~")):
+        raise ValueError(f"base_model {base_model!r}: no such diffusers folder or .safetensors file")
+    return _load_from_hub(base_model)
+
+
+def _load_from_hub(base_model: str):
+    from diffusers import AutoencoderKL
+
+    repo, _, subfolder = base_model.partition("@")
+    try:
+        return AutoencoderKL.from_pretrained(repo, subfolder=subfolder or None).eval()
+    except OSError as err:  # diffusers reports both "offline" and "no such repo" as OSError
+        raise RuntimeError(f"Could not load base_model {base_model!r} from the Hugging Face Hub: "
+                           f"{err}\n{OFFLINE_HINT}") from err
+
+
+def load_single_file(path: Path, base_config: str = ""):
+    """A single-file LDM-layout VAE; never unpickles (``.safetensors`` only)."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    from furlib.ldm_keys import ldm_to_diffusers
+
+    if not path.exists():
+        raise ValueError(f"base_model file {path} does not exist")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path.name}: only .safetensors single files load (pickled "
+                         f"{path.suffix} files can run arbitrary code); convert it first")
+    config_dir = Path(base_config) if base_config else SD_VAE_CONFIG
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir))
+    state = ldm_to_diffusers(load_file(path), vae.state_dict())
+    vae.load_state_dict(state, strict=True)
+    return vae.eval()
+
+
+def split_trainable(vae) -> list:
+    """Freeze encoder and quant_conv; return the named parameters that train (decoder side)."""
+    trainable = []
+    for name, p in vae.named_parameters():
+        p.requires_grad_(name.startswith(TRAINABLE_PREFIXES))
+        if p.requires_grad:
+            trainable.append((name, p))
+    return trainable
+
+
+def decoder_state(vae) -> dict:
+    """The decoder side of the state dict (decoder.*, post_quant_conv.*), detached fp32 copies."""
+    return {k: v.detach().float().clone() for k, v in vae.state_dict().items()
+            if k.startswith(TRAINABLE_PREFIXES)}
+
+
+def with_decoder(vae, decoder_weights: dict):
+    """Load decoder-side weights into ``vae`` in place; the key set must match exactly."""
+    expected = set(decoder_state(vae))
+    if set(decoder_weights) != expected:
+        missing, extra = expected - set(decoder_weights), set(decoder_weights) - expected
+        raise ValueError(f"decoder weights do not fit this VAE: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(extra)[:5]}")
+    vae.load_state_dict(decoder_weights, strict=False)
+    return vae
+
+
+def describe(vae) -> dict:
+    cfg = dict(vae.config)
+    n_dec = sum(v.numel() for k, v in vae.state_dict().items() if k.startswith(TRAINABLE_PREFIXES))
+    return {"block_out_channels": list(cfg["block_out_channels"]), "latent_channels": cfg["latent_channels"],
+            "decoder_parameters": n_dec, "parameters": sum(p.numel() for p in vae.parameters())}

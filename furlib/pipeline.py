@@ -1,0 +1,92 @@
+"""Run the four notebooks headless through papermill from one params profile.
+
+``python -m furlib.pipeline params/demo.yaml [--stages 02_train,03_eval] [-p key=value ...]``
+
+A profile is one flat YAML file for the whole pipeline. Every key must be declared in the
+``parameters`` cell of at least one notebook (an undeclared key is an error, not a warning);
+each notebook receives only the keys it declares. Executed notebooks land beside the run's
+outputs: ``<outputs_dir>/<run_name>/NN_verb.ipynb``.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ("01_data_prep", "02_train", "03_eval", "04_export")
+
+
+def notebook_path(stage: str) -> Path:
+    return ROOT / "notebooks" / f"{stage}.ipynb"
+
+
+def declared_parameters(stage: str) -> dict:
+    """name -> default (as source text) of a notebook's ``parameters`` cell."""
+    import papermill
+
+    params = papermill.inspect_notebook(str(notebook_path(stage)))
+    return {name: spec["default"] for name, spec in params.items()}
+
+
+def load_profile(path: str | Path, overrides: dict | None = None) -> dict:
+    """A profile's parameters; raises ValueError naming any key no notebook declares."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"params file {path} does not exist (see params/ for profiles)")
+    params = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"{path} must be a flat mapping of parameter names to values")
+    params.update(overrides or {})
+    declared = set().union(*(declared_parameters(s) for s in STAGES))
+    unknown = sorted(set(params) - declared)
+    if unknown:
+        raise ValueError(f"{path}: no notebook declares {unknown}; check the spelling against the "
+                         f"notebooks' parameters cells")
+    return params
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise ValueError(f"override {text!r} must look like key=value")
+    return key, yaml.safe_load(value)
+
+
+def run(profile: str | Path, stages=STAGES, overrides: dict | None = None, log_output: bool = False) -> Path:
+    """Execute ``stages`` in order; returns the run folder. Stops at the first failing stage."""
+    import papermill
+
+    params = load_profile(profile, overrides)
+    run_dir = ROOT / params.get("outputs_dir", "outputs") / params.get("run_name", "demo")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stage in stages:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; choose from {STAGES}")
+        mine = {k: v for k, v in params.items() if k in declared_parameters(stage)}
+        t0 = time.time()
+        print(f"[{stage}] running with {len(mine)} parameters -> {run_dir / (stage + '.ipynb')}", flush=True)
+        papermill.execute_notebook(str(notebook_path(stage)), str(run_dir / f"{stage}.ipynb"),
+                                   parameters=mine, cwd=str(ROOT), log_output=log_output,
+                                   progress_bar=False)
+        print(f"[{stage}] done in {time.time() - t0:.0f} s", flush=True)
+    return run_dir
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("profile", help="a params file, e.g. params/demo.yaml")
+    ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated, in order")
+    ap.add_argument("-p", "--param", action="append", default=[], help="override: key=value")
+    ap.add_argument("--log-output", action="store_true", help="stream notebook output")
+    args = ap.parse_args(argv)
+    overrides = dict(parse_override(p) for p in args.param)
+    run_dir = run(args.profile, args.stages.split(","), overrides, args.log_output)
+    print(f"outputs: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

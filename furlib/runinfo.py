@@ -1,0 +1,64 @@
+"""What every run records: device choice, library versions, and the JSON run record."""
+
+import json
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+LIBRARIES = ("torch", "torchvision", "diffusers", "lpips", "accelerate", "safetensors",
+             "torchmetrics", "datasets", "pillow", "numpy", "papermill", "jupytext")
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """'auto' takes CUDA when present, else the CPU; an explicit 'cuda' without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA GPU is visible; use device='auto' or 'cpu'")
+    return torch.device(device)
+
+
+def versions() -> dict:
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def device_info(device: torch.device) -> dict:
+    info = {"device": str(device), "cpu_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    gpu_count=torch.cuda.device_count(), cuda=torch.version.cuda)
+    return info
+
+
+def write_record(path: Path, parameters: dict, results: dict, device: torch.device) -> Path:
+    """The JSON record a notebook leaves beside its outputs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "parameters": parameters,
+              "results": results, "versions": versions(), "device": device_info(device)}
+    path.write_text(json.dumps(record, indent=1, default=str))
+    return path
+
+
+def run_dir(outputs_dir: str, run_name: str) -> Path:
+    if not run_name or any(c in run_name for c in "/\\") or run_name.startswith("."):
+        raise ValueError(f"run_name must be a plain folder name, got {run_name!r}")
+    return Path(outputs_dir) / run_name
+
+
+def notebook_parameters(stage: str, namespace: dict) -> dict:
+    """The current values of the parameters a notebook declares (for its run record)."""
+    from furlib.pipeline import declared_parameters
+
+    return {name: namespace[name] for name in declared_parameters(stage) if name in namespace}

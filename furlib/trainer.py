@@ -1,0 +1,186 @@
+"""``Trainer``: the decoder, critic, optimizers, EMA and scaler of one run, stepped and saved.
+
+See ``furlib.train`` for the recipe and the order of a step.
+"""
+
+import contextlib
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from furlib import checkpoint as ckpt_lib
+from furlib.critic import PatchCritic, critic_loss, generator_loss
+from furlib.ema import EMA
+from furlib.losses import ReconstructionLoss, adaptive_weight, last_layer_grad
+from furlib.models import decoder_state, split_trainable
+from furlib.oklab import rgb_to_oklab
+from furlib.train import PRECISIONS, FeatureTap, TrainSettings, step_generator
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, vae, settings: TrainSettings, device: torch.device, lpips=None):
+        settings.validate()
+        if settings.lpips_weight and lpips is None:
+            raise ValueError("lpips_weight > 0 needs an LPIPS module (furlib.perceptual.LPIPS)")
+        s, self.s, self.device = settings, settings, torch.device(device)
+        self.vae = vae.to(self.device)
+        self.trainable = split_trainable(self.vae)
+        if s.gradient_checkpointing:
+            self.vae.enable_gradient_checkpointing()
+        self.tap = FeatureTap(self.vae.decoder.conv_out)
+        self.rec_loss = ReconstructionLoss(s.color_space, lpips.to(self.device) if lpips else None)
+        self.critic = PatchCritic(s.critic_layers, s.critic_channels, s.critic_norm, s.critic_input).to(self.device)
+        fused = self.device.type == "cuda"
+        betas = (s.adam_beta1, s.adam_beta2)
+        self.opt = torch.optim.AdamW([p for _, p in self.trainable], lr=s.lr, betas=betas,
+                                     weight_decay=s.weight_decay, fused=fused)
+        self.opt_critic = torch.optim.AdamW(self.critic.parameters(), lr=s.critic_lr, betas=betas,
+                                            weight_decay=s.weight_decay, fused=fused)
+        self.ema = EMA(self.trainable, s.effective_ema_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=s.mixed_precision == "fp16")
+        self.step_count, self.skipped, self.bad_streak = 0, 0, 0
+
+    def autocast(self):
+        dtype = PRECISIONS[self.s.mixed_precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    @torch.no_grad()
+    def encode(self, x_m11: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Latents from the frozen encoder, in fp32."""
+        with self.autocast():
+            post = self.vae.encode(x_m11).latent_dist
+        mean = post.mean.float()
+        if self.s.latent_mode == "mode":
+            return mean
+        noise = torch.randn(mean.shape, generator=gen, device=mean.device, dtype=mean.dtype)
+        return mean + post.std.float() * noise
+
+    def decoder_grads(self, x_m11, z, gan_on: bool, accum: int) -> tuple[torch.Tensor, dict]:
+        """Backward of rec + w * gan into the decoder; returns the reconstruction and logs."""
+        s = self.s
+        with self.autocast():
+            recon = self.vae.decode(z).sample
+        leaf = recon.detach().float().requires_grad_(True)
+        mae_w, mse_w = s.loss_weights(self.step_count)
+        with self.autocast():
+            rec, logs = self.rec_loss(leaf, x_m11, mae_w, mse_w, s.lpips_weight)
+        (grad,) = torch.autograd.grad(rec, leaf)
+        if gan_on:
+            with self.autocast():
+                gan = generator_loss(self.critic(self.critic.prepare(leaf)), s.gan_loss)
+            (gan_grad,) = torch.autograd.grad(gan, leaf)
+            conv, feats = self.vae.decoder.conv_out, self.tap.features
+            w = adaptive_weight(last_layer_grad(feats, grad, conv), last_layer_grad(feats, gan_grad, conv),
+                                s.disc_weight)
+            grad = grad + w * gan_grad
+            logs.update({"gan/generator": gan.detach(), "gan/weight": w})
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        recon.backward((grad * (scale / accum)).to(recon.dtype))
+        self.tap.features = None  # free the activation
+        return recon.detach(), logs
+
+    def critic_grads(self, x_m11, recon_m11, gen, accum: int) -> dict:
+        s = self.s
+        with self.autocast():
+            real, fake = self.critic.prepare(x_m11), self.critic.prepare(recon_m11.float())
+            loss, logs = critic_loss(self.critic, real, fake, s.gan_loss, s.gp_weight, s.r1_gamma,
+                                     s.drift_weight, generator=gen)
+        if torch.isfinite(loss):
+            (loss / accum).backward()
+        else:
+            logs["critic/nonfinite"] = torch.ones(())
+        return logs
+
+    def step(self, batch_m11: torch.Tensor) -> dict:
+        """One optimizer step on a CPU or device batch; returns logs (tensors and floats)."""
+        s, step = self.s, self.step_count
+        gan_on = step >= s.gan_start and s.disc_weight > 0
+        critic_on = step >= s.critic_start
+        self._set_lr(step)
+        self.opt.zero_grad(set_to_none=True)
+        self.opt_critic.zero_grad(set_to_none=True)
+        logs = {}
+        for i, x in enumerate(batch_m11.to(self.device, non_blocking=True).chunk(s.grad_accum)):
+            z = self.encode(x, step_generator(self.device, s.seed, step, 2 * i))
+            recon, rec_logs = self.decoder_grads(x, z, gan_on, s.grad_accum)
+            if critic_on:
+                rec_logs.update(self.critic_grads(x, recon, step_generator(self.device, s.seed, step, 2 * i + 1),
+                                                  s.grad_accum))
+            for k, v in rec_logs.items():
+                logs[k] = logs.get(k, 0.0) + v / s.grad_accum
+        logs.update(self._apply_decoder(logs["rec/total"]))
+        if critic_on and "critic/nonfinite" not in logs:
+            self.opt_critic.step()
+        self.step_count += 1
+        return logs
+
+    def _apply_decoder(self, rec_total) -> dict:
+        params = [p for _, p in self.trainable]
+        self.scaler.unscale_(self.opt)
+        max_norm = self.s.grad_clip if self.s.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        overflow_ok = self.scaler.is_enabled()  # fp16: the scaler skips inf grads itself
+        if not torch.isfinite(rec_total) or (not overflow_ok and not torch.isfinite(norm)):
+            self.skipped += 1
+            self.bad_streak += 1
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.update()
+            if self.bad_streak >= self.s.max_bad_steps:
+                raise NonFiniteError(f"{self.bad_streak} non-finite steps in a row at step {self.step_count}; "
+                                     "the last checkpoint is intact: lower lr or try mixed_precision='bf16'")
+            return {"train/skipped": 1.0, "train/grad_norm": norm}
+        self.bad_streak = 0
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.ema.update()
+        return {"train/skipped": 0.0, "train/grad_norm": norm}
+
+    def _set_lr(self, step: int) -> None:
+        f = self.s.lr_factor(step)
+        for g in self.opt.param_groups:
+            g["lr"] = self.s.lr * f
+        for g in self.opt_critic.param_groups:
+            g["lr"] = self.s.critic_lr * f
+
+    @torch.no_grad()
+    def reconstruct(self, x_m11: torch.Tensor, ema: bool = False) -> torch.Tensor:
+        """Deterministic (posterior mode) reconstruction with the current or the EMA weights."""
+        with self.ema.swapped_in() if ema else contextlib.nullcontext(), self.autocast():
+            x = x_m11.to(self.device)
+            recon = self.vae.decode(self.vae.encode(x).latent_dist.mode()).sample
+        self.tap.features = None
+        return recon.float().clamp(-1, 1).cpu()
+
+    def held_out_errors(self, x_m11: torch.Tensor, base_recon: torch.Tensor) -> dict:
+        """Mean Oklab L1 to the originals: base decoder, current weights, EMA weights."""
+        err = lambda r: float((rgb_to_oklab(r) - rgb_to_oklab(x_m11.cpu())).abs().mean())  # noqa: E731
+        return {"base": err(base_recon), "current": err(self.reconstruct(x_m11)),
+                "ema": err(self.reconstruct(x_m11, ema=True))}
+
+    def save(self, ckpt_root: Path, keep: int = 3, **extra) -> Path:
+        opt_t, opt_meta = ckpt_lib.optimizer_tensors(self.opt)
+        copt_t, copt_meta = ckpt_lib.optimizer_tensors(self.opt_critic)
+        tensors = {"decoder": decoder_state(self.vae), "ema": self.ema.state_dict(),
+                   "critic": self.critic.state_dict(), "optim_decoder": opt_t, "optim_critic": copt_t}
+        state = dict(extra, skipped=self.skipped, optim_decoder=opt_meta, optim_critic=copt_meta,
+                     scaler=self.scaler.state_dict(), settings=dataclasses.asdict(self.s))
+        return ckpt_lib.save_checkpoint(ckpt_root, self.step_count, tensors, state, keep)
+
+    def load(self, ckpt_dir: Path) -> None:
+        state = ckpt_lib.read_state(ckpt_dir)
+        load = lambda stem: ckpt_lib.load_tensors(ckpt_dir, stem)  # noqa: E731
+        self.vae.load_state_dict(load("decoder"), strict=False)
+        self.ema.load_state_dict(load("ema"))
+        self.critic.load_state_dict(load("critic"))
+        ckpt_lib.restore_optimizer(self.opt, load("optim_decoder"), state["optim_decoder"])
+        ckpt_lib.restore_optimizer(self.opt_critic, load("optim_critic"), state["optim_critic"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step_count, self.skipped = state["step"], state.get("skipped", 0)
