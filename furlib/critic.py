@@ -90,7 +90,8 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, 
     norm is taken per sample over C*H*W.
     """
     x = (real + alpha * (fake - real)).detach().requires_grad_(True)
-    scores = critic(x).float().flatten(1).mean(1)
+    # critic sees a view of the leaf: module hooks (FlopCounterMode's) reject leaf inputs here
+    scores = critic(x.view_as(x)).float().flatten(1).mean(1)
     (grad,) = torch.autograd.grad(scores.sum(), x, create_graph=True)
     return (grad.float().flatten(1).norm(dim=1) - 1.0).pow(2).mean()
 
@@ -98,7 +99,7 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, 
 def r1_penalty(critic: nn.Module, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """R1: mean_i ||grad D(real_i)||^2 (D per sample as above); also returns the real scores."""
     x = real.detach().requires_grad_(True)
-    scores = critic(x)
+    scores = critic(x.view_as(x))
     (grad,) = torch.autograd.grad(scores.float().flatten(1).mean(1).sum(), x, create_graph=True)
     return grad.float().flatten(1).pow(2).sum(1).mean(), scores
 

@@ -52,7 +52,7 @@ class ReconstructionLoss(nn.Module):
         total = mae_w * mae + mse_w * mse
         logs = {"rec/mae": mae.detach(), "rec/mse": mse.detach()}
         if lpips_w and self.lpips is not None:
-            perceptual = self.lpips(recon_m11, target_m11).mean()  # LPIPS reads [-1, 1] RGB
+            perceptual = self.lpips(recon_m11, target_m11).float().mean()  # LPIPS reads [-1, 1] RGB
             total = total + lpips_w * perceptual
             logs["rec/lpips"] = perceptual.detach()
         logs["rec/total"] = total.detach()

@@ -56,7 +56,8 @@ def linear_to_srgb(c: torch.Tensor) -> torch.Tensor:
 
 def _mix(matrix, x: torch.Tensor) -> torch.Tensor:
     m = torch.tensor(matrix, dtype=x.dtype, device=x.device)
-    return torch.einsum("oc,nchw->nohw", m, x)
+    with torch.autocast(x.device.type, enabled=False):  # colour maths stays in x's precision
+        return torch.einsum("oc,nchw->nohw", m, x)
 
 
 def rgb_to_oklab(rgb_m11: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,8 @@ class TrainSettings:
     mixed_precision: str = "bf16"   # "bf16", "fp16" (with grad scaling) or "no"
     gradient_checkpointing: bool = False
     max_bad_steps: int = 20         # consecutive non-finite steps before the run stops
+    channels_last: str = "auto"     # NHWC layout for the convolutions: "auto" (on CUDA), "yes", "no"
+    torch_compile: str = "auto"     # compile encoder, decoder, LPIPS: "auto" (on CUDA), "yes", "no"
 
     def validate(self) -> None:
         checks = {
@@ -79,6 +81,8 @@ class TrainSettings:
             "mixed_precision": self.mixed_precision in PRECISIONS,
             "max_steps": self.max_steps >= 1,
             "disc_weight": self.disc_weight >= 0,
+            "torch_compile": self.torch_compile in ("auto", "yes", "no"),
+            "channels_last": self.channels_last in ("auto", "yes", "no"),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -87,6 +91,11 @@ class TrainSettings:
     @property
     def effective_ema_decay(self) -> float:
         return self.ema_decay or scaled_decay(self.batch_size, self.ema_ref_decay, self.ema_ref_batch)
+
+    def uses(self, knob: str, device: torch.device) -> bool:
+        """Whether an "auto"/"yes"/"no" speed knob is on for ``device`` ("auto": on CUDA)."""
+        value = getattr(self, knob)
+        return value == "yes" or (value == "auto" and torch.device(device).type == "cuda")
 
     def lr_factor(self, step: int) -> float:
         warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0

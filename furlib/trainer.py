@@ -35,6 +35,7 @@ class Trainer:
         self.tap = FeatureTap(self.vae.decoder.conv_out)
         self.rec_loss = ReconstructionLoss(s.color_space, lpips.to(self.device) if lpips else None)
         self.critic = PatchCritic(s.critic_layers, s.critic_channels, s.critic_norm, s.critic_input).to(self.device)
+        self._speed_up()
         fused = self.device.type == "cuda"
         betas = (s.adam_beta1, s.adam_beta2)
         self.opt = torch.optim.AdamW([p for _, p in self.trainable], lr=s.lr, betas=betas,
@@ -44,6 +45,18 @@ class Trainer:
         self.ema = EMA(self.trainable, s.effective_ema_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=s.mixed_precision == "fp16")
         self.step_count, self.skipped, self.bad_streak = 0, 0, 0
+
+    def _speed_up(self) -> None:
+        """Layout and compilation only: neither changes what is computed (tests compare)."""
+        self.layout = torch.channels_last if self.s.uses("channels_last", self.device) else torch.contiguous_format
+        for module in (self.vae, self.critic, self.rec_loss):
+            module.to(memory_format=self.layout)
+        if self.s.uses("torch_compile", self.device):
+            # in place, so state-dict keys and the feature hook stay; the critic stays eager
+            # because its gradient penalty needs a double backward, which compile lacks
+            for module in (self.vae.encoder, self.vae.decoder, self.rec_loss.lpips):
+                if module is not None:
+                    module.compile()
 
     def autocast(self):
         dtype = PRECISIONS[self.s.mixed_precision]
@@ -81,8 +94,7 @@ class Trainer:
                                 s.disc_weight)
             grad = grad + w * gan_grad
             logs.update({"gan/generator": gan.detach(), "gan/weight": w})
-        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-        recon.backward((grad * (scale / accum)).to(recon.dtype))
+        recon.backward(self.scaler.scale(grad / accum).to(recon.dtype))  # scale() is a no-op unless fp16
         self.tap.features = None  # free the activation
         return recon.detach(), logs
 
@@ -107,7 +119,8 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.opt_critic.zero_grad(set_to_none=True)
         logs = {}
-        for i, x in enumerate(batch_m11.to(self.device, non_blocking=True).chunk(s.grad_accum)):
+        batch = batch_m11.to(self.device, non_blocking=True).contiguous(memory_format=self.layout)
+        for i, x in enumerate(batch.chunk(s.grad_accum)):
             z = self.encode(x, step_generator(self.device, s.seed, step, 2 * i))
             recon, rec_logs = self.decoder_grads(x, z, gan_on, s.grad_accum)
             if critic_on:

@@ -58,7 +58,7 @@ mae_weight = 1.0                          # L1 weight at step 0
 mae_weight_end = 1.0                      # L1 weight after loss_schedule_steps (cosine)
 mse_weight = 1.0                          # L2 weight at step 0
 mse_weight_end = 1.0                      # L2 weight after loss_schedule_steps
-loss_schedule_steps = 0                   # 0 = constant pixel-loss weights
+loss_schedule_steps = 0                   # 0: constant pixel-loss weights
 lpips_weight = 1.0                        # LPIPS(VGG) weight
 lpips_backbone = "pretrained"             # "pretrained", or "random" (offline opt-in, not perceptual)
 disc_weight = 0.5                         # critic term's grad norm relative to the reconstruction's
@@ -79,18 +79,20 @@ adam_beta2 = 0.9
 weight_decay = 0.01                       # AdamW decoupled weight decay
 warmup_steps = 5000                       # linear learning-rate warm-up, steps
 lr_schedule = "constant"                  # "constant" or "cosine" after warm-up
-grad_clip = 0.0                           # max decoder grad norm, 0 = off
-ema_decay = 0.0                           # 0 = 0.999 at batch 192 scaled to batch_size
+grad_clip = 0.0                           # max decoder grad norm, 0: off
+ema_decay = 0.0                           # 0: 0.999 at batch 192 scaled to batch_size
 ema_ref_decay = 0.999
 ema_ref_batch = 192
 mixed_precision = "bf16"                  # "bf16", "fp16" (grad scaling, e.g. T4) or "no"
 gradient_checkpointing = False            # trade compute for decoder activation memory
 max_bad_steps = 20                        # consecutive non-finite steps before stopping
+channels_last = "auto"                    # NHWC convolutions: "auto" (on CUDA), "yes", "no"
+torch_compile = "auto"                    # compile encoder, decoder, LPIPS: "auto" (on CUDA), "yes", "no"
 resume = True                             # continue from the run's latest checkpoint
 checkpoint_every = 2000                   # steps between checkpoints
 keep_checkpoints = 3                      # newest checkpoints kept
 log_every = 10                            # steps between log rows
-plot_every = 5000                         # steps between inline dashboards (0 = only at the end)
+plot_every = 5000                         # steps between inline dashboards (0: only at the end)
 preview_images = 4                        # fixed val images in the reconstruction strip
 
 # %%

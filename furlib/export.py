@@ -1,0 +1,373 @@
+"""Stage 04: a run's release files, each verified by reloading it independently.
+
+Layout under ``outputs/<run_name>/export/``::
+
+    diffusers/        config.json, diffusion_pytorch_model.safetensors (+ .fp16.safetensors)
+    <model>-v<version>-step<N>.safetensors        single file, LDM keys, encoder included, fp32
+    <model>-v<version>-step<N>-fp16.safetensors   the same in fp16
+    README.md         the model card
+    manifest.json     every file's size and SHA-256, and the verification results
+
+Everything is written to ``.export-staging/`` first and moved to ``export/`` only once every
+check passed, so a failed verification never leaves shippable-looking files behind.
+Verification decodes fixed seeded latents (``latent_nchw``, unscaled) into ``rgb_m11``.
+Nothing here unpickles: weights are read from safetensors only.
+"""
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from furlib.checkpoint import find_run_checkpoint, load_decoder_weights, read_state
+from furlib.ldm_keys import diffusers_to_ldm
+from furlib.models import is_pretrained, load_vae, with_decoder
+
+FP32_TOL = 1e-5  # same weights, same maths: anything above this is a broken file
+# fp16 files lose ~3 decimal digits per weight (relative step 2**-11); decoded in fp32 that moves
+# pixels by ~1e-3 typically. A wrong key or layout moves them by ~0.1-1, so 3e-2 (about four
+# 8-bit levels in [-1, 1]) separates the two. The fp16 weights must also equal w.half() exactly.
+FP16_TOL = 3e-2
+STAGING, EXPORT = ".export-staging", "export"
+
+
+def release_source(run_dir: Path, weights: str = "ema", base_model: str = "", base_config: str = "") -> dict:
+    """What a run releases: checkpoint, step, base model (the run's own unless given), weights."""
+    ckpt = find_run_checkpoint(run_dir)
+    state = read_state(ckpt)
+    if not base_model:  # the base the run trained from, with the architecture it used
+        base_model, base_config = state.get("base_model", ""), state.get("base_config", "")
+    if not base_model:
+        raise ValueError(f"base_model: {ckpt}/state.json names no base model; pass base_model")
+    return {"checkpoint": str(ckpt), "step": int(state["step"]), "base_model": base_model,
+            "trained_base_model": state.get("base_model", ""),
+            "base_config": base_config or "", "weights": weights,
+            "decoder_weights": load_decoder_weights(ckpt, weights)}
+
+
+def build_release_vae(base_model: str, base_config: str, decoder_weights: dict):
+    """The base VAE's encoder and quant_conv with the finetuned decoder and post_quant_conv."""
+    return with_decoder(load_vae(base_model, base_config), decoder_weights).eval()
+
+
+def release_stem(model_name: str, version: str, step: int) -> str:
+    return f"{model_name}-v{version}-step{step}"
+
+
+def write_release_files(vae, stage_dir: Path, stem: str, metadata: dict, fp16_copy: bool = True) -> dict:
+    """Diffusers folder and single files into ``stage_dir`` (emptied first); {role: path}."""
+    from safetensors.torch import save_file
+
+    stage_dir, out = Path(stage_dir), {}
+    shutil.rmtree(stage_dir, ignore_errors=True)  # leftovers of a failed export must not ship
+    folder = stage_dir / "diffusers"
+    vae.save_pretrained(folder, safe_serialization=True)
+    out["diffusers"] = folder / "diffusion_pytorch_model.safetensors"
+    ldm = {k: v.detach().cpu().contiguous() for k, v in diffusers_to_ldm(vae.state_dict()).items()}
+    out["single"] = stage_dir / f"{stem}.safetensors"
+    save_file(ldm, out["single"], metadata=dict(metadata, dtype="float32"))
+    if fp16_copy:
+        copy.deepcopy(vae).half().save_pretrained(folder, safe_serialization=True, variant="fp16")
+        out["diffusers_fp16"] = folder / "diffusion_pytorch_model.fp16.safetensors"
+        out["single_fp16"] = stage_dir / f"{stem}-fp16.safetensors"
+        save_file({k: v.half() for k, v in ldm.items()}, out["single_fp16"],
+                  metadata=dict(metadata, dtype="float16"))
+    return out
+
+
+def file_metadata(model_name: str, version: str, step: int, base_model: str, weights: str) -> dict:
+    """Safetensors header metadata (strings only); ``format: pt`` is what loaders look for."""
+    from furlib import __version__
+
+    return {"format": "pt", "model_name": model_name, "version": version, "step": str(step),
+            "base_model": base_model, "weights": weights, "layout": "ldm",
+            "written_by": f"furlib {__version__}"}
+
+
+def seeded_latents(vae, seed: int = 0, n: int = 2, size: int = 8) -> torch.Tensor:
+    """Fixed unscaled latents, ``(n, latent_channels, size, size)``, from a private generator."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, vae.config.latent_channels, size, size, generator=gen)
+
+
+@contextlib.contextmanager
+def _strict_fp32():
+    """No TF32 while comparing: it alone can move GPU outputs by more than FP32_TOL."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@torch.no_grad()
+def decode(vae, latent_nchw: torch.Tensor, device="cpu") -> torch.Tensor:
+    """``rgb_m11`` on the CPU, decoded in fp32 on ``device``; the model goes back to the CPU."""
+    vae = vae.float().to(device)
+    try:
+        with _strict_fp32():
+            return vae.decode(latent_nchw.to(device)).sample.float().cpu()
+    finally:
+        vae.to("cpu")
+
+
+def _reload(role: str, path: Path, stage_dir: Path):
+    """Each file through a loader that shares no code with the writer (except our own loader)."""
+    from diffusers import AutoencoderKL
+
+    folder = str(Path(stage_dir) / "diffusers")
+    if role == "diffusers":
+        return [("diffusers from_pretrained", AutoencoderKL.from_pretrained(folder))]
+    if role == "diffusers_fp16":
+        return [("diffusers from_pretrained fp16", AutoencoderKL.from_pretrained(folder, variant="fp16"))]
+    return [("diffusers from_single_file",
+             AutoencoderKL.from_single_file(str(path), config=folder, local_files_only=True)),
+            ("furlib load_single_file", load_vae(str(path), base_config=folder))]
+
+
+def _weights_diff(model, expected: dict) -> float:
+    """Max abs difference over every tensor, encoder included; missing or meta tensors fail."""
+    got = model.state_dict()
+    if set(got) != set(expected) or any(v.is_meta for v in got.values()):
+        return math.inf
+    flat = [(got[k].float().cpu() - expected[k].float()).flatten() for k in expected]
+    return torch.cat(flat).abs().max().item()  # one reduction: hundreds of tiny ones are slow
+
+
+def check_single_file_layout(path: Path, vae, dtype: torch.dtype) -> str:
+    """'' if the file's keys, shapes, dtype and format match our conversion of ``vae``."""
+    from safetensors import safe_open
+
+    reference = {k: tuple(v.shape) for k, v in diffusers_to_ldm(vae.state_dict()).items()}
+    with safe_open(str(path), "pt") as f:
+        if (f.metadata() or {}).get("format") != "pt":
+            return "metadata lacks format=pt"
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    if found != reference:
+        bad = sorted(set(found) ^ set(reference)) or [k for k in found if found[k] != reference[k]]
+        return f"keys/shapes differ from the reference conversion: {bad[:5]}"
+    want = {torch.float32: "F32", torch.float16: "F16"}[dtype]
+    return "" if dtypes == {want} else f"dtypes {sorted(dtypes)}, expected {want}"
+
+
+def verify_export(vae, files: dict, stage_dir: Path, seed: int = 0, device="cpu") -> list[dict]:
+    """Reload every file, compare all weights and a decode with ``vae``; raise if any fails."""
+    latents = seeded_latents(vae, seed)
+    reference = decode(vae, latents, device)
+    exact = {k: v.detach().cpu().float() for k, v in vae.state_dict().items()}
+    results = []
+    for role, path in files.items():
+        fp16 = role.endswith("fp16")
+        expected = {k: v.half() for k, v in exact.items()} if fp16 else exact
+        layout = check_single_file_layout(path, vae, torch.float16 if fp16 else torch.float32) \
+            if role.startswith("single") else ""
+        try:
+            reloaded = _reload(role, path, stage_dir)
+        except Exception as err:  # any loader's refusal is a failed verification, said as such
+            raise RuntimeError(f"export verification failed: {path} does not reload: {err}") from err
+        for loader, model in reloaded:
+            weights = _weights_diff(model, expected)
+            diff = math.inf if math.isinf(weights) else \
+                (decode(model.float(), latents, device) - reference).abs().max().item()
+            tol = FP16_TOL if fp16 else FP32_TOL
+            results.append({"file": str(Path(path).relative_to(stage_dir)), "loader": loader,
+                            "weights_max_abs_diff": weights, "decode_max_abs_diff": diff,
+                            "tolerance": tol, "layout_problem": layout,
+                            "passed": weights == 0.0 and diff <= tol and not layout})
+    failed = [r for r in results if not r["passed"]]
+    if failed:
+        raise RuntimeError(f"export verification failed; nothing was moved to {EXPORT}/ "
+                           f"(inspect {stage_dir}):\n" + "\n".join(json.dumps(r) for r in failed))
+    return results
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_table(root: Path) -> list[dict]:
+    """Every file under ``root`` but the manifest: relative path, size in bytes, SHA-256."""
+    root = Path(root)
+    return [{"path": p.relative_to(root).as_posix(), "bytes": p.stat().st_size, "sha256": sha256(p)}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.json"]
+
+
+def finalize_export(stage_dir: Path, export_dir: Path, release: dict, checks: list[dict]) -> dict:
+    """Write ``manifest.json`` into the staging folder, then swap it in as ``export_dir``."""
+    if not checks or not all(c["passed"] for c in checks):
+        raise RuntimeError("finalize_export needs passing verification results (run verify_export)")
+    stage_dir, export_dir = Path(stage_dir), Path(export_dir)
+    manifest = {"written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "release": {k: v for k, v in release.items() if k != "decoder_weights"},
+                "files": file_table(stage_dir), "verification": checks, "passed": True}
+    (stage_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    shutil.rmtree(export_dir, ignore_errors=True)  # an older export of the same run is replaced
+    os.replace(stage_dir, export_dir)
+    return manifest
+
+
+def _hub_base(base_model: str) -> str:
+    """The base model's hub id for the card's metadata, or '' when it is local or not pretrained."""
+    repo = base_model.partition("@")[0]
+    local = Path(base_model).expanduser().exists()
+    return repo if is_pretrained(base_model) and not local and repo.count("/") == 1 else ""
+
+
+def _training_section(run_dir: Path, release: dict) -> str:
+    record = Path(run_dir) / "02_train.record.json"
+    kind = "EMA of the decoder" if release["weights"] == "ema" else "raw, not the EMA"
+    lines = [f"- steps: {release['step']} (checkpoint `{Path(release['checkpoint']).name}`)",
+             f"- released weights: {release['weights']} ({kind})"]
+    if not record.exists():
+        return "\n".join(lines + ["- no `02_train.record.json` was found: parameters unknown"])
+    params = json.loads(record.read_text()).get("parameters", {})
+    rows = [f"| `{k}` | `{json.dumps(v)}` |" for k, v in params.items()]
+    return "\n".join(lines + ["", "| parameter | value |", "|---|---|"] + rows)
+
+
+def _metrics_section(run_dir: Path) -> str:
+    metrics = Path(run_dir) / "eval" / "metrics.md"
+    return metrics.read_text().strip() if metrics.exists() else \
+        "Evaluation (stage 03) was not run for this export: no metrics are claimed."
+
+
+_CARD = """---
+license: {license}
+{base_line}tags:
+- stable-diffusion
+- vae
+- autoencoder
+- diffusers
+{test_tag}library_name: diffusers
+---
+
+# {model_name} v{version}
+
+A Stable Diffusion VAE whose **decoder** was finetuned from `{base_model}`; the encoder and
+`quant_conv` are the base model's, so latents are unchanged and it drops into pipelines that
+use the base VAE.
+{test_note}
+## Recipe
+
+The Furception v1.0 recipe as implemented by this project (the parameters below say what this
+run used): MAE + MSE in Oklab plus LPIPS; a layer-norm PatchGAN critic trained as a WGAN-GP
+critic, weighted each step so its gradient norm is half the reconstruction's; EMA weights.
+
+{training}
+
+## Evaluation
+
+{metrics}
+
+## Files
+
+| file | use |
+|---|---|
+| `{stem}.safetensors` | single file, original LDM key names, encoder included, fp32 (A1111, ComfyUI) |
+{fp16_row}| `diffusers/` | diffusers folder (`config.json` + safetensors{fp16_variant}) |
+| `manifest.json` | sizes, SHA-256 and the reload checks every file passed |
+
+## Use
+
+- **AUTOMATIC1111**: copy `{stem}.safetensors` into `stable-diffusion-webui/models/VAE/` and
+  choose it under Settings → Stable Diffusion → SD VAE. If images come out black in half
+  precision, start with `--no-half-vae`.
+- **ComfyUI**: copy it into `ComfyUI/models/vae/` and load it with a *Load VAE* node wired into
+  *VAE Decode*.
+- **diffusers**:
+
+```python
+from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+vae = AutoencoderKL.from_pretrained("{where}", subfolder="diffusers")
+pipe = StableDiffusionPipeline.from_pretrained("<an SD 1.x model>", vae=vae)
+```
+
+## Licence
+
+{license}. The base model's licence (`{base_model}`) and the licences of the training images
+may constrain how this model can be used and shared; check both before publishing.
+"""
+
+
+def model_card(run_dir: Path, release: dict, model_name: str, version: str, license: str,
+               fp16_copy: bool = True, hub_repo: str = "") -> str:
+    """The model card (Hugging Face YAML front matter + markdown) for ``export/README.md``."""
+    base, hub_base = release["base_model"], _hub_base(release["base_model"])
+    test_only = not is_pretrained(base)
+    stem = release_stem(model_name, version, release["step"])
+    return _CARD.format(
+        license=license, base_model=base, model_name=model_name, version=version, stem=stem,
+        base_line=f"base_model: {hub_base}\n" if hub_base else "",
+        test_tag="- test-only\n" if test_only else "",
+        test_note=(f"\n**Testing only:** `{base}` is a randomly initialised model, not a pretrained "
+                   "VAE; these files exercise the pipeline and are useless for images.\n")
+        if test_only else "",
+        training=_training_section(run_dir, release), metrics=_metrics_section(run_dir),
+        fp16_row=f"| `{stem}-fp16.safetensors` | the same in fp16 (half the size) |\n" if fp16_copy else "",
+        fp16_variant=", plus the `fp16` variant" if fp16_copy else "",
+        where=hub_repo or f"<path to>/{EXPORT}")
+
+
+def push_to_hub(export_dir: Path, repo_id: str, private: bool = False, endpoint: str | None = None) -> str:
+    """Upload the verified export folder to ``repo_id`` with the token in ``HF_TOKEN``."""
+    if not repo_id or repo_id.count("/") != 1:
+        raise ValueError(f"hub_repo must be 'owner/name', got {repo_id!r}")
+    if not (Path(export_dir) / "manifest.json").exists():
+        raise RuntimeError(f"{export_dir} has no manifest.json: only a verified export is uploaded")
+    token = os.environ.get("HF_TOKEN", "")
+    if not token:
+        raise RuntimeError("push_to_hub needs a Hugging Face write token in the environment "
+                           "variable HF_TOKEN (on Colab: a secret named HF_TOKEN)")
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(export_dir), repo_id=repo_id,
+                          commit_message=f"Upload {Path(export_dir).parent.name} export")
+    except Exception as err:  # offline, auth and HTTP errors differ across huggingface_hub versions
+        raise RuntimeError(f"upload to the Hugging Face Hub ({repo_id}) failed: {err}") from err
+    return f"https://huggingface.co/{repo_id}"
+
+
+def val_images(run_dir: Path, n: int = 4, size: int = 256) -> torch.Tensor | None:
+    """Up to ``n`` of the run's ``data/val/*.png``, centre-cropped square, as ``rgb_m11``."""
+    import numpy as np
+    from PIL import Image
+
+    paths = sorted((Path(run_dir) / "data" / "val").glob("*.png"))[:n]
+    if not paths:
+        return None
+    out = []
+    for p in paths:
+        img = Image.open(p).convert("RGB")
+        side = min(img.size)
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
+        out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1)
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def reconstructions(rgb_m11: torch.Tensor, decoders: dict, encoder_vae, device="cpu") -> dict:
+    """Columns for ``plots.reconstruction_strip``: the input, then its decode by each named VAE.
+
+    ``encoder_vae`` encodes once (posterior mode), so the columns differ only by decoder.
+    """
+    latents = encoder_vae.float().to(device).encode(rgb_m11.to(device)).latent_dist.mode().cpu()
+    encoder_vae.to("cpu")
+    return {"input": rgb_m11} | {name: decode(v, latents, device) for name, v in decoders.items()}

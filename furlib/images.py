@@ -1,0 +1,208 @@
+"""Defensive decoding of one image into the project's on-disk form: an 8-bit sRGB ``RGB`` PIL image.
+
+``load_rgb`` accepts a path, the encoded bytes, or an already opened PIL image, and either returns
+a fresh ``RGB`` image (EXIF orientation applied, embedded ICC profile converted to sRGB, alpha
+composited over ``background``, first frame of an animation) or raises ``ImageRejected`` whose
+``reason`` is a short code that a data report can count:
+
+    missing, unreadable, empty, not_an_image, too_many_pixels, too_small, truncated, corrupt,
+    bad_icc_profile, unsupported_mode
+
+Sizes are checked from the header before any pixel is decoded, so a decompression bomb costs a
+few hundred bytes of reading. PIL's own global limit (``Image.MAX_IMAGE_PIXELS``) still applies:
+the effective limit is the smaller of it and ``max_pixels``; its warning and error are turned into
+``too_many_pixels`` rejections instead of passing through.
+"""
+
+import io
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageCms
+
+DEFAULT_MAX_PIXELS = 89_000_000  # just under PIL's default bomb limit (89,478,485)
+
+# EXIF tag 0x0112 (Orientation) -> the transpose that displays the image upright.
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
+
+# Colour space of an ICC profile (header field, 4 chars) -> the PIL mode its pixels must be in.
+_PROFILE_MODE = {"RGB ": "RGB", "CMYK": "CMYK", "GRAY": "L"}
+
+
+class ImageRejected(Exception):
+    """An input that is not usable as an image; ``reason`` is a short snake_case code."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def load_rgb(src, background=(255, 255, 255), max_pixels: int = DEFAULT_MAX_PIXELS,
+             min_side: int = 1) -> Image.Image:
+    """Decode ``src`` (path, bytes or PIL image) into a new 8-bit sRGB RGB image.
+
+    ``background`` is the RGB colour (0-255) transparent pixels are composited over.
+    ``min_side``: a shorter side than this is rejected as ``too_small`` before decoding pixels.
+    """
+    background = tuple(int(c) for c in background)
+    if isinstance(src, Image.Image):
+        return _decode(src, background, max_pixels, min_side)
+    with _open(src) as im:
+        return _decode(im, background, max_pixels, min_side)
+
+
+def _open(src) -> Image.Image:
+    """Open lazily (header only); every failure becomes an ImageRejected."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        if len(src) == 0:
+            raise ImageRejected("empty", "zero bytes")
+        fp = io.BytesIO(bytes(src))
+    elif isinstance(src, (str, Path)):
+        path = Path(src)
+        if not path.is_file():
+            raise ImageRejected("missing", str(path))
+        if path.stat().st_size == 0:
+            raise ImageRejected("empty", "zero-byte file")
+        fp = path
+    else:
+        raise TypeError(f"load_rgb takes a path, bytes or a PIL image, not {type(src).__name__}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(fp)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageRejected("too_many_pixels", str(e)) from None
+    except Image.UnidentifiedImageError:
+        raise ImageRejected("not_an_image", "no image format recognised") from None
+    except OSError as e:  # includes a header cut short ("Truncated File Read")
+        raise ImageRejected("truncated" if "truncated" in str(e).lower() else "unreadable",
+                            str(e)) from None
+
+
+def _decode(im: Image.Image, background, max_pixels: int, min_side: int) -> Image.Image:
+    width, height = im.size
+    if width * height > max_pixels:
+        raise ImageRejected("too_many_pixels", f"{width}x{height} > {max_pixels}")
+    if min(width, height) < 1:
+        raise ImageRejected("empty", f"{width}x{height}")
+    if min(width, height) < min_side:
+        raise ImageRejected("too_small", f"{width}x{height}, short side < {min_side}")
+    _load_first_frame(im)
+    orientation = _orientation(im)
+    icc = im.info.get("icc_profile") or None
+    colour, alpha = _to_8bit(im)
+    if icc:
+        colour = _to_srgb(colour, icc)
+    if colour.mode != "RGB":
+        colour = colour.convert("RGB")
+    if alpha is not None:
+        out = Image.new("RGB", colour.size, background)
+        out.paste(colour, (0, 0), alpha)
+    else:
+        out = colour.copy()  # a fresh image: no file handle, no stale metadata
+    out.info = {}
+    if orientation in _ORIENTATION:
+        out = out.transpose(_ORIENTATION[orientation])
+    return out
+
+
+def _load_first_frame(im: Image.Image) -> None:
+    """Decode frame 0 (an animation's first frame); classify decoder failures."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if getattr(im, "tell", lambda: 0)() != 0:
+                im.seek(0)
+            im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageRejected("too_many_pixels", str(e)) from None
+    except OSError as e:
+        reason = "truncated" if "truncated" in str(e).lower() else "corrupt"
+        raise ImageRejected(reason, str(e)) from None
+    except (SyntaxError, ValueError, EOFError, IndexError, MemoryError) as e:
+        raise ImageRejected("corrupt", f"{type(e).__name__}: {e}") from None
+
+
+def _orientation(im: Image.Image) -> int:
+    """EXIF orientation 1-8; a malformed EXIF block counts as 'no rotation' (it is metadata only)."""
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - any EXIF parser failure; the pixels are still fine
+        return 1
+
+
+def _to_8bit(im: Image.Image) -> tuple[Image.Image, Image.Image | None]:
+    """Split into (colour image in L, RGB, CMYK or LAB, 8-bit; alpha 'L' or None)."""
+    mode = im.mode
+    if mode == "P" or mode == "PA":
+        has_alpha = mode == "PA" or "transparency" in im.info
+        im, mode = im.convert("RGBA" if has_alpha else "RGB"), ("RGBA" if has_alpha else "RGB")
+    if mode in ("RGBA", "RGBa", "LA", "La"):
+        if mode.endswith("a"):  # premultiplied alpha
+            im, mode = im.convert(mode[:-1] + "A"), mode[:-1] + "A"
+        alpha = im.getchannel("A")
+        return im.convert("RGB" if mode == "RGBA" else "L"), alpha
+    if mode in ("RGB", "L", "CMYK", "LAB"):
+        return im, None
+    if mode == "1":
+        return im.convert("L"), None
+    if mode.startswith("I") or mode == "F":
+        return Image.fromarray(_gray_to_uint8(np.asarray(im), mode)), None
+    if mode in ("RGBX", "YCbCr", "HSV"):
+        return im.convert("RGB"), None
+    raise ImageRejected("unsupported_mode", mode)
+
+
+def _gray_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """16/32-bit integer or float grey levels -> uint8.
+
+    I;16* is 0-65535. 'I' (32-bit) is what PIL gives for 16-bit PNG/TIFF in some versions, so it is
+    read as 16-bit when any value exceeds 255, else as 8-bit. 'F' is read as [0, 1] when its
+    maximum is <= 1, else as [0, 255]; NaN becomes 0.
+    """
+    a = a.astype(np.float64)
+    if mode == "F":
+        a = np.nan_to_num(a, nan=0.0, posinf=255.0, neginf=0.0)
+        scale = 255.0 if a.max(initial=0.0) <= 1.0 else 1.0
+    elif mode.startswith("I;16") or a.max(initial=0) > 255:
+        scale = 255.0 / 65535.0
+    else:
+        scale = 1.0
+    return np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
+
+
+def _to_srgb(colour: Image.Image, icc: bytes) -> Image.Image:
+    """Convert pixels described by an embedded ICC profile to sRGB (perceptual intent).
+
+    A profile whose colour space does not match the pixels (e.g. an RGB profile on a grey JPEG)
+    does not describe them and is not applied; an unparsable or unusable profile is a rejection.
+    """
+    try:
+        space = _profile(bytes(icc)).profile.xcolor_space
+    except (OSError, ImageCms.PyCMSError, TypeError) as e:
+        raise ImageRejected("bad_icc_profile", str(e)) from None
+    if _PROFILE_MODE.get(space) != colour.mode:
+        return colour
+    try:
+        return ImageCms.applyTransform(colour, _transform(bytes(icc), colour.mode))
+    except (OSError, ImageCms.PyCMSError, ValueError) as e:
+        raise ImageRejected("bad_icc_profile", str(e)) from None
+
+
+@lru_cache(maxsize=32)
+def _profile(icc: bytes) -> ImageCms.ImageCmsProfile:
+    return ImageCms.ImageCmsProfile(io.BytesIO(icc))
+
+
+@lru_cache(maxsize=32)
+def _transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform:
+    """Cached: most images of a data set share a handful of profiles."""
+    srgb = ImageCms.createProfile("sRGB")
+    return ImageCms.buildTransform(_profile(icc), srgb, mode, "RGB",
+                                   renderingIntent=ImageCms.Intent.PERCEPTUAL)

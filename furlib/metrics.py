@@ -1,0 +1,185 @@
+"""Reconstruction metrics: per image (original vs reconstruction) and rFID over a set.
+
+Inputs are ``rgb_m11`` NCHW batches in [-1, 1]; the reconstruction is clamped to [-1, 1]
+first (what saving it as an 8-bit image keeps). Every per-image function returns (N,) fp32.
+- PSNR on [0, 1], data range 1, in dB (identical images give +inf).
+- SSIM: hand-written, Wang et al. 2004 exactly: 11x11 Gaussian window (sigma 1.5, truncated at
+  3.5 sigma), K1 0.01, K2 0.03, population covariance, mean over the "valid" window positions and
+  over RGB. It equals ``skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
+  use_sample_covariance=False, data_range=1, channel_axis=-1)``; torchmetrics' SSIM instead
+  averages reflect-padded borders too and differs by up to ~0.01 on 64-256 px crops.
+- LPIPS: ``furlib.perceptual.LPIPS`` (AlexNet, the usual evaluation backbone).
+- Oklab colour: mean Euclidean distance (deltaE_ok), mean L/a/b bias of recon minus original,
+  the (a, b) bias magnitude ("colour shift") and the chroma bias (negative = desaturated).
+- High frequencies (see ``hf_energy``): HF ratio = Laplacian energy of recon / original
+  (1 = same detail, > 1 = added high-frequency noise, < 1 = blur) and HF error = RMS of the
+  Laplacian of the error (its high-pass part; 0 for a flat colour offset).
+rFID: Inception-v3 features (torch-fidelity's port of the TF FID network, pool3, 2048-d) of the
+originals vs each reconstruction set. Those weights download from GitHub; when they cannot load
+rFID is reported as ``"n/a"`` with the reason, never as a number from random weights.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from furlib.oklab import rgb_to_oklab
+
+SSIM_SIGMA = 1.5
+SSIM_RADIUS = int(3.5 * SSIM_SIGMA + 0.5)  # 5 -> 11x11 window, as skimage and torchmetrics
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+LAPLACIAN = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's, ~91 MB
+PER_IMAGE = ("psnr", "ssim", "lpips", "delta_e_ok", "d_L", "d_a", "d_b", "ab_shift", "d_chroma",
+             "hf_ratio", "hf_error")
+
+
+def to01(rgb_m11: torch.Tensor) -> torch.Tensor:
+    return ((rgb_m11.float() + 1.0) * 0.5).clamp(0.0, 1.0)
+
+
+def psnr(orig_m11: torch.Tensor, recon_m11: torch.Tensor) -> torch.Tensor:
+    mse = (to01(recon_m11) - to01(orig_m11)).pow(2).flatten(1).mean(1)
+    return 10.0 * torch.log10(1.0 / mse)
+
+
+def _gaussian_window(channels: int, device) -> torch.Tensor:
+    x = torch.arange(-SSIM_RADIUS, SSIM_RADIUS + 1, dtype=torch.float64)
+    g = torch.exp(-0.5 * (x / SSIM_SIGMA) ** 2)
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).expand(channels, 1, -1, -1).to(device)
+
+
+def ssim(orig_m11: torch.Tensor, recon_m11: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM on [0, 1], computed in fp64 (the variance terms cancel badly in fp32)."""
+    x, y = to01(orig_m11).double(), to01(recon_m11).double()
+    c = x.shape[1]
+    win = _gaussian_window(c, x.device)
+    blur = lambda t: F.conv2d(t, win, groups=c)  # noqa: E731 -- "valid": no padded borders
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    c1, c2 = SSIM_K1**2, SSIM_K2**2  # data range 1
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1).float()
+
+
+def colour_errors(orig_m11: torch.Tensor, recon_m11: torch.Tensor) -> dict:
+    """Oklab errors, per image: delta_e_ok, d_L, d_a, d_b, ab_shift, d_chroma (Oklab units)."""
+    lab_o = rgb_to_oklab(to01(orig_m11) * 2 - 1)
+    lab_r = rgb_to_oklab(to01(recon_m11) * 2 - 1)
+    bias = (lab_r - lab_o).mean((2, 3))  # (N, 3): mean L, a, b of recon minus original
+    chroma = lambda lab: torch.hypot(lab[:, 1], lab[:, 2]).flatten(1).mean(1)  # noqa: E731
+    return {
+        "delta_e_ok": (lab_r - lab_o).norm(dim=1).flatten(1).mean(1),
+        "d_L": bias[:, 0], "d_a": bias[:, 1], "d_b": bias[:, 2],
+        "ab_shift": torch.hypot(bias[:, 1], bias[:, 2]),
+        "d_chroma": chroma(lab_r) - chroma(lab_o),
+    }
+
+
+def laplacian(rgb_01: torch.Tensor) -> torch.Tensor:
+    """Per-channel 3x3 Laplacian, "valid" (no padding): (N, C, H-2, W-2)."""
+    c = rgb_01.shape[1]
+    k = torch.tensor(LAPLACIAN, dtype=rgb_01.dtype, device=rgb_01.device)
+    return F.conv2d(rgb_01, k.expand(c, 1, 3, 3), groups=c)
+
+
+def hf_energy(rgb_01: torch.Tensor) -> torch.Tensor:
+    """Mean squared Laplacian response per image: the energy of the highest frequencies."""
+    return laplacian(rgb_01).pow(2).flatten(1).mean(1)
+
+
+def hf_measures(orig_m11: torch.Tensor, recon_m11: torch.Tensor) -> dict:
+    x, y = to01(orig_m11), to01(recon_m11)
+    return {"hf_ratio": hf_energy(y) / hf_energy(x).clamp_min(1e-12),
+            "hf_error": hf_energy(y - x).sqrt()}
+
+
+def per_image_metrics(orig_m11: torch.Tensor, recon_m11: torch.Tensor, lpips=None) -> dict:
+    """All per-image metrics as ``{name: (N,) fp32 CPU tensor}``; LPIPS is NaN without a model."""
+    with torch.inference_mode():
+        recon_m11 = recon_m11.float().clamp(-1.0, 1.0)
+        out = {"psnr": psnr(orig_m11, recon_m11), "ssim": ssim(orig_m11, recon_m11)}
+        if lpips is not None:
+            out["lpips"] = lpips(orig_m11.float(), recon_m11)
+        else:
+            out["lpips"] = torch.full((len(orig_m11),), math.nan)
+        out.update(colour_errors(orig_m11, recon_m11))
+        out.update(hf_measures(orig_m11, recon_m11))
+    return {k: out[k].float().cpu() for k in PER_IMAGE}
+
+
+def load_lpips(backbone: str, device, seed: int = 0):
+    """(LPIPS-alex module or None, note). A pretrained backbone that cannot load gives None and
+    a note starting with "n/a"; ``backbone='random'`` is the explicit offline opt-in."""
+    from furlib.perceptual import LPIPS, LPIPSUnavailable, lpips_note
+
+    try:
+        module = LPIPS(net="alex", backbone=backbone, seed=seed).to(device)
+    except LPIPSUnavailable as err:
+        return None, f"LPIPS n/a: {err}"
+    return module, lpips_note(backbone, "alex")
+
+
+class RFIDUnavailable(RuntimeError):
+    pass
+
+
+def load_inception(device, weights_path: str = ""):
+    """torch-fidelity's FID Inception-v3 (uint8 NCHW in -> (N, 2048) pool3 features).
+
+    Loads from ``weights_path`` if given, else the torch hub cache (``<hub>/checkpoints/``),
+    downloading there when online. Raises ``RFIDUnavailable`` with the reason otherwise.
+    """
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ImportError as err:
+        raise RFIDUnavailable(f"torch-fidelity is not installed ({err})") from err
+    try:
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                          feature_extractor_weights_path=weights_path or None)
+    except Exception as err:  # URLError offline, OSError/RuntimeError for a bad file
+        hub = torch.hub.get_dir()
+        raise RFIDUnavailable(
+            f"rFID needs the FID Inception-v3 weights, which could not be loaded "
+            f"({type(err).__name__}: {err}). Online they download once; offline, put "
+            f"{INCEPTION_FILE} in {hub}/checkpoints/.") from err
+    net = net.to(device).eval()
+    return lambda u8: net(u8)[0]
+
+
+class RFID:
+    """Running Fréchet distances of several reconstruction sets to one set of originals.
+
+    ``update(key, rgb_m11)`` with key ``"real"`` for the originals and a model name otherwise;
+    only feature sums (float64) are kept, so memory does not grow with the set.
+    ``extractor`` maps uint8 NCHW to (N, D) features (default: ``load_inception``).
+    """
+
+    def __init__(self, device, weights_path: str = "", extractor=None):
+        self.extract = extractor or load_inception(device, weights_path)
+        self.sums: dict = {}  # key -> [n, sum (D,), sum of outer products (D, D)]
+
+    def update(self, key: str, rgb_m11: torch.Tensor) -> None:
+        u8 = (to01(rgb_m11) * 255.0).round().to(torch.uint8)  # what a saved image holds
+        with torch.inference_mode():
+            f = self.extract(u8).double()
+        n, s, ss = self.sums.get(key, (0, 0.0, 0.0))
+        self.sums[key] = [n + len(f), s + f.sum(0), ss + f.T @ f]
+
+    def _stats(self, key: str) -> dict:
+        n, s, ss = self.sums[key]
+        mu = s / n
+        sigma = (ss - n * torch.outer(mu, mu)) / (n - 1)
+        return {"mu": mu.cpu().numpy(), "sigma": sigma.cpu().numpy()}
+
+    def compute(self) -> dict:
+        """``{name: rFID}`` for every non-real key (needs >= 2 images on both sides)."""
+        from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+        if self.sums.get("real", [0])[0] < 2:
+            raise ValueError("rFID needs at least 2 images")
+        real = self._stats("real")
+        return {k: float(fid_statistics_to_metric(real, self._stats(k), False)[KEY_METRIC_FID])
+                for k in self.sums if k != "real"}

@@ -1,0 +1,146 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 01 · Data prep
+# Decode, check, deduplicate and split the source images into lossless PNGs under
+# `outputs/<run_name>/data/`, and show the crops training will see.
+
+# %%
+# Setup: run from the repository root; on Colab, fetch the project and install it once.
+import os, sys
+if not os.path.isdir("furlib") and os.path.isdir("../furlib"):
+    os.chdir("..")
+if "google.colab" in sys.modules and not os.path.isdir("furlib"):
+    raise RuntimeError("Clone the project first: !git clone <this repo> && %cd <repo> && %pip install -r requirements.txt")
+sys.path.insert(0, os.getcwd())
+
+# %%
+import time
+
+import matplotlib.pyplot as plt
+from IPython.display import display
+from PIL import ImageColor
+
+from furlib import crops, data_plots, runinfo
+from furlib.prepare import prepare
+
+
+def show(fig):
+    display(fig)
+    plt.close(fig)  # shown once, then freed
+
+# %% tags=["parameters"]
+run_name = "demo"          # outputs go to outputs_dir/run_name
+outputs_dir = "outputs"    # root folder of all runs
+source = "builtin"         # "builtin", image folder, .parquet/.arrow file, save_to_disk folder, or Hub id
+source_split = "train"     # split of a dataset source
+image_column = "image"     # image column of a dataset source
+max_images = 0             # use only the first N images of the source (0: all)
+resolution = 256           # training crop side, px (multiple of 8); smaller images are rejected
+max_side = 1536            # stored long side cap, px (Lanczos downscale)
+max_pixels = 89_000_000    # larger images are rejected from their header (decompression bombs)
+val_fraction = 0.1         # share held out for validation, chosen by content hash, in [0, 1)
+val_max = 500              # most validation images, the smallest hashes (0: no cap)
+background = "#ffffff"     # colour that transparent pixels are composited over
+art_count = 24             # drawn flat-colour artworks in the "builtin" source
+seed = 0                   # seeds the built-in drawings and the crop preview
+preview_crops = 8          # crops in the training-crop preview
+num_workers = 0            # loader processes for the preview (0: in this process)
+
+# %%
+run_path = runinfo.run_dir(outputs_dir, run_name)
+data_dir = run_path / "data"
+if not str(source):
+    raise ValueError("source must not be empty: use 'builtin' for the offline sample set")
+if resolution <= 0 or resolution % 8:
+    raise ValueError(f"resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {resolution}")
+if max_side < resolution:
+    raise ValueError(f"max_side ({max_side}) must be at least resolution ({resolution})")
+if max_pixels < resolution * resolution:
+    raise ValueError(f"max_pixels must allow at least a resolution x resolution image, got {max_pixels}")
+if not 0 <= val_fraction < 1:
+    raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+for name, value in (("max_images", max_images), ("val_max", val_max), ("art_count", art_count),
+                    ("num_workers", num_workers)):
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+if preview_crops < 1:
+    raise ValueError(f"preview_crops must be >= 1, got {preview_crops}")
+try:
+    background_rgb = ImageColor.getrgb(background)[:3]
+except ValueError:
+    raise ValueError(f"background must be a colour such as '#ffffff' or 'white', got {background!r}") from None
+
+# %% [markdown]
+# ## 1. Prepare
+# Every input is decoded defensively (EXIF orientation, ICC profile to sRGB, alpha over
+# `background`, first frame of animations), checked, deduplicated by its pixels, and stored as a
+# lossless PNG in `data/train` or `data/val`. Re-running skips inputs already in the journal.
+
+# %%
+start = time.time()
+report = prepare(source, data_dir, resolution=resolution, max_side=max_side, max_pixels=max_pixels,
+                 val_fraction=val_fraction, val_max=val_max, background=background_rgb,
+                 max_images=max_images, seed=seed, source_split=source_split,
+                 image_column=image_column, art_count=art_count)
+prepare_seconds = time.time() - start
+counts = report["counts"]
+print(f"{counts['inputs']} inputs -> {counts['accepted']} kept ({counts['train']} train, {counts['val']} val), "
+      f"{counts['rejected']} rejected, {counts['duplicates']} duplicates; "
+      f"{counts['decoded_this_run']} decoded now, {counts['reused']} from the journal; {prepare_seconds:.1f} s")
+if report["rebuilt_because"]:
+    print(f"NOTE: data/ was rebuilt from scratch ({report['rebuilt_because']})")
+if counts["val_over_cap"]:
+    print(f"NOTE: {counts['val_over_cap']} images over val_max={val_max} went to train")
+
+# %% [markdown]
+# ## 2. What was rejected
+# Every input is listed once in `data/report.json`: kept, rejected with a reason, or a duplicate.
+
+# %%
+display(data_plots.rejection_table(report))
+show(data_plots.rejections_figure(report))
+
+# %% [markdown]
+# ## 3. What was kept
+
+# %%
+show(data_plots.sizes_figure(report))
+show(data_plots.samples_figure(report, data_dir))
+
+# %% [markdown]
+# ## 4. Training crops
+# What training sees: random square crops (scale 0.08-1 of the area, never upsampled), Lanczos
+# down to `resolution`, random quarter turns and flips. Then the fixed centre crops of the
+# validation images that training previews and evaluation use.
+
+# %%
+loader = crops.make_loader(data_dir / "train", resolution, preview_crops, seed=seed, num_workers=num_workers)
+start = time.time()
+batch = next(iter(loader))
+first_batch_seconds = time.time() - start
+show(data_plots.crops_figure(batch, title=f"training crops, step 0, seed {seed}"))
+
+# %%
+val_paths = crops.list_images(data_dir / "val")[:preview_crops]
+if val_paths:
+    show(data_plots.crops_figure(crops.center_crops(val_paths, resolution), title="validation centre crops"))
+else:
+    print("no validation images (val_fraction is 0 or the source is tiny)")
+
+# %%
+results = dict(counts=counts, data_dir=str(data_dir), prepare_seconds=round(prepare_seconds, 2),
+               rebuilt_because=report["rebuilt_because"], first_batch_seconds=round(first_batch_seconds, 2))
+runinfo.write_record(run_path / "01_data_prep.record.json", runinfo.notebook_parameters("01_data_prep", globals()),
+                     results, runinfo.pick_device("cpu"))

@@ -1,0 +1,167 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · Evaluate
+# Compare the run's finetuned decoder with its base, and any other VAE, on held-out images:
+# sd-vae-ft-mse's table (rFID / PSNR / SSIM / LPIPS) plus Oklab colour and high-frequency
+# measures, pictures of where they differ, and tiled / fp16 decoding checks.
+
+# %%
+# Setup: run from the repository root; on Colab, fetch the project and install it once.
+import os, sys
+if not os.path.isdir("furlib") and os.path.isdir("../furlib"):
+    os.chdir("..")
+if "google.colab" in sys.modules and not os.path.isdir("furlib"):
+    raise RuntimeError("Clone the project first: !git clone <this repo> && %cd <repo> && %pip install -r requirements.txt")
+sys.path.insert(0, os.getcwd())
+
+# %%
+import json
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+from IPython.display import display
+
+from furlib import compare_plots, evaluate, perceptual, runinfo
+
+# %% tags=["parameters"]
+run_name = "demo"              # folder under outputs_dir holding the trained run
+outputs_dir = "outputs"        # root folder of all runs
+base_model = ""                # empty: the base the run was trained from (its checkpoint state.json)
+base_config = ""               # diffusers folder giving a single-file base_model its architecture
+compare = ""                   # extra VAEs, comma-separated: hub ids, diffusers folders, .safetensors
+eval_source = "val"            # "val" (the run's val split), a folder of images, or a hub dataset id
+eval_split = "validation"      # split of a hub dataset
+eval_image_column = "image"    # image column of a hub dataset
+eval_resolution = 256          # crop side, px (multiple of 8; sd-vae-ft-mse's table uses 256)
+eval_max_images = 0            # images to evaluate, 0 for all
+eval_batch_size = 8            # images per batch
+lpips_backbone = "pretrained"  # "pretrained", or "random" (offline opt-in, not perceptual)
+rfid = True                    # compute rFID (needs the FID Inception-v3 weights)
+seed = 0                       # seed of random test VAEs and of a random LPIPS backbone
+device = "auto"                # "auto", "cuda" or "cpu"
+show_images = 4                # images per picture: chosen, most improved, most regressed
+
+# %%
+run = runinfo.run_dir(outputs_dir, run_name)
+if not run.is_dir():
+    raise ValueError(f"run_name: {run} does not exist; run 02_train with this run_name first")
+if eval_resolution < 8 or eval_resolution % 8:
+    raise ValueError(f"eval_resolution must be a positive multiple of 8, got {eval_resolution}")
+for name, value, low in (("eval_max_images", eval_max_images, 0), ("eval_batch_size", eval_batch_size, 1), ("show_images", show_images, 0)):
+    if not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+if lpips_backbone not in perceptual.BACKBONES:
+    raise ValueError(f"lpips_backbone must be one of {perceptual.BACKBONES}, got {lpips_backbone!r}")
+if eval_source == "val" and not (run / "data" / "val").is_dir():
+    raise ValueError(f"eval_source='val' but {run}/data/val does not exist: run 01_data_prep for this run, "
+                     "or pass a folder or a hub dataset id")
+if base_config and not base_model:
+    raise ValueError("base_config is only used with an explicit base_model; leave both empty for the run's own")
+dev = runinfo.pick_device(device)
+eval_dir = run / "eval"
+torch.manual_seed(seed)
+print(f"device {dev}; results go to {eval_dir}")
+
+# %% [markdown]
+# ## 1. Models
+# `base` is the VAE the run started from; `finetuned-ema` (the release weights) and `finetuned-raw`
+# are the base with the latest checkpoint's decoder; `export` is 04's diffusers folder, if written.
+
+# %%
+specs = evaluate.run_models(run, base_model, base_config, compare, seed)
+model_notes = {s.name: {"source": s.source(), "pretrained": s.pretrained} for s in specs}
+display(pd.DataFrame(model_notes).T)
+if not all(s.pretrained for s in specs):
+    print("NOTE: some models are random-weight test VAEs: their numbers mean nothing.")
+
+# %%
+vaes = evaluate.load_models(specs, dev)
+finetuned = "finetuned-ema" if "finetuned-ema" in vaes else next(n for n in vaes if n != "base")
+
+# %% [markdown]
+# ## 2. Evaluate
+# Short side to `eval_resolution` (Lanczos), centre crop, encode with each VAE's own encoder
+# (posterior mode), decode. Mean ± std over images; arrows say which way is better.
+
+# %%
+images = evaluate.image_set(eval_source, run, eval_split, eval_image_column, eval_max_images)
+result = evaluate.evaluate(vaes, images, resolution=eval_resolution, batch_size=eval_batch_size, device=dev,
+                           lpips_backbone=lpips_backbone, rfid=rfid, n_show=show_images,
+                           finetuned=finetuned, seed=seed)
+paths = evaluate.write_outputs(result, eval_dir, model_notes)
+display(evaluate.summary_table(result))
+print(f"{result.notes['n_images']} images of {result.notes['image_set']}", result.notes["lpips"], result.notes["rfid"], sep="\n")
+for detail in (result.notes["lpips_detail"], result.notes["rfid_detail"]):
+    if detail:
+        print("WARNING:", detail)
+
+# %%
+fig = compare_plots.metrics_figure(result.per_image)
+compare_plots.save(fig, eval_dir / "metrics.png")
+display(fig)
+plt.close(fig)
+
+# %% [markdown]
+# ## 3. Where it differs
+# original | base | finetuned | |error| maps on one shared scale | a zoom where the errors
+# differ most (cyan box). Ranked by each image's PSNR change of the finetune over the base.
+
+# %%
+titles = {"chosen": "First images of the set", "most_improved": f"Most improved by {finetuned}",
+          "most_regressed": f"Most regressed by {finetuned}"}
+for key, title in titles.items():
+    if result.examples[key]:
+        fig = compare_plots.comparison_figure(result.examples[key], "base", finetuned, title, result.per_image)
+        compare_plots.save(fig, eval_dir / f"diff_{key}.png")
+        display(fig)
+        plt.close(fig)
+
+# %% [markdown]
+# ## 4. Interactive comparison
+# Drag the wipe between base (left) and finetuned (right) in Jupyter or Colab. Headless runs
+# (papermill) keep the static wipes saved as `eval/wipe_*.png`.
+
+# %%
+for i, example in enumerate(result.examples["chosen"]):
+    fig = compare_plots.wipe_figure(example, "base", finetuned)
+    compare_plots.save(fig, eval_dir / f"wipe_{i}.png")
+    plt.close(fig)
+if result.examples["chosen"]:
+    display(compare_plots.comparison_widget(result.examples["chosen"], "base", finetuned))
+
+# %% [markdown]
+# ## 5. Tiled and fp16 decode checks
+# One image's latent, big enough for 2×2 tiles, decoded with `vae.enable_tiling()` and without
+# (seam score > 1: the error sits on the tile borders), then decoded in float16 (peak activation
+# per decoder block against fp16's 65504; SD VAEs are known to overflow there).
+
+# %%
+check_image = evaluate.preprocess(next(iter(images.items))[1], 512)[None]
+checks, check_details = evaluate.decode_checks(vaes, check_image)
+(eval_dir / "decode_checks.json").write_text(json.dumps(check_details, indent=1, default=str))
+display(checks)
+
+# %%
+for name, fig in (("tiling", compare_plots.tiling_figure(check_details)), ("fp16", compare_plots.fp16_figure(check_details))):
+    compare_plots.save(fig, eval_dir / f"{name}.png")
+    display(fig)
+    plt.close(fig)
+
+# %%
+results = dict(evaluate.summary_json(result, model_notes),
+               decode_checks=json.loads(checks.reset_index().to_json(orient="records")),
+               files={k: str(p) for k, p in paths.items()})
+runinfo.write_record(run / "03_eval.record.json", runinfo.notebook_parameters("03_eval", globals()), results, dev)

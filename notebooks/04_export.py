@@ -1,0 +1,138 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 · Export
+# Turn a trained run into release files (single-file VAE for A1111/ComfyUI, diffusers folder,
+# model card), verify each by reloading it, and optionally upload them.
+
+# %%
+# Setup: run from the repository root; on Colab, fetch the project and install it once.
+import os, sys
+if not os.path.isdir("furlib") and os.path.isdir("../furlib"):
+    os.chdir("..")
+if "google.colab" in sys.modules and not os.path.isdir("furlib"):
+    raise RuntimeError("Clone the project first: !git clone <this repo> && %cd <repo> && %pip install -r requirements.txt")
+sys.path.insert(0, os.getcwd())
+
+# %%
+import pandas as pd
+from IPython.display import Markdown, display
+
+from furlib import export, models, plots, runinfo
+
+# %% tags=["parameters"]
+run_name = "demo"  # folder under outputs_dir holding the trained run
+outputs_dir = "outputs"  # root folder of all runs
+base_model = ""  # VAE whose encoder ships with the decoder; empty: the base the run trained from
+base_config = ""  # diffusers folder giving a single-file base_model its architecture; empty: SD VAE
+weights = "ema"  # decoder weights to release: "ema" (the release) or "raw"
+model_name = "furception"  # file-name stem and card title
+version = "1.0"  # release version: <model_name>-v<version>-step<N>.safetensors
+fp16_copy = True  # also write fp16 copies (half the size)
+license = "cc-by-nc-sa-4.0"  # Hugging Face licence id written on the model card
+push_to_hub = False  # upload export/ to hub_repo; needs the HF_TOKEN environment variable
+hub_repo = ""  # "owner/name" on the Hugging Face Hub, used when push_to_hub
+seed = 0  # seed of the latents every reloaded file must decode like the in-memory model
+device = "auto"  # "auto", "cpu" or "cuda"
+
+# %%
+run = runinfo.run_dir(outputs_dir, run_name)
+if not run.is_dir():
+    raise ValueError(f"run_name: {run} does not exist; run 02_train with this run_name first")
+if weights not in ("ema", "raw"):
+    raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+for name, value in (("model_name", model_name), ("version", version)):
+    if not value or any(c in value for c in "/\\ "):
+        raise ValueError(f"{name} must be non-empty without slashes or spaces, got {value!r}")
+if push_to_hub and hub_repo.count("/") != 1:
+    raise ValueError(f"hub_repo must be 'owner/name' when push_to_hub is True, got {hub_repo!r}")
+if base_config and not base_model:
+    raise ValueError("base_config is only used with an explicit base_model; leave both empty for the run's own")
+dev = runinfo.pick_device(device)
+stage_dir, export_dir = run / export.STAGING, run / export.EXPORT
+
+# %% [markdown]
+# ## 1. Build the release VAE
+# The base model's encoder and `quant_conv` with the run's finetuned decoder and `post_quant_conv`.
+
+# %%
+release = export.release_source(run, weights, base_model, base_config)
+vae = export.build_release_vae(release["base_model"], release["base_config"], release["decoder_weights"])
+stem = export.release_stem(model_name, version, release["step"])
+print(f"step {release['step']} ({weights} weights) on base {release['base_model']!r}")
+if release["base_model"] != release["trained_base_model"]:
+    print(f"NOTE: the run trained on {release['trained_base_model']!r}; its encoder is replaced.")
+if not models.is_pretrained(release["base_model"]):
+    print("NOTE: the base is not a pretrained VAE; these files are for testing only.")
+models.describe(vae)
+
+# %% [markdown]
+# ## 2. Write the files
+# Into a staging folder (emptied first); it becomes `export/` only once every file passed section 3.
+
+# %%
+metadata = export.file_metadata(model_name, version, release["step"], release["base_model"], weights)
+files = export.write_release_files(vae, stage_dir, stem, metadata, fp16_copy)
+{role: str(path.relative_to(stage_dir)) for role, path in files.items()}
+
+# %% [markdown]
+# ## 3. Verify
+# Each file is reloaded by an independent loader (diffusers `from_pretrained`, diffusers
+# `from_single_file` with the exported folder as config, offline, and furlib's own loader). All
+# weights must match exactly (fp16 files: the fp32 weights rounded to fp16), and fixed seeded
+# latents must decode like the in-memory model: max abs diff ≤ 1e-5 in fp32, ≤ 3e-2 for fp16 files
+# (decoded in fp32 after upcasting). Any failure raises here.
+
+# %%
+checks = export.verify_export(vae, files, stage_dir, seed, dev)
+hashes = {f["path"]: f for f in export.file_table(stage_dir)}
+pd.DataFrame([{"file": c["file"], "loader": c["loader"], "MB": round(hashes[c["file"]]["bytes"] / 1e6, 2),
+               "sha256": hashes[c["file"]]["sha256"][:12], "weights diff": c["weights_max_abs_diff"],
+               "decode diff": f"{c['decode_max_abs_diff']:.2e}", "passed": c["passed"]} for c in checks])
+
+# %%
+images = export.val_images(run)
+if images is None:
+    print(f"No {run}/data/val/*.png: skipping the side-by-side figure.")
+else:
+    base_vae = models.load_vae(release["base_model"], release["base_config"])
+    exported = models.load_vae(str(files["single"]), base_config=str(stage_dir / "diffusers"))
+    columns = export.reconstructions(images, {"base": base_vae, "exported": exported}, base_vae, dev)
+    fig = plots.reconstruction_strip(columns, f"base vs {files['single'].name}")
+    fig.savefig(run / "04_export_side_by_side.png", dpi=80)
+
+# %% [markdown]
+# ## 4. Model card
+# Written as `export/README.md`; then the manifest (sizes, SHA-256, checks) and the move to `export/`.
+
+# %%
+card = export.model_card(run, release, model_name, version, license, fp16_copy, hub_repo)
+(stage_dir / "README.md").write_text(card)
+manifest = export.finalize_export(stage_dir, export_dir, release, checks)
+display(Markdown(card))
+
+# %% [markdown]
+# ## 5. Upload (optional)
+
+# %%
+hub_url = export.push_to_hub(export_dir, hub_repo) if push_to_hub else None
+print(hub_url or "push_to_hub is False: nothing uploaded.")
+
+# %%
+runinfo.write_record(run / "04_export.record.json",
+                     runinfo.notebook_parameters("04_export", globals()),
+                     dict(export_dir=str(export_dir), step=release["step"], base_model=release["base_model"],
+                          files=manifest["files"], verification=checks, passed=manifest["passed"],
+                          pretrained_base=models.is_pretrained(release["base_model"]), hub_url=hub_url),
+                     dev)

@@ -1,0 +1,213 @@
+import json
+import math
+import re
+import urllib.error
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from furlib import checkpoint, evaluate, metrics, models
+
+RES = 64  # evaluation side, px: tiny VAEs on 2 CPU cores
+
+
+def _draw(i: int, w: int, h: int) -> Image.Image:
+    """A picture with gradients, edges and texture, different for each i."""
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    rng = np.random.default_rng(i)
+    rgb = np.stack([np.sin(6 * xx + i), np.cos(5 * yy - i), np.sin(4 * (xx + yy) + 2 * i)], -1) * 0.4 + 0.5
+    rgb[(xx - 0.5) ** 2 + (yy - 0.4) ** 2 < 0.04] = rng.uniform(0, 1, 3)  # a flat disc
+    rgb += rng.normal(0, 0.03, rgb.shape)
+    return Image.fromarray((rgb.clip(0, 1) * 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A fabricated run: 5 val PNGs and a checkpoint of a 'tiny' base with perturbed decoders."""
+    root = tmp_path_factory.mktemp("outs") / "t03"
+    val = root / "data" / "val"
+    val.mkdir(parents=True)
+    for i, (w, h) in enumerate([(96, 64), (64, 80), (128, 128), (70, 70), (100, 64)]):
+        _draw(i, w, h).save(val / f"img{i}.png")
+    dec = models.decoder_state(models.load_vae("tiny"))
+    g = torch.Generator().manual_seed(1)
+    jitter = lambda s: {k: v + s * torch.randn(v.shape, generator=g) * v.std().nan_to_num(0) for k, v in dec.items()}  # noqa: E731
+    checkpoint.save_checkpoint(root / "checkpoints", 10, {"decoder": jitter(0.2), "ema": jitter(0.1)},
+                               {"base_model": "tiny", "base_config": ""})
+    return root
+
+
+@pytest.fixture(scope="module")
+def result(run_dir):
+    specs = evaluate.run_models(run_dir)
+    vaes = evaluate.load_models(specs, "cpu")
+    images = evaluate.image_set("val", run_dir)
+    res = evaluate.evaluate(vaes, images, resolution=RES, batch_size=2, lpips_backbone="random",
+                            rfid=False, n_show=2)
+    return specs, vaes, res
+
+
+def test_preprocess_resizes_the_short_side_and_centre_crops():
+    img = np.zeros((60, 180, 3), np.uint8)
+    img[:, 60:120] = 255  # a white middle third: exactly what the centre crop keeps
+    x = evaluate.preprocess(Image.fromarray(img), 30)
+    assert x.shape == (3, 30, 30) and x.min() >= -1 and x.max() <= 1
+    assert x[:, :, 3:-3].mean().item() > 0.95
+
+
+def test_run_models_names_and_sources(run_dir, tmp_path):
+    specs = evaluate.run_models(run_dir, compare="stabilityai/sd-vae-ft-mse, /x/y/other.safetensors")
+    assert [s.name for s in specs] == ["base", "finetuned-ema", "finetuned-raw", "sd-vae-ft-mse", "other"]
+    assert [s.weights for s in specs[:3]] == ["", "ema", "raw"] and not specs[0].pretrained
+    assert "ema decoder of step_0000010" in specs[1].source()
+    with pytest.raises(FileNotFoundError, match="02_train"):
+        evaluate.run_models(tmp_path)
+
+
+def test_export_folder_is_evaluated_when_present(run_dir):
+    export = run_dir / "export" / "diffusers"
+    models.load_vae("tiny").save_pretrained(export)
+    try:
+        specs = evaluate.run_models(run_dir)
+        assert specs[-1].name == "export" and specs[-1].load().config.latent_channels == 4
+    finally:
+        import shutil
+
+        shutil.rmtree(run_dir / "export")
+
+
+def test_image_sources(run_dir, monkeypatch):
+    assert evaluate.image_set("val", run_dir, max_images=3).total == 3
+    assert evaluate.image_set(str(run_dir / "data"), run_dir).total == 5  # any folder, recursive
+    with pytest.raises(ValueError, match="eval_source"):
+        evaluate.image_set("/no/such/folder", run_dir)
+    import datasets
+
+    def offline(*_a, **_k):
+        raise ConnectionError("Couldn't reach 'org/set' on the Hub (simulated)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(RuntimeError, match="eval_source 'org/set'.*Offline"):
+        evaluate.image_set("org/set", run_dir)
+
+
+def test_numbers_match_a_direct_computation(result, run_dir):
+    specs, vaes, res = result
+    df = res.per_image
+    assert len(df) == 5 * 3 and set(df["model"]) == {"base", "finetuned-ema", "finetuned-raw"}
+    x = evaluate.preprocess(run_dir / "data" / "val" / "img2.png", RES)[None]
+    for name, vae in vaes.items():
+        with torch.no_grad():
+            recon = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        row = df[(df["image"] == "img2.png") & (df["model"] == name)].iloc[0]
+        assert row["psnr"] == pytest.approx(metrics.psnr(x, recon).item(), abs=1e-4)
+        assert row["ssim"] == pytest.approx(metrics.ssim(x, recon).item(), abs=1e-5)
+        assert row["delta_e_ok"] == pytest.approx(metrics.colour_errors(x, recon)["delta_e_ok"].item(), abs=1e-5)
+    assert df.groupby("model")["psnr"].mean().nunique() == 3  # the decoders really differ
+
+
+def test_examples_are_ranked_by_psnr_delta(result):
+    _, _, res = result
+    psnr = res.per_image.pivot(index="image", columns="model", values="psnr")
+    delta = (psnr["finetuned-ema"] - psnr["base"]).sort_values()
+    ex = res.examples
+    assert [e["id"] for e in ex["chosen"]] == ["img0.png", "img1.png"]
+    assert [e["id"] for e in ex["most_improved"]] == [i for i in delta.index[::-1][:2] if delta[i] > 0]
+    assert [e["id"] for e in ex["most_regressed"]] == [i for i in delta.index[:2] if delta[i] < 0]
+    assert ex["most_improved"] and ex["most_regressed"]  # this fixture has both
+    assert ex["most_improved"][0]["delta"] == pytest.approx(delta.iloc[-1], abs=1e-4)
+    assert ex["most_regressed"][0]["delta"] == pytest.approx(delta.iloc[0], abs=1e-4)
+    e = ex["chosen"][0]
+    assert e["original"].shape == (RES, RES, 3) and e["original"].dtype == np.uint8
+    assert set(e["recons"]) == {"base", "finetuned-ema", "finetuned-raw"}
+
+
+def test_outputs_have_the_right_shape(result, tmp_path):
+    specs, _, res = result
+    notes = {s.name: {"source": s.source(), "pretrained": s.pretrained} for s in specs}
+    paths = evaluate.write_outputs(res, tmp_path / "eval", notes)
+    per_image = pd.read_csv(paths["per_image"])
+    assert per_image.shape == (15, 2 + len(metrics.PER_IMAGE))
+    summary = pd.read_csv(paths["csv"], index_col="model")
+    assert list(summary.index) == ["base", "finetuned-ema", "finetuned-raw"]
+    assert summary.loc["base", "psnr"] == pytest.approx(per_image.query("model == 'base'")["psnr"].mean(), abs=1e-6)
+    assert summary.loc["base", "ssim_std"] == pytest.approx(per_image.query("model == 'base'")["ssim"].std(), abs=1e-6)
+    data = json.loads(paths["json"].read_text())
+    assert data["models"]["base"]["rFID"] == "n/a" and data["models"]["base"]["pretrained"] is False
+    assert data["notes"]["rfid"] == "rFID not computed (rfid=False)" and "RANDOM" in data["notes"]["lpips"]
+    md = paths["md"].read_text().strip().splitlines()
+    table = [line for line in md if line.startswith("|")]
+    assert len(table) == 2 + 3 and len({line.count("|") for line in table}) == 1  # no stray pipes
+    assert table[0].startswith("| model | rFID ↓ | PSNR ↑ | SSIM ↑ | LPIPS ↓")
+    assert re.search(r"\| base \| n/a \| \d+\.\d\d ± \d+\.\d\d \|", table[2])
+    assert "RANDOM backbone" in md[-3] and "Not pretrained" in md[-1]
+
+
+def test_rfid_offline_reports_na_and_no_number(run_dir, monkeypatch, tmp_path):
+    from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
+
+    def refuse(*_a, **_k):
+        raise urllib.error.URLError("offline (simulated)")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(tf_inception, "load_state_dict_from_url", refuse)
+    vaes = {"base": models.load_vae("tiny")}
+    res = evaluate.evaluate(vaes, evaluate.image_set("val", run_dir, max_images=2), resolution=32,
+                            batch_size=2, lpips_backbone="random", rfid=True, n_show=1)
+    assert res.rfid == {"base": "n/a"}
+    assert res.notes["rfid"].startswith("rFID n/a") and metrics.INCEPTION_FILE in res.notes["rfid_detail"]
+    assert "n/a" in evaluate.summary_table(res).loc["base", "rFID ↓"]
+
+
+def test_tiled_decode_check(result):
+    _, vaes, res = result
+    vae = vaes["base"]
+    assert evaluate._seam_bands(vae, 96) == [(48, 64)]  # tile 64 px, blend 16, stride 48
+    x = torch.from_numpy(res.examples["chosen"][0]["original"]).permute(2, 0, 1)[None].float() / 127.5 - 1
+    z = evaluate.check_latent(vae, x)
+    assert z.shape == (1, 4, 12, 12)  # 1.5 tiles of 8 latents: 2x2 tiles
+    t = evaluate.tiled_decode_check(vae, z)
+    assert t["image_px"] == [96, 96] and t["tiles_per_side"] == 2 and not vae.use_tiling
+    assert t["max_abs"] >= t["mean_abs"] > 0 and t["seam_score"] > 0
+    assert len(t["col_profile"]) == 96
+
+
+def test_fp16_decode_check_and_overflow(result):
+    _, vaes, _ = result
+    vae = vaes["finetuned-ema"]
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ok = evaluate.fp16_decode_check(vae, z)
+    assert ok["status"] == "ok" and ok["nonfinite_values"] == 0
+    assert list(ok["peaks"])[0] == "conv_in" and list(ok["peaks"])[-1] == "conv_out"
+    assert 0 < ok["max_abs_diff_vs_fp32"] < 0.05 and ok["headroom"] > 1
+    loud = evaluate.EvalModel("x", "tiny").load()
+    with torch.no_grad():
+        loud.decoder.conv_in.weight.mul_(1e5)  # activations far past fp16's 65504
+    bad = evaluate.fp16_decode_check(loud, z)
+    assert bad["status"] == "overflow" and bad["first_nonfinite_block"] is not None
+    table, details = evaluate.decode_checks({"base": vaes["base"]}, torch.zeros(1, 3, 32, 32))
+    assert list(table.index) == ["base"] and table.loc["base", "fp16"] == "ok"
+    assert set(details["base"]) == {"latent", "tiled", "fp16"}
+
+
+def test_figures_and_widget(result):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from furlib import compare_plots
+
+    _, vaes, res = result
+    ex = res.examples["most_improved"]
+    fig = compare_plots.comparison_figure(ex, "base", "finetuned-ema", "most improved", res.per_image)
+    heat = [im for ax in fig.axes for im in ax.images if im.get_cmap().name == compare_plots.ERROR_CMAP]
+    assert len(heat) == 2 * len(ex) and len({im.get_clim() for im in heat}) == 1  # one shared scale
+    assert compare_plots.metrics_figure(res.per_image).axes
+    _, details = evaluate.decode_checks({"base": vaes["base"]}, torch.zeros(1, 3, 32, 32))
+    assert compare_plots.tiling_figure(details).axes and compare_plots.fp16_figure(details).axes
+    assert compare_plots.wipe(ex[0]["recons"]["base"], ex[0]["original"], 0.5).shape == (RES, RES, 3)
+    widget = compare_plots.comparison_widget(ex, "base", "finetuned-ema")
+    assert widget.children[-1].value[:4] == b"\x89PNG"
+    assert math.isfinite(ex[0]["delta"])

@@ -1,0 +1,210 @@
+"""Stage 04 end to end on a fabricated tiny run: files, verification, manifest, model card."""
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from furlib import export
+from furlib.checkpoint import save_checkpoint
+from furlib.ldm_keys import ldm_to_diffusers
+from furlib.models import decoder_state, load_vae
+
+STEP, STEM = 150, "furception-v1.0-step150"
+METRICS = "| model | PSNR |\n|---|---|\n| base | 20.1 |\n| this run | 21.3 |"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread and lose much when other jobs share the CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fabricate_run(run, with_record=True):
+    """A tiny 'trained' run: raw and EMA decoders perturbed differently from the base."""
+    gen = torch.Generator().manual_seed(1)
+    base = decoder_state(load_vae("tiny"))
+    raw = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+    ema = {k: v + 0.005 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+    save_checkpoint(run / "checkpoints", STEP, {"decoder": raw, "ema": ema}, {"base_model": "tiny", "base_config": ""})
+    if with_record:
+        (run / "02_train.record.json").write_text(json.dumps({"parameters": {"lr": 5e-7, "batch_size": 32}}))
+        (run / "eval").mkdir()
+        (run / "eval" / "metrics.md").write_text(METRICS + "\n")
+    return raw, ema
+
+
+def run_export(run, weights="ema", fp16_copy=True):
+    """The notebook's sequence of calls."""
+    release = export.release_source(run, weights)
+    vae = export.build_release_vae(release["base_model"], release["base_config"], release["decoder_weights"])
+    stage = run / export.STAGING
+    meta = export.file_metadata("furception", "1.0", release["step"], release["base_model"], weights)
+    files = export.write_release_files(vae, stage, STEM, meta, fp16_copy)
+    checks = export.verify_export(vae, files, stage, seed=0)
+    card = export.model_card(run, release, "furception", "1.0", "cc-by-nc-sa-4.0", fp16_copy)
+    (stage / "README.md").write_text(card)
+    return export.finalize_export(stage, run / export.EXPORT, release, checks)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    run = tmp_path_factory.mktemp("outs") / "t04"
+    raw, ema = fabricate_run(run)
+    return run, run_export(run), raw, ema
+
+
+def test_every_file_is_written_and_staging_is_gone(exported):
+    run, manifest, _, _ = exported
+    out = run / "export"
+    names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert names == {"README.md", "manifest.json", f"{STEM}.safetensors", f"{STEM}-fp16.safetensors",
+                     "diffusers/config.json", "diffusers/diffusion_pytorch_model.safetensors",
+                     "diffusers/diffusion_pytorch_model.fp16.safetensors"}
+    assert not (run / export.STAGING).exists()
+    assert json.loads((out / "manifest.json").read_text()) == json.loads(json.dumps(manifest))
+
+
+def test_manifest_sizes_and_hashes_are_right(exported):
+    run, manifest, _, _ = exported
+    listed = {f["path"]: f for f in manifest["files"]}
+    assert len(listed) == 6  # every file but the manifest itself
+    for rel, entry in listed.items():
+        data = (run / "export" / rel).read_bytes()
+        assert entry["bytes"] == len(data)
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_verification_results(exported):
+    checks = exported[1]["verification"]
+    assert exported[1]["passed"] and all(c["passed"] for c in checks)
+    assert {(c["file"], c["loader"]) for c in checks} == {
+        ("diffusers/diffusion_pytorch_model.safetensors", "diffusers from_pretrained"),
+        ("diffusers/diffusion_pytorch_model.fp16.safetensors", "diffusers from_pretrained fp16"),
+        (f"{STEM}.safetensors", "diffusers from_single_file"), (f"{STEM}.safetensors", "furlib load_single_file"),
+        (f"{STEM}-fp16.safetensors", "diffusers from_single_file"),
+        (f"{STEM}-fp16.safetensors", "furlib load_single_file")}
+    for c in checks:
+        assert c["weights_max_abs_diff"] == 0.0
+        fp16 = "fp16" in c["file"]
+        assert c["decode_max_abs_diff"] <= (export.FP16_TOL if fp16 else export.FP32_TOL)
+
+
+def test_single_file_is_full_vae_with_ema_decoder(exported):
+    run, _, raw, ema = exported
+    path = run / "export" / f"{STEM}.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "pt" and meta["step"] == str(STEP) and meta["model_name"] == "furception"
+    assert meta["base_model"] == "tiny" and meta["weights"] == "ema"
+    ldm = load_file(path)
+    assert "encoder.conv_in.weight" in ldm and "decoder.up.3.block.0.conv1.weight" in ldm
+    base = load_vae("tiny").state_dict()
+    state = ldm_to_diffusers(ldm, base)
+    for k in base:
+        assert torch.equal(state[k], ema[k] if k in ema else base[k]), k
+    assert not torch.equal(state["decoder.conv_out.weight"], raw["decoder.conv_out.weight"])
+
+
+def test_fp16_copy_is_the_fp32_file_rounded(exported):
+    run = exported[0]
+    full = load_file(run / "export" / f"{STEM}.safetensors")
+    half = load_file(run / "export" / f"{STEM}-fp16.safetensors")
+    assert set(full) == set(half) and {v.dtype for v in half.values()} == {torch.float16}
+    assert all(torch.equal(half[k], full[k].half()) for k in full)
+
+
+def test_model_card(exported):
+    card = (exported[0] / "export" / "README.md").read_text()
+    assert card.startswith("---\nlicense: cc-by-nc-sa-4.0\n")
+    front = card.split("---")[1]
+    assert "base_model:" not in front and "- test-only" in front  # tiny is no hub model
+    assert METRICS in card and "| `lr` | `5e-07` |" in card and f"steps: {STEP}" in card
+    assert "Testing only" in card and "models/VAE/" in card and "ComfyUI/models/vae/" in card
+    assert "AutoencoderKL.from_pretrained" in card and "licence" in card.lower()
+
+
+def test_card_names_a_hub_base_and_says_when_eval_is_missing(tmp_path):
+    release = {"base_model": "stabilityai/sd-vae-ft-mse@vae", "step": 7, "checkpoint": "x/step_0000007",
+               "weights": "raw"}
+    card = export.model_card(tmp_path, release, "m", "2.0", "mit", fp16_copy=False, hub_repo="me/m")
+    assert "base_model: stabilityai/sd-vae-ft-mse\n" in card and "test-only" not in card
+    assert "was not run" in card and "parameters unknown" in card and "fp16" not in card
+    assert '"me/m", subfolder="diffusers"' in card
+
+
+def test_raw_weights_on_request_and_no_fp16(tmp_path):
+    run = tmp_path / "raw"
+    raw, _ = fabricate_run(run, with_record=False)
+    manifest = run_export(run, weights="raw", fp16_copy=False)
+    assert not [f for f in manifest["files"] if "fp16" in f["path"]]
+    assert len(manifest["verification"]) == 3
+    state = ldm_to_diffusers(load_file(run / "export" / f"{STEM}.safetensors"), load_vae("tiny").state_dict())
+    assert all(torch.equal(state[k], raw[k]) for k in raw)
+
+
+@pytest.mark.parametrize("damage", ["encoder", "decoder_only"])
+def test_a_broken_file_fails_verification(tmp_path, damage):
+    run = tmp_path / "broken"
+    fabricate_run(run, with_record=False)
+    release = export.release_source(run)
+    vae = export.build_release_vae("tiny", "", release["decoder_weights"])
+    stage = run / export.STAGING
+    files = export.write_release_files(vae, stage, STEM, {"format": "pt"}, fp16_copy=False)
+    ldm = load_file(files["single"])
+    if damage == "encoder":  # invisible to a decode-only check: only the weight comparison sees it
+        ldm["encoder.conv_in.weight"] += 1e-3
+    else:
+        ldm = {k: v for k, v in ldm.items() if not k.startswith(("encoder.", "quant_conv."))}
+    save_file(ldm, files["single"], metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match="export verification failed"):
+        export.verify_export(vae, {"single": files["single"]}, stage)
+    assert not (run / export.EXPORT).exists()
+
+
+def test_finalize_refuses_failed_checks(tmp_path):
+    with pytest.raises(RuntimeError, match="passing verification"):
+        export.finalize_export(tmp_path, tmp_path / "export", {}, [{"passed": False}])
+
+
+def test_release_source_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="02_train"):
+        export.release_source(tmp_path / "empty")
+    save_checkpoint(tmp_path / "nobase" / "checkpoints", 1, {"ema": {}}, {})
+    with pytest.raises(ValueError, match="base_model"):
+        export.release_source(tmp_path / "nobase")
+
+
+def test_push_to_hub_error_paths(exported, monkeypatch):
+    out = exported[0] / "export"
+    with pytest.raises(ValueError, match="owner/name"):
+        export.push_to_hub(out, "")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(RuntimeError, match="HF_TOKEN"):
+        export.push_to_hub(out, "me/furception")
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    with pytest.raises(RuntimeError, match="failed"):  # nothing listens on port 9: no upload happens
+        export.push_to_hub(out, "me/furception", endpoint="http://127.0.0.1:9")
+
+
+def test_val_images_and_reconstructions(tmp_path):
+    val = tmp_path / "data" / "val"
+    val.mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((40, 56, 3), 60 * i, np.uint8)).save(val / f"{i}.png")
+    images = export.val_images(tmp_path, size=32)
+    assert images.shape == (2, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
+    vae = load_vae("tiny")
+    cols = export.reconstructions(images, {"a": vae, "b": vae}, vae)
+    assert list(cols) == ["input", "a", "b"] and torch.equal(cols["a"], cols["b"])
+    assert export.val_images(tmp_path / "none") is None
+    shutil.rmtree(val)

@@ -1,0 +1,75 @@
+"""Notebook pairs in sync, parameters declared, params files valid."""
+
+import ast
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+from furlib import pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+PROFILES = sorted((ROOT / "params").glob("*.yaml"))
+
+
+def _cells(nb):
+    return [(c.cell_type, c.source.strip(), sorted(c.metadata.get("tags", []))) for c in nb.cells]
+
+
+@pytest.mark.parametrize("stage", pipeline.STAGES)
+def test_pair_in_sync_and_without_outputs(stage):
+    py = jupytext.read(ROOT / "notebooks" / f"{stage}.py")
+    ipynb = nbformat.read(ROOT / "notebooks" / f"{stage}.ipynb", as_version=4)
+    assert _cells(py) == _cells(ipynb), f"{stage}: run `make sync` after editing the .py"
+    assert all(not c.get("outputs") and not c.get("execution_count") for c in ipynb.cells if c.cell_type == "code")
+
+
+@pytest.mark.parametrize("stage", pipeline.STAGES)
+def test_notebook_shape(stage):
+    nb = jupytext.read(ROOT / "notebooks" / f"{stage}.py")
+    tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "exactly one parameters cell"
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith(f"# {stage[:2]} ·")
+    assert "write_record" in nb.cells[-1].source, "the last cell writes the run record"
+    assert len(nb.cells) <= 40
+    params = pipeline.declared_parameters(stage)
+    source_lines = nb.cells[tagged[0]].source.count("\n") + 1
+    assert len(params) == source_lines, "every line of the parameters cell must parse (no '=' in comments)"
+
+
+def test_shared_names():
+    declared = {s: pipeline.declared_parameters(s) for s in pipeline.STAGES}
+    for stage, names in declared.items():
+        assert {"run_name", "outputs_dir"} <= set(names), stage
+    for name in ("resolution", "batch_size", "max_steps", "seed", "base_model"):
+        assert name in declared["02_train"]
+    assert "source" in declared["01_data_prep"]
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.stem)
+def test_profile_keys_declared_and_types_match(profile):
+    params = pipeline.load_profile(profile)
+    defaults = {}
+    for stage in pipeline.STAGES:
+        defaults.update(pipeline.declared_parameters(stage))
+    for key, value in params.items():
+        default = ast.literal_eval(defaults[key])
+        if isinstance(default, bool) or isinstance(value, bool):
+            assert isinstance(value, bool) == isinstance(default, bool), key
+        elif isinstance(default, (int, float)):
+            assert isinstance(value, (int, float)) and (isinstance(default, float) or isinstance(value, int)), key
+        elif isinstance(default, str):
+            assert isinstance(value, str), key
+
+
+def test_required_profiles_exist():
+    assert {"demo", "smoke", "furception_v1", "colab_t4", "ldm_like"} <= {p.stem for p in PROFILES}
+
+
+def test_undeclared_key_is_an_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run_name: x\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="learning_rate"):
+        pipeline.load_profile(bad)
+    with pytest.raises(FileNotFoundError):
+        pipeline.load_profile(tmp_path / "missing.yaml")

@@ -1,0 +1,273 @@
+"""furlib.prepare on generated corpora: verdicts, report, split, incremental and resumed runs."""
+
+import io
+import json
+import os
+import shutil
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from furlib import prepare as prep
+from furlib.images import load_rgb
+
+RES = 32  # crop side for these tests: small images keep them fast
+
+
+def noise(h: int, w: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), np.uint8))
+
+
+def bomb_png(width=100_000, height=100_000) -> bytes:
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+
+
+def make_corpus(folder) -> dict:
+    """Write the corpus; return {input id: expected verdict ('ok', 'dup', or a reject reason)}."""
+    (folder / "sub").mkdir(parents=True)
+    for i in range(6):
+        noise(40 + 4 * i, 60, i).save(folder / f"good_{i}.png")
+    noise(48, 64, 100).save(folder / "sub" / "photo.jpg", quality=90)
+    shutil.copy(folder / "good_0.png", folder / "sub" / "copy_of_0.png")
+    noise(40, 60, 0).save(folder / "same_pixels.bmp")  # same pixels, another format
+    jpeg = io.BytesIO()
+    noise(48, 64, 7).save(jpeg, "JPEG")
+    (folder / "truncated.jpg").write_bytes(jpeg.getvalue()[:400])
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "text.png").write_text("hello")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "bomb.png").write_bytes(bomb_png())
+    noise(20, 60, 9).save(folder / "tiny.png")
+    noise(40, 300, 10).save(folder / "narrow.png")  # 300x40 capped at 128 -> 17 px high
+    (folder / ".hidden.png").write_bytes(b"")  # hidden: not an input at all
+    odd = _odd_modes(folder / "odd")
+    expected = {f"good_{i}.png": "ok" for i in range(6)}
+    expected.update({"sub/photo.jpg": "ok", "sub/copy_of_0.png": "dup", "same_pixels.bmp": "dup",
+                     "truncated.jpg": "truncated", "zero.png": "empty", "text.png": "not_an_image",
+                     "notes.txt": "not_an_image", "bomb.png": "too_many_pixels",
+                     "tiny.png": "too_small", "narrow.png": "too_small_after_cap"})
+    expected.update({f"odd/{name}": "ok" for name in odd})
+    return expected
+
+
+def _odd_modes(folder) -> list[str]:
+    """Decodable files in every awkward mode: all must be accepted."""
+    folder.mkdir()
+    gradient = np.linspace(0, 1, 40 * 48, dtype=np.float32).reshape(40, 48)
+    Image.new("CMYK", (48, 40), (0, 200, 100, 20)).save(folder / "cmyk.jpg")
+    Image.fromarray((gradient * 65535).astype(np.uint16)).save(folder / "sixteen.png")
+    Image.fromarray(gradient, "F").save(folder / "float.tif")
+    Image.new("LA", (48, 40), (90, 128)).save(folder / "la.png")
+    Image.new("RGBA", (48, 40), (9, 200, 30, 60)).save(folder / "rgba.png")
+    palette = noise(40, 48, 20).convert("P")
+    palette.info["transparency"] = 3
+    palette.save(folder / "palette.png")
+    frames = [noise(40, 48, s) for s in (21, 22)]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:], duration=40)
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    noise(40, 56, 23).save(folder / "rotated.jpg", exif=exif)
+    return sorted(p.name for p in folder.iterdir())
+
+
+def run(source, data_dir, **kw):
+    kw = {"resolution": RES, "max_side": 128, "val_fraction": 0.3, "progress": False, "workers": 1,
+          **kw}
+    return prep.prepare(source, data_dir, **kw)
+
+
+def verdicts(report) -> dict:
+    out = {a["id"]: "ok" for a in report["accepted"]}
+    for d in report["duplicates"]:
+        assert d["path"] not in out
+        out[d["path"]] = "dup"
+    for r in report["rejected"]:
+        assert r["path"] not in out
+        out[r["path"]] = r["reason"]
+    return out
+
+
+def test_every_input_gets_the_right_verdict(tmp_path):
+    expected = make_corpus(tmp_path / "src")
+    report = run(tmp_path / "src", tmp_path / "data")
+    n = len(report["accepted"]) + len(report["rejected"]) + len(report["duplicates"])
+    assert n == report["counts"]["inputs"] == len(expected)  # each input listed exactly once
+    assert verdicts(report) == expected
+    dups = {d["path"]: d["duplicate_of"] for d in report["duplicates"]}
+    assert dups == {"sub/copy_of_0.png": "good_0.png", "same_pixels.bmp": "good_0.png"}
+    assert report["counts"]["rejected_by_reason"]["not_an_image"] == 2
+    assert json.loads((tmp_path / "data" / "report.json").read_text()) == report
+    rotated = next(a for a in report["accepted"] if a["id"] == "odd/rotated.jpg")
+    assert (rotated["width"], rotated["height"]) == (40, 56)  # EXIF orientation applied
+    threaded = run(tmp_path / "src", tmp_path / "data_threads", workers=3)
+    assert {k: threaded[k] for k in ("accepted", "rejected", "duplicates")} == \
+        {k: report[k] for k in ("accepted", "rejected", "duplicates")}
+
+
+def test_stored_files_are_lossless_capped_and_split(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    noise(50, 70, 1).save(src / "small.png")
+    noise(150, 300, 2).save(src / "big.png")  # long side 300 > max_side 128
+    report = run(src, tmp_path / "data", val_fraction=0.5)
+    by_id = {a["id"]: a for a in report["accepted"]}
+    small = np.asarray(Image.open(tmp_path / "data" / by_id["small.png"]["file"]))
+    assert np.array_equal(small, np.asarray(load_rgb(src / "small.png")))  # bit-exact PNG
+    assert (by_id["big.png"]["width"], by_id["big.png"]["height"]) == (128, 64)
+    for a in report["accepted"]:
+        assert a["file"] == f"{a['split']}/{a['hash'][:16]}.png"
+        assert (a["split"] == "val") == prep.is_val(a["hash"], 0.5)
+        assert Image.open(tmp_path / "data" / a["file"]).format == "PNG"
+
+
+def test_split_is_stable_when_images_are_added(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        noise(36, 40, i).save(src / f"{i:02d}.png")
+    first = run(src, tmp_path / "data", val_fraction=0.4)
+    for i in range(12, 24):
+        noise(36, 40, i).save(src / f"{i:02d}.png")
+    second = run(src, tmp_path / "data", val_fraction=0.4)
+    split_of = {a["id"]: a["split"] for a in second["accepted"]}
+    assert all(split_of[a["id"]] == a["split"] for a in first["accepted"])
+    train = set(os.listdir(tmp_path / "data" / "train"))
+    val = set(os.listdir(tmp_path / "data" / "val"))
+    assert not train & val and len(train) + len(val) == 24
+    assert len(val) == second["counts"]["val"] > 0
+
+
+def test_val_max_keeps_the_smallest_hashes(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(16):
+        noise(36, 40, i).save(src / f"{i:02d}.png")
+    report = run(src, tmp_path / "data", val_fraction=0.9, val_max=3)
+    candidates = sorted(a["hash"] for a in report["accepted"] if prep.is_val(a["hash"], 0.9))
+    assert sorted(a["hash"] for a in report["accepted"] if a["split"] == "val") == candidates[:3]
+    assert len(os.listdir(tmp_path / "data" / "val")) == 3
+    assert report["counts"]["val_over_cap"] == len(candidates) - 3
+
+
+def test_rerun_skips_work_and_sees_changes(tmp_path):
+    src = tmp_path / "src"
+    expected = make_corpus(src)
+    first = run(src, tmp_path / "data")
+    assert first["counts"]["decoded_this_run"] == len(expected)
+    again = run(src, tmp_path / "data")
+    assert again["counts"]["decoded_this_run"] == 0
+    assert again["accepted"] == first["accepted"] and again["rejected"] == first["rejected"]
+    noise(44, 44, 50).save(src / "new.png")
+    noise(46, 60, 51).save(src / "good_1.png")  # changed content: size and mtime differ
+    third = run(src, tmp_path / "data")
+    assert third["counts"]["decoded_this_run"] == 2
+    assert third["counts"]["accepted"] == first["counts"]["accepted"] + 1
+    assert len(os.listdir(tmp_path / "data" / "unused")) == 1  # the old good_1, kept aside
+
+
+def test_interrupted_run_resumes(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    expected = make_corpus(src)
+    real, calls = prep._process, []
+
+    def dies_after_five(*args, **kwargs):
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prep, "_process", dies_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        run(src, tmp_path / "data")
+    monkeypatch.setattr(prep, "_process", real)
+    with open(tmp_path / "data" / "journal.jsonl", "a") as log:
+        log.write('{"key": "half a li')  # what a kill mid-write leaves
+    (tmp_path / "data" / "train" / ".tmp-1-0123456789abcdef.png").write_bytes(b"\x89PNG half")
+    resumed = run(src, tmp_path / "data")
+    assert resumed["counts"]["decoded_this_run"] == len(expected) - 5
+    assert not list((tmp_path / "data").glob("*/.tmp-*"))
+    fresh = run(src, tmp_path / "fresh")
+    assert resumed["accepted"] == fresh["accepted"] and verdicts(resumed) == expected
+
+
+def test_unexpected_errors_are_reported_then_retried(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        noise(36, 40, i).save(src / f"{i}.png")
+    real = prep.load_rgb
+
+    def flaky(source, *args, **kwargs):
+        if str(source).endswith("1.png"):
+            raise MemoryError("simulated")
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(prep, "load_rgb", flaky)
+    report = run(src, tmp_path / "data")
+    assert report["rejected"] == [{"path": "1.png", "reason": "error", "detail": "MemoryError: simulated"}]
+    monkeypatch.setattr(prep, "load_rgb", real)
+    again = run(src, tmp_path / "data")
+    assert again["counts"]["decoded_this_run"] == 1 and again["counts"]["accepted"] == 3
+
+
+def test_changed_settings_rebuild(tmp_path):
+    src = tmp_path / "src"
+    make_corpus(src)
+    run(src, tmp_path / "data")
+    report = run(src, tmp_path / "data", max_side=96)
+    assert "max_side 128 -> 96" in report["rebuilt_because"]
+    assert all(max(a["width"], a["height"]) <= 96 for a in report["accepted"])
+
+
+def test_table_sources(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"bytes": io.BytesIO(), "path": None} for _ in range(4)]
+    for i, row in enumerate(rows):
+        noise(40, 40 + i, i).save(row["bytes"], "PNG")
+        row["bytes"] = row["bytes"].getvalue()
+    rows[3] = {"bytes": b"garbage", "path": None}
+    ds = datasets.Dataset.from_dict({"image": rows}).cast_column("image", datasets.Image())
+    ds.to_parquet(str(tmp_path / "set.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    for source in (tmp_path / "set.parquet", tmp_path / "saved"):
+        report = run(source, tmp_path / f"data_{source.name}")
+        assert report["counts"]["accepted"] == 3 and report["rejected"][0]["reason"] == "not_an_image"
+    with pytest.raises(ValueError, match="image_column"):
+        run(tmp_path / "set.parquet", tmp_path / "d2", image_column="picture")
+    assert len(list(prep.iter_source(tmp_path / "saved", max_images=2))) == 2
+
+
+def test_hub_source_offline_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "_hub_unreachable", lambda: "cannot resolve the Hub (test)")
+    with pytest.raises(RuntimeError, match="source='builtin'") as info:
+        run("someone/some-dataset", tmp_path / "data")
+    error = info.value  # no chained library traceback under it
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
+    datasets = pytest.importorskip("datasets")
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'someone/some-dataset' on the Hub (test)")
+
+    monkeypatch.setattr(prep, "_hub_unreachable", lambda: "")
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(RuntimeError, match="Couldn't reach") as info:
+        run("someone/some-dataset", tmp_path / "data")
+    assert info.value.__suppress_context__ and "save_to_disk" in str(info.value)
+
+
+def test_iter_source_and_builtin(tmp_path):
+    make_corpus(tmp_path / "src")
+    ids = [i for i, _ in prep.iter_source(tmp_path / "src")]
+    assert "notes.txt" not in ids and "good_0.png" in ids and ".hidden.png" not in ids
+    assert len(list(prep.iter_source(tmp_path / "src", max_images=3))) == 3
+    report = run("builtin", tmp_path / "data", art_count=2, resolution=64, max_side=256)
+    photos = [a for a in report["accepted"] if a["id"].startswith("builtin/photo/")]
+    assert len(photos) >= 5 and report["counts"]["accepted"] == len(photos) + 2
+    art = dict(prep.iter_source("builtin", art_count=2, seed=1))["builtin/art/001"]
+    assert isinstance(art, Image.Image) and min(art.size) >= 512
