@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from furlib import compare_plots, evaluate, perceptual, runinfo
+from furlib import compare_plots, decode_checks, eval_report, evaluate, perceptual, runinfo
 
 # %% tags=["parameters"]
 run_name = "demo"              # folder under outputs_dir holding the trained run
@@ -101,8 +101,8 @@ images = evaluate.image_set(eval_source, run, eval_split, eval_image_column, eva
 result = evaluate.evaluate(vaes, images, resolution=eval_resolution, batch_size=eval_batch_size, device=dev,
                            lpips_backbone=lpips_backbone, rfid=rfid, n_show=show_images,
                            finetuned=finetuned, seed=seed)
-paths = evaluate.write_outputs(result, eval_dir, model_notes)
-display(evaluate.summary_table(result))
+paths = eval_report.write_outputs(result, eval_dir, model_notes)
+display(eval_report.summary_table(result))
 print(f"{result.notes['n_images']} images of {result.notes['image_set']}", result.notes["lpips"], result.notes["rfid"], sep="\n")
 for detail in (result.notes["lpips_detail"], result.notes["rfid_detail"]):
     if detail:
@@ -150,7 +150,7 @@ if result.examples["chosen"]:
 
 # %%
 check_image = evaluate.preprocess(next(iter(images.items))[1], 512)[None]
-checks, check_details = evaluate.decode_checks(vaes, check_image)
+checks, check_details = decode_checks.decode_checks(vaes, check_image)
 (eval_dir / "decode_checks.json").write_text(json.dumps(check_details, indent=1, default=str))
 display(checks)
 
@@ -161,7 +161,7 @@ for name, fig in (("tiling", compare_plots.tiling_figure(check_details)), ("fp16
     plt.close(fig)
 
 # %%
-results = dict(evaluate.summary_json(result, model_notes),
+results = dict(eval_report.summary_json(result, model_notes),
                decode_checks=json.loads(checks.reset_index().to_json(orient="records")),
                files={k: str(p) for k, p in paths.items()})
 runinfo.write_record(run / "03_eval.record.json", runinfo.notebook_parameters("03_eval", globals()), results, dev)

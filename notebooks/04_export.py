@@ -29,7 +29,7 @@ sys.path.insert(0, os.getcwd())
 import pandas as pd
 from IPython.display import Markdown, display
 
-from furlib import export, models, plots, runinfo
+from furlib import export, model_card, models, plots, runinfo
 
 # %% tags=["parameters"]
 run_name = "demo"  # folder under outputs_dir holding the trained run
@@ -117,7 +117,7 @@ else:
 # Written as `export/README.md`; then the manifest (sizes, SHA-256, checks) and the move to `export/`.
 
 # %%
-card = export.model_card(run, release, model_name, version, license, fp16_copy, hub_repo)
+card = model_card.model_card(run, release, model_name, version, license, fp16_copy, hub_repo)
 (stage_dir / "README.md").write_text(card)
 manifest = export.finalize_export(stage_dir, export_dir, release, checks)
 display(Markdown(card))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from furlib import checkpoint, evaluate, metrics, models
+from furlib import checkpoint, decode_checks, eval_report, evaluate, metrics, models
 
 RES = 64  # evaluation side, px: tiny VAEs on 2 CPU cores
 
@@ -128,7 +128,7 @@ def test_examples_are_ranked_by_psnr_delta(result):
 def test_outputs_have_the_right_shape(result, tmp_path):
     specs, _, res = result
     notes = {s.name: {"source": s.source(), "pretrained": s.pretrained} for s in specs}
-    paths = evaluate.write_outputs(res, tmp_path / "eval", notes)
+    paths = eval_report.write_outputs(res, tmp_path / "eval", notes)
     per_image = pd.read_csv(paths["per_image"])
     assert per_image.shape == (15, 2 + len(metrics.PER_IMAGE))
     summary = pd.read_csv(paths["csv"], index_col="model")
@@ -159,17 +159,17 @@ def test_rfid_offline_reports_na_and_no_number(run_dir, monkeypatch, tmp_path):
                             batch_size=2, lpips_backbone="random", rfid=True, n_show=1)
     assert res.rfid == {"base": "n/a"}
     assert res.notes["rfid"].startswith("rFID n/a") and metrics.INCEPTION_FILE in res.notes["rfid_detail"]
-    assert "n/a" in evaluate.summary_table(res).loc["base", "rFID ↓"]
+    assert "n/a" in eval_report.summary_table(res).loc["base", "rFID ↓"]
 
 
 def test_tiled_decode_check(result):
     _, vaes, res = result
     vae = vaes["base"]
-    assert evaluate._seam_bands(vae, 96) == [(48, 64)]  # tile 64 px, blend 16, stride 48
+    assert decode_checks._seam_bands(vae, 96) == [(48, 64)]  # tile 64 px, blend 16, stride 48
     x = torch.from_numpy(res.examples["chosen"][0]["original"]).permute(2, 0, 1)[None].float() / 127.5 - 1
-    z = evaluate.check_latent(vae, x)
+    z = decode_checks.check_latent(vae, x)
     assert z.shape == (1, 4, 12, 12)  # 1.5 tiles of 8 latents: 2x2 tiles
-    t = evaluate.tiled_decode_check(vae, z)
+    t = decode_checks.tiled_decode_check(vae, z)
     assert t["image_px"] == [96, 96] and t["tiles_per_side"] == 2 and not vae.use_tiling
     assert t["max_abs"] >= t["mean_abs"] > 0 and t["seam_score"] > 0
     assert len(t["col_profile"]) == 96
@@ -179,16 +179,16 @@ def test_fp16_decode_check_and_overflow(result):
     _, vaes, _ = result
     vae = vaes["finetuned-ema"]
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    ok = evaluate.fp16_decode_check(vae, z)
+    ok = decode_checks.fp16_decode_check(vae, z)
     assert ok["status"] == "ok" and ok["nonfinite_values"] == 0
     assert list(ok["peaks"])[0] == "conv_in" and list(ok["peaks"])[-1] == "conv_out"
     assert 0 < ok["max_abs_diff_vs_fp32"] < 0.05 and ok["headroom"] > 1
     loud = evaluate.EvalModel("x", "tiny").load()
     with torch.no_grad():
         loud.decoder.conv_in.weight.mul_(1e5)  # activations far past fp16's 65504
-    bad = evaluate.fp16_decode_check(loud, z)
+    bad = decode_checks.fp16_decode_check(loud, z)
     assert bad["status"] == "overflow" and bad["first_nonfinite_block"] is not None
-    table, details = evaluate.decode_checks({"base": vaes["base"]}, torch.zeros(1, 3, 32, 32))
+    table, details = decode_checks.decode_checks({"base": vaes["base"]}, torch.zeros(1, 3, 32, 32))
     assert list(table.index) == ["base"] and table.loc["base", "fp16"] == "ok"
     assert set(details["base"]) == {"latent", "tiled", "fp16"}
 
@@ -205,7 +205,7 @@ def test_figures_and_widget(result):
     heat = [im for ax in fig.axes for im in ax.images if im.get_cmap().name == compare_plots.ERROR_CMAP]
     assert len(heat) == 2 * len(ex) and len({im.get_clim() for im in heat}) == 1  # one shared scale
     assert compare_plots.metrics_figure(res.per_image).axes
-    _, details = evaluate.decode_checks({"base": vaes["base"]}, torch.zeros(1, 3, 32, 32))
+    _, details = decode_checks.decode_checks({"base": vaes["base"]}, torch.zeros(1, 3, 32, 32))
     assert compare_plots.tiling_figure(details).axes and compare_plots.fp16_figure(details).axes
     assert compare_plots.wipe(ex[0]["recons"]["base"], ex[0]["original"], 0.5).shape == (RES, RES, 3)
     widget = compare_plots.comparison_widget(ex, "base", "finetuned-ema")

@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from furlib import export
+from furlib import export, model_card
 from furlib.checkpoint import save_checkpoint
 from furlib.ldm_keys import ldm_to_diffusers
 from furlib.models import decoder_state, load_vae
@@ -51,7 +51,7 @@ def run_export(run, weights="ema", fp16_copy=True):
     meta = export.file_metadata("furception", "1.0", release["step"], release["base_model"], weights)
     files = export.write_release_files(vae, stage, STEM, meta, fp16_copy)
     checks = export.verify_export(vae, files, stage, seed=0)
-    card = export.model_card(run, release, "furception", "1.0", "cc-by-nc-sa-4.0", fp16_copy)
+    card = model_card.model_card(run, release, "furception", "1.0", "cc-by-nc-sa-4.0", fp16_copy)
     (stage / "README.md").write_text(card)
     return export.finalize_export(stage, run / export.EXPORT, release, checks)
 
@@ -136,7 +136,7 @@ def test_model_card(exported):
 def test_card_names_a_hub_base_and_says_when_eval_is_missing(tmp_path):
     release = {"base_model": "stabilityai/sd-vae-ft-mse@vae", "step": 7, "checkpoint": "x/step_0000007",
                "weights": "raw"}
-    card = export.model_card(tmp_path, release, "m", "2.0", "mit", fp16_copy=False, hub_repo="me/m")
+    card = model_card.model_card(tmp_path, release, "m", "2.0", "mit", fp16_copy=False, hub_repo="me/m")
     assert "base_model: stabilityai/sd-vae-ft-mse\n" in card and "test-only" not in card
     assert "was not run" in card and "parameters unknown" in card and "fp16" not in card
     assert '"me/m", subfolder="diffusers"' in card

@@ -1,4 +1,4 @@
-"""furlib.prepare on generated corpora: verdicts, report, split, incremental and resumed runs."""
+"""furlib.prepare (and furlib.sources) on generated corpora: verdicts, report, split, incremental and resumed runs."""
 
 import io
 import json
@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from furlib import prepare as prep
+from furlib import sources
 from furlib.images import load_rgb
 
 RES = 32  # crop side for these tests: small images keep them fast
@@ -240,11 +241,11 @@ def test_table_sources(tmp_path):
         assert report["counts"]["accepted"] == 3 and report["rejected"][0]["reason"] == "not_an_image"
     with pytest.raises(ValueError, match="image_column"):
         run(tmp_path / "set.parquet", tmp_path / "d2", image_column="picture")
-    assert len(list(prep.iter_source(tmp_path / "saved", max_images=2))) == 2
+    assert len(list(sources.iter_source(tmp_path / "saved", max_images=2))) == 2
 
 
 def test_hub_source_offline_is_one_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(prep, "_hub_unreachable", lambda: "cannot resolve the Hub (test)")
+    monkeypatch.setattr(sources, "_hub_unreachable", lambda: "cannot resolve the Hub (test)")
     with pytest.raises(RuntimeError, match="source='builtin'") as info:
         run("someone/some-dataset", tmp_path / "data")
     error = info.value  # no chained library traceback under it
@@ -254,7 +255,7 @@ def test_hub_source_offline_is_one_clear_error(tmp_path, monkeypatch):
     def unreachable(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'someone/some-dataset' on the Hub (test)")
 
-    monkeypatch.setattr(prep, "_hub_unreachable", lambda: "")
+    monkeypatch.setattr(sources, "_hub_unreachable", lambda: "")
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
     with pytest.raises(RuntimeError, match="Couldn't reach") as info:
         run("someone/some-dataset", tmp_path / "data")
@@ -263,11 +264,11 @@ def test_hub_source_offline_is_one_clear_error(tmp_path, monkeypatch):
 
 def test_iter_source_and_builtin(tmp_path):
     make_corpus(tmp_path / "src")
-    ids = [i for i, _ in prep.iter_source(tmp_path / "src")]
+    ids = [i for i, _ in sources.iter_source(tmp_path / "src")]
     assert "notes.txt" not in ids and "good_0.png" in ids and ".hidden.png" not in ids
-    assert len(list(prep.iter_source(tmp_path / "src", max_images=3))) == 3
+    assert len(list(sources.iter_source(tmp_path / "src", max_images=3))) == 3
     report = run("builtin", tmp_path / "data", art_count=2, resolution=64, max_side=256)
     photos = [a for a in report["accepted"] if a["id"].startswith("builtin/photo/")]
     assert len(photos) >= 5 and report["counts"]["accepted"] == len(photos) + 2
-    art = dict(prep.iter_source("builtin", art_count=2, seed=1))["builtin/art/001"]
+    art = dict(sources.iter_source("builtin", art_count=2, seed=1))["builtin/art/001"]
     assert isinstance(art, Image.Image) and min(art.size) >= 512

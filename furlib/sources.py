@@ -1,0 +1,217 @@
+"""Where stage 01's inputs come from: the built-in set, a folder, a table file, or the Hub.
+
+Each input is an ``Input`` (fields below); its ``input_id`` is a path relative to the folder,
+``<file or folder name>/<row>``, ``<dataset>:<split>/<row>`` or ``builtin/...``. Nothing is
+decoded here (``furlib.prepare`` does that); a Hub dataset is streamed.
+"""
+
+import os
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+from PIL import Image
+
+from furlib.builtin import ART_VERSION, builtin_sources
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+TABLE_SUFFIXES = (".parquet", ".arrow")
+FOLDER_METADATA = {"metadata.jsonl", "metadata.csv", "metadata.parquet"}  # imagefolder's, not inputs
+OFFLINE_HELP = ("Offline, use source='builtin', a local folder of images, a local .parquet/.arrow "
+                "file, or a folder written by datasets' save_to_disk.")
+
+
+class Input(NamedTuple):
+    input_id: str
+    src: object  # what load_rgb accepts, or a zero-argument function returning a PIL image
+    stamp: object = None  # [size, mtime_ns] of the local file it came from; None otherwise
+    reason: str = ""  # set when the input is rejected without reading it
+
+
+def iter_source(source, source_split: str = "train", image_column: str = "image",
+                max_images: int = 0, *, art_count: int = 24, seed: int = 0):
+    """Yield ``(input_id, src)`` for each image of a source (``src`` is what load_rgb accepts).
+
+    ``source``: "builtin"; a local folder (recursive, by extension; hidden files skipped); a local
+    .parquet/.arrow file; a ``save_to_disk`` folder or a folder of parquet/arrow files; else a
+    Hugging Face Hub dataset id, streamed. ``max_images``: 0 = all.
+    """
+    inputs, _ = iter_inputs(source, source_split, image_column, max_images, art_count, seed)
+    for item in inputs:
+        if not item.reason:
+            yield item.input_id, item.src() if callable(item.src) else item.src
+
+
+def _kind(source) -> tuple[str, Path]:
+    """builtin, folder (of images), table (parquet/arrow/save_to_disk) or hub."""
+    path = Path(str(source)).expanduser()
+    if source == "builtin":
+        return "builtin", path
+    if path.is_file():
+        if path.suffix.lower() not in TABLE_SUFFIXES:
+            raise ValueError(f"source file {source!r}: expected a .parquet or .arrow file")
+        return "table", path
+    if path.is_dir():
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            return "table", path  # written by save_to_disk
+        suffixes = lambda: (p.suffix.lower() for p in path.rglob("*"))  # noqa: E731
+        tables_only = not any(s in IMAGE_SUFFIXES for s in suffixes()) and any(
+            s in TABLE_SUFFIXES for s in suffixes())
+        return ("table" if tables_only else "folder"), path
+    if re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", str(source)):
+        return "hub", path
+    raise FileNotFoundError(f"source {source!r}: no such file or folder, and not a Hub dataset id")
+
+
+def source_key(source, source_split: str, image_column: str) -> str:
+    """What journal keys are scoped to: the same input id from another source is another input."""
+    kind, path = _kind(source)
+    where = {"builtin": "builtin", "hub": f"hub:{source}"}.get(kind) or str(path.resolve())
+    return where if kind in ("builtin", "folder") else f"{where}|{source_split}|{image_column}"
+
+
+def iter_inputs(source, source_split, image_column, max_images, art_count=24, seed=0,
+                 exclude=None):
+    """(iterable of Input, total count or None) for any kind of source."""
+    kind, path = _kind(source)
+    if kind == "builtin":
+        art_stamp = f"art{ART_VERSION}-seed{seed}"
+        items = [Input(i, s, _stamp(s) if isinstance(s, Path) else art_stamp)
+                 for i, s in builtin_sources(art_count, seed)]
+    elif kind == "folder":
+        items = [Input(f.relative_to(path).as_posix(), f, _stamp(f),
+                        "" if f.suffix.lower() in IMAGE_SUFFIXES else "not_an_image")
+                 for f in _walk(path, exclude)]
+    else:
+        rows, total = _table_rows(path, source_split, image_column) if kind == "table" else \
+            _hub_rows(str(source), source_split, image_column)
+        total = min(total, max_images) if total and max_images else (total or max_images or None)
+        return _take(rows, max_images), total
+    items = list(_take(items, max_images))
+    return items, len(items)
+
+
+def _take(items, max_images: int):
+    """The inputs up to and including the ``max_images``-th image candidate (0 = all)."""
+    count = 0
+    for item in items:
+        yield item
+        count += not item.reason
+        if max_images and count >= max_images:
+            return
+
+
+def _stamp(path: Path):
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _walk(root: Path, exclude=None) -> list[Path]:
+    """Every non-hidden file below ``root`` (sorted), except imagefolder metadata and ``exclude``."""
+    skip = Path(exclude).resolve() if exclude else None
+    out = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and (skip is None or (Path(folder) / d).resolve() != skip))
+        out += [Path(folder) / f for f in sorted(files)
+                if not f.startswith(".") and f not in FOLDER_METADATA]
+    return out
+
+
+def _table_rows(path: Path, source_split: str, image_column: str):
+    """Rows of a parquet/arrow file, a save_to_disk folder, or a folder of parquet/arrow files."""
+    import datasets
+
+    if path.is_file() and path.suffix.lower() == ".arrow":
+        ds = datasets.Dataset.from_file(str(path))  # memory-mapped, no copy
+    elif path.is_file():
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
+    elif (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        ds = datasets.load_from_disk(str(path))
+    else:
+        fmt = "parquet" if any(path.rglob("*.parquet")) else "arrow"
+        ds = datasets.load_dataset(fmt, data_dir=str(path), streaming=True)
+    if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if source_split not in ds:
+            raise ValueError(f"source_split={source_split!r} not in {path}; splits: {list(ds)}")
+        ds = ds[source_split]
+    total = len(ds) if isinstance(ds, datasets.Dataset) else None
+    return _dataset_rows(ds, path.name, image_column, _stamp(path) if path.is_file() else None), total
+
+
+class _ColumnError(ValueError):
+    pass
+
+
+def _dataset_rows(ds, prefix: str, image_column: str, stamp):
+    """One Input per row; the image column is read undecoded (bytes or a path) for load_rgb."""
+    import datasets
+
+    columns = ds.column_names
+    if columns is not None and image_column not in columns:
+        raise _ColumnError(f"image_column={image_column!r} is not a column of {prefix}: {columns}")
+    if ds.features is not None and isinstance(ds.features.get(image_column), datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    for index, row in enumerate(ds.select_columns([image_column])):
+        value = row[image_column]
+        if isinstance(value, dict):
+            value = value.get("bytes") or value.get("path")
+        value = Path(value) if isinstance(value, str) else value
+        ok = isinstance(value, (bytes, Path, Image.Image))
+        reason = "" if ok else ("empty" if value is None else "not_an_image")
+        yield Input(f"{prefix}/{index}", value if ok else None, stamp, reason)
+
+
+def _hub_rows(source: str, source_split: str, image_column: str):
+    """Stream a Hub dataset; any failure to reach or read it becomes one clear RuntimeError."""
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes")
+                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if not offline and (why := _hub_unreachable()):  # fail in ms, not after minutes of retries
+        raise _hub_error(source, source_split, ConnectionError(why))
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(source, split=source_split, streaming=True)
+    except Exception as e:  # noqa: BLE001 - network, auth, missing repo: all end the same way
+        raise _hub_error(source, source_split, e) from None
+    return _guarded(_dataset_rows(ds, f"{source}:{source_split}", image_column, None),
+                    source, source_split), None
+
+
+def _hub_unreachable() -> str:
+    """Why the Hub's host cannot be resolved ('' when it can, or when a proxy does the lookup)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return ""
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        return f"cannot resolve {host}: {e}"
+    return ""
+
+
+def _guarded(rows, source: str, source_split: str):
+    """Re-raise a failure while streaming as the same clear RuntimeError."""
+    try:
+        yield from rows
+    except _ColumnError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise _hub_error(source, source_split, e) from None
+
+
+def _hub_error(source: str, source_split: str, e: Exception) -> RuntimeError:
+    first_line = (str(e).strip().splitlines() or [""])[0][:300]
+    return RuntimeError(
+        f"could not read Hub dataset {source!r} split {source_split!r} ({type(e).__name__}: "
+        f"{first_line}); no local file or folder of that name exists either. {OFFLINE_HELP} "
+        f"A copy already in the datasets cache is used with HF_DATASETS_OFFLINE=1. "
+        f"Re-running resumes an interrupted run.")
