@@ -76,6 +76,10 @@ def plain_stepper(batch: int, bf16: bool):
 
 
 def project_stepper(batch: int, variant: str):
+    """``Trainer.step``; under torchrun each process steps ``batch`` images on its own GPU."""
+    from accelerate import PartialState
+
+    state = PartialState()  # reads torchrun's environment; one process otherwise
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     kw = dict(batch_size=batch, warmup_steps=0, lr=1e-6, critic_lr=1e-6)
     if variant == "project-eager":
@@ -85,7 +89,8 @@ def project_stepper(batch: int, variant: str):
     elif variant == "colab-t4":
         torch.cuda.set_per_process_memory_fraction(15 * 2**30 / torch.cuda.get_device_properties(0).total_memory)
         kw.update(mixed_precision="fp16", grad_accum=4, gradient_checkpointing=True)
-    trainer = Trainer(load_vae("random:sd"), TrainSettings(**kw), torch.device("cuda"), LPIPS("vgg", "random"))
+    trainer = Trainer(load_vae("random:sd"), TrainSettings(**kw), state.device, LPIPS("vgg", "random"),
+                      state.process_index, state.num_processes)
     return trainer.step
 
 
@@ -104,7 +109,7 @@ def time_variant(variant: str, batch: int, res: int, steps: int, warmup: int) ->
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True
     step = plain_stepper(batch, variant == "plain-bf16") if variant.startswith("plain") else project_stepper(batch, variant)
-    data = [torch.rand(batch, 3, res, res, device="cuda") * 2 - 1 for _ in range(3)]
+    data = [torch.rand(batch, 3, res, res, device=torch.cuda.current_device()) * 2 - 1 for _ in range(3)]
     for i in range(warmup):
         step(data[i % 3])
     torch.cuda.synchronize()
@@ -117,7 +122,8 @@ def time_variant(variant: str, batch: int, res: int, steps: int, warmup: int) ->
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return {"variant": variant, "ms_median": statistics.median(times), "ms_min": min(times),
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return {"variant": variant if world == 1 else f"{variant} x{world} GPUs", "gpus": world, "ms_median": statistics.median(times), "ms_min": min(times),
             "ms_max": max(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
             "steps": steps, "warmup": warmup}
 
@@ -125,7 +131,9 @@ def time_variant(variant: str, batch: int, res: int, steps: int, warmup: int) ->
 def run_all(args, variants: str) -> list:
     rows = []
     for variant in variants.split(","):
-        cmd = [sys.executable, __file__, "--variant", variant, "--batch", str(args.batch), "--res", str(args.res),
+        launch = [sys.executable] if args.nproc == 1 or variant == "count" else \
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc)]
+        cmd = launch + [__file__, "--variant", variant, "--batch", str(args.batch), "--res", str(args.res),
                "--steps", str(args.steps), "--warmup", str(args.warmup if "fp32" not in variant else 2)]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
@@ -146,7 +154,8 @@ def report(rows: list, flops: float, batch: int) -> str:
     for r in ok.values():
         ms = r["ms_median"]
         rel = lambda ref: f"{ok[ref]['ms_median'] / ms:.2f}x" if ref in ok else "n/a"  # noqa: E731
-        lines.append(f"| {r['variant']} | {ms:.1f} | {batch * 1000 / ms:.1f} | {flops / ms / 1e9:.0f} | "
+        gpus = r.get("gpus", 1)
+        lines.append(f"| {r['variant']} | {ms:.1f} | {gpus * batch * 1000 / ms:.1f} | {gpus * flops / ms / 1e9:.0f} | "
                      f"{r['peak_gib']:.1f} | {rel('plain-fp32')} | {rel('plain-bf16')} |")
     return "\n".join(lines)
 
@@ -160,13 +169,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--out", default="")
+    ap.add_argument("--nproc", type=int, default=1, help="GPUs (processes) for the project variants")
     ap.add_argument("--flops", type=float, default=0.0, help="FLOPs per step if already counted")
     args = ap.parse_args()
     if args.variant == "count":  # child processes: each variant owns the whole GPU
         print(json.dumps({"flops": count_flops(args.batch, args.res)}))
         return
     if args.variant:
-        print(json.dumps(time_variant(args.variant, args.batch, args.res, args.steps, args.warmup)))
+        row = time_variant(args.variant, args.batch, args.res, args.steps, args.warmup)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(row))
         return
     flops = args.flops or run_all(args, "count")[0]["flops"]
     print(f"counted {flops / 1e12:.1f} TFLOP per step ({flops / args.batch / 1e12:.2f} per image)", flush=True)

@@ -88,9 +88,13 @@ class TrainSettings:
         if bad:
             raise ValueError(f"invalid training parameter(s) {bad}: see TrainSettings for choices")
 
+    def ema_decay_for(self, images_per_step: int) -> float:
+        """``ema_decay``, or the reference decay scaled to the images of one optimizer step."""
+        return self.ema_decay or scaled_decay(images_per_step, self.ema_ref_decay, self.ema_ref_batch)
+
     @property
-    def effective_ema_decay(self) -> float:
-        return self.ema_decay or scaled_decay(self.batch_size, self.ema_ref_decay, self.ema_ref_batch)
+    def effective_ema_decay(self) -> float:  # on one process
+        return self.ema_decay_for(self.batch_size)
 
     def uses(self, knob: str, device: torch.device) -> bool:
         """Whether an "auto"/"yes"/"no" speed knob is on for ``device`` ("auto": on CUDA)."""

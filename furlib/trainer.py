@@ -23,8 +23,14 @@ class NonFiniteError(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, vae, settings: TrainSettings, device: torch.device, lpips=None):
+    """With ``world_size`` > 1 (an initialised ``torch.distributed`` group, e.g. from accelerate),
+    each process steps its own batch and gradients are averaged before every update, so
+    weights, EMA and critic stay identical on all ranks; ``batch_size`` is per process."""
+
+    def __init__(self, vae, settings: TrainSettings, device: torch.device, lpips=None,
+                 rank: int = 0, world_size: int = 1):
         settings.validate()
+        self.rank, self.world_size = rank, world_size
         if settings.lpips_weight and lpips is None:
             raise ValueError("lpips_weight > 0 needs an LPIPS module (furlib.perceptual.LPIPS)")
         s, self.s, self.device = settings, settings, torch.device(device)
@@ -42,7 +48,7 @@ class Trainer:
                                      weight_decay=s.weight_decay, fused=fused)
         self.opt_critic = torch.optim.AdamW(self.critic.parameters(), lr=s.critic_lr, betas=betas,
                                             weight_decay=s.weight_decay, fused=fused)
-        self.ema = EMA(self.trainable, s.effective_ema_decay)
+        self.ema = EMA(self.trainable, s.ema_decay_for(s.batch_size * world_size))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=s.mixed_precision == "fp16")
         self.step_count, self.skipped, self.bad_streak = 0, 0, 0
 
@@ -104,10 +110,7 @@ class Trainer:
             real, fake = self.critic.prepare(x_m11), self.critic.prepare(recon_m11.float())
             loss, logs = critic_loss(self.critic, real, fake, s.gan_loss, s.gp_weight, s.r1_gamma,
                                      s.drift_weight, generator=gen)
-        if torch.isfinite(loss):
-            (loss / accum).backward()
-        else:
-            logs["critic/nonfinite"] = torch.ones(())
+        (loss / accum).backward()  # a non-finite loss shows in the synced grads: the step is skipped
         return logs
 
     def step(self, batch_m11: torch.Tensor) -> dict:
@@ -121,18 +124,51 @@ class Trainer:
         logs = {}
         batch = batch_m11.to(self.device, non_blocking=True).contiguous(memory_format=self.layout)
         for i, x in enumerate(batch.chunk(s.grad_accum)):
-            z = self.encode(x, step_generator(self.device, s.seed, step, 2 * i))
+            stream = 2 * (i + s.grad_accum * self.rank)  # own noise per micro-batch and rank
+            z = self.encode(x, step_generator(self.device, s.seed, step, stream))
             recon, rec_logs = self.decoder_grads(x, z, gan_on, s.grad_accum)
             if critic_on:
-                rec_logs.update(self.critic_grads(x, recon, step_generator(self.device, s.seed, step, 2 * i + 1),
+                rec_logs.update(self.critic_grads(x, recon, step_generator(self.device, s.seed, step, stream + 1),
                                                   s.grad_accum))
             for k, v in rec_logs.items():
                 logs[k] = logs.get(k, 0.0) + v / s.grad_accum
+        self._sync([p for _, p in self.trainable] + list(self.critic.parameters()), logs["rec/total"])
         logs.update(self._apply_decoder(logs["rec/total"]))
-        if critic_on and "critic/nonfinite" not in logs:
-            self.opt_critic.step()
+        if critic_on:
+            critic_norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), float("inf"))
+            if torch.isfinite(critic_norm):
+                self.opt_critic.step()
+            logs["critic/skipped"] = 0.0 if torch.isfinite(critic_norm) else 1.0
         self.step_count += 1
         return logs
+
+    def _sync(self, params: list, rec_total: torch.Tensor) -> None:
+        """Average gradients and the loss over ranks in one flat all-reduce (no-op on one process),
+        so every rank takes the same skip-or-step decision."""
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [p.grad for p in params if p.grad is not None] + [rec_total.view(1)]
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+
+    def check_in_sync(self) -> None:
+        """All ranks must hold identical decoder, EMA and critic weights (a collective call)."""
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        tensors = [p for _, p in self.trainable] + self.ema.shadow + list(self.critic.parameters())
+        mine = torch.stack([t.detach().double().sum() for t in tensors])
+        every = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(every, mine)
+        if not all(torch.equal(mine, other) for other in every):
+            raise RuntimeError(f"rank {self.rank}: weights differ between ranks at step {self.step_count}")
 
     def _apply_decoder(self, rec_total) -> dict:
         params = [p for _, p in self.trainable]

@@ -27,17 +27,13 @@ sys.path.insert(0, os.getcwd())
 
 # %%
 import dataclasses
-import time
+import json
 
-import matplotlib.pyplot as plt
 import torch
-from IPython.display import display
-from tqdm.auto import tqdm
+from IPython.display import Image, display
 
-from furlib import checkpoint, crops, models, perceptual, plots, runinfo
-from furlib.logbook import Logbook
+from furlib import crops, fit, perceptual, runinfo
 from furlib.train import TrainSettings
-from furlib.trainer import Trainer
 
 # %% tags=["parameters"]
 run_name = "demo"                         # outputs go to outputs_dir/run_name
@@ -45,6 +41,7 @@ outputs_dir = "outputs"
 base_model = "stabilityai/sd-vae-ft-mse"  # hub id, diffusers folder, .safetensors, "tiny" or "random:sd"
 base_config = ""                          # diffusers folder with the config of a .safetensors base
 device = "auto"                           # "auto", "cuda", "cpu"
+num_gpus = 1                              # processes, one GPU each (accelerate); batch_size is per GPU
 resolution = 256                          # training crop side, px (multiple of 8)
 min_crop_scale = 0.08                     # smallest crop, as a fraction of the image area
 num_workers = 4                           # data loader processes
@@ -100,93 +97,54 @@ settings = TrainSettings(**{f.name: globals()[f.name] for f in dataclasses.field
 settings.validate()
 if resolution % 8 or resolution < 32:
     raise ValueError(f"resolution must be a multiple of 8 and at least 32, got {resolution}")
-if min(checkpoint_every, log_every) < 1 or plot_every < 0:
-    raise ValueError("checkpoint_every and log_every must be >= 1, plot_every >= 0")
+if min(checkpoint_every, log_every, num_gpus) < 1 or plot_every < 0:
+    raise ValueError("checkpoint_every, log_every and num_gpus must be >= 1, plot_every >= 0")
+if num_gpus > 1 and torch.cuda.device_count() < num_gpus:
+    raise ValueError(f"num_gpus={num_gpus} but {torch.cuda.device_count()} CUDA GPUs are visible")
 if settings.lpips_weight and lpips_backbone not in perceptual.BACKBONES:
     raise ValueError(f"lpips_backbone must be one of {perceptual.BACKBONES}")
 dev = runinfo.pick_device(device)
 run_path = runinfo.run_dir(outputs_dir, run_name)
-data_dir = run_path / "data"
-train_dir, val_dir = data_dir / "train", data_dir / "val"
-if not crops.list_images(train_dir):
-    raise ValueError(f"no training images in {train_dir}: run 01_data_prep with run_name={run_name!r} first")
+if not crops.list_images(run_path / "data" / "train"):
+    raise ValueError(f"no training images in {run_path / 'data' / 'train'}: run 01_data_prep with run_name={run_name!r} first")
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-print(f"device {dev}; effective EMA decay {settings.effective_ema_decay:.6f}; run folder {run_path}")
+torch.backends.cudnn.benchmark = True
+params = runinfo.notebook_parameters("02_train", globals())
+print(f"{num_gpus} x {dev}; images per step {batch_size * num_gpus}; "
+      f"EMA decay {settings.ema_decay_for(batch_size * num_gpus):.6f}; run folder {run_path}")
 
 # %% [markdown]
-# ## 1. Model and perceptual loss
-# The encoder and `quant_conv` stay frozen; the decoder and `post_quant_conv` train.
+# ## 1. Train
+# `furlib.fit` runs the loop: the frozen encoder gives latents, the decoder reconstructs, the
+# Oklab/LPIPS gradients and the critic's are combined with LDM's adaptive weight, AdamW and the
+# EMA step, then the critic's WGAN-GP step. Every `plot_every` steps it shows the loss curves and
+# a strip original | base decoder | current | EMA on fixed val images. Checkpoints are atomic:
+# interrupting this cell loses at most `checkpoint_every` steps, and running it again with
+# `resume=True` continues exactly where the last checkpoint stopped.
 
 # %%
-vae = models.load_vae(base_model, base_config, seed)
-lpips = perceptual.LPIPS("vgg", lpips_backbone, seed) if lpips_weight else None
-notes = [] if models.is_pretrained(base_model) else [f"base_model={base_model!r} is randomly initialised, not pretrained"]
-if lpips is not None:
-    notes.append(perceptual.lpips_note(lpips_backbone))
-print(models.describe(vae), *notes, sep="\n")
+def show(fig):
+    display(fig)
+
+
+if num_gpus == 1:
+    fit.fit(params, show=show)
+else:  # one process per GPU; figures are saved under train/ and shown below
+    from accelerate import notebook_launcher
+
+    notebook_launcher(fit.fit, (params,), num_processes=num_gpus)
 
 # %% [markdown]
-# ## 2. Trainer, resume, and the fixed preview images
+# ## 2. Where it ended
+# Mean Oklab L1 to the originals on the preview images: base decoder, current weights, EMA.
 
 # %%
-trainer = Trainer(vae, settings, dev, lpips)
-preview = crops.center_crops(crops.list_images(val_dir)[:preview_images] or crops.list_images(train_dir)[:preview_images], resolution)
-base_preview = trainer.reconstruct(preview)  # before any checkpoint is loaded: the base decoder
-latest = checkpoint.latest_checkpoint(run_path) if resume else None
-if latest is not None:
-    trainer.load(latest)
-    print(f"resumed from {latest} at step {trainer.step_count}")
-logbook = Logbook(run_path / "logs", resume_step=trainer.step_count)
-
-
-def show_progress(title):
-    columns = {"original": preview, "base": base_preview, "current": trainer.reconstruct(preview),
-               "EMA": trainer.reconstruct(preview, ema=True)}
-    logbook.image("preview", plots.strip_grid(columns), trainer.step_count)
-    for fig in (plots.training_dashboard(logbook.history), plots.reconstruction_strip(columns, title)):
-        display(fig)
-        plt.close(fig)
-
-
-# %% [markdown]
-# ## 3. Train
-# Checkpoints are atomic; interrupting this cell loses at most `checkpoint_every` steps, and
-# re-running the notebook with `resume=True` continues exactly where the last one stopped.
+results = json.loads((run_path / "train" / "results.json").read_text())
+if num_gpus > 1:
+    display(Image(filename=str(run_path / "train" / "dashboard.png")), Image(filename=str(run_path / "train" / "strip.png")))
+print(f"step {results['step']}, {results['images_per_s']:.1f} images/s, {results['skipped_steps']} skipped steps",
+      *results["notes"], sep="\n")
+display(results["held_out_oklab_l1"])
 
 # %%
-loader = crops.make_loader(train_dir, resolution, batch_size, seed=seed, start_step=trainer.step_count,
-                           num_workers=num_workers, min_crop_scale=min_crop_scale, pin_memory=dev.type == "cuda")
-ckpt_root, t_start, start_step = run_path / "checkpoints", time.time(), trainer.step_count
-bar = tqdm(total=max_steps * batch_size, initial=start_step * batch_size, unit="img", unit_scale=True, desc="train")
-for batch in loader:
-    if trainer.step_count >= max_steps:
-        break
-    logs = trainer.step(batch)
-    bar.update(batch_size)
-    if trainer.step_count % log_every == 0 or trainer.step_count == max_steps:
-        row = logbook.log(trainer.step_count, logs)
-        bar.set_postfix(rec=f"{row['rec/total']:.4f}", w=f"{row.get('gan/weight', 0):.3g}", skipped=trainer.skipped)
-    if trainer.step_count % checkpoint_every == 0:
-        trainer.save(ckpt_root, keep_checkpoints, base_model=base_model, base_config=base_config)
-    if plot_every and trainer.step_count % plot_every == 0:
-        show_progress(f"step {trainer.step_count}")
-bar.close()
-final_ckpt = trainer.save(ckpt_root, keep_checkpoints, base_model=base_model, base_config=base_config)
-images_per_s = (trainer.step_count - start_step) * batch_size / max(time.time() - t_start, 1e-9)
-print(f"saved {final_ckpt}; {images_per_s:.1f} images/s; {trainer.skipped} skipped steps")
-
-# %% [markdown]
-# ## 4. Where it ended
-# Loss curves, and the preview strip: original | base decoder | current weights | EMA weights.
-
-# %%
-show_progress(f"after {trainer.step_count} steps")
-held_out = trainer.held_out_errors(preview, base_preview)
-display(held_out)
-
-# %%
-results = dict(step=trainer.step_count, skipped_steps=trainer.skipped, images_per_s=images_per_s,
-               checkpoint=str(final_ckpt), effective_ema_decay=settings.effective_ema_decay,
-               held_out_oklab_l1=held_out, notes=notes, last_log=logbook.history[-1] if logbook.history else {})
-logbook.close()
-runinfo.write_record(run_path / "02_train.record.json", runinfo.notebook_parameters("02_train", globals()), results, dev)
+runinfo.write_record(run_path / "02_train.record.json", params, results, dev)
