@@ -68,6 +68,16 @@ def read_state(ckpt_dir: Path) -> dict:
     return json.loads((Path(ckpt_dir) / "state.json").read_text())
 
 
+def run_base(ckpt_dir: Path, base_model: str = "", base_config: str = "") -> tuple[str, str, dict]:
+    """(base_model, base_config, state): the given base, else the one the run trained from."""
+    state = read_state(ckpt_dir)
+    if not base_model:  # the base the run trained from, with the architecture it used
+        base_model, base_config = state.get("base_model", ""), state.get("base_config", "")
+    if not base_model:
+        raise ValueError(f"base_model: {ckpt_dir}/state.json names no base model; pass base_model")
+    return base_model, base_config or "", state
+
+
 def load_tensors(ckpt_dir: Path, stem: str) -> dict:
     return load_file(Path(ckpt_dir) / f"{stem}.safetensors")
 

@@ -21,7 +21,6 @@ import torch
 from furlib import checkpoint, metrics
 from furlib.models import is_pretrained, load_vae, with_decoder
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @dataclass(frozen=True)
@@ -54,11 +53,7 @@ def run_models(run_dir, base_model: str = "", base_config: str = "", compare: st
                seed: int = 0) -> list:
     """base, finetuned-ema, finetuned-raw (latest checkpoint), export (if written), extras."""
     ckpt = checkpoint.find_run_checkpoint(Path(run_dir))
-    state = checkpoint.read_state(ckpt)
-    if not base_model:  # the base the run trained from, with the architecture it used
-        base_model, base_config = state.get("base_model", ""), state.get("base_config", "")
-    if not base_model:
-        raise ValueError(f"base_model: {ckpt}/state.json names no base model; pass base_model")
+    base_model, base_config, state = checkpoint.run_base(ckpt, base_model, base_config)
     seed = state.get("settings", {}).get("seed", seed)  # 'tiny' bases: the encoder 02 trained with
     specs = [EvalModel("base", base_model, base_config, seed=seed)]
     for which, stem in checkpoint.WEIGHT_FILES.items():
@@ -96,41 +91,34 @@ class ImageSet:
 
 def image_set(eval_source: str, run_dir, split: str = "validation", image_column: str = "image",
               max_images: int = 0) -> ImageSet:
-    """'val' (the run's ``data/val/*.png``), a folder of images, or a Hugging Face dataset id."""
-    limit = max_images or None
-    if eval_source == "val" or Path(eval_source).expanduser().is_dir():
-        folder = Path(run_dir) / "data" / "val" if eval_source == "val" else Path(eval_source).expanduser()
-        paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
-        if not paths:
-            raise ValueError(f"eval_source {eval_source!r}: no images in {folder}")
-        name = f"{Path(run_dir).name} val split" if eval_source == "val" else f"folder {folder.name}"
-        return ImageSet(name, [(str(p.relative_to(folder)), p) for p in paths], len(paths))
-    if eval_source.startswith((".", "/", "~")):
-        raise ValueError(f"eval_source {eval_source!r}: no such folder")
-    return _hub_images(eval_source, split, image_column, limit)
+    """'val' (the run's ``data/val/*.png``), or any source 01 reads (``sources.iter_source``):
+    a folder, a parquet/arrow file or saved dataset, or a Hugging Face dataset id (streamed)."""
+    source = str(Path(run_dir) / "data" / "val") if eval_source == "val" else eval_source
+    name = f"{Path(run_dir).name} val split" if eval_source == "val" else eval_source
+    items = _SourceItems(source, split, image_column, max_images)
+    if Path(source).expanduser().exists():  # local: list once, so the total is known
+        items = list(items)
+        if not items:
+            raise ValueError(f"eval_source {eval_source!r}: no images in {source}")
+    elif eval_source.startswith((".", "/", "~")):
+        raise ValueError(f"eval_source {eval_source!r}: no such folder or file")
+    else:
+        next(iter(items), None)  # a hub dataset that cannot be read fails here, clearly
+    return ImageSet(name, items, len(items) if isinstance(items, list) else (max_images or None))
 
 
-def _hub_images(dataset_id: str, split: str, image_column: str, limit) -> ImageSet:
-    import datasets
+@dataclass
+class _SourceItems:
+    """Re-iterable (each pass streams a hub dataset again) over ``sources.iter_source``."""
+    source: str
+    split: str
+    image_column: str
+    max_images: int
 
-    try:  # streaming: a 5000-image slice must not download a whole dataset
-        ds = datasets.load_dataset(dataset_id, split=split, streaming=True)
-        columns = ds.column_names or list(next(iter(ds)).keys())
-    except Exception as err:  # ConnectionError offline, DatasetNotFoundError, bad split ...
-        raise RuntimeError(f"eval_source {dataset_id!r} (eval_split {split!r}): could not load the "
-                           f"Hugging Face dataset ({type(err).__name__}: {err}). Offline, use "
-                           f"eval_source='val' or a folder of images.") from err
-    if image_column not in columns:
-        raise ValueError(f"image_column {image_column!r} is not in {dataset_id}: columns {columns}")
-    ds = ds.select_columns([image_column]).take(limit) if limit else ds.select_columns([image_column])
+    def __iter__(self):
+        from furlib.sources import iter_source
 
-    class _Items:  # re-iterable: each pass streams again
-        def __iter__(self):
-            for i, row in enumerate(ds):
-                img = row[image_column]
-                yield f"{split}/{i:06d}", (img.get("bytes") or img.get("path")) if isinstance(img, dict) else img
-
-    return ImageSet(f"{dataset_id} ({split})", _Items(), limit)
+        return iter_source(self.source, self.split, self.image_column, self.max_images)
 
 
 def preprocess(src, resolution: int) -> torch.Tensor:

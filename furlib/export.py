@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from furlib.checkpoint import find_run_checkpoint, load_decoder_weights, read_state
+from furlib.checkpoint import find_run_checkpoint, load_decoder_weights, run_base
 from furlib.ldm_keys import diffusers_to_ldm
 from furlib.models import load_vae, with_decoder
 
@@ -41,11 +41,7 @@ STAGING, EXPORT = ".export-staging", "export"
 def release_source(run_dir: Path, weights: str = "ema", base_model: str = "", base_config: str = "") -> dict:
     """What a run releases: checkpoint, step, base model (the run's own unless given), weights."""
     ckpt = find_run_checkpoint(run_dir)
-    state = read_state(ckpt)
-    if not base_model:  # the base the run trained from, with the architecture it used
-        base_model, base_config = state.get("base_model", ""), state.get("base_config", "")
-    if not base_model:
-        raise ValueError(f"base_model: {ckpt}/state.json names no base model; pass base_model")
+    base_model, base_config, state = run_base(ckpt, base_model, base_config)
     return {"checkpoint": str(ckpt), "step": int(state["step"]), "base_model": base_model,
             "trained_base_model": state.get("base_model", ""),
             "base_config": base_config or "", "weights": weights,
@@ -242,21 +238,11 @@ def push_to_hub(export_dir: Path, repo_id: str, private: bool = False, endpoint:
 
 
 def val_images(run_dir: Path, n: int = 4, size: int = 256) -> torch.Tensor | None:
-    """Up to ``n`` of the run's ``data/val/*.png``, centre-cropped square, as ``rgb_m11``."""
-    import numpy as np
-    from PIL import Image
+    """Up to ``n`` of the run's ``data/val/*.png``, as 03 evaluates them, as ``rgb_m11``."""
+    from furlib.evaluate import preprocess
 
     paths = sorted((Path(run_dir) / "data" / "val").glob("*.png"))[:n]
-    if not paths:
-        return None
-    out = []
-    for p in paths:
-        img = Image.open(p).convert("RGB")
-        side = min(img.size)
-        left, top = (img.width - side) // 2, (img.height - side) // 2
-        img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
-        out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1)
-    return torch.stack(out)
+    return torch.stack([preprocess(p, size) for p in paths]) if paths else None
 
 
 @torch.no_grad()

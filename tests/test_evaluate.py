@@ -90,7 +90,7 @@ def test_image_sources(run_dir, monkeypatch):
         raise ConnectionError("Couldn't reach 'org/set' on the Hub (simulated)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(RuntimeError, match="eval_source 'org/set'.*Offline"):
+    with pytest.raises(RuntimeError, match="Hub dataset 'org/set'"):
         evaluate.image_set("org/set", run_dir)
 
 

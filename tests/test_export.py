@@ -20,14 +20,6 @@ STEP, STEM = 150, "furception-v1.0-step150"
 METRICS = "| model | PSNR |\n|---|---|\n| base | 20.1 |\n| this run | 21.3 |"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread and lose much when other jobs share the CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def fabricate_run(run, with_record=True):
     """A tiny 'trained' run: raw and EMA decoders perturbed differently from the base."""

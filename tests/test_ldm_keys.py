@@ -13,14 +13,6 @@ THREE_BLOCKS = dict(TINY_CONFIG, block_out_channels=(16, 32, 48), layers_per_blo
                     down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread and lose much when other jobs share the CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _vae(config: dict, seed: int = 0):
     torch.manual_seed(seed)

@@ -1,0 +1,60 @@
+"""Checkpoints: atomic under a crash mid-save, last K kept, optimizer state round trip."""
+
+import pytest
+import torch
+
+from furlib import checkpoint
+
+
+def _tensors(v):
+    return {"decoder": {"w": torch.full((2, 2), float(v))}, "ema": {"w": torch.full((2, 2), float(v))}}
+
+
+def test_crash_during_save_keeps_previous_latest(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    checkpoint.save_checkpoint(root, 10, _tensors(1), {"base_model": "tiny"})
+    calls = {"n": 0}
+    real_save = checkpoint.save_file
+
+    def dying_save(tensors, path):  # the process "dies" while writing the second file
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(checkpoint, "save_file", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(root, 20, _tensors(2), {"base_model": "tiny"})
+    latest = checkpoint.latest_checkpoint(tmp_path)
+    assert latest.name == "step_0000010"
+    assert checkpoint.load_decoder_weights(latest, "ema")["w"][0, 0] == 1.0
+    monkeypatch.setattr(checkpoint, "save_file", real_save)  # the next save cleans up and works
+    assert checkpoint.save_checkpoint(root, 20, _tensors(2), {}).name == "step_0000020"
+    assert not list(root.glob(".tmp-*"))
+
+
+def test_keeps_last_k_and_reads_state(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3, 4):
+        checkpoint.save_checkpoint(root, step, _tensors(step), {"base_model": "tiny"}, keep=2)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_0000003", "step_0000004"]
+    assert checkpoint.read_state(checkpoint.latest_checkpoint(tmp_path)) == {"base_model": "tiny", "step": 4}
+    assert checkpoint.run_base(checkpoint.latest_checkpoint(tmp_path))[:2] == ("tiny", "")
+    with pytest.raises(FileNotFoundError, match="run 02_train"):
+        checkpoint.find_run_checkpoint(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="weights"):
+        checkpoint.load_decoder_weights(root / "step_0000004", "best")
+
+
+def test_optimizer_state_round_trip():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = torch.optim.AdamW([p], lr=0.1, betas=(0.5, 0.9))
+    p.grad = torch.randn(3)
+    opt.step()
+    tensors, meta = checkpoint.optimizer_tensors(opt)
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = torch.optim.AdamW([q], lr=0.5)
+    checkpoint.restore_optimizer(opt2, tensors, meta)
+    assert opt2.param_groups[0]["lr"] == 0.1 and opt2.param_groups[0]["betas"] == (0.5, 0.9)
+    for k, v in opt.state[p].items():
+        assert torch.equal(v, opt2.state[q][k])
