@@ -59,6 +59,8 @@ class Preview:
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, title: str) -> None:
+        import matplotlib.pyplot as plt
+
         t = self.trainer
         columns = {"original": self.images, "base": self.base, "current": t.reconstruct(self.images),
                    "EMA": t.reconstruct(self.images, ema=True)}
@@ -69,8 +71,6 @@ class Preview:
             fig.savefig(self.folder / f"{name}.png", dpi=80)
             if self.show:
                 self.show(fig)
-            import matplotlib.pyplot as plt
-
             plt.close(fig)
 
 
