@@ -23,7 +23,7 @@ TINY_CONFIG = dict(
     sample_size=64,
 )
 OFFLINE_HINT = (
-    "This machine cannot download it. Offline choices: a local diffusers folder, a single-file "
+    "Check the id; without access to the Hub (offline), use instead: a local diffusers folder, a single-file "
     ".safetensors VAE, 'tiny' (small random VAE for CPU runs) or 'random:sd' (SD architecture, "
     "random weights, for timing). With internet (Colab/Kaggle) the hub id works as given."
 )
@@ -59,9 +59,12 @@ def load_vae(base_model: str, base_config: str = "", seed: int = 0):
 def _load_from_hub(base_model: str):
     from diffusers import AutoencoderKL
 
+    from furlib.sources import hub_unreachable
+
     repo, _, subfolder = base_model.partition("@")
-    try:
-        return AutoencoderKL.from_pretrained(repo, subfolder=subfolder or None).eval()
+    try:  # with the Hub out of reach, only the local cache: fail in ms, not after retries
+        return AutoencoderKL.from_pretrained(repo, subfolder=subfolder or None,
+                                             local_files_only=bool(hub_unreachable())).eval()
     except OSError as err:  # diffusers reports both "offline" and "no such repo" as OSError
         raise RuntimeError(f"Could not load base_model {base_model!r} from the Hugging Face Hub: "
                            f"{err}\n{OFFLINE_HINT}") from err

@@ -169,7 +169,7 @@ def _hub_rows(source: str, source_split: str, image_column: str):
     """Stream a Hub dataset; any failure to reach or read it becomes one clear RuntimeError."""
     offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes")
                   for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    if not offline and (why := _hub_unreachable()):  # fail in ms, not after minutes of retries
+    if not offline and (why := hub_unreachable()):  # fail in ms, not after minutes of retries
         raise _hub_error(source, source_split, ConnectionError(why))
     try:
         import datasets
@@ -181,7 +181,7 @@ def _hub_rows(source: str, source_split: str, image_column: str):
                     source, source_split), None
 
 
-def _hub_unreachable() -> str:
+def hub_unreachable() -> str:
     """Why the Hub's host cannot be resolved ('' when it can, or when a proxy does the lookup)."""
     import socket
     from urllib.parse import urlparse

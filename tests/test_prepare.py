@@ -245,7 +245,7 @@ def test_table_sources(tmp_path):
 
 
 def test_hub_source_offline_is_one_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "_hub_unreachable", lambda: "cannot resolve the Hub (test)")
+    monkeypatch.setattr(sources, "hub_unreachable", lambda: "cannot resolve the Hub (test)")
     with pytest.raises(RuntimeError, match="source='builtin'") as info:
         run("someone/some-dataset", tmp_path / "data")
     error = info.value  # no chained library traceback under it
@@ -255,7 +255,7 @@ def test_hub_source_offline_is_one_clear_error(tmp_path, monkeypatch):
     def unreachable(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'someone/some-dataset' on the Hub (test)")
 
-    monkeypatch.setattr(sources, "_hub_unreachable", lambda: "")
+    monkeypatch.setattr(sources, "hub_unreachable", lambda: "")
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
     with pytest.raises(RuntimeError, match="Couldn't reach") as info:
         run("someone/some-dataset", tmp_path / "data")
