@@ -78,12 +78,14 @@ def fit(params: dict, show=None) -> dict:
     """Train until ``max_steps``; returns (on rank 0) the results also saved as train/results.json."""
     rank, world, dev = _process(params["device"])
     run_path = runinfo.run_dir(params["outputs_dir"], params["run_name"])
+    latest = checkpoint.latest_checkpoint(run_path)
+    if latest is not None and not params["resume"]:  # never overwrite a run's work silently
+        raise ValueError(f"resume=False but {run_path} already has checkpoints (latest {latest.name}): "
+                         "set resume=True to continue it, or choose a new run_name")
     trainer, notes = _build(params, rank, world, dev)
     logbook = preview = None
     if rank == 0:
         print(models.describe(trainer.vae), *notes, f"{world} process(es) on {dev}", sep="\n", flush=True)
-    latest = checkpoint.latest_checkpoint(run_path) if params["resume"] else None
-    if rank == 0:
         logbook = Logbook(run_path / "logs", resume_step=latest and checkpoint.read_state(latest)["step"] or 0)
         preview = Preview(trainer, run_path / "data", params, logbook, show)
     if latest is not None:

@@ -79,3 +79,11 @@ def test_interrupted_run_resumes_to_the_same_weights(run_dir):
         a = load_file(outputs / "resumed" / "checkpoints" / "step_0000006" / f"{stem}.safetensors")
         b = load_file(outputs / "straight" / "checkpoints" / "step_0000006" / f"{stem}.safetensors")
         assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), stem
+
+
+def test_restart_without_resume_refuses_to_overwrite(run_dir):
+    from furlib import fit
+
+    params = dict(fit.notebook_defaults(), outputs_dir=str(run_dir.parent), run_name=run_dir.name, resume=False)
+    with pytest.raises(ValueError, match="resume=False"):
+        fit.fit(params)
