@@ -149,7 +149,7 @@ def run_all(args, variants: str) -> list:
 
 def report(rows: list, flops: float, batch: int) -> str:
     ok = {r["variant"]: r for r in rows if "ms_median" in r}
-    lines = [f"| variant | ms/step (median) | images/s | TFLOP/s | peak GiB | vs plain-fp32 | vs plain-bf16 |",
+    lines = ["| variant | ms/step (median) | images/s | TFLOP/s | peak GiB | vs plain-fp32 | vs plain-bf16 |",
              "|---|---|---|---|---|---|---|"]
     for r in ok.values():
         ms = r["ms_median"]

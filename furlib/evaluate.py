@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from furlib import checkpoint, metrics
+from furlib.crops import to_rgb_m11
 from furlib.models import is_pretrained, load_vae, with_decoder
 
 
@@ -133,7 +134,7 @@ def preprocess(src, resolution: int) -> torch.Tensor:
     img = img.resize(size, Image.LANCZOS)
     left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
     img = img.crop((left, top, left + resolution, top + resolution))
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+    return to_rgb_m11(np.asarray(img))
 
 
 def batches(images: ImageSet, resolution: int, batch_size: int):

@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from furlib import checkpoint, crops, models, perceptual, plots, runinfo
 from furlib.logbook import Logbook

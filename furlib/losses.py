@@ -16,7 +16,6 @@ each, not a backward through the decoder (which then runs once, on the weighted 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from furlib.oklab import rgb_to_oklab
@@ -79,6 +78,3 @@ def reference_adaptive_weight(rec_loss, gan_loss, last_layer_weight, disc_weight
     gan_grad = torch.autograd.grad(gan_loss, last_layer_weight, retain_graph=True)[0]
     return adaptive_weight(rec_grad, gan_grad, disc_weight)
 
-
-def l1_rgb(recon_m11, target_m11):  # plain helper for ablations and tests
-    return F.l1_loss(recon_m11.float(), target_m11.float())

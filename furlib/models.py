@@ -10,8 +10,6 @@
 ``tiny`` and ``random:sd`` are not pretrained: reports of runs on them say so.
 """
 
-import json
-import os
 from pathlib import Path
 
 import torch

@@ -21,9 +21,8 @@ import math
 import torch
 
 from furlib import critic as critic_lib
-from furlib.ema import EMA, scaled_decay
-from furlib.losses import ReconstructionLoss, adaptive_weight, cosine_ramp, last_layer_grad
-from furlib.models import split_trainable
+from furlib.ema import scaled_decay
+from furlib.losses import cosine_ramp
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
 
