@@ -1,16 +1,21 @@
-"""Training-loader throughput (images/s) of ``furlib.crops.make_loader`` against ``num_workers``.
+"""Training-loader throughput (images/s) of ``furlib.crops.make_loader`` against ``num_workers``,
+decoding the PNGs (``png``) or reading the decoded-pixel cache (``cache``).
 
 Sources are generated 1-2 MP PNGs written to a temporary folder exactly as stage 01 stores them
 (lossless PNG, compress level 3): half drawn flat-colour artwork (``furlib.builtin.draw_art``), half
 photo-like (the bundled photographs enlarged, plus mild sensor-like noise, which makes PNG decoding
 slower: the hard case). Crops are 256 px unless ``--resolution`` says otherwise.
 
-Each worker count gets a fresh loader; its first ``max(1, workers)`` batches (process start-up,
-first fill) are a warm-up and not timed. The CPU cost of one sample in this process (decode, crop,
-tensor; ``time.process_time``) is reported too, per kind of source: unlike images/s it does not
-depend on what else runs on the machine.
+The cache is filled once, in one process, before any cache row (its cold cost per image, decoding
+the PNG whole and writing the entry, is reported); cache rows then read it warm, from the page
+cache (a cache larger than RAM would be read from disk instead). Each (workers, storage) row gets a
+fresh loader; its first ``max(1, workers)`` batches (process start-up, first fill) are a warm-up
+and not timed; then it times at least ``--batches`` batches and at least ``--min-seconds``, so rows
+with many workers are not a blip. The CPU cost of one sample in this process (``time.process_time``)
+is reported per storage and kind of source: unlike images/s it does not depend on what else runs on
+the machine. Rows are printed and written to ``--out`` as they finish.
 
-    python benchmarks/loader_throughput.py --workers 1 2 4 8 16 --batches 50 --out loader.json
+    python benchmarks/loader_throughput.py --workers 1 2 4 8 16 --batches 60 --storage png cache --out loader.json
 """
 
 import argparse
@@ -56,71 +61,122 @@ def make_sources(folder: Path, count: int, seed: int) -> list[dict]:
     return out
 
 
-def cpu_ms_per_sample(folder: Path, kinds: list[dict], resolution: int, samples: int = 40) -> dict:
-    """Single-process CPU milliseconds per sample by kind of source, and for comparison the time
-    to decode a whole PNG (a sample decodes only the rows its crop needs)."""
-    from furlib.crops import CropDataset, list_images, open_rgb
+def cpu_ms_per_sample(folder: Path, kinds: list[dict], resolution: int, cache_dir=None,
+                      samples: int = 40) -> dict:
+    """Single-process CPU milliseconds per sample by kind of source, reading the PNGs or (with
+    ``cache_dir``, already filled) the cache."""
+    from furlib.crops import CropDataset, list_images
 
     paths = list_images(folder)
     out = {}
     for kind in sorted({k["kind"] for k in kinds}) + ["all"]:
         chosen = [p for p, k in zip(paths, kinds) if kind in ("all", k["kind"])]
-        dataset = CropDataset(chosen, resolution, seed=0)
+        dataset = CropDataset(chosen, resolution, seed=0, cache_dir=cache_dir)
         start = time.process_time()
         for g in range(samples):
             dataset[g]
-        sample_ms = (time.process_time() - start) / samples * 1e3
-        start = time.process_time()
-        for g in range(samples):
-            open_rgb(chosen[g % len(chosen)])
-        decode_ms = (time.process_time() - start) / samples * 1e3
-        out[kind] = {"sample": round(sample_ms, 1), "decode": round(decode_ms, 1)}
+        out[kind] = round((time.process_time() - start) / samples * 1e3, 1)
     return out
 
 
-def loader_rate(folder: Path, workers: int, batches: int, batch_size: int, resolution: int) -> dict:
+def decode_ms(folder: Path, kinds: list[dict], samples: int = 40) -> dict:
+    """Single-process CPU milliseconds to decode a whole PNG, by kind (a PNG-path sample decodes
+    only the rows its crop needs)."""
+    from furlib.crops import list_images, open_rgb
+
+    paths = list_images(folder)
+    out = {}
+    for kind in sorted({k["kind"] for k in kinds}) + ["all"]:
+        chosen = [p for p, k in zip(paths, kinds) if kind in ("all", k["kind"])]
+        start = time.process_time()
+        for g in range(samples):
+            open_rgb(chosen[g % len(chosen)])
+        out[kind] = round((time.process_time() - start) / samples * 1e3, 1)
+    return out
+
+
+def fill_cache(folder: Path, cache_dir: Path) -> dict:
+    """Fill the cache in one process, as the first touch of each image in training does (decode
+    the PNG whole, write the entry atomically); per image: wall and CPU ms, and MB on disk."""
+    import numpy as np
+
+    from furlib import pixelcache
+    from furlib.crops import list_images, open_rgb
+
+    paths = list_images(folder)
+    wall, cpu = time.perf_counter(), time.process_time()
+    for path in paths:
+        pixelcache.write(pixelcache.entry_path(cache_dir, path), np.asarray(open_rgb(path)))
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    size = sum(p.stat().st_size for p in cache_dir.glob("*.npy"))
+    return {"images": len(paths), "wall_ms_per_image": round(wall / len(paths) * 1e3, 1),
+            "cpu_ms_per_image": round(cpu / len(paths) * 1e3, 1),
+            "mb_per_image": round(size / len(paths) / 1e6, 2)}
+
+
+def loader_rate(folder: Path, workers: int, args, cache_dir=None) -> dict:
     from furlib.crops import make_loader
 
-    loader = make_loader(folder, resolution, batch_size, seed=0, num_workers=workers)
+    loader = make_loader(folder, args.resolution, args.batch_size, seed=0, num_workers=workers,
+                         cache_dir=cache_dir)
     batches_iter = iter(loader)
     for _ in range(max(1, workers)):  # warm-up: worker start and the first batch of each
         next(batches_iter)
-    load_before, start = os.getloadavg()[0], time.perf_counter()
-    for _ in range(batches):
+    load_before, start, batches = os.getloadavg()[0], time.perf_counter(), 0
+    while batches < args.batches or time.perf_counter() - start < args.min_seconds:
         next(batches_iter)
+        batches += 1
     seconds = time.perf_counter() - start
     del batches_iter, loader  # stops the workers before the next configuration starts
-    rate = batches * batch_size / seconds
-    return {"workers": workers, "images_per_s": round(rate, 1), "seconds": round(seconds, 2),
-            "per_worker": round(rate / max(1, workers), 1), "loadavg_1min_before": load_before}
+    rate = batches * args.batch_size / seconds
+    return {"storage": "cache" if cache_dir else "png", "workers": workers,
+            "images_per_s": round(rate, 1), "per_worker": round(rate / max(1, workers), 1),
+            "batches": batches, "seconds": round(seconds, 2), "loadavg_1min_before": load_before}
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])  # loader processes
-    parser.add_argument("--batches", type=int, default=50)  # timed batches per worker count
+    parser.add_argument("--storage", nargs="+", choices=["png", "cache"], default=["png", "cache"])
+    parser.add_argument("--batches", type=int, default=60)  # at least this many timed batches a row
+    parser.add_argument("--min-seconds", type=float, default=10.0)  # and at least this long, s
     parser.add_argument("--batch-size", type=int, default=16)  # images per batch
     parser.add_argument("--resolution", type=int, default=256)  # crop side, px
     parser.add_argument("--images", type=int, default=32)  # generated source PNGs
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None)  # JSON results path
+    parser.add_argument("--out", type=Path, default=None)  # JSON results, rewritten after each row
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
     with tempfile.TemporaryDirectory(prefix="loader-bench-") as tmp:
-        kinds = make_sources(Path(tmp), args.images, args.seed)
-        cpu_ms = cpu_ms_per_sample(Path(tmp), kinds, args.resolution)
-        rows = [loader_rate(Path(tmp), w, args.batches, args.batch_size, args.resolution)
-                for w in args.workers]
-    result = _describe(args, kinds, cpu_ms, rows)
-    _print_table(result)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+        sources, cache_dir = Path(tmp) / "train", Path(tmp) / "pixel_cache"
+        sources.mkdir()
+        kinds = make_sources(sources, args.images, args.seed)
+        result = _describe(args, kinds)
+        result["decode_ms"] = decode_ms(sources, kinds)
+        for storage in args.storage:
+            if storage == "cache":
+                result["cache_fill"] = fill_cache(sources, cache_dir)
+            result["cpu_ms_per_sample"][storage] = cpu_ms_per_sample(
+                sources, kinds, args.resolution, cache_dir if storage == "cache" else None)
+        _print_header(result)
+        _save(result, args.out)
+        for workers in args.workers:
+            for storage in args.storage:
+                row = loader_rate(sources, workers, args, cache_dir if storage == "cache" else None)
+                result["results"].append(row)
+                _print_row(row)
+                _save(result, args.out)
     return result
 
 
-def _describe(args, kinds: list[dict], cpu_ms: dict, rows: list[dict]) -> dict:
+def _save(result: dict, path) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+
+
+def _describe(args, kinds: list[dict]) -> dict:
     import PIL
     import torch
 
@@ -129,22 +185,31 @@ def _describe(args, kinds: list[dict], cpu_ms: dict, rows: list[dict]) -> dict:
             "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                         "python": platform.python_version(), "torch": torch.__version__,
                         "pillow": PIL.__version__},
-            "resolution": args.resolution, "batch_size": args.batch_size, "batches": args.batches,
+            "resolution": args.resolution, "batch_size": args.batch_size,
+            "min_batches": args.batches, "min_seconds": args.min_seconds,
             "sources": {"count": len(kinds), "photo": sum(k["kind"] == "photo" for k in kinds),
                         "megapixels_mean": round(sum(megapixels) / len(megapixels), 2)},
-            "cpu_ms_per_sample": cpu_ms, "results": rows}
+            "cpu_ms_per_sample": {}, "results": []}
 
 
-def _print_table(result: dict) -> None:
+def _print_header(result: dict) -> None:
     print(f"{result['sources']['count']} PNG sources, {result['sources']['megapixels_mean']} MP "
-          f"mean, {result['resolution']} px crops, batch {result['batch_size']}")
-    for kind, ms in result["cpu_ms_per_sample"].items():
-        print(f"CPU per sample, {kind:>5}: {ms['sample']} ms ({1e3 / ms['sample']:.0f}/s per process); "
-              f"decoding a whole PNG alone: {ms['decode']} ms")
-    print(f"{'workers':>8} {'images/s':>9} {'per worker':>11} {'load avg':>9}")
-    for row in result["results"]:
-        print(f"{row['workers']:>8} {row['images_per_s']:>9} {row['per_worker']:>11} "
-              f"{row['loadavg_1min_before']:>9.2f}")
+          f"mean, {result['resolution']} px crops, batch {result['batch_size']}", flush=True)
+    for kind, ms in result["decode_ms"].items():
+        line = ", ".join(f"{s} {by_kind[kind]} ms ({1e3 / by_kind[kind]:.0f}/s)"
+                         for s, by_kind in result["cpu_ms_per_sample"].items())
+        print(f"CPU per sample, {kind:>5}: {line}; decoding a whole PNG alone: {ms} ms", flush=True)
+    if "cache_fill" in result:
+        fill = result["cache_fill"]
+        print(f"cache fill (cold, one process): {fill['wall_ms_per_image']} ms wall, "
+              f"{fill['cpu_ms_per_image']} ms CPU, {fill['mb_per_image']} MB per image", flush=True)
+    print(f"{'storage':>8} {'workers':>8} {'images/s':>9} {'per worker':>11} {'timed s':>8} "
+          f"{'load avg':>9}", flush=True)
+
+
+def _print_row(row: dict) -> None:
+    print(f"{row['storage']:>8} {row['workers']:>8} {row['images_per_s']:>9} {row['per_worker']:>11} "
+          f"{row['seconds']:>8} {row['loadavg_1min_before']:>9.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,16 @@ adaptive weight every step, AdamW, EMA; random data resident on the GPU):
   with retain_graph (LDM's way);
 - plain-bf16: the same with bf16 autocast, channels_last and TF32;
 - project-eager: ``furlib.trainer.Trainer.step`` (what 02 runs) without torch.compile;
-- project: ``Trainer.step`` with its GPU defaults (compile, channels_last, bf16);
+- project: ``Trainer.step`` with its GPU defaults (compile incl. the critic's first-order passes,
+  phase upsampling, channels_last, bf16);
+- project-prev: the defaults before this round's levers (channels_last model, inductor's own layout
+  choice, eager critic, plain upsampling), for comparison;
+- project-nophase: ``project`` without phase upsampling;
+- project-fed: ``project`` fed by ``furlib.crops.make_loader`` (``--workers`` processes, pinned
+  memory) from generated 1-2 MP PNGs, once decoding the PNGs and once from the pixel cache; wall
+  clock per step including any wait for data, over steps after the prefetch buffer is drained;
+- project-parts: ``project`` with the GPU synchronised around each part of the step, to see
+  where the time goes (slightly slower in total; ``--profile DIR`` also writes a kernel table);
 - project-ckpt: ``project`` plus gradient checkpointing (memory);
 - colab-t4: fp16 with grad scaling, 4 x 8 micro-batches, checkpointing, memory capped at 15 GiB.
 Timing: CUDA events per step, warm-up excluded, median. FLOPs are counted once on the
@@ -24,6 +33,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -36,7 +46,10 @@ from furlib.perceptual import LPIPS  # noqa: E402
 from furlib.train import TrainSettings  # noqa: E402
 from furlib.trainer import Trainer  # noqa: E402
 
-VARIANTS = ("count", "plain-fp32", "plain-bf16", "project-eager", "project", "project-ckpt", "colab-t4")
+VARIANTS = ("count", "plain-fp32", "plain-bf16", "project-eager", "project-prev", "project-nophase", "project",
+            "project-fed", "project-parts",
+            "project-ckpt", "colab-t4")
+PARTS = ("encode", "decoder_grads", "critic_grads", "_apply_decoder")
 
 
 def plain_stepper(batch: int, bf16: bool):
@@ -72,7 +85,7 @@ def plain_stepper(batch: int, bf16: bool):
         loss_c.backward()
         opt_c.step()
 
-    return step
+    return step, None
 
 
 def project_stepper(batch: int, variant: str):
@@ -84,6 +97,13 @@ def project_stepper(batch: int, variant: str):
     kw = dict(batch_size=batch, warmup_steps=0, lr=1e-6, critic_lr=1e-6)
     if variant == "project-eager":
         kw.update(torch_compile="no")
+    elif variant == "project-nophase":
+        kw.update(phase_upsample="no")
+    elif variant == "project-prev":
+        import furlib.trainer
+
+        furlib.trainer.COMPILE_OPTIONS = {}
+        kw.update(phase_upsample="no", channels_last="yes")
     elif variant == "project-ckpt":
         kw.update(gradient_checkpointing=True)
     elif variant == "colab-t4":
@@ -91,13 +111,35 @@ def project_stepper(batch: int, variant: str):
         kw.update(mixed_precision="fp16", grad_accum=4, gradient_checkpointing=True)
     trainer = Trainer(load_vae("random:sd"), TrainSettings(**kw), state.device, LPIPS("vgg", "random"),
                       state.process_index, state.num_processes)
-    return trainer.step
+    if variant == "project-prev":
+        trainer.critic_scores = trainer.critic  # eager critic, as before
+    return trainer.step, time_parts(trainer) if variant == "project-parts" else None
+
+
+def time_parts(trainer) -> dict:
+    """Wrap the step's parts (and the decoder's forward) with synchronised wall-clock timers."""
+    parts = {}
+
+    def timed(name, fn):
+        def run(*args, **kw):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn(*args, **kw)
+            torch.cuda.synchronize()
+            parts.setdefault(name, []).append((time.perf_counter() - t0) * 1e3)
+            return out
+        return run
+
+    for name in PARTS:
+        setattr(trainer, name, timed(name, getattr(trainer, name)))
+    trainer.vae.decode = timed("decoder forward", trainer.vae.decode)
+    return parts
 
 
 def count_flops(batch: int, res: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    step = plain_stepper(batch, bf16=True)
+    step, _ = plain_stepper(batch, bf16=True)
     x = torch.rand(batch, 3, res, res, device="cuda") * 2 - 1
     step(x)
     with FlopCounterMode(display=False) as counter:
@@ -105,15 +147,73 @@ def count_flops(batch: int, res: int) -> float:
     return float(counter.get_total_flops())
 
 
-def time_variant(variant: str, batch: int, res: int, steps: int, warmup: int) -> dict:
+def fed_steps(step, batch: int, res: int, workers: int, steps: int = 100) -> dict:
+    """Wall-clock ms per step with batches from the real loader, per storage (see the docstring)."""
+    import tempfile
+
+    from benchmarks.loader_throughput import fill_cache, make_sources
+    from furlib.crops import make_loader
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, cache = Path(tmp) / "train", Path(tmp) / "pixel_cache"
+        folder.mkdir()
+        cache.mkdir()
+        make_sources(folder, 32, seed=0)
+        for storage in ("png", "cache"):
+            if storage == "cache":
+                fill_cache(folder, cache)
+            it = iter(make_loader(folder, res, batch, num_workers=workers, pin_memory=True,
+                                  cache_dir=cache if storage == "cache" else None))
+            times, waits = [], []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                x = next(it)
+                waits.append(time.perf_counter() - t0)
+                step(x)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            del it
+            tail = slice(steps // 2, None)  # the prefetch buffer (4 batches a worker) is drained
+            out[storage] = {"workers": workers, "ms_median": statistics.median(times[tail]) * 1e3,
+                            "ms_mean": statistics.mean(times[tail]) * 1e3,
+                            "wait_ms_mean": statistics.mean(waits[tail]) * 1e3,
+                            "images_per_s": batch / statistics.mean(times[tail]), "timed_steps": steps - steps // 2}
+            print(storage, out[storage], file=sys.stderr, flush=True)
+    return out
+
+
+def write_profile(step, x, path: Path) -> str:
+    """CUDA kernel time of two steps, by operator, as a table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        for _ in range(2):
+            step(x)
+        torch.cuda.synchronize()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    by_op = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=50, max_name_column_width=90)
+    by_caller = prof.key_averages(group_by_stack_n=6).table(sort_by="self_cuda_time_total", row_limit=25,
+                                                            max_name_column_width=90)
+    path.write_text(f"{by_op}\n\nBy Python caller (6 frames):\n{by_caller}")
+    return str(path)
+
+
+def time_variant(variant: str, batch: int, res: int, steps: int, warmup: int, profile_dir: str = "",
+                 workers: int = 8) -> dict:
     torch.manual_seed(0)
-    torch.backends.cudnn.benchmark = True
-    step = plain_stepper(batch, variant == "plain-bf16") if variant.startswith("plain") else project_stepper(batch, variant)
+    # fp32: cuDNN's exhaustive algorithm search over these ~1 GB activations did not finish in
+    # 10 minutes (twice); the reference then uses cuDNN's heuristics, like a plain script would
+    torch.backends.cudnn.benchmark = variant != "plain-fp32"
+    step, parts = plain_stepper(batch, variant == "plain-bf16") if variant.startswith("plain") \
+        else project_stepper(batch, variant)
     data = [torch.rand(batch, 3, res, res, device=torch.cuda.current_device()) * 2 - 1 for _ in range(3)]
     for i in range(warmup):
         step(data[i % 3])
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    if parts is not None:
+        parts.clear()  # warm-up and compilation excluded
     times = []
     for i in range(steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -122,20 +222,48 @@ def time_variant(variant: str, batch: int, res: int, steps: int, warmup: int) ->
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
+        print(f"{variant} step {i}: {times[-1]:.1f} ms", file=sys.stderr, flush=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    return {"variant": variant if world == 1 else f"{variant} x{world} GPUs", "gpus": world, "ms_median": statistics.median(times), "ms_min": min(times),
+    extra = {"parts_ms": {k: statistics.median(v) for k, v in parts.items()}} if parts else {}
+    if variant == "project-fed":
+        extra["fed"] = fed_steps(step, batch, res, workers)
+    if profile_dir:
+        extra["profile"] = write_profile(step, data[0], Path(profile_dir) / f"profile-{variant}-{os.getpid()}.txt")
+    return extra | {"variant": variant if world == 1 else f"{variant} x{world} GPUs", "gpus": world, "ms_median": statistics.median(times), "ms_min": min(times),
             "ms_max": max(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
             "steps": steps, "warmup": warmup}
 
 
+def apply_inductor(spec: str) -> str:
+    """``variant[key=value;...]`` -> variant, with those ``torch._inductor.config`` values set."""
+    import ast
+
+    import torch._inductor.config as inductor
+
+    name, _, settings = spec.partition("[")
+    for item in filter(None, settings.rstrip("]").split(";")):
+        key, value = item.split("=", 1)
+        if not hasattr(inductor, key):
+            raise ValueError(f"torch._inductor.config has no {key!r}")
+        setattr(inductor, key, ast.literal_eval(value))
+    return name
+
+
 def run_all(args, variants: str) -> list:
     rows = []
-    for variant in variants.split(","):
+    for variant in variants.split(","):  # ";" separates inductor settings inside a variant
         launch = [sys.executable] if args.nproc == 1 or variant == "count" else \
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc)]
         cmd = launch + [__file__, "--variant", variant, "--batch", str(args.batch), "--res", str(args.res),
-               "--steps", str(args.steps), "--warmup", str(args.warmup if "fp32" not in variant else 2)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+               "--steps", str(args.steps), "--warmup", str(args.warmup if "fp32" not in variant else 2),
+               "--profile", args.profile, "--workers", str(args.workers)]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout)
+        except subprocess.TimeoutExpired as e:
+            err = (e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or "")[-1500:]
+            print(f"{variant}: no result within {args.variant_timeout} s; last output:\n{err}", flush=True)
+            rows.append({"variant": variant, "error": f"timeout after {args.variant_timeout} s"})
+            continue
         if out.returncode:
             print(f"{variant} failed:\n{out.stderr[-3000:]}", flush=True)
             rows.append({"variant": variant, "error": out.stderr[-500:]})
@@ -162,7 +290,7 @@ def report(rows: list, flops: float, batch: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variant", choices=VARIANTS)
+    ap.add_argument("--variant", help=f"one of {VARIANTS}, optionally with [inductor_key=value;...]")
     ap.add_argument("--variants", default=",".join(VARIANTS[1:]))
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--res", type=int, default=256)
@@ -171,12 +299,20 @@ def main() -> None:
     ap.add_argument("--out", default="")
     ap.add_argument("--nproc", type=int, default=1, help="GPUs (processes) for the project variants")
     ap.add_argument("--flops", type=float, default=0.0, help="FLOPs per step if already counted")
+    ap.add_argument("--variant-timeout", type=float, default=420.0, help="seconds before a variant is abandoned")
+    ap.add_argument("--workers", type=int, default=8, help="loader processes for project-fed")
+    ap.add_argument("--profile", default="", help="folder for kernel-time tables of the project variants")
     args = ap.parse_args()
     if args.variant == "count":  # child processes: each variant owns the whole GPU
         print(json.dumps({"flops": count_flops(args.batch, args.res)}))
         return
     if args.variant:
-        row = time_variant(args.variant, args.batch, args.res, args.steps, args.warmup)
+        name = apply_inductor(args.variant)
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}; choose from {VARIANTS}")
+        row = time_variant(name, args.batch, args.res, args.steps, args.warmup,
+                           args.profile if name.startswith("project") else "", args.workers)
+        row["variant"] = args.variant if row["gpus"] == 1 else f"{args.variant} x{row['gpus']} GPUs"
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(row))
         return

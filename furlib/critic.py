@@ -105,19 +105,24 @@ def r1_penalty(critic: nn.Module, real: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def critic_loss(critic, real, fake, gan_loss: str, gp_weight=10.0, r1_gamma=10.0, drift_weight=0.0,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-    """The critic's loss on prepared ``real`` and (detached) ``fake`` batches, and its logs."""
+                generator: torch.Generator | None = None, scores=None) -> tuple[torch.Tensor, dict]:
+    """The critic's loss on prepared ``real`` and (detached) ``fake`` batches, and its logs.
+
+    ``scores``: the same critic for the first-order passes (e.g. ``torch.compile(critic)``); the
+    penalties' double backward always runs ``critic`` itself.
+    """
+    scores = critic if scores is None else scores
     if gan_loss not in GAN_LOSSES:
         raise ValueError(f"gan_loss must be one of {GAN_LOSSES}, got {gan_loss!r}")
     fake = fake.detach()
     logs = {}
     if gan_loss == "ns-r1":
         r1, real_scores = r1_penalty(critic, real)
-        fake_scores = critic(fake).float()
+        fake_scores = scores(fake).float()
         loss = F.softplus(-real_scores.float()).mean() + F.softplus(fake_scores).mean() + 0.5 * r1_gamma * r1
         logs["critic/r1"] = r1.detach()
     else:
-        real_scores, fake_scores = critic(real).float(), critic(fake).float()
+        real_scores, fake_scores = scores(real).float(), scores(fake).float()
     if gan_loss == "hinge":
         loss = 0.5 * (F.relu(1.0 - real_scores).mean() + F.relu(1.0 + fake_scores).mean())
     elif gan_loss == "wgan-gp":

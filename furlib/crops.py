@@ -9,14 +9,21 @@ Reproducibility: sample ``g`` (``g = step * batch_size + i``) draws all its rand
 ``(seed, g)`` alone, and the image it crops is ``permutation(seed, epoch)[g % n]`` with
 ``epoch = g // n``. Batches are therefore the same for any ``num_workers``, and a loader started at
 ``start_step=k`` yields exactly batches k, k+1, ... of an uninterrupted run.
+
+Decoded-pixel cache ("decode once, crop many", ``furlib.pixelcache``): with a ``cache_dir``, each
+PNG is decoded whole on first use and stored uncompressed; later samples memory-map it and copy
+only the pixels their crop reads (``crop_region``). Crops are bit-identical to the PNG path (tested).
 """
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from furlib import pixelcache
 
 _CROP_STREAM, _ORDER_STREAM = 1, 2  # keep the two random streams of one seed apart
 # PIL's reducing_gap: crops >= 4x the output are first box-averaged by an integer factor (leaving
@@ -24,6 +31,7 @@ _CROP_STREAM, _ORDER_STREAM = 1, 2  # keep the two random streams of one seed ap
 # Lanczos (8-bit rounding alone is ~59 dB); smaller crops get plain Lanczos. 3.0 would act only
 # at a 6x downscale, which 1536 px sources and 256 px crops barely reach.
 REDUCING_GAP = 2.0
+PIXEL_CACHE_CHOICES = ("auto", "yes", "no")  # 02's pixel_cache
 
 
 def list_images(split_dir) -> list[Path]:
@@ -74,13 +82,40 @@ def apply_crop(image: Image.Image, resolution: int, box, turns: int, hflip: bool
     return pixels
 
 
-def rows_needed(box, height: int, resolution: int) -> int:
-    """Source rows a crop reads: down to the box's bottom plus the Lanczos support below it
-    (3 output pixels = 3 * scale source rows), plus 2 rows for rounding."""
+def crop_region(box, width: int, height: int, resolution: int) -> tuple[int, int, int, int]:
+    """The source pixels ``apply_crop`` reads for ``box``: (left, top, right, bottom), px.
+
+    A plain crop reads the box. A resize (scale = side / resolution source px per output px) reads
+    around it: Lanczos taps reach 3 output px = 3 * scale source px past each output pixel's
+    centre, i.e. at most 2.5 * scale + 0.5 px past the box, rounded to whole pixels; PIL's
+    reducing_gap step first box-reduces the box widened by 2.5 * scale (``Image._get_safe_box``)
+    and the Lanczos after it reads only that reduced image. A margin of ceil(3 * scale) + 2 px
+    covers both with room for float rounding; everything is clipped to the image.
+    """
     side = box[2] - box[0]
     if side == resolution:
-        return box[3]
-    return min(height, box[3] + math.ceil(3 * side / resolution) + 2)
+        return tuple(box)
+    margin = math.ceil(3 * side / resolution) + 2
+    return (max(0, box[0] - margin), max(0, box[1] - margin),
+            min(width, box[2] + margin), min(height, box[3] + margin))
+
+
+def crop_from_array(pixels_hwc: np.ndarray, resolution: int, box, turns: int, hflip: bool,
+                    vflip: bool) -> np.ndarray:
+    """``apply_crop`` of a uint8 HWC RGB array (e.g. a memory-mapped cache entry) that copies only
+    ``crop_region``: bit-identical to ``apply_crop`` on the whole image.
+
+    The region goes to its own place in an image of the whole size, so PIL runs exactly the same
+    resize: same box coordinates and float rounding (a box shifted into a cut-out would round
+    differently where the scale is not a power of two), same image size (Pillow 13 picks the
+    order of its two Lanczos passes from it), and the same values in every pixel it reads. The
+    pixels outside the region are never read; they are left unset, which costs nothing.
+    """
+    height, width = pixels_hwc.shape[:2]
+    left, top, right, bottom = crop_region(box, width, height, resolution)
+    canvas = Image.new("RGB", (width, height), None)  # None: no fill, untouched memory stays unused
+    canvas.paste(Image.fromarray(np.ascontiguousarray(pixels_hwc[top:bottom, left:right])), (left, top))
+    return apply_crop(canvas, resolution, box, turns, hflip, vflip)
 
 
 def open_top_rows(path, rows: int) -> Image.Image:
@@ -123,12 +158,18 @@ def open_rgb(path) -> Image.Image:
 
 
 class CropDataset(torch.utils.data.Dataset):
-    """Index = global sample index ``g`` (any int >= 0) -> one ``rgb_m11`` CHW crop."""
+    """Index = global sample index ``g`` (any int >= 0) -> one ``rgb_m11`` CHW crop.
 
-    def __init__(self, paths, resolution: int, seed: int = 0, min_crop_scale: float = 0.08):
+    ``cache_dir``: the decoded-pixel cache (see the module docstring), or None to decode PNGs.
+    """
+
+    def __init__(self, paths, resolution: int, seed: int = 0, min_crop_scale: float = 0.08,
+                 cache_dir=None):
         self.paths, self.resolution, self.seed = list(paths), resolution, seed
         self.min_crop_scale = min_crop_scale
         self._order = (None, None)  # (epoch, permutation): one epoch cached per worker
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self._cache_writes = cache_dir is not None  # off in this process after a failed write
 
     def image_index(self, g: int) -> int:
         epoch, position = divmod(g, len(self.paths))
@@ -143,11 +184,66 @@ class CropDataset(torch.utils.data.Dataset):
     def __getitem__(self, g: int) -> torch.Tensor:
         rng = sample_rng(self.seed, g)
         path = self.paths[self.image_index(g)]
+        pixels = None if self.cache_dir is None else self._cached_pixels(path)
+        if pixels is not None:
+            params = crop_params(pixels.shape[1], pixels.shape[0], self.resolution, rng,
+                                 self.min_crop_scale)
+            return to_rgb_m11(crop_from_array(pixels, self.resolution, *params))
         with Image.open(path) as header:  # the size only; no pixels decoded yet
             size = header.size
         params = crop_params(*size, self.resolution, rng, self.min_crop_scale)
-        with open_top_rows(path, rows_needed(params[0], size[1], self.resolution)) as image:
+        rows = crop_region(params[0], *size, self.resolution)[3]
+        with open_top_rows(path, rows) as image:
             return to_rgb_m11(apply_crop(image, self.resolution, *params))
+
+    def _cached_pixels(self, path: Path) -> np.ndarray | None:
+        """The image's uint8 HWC pixels from the cache, else decoded whole and stored there; None
+        once a write has failed in this process (the PNG path then decodes only the rows needed)."""
+        entry = pixelcache.entry_path(self.cache_dir, path)
+        pixels = pixelcache.read(entry)
+        if pixels is not None or not self._cache_writes:
+            return pixels
+        pixels = np.asarray(open_rgb(path))
+        try:
+            pixelcache.write(entry, pixels)
+        except OSError as error:  # e.g. disk full: train on from the PNGs, but say so once
+            self._cache_writes = False
+            warnings.warn(f"pixel cache: could not write {entry} ({error}); this image and every "
+                          f"image not yet cached are decoded from their PNGs in this process from "
+                          f"now on (same crops, slower). Free space under {self.cache_dir} or set "
+                          "pixel_cache='no'.", RuntimeWarning, stacklevel=2)
+        return pixels
+
+
+def check_cache_setting(setting: str) -> None:
+    if setting not in PIXEL_CACHE_CHOICES:
+        hint = " (YAML reads a bare yes/no as a boolean: quote it)" if isinstance(setting, bool) else ""
+        raise ValueError(f"pixel_cache must be one of {PIXEL_CACHE_CHOICES}, got {setting!r}{hint}")
+
+
+def cache_plan(split_dir, cache_dir, setting: str) -> tuple[bool, str]:
+    """Whether to use the decoded-pixel cache for ``split_dir``, and one line saying why.
+
+    ``setting``: "yes", "no", or "auto": on when what is still to cache (images already in
+    ``cache_dir`` count as done) fits in half the free space of ``cache_dir``'s filesystem, leaving
+    room for checkpoints and exports.
+    """
+    check_cache_setting(setting)
+    if setting == "no":
+        return False, "pixel cache: off (pixel_cache='no')"
+    paths = list_images(split_dir)
+    todo, done = pixelcache.sizes(paths, cache_dir)
+    free = pixelcache.free_bytes(cache_dir)
+    if setting == "yes" or todo <= free / 2:
+        forced = " (forced)" if setting == "yes" and todo > free / 2 else ""
+        return True, (f"pixel cache: on{forced}, {_gb(todo + done)} for {len(paths)} images in "
+                      f"{cache_dir} ({_gb(done)} already cached, {_gb(free)} free)")
+    return False, (f"pixel cache: off (needs {_gb(todo)} more, {_gb(free)} free; set "
+                   "pixel_cache='yes' to force)")
+
+
+def _gb(n_bytes: int) -> str:
+    return f"{n_bytes / 1e9:.3g} GB"
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -164,13 +260,15 @@ class StepBatches(torch.utils.data.Sampler):
 
 
 def make_loader(split_dir, resolution: int, batch_size: int, seed: int = 0, start_step: int = 0,
-                num_workers: int = 0, min_crop_scale: float = 0.08, pin_memory: bool = False):
+                num_workers: int = 0, min_crop_scale: float = 0.08, pin_memory: bool = False,
+                cache_dir=None):
     """An endless DataLoader of ``(batch_size, 3, resolution, resolution)`` float32 ``rgb_m11``
-    batches; each ``iter()`` starts again at batch ``start_step``."""
+    batches; each ``iter()`` starts again at batch ``start_step``. ``cache_dir``: see
+    ``CropDataset`` (same batches with or without it)."""
     paths = list_images(split_dir)
     if not paths:
         raise ValueError(f"no prepared images in {split_dir}: run notebooks/01_data_prep first")
-    dataset = CropDataset(paths, resolution, seed, min_crop_scale)
+    dataset = CropDataset(paths, resolution, seed, min_crop_scale, cache_dir)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=StepBatches(batch_size, start_step), num_workers=num_workers,
         pin_memory=pin_memory, persistent_workers=num_workers > 0,

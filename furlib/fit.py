@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 
 from furlib import checkpoint, crops, models, perceptual, plots, runinfo
 from furlib.logbook import Logbook
@@ -75,7 +76,11 @@ class Preview:
 
 def fit(params: dict, show=None) -> dict:
     """Train until ``max_steps``; returns (on rank 0) the results also saved as train/results.json."""
+    crops.check_cache_setting(params["pixel_cache"])  # before minutes of model loading
     rank, world, dev = _process(params["device"])
+    if dev.type == "cuda":  # here, so `accelerate launch -m furlib.fit` gets them as 02 does
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithms once
     run_path = runinfo.run_dir(params["outputs_dir"], params["run_name"])
     latest = checkpoint.latest_checkpoint(run_path)
     if latest is not None and not params["resume"]:  # never overwrite a run's work silently
@@ -112,10 +117,7 @@ def _loop(trainer: Trainer, params: dict, run_path: Path, rank: int, logbook, pr
     from tqdm.auto import tqdm
 
     p, world = params, trainer.world_size
-    loader = crops.make_loader(run_path / "data" / "train", p["resolution"], p["batch_size"],
-                               seed=p["seed"] + 7919 * rank, start_step=trainer.step_count,
-                               num_workers=p["num_workers"], min_crop_scale=p["min_crop_scale"],
-                               pin_memory=trainer.device.type == "cuda")
+    loader = _train_loader(trainer, p, run_path, rank)
     save = lambda: trainer.save(run_path / "checkpoints", p["keep_checkpoints"], base_model=p["base_model"],  # noqa: E731
                                 base_config=p["base_config"]) if rank == 0 else None
     per_step = p["batch_size"] * world
@@ -138,6 +140,20 @@ def _loop(trainer: Trainer, params: dict, run_path: Path, rank: int, logbook, pr
     bar.close()
     trainer.check_in_sync()
     return save()
+
+
+def _train_loader(trainer: Trainer, p: dict, run_path: Path, rank: int):
+    """This process's training batches; rank 0 prints the pixel-cache decision. Every rank decides
+    for itself (the crops are the same either way) and all share one cache folder."""
+    cache_dir = run_path / "data" / "pixel_cache"
+    use_cache, note = crops.cache_plan(run_path / "data" / "train", cache_dir, p["pixel_cache"])
+    if rank == 0:
+        print(note, flush=True)
+    return crops.make_loader(run_path / "data" / "train", p["resolution"], p["batch_size"],
+                             seed=p["seed"] + 7919 * rank, start_step=trainer.step_count,
+                             num_workers=p["num_workers"], min_crop_scale=p["min_crop_scale"],
+                             pin_memory=trainer.device.type == "cuda",
+                             cache_dir=cache_dir if use_cache else None)
 
 
 def notebook_defaults(stage: str = "02_train") -> dict:

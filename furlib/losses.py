@@ -8,7 +8,7 @@ decoder's last layer (diffusers: ``decoder.conv_out.weight``)::
 
     w = clamp(||d rec / d W|| / (||d gan / d W|| + 1e-4), 0, 1e4).detach() * disc_weight
 
-``last_layer_grad`` computes ``d loss / d W`` from the layer's input features and the loss's
+``last_layer_grads`` computes ``d loss / d W`` from the layer's input features and the loss's
 gradient at the layer's output, so both norms cost one small weight-gradient convolution
 each, not a backward through the decoder (which then runs once, on the weighted sum).
 """
@@ -58,11 +58,14 @@ class ReconstructionLoss(nn.Module):
         return total, logs
 
 
-def last_layer_grad(features: torch.Tensor, grad_out: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """d loss / d conv.weight, given the conv's input ``features`` and d loss / d output."""
-    return torch.nn.grad.conv2d_weight(features.float(), conv.weight.shape, grad_out.float(),
-                                       stride=conv.stride, padding=conv.padding,
-                                       dilation=conv.dilation, groups=conv.groups)
+def last_layer_grads(features: torch.Tensor, grads_out: list, conv: nn.Conv2d) -> list:
+    """d loss_k / d conv.weight for each d loss_k / d output in ``grads_out``, given the conv's
+    input ``features``: one weight-gradient convolution for all (the features are read once)."""
+    out = conv.out_channels
+    grads = torch.nn.grad.conv2d_weight(features.float(), (out * len(grads_out),) + conv.weight.shape[1:],
+                                        torch.cat([g.float() for g in grads_out], 1), stride=conv.stride,
+                                        padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+    return list(grads.split(out))
 
 
 def adaptive_weight(rec_grad: torch.Tensor, gan_grad: torch.Tensor, disc_weight: float,

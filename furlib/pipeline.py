@@ -9,6 +9,8 @@ outputs: ``<outputs_dir>/<run_name>/NN_verb.ipynb``.
 """
 
 import argparse
+import ast
+import json
 import sys
 import time
 from pathlib import Path
@@ -24,11 +26,19 @@ def notebook_path(stage: str) -> Path:
 
 
 def declared_parameters(stage: str) -> dict:
-    """name -> default (as source text) of a notebook's ``parameters`` cell."""
-    import papermill
+    """name -> default (as source text) of a notebook's ``parameters`` cell.
 
-    params = papermill.inspect_notebook(str(notebook_path(stage)))
-    return {name: spec["default"] for name, spec in params.items()}
+    Read with ``ast``, not papermill, so ``python -m furlib.fit`` runs where papermill is not
+    installed (a test checks both read the same names).
+    """
+    cells = json.loads(notebook_path(stage).read_text())["cells"]
+    tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(tagged) != 1:
+        raise ValueError(f"{notebook_path(stage)} must have exactly one cell tagged 'parameters'")
+    source = "".join(tagged[0]["source"])
+    return {node.targets[0].id: ast.get_source_segment(source, node.value)
+            for node in ast.parse(source).body
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)}
 
 
 def load_profile(path: str | Path, overrides: dict | None = None) -> dict:

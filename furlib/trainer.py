@@ -12,10 +12,17 @@ import torch
 from furlib import checkpoint as ckpt_lib
 from furlib.critic import PatchCritic, critic_loss, generator_loss
 from furlib.ema import EMA
-from furlib.losses import ReconstructionLoss, adaptive_weight, last_layer_grad
+from furlib.losses import ReconstructionLoss, adaptive_weight, last_layer_grads
 from furlib.models import decoder_state, split_trainable
 from furlib.oklab import rgb_to_oklab
 from furlib.train import PRECISIONS, FeatureTap, TrainSettings, step_generator
+from furlib.upsample import use_phase_upsampling
+
+
+# Inductor's NHWC conversion, forced: left to its heuristic, the backward graph mixes layouts and
+# cuDNN's convolution_backward copies ~0.5 GB activations to match them (~40 ms a step at 256 px,
+# batch 32 on an H100); forced on an NCHW model: 273 -> 231 ms (benchmarks/RESULTS.md).
+COMPILE_OPTIONS = {"force_layout_optimization": True}
 
 
 class NonFiniteError(RuntimeError):
@@ -53,16 +60,24 @@ class Trainer:
         self.step_count, self.skipped, self.bad_streak = 0, 0, 0
 
     def _speed_up(self) -> None:
-        """Layout and compilation only: neither changes what is computed (tests compare)."""
-        self.layout = torch.channels_last if self.s.uses("channels_last", self.device) else torch.contiguous_format
+        """Layout, phase upsampling and compilation: none changes what is computed (tests compare)."""
+        s, compiled = self.s, self.s.uses("torch_compile", self.device)
+        if s.uses("phase_upsample", self.device):
+            use_phase_upsampling(self.vae.decoder)  # keeps the state-dict keys
+        # compiled graphs choose their own layouts (see COMPILE_OPTIONS): "auto" NHWC is for eager
+        nhwc = s.channels_last == "yes" or (s.channels_last == "auto" and not compiled and self.device.type == "cuda")
+        self.layout = torch.channels_last if nhwc else torch.contiguous_format
         for module in (self.vae, self.critic, self.rec_loss):
             module.to(memory_format=self.layout)
-        if self.s.uses("torch_compile", self.device):
-            # in place, so state-dict keys and the feature hook stay; the critic stays eager
-            # because its gradient penalty needs a double backward, which compile lacks
+        self.critic_scores = self.critic  # the critic for first-order passes (all but the penalty)
+        if compiled:
+            # in place, so state-dict keys and the feature hook stay
             for module in (self.vae.encoder, self.vae.decoder, self.rec_loss.lpips):
                 if module is not None:
-                    module.compile()
+                    module.compile(options=COMPILE_OPTIONS)
+            # a compiled twin sharing the weights: the penalty's double backward runs the eager
+            # critic, because compiled graphs have no double backward
+            self.critic_scores = torch.compile(self.critic, options=COMPILE_OPTIONS)
 
     def autocast(self):
         dtype = PRECISIONS[self.s.mixed_precision]
@@ -93,11 +108,10 @@ class Trainer:
         (grad,) = torch.autograd.grad(rec, leaf)
         if gan_on:
             with self.autocast():
-                gan = generator_loss(self.critic(self.critic.prepare(leaf)), s.gan_loss)
+                gan = generator_loss(self.critic_scores(self.critic.prepare(leaf)), s.gan_loss)
             (gan_grad,) = torch.autograd.grad(gan, leaf)
             conv, feats = self.vae.decoder.conv_out, self.tap.features
-            w = adaptive_weight(last_layer_grad(feats, grad, conv), last_layer_grad(feats, gan_grad, conv),
-                                s.disc_weight)
+            w = adaptive_weight(*last_layer_grads(feats, [grad, gan_grad], conv), s.disc_weight)
             grad = grad + w * gan_grad
             logs.update({"gan/generator": gan.detach(), "gan/weight": w})
         recon.backward(self.scaler.scale(grad / accum).to(recon.dtype))  # scale() is a no-op unless fp16
@@ -109,7 +123,7 @@ class Trainer:
         with self.autocast():
             real, fake = self.critic.prepare(x_m11), self.critic.prepare(recon_m11.float())
             loss, logs = critic_loss(self.critic, real, fake, s.gan_loss, s.gp_weight, s.r1_gamma,
-                                     s.drift_weight, generator=gen)
+                                     s.drift_weight, generator=gen, scores=self.critic_scores)
         (loss / accum).backward()  # a non-finite loss shows in the synced grads: the step is skipped
         return logs
 

@@ -48,6 +48,7 @@ num_gpus = 1                              # processes, one GPU each (accelerate)
 resolution = 256                          # training crop side, px (multiple of 8)
 min_crop_scale = 0.08                     # smallest crop, as a fraction of the image area
 num_workers = 4                           # data loader processes
+pixel_cache = "auto"                      # decoded-PNG cache in data/pixel_cache: "auto" (fits half the free disk), "yes", "no"
 batch_size = 32                           # images per optimizer step
 grad_accum = 1                            # micro-batches per step (batch_size / grad_accum each)
 max_steps = 150_000                       # optimizer steps
@@ -86,8 +87,9 @@ ema_ref_batch = 192
 mixed_precision = "bf16"                  # "bf16", "fp16" (grad scaling, e.g. T4) or "no"
 gradient_checkpointing = False            # trade compute for decoder activation memory
 max_bad_steps = 20                        # consecutive non-finite steps before stopping
-channels_last = "auto"                    # NHWC convolutions: "auto" (on CUDA), "yes", "no"
-torch_compile = "auto"                    # compile encoder, decoder, LPIPS: "auto" (on CUDA), "yes", "no"
+channels_last = "auto"                    # NHWC convolutions: "auto" (on CUDA when not compiled), "yes", "no"
+torch_compile = "auto"                    # compile encoder, decoder, LPIPS, critic: "auto" (on CUDA), "yes", "no"
+phase_upsample = "auto"                   # upsampling convs as 2x2 phase convs, same maths: "auto" (on CUDA), "yes", "no"
 resume = True                             # continue the run's latest checkpoint (False: refuse to overwrite one)
 checkpoint_every = 2000                   # steps between checkpoints
 keep_checkpoints = 3                      # newest checkpoints kept
@@ -106,12 +108,11 @@ if num_gpus > 1 and torch.cuda.device_count() < num_gpus:
     raise ValueError(f"num_gpus={num_gpus} but {torch.cuda.device_count()} CUDA GPUs are visible")
 if settings.lpips_weight and lpips_backbone not in perceptual.BACKBONES:
     raise ValueError(f"lpips_backbone must be one of {perceptual.BACKBONES}")
+crops.check_cache_setting(pixel_cache)
 dev = runinfo.pick_device(device)
 run_path = runinfo.run_dir(outputs_dir, run_name)
 if not crops.list_images(run_path / "data" / "train"):
     raise ValueError(f"no training images in {run_path / 'data' / 'train'}: run 01_data_prep with run_name={run_name!r} first")
-torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-torch.backends.cudnn.benchmark = True
 params = runinfo.notebook_parameters("02_train", globals())
 print(f"{num_gpus} x {dev}; images per step {batch_size * num_gpus}; "
       f"EMA decay {settings.ema_decay_for(batch_size * num_gpus):.6f}; run folder {run_path}")

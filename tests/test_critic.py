@@ -55,3 +55,24 @@ def test_oklab_input_and_bad_names():
         PatchCritic(norm="instance")
     with pytest.raises(ValueError, match="gan_loss"):
         critic_loss(c, white, white, "lsgan")
+
+
+@pytest.mark.parametrize("gan_loss", GAN_LOSSES)
+def test_first_order_passes_use_the_scores_twin(gan_loss):
+    """The trainer passes a compiled twin as ``scores``: same loss and gradients, and the
+    penalties' double backward still runs the critic itself."""
+    torch.manual_seed(0)
+    critic, calls = PatchCritic(2, 8), []
+
+    class Twin(torch.nn.Module):
+        def forward(self, x):
+            calls.append(x.shape[0])
+            return critic(x)
+
+    real, fake = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    losses = [critic_loss(critic, real, fake, gan_loss, generator=torch.Generator().manual_seed(3), scores=s)[0]
+              for s in (None, Twin())]
+    grads = [torch.autograd.grad(loss, list(critic.parameters())) for loss in losses]
+    assert torch.allclose(losses[0], losses[1])
+    assert all(torch.allclose(a, b) for a, b in zip(*grads))
+    assert len(calls) == {"wgan-gp": 2, "hinge": 2, "ns-r1": 1}[gan_loss]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from furlib import crops
+from furlib import crops, pixelcache
 
 
 def save(folder, name, pixels) -> None:
@@ -138,3 +138,181 @@ def test_decoding_only_the_top_rows_changes_nothing(tmp_path):
             assert torch.equal(dataset[g], crops.to_rgb_m11(expected))
     top = crops.open_top_rows(paths[0], 10)
     assert np.asarray(top)[10:].max() == 0 and np.asarray(top)[:10].any()  # really partial
+
+
+# Decoded-pixel cache -----------------------------------------------------------------------------
+
+def _boxes(width: int, height: int, resolution: int, rng) -> list[tuple[int, int, int, int]]:
+    """Square boxes: side == resolution (no resize), the largest downscale, random sides; each at
+    every edge and corner of the image and at random positions."""
+    short = min(width, height)
+    sides = {resolution, resolution + 1, short, *rng.integers(resolution, short + 1, 4).tolist()}
+    boxes = []
+    for side in sorted(sides):
+        lefts = {0, width - side, int(rng.integers(0, width - side + 1))}
+        tops = {0, height - side, int(rng.integers(0, height - side + 1))}
+        boxes += [(x, y, x + side, y + side) for x in lefts for y in tops]
+    return boxes
+
+
+def _random_crop_cases(seed: int):
+    """(pixels, resolution, crop params) over sizes, non-power-of-two scales and reducing_gap."""
+    rng = np.random.default_rng(seed)
+    for h, w in [(97, 131), (150, 64), (120, 120)]:
+        pixels = rng.integers(0, 256, (h, w, 3), np.uint8)
+        for resolution in (16, 20, 24, 32):
+            for box in _boxes(w, h, resolution, rng):
+                flips = rng.integers(0, 2, 2)
+                yield pixels, resolution, (box, int(rng.integers(0, 4)), bool(flips[0]), bool(flips[1]))
+
+
+def test_pixels_outside_crop_region_never_change_a_crop():
+    """The margin proof: poison every pixel outside ``crop_region`` and the crop stays the same."""
+    reduced = 0
+    for pixels, resolution, params in _random_crop_cases(12):
+        box = params[0]
+        left, top, right, bottom = crops.crop_region(box, pixels.shape[1], pixels.shape[0], resolution)
+        poisoned = 255 - pixels
+        poisoned[top:bottom, left:right] = pixels[top:bottom, left:right]
+        expected = crops.apply_crop(Image.fromarray(pixels), resolution, *params)
+        got = crops.apply_crop(Image.fromarray(poisoned), resolution, *params)
+        assert np.array_equal(got, expected), params
+        reduced += (box[2] - box[0]) / resolution >= 2 * crops.REDUCING_GAP  # PIL box-reduces first
+    assert reduced > 50
+
+
+def test_crops_from_an_array_are_bit_identical(monkeypatch):
+    new_image = Image.new  # the canvas's unset pixels: magenta, so reading one shows
+    monkeypatch.setattr(Image, "new", lambda mode, size, color=None: new_image(mode, size, "#f0f"))
+    cases = list(_random_crop_cases(13))
+    for pixels, resolution, params in cases:
+        expected = crops.apply_crop(Image.fromarray(pixels), resolution, *params)
+        assert np.array_equal(crops.crop_from_array(pixels, resolution, *params), expected), params
+    assert len(cases) > 500
+
+
+@pytest.fixture
+def split(tmp_path):
+    """Three noise PNGs (noise: any misplaced pixel changes the crop) of unlike sizes."""
+    rng = np.random.default_rng(14)
+    for i, (h, w) in enumerate([(160, 120), (96, 200), (130, 130)]):
+        save(tmp_path / "train", f"{i:016x}.png", rng.integers(0, 256, (h, w, 3)))
+    return tmp_path / "train"
+
+
+def _samples(split, n=40, **kw):
+    dataset = crops.CropDataset(crops.list_images(split), 24, seed=5, **kw)  # 24: up to 6.7x down
+    return [dataset[g] for g in range(n)]
+
+
+def test_cache_is_written_once_then_read_without_decoding(split, tmp_path, monkeypatch):
+    cache = tmp_path / "pixel_cache"
+    expected = _samples(split)
+    cold = _samples(split, cache_dir=cache)
+    assert all(torch.equal(a, b) for a, b in zip(cold, expected))
+    pngs = crops.list_images(split)
+    assert sorted(p.name for p in cache.iterdir()) == [f"{p.stem}.npy" for p in pngs]  # no temporaries
+    for png in pngs:
+        assert np.array_equal(np.load(cache / f"{png.stem}.npy"), np.asarray(crops.open_rgb(png)))
+    written = {p: p.stat().st_mtime_ns for p in cache.iterdir()}
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a cached image was opened from its PNG")
+    monkeypatch.setattr(Image, "open", no_decoding)
+    warm = _samples(split, cache_dir=cache)
+    assert all(torch.equal(a, b) for a, b in zip(warm, expected))
+    assert {p: p.stat().st_mtime_ns for p in cache.iterdir()} == written
+
+
+def test_racing_writers_of_one_entry_are_harmless(tmp_path):
+    import threading
+
+    pixels = np.random.default_rng(15).integers(0, 256, (64, 48, 3), np.uint8)
+    entry = tmp_path / "cache" / "abc.npy"
+    start = threading.Barrier(8)
+
+    def writer():
+        start.wait()
+        pixelcache.write(entry, pixels)
+    threads = [threading.Thread(target=writer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert np.array_equal(pixelcache.read(entry), pixels)
+    assert [p.name for p in entry.parent.iterdir()] == ["abc.npy"]
+
+
+def test_loader_workers_with_a_cache_give_the_same_batches(split, tmp_path):
+    def batches(**kw):
+        loader = crops.make_loader(split, 24, batch_size=8, seed=2, **kw)
+        return [b for _, b in zip(range(4), loader)]
+    expected = batches()
+    for _ in range(2):  # cold (both workers race to write the same 3 entries), then warm
+        cached = batches(num_workers=2, cache_dir=tmp_path / "cache")
+        assert all(torch.equal(a, b) for a, b in zip(cached, expected))
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 3
+
+
+def _one_cache_warning(split, cache_dir) -> None:
+    expected = _samples(split, 12)
+    with pytest.warns(RuntimeWarning, match="could not write") as caught:
+        got = _samples(split, 12, cache_dir=cache_dir)
+    assert len([w for w in caught if "pixel cache" in str(w.message)]) == 1  # once, not per image
+    assert "decoded from their PNGs" in str(caught[0].message)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_unwritable_cache_warns_once_and_trains_on_from_pngs(split, tmp_path):
+    (tmp_path / "a_file").write_text("")  # a folder under a regular file: fails even for root
+    _one_cache_warning(split, tmp_path / "a_file" / "pixel_cache")
+
+
+def test_disk_full_while_writing_leaves_no_partial_entry(split, tmp_path, monkeypatch):
+    import errno
+
+    def half_then_full(f, array):
+        f.write(b"\x93NUMPY half an entry")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(pixelcache.np, "save", half_then_full)
+    _one_cache_warning(split, tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_damaged_entry_is_a_clear_error(split, tmp_path):
+    (tmp_path / "cache").mkdir()
+    for png in crops.list_images(split):
+        (tmp_path / "cache" / f"{png.stem}.npy").write_bytes(b"not an array")
+    with pytest.raises(ValueError, match="delete it"):
+        _samples(split, 1, cache_dir=tmp_path / "cache")
+
+
+def test_cache_plan(split, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    cache = tmp_path / "pixel_cache"
+    full = sum(w * h * 3 + 128 for w, h in [(120, 160), (200, 96), (130, 130)])  # bytes
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 2 * full))
+    use, note = crops.cache_plan(split, cache, "auto")
+    assert use and note.startswith("pixel cache: on") and "3 images" in note and str(cache) in note
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 2 * full - 2))
+    use, note = crops.cache_plan(split, cache, "auto")
+    assert not use and "pixel_cache='yes'" in note
+    assert crops.cache_plan(split, cache, "yes")[0] and not crops.cache_plan(split, cache, "no")[0]
+    _samples(split, 1, cache_dir=cache)  # caches one image: it counts as done
+    assert crops.cache_plan(split, cache, "auto")[0]
+    with pytest.raises(ValueError, match="'auto', 'yes', 'no'"):
+        crops.cache_plan(split, cache, "on")
+
+
+def test_data_prep_ignores_the_pixel_cache(split, tmp_path):
+    from furlib.prepare import prepare
+
+    data = tmp_path / "run" / "data"
+    first = prepare(split, data, resolution=24, progress=False, workers=1)
+    _samples(data / "train", 4, cache_dir=data / "pixel_cache")
+    again = prepare(split, data, resolution=24, progress=False, workers=1)
+    assert again["accepted"] == first["accepted"] and len(first["accepted"]) == 3
+    assert len(list((data / "pixel_cache").glob("*.npy"))) >= 1

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import jupytext
 import nbformat
+import papermill
 import pytest
 from furlib import pipeline
 
@@ -32,9 +33,10 @@ def test_notebook_shape(stage):
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith(f"# {stage[:2]} ·")
     assert "write_record" in nb.cells[-1].source, "the last cell writes the run record"
     assert len(nb.cells) <= 40
-    params = pipeline.declared_parameters(stage)
+    params = papermill.inspect_notebook(str(pipeline.notebook_path(stage)))  # what papermill injects
     source_lines = nb.cells[tagged[0]].source.count("\n") + 1
     assert len(params) == source_lines, "every line of the parameters cell must parse (no '=' in comments)"
+    assert list(params) == list(pipeline.declared_parameters(stage)), "our reader and papermill's agree"
 
 
 def test_shared_names():

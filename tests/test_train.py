@@ -137,10 +137,33 @@ def test_short_run_lowers_held_out_error_of_ema():
     assert errs["ema"] < 0.85 * errs["base"], errs  # seen: 0.094 vs 0.125
 
 
-def test_gradient_checkpointing_and_channels_last_change_nothing():
+def test_phase_upsample_is_diffusers_upsample2d():
+    """2x2 phase convs == nearest 2x + 3x3 conv: outputs and all gradients, any size, both layouts."""
+    from diffusers.models.upsampling import Upsample2D
+
+    from furlib.upsample import PhaseUpsample, use_phase_upsampling
+
+    torch.manual_seed(0)
+    up = Upsample2D(6, use_conv=True, out_channels=5)
+    fast = PhaseUpsample(up.conv)
+    for shape, layout in (((2, 6, 5, 7), torch.contiguous_format), ((1, 6, 4, 4), torch.channels_last)):
+        x = torch.randn(shape).contiguous(memory_format=layout).requires_grad_(True)
+        ref, out = up(x), fast(x)
+        assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)
+        g = torch.randn_like(ref)
+        for a, b in zip(torch.autograd.grad(ref, [x, up.conv.weight, up.conv.bias], g),
+                        torch.autograd.grad(out, [x, up.conv.weight, up.conv.bias], g)):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-4)
+    vae = load_vae("tiny", seed=0)
+    keys = list(vae.state_dict())
+    assert use_phase_upsampling(vae.decoder) == len(vae.config.block_out_channels) - 1
+    assert list(vae.state_dict()) == keys  # checkpoints and exports are unchanged
+
+
+def test_speed_knobs_change_nothing():
     """Speed/memory knobs must compute the same gradients as the plain path."""
     grads = []
-    for kw in ({}, {"gradient_checkpointing": True, "channels_last": "yes"}):
+    for kw in ({}, {"gradient_checkpointing": True, "channels_last": "yes", "phase_upsample": "yes"}):
         t = make_trainer(latent_mode="mode", **kw)
         x = batch(0)
         t.decoder_grads(x.contiguous(memory_format=t.layout), t.encode(x, step_generator(t.device, 0, 0, 0)),
@@ -150,3 +173,21 @@ def test_gradient_checkpointing_and_channels_last_change_nothing():
     # meaningless for the attention key bias, whose true gradient is zero: softmax ignores it)
     a, b = (torch.cat([g.flatten() for g in gs.values()]) for gs in grads)
     assert (a - b).norm() <= 1e-3 * a.norm()  # seen: 1.6e-4 (fp32, CPU)
+
+
+def test_compiled_fast_path_matches_plain():
+    """02's GPU path (torch.compile of encoder, decoder, LPIPS and the critic's first-order passes,
+    with forced NHWC layouts, plus phase upsampling) computes the plain path's losses and
+    decoder and critic gradients. On CPU: the slowest test (about 2 minutes of compilation)."""
+    results = []
+    for kw in ({}, {"torch_compile": "yes", "phase_upsample": "yes"}):
+        t = make_trainer(latent_mode="mode", **kw)
+        x = batch(0)
+        recon, logs = t.decoder_grads(x, t.encode(x, step_generator(t.device, 0, 0, 0)), gan_on=True, accum=1)
+        logs.update(t.critic_grads(x, recon, step_generator(t.device, 0, 0, 1), accum=1))
+        grads = [p.grad.flatten() for _, p in t.trainable] + [p.grad.flatten() for p in t.critic.parameters()]
+        results.append((torch.cat(grads), logs))
+    (plain, plain_logs), (fast, fast_logs) = results
+    assert (fast - plain).norm() <= 1e-4 * plain.norm()  # seen: 1.4e-6 (fp32, CPU)
+    for key in ("rec/total", "gan/weight", "critic/loss", "critic/gp"):
+        assert float(fast_logs[key]) == pytest.approx(float(plain_logs[key]), rel=1e-4, abs=1e-6), key

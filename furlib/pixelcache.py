@@ -1,0 +1,84 @@
+"""Decoded-pixel cache entries: a prepared PNG's pixels, decoded once, as an uncompressed ``.npy``.
+
+Layout: ``<cache_dir>/<png stem>.npy``, uint8 HWC RGB (``np.save`` format: a 128-byte header, then
+width * height * 3 bytes). Prepared PNGs are named by a hash of their pixels (``furlib.prepare``),
+so an entry never goes stale; the 02 run keeps its cache in ``<run>/data/pixel_cache/``, which stage
+01 never reads (it lists only ``*.png`` in its split folders). ``furlib.crops`` decides when to use
+the cache and crops from it.
+"""
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+NPY_HEADER_BYTES = 128  # np.save's header for a 3-D uint8 array
+
+
+def entry_path(cache_dir, png_path) -> Path:
+    """Where the decoded pixels of ``png_path`` are cached."""
+    return Path(cache_dir) / f"{Path(png_path).stem}.npy"
+
+
+def read(entry: Path) -> np.ndarray | None:
+    """An entry memory-mapped read-only (uint8 HWC RGB), or None when there is none yet."""
+    try:
+        pixels = np.load(entry, mmap_mode="r")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (ValueError, EOFError) as error:  # entries are renamed into place whole: outside damage
+        raise ValueError(f"pixel cache entry {entry} is unreadable ({error}); delete it and it is "
+                         "rebuilt from its PNG") from error
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"pixel cache entry {entry} holds {pixels.dtype} {pixels.shape}, not uint8 "
+                         "HWC RGB; delete it and it is rebuilt from its PNG")
+    return pixels
+
+
+def write(entry: Path, pixels_hwc: np.ndarray) -> None:
+    """Store ``pixels_hwc`` as ``entry`` atomically: a unique hidden temporary in the same folder,
+    then ``os.replace``. Racing writers of one entry write the same bytes and the last rename wins;
+    a writer that fails or is killed leaves no partial entry (a killed one may leave a ``.*.tmp``).
+    Raises OSError (disk full, unwritable folder) for the caller to report."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = None
+    try:
+        with tempfile.NamedTemporaryFile(dir=entry.parent, prefix=f".{entry.stem}.", suffix=".tmp",
+                                         delete=False) as f:
+            tmp = f.name
+            np.save(f, np.ascontiguousarray(pixels_hwc, dtype=np.uint8))
+        os.replace(tmp, entry)
+    except BaseException:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+
+
+def sizes(png_paths, cache_dir) -> tuple[int, int]:
+    """(bytes still to cache, bytes already cached) for ``png_paths``, in bytes on disk.
+
+    An image not cached yet counts width * height * 3 plus the header, read from its PNG header
+    only (about 40 us a file, no pixels decoded); a cached one counts its entry's file size.
+    """
+    todo = done = 0
+    for path in png_paths:
+        try:
+            done += entry_path(cache_dir, path).stat().st_size
+            continue
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        with Image.open(path) as header:
+            todo += header.width * header.height * 3 + NPY_HEADER_BYTES
+    return todo, done
+
+
+def free_bytes(cache_dir) -> int:
+    """Free space of the filesystem that holds (or will hold) ``cache_dir``."""
+    path = Path(cache_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    return shutil.disk_usage(existing).free
