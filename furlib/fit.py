@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from furlib import checkpoint, crops, models, perceptual, plots, runinfo
+from furlib import checkpoint, crops, models, perceptual, pixelcache, plots, runinfo
 from furlib.logbook import Logbook
 from furlib.train import TrainSettings
 from furlib.trainer import Trainer
@@ -148,7 +148,8 @@ def _train_loader(trainer: Trainer, p: dict, run_path: Path, rank: int):
     cache_dir = run_path / "data" / "pixel_cache"
     use_cache, note = crops.cache_plan(run_path / "data" / "train", cache_dir, p["pixel_cache"])
     if rank == 0:
-        print(note, flush=True)
+        swept = pixelcache.sweep_stale(cache_dir)
+        print(note + (f"; removed {swept} temporaries of interrupted writes" if swept else ""), flush=True)
     return crops.make_loader(run_path / "data" / "train", p["resolution"], p["batch_size"],
                              seed=p["seed"] + 7919 * rank, start_step=trainer.step_count,
                              num_workers=p["num_workers"], min_crop_scale=p["min_crop_scale"],

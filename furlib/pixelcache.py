@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,8 @@ def read(entry: Path) -> np.ndarray | None:
 def write(entry: Path, pixels_hwc: np.ndarray) -> None:
     """Store ``pixels_hwc`` as ``entry`` atomically: a unique hidden temporary in the same folder,
     then ``os.replace``. Racing writers of one entry write the same bytes and the last rename wins;
-    a writer that fails or is killed leaves no partial entry (a killed one may leave a ``.*.tmp``).
+    a writer that fails or is killed leaves no partial entry (a killed one may leave a ``.*.tmp``,
+    which ``sweep_stale`` removes at the next run).
     Raises OSError (disk full, unwritable folder) for the caller to report."""
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = None
@@ -57,6 +59,18 @@ def write(entry: Path, pixels_hwc: np.ndarray) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         raise
+
+
+def sweep_stale(cache_dir, older_than_s: float = 3600.0) -> int:
+    """Delete temporaries left by killed writers; returns how many. A write takes well under a
+    second, so a temporary older than ``older_than_s`` belongs to no live writer on any rank."""
+    swept, cutoff = 0, time.time() - older_than_s
+    for tmp in Path(cache_dir).glob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                swept += 1
+    return swept
 
 
 def sizes(png_paths, cache_dir) -> tuple[int, int]:
