@@ -85,9 +85,11 @@ class TrainSettings:
             "channels_last": self.channels_last in ("auto", "yes", "no"),
             "phase_upsample": self.phase_upsample in ("auto", "yes", "no"),
         }
-        bad = [k for k, ok in checks.items() if not ok]
+        bad = {k: getattr(self, k) for k, ok in checks.items() if not ok}
         if bad:
-            raise ValueError(f"invalid training parameter(s) {bad}: see TrainSettings for choices")
+            hint = " (YAML reads a bare yes/no as a boolean: quote it)" if any(
+                isinstance(v, bool) for v in bad.values()) else ""
+            raise ValueError(f"invalid training parameter(s) {bad}{hint}: see TrainSettings for choices")
 
     def ema_decay_for(self, images_per_step: int) -> float:
         """``ema_decay``, or the reference decay scaled to the images of one optimizer step."""

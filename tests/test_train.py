@@ -118,6 +118,8 @@ def test_bad_settings_named():
         settings(gan_loss="lsgan").validate()
     with pytest.raises(ValueError, match="grad_accum"):
         settings(batch_size=3, grad_accum=2).validate()
+    with pytest.raises(ValueError, match="phase_upsample.*bare yes/no"):  # YAML's `no` is False
+        settings(phase_upsample=False).validate()
 
 
 def test_short_run_lowers_held_out_error_of_ema():
