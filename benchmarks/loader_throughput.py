@@ -61,38 +61,35 @@ def make_sources(folder: Path, count: int, seed: int) -> list[dict]:
     return out
 
 
-def cpu_ms_per_sample(folder: Path, kinds: list[dict], resolution: int, cache_dir=None,
-                      samples: int = 40) -> dict:
-    """Single-process CPU milliseconds per sample by kind of source, reading the PNGs or (with
-    ``cache_dir``, already filled) the cache."""
-    from furlib.crops import CropDataset, list_images
+def cpu_ms_by_kind(folder: Path, kinds: list[dict], work, samples: int = 40) -> dict:
+    """Single-process CPU milliseconds per call, by kind of source and for all: ``work(paths)``
+    (untimed) returns the timed ``g -> None`` call for the sources of one kind."""
+    from furlib.crops import list_images
 
     paths = list_images(folder)
     out = {}
     for kind in sorted({k["kind"] for k in kinds}) + ["all"]:
-        chosen = [p for p, k in zip(paths, kinds) if kind in ("all", k["kind"])]
-        dataset = CropDataset(chosen, resolution, seed=0, cache_dir=cache_dir)
+        call = work([p for p, k in zip(paths, kinds) if kind in ("all", k["kind"])])
         start = time.process_time()
         for g in range(samples):
-            dataset[g]
+            call(g)
         out[kind] = round((time.process_time() - start) / samples * 1e3, 1)
     return out
 
 
-def decode_ms(folder: Path, kinds: list[dict], samples: int = 40) -> dict:
-    """Single-process CPU milliseconds to decode a whole PNG, by kind (a PNG-path sample decodes
-    only the rows its crop needs)."""
-    from furlib.crops import list_images, open_rgb
+def cpu_ms_per_sample(folder: Path, kinds: list[dict], resolution: int, cache_dir=None) -> dict:
+    """One training sample, reading the PNGs or (with ``cache_dir``, already filled) the cache."""
+    from furlib.crops import CropDataset
 
-    paths = list_images(folder)
-    out = {}
-    for kind in sorted({k["kind"] for k in kinds}) + ["all"]:
-        chosen = [p for p, k in zip(paths, kinds) if kind in ("all", k["kind"])]
-        start = time.process_time()
-        for g in range(samples):
-            open_rgb(chosen[g % len(chosen)])
-        out[kind] = round((time.process_time() - start) / samples * 1e3, 1)
-    return out
+    return cpu_ms_by_kind(folder, kinds, lambda chosen: CropDataset(chosen, resolution, seed=0,
+                                                                    cache_dir=cache_dir).__getitem__)
+
+
+def decode_ms(folder: Path, kinds: list[dict]) -> dict:
+    """Decoding a whole PNG (a PNG-path sample decodes only the rows its crop needs)."""
+    from furlib.crops import open_rgb
+
+    return cpu_ms_by_kind(folder, kinds, lambda chosen: lambda g: open_rgb(chosen[g % len(chosen)]))
 
 
 def fill_cache(folder: Path, cache_dir: Path) -> dict:
