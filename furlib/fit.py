@@ -82,6 +82,9 @@ def fit(params: dict, show=None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithms once
     run_path = runinfo.run_dir(params["outputs_dir"], params["run_name"])
+    if not crops.list_images(run_path / "data" / "train"):  # before minutes of model loading
+        raise ValueError(f"no training images in {run_path / 'data' / 'train'}: run 01_data_prep with "
+                         f"run_name={params['run_name']!r} first")
     latest = checkpoint.latest_checkpoint(run_path)
     if latest is not None and not params["resume"]:  # never overwrite a run's work silently
         raise ValueError(f"resume=False but {run_path} already has checkpoints (latest {latest.name}): "

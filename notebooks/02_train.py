@@ -35,7 +35,7 @@ import json
 import torch
 from IPython.display import Image, display
 
-from furlib import crops, fit, perceptual, runinfo
+from furlib import fit, perceptual, runinfo
 from furlib.train import TrainSettings
 
 # %% tags=["parameters"]
@@ -108,11 +108,8 @@ if num_gpus > 1 and torch.cuda.device_count() < num_gpus:
     raise ValueError(f"num_gpus={num_gpus} but {torch.cuda.device_count()} CUDA GPUs are visible")
 if settings.lpips_weight and lpips_backbone not in perceptual.BACKBONES:
     raise ValueError(f"lpips_backbone must be one of {perceptual.BACKBONES}")
-crops.check_cache_setting(pixel_cache)
 dev = runinfo.pick_device(device)
 run_path = runinfo.run_dir(outputs_dir, run_name)
-if not crops.list_images(run_path / "data" / "train"):
-    raise ValueError(f"no training images in {run_path / 'data' / 'train'}: run 01_data_prep with run_name={run_name!r} first")
 params = runinfo.notebook_parameters("02_train", globals())
 print(f"{num_gpus} x {dev}; images per step {batch_size * num_gpus}; "
       f"EMA decay {settings.ema_decay_for(batch_size * num_gpus):.6f}; run folder {run_path}")
