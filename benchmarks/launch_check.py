@@ -1,8 +1,8 @@
-"""Run ``furlib.fit`` on several processes the two ways users launch it, and check the runs.
+"""Run ``furlib.training.fit`` on several processes the two ways users launch it, and check the runs.
 
     python benchmarks/launch_check.py --nproc 2 --device cuda --out /tmp/launch
 
-1. ``accelerate launch --num_processes N -m furlib.fit params/smoke.yaml -p ...`` to step 20, then
+1. ``accelerate launch --num_processes N -m furlib.training.fit params/smoke.yaml -p ...`` to step 20, then
    the same command to step 30: it must resume from the step-20 checkpoint;
 2. accelerate's ``notebook_launcher(fit.fit, (params,), num_processes=N)`` in a fresh process that,
    like 02 with ``num_gpus=N``, first counts the GPUs and picks the device in the parent.
@@ -25,7 +25,8 @@ OVERRIDES = {"max_steps": 20, "checkpoint_every": 10, "plot_every": 0, "batch_si
 NOTEBOOK_PATH = """
 import json, sys, torch
 from accelerate import notebook_launcher
-from furlib import fit, runinfo
+from furlib.training import fit
+from furlib import runinfo
 params = json.loads(sys.argv[1])
 n = params.pop("num_gpus")
 if params["device"] == "cuda" and torch.cuda.device_count() < n:  # 02's checks, in the parent
@@ -36,7 +37,7 @@ notebook_launcher(fit.fit, (params,), num_processes=n)
 
 
 def prepare_run(outputs: Path, run_name: str) -> None:
-    from furlib.prepare import prepare
+    from furlib.data.prepare import prepare
 
     prepare("builtin", outputs / run_name / "data", resolution=64, max_side=512, art_count=4,
             max_images=8, val_fraction=0.3, progress=False)
@@ -51,7 +52,7 @@ def cli_run(outputs: Path, nproc: int, device: str, max_steps: int) -> dict:
     overrides = dict(OVERRIDES, max_steps=max_steps, device=device, outputs_dir=str(outputs), run_name="cli")
     mode = ["--cpu"] if device == "cpu" else ["--multi_gpu"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc), *mode, "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "furlib.fit", "params/smoke.yaml"]
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "furlib.training.fit", "params/smoke.yaml"]
     cmd += [a for k, v in overrides.items() for a in ("-p", f"{k}={v!r}")]  # quoted: 'yes' stays a string
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     log = out.stdout + out.stderr
@@ -61,7 +62,7 @@ def cli_run(outputs: Path, nproc: int, device: str, max_steps: int) -> dict:
 
 
 def notebook_run(outputs: Path, nproc: int, device: str) -> dict:
-    from furlib import fit
+    from furlib.training import fit
     from furlib.pipeline import load_profile
 
     params = fit.notebook_defaults()
@@ -80,7 +81,6 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--out", type=Path, required=True, help="outputs_dir for the runs (must not hold them yet)")
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT))
     for run in ("cli", "notebook"):
         prepare_run(args.out, run)
     checks = [("accelerate launch, to step 20", lambda: cli_run(args.out, args.nproc, args.device, 20), 20),

@@ -9,13 +9,13 @@ adaptive weight every step, AdamW, EMA; random data resident on the GPU):
 - plain-fp32: the recipe written plainly, fp32, TF32 off, adaptive weight by autograd.grad
   with retain_graph (LDM's way);
 - plain-bf16: the same with bf16 autocast, channels_last and TF32;
-- project-eager: ``furlib.trainer.Trainer.step`` (what 02 runs) without torch.compile;
+- project-eager: ``furlib.training.trainer.Trainer.step`` (what 02 runs) without torch.compile;
 - project: ``Trainer.step`` with its GPU defaults (compile incl. the critic's first-order passes,
   phase upsampling, channels_last, bf16);
 - project-prev: the defaults before this round's levers (channels_last model, inductor's own layout
   choice, eager critic, plain upsampling), for comparison;
 - project-nophase: ``project`` without phase upsampling;
-- project-fed: ``project`` fed by ``furlib.crops.make_loader`` (``--workers`` processes, pinned
+- project-fed: ``project`` fed by ``furlib.training.crops.make_loader`` (``--workers`` processes, pinned
   memory) from generated 1-2 MP PNGs, once decoding the PNGs and once from the pixel cache; wall
   clock per step including any wait for data, over steps after the prefetch buffer is drained;
 - project-parts: ``project`` with the GPU synchronised around each part of the step, to see
@@ -38,13 +38,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from furlib.critic import PatchCritic, critic_loss  # noqa: E402
-from furlib.losses import ReconstructionLoss, reference_adaptive_weight  # noqa: E402
+from furlib.training.critic import PatchCritic, critic_loss  # noqa: E402
+from furlib.training.losses import ReconstructionLoss, reference_adaptive_weight  # noqa: E402
 from furlib.models import load_vae, split_trainable  # noqa: E402
 from furlib.perceptual import LPIPS  # noqa: E402
-from furlib.train import TrainSettings  # noqa: E402
-from furlib.trainer import Trainer  # noqa: E402
+from furlib.training.settings import TrainSettings  # noqa: E402
+from furlib.training.trainer import Trainer  # noqa: E402
 
 VARIANTS = ("count", "plain-fp32", "plain-bf16", "project-eager", "project-prev", "project-nophase", "project",
             "project-fed", "project-parts",
@@ -100,9 +99,9 @@ def project_stepper(batch: int, variant: str):
     elif variant == "project-nophase":
         kw.update(phase_upsample="no")
     elif variant == "project-prev":
-        import furlib.trainer
+        import furlib.training.trainer
 
-        furlib.trainer.COMPILE_OPTIONS = {}
+        furlib.training.trainer.COMPILE_OPTIONS = {}
         kw.update(phase_upsample="no", channels_last="yes")
     elif variant == "project-ckpt":
         kw.update(gradient_checkpointing=True)
@@ -152,7 +151,7 @@ def fed_steps(step, batch: int, res: int, workers: int, steps: int = 100) -> dic
     import tempfile
 
     from benchmarks.loader_throughput import fill_cache, make_sources
-    from furlib.crops import make_loader
+    from furlib.training.crops import make_loader
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -57,7 +57,7 @@ def load_vae(base_model: str, base_config: str = "", seed: int = 0):
 def _load_from_hub(base_model: str):
     from diffusers import AutoencoderKL
 
-    from furlib.sources import hub_unreachable
+    from furlib.data.sources import hub_unreachable
 
     repo, _, subfolder = base_model.partition("@")
     try:  # with the Hub out of reach, only the local cache: fail in ms, not after retries

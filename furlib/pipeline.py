@@ -28,7 +28,7 @@ def notebook_path(stage: str) -> Path:
 def declared_parameters(stage: str) -> dict:
     """name -> default (as source text) of a notebook's ``parameters`` cell.
 
-    Read with ``ast``, not papermill, so ``python -m furlib.fit`` runs where papermill is not
+    Read with ``ast``, not papermill, so ``python -m furlib.training.fit`` runs where papermill is not
     installed (a test checks both read the same names).
     """
     cells = json.loads(notebook_path(stage).read_text())["cells"]

@@ -26,7 +26,6 @@ if not os.path.isdir("furlib") and os.path.isdir("../furlib"):
     os.chdir("..")
 if "google.colab" in sys.modules and not os.path.isdir("furlib"):
     raise RuntimeError("Clone the project first: !git clone <this repo> && %cd <repo> && %pip install -r requirements.txt")
-sys.path.insert(0, os.getcwd())
 
 # %%
 import time
@@ -35,8 +34,10 @@ import matplotlib.pyplot as plt
 from IPython.display import display
 from PIL import ImageColor
 
-from furlib import crops, data_plots, runinfo
-from furlib.prepare import prepare
+from furlib.training import crops
+from furlib.data import plots as data_plots
+from furlib import runinfo
+from furlib.data.prepare import prepare
 
 
 def show(fig):

@@ -26,7 +26,6 @@ if not os.path.isdir("furlib") and os.path.isdir("../furlib"):
     os.chdir("..")
 if "google.colab" in sys.modules and not os.path.isdir("furlib"):
     raise RuntimeError("Clone the project first: !git clone <this repo> && %cd <repo> && %pip install -r requirements.txt")
-sys.path.insert(0, os.getcwd())
 
 # %%
 import dataclasses
@@ -35,8 +34,9 @@ import json
 import torch
 from IPython.display import Image, display
 
-from furlib import fit, perceptual, runinfo
-from furlib.train import TrainSettings
+from furlib.training import fit
+from furlib import perceptual, runinfo
+from furlib.training.settings import TrainSettings
 
 # %% tags=["parameters"]
 run_name = "demo"                         # outputs go to outputs_dir/run_name
@@ -116,7 +116,7 @@ print(f"{num_gpus} x {dev}; images per step {batch_size * num_gpus}; "
 
 # %% [markdown]
 # ## 1. Train
-# `furlib.fit` runs the loop: the frozen encoder gives latents, the decoder reconstructs, the
+# `furlib.training.fit` runs the loop: the frozen encoder gives latents, the decoder reconstructs, the
 # Oklab/LPIPS gradients and the critic's are combined with LDM's adaptive weight, AdamW and the
 # EMA step, then the critic's WGAN-GP step. Every `plot_every` steps it shows the loss curves and
 # a strip original | base decoder | current | EMA on fixed val images. Checkpoints are atomic:

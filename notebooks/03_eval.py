@@ -27,7 +27,6 @@ if not os.path.isdir("furlib") and os.path.isdir("../furlib"):
     os.chdir("..")
 if "google.colab" in sys.modules and not os.path.isdir("furlib"):
     raise RuntimeError("Clone the project first: !git clone <this repo> && %cd <repo> && %pip install -r requirements.txt")
-sys.path.insert(0, os.getcwd())
 
 # %%
 import json
@@ -37,7 +36,8 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from furlib import compare_plots, decode_checks, eval_report, evaluate, perceptual, runinfo
+from furlib.evaluation import plots as compare_plots, decode_checks, report as eval_report, evaluate
+from furlib import perceptual, runinfo
 
 # %% tags=["parameters"]
 run_name = "demo"              # folder under outputs_dir holding the trained run

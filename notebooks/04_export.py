@@ -26,13 +26,14 @@ if not os.path.isdir("furlib") and os.path.isdir("../furlib"):
     os.chdir("..")
 if "google.colab" in sys.modules and not os.path.isdir("furlib"):
     raise RuntimeError("Clone the project first: !git clone <this repo> && %cd <repo> && %pip install -r requirements.txt")
-sys.path.insert(0, os.getcwd())
 
 # %%
 import pandas as pd
 from IPython.display import Markdown, display
 
-from furlib import export, model_card, models, plots, runinfo
+from furlib.export import model_card, release as export
+from furlib import models, runinfo
+from furlib.training import plots
 
 # %% tags=["parameters"]
 run_name = "demo"  # folder under outputs_dir holding the trained run

@@ -1,11 +1,9 @@
 import os
-import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 # Tiny models on a small CI machine: one intra-op thread avoids oversubscription when several
 # processes (papermill kernels, data-loader workers) share two cores.
 torch.set_num_threads(1)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from furlib import checkpoint
+from furlib.training import checkpoint
 
 
 def _tensors(v):

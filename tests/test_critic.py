@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from furlib.critic import GAN_LOSSES, NORMS, PatchCritic, critic_loss, generator_loss, gradient_penalty
+from furlib.training.critic import GAN_LOSSES, NORMS, PatchCritic, critic_loss, generator_loss, gradient_penalty
 
 
 @pytest.mark.parametrize("norm", NORMS)

@@ -1,11 +1,11 @@
-"""furlib.crops: crop geometry, ranges, RGB order, augmentation coverage, reproducibility."""
+"""furlib.training.crops: crop geometry, ranges, RGB order, augmentation coverage, reproducibility."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from furlib import crops, pixelcache
+from furlib.training import crops, pixelcache
 
 
 def save(folder, name, pixels) -> None:
@@ -308,7 +308,7 @@ def test_cache_plan(split, tmp_path, monkeypatch):
 
 
 def test_data_prep_ignores_the_pixel_cache(split, tmp_path):
-    from furlib.prepare import prepare
+    from furlib.data.prepare import prepare
 
     data = tmp_path / "run" / "data"
     first = prepare(split, data, resolution=24, progress=False, workers=1)

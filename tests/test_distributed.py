@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from furlib import prepare
+from furlib.data import prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -15,7 +15,7 @@ def test_two_processes_stay_in_sync(tmp_path):
     run = tmp_path / "ddp"
     prepare.prepare("builtin", run / "data", resolution=64, max_side=256, max_images=4, art_count=4,
                     val_fraction=0.3, progress=False)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "furlib.fit",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "furlib.training.fit",
            "params/smoke.yaml", "-p", f"outputs_dir={tmp_path}", "-p", "run_name=ddp", "-p", "max_steps=2",
            "-p", "checkpoint_every=1", "-p", "plot_every=0"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -32,8 +32,8 @@ def _desync_worker(rank, init_file, results):
     import torch.distributed as dist
 
     from furlib.models import load_vae
-    from furlib.train import TrainSettings
-    from furlib.trainer import Trainer
+    from furlib.training.settings import TrainSettings
+    from furlib.training.trainer import Trainer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)

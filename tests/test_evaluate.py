@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from furlib import checkpoint, decode_checks, eval_report, evaluate, metrics, models
+from furlib.training import checkpoint
+from furlib.evaluation import decode_checks, report as eval_report, evaluate, metrics
+from furlib import models
 
 RES = 64  # evaluation side, px: tiny VAEs on 2 CPU cores
 
@@ -197,7 +199,7 @@ def test_figures_and_widget(result):
     import matplotlib
 
     matplotlib.use("Agg")
-    from furlib import compare_plots
+    from furlib.evaluation import plots as compare_plots
 
     _, vaes, res = result
     ex = res.examples["most_improved"]

@@ -11,8 +11,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from furlib import export, model_card
-from furlib.checkpoint import save_checkpoint
+from furlib.export import model_card, release as export
+from furlib.training.checkpoint import save_checkpoint
 from furlib.ldm_keys import ldm_to_diffusers
 from furlib.models import decoder_state, load_vae
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from furlib import metrics
+from furlib.evaluation import metrics
 
 
 def _image(n=2, size=48, seed=0):

@@ -1,4 +1,4 @@
-"""furlib.prepare (and furlib.sources) on generated corpora: verdicts, report, split, incremental and resumed runs."""
+"""furlib.data.prepare (and furlib.data.sources) on generated corpora: verdicts, report, split, incremental and resumed runs."""
 
 import io
 import json
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from furlib import prepare as prep
-from furlib import sources
+from furlib.data import prepare as prep
+from furlib.data import sources
 from furlib.images import load_rgb
 
 RES = 32  # crop side for these tests: small images keep them fast

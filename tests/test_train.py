@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
-from furlib import checkpoint
-from furlib.critic import generator_loss
-from furlib.ema import scaled_decay
-from furlib.losses import reference_adaptive_weight
+from furlib.training import checkpoint
+from furlib.training.critic import generator_loss
+from furlib.training.ema import scaled_decay
+from furlib.training.losses import reference_adaptive_weight
 from furlib.models import decoder_state, load_vae
 from furlib.perceptual import LPIPS
-from furlib.train import TrainSettings, step_generator
-from furlib.trainer import NonFiniteError, Trainer
+from furlib.training.settings import TrainSettings, step_generator
+from furlib.training.trainer import NonFiniteError, Trainer
 
 RES = 32
 
@@ -143,7 +143,7 @@ def test_phase_upsample_is_diffusers_upsample2d():
     """2x2 phase convs == nearest 2x + 3x3 conv: outputs and all gradients, any size, both layouts."""
     from diffusers.models.upsampling import Upsample2D
 
-    from furlib.upsample import PhaseUpsample, use_phase_upsampling
+    from furlib.training.upsample import PhaseUpsample, use_phase_upsampling
 
     torch.manual_seed(0)
     up = Upsample2D(6, use_conv=True, out_channels=5)

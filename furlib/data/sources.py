@@ -2,7 +2,7 @@
 
 Each input is an ``Input`` (fields below); its ``input_id`` is a path relative to the folder,
 ``<file or folder name>/<row>``, ``<dataset>:<split>/<row>`` or ``builtin/...``. Nothing is
-decoded here (``furlib.prepare`` does that); a Hub dataset is streamed.
+decoded here (``furlib.data.prepare`` does that); a Hub dataset is streamed.
 """
 
 import os
@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from PIL import Image
 
-from furlib.builtin import ART_VERSION, builtin_sources
+from furlib.data.builtin import ART_VERSION, builtin_sources
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 TABLE_SUFFIXES = (".parquet", ".arrow")

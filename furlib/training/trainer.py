@@ -1,6 +1,6 @@
 """``Trainer``: the decoder, critic, optimizers, EMA and scaler of one run, stepped and saved.
 
-See ``furlib.train`` for the recipe and the order of a step.
+See ``furlib.training.settings`` for the recipe and the order of a step.
 """
 
 import contextlib
@@ -9,14 +9,14 @@ from pathlib import Path
 
 import torch
 
-from furlib import checkpoint as ckpt_lib
-from furlib.critic import PatchCritic, critic_loss, generator_loss
-from furlib.ema import EMA
-from furlib.losses import ReconstructionLoss, adaptive_weight, last_layer_grads
+from furlib.training import checkpoint as ckpt_lib
+from furlib.training.critic import PatchCritic, critic_loss, generator_loss
+from furlib.training.ema import EMA
+from furlib.training.losses import ReconstructionLoss, adaptive_weight, last_layer_grads
 from furlib.models import decoder_state, split_trainable
 from furlib.oklab import rgb_to_oklab
-from furlib.train import PRECISIONS, FeatureTap, TrainSettings, step_generator
-from furlib.upsample import use_phase_upsampling
+from furlib.training.settings import PRECISIONS, FeatureTap, TrainSettings, step_generator
+from furlib.training.upsample import use_phase_upsampling
 
 
 # Inductor's NHWC conversion, forced: left to its heuristic, the backward graph mixes layouts and

@@ -1,4 +1,4 @@
-"""Stage 01: turn a source of images (``furlib.sources``) into prepared training data.
+"""Stage 01: turn a source of images (``furlib.data.sources``) into prepared training data.
 
 Layout under ``data_dir`` (``outputs/<run_name>/data/``)::
 
@@ -7,7 +7,7 @@ Layout under ``data_dir`` (``outputs/<run_name>/data/``)::
     journal.jsonl                          one JSON line per processed input (the resume cache)
     settings.json                          the decoding settings the journal is valid for
     report.json                            what ``prepare`` returns
-    pixel_cache/<hash16>.npy               written by 02 (``furlib.pixelcache``), never read here
+    pixel_cache/<hash16>.npy               written by 02 (``furlib.training.pixelcache``), never read here
 
 ``hash`` is the sha256 of the decoded pixels (mode, size and bytes, before the long-side cap):
 equal hashes are exact duplicates, kept once. The split is a function of the hash alone, so it is
@@ -30,7 +30,7 @@ from pathlib import Path
 from PIL import Image
 
 from furlib.images import DEFAULT_MAX_PIXELS, ImageRejected, load_rgb
-from furlib.sources import Input, iter_inputs, source_key
+from furlib.data.sources import Input, iter_inputs, source_key
 
 PREPARE_VERSION = 1  # bump when decoding or storage changes: older journals are then rebuilt
 SPLITS = ("train", "val", "unused")

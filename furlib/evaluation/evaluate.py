@@ -3,9 +3,9 @@
 Protocol: each image's short side is resized to ``resolution`` (Lanczos) and centre-cropped to a
 square; every VAE encodes with its own encoder, takes the posterior *mode* (deterministic) and
 decodes. Batches run under ``torch.inference_mode``, in bf16 autocast on CUDA and fp32 on the
-CPU. Only per-image metrics (``furlib.metrics``) and a few 8-bit images for pictures stay in
+CPU. Only per-image metrics (``furlib.evaluation.metrics``) and a few 8-bit images for pictures stay in
 memory, so the set can be large. Images are ``rgb_m11`` NCHW; kept pictures are uint8 HWC.
-Report tables and files: ``furlib.eval_report``; tiled and fp16 decode checks: ``furlib.decode_checks``.
+Report tables and files: ``furlib.evaluation.report``; tiled and fp16 decode checks: ``furlib.evaluation.decode_checks``.
 """
 
 import contextlib
@@ -18,8 +18,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from furlib import checkpoint, metrics
-from furlib.crops import to_rgb_m11
+from furlib.training import checkpoint
+from furlib.evaluation import metrics
+from furlib.training.crops import to_rgb_m11
 from furlib.models import is_pretrained, load_vae, with_decoder
 
 
@@ -117,7 +118,7 @@ class _SourceItems:
     max_images: int
 
     def __iter__(self):
-        from furlib.sources import iter_source
+        from furlib.data.sources import iter_source
 
         return iter_source(self.source, self.split, self.image_column, self.max_images)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from furlib import metrics
-from furlib.evaluate import EvalResult
+from furlib.evaluation import metrics
+from furlib.evaluation.evaluate import EvalResult
 
 # Table columns: metric key -> (header, decimals, signed); arrows say which way is better.
 TABLE = {"psnr": ("PSNR ↑", 2, False), "ssim": ("SSIM ↑", 3, False), "lpips": ("LPIPS ↓", 3, False),

@@ -5,7 +5,7 @@ Layout under ``outputs/<run_name>/export/``::
     diffusers/        config.json, diffusion_pytorch_model.safetensors (+ .fp16.safetensors)
     <model>-v<version>-step<N>.safetensors        single file, LDM keys, encoder included, fp32
     <model>-v<version>-step<N>-fp16.safetensors   the same in fp16
-    README.md         the model card (``furlib.model_card``)
+    README.md         the model card (``furlib.export.model_card``)
     manifest.json     every file's size and SHA-256, and the verification results
 
 Everything is written to ``.export-staging/`` first and moved to ``export/`` only once every
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from furlib.checkpoint import find_run_checkpoint, load_decoder_weights, run_base
+from furlib.training.checkpoint import find_run_checkpoint, load_decoder_weights, run_base
 from furlib.ldm_keys import diffusers_to_ldm
 from furlib.models import load_vae, with_decoder
 
@@ -239,7 +239,7 @@ def push_to_hub(export_dir: Path, repo_id: str, private: bool = False, endpoint:
 
 def val_images(run_dir: Path, n: int = 4, size: int = 256) -> torch.Tensor | None:
     """Up to ``n`` of the run's ``data/val/*.png``, as 03 evaluates them, as ``rgb_m11``."""
-    from furlib.evaluate import preprocess
+    from furlib.evaluation.evaluate import preprocess
 
     paths = sorted((Path(run_dir) / "data" / "val").glob("*.png"))[:n]
     return torch.stack([preprocess(p, size) for p in paths]) if paths else None

@@ -6,7 +6,7 @@ Functions return matplotlib Figures; the notebook shows them. Images are ``rgb_m
 import numpy as np
 import torch
 
-from furlib.metrics import to01
+from furlib.evaluation.metrics import to01
 
 
 def to_hwc01(rgb_m11: torch.Tensor) -> np.ndarray:

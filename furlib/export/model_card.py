@@ -1,13 +1,13 @@
 """Stage 04's model card: Hugging Face YAML front matter and Markdown for ``export/README.md``.
 
 It reads what the run left behind: ``02_train.record.json`` for the training parameters and
-``eval/metrics.md`` (written by ``furlib.eval_report``) for the evaluation; a missing one is said.
+``eval/metrics.md`` (written by ``furlib.evaluation.report``) for the evaluation; a missing one is said.
 """
 
 import json
 from pathlib import Path
 
-from furlib.export import EXPORT, release_stem
+from furlib.export.release import EXPORT, release_stem
 from furlib.models import is_pretrained
 
 

@@ -10,7 +10,7 @@ Reproducibility: sample ``g`` (``g = step * batch_size + i``) draws all its rand
 ``epoch = g // n``. Batches are therefore the same for any ``num_workers``, and a loader started at
 ``start_step=k`` yields exactly batches k, k+1, ... of an uninterrupted run.
 
-Decoded-pixel cache ("decode once, crop many", ``furlib.pixelcache``): with a ``cache_dir``, each
+Decoded-pixel cache ("decode once, crop many", ``furlib.training.pixelcache``): with a ``cache_dir``, each
 PNG is decoded whole on first use and stored uncompressed; later samples memory-map it and copy
 only the pixels their crop reads (``crop_region``). Crops are bit-identical to the PNG path (tested).
 """
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from furlib import pixelcache
+from furlib.training import pixelcache
 
 _CROP_STREAM, _ORDER_STREAM = 1, 2  # keep the two random streams of one seed apart
 # PIL's reducing_gap: crops >= 4x the output are first box-averaged by an integer factor (leaving

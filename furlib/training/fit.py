@@ -7,7 +7,7 @@ gradients averaged every step (see ``Trainer``). Rank 0 logs, previews and check
 
 From a shell, with the notebook's defaults and a profile's values for the keys 02 declares::
 
-    accelerate launch --num_processes 4 -m furlib.fit params/furception_v1.yaml -p max_steps=1000
+    accelerate launch --num_processes 4 -m furlib.training.fit params/furception_v1.yaml -p max_steps=1000
 """
 
 import argparse
@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from furlib import checkpoint, crops, models, perceptual, pixelcache, plots, runinfo
-from furlib.logbook import Logbook
-from furlib.train import TrainSettings
-from furlib.trainer import Trainer
+from furlib.training import checkpoint, crops, pixelcache, plots
+from furlib import models, perceptual, runinfo
+from furlib.training.logbook import Logbook
+from furlib.training.settings import TrainSettings
+from furlib.training.trainer import Trainer
 
 
 def _process(device: str):
@@ -78,7 +79,7 @@ def fit(params: dict, show=None) -> dict:
     """Train until ``max_steps``; returns (on rank 0) the results also saved as train/results.json."""
     crops.check_cache_setting(params["pixel_cache"])  # before minutes of model loading
     rank, world, dev = _process(params["device"])
-    if dev.type == "cuda":  # here, so `accelerate launch -m furlib.fit` gets them as 02 does
+    if dev.type == "cuda":  # here, so `accelerate launch -m furlib.training.fit` gets them as 02 does
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithms once
     run_path = runinfo.run_dir(params["outputs_dir"], params["run_name"])

@@ -1,6 +1,6 @@
 """Stage-03 figures: where VAEs differ, metric distributions, decode checks, and a widget.
 
-Examples are the dicts ``furlib.evaluate`` keeps: ``{"id", "delta", "original": uint8 HWC,
+Examples are the dicts ``furlib.evaluation.evaluate`` keeps: ``{"id", "delta", "original": uint8 HWC,
 "recons": {model: uint8 HWC}}``. Error maps are the per-pixel mean |recon - original| over RGB,
 in [0, 1] units. Functions return matplotlib Figures (or an ipywidgets widget); nothing is shown.
 """

@@ -20,9 +20,9 @@ import math
 
 import torch
 
-from furlib import critic as critic_lib
-from furlib.ema import scaled_decay
-from furlib.losses import cosine_ramp
+from furlib.training import critic as critic_lib
+from furlib.training.ema import scaled_decay
+from furlib.training.losses import cosine_ramp
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
 

@@ -1,0 +1,2 @@
+"""Stage 02, training: the recipe's settings, loss, critic and EMA, the step (``trainer``), the loop
+(``fit``), the training input (``crops``, ``pixelcache``), checkpoints, logs and training figures."""
