@@ -21,12 +21,23 @@
 # measures, pictures of where they differ, and tiled / fp16 decoding checks.
 
 # %%
-# Setup: run from the repository root; on Colab, fetch the project and install it once.
-import os, sys
+# Setup. Locally: move to the repository root. On Colab or Kaggle: clone the project (or update
+# it), install it, move into it. FURCEPTION_REPO overrides the address (a fork, a local clone).
+import importlib, os, subprocess, sys
+REPO = os.environ.get("FURCEPTION_REPO", "https://github.com/OWNER/furception")
 if not os.path.isdir("furlib") and os.path.isdir("../furlib"):
-    os.chdir("..")
-if "google.colab" in sys.modules and not os.path.isdir("furlib"):
-    raise RuntimeError("Clone the project first: !git clone <this repo> && %cd <repo> && %pip install -r requirements.txt")
+    os.chdir("..")  # opened from notebooks/
+if "google.colab" in sys.modules or "KAGGLE_KERNEL_RUN_TYPE" in os.environ:
+    home = "." if os.path.isdir("furlib") else "furception"  # ".": this cell ran before
+    update = os.path.isdir(os.path.join(home, ".git"))
+    git = ["git", "-C", home, "pull", "--ff-only"] if update else ["git", "clone", REPO, home]
+    if subprocess.run(git).returncode:
+        raise RuntimeError(f"`{' '.join(git)}` failed (see above): check the internet connection "
+                           "(Kaggle: Settings > Internet on) and FURCEPTION_REPO")
+    pip = os.environ.get("FURCEPTION_PIP", "").split() or [sys.executable, "-m", "pip"]  # tests stub it
+    subprocess.run(pip + ["install", "--quiet", "-e", home], check=True)
+    os.chdir(home)
+    importlib.invalidate_caches()  # see the packages pip just installed
 
 # %%
 import json
