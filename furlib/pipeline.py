@@ -11,6 +11,7 @@ outputs: ``<outputs_dir>/<run_name>/NN_verb.ipynb``.
 import argparse
 import ast
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -70,7 +71,9 @@ def run(profile: str | Path, stages=STAGES, overrides: dict | None = None, log_o
     import papermill
 
     params = load_profile(profile, overrides)
-    run_dir = ROOT / params.get("outputs_dir", "outputs") / params.get("run_name", "demo")
+    defaults = declared_parameters(STAGES[0])  # the notebooks' own defaults, as source text
+    run_name = params.get("run_name", ast.literal_eval(defaults["run_name"]))
+    run_dir = ROOT / params.get("outputs_dir", ast.literal_eval(defaults["outputs_dir"])) / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     for stage in stages:
         if stage not in STAGES:
@@ -92,6 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("-p", "--param", action="append", default=[], help="override: key=value")
     ap.add_argument("--log-output", action="store_true", help="stream notebook output")
     args = ap.parse_args(argv)
+    if args.log_output:  # papermill streams cell output through `logging`, silent until configured
+        logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     overrides = dict(parse_override(p) for p in args.param)
     run_dir = run(args.profile, args.stages.split(","), overrides, args.log_output)
     print(f"outputs: {run_dir}")

@@ -56,7 +56,7 @@ def show(fig):
     plt.close(fig)  # shown once, then freed
 
 # %% tags=["parameters"]
-run_name = "demo"          # outputs go to outputs_dir/run_name
+run_name = "my_run"        # outputs go to outputs_dir/run_name
 outputs_dir = "outputs"    # root folder of all runs
 source = "builtin"         # "builtin", image folder, .parquet/.arrow file, save_to_disk folder, or Hub id
 source_split = "train"     # split of a dataset source

@@ -51,7 +51,7 @@ from furlib.evaluation import plots as compare_plots, decode_checks, report as e
 from furlib import perceptual, runinfo
 
 # %% tags=["parameters"]
-run_name = "demo"              # folder under outputs_dir holding the trained run
+run_name = "my_run"            # folder under outputs_dir holding the trained run
 outputs_dir = "outputs"        # root folder of all runs
 base_model = ""                # empty: the base the run was trained from (its checkpoint state.json)
 base_config = ""               # diffusers folder giving a single-file base_model its architecture

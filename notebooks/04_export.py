@@ -47,7 +47,7 @@ from furlib import models, runinfo
 from furlib.training import plots
 
 # %% tags=["parameters"]
-run_name = "demo"  # folder under outputs_dir holding the trained run
+run_name = "my_run"  # folder under outputs_dir holding the trained run
 outputs_dir = "outputs"  # root folder of all runs
 base_model = ""  # VAE whose encoder ships with the decoder; empty: the base the run trained from
 base_config = ""  # diffusers folder giving a single-file base_model its architecture; empty: SD VAE

@@ -214,7 +214,7 @@ def evaluate(vaes: dict, images: ImageSet, *, resolution: int = 256, batch_size:
     Images are ranked by ``rank_by`` ('psnr' or 'lpips') of ``finetuned`` (default: the first
     model after ``base``) against ``base``, to keep the most improved and regressed ones.
     """
-    from tqdm.auto import tqdm
+    from furlib.progress import tqdm
 
     if rank_by not in ("psnr", "lpips"):
         raise ValueError(f"rank_by must be 'psnr' or 'lpips', got {rank_by!r}")
