@@ -72,8 +72,9 @@ def run(profile: str | Path, stages=STAGES, overrides: dict | None = None, log_o
 
     params = load_profile(profile, overrides)
     defaults = declared_parameters(STAGES[0])  # the notebooks' own defaults, as source text
-    run_name = params.get("run_name", ast.literal_eval(defaults["run_name"]))
-    run_dir = ROOT / params.get("outputs_dir", ast.literal_eval(defaults["outputs_dir"])) / run_name
+    for key in ("run_name", "outputs_dir"):  # every stage works on the same run folder
+        params.setdefault(key, ast.literal_eval(defaults[key]))
+    run_dir = ROOT / params["outputs_dir"] / params["run_name"]
     run_dir.mkdir(parents=True, exist_ok=True)
     for stage in stages:
         if stage not in STAGES:
