@@ -41,7 +41,6 @@ if "google.colab" in sys.modules or "KAGGLE_KERNEL_RUN_TYPE" in os.environ:
 # %%
 import time
 
-import matplotlib.pyplot as plt
 from IPython.display import display
 from PIL import ImageColor
 
@@ -49,11 +48,7 @@ from furlib.training import crops
 from furlib.data import plots as data_plots
 from furlib import runinfo
 from furlib.data.prepare import prepare
-
-
-def show(fig):
-    display(fig)
-    plt.close(fig)  # shown once, then freed
+from furlib.display import show
 
 # %% tags=["parameters"]
 run_name = "my_run"        # outputs go to outputs_dir/run_name

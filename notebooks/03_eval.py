@@ -49,6 +49,7 @@ from IPython.display import display
 
 from furlib.evaluation import plots as compare_plots, decode_checks, report as eval_report, evaluate
 from furlib import perceptual, runinfo
+from furlib.display import show
 
 # %% tags=["parameters"]
 run_name = "my_run"            # folder under outputs_dir holding the trained run
@@ -123,10 +124,7 @@ for detail in (result.notes["lpips_detail"], result.notes["rfid_detail"]):
         print("WARNING:", detail)
 
 # %%
-fig = compare_plots.metrics_figure(result.per_image)
-compare_plots.save(fig, eval_dir / "metrics.png")
-display(fig)
-plt.close(fig)
+show(compare_plots.metrics_figure(result.per_image), save_to=eval_dir / "metrics.png")
 
 # %% [markdown]
 # ## 3. Where it differs
@@ -138,10 +136,8 @@ titles = {"chosen": "First images of the set", "most_improved": f"Most improved 
           "most_regressed": f"Most regressed by {finetuned}"}
 for key, title in titles.items():
     if result.examples[key]:
-        fig = compare_plots.comparison_figure(result.examples[key], "base", finetuned, title, result.per_image)
-        compare_plots.save(fig, eval_dir / f"diff_{key}.png")
-        display(fig)
-        plt.close(fig)
+        show(compare_plots.comparison_figure(result.examples[key], "base", finetuned, title, result.per_image),
+             save_to=eval_dir / f"diff_{key}.png")
 
 # %% [markdown]
 # ## 4. Interactive comparison
@@ -170,9 +166,7 @@ display(checks)
 
 # %%
 for name, fig in (("tiling", compare_plots.tiling_figure(check_details)), ("fp16", compare_plots.fp16_figure(check_details))):
-    compare_plots.save(fig, eval_dir / f"{name}.png")
-    display(fig)
-    plt.close(fig)
+    show(fig, save_to=eval_dir / f"{name}.png")
 
 # %%
 results = dict(eval_report.summary_json(result, model_notes),

@@ -44,6 +44,7 @@ from IPython.display import Markdown, display
 
 from furlib.export import model_card, release as export
 from furlib import models, runinfo
+from furlib.display import show
 from furlib.training import plots
 
 # %% tags=["parameters"]
@@ -52,10 +53,11 @@ outputs_dir = "outputs"  # root folder of all runs
 base_model = ""  # VAE whose encoder ships with the decoder; empty: the base the run trained from
 base_config = ""  # diffusers folder giving a single-file base_model its architecture; empty: SD VAE
 weights = "ema"  # decoder weights to release: "ema" (the release) or "raw"
-model_name = "furception"  # file-name stem and card title
+model_name = ""  # file-name stem and card title; empty: the run_name
 version = "1.0"  # release version: <model_name>-v<version>-step<N>.safetensors
 fp16_copy = True  # also write fp16 copies (half the size)
 license = "cc-by-nc-sa-4.0"  # Hugging Face licence id written on the model card
+training_data = ""  # for the card: what the images are, where from, their licence
 push_to_hub = False  # upload export/ to hub_repo; needs the HF_TOKEN environment variable
 hub_repo = ""  # "owner/name" on the Hugging Face Hub, used when push_to_hub
 seed = 0  # seed of the latents every reloaded file must decode like the in-memory model
@@ -67,9 +69,10 @@ if not run.is_dir():
     raise ValueError(f"run_name: {run} does not exist; run 02_train with this run_name first")
 if weights not in ("ema", "raw"):
     raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
-for name, value in (("model_name", model_name), ("version", version)):
+name = model_name or run_name  # a run is never released as "furception" unless asked to
+for label, value in (("model_name (empty: the run_name)", name), ("version", version)):
     if not value or any(c in value for c in "/\\ "):
-        raise ValueError(f"{name} must be non-empty without slashes or spaces, got {value!r}")
+        raise ValueError(f"{label} must be non-empty without slashes or spaces, got {value!r}")
 if push_to_hub and hub_repo.count("/") != 1:
     raise ValueError(f"hub_repo must be 'owner/name' when push_to_hub is True, got {hub_repo!r}")
 if base_config and not base_model:
@@ -83,12 +86,12 @@ stage_dir, export_dir = run / export.STAGING, run / export.EXPORT
 
 # %%
 release = export.release_source(run, weights, base_model, base_config)
-vae = export.build_release_vae(release["base_model"], release["base_config"], release["decoder_weights"])
-stem = export.release_stem(model_name, version, release["step"])
-print(f"step {release['step']} ({weights} weights) on base {release['base_model']!r}")
-if release["base_model"] != release["trained_base_model"]:
-    print(f"NOTE: the run trained on {release['trained_base_model']!r}; its encoder is replaced.")
-if not models.is_pretrained(release["base_model"]):
+vae = export.build_release_vae(release.base_model, release.base_config, release.decoder_weights)
+stem = export.release_stem(name, version, release.step)
+print(f"{stem}: step {release.step} ({weights} weights) on base {release.base_model!r}")
+if release.base_model != release.trained_base_model:
+    print(f"NOTE: the run trained on {release.trained_base_model!r}; its encoder is replaced.")
+if not models.is_pretrained(release.base_model):
     print("NOTE: the base is not a pretrained VAE; these files are for testing only.")
 models.describe(vae)
 
@@ -97,7 +100,7 @@ models.describe(vae)
 # Into a staging folder (emptied first); it becomes `export/` only once every file passed section 3.
 
 # %%
-metadata = export.file_metadata(model_name, version, release["step"], release["base_model"], weights)
+metadata = export.file_metadata(name, version, release.step, release.base_model, weights)
 files = export.write_release_files(vae, stage_dir, stem, metadata, fp16_copy)
 {role: str(path.relative_to(stage_dir)) for role, path in files.items()}
 
@@ -117,22 +120,23 @@ pd.DataFrame([{"file": c["file"], "loader": c["loader"], "MB": round(hashes[c["f
                "decode diff": f"{c['decode_max_abs_diff']:.2e}", "passed": c["passed"]} for c in checks])
 
 # %%
-images = export.val_images(run)
+images, picture = export.val_images(run), ""
 if images is None:
-    print(f"No {run}/data/val/*.png: skipping the side-by-side figure.")
+    print(f"No {run}/data/val/*.png: skipping the side-by-side figure (the card has no picture).")
 else:
-    base_vae = models.load_vae(release["base_model"], release["base_config"])
+    base_vae = models.load_vae(release.base_model, release.base_config)
     exported = models.load_vae(str(files["single"]), base_config=str(stage_dir / "diffusers"))
     columns = export.reconstructions(images, {"base": base_vae, "exported": exported}, base_vae, dev)
-    fig = plots.reconstruction_strip(columns, f"base vs {files['single'].name}")
-    fig.savefig(run / "04_export_side_by_side.png", dpi=80)
+    picture = "reconstructions.png"  # beside the card, so the Hub page shows it
+    show(plots.reconstruction_strip(columns, f"base vs {files['single'].name}"), save_to=stage_dir / picture)
 
 # %% [markdown]
 # ## 4. Model card
 # Written as `export/README.md`; then the manifest (sizes, SHA-256, checks) and the move to `export/`.
 
 # %%
-card = model_card.model_card(run, release, model_name, version, license, fp16_copy, hub_repo)
+card = model_card.model_card(run, release, vae.config, name, version, license, fp16_copy, hub_repo,
+                             training_data, picture)
 (stage_dir / "README.md").write_text(card)
 manifest = export.finalize_export(stage_dir, export_dir, release, checks)
 display(Markdown(card))
@@ -147,7 +151,7 @@ print(hub_url or "push_to_hub is False: nothing uploaded.")
 # %%
 runinfo.write_record(run / "04_export.record.json",
                      runinfo.notebook_parameters("04_export", globals()),
-                     dict(export_dir=str(export_dir), step=release["step"], base_model=release["base_model"],
+                     dict(export_dir=str(export_dir), step=release.step, base_model=release.base_model, name=stem,
                           files=manifest["files"], verification=checks, passed=manifest["passed"],
-                          pretrained_base=models.is_pretrained(release["base_model"]), hub_url=hub_url),
+                          pretrained_base=models.is_pretrained(release.base_model), hub_url=hub_url),
                      dev)

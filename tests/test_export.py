@@ -17,6 +17,7 @@ from furlib.ldm_keys import ldm_to_diffusers
 from furlib.models import decoder_state, load_vae
 
 STEP, STEM = 150, "furception-v1.0-step150"
+SD_CONFIG = {"latent_channels": 4, "block_out_channels": [128, 256, 512, 512], "scaling_factor": 0.18215}
 METRICS = "| model | PSNR |\n|---|---|\n| base | 20.1 |\n| this run | 21.3 |"
 
 
@@ -38,12 +39,12 @@ def fabricate_run(run, with_record=True):
 def run_export(run, weights="ema", fp16_copy=True):
     """The notebook's sequence of calls."""
     release = export.release_source(run, weights)
-    vae = export.build_release_vae(release["base_model"], release["base_config"], release["decoder_weights"])
+    vae = export.build_release_vae(release.base_model, release.base_config, release.decoder_weights)
     stage = run / export.STAGING
-    meta = export.file_metadata("furception", "1.0", release["step"], release["base_model"], weights)
+    meta = export.file_metadata("furception", "1.0", release.step, release.base_model, weights)
     files = export.write_release_files(vae, stage, STEM, meta, fp16_copy)
     checks = export.verify_export(vae, files, stage, seed=0)
-    card = model_card.model_card(run, release, "furception", "1.0", "cc-by-nc-sa-4.0", fp16_copy)
+    card = model_card.model_card(run, release, vae.config, "furception", "1.0", "cc-by-nc-sa-4.0", fp16_copy)
     (stage / "README.md").write_text(card)
     return export.finalize_export(stage, run / export.EXPORT, release, checks)
 
@@ -126,9 +127,9 @@ def test_model_card(exported):
 
 
 def test_card_names_a_hub_base_and_says_when_eval_is_missing(tmp_path):
-    release = {"base_model": "stabilityai/sd-vae-ft-mse@vae", "step": 7, "checkpoint": "x/step_0000007",
-               "weights": "raw"}
-    card = model_card.model_card(tmp_path, release, "m", "2.0", "mit", fp16_copy=False, hub_repo="me/m")
+    release = export.Release(checkpoint="x/step_0000007", step=7, base_model="stabilityai/sd-vae-ft-mse@vae",
+                             base_config="", trained_base_model="tiny", weights="raw", decoder_weights={})
+    card = model_card.model_card(tmp_path, release, SD_CONFIG, "m", "2.0", "mit", fp16_copy=False, hub_repo="me/m")
     assert "base_model: stabilityai/sd-vae-ft-mse\n" in card and "test-only" not in card
     assert "was not run" in card and "parameters unknown" in card and "fp16" not in card
     assert '"me/m", subfolder="diffusers"' in card
@@ -149,7 +150,7 @@ def test_a_broken_file_fails_verification(tmp_path, damage):
     run = tmp_path / "broken"
     fabricate_run(run, with_record=False)
     release = export.release_source(run)
-    vae = export.build_release_vae("tiny", "", release["decoder_weights"])
+    vae = export.build_release_vae("tiny", "", release.decoder_weights)
     stage = run / export.STAGING
     files = export.write_release_files(vae, stage, STEM, {"format": "pt"}, fp16_copy=False)
     ldm = load_file(files["single"])
@@ -165,7 +166,7 @@ def test_a_broken_file_fails_verification(tmp_path, damage):
 
 def test_finalize_refuses_failed_checks(tmp_path):
     with pytest.raises(RuntimeError, match="passing verification"):
-        export.finalize_export(tmp_path, tmp_path / "export", {}, [{"passed": False}])
+        export.finalize_export(tmp_path, tmp_path / "export", None, [{"passed": False}])
 
 
 def test_release_source_errors(tmp_path):
@@ -200,3 +201,42 @@ def test_val_images_and_reconstructions(tmp_path):
     assert list(cols) == ["input", "a", "b"] and torch.equal(cols["a"], cols["b"])
     assert export.val_images(tmp_path / "none") is None
     shutil.rmtree(val)
+
+
+def _card(run_dir, base="stabilityai/sd-vae-ft-mse", config=SD_CONFIG, **kw):
+    release = export.Release(checkpoint="x/step_0000007", step=7, base_model=base, base_config="",
+                             trained_base_model=base, weights="ema", decoder_weights={})
+    return model_card.model_card(run_dir, release, config, "my_run", "1.0", "mit", **kw)
+
+
+def test_card_says_what_the_data_was(tmp_path):
+    (tmp_path / "data").mkdir()
+    report = {"source": "/data/my_art", "settings": {"resolution": 256, "max_side": 1536},
+              "counts": {"inputs": 120, "train": 100, "val": 10, "rejected": 6, "duplicates": 4}}
+    (tmp_path / "data" / "report.json").write_text(json.dumps(report))
+    card = _card(tmp_path, training_data="My own drawings, CC BY 4.0.")
+    data = card.split("## Training data")[1].split("\n## ")[0]
+    assert "My own drawings, CC BY 4.0." in data and "`/data/my_art`" in data
+    assert "100 training and 10 held-out" in data and "6 rejected, 4 duplicates" in data
+    assert "1536 px" in data and "256 px" in data
+    blank = _card(tmp_path / "elsewhere")
+    assert "Not described" in blank and "No `data/report.json`" in blank
+
+
+@pytest.mark.parametrize("base, config, says, denies", [
+    ("stabilityai/sd-vae-ft-mse", SD_CONFIG, "Stable Diffusion 1.x and 2.x", "Not for SDXL"),
+    ("madebyollin/sdxl-vae-fp16-fix", dict(SD_CONFIG, scaling_factor=0.13025), "**SDXL", "Not for SD 1.x/2.x"),
+    ("someone/f16-vae", dict(SD_CONFIG, latent_channels=16), "16 channels", "drop-in"),
+    ("tiny", dict(SD_CONFIG, block_out_channels=[32, 64, 64, 64]), "None: `tiny` is a random test VAE", "drop-in"),
+])
+def test_card_states_compatibility_from_the_latent_layout(tmp_path, base, config, says, denies):
+    section = _card(tmp_path, base, config).split("## Compatibility")[1].split("\n## ")[0]
+    assert says in section and "kl-f8" in section
+    assert ("drop-in" not in section) if denies == "drop-in" else (denies in section)
+
+
+def test_card_embeds_the_picture_and_is_not_furception(tmp_path):
+    card = _card(tmp_path, picture="reconstructions.png")
+    assert "](reconstructions.png)" in card and "# my_run v1.0" in card
+    assert "not the Furception release" in card
+    assert "](" not in _card(tmp_path).split("## Training data")[0]

@@ -56,8 +56,10 @@ def test_eval_table_finite_and_honest(run_dir):
 def test_export_verified(run_dir):
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
     assert (run_dir / "export" / "diffusers" / "config.json").exists()
-    assert list((run_dir / "export").glob("furception-v0.0-smoke-step4.safetensors"))
-    assert (run_dir / "export" / "README.md").exists()
+    assert list((run_dir / "export").glob("smoke-v0.0-smoke-step4.safetensors")), "named after the run"
+    card = (run_dir / "export" / "README.md").read_text()
+    assert "](reconstructions.png)" in card and (run_dir / "export" / "reconstructions.png").exists()
+    assert "## Training data" in card and "`builtin`" in card
     assert len(manifest["files"]) >= 5 and all(len(f["sha256"]) == 64 for f in manifest["files"])
     assert manifest["verification"] and all(v["passed"] for v in manifest["verification"])
 
@@ -95,3 +97,13 @@ def test_training_without_prepared_data_names_the_missing_step(tmp_path):
     params = dict(fit.notebook_defaults(), outputs_dir=str(tmp_path), run_name="nodata", device="cpu")
     with pytest.raises(ValueError, match="no training images .*run 01_data_prep with run_name='nodata'"):
         fit.fit(params)
+
+
+def test_saved_notebooks_show_text_progress_not_frozen_widgets(run_dir):
+    """tqdm.auto stored a widget at 0% in executed notebooks; the text bar keeps its last state."""
+    nb = json.loads((run_dir / "03_eval.ipynb").read_text())
+    outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
+    stderr = "".join("".join(o["text"]) for o in outputs if o.get("name") == "stderr")
+    assert "evaluate: 100%" in stderr and "batch/s]" in stderr
+    assert not [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+                and "evaluate" in "".join(o["data"].get("text/plain", ""))]

@@ -1,14 +1,26 @@
 """Stage 04's model card: Hugging Face YAML front matter and Markdown for ``export/README.md``.
 
-It reads what the run left behind: ``02_train.record.json`` for the training parameters and
-``eval/metrics.md`` (written by ``furlib.evaluation.report``) for the evaluation; a missing one is said.
+It reads what the run left behind: ``data/report.json`` (01) for the training data,
+``02_train.record.json`` for the training parameters and ``eval/metrics.md`` (written by
+``furlib.evaluation.report``) for the evaluation; a missing one is said, never guessed.
 """
 
 import json
 from pathlib import Path
 
-from furlib.export.release import EXPORT, release_stem
+from furlib.export.release import EXPORT, Release, release_stem
 from furlib.models import is_pretrained
+
+# (latent channels, downscale factor, scaling factor) -> the models that read such latents.
+# SD 1.x/2.x and SDXL VAEs share the kl-f8 architecture; only the scaling factor tells them apart.
+_LATENT_FAMILIES = {
+    (4, 8, 0.18215): ("Stable Diffusion 1.x and 2.x (and models finetuned from them)",
+                      "SDXL, whose VAE has another latent space (scaling factor 0.13025), nor "
+                      "SD 3 / Flux (16 latent channels)"),
+    (4, 8, 0.13025): ("SDXL (and models finetuned from it)",
+                      "SD 1.x/2.x, whose VAE has another latent space (scaling factor 0.18215), nor "
+                      "SD 3 / Flux (16 latent channels)"),
+}
 
 
 def _hub_base(base_model: str) -> str:
@@ -18,11 +30,46 @@ def _hub_base(base_model: str) -> str:
     return repo if is_pretrained(base_model) and not local and repo.count("/") == 1 else ""
 
 
-def _training_section(run_dir: Path, release: dict) -> str:
+def compatibility(base_model: str, vae_config) -> str:
+    """Which diffusion models can use the release, from the shipped encoder's latent layout."""
+    channels = vae_config["latent_channels"]
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    scale = round(float(vae_config.get("scaling_factor", 0.18215)), 5)
+    layout = f"kl-f{factor} latents, {channels} channels, scaling factor {scale}"
+    if not is_pretrained(base_model):
+        return f"None: `{base_model}` is a random test VAE ({layout}); no diffusion model reads its latents."
+    family = _LATENT_FAMILIES.get((channels, factor, scale))
+    if family is None:
+        return (f"The encoder is `{base_model}`'s ({layout}): use it only with diffusion models "
+                "trained on that VAE's latents.")
+    return (f"The encoder is `{base_model}`'s, so latents are unchanged ({layout}): a drop-in decoder "
+            f"for **{family[0]}**. Not for {family[1]}.")
+
+
+def _data_section(run_dir: Path, training_data: str) -> str:
+    said = training_data.strip() or ("*Not described: say here what the images are, where they come "
+                                     "from and under which licence, before publishing.*")
+    report_path = Path(run_dir) / "data" / "report.json"
+    if not report_path.exists():
+        return said + "\n\nNo `data/report.json` was found: the prepared data is not recorded."
+    report = json.loads(report_path.read_text())
+    counts, settings = report.get("counts", {}), report.get("settings", {})
+    source = report.get("source", "?")
+    builtin = " (the project's drawn flat-colour sample images, not real artwork)" if source == "builtin" else ""
+    return "\n".join([said, "", f"- source: `{source}`{builtin}",
+                      f"- {counts.get('train', '?')} training and {counts.get('val', '?')} held-out "
+                      f"images (split by content hash; the held-out ones were never trained on), "
+                      f"from {counts.get('inputs', '?')} inputs: {counts.get('rejected', '?')} rejected, "
+                      f"{counts.get('duplicates', '?')} duplicates (each listed in `data/report.json`)",
+                      f"- stored with the long side at most {settings.get('max_side', '?')} px; trained "
+                      f"on random square crops of {settings.get('resolution', '?')} px"])
+
+
+def _training_section(run_dir: Path, release: Release) -> str:
     record = Path(run_dir) / "02_train.record.json"
-    kind = "EMA of the decoder" if release["weights"] == "ema" else "raw, not the EMA"
-    lines = [f"- steps: {release['step']} (checkpoint `{Path(release['checkpoint']).name}`)",
-             f"- released weights: {release['weights']} ({kind})"]
+    kind = "EMA of the decoder" if release.weights == "ema" else "raw, not the EMA"
+    lines = [f"- steps: {release.step} (checkpoint `{Path(release.checkpoint).name}`)",
+             f"- released weights: {release.weights} ({kind})"]
     if not record.exists():
         return "\n".join(lines + ["- no `02_train.record.json` was found: parameters unknown"])
     params = json.loads(record.read_text()).get("parameters", {})
@@ -48,10 +95,18 @@ license: {license}
 
 # {model_name} v{version}
 
-A Stable Diffusion VAE whose **decoder** was finetuned from `{base_model}`; the encoder and
-`quant_conv` are the base model's, so latents are unchanged and it drops into pipelines that
-use the base VAE.
+A Stable Diffusion VAE whose **decoder** was finetuned from `{base_model}` with the Furception
+v1.0 recipe (this is a new model trained with that recipe, not the Furception release). The
+encoder and `quant_conv` are the base model's.
 {test_note}
+## Compatibility
+
+{compatibility}
+{picture}
+## Training data
+
+{data}
+
 ## Recipe
 
 The Furception v1.0 recipe as implemented by this project (the parameters below say what this
@@ -95,12 +150,16 @@ may constrain how this model can be used and shared; check both before publishin
 """
 
 
-def model_card(run_dir: Path, release: dict, model_name: str, version: str, license: str,
-               fp16_copy: bool = True, hub_repo: str = "") -> str:
-    """The model card (Hugging Face YAML front matter + markdown) for ``export/README.md``."""
-    base, hub_base = release["base_model"], _hub_base(release["base_model"])
+def model_card(run_dir: Path, release: Release, vae_config, model_name: str, version: str, license: str,
+               fp16_copy: bool = True, hub_repo: str = "", training_data: str = "", picture: str = "") -> str:
+    """The model card (Hugging Face YAML front matter + markdown) for ``export/README.md``.
+
+    ``vae_config``: the released VAE's config (its latent layout decides compatibility);
+    ``training_data``: the user's words on the images; ``picture``: an image file beside the card.
+    """
+    base, hub_base = release.base_model, _hub_base(release.base_model)
     test_only = not is_pretrained(base)
-    stem = release_stem(model_name, version, release["step"])
+    stem = release_stem(model_name, version, release.step)
     return _CARD.format(
         license=license, base_model=base, model_name=model_name, version=version, stem=stem,
         base_line=f"base_model: {hub_base}\n" if hub_base else "",
@@ -108,6 +167,9 @@ def model_card(run_dir: Path, release: dict, model_name: str, version: str, lice
         test_note=(f"\n**Testing only:** `{base}` is a randomly initialised model, not a pretrained "
                    "VAE; these files exercise the pipeline and are useless for images.\n")
         if test_only else "",
+        compatibility=compatibility(base, vae_config),
+        picture=f"\n![input, base decoder, this decoder on held-out images]({picture})\n" if picture else "",
+        data=_data_section(run_dir, training_data),
         training=_training_section(run_dir, release), metrics=_metrics_section(run_dir),
         fp16_row=f"| `{stem}-fp16.safetensors` | the same in fp16 (half the size) |\n" if fp16_copy else "",
         fp16_variant=", plus the `fp16` variant" if fp16_copy else "",

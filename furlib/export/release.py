@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -38,14 +39,30 @@ FP16_TOL = 3e-2
 STAGING, EXPORT = ".export-staging", "export"
 
 
-def release_source(run_dir: Path, weights: str = "ema", base_model: str = "", base_config: str = "") -> dict:
+@dataclass(frozen=True)
+class Release:
+    """What stage 04 releases from a run; ``release_source`` builds it."""
+
+    checkpoint: str           # the checkpoint folder the weights come from
+    step: int                 # its optimizer step
+    base_model: str           # the VAE whose encoder and quant_conv ship (the run's own unless given)
+    base_config: str          # diffusers folder giving a single-file base its architecture, or ''
+    trained_base_model: str   # the base the run trained from (its checkpoint's state.json)
+    weights: str              # "ema" (the release) or "raw"
+    decoder_weights: dict = field(repr=False)  # decoder + post_quant_conv tensors, diffusers keys
+
+    def record(self) -> dict:
+        """JSON-able fields (the tensors left out), for the manifest and run records."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "decoder_weights"}
+
+
+def release_source(run_dir: Path, weights: str = "ema", base_model: str = "", base_config: str = "") -> Release:
     """What a run releases: checkpoint, step, base model (the run's own unless given), weights."""
     ckpt = find_run_checkpoint(run_dir)
     base_model, base_config, state = run_base(ckpt, base_model, base_config)
-    return {"checkpoint": str(ckpt), "step": int(state["step"]), "base_model": base_model,
-            "trained_base_model": state.get("base_model", ""),
-            "base_config": base_config or "", "weights": weights,
-            "decoder_weights": load_decoder_weights(ckpt, weights)}
+    return Release(checkpoint=str(ckpt), step=int(state["step"]), base_model=base_model,
+                   base_config=base_config or "", trained_base_model=state.get("base_model", ""),
+                   weights=weights, decoder_weights=load_decoder_weights(ckpt, weights))
 
 
 def build_release_vae(base_model: str, base_config: str, decoder_weights: dict):
@@ -157,11 +174,13 @@ def check_single_file_layout(path: Path, vae, dtype: torch.dtype) -> str:
 
 def verify_export(vae, files: dict, stage_dir: Path, seed: int = 0, device="cpu") -> list[dict]:
     """Reload every file, compare all weights and a decode with ``vae``; raise if any fails."""
+    from furlib.progress import tqdm
+
     latents = seeded_latents(vae, seed)
     reference = decode(vae, latents, device)
     exact = {k: v.detach().cpu().float() for k, v in vae.state_dict().items()}
     results = []
-    for role, path in files.items():
+    for role, path in tqdm(files.items(), desc="verify", unit="file"):
         fp16 = role.endswith("fp16")
         expected = {k: v.half() for k, v in exact.items()} if fp16 else exact
         layout = check_single_file_layout(path, vae, torch.float16 if fp16 else torch.float32) \
@@ -201,13 +220,13 @@ def file_table(root: Path) -> list[dict]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.json"]
 
 
-def finalize_export(stage_dir: Path, export_dir: Path, release: dict, checks: list[dict]) -> dict:
+def finalize_export(stage_dir: Path, export_dir: Path, release: Release, checks: list[dict]) -> dict:
     """Write ``manifest.json`` into the staging folder, then swap it in as ``export_dir``."""
     if not checks or not all(c["passed"] for c in checks):
         raise RuntimeError("finalize_export needs passing verification results (run verify_export)")
     stage_dir, export_dir = Path(stage_dir), Path(export_dir)
     manifest = {"written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "release": {k: v for k, v in release.items() if k != "decoder_weights"},
+                "release": release.record(),
                 "files": file_table(stage_dir), "verification": checks, "passed": True}
     (stage_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
     shutil.rmtree(export_dir, ignore_errors=True)  # an older export of the same run is replaced
