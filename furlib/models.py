@@ -10,6 +10,7 @@
 ``tiny`` and ``random:sd`` are not pretrained: reports of runs on them say so.
 """
 
+import os
 from pathlib import Path
 
 import torch
@@ -21,9 +22,9 @@ TINY_CONFIG = dict(
     sample_size=64,
 )
 OFFLINE_HINT = (
-    "Check the id; without access to the Hub (offline), use instead: a local diffusers folder, a single-file "
-    ".safetensors VAE, 'tiny' (small random VAE for CPU runs) or 'random:sd' (SD architecture, "
-    "random weights, for timing). With internet (Colab/Kaggle) the hub id works as given."
+    "Without the Hub, use instead: a local diffusers folder, a single-file .safetensors VAE, 'tiny' "
+    "(small random VAE for CPU runs) or 'random:sd' (SD architecture, random weights, for timing). "
+    "With internet (Colab/Kaggle) the hub id works as given."
 )
 TRAINABLE_PREFIXES = ("decoder.", "post_quant_conv.")  # the rest (encoder, quant_conv) stays frozen
 
@@ -60,12 +61,16 @@ def _load_from_hub(base_model: str):
     from furlib.data.sources import hub_unreachable
 
     repo, _, subfolder = base_model.partition("@")
+    unreachable = hub_unreachable() or ("HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE") else "")
     try:  # with the Hub out of reach, only the local cache: fail in ms, not after retries
         return AutoencoderKL.from_pretrained(repo, subfolder=subfolder or None,
-                                             local_files_only=bool(hub_unreachable())).eval()
+                                             local_files_only=bool(unreachable)).eval()
     except OSError as err:  # diffusers reports both "offline" and "no such repo" as OSError
-        raise RuntimeError(f"Could not load base_model {base_model!r} from the Hugging Face Hub: "
-                           f"{err}\n{OFFLINE_HINT}") from err
+        ours = (f"base_model {base_model!r} is a Hugging Face Hub id, but the Hub cannot be reached "
+                f"({unreachable}) and it is not in the local cache. {OFFLINE_HINT}") if unreachable else \
+            (f"base_model {base_model!r}: the Hugging Face Hub has no such VAE (or refused it): check "
+             f"the id, e.g. 'stabilityai/sd-vae-ft-mse' or 'repo@subfolder'. {OFFLINE_HINT}")
+        raise RuntimeError(f"{ours}\n(diffusers said: {err})") from err
 
 
 def load_single_file(path: Path, base_config: str = ""):

@@ -37,8 +37,11 @@ def test_local_folder_round_trip_and_bad_paths(tmp_path):
 
 def test_hub_id_offline_names_the_alternatives(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match="'tiny'.*'random:sd'"):
+    with pytest.raises(RuntimeError, match="'tiny'.*'random:sd'") as caught:
         models.load_vae("someone/some-vae")
+    message = str(caught.value)  # the project's words first, diffusers' after
+    assert message.startswith("base_model 'someone/some-vae' is a Hugging Face Hub id, but the Hub cannot be reached")
+    assert message.index("'random:sd'") < message.index("diffusers said")
 
 
 def test_with_decoder_checks_keys():
