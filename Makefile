@@ -3,15 +3,19 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PROFILE ?= params/demo.yaml
+# CPU-only machine: TORCH_INDEX=https://download.pytorch.org/whl/cpu installs torch from there
+# first (about 0.2 GB instead of ~6 GB of CUDA wheels); empty: torch from PyPI, as requirements say.
+TORCH_INDEX ?=
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(if $(TORCH_INDEX),$(PY) -m pip install --quiet torch torchvision --index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
-.PHONY: install demo run test sync
+.PHONY: install demo run test sync lab
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed  ## all four notebooks on the built-in set, tiny model, CPU
@@ -25,3 +29,10 @@ test: $(VENV)/.installed
 
 sync: $(VENV)/.installed  ## after editing notebooks/*.py
 	$(VENV)/bin/jupytext --sync notebooks/*.py
+
+$(VENV)/.lab-installed: $(VENV)/.installed requirements-lab.txt
+	$(PY) -m pip install --quiet -r requirements-lab.txt
+	touch $@
+
+lab: $(VENV)/.lab-installed  ## Jupyter Lab on the notebooks, kernel = this .venv (outputs not saved into notebooks/)
+	$(VENV)/bin/jupyter lab --config=tools/jupyter_lab_config.py notebooks/01_data_prep.ipynb

@@ -1,0 +1,51 @@
+"""`make lab`: Jupyter Lab from the project's .venv, and saving a notebook keeps git clean."""
+
+import copy
+import json
+import re
+
+from traitlets.config import Config
+
+from furlib import pipeline
+
+ROOT = pipeline.ROOT
+
+
+def _hook():
+    config = Config()
+    exec((ROOT / "tools" / "jupyter_lab_config.py").read_text(), {"get_config": lambda: config})
+    return config.ContentsManager.pre_save_hook
+
+
+def _executed_model():
+    nb = json.loads(pipeline.notebook_path("01_data_prep").read_text())
+    for i, cell in enumerate(c for c in nb["cells"] if c["cell_type"] == "code"):
+        cell["execution_count"] = i + 1
+        cell["outputs"] = [{"output_type": "stream", "name": "stdout", "text": "8 inputs -> 6 kept\n"}]
+    return {"type": "notebook", "content": nb}
+
+
+def test_saving_a_committed_notebook_drops_its_outputs():
+    hook, model = _hook(), _executed_model()
+    source_before = [c["source"] for c in model["content"]["cells"]]
+    hook(model=model, path="notebooks/01_data_prep.ipynb", contents_manager=None)
+    code = [c for c in model["content"]["cells"] if c["cell_type"] == "code"]
+    assert code and all(c["outputs"] == [] and c["execution_count"] is None for c in code)
+    assert [c["source"] for c in model["content"]["cells"]] == source_before, "code and text are kept"
+
+
+def test_other_notebooks_keep_their_outputs():
+    hook, model = _hook(), _executed_model()
+    for path in ("outputs/my_run/01_data_prep.ipynb", "/scratch.ipynb", "notebooks/old/01.ipynb"):
+        saved = copy.deepcopy(model)
+        hook(model=saved, path=path, contents_manager=None)
+        assert saved == model, path
+    hook(model={"type": "file", "content": "x"}, path="notebooks/notes.txt")  # not a notebook: untouched
+
+
+def test_make_lab_uses_the_venv_jupyter_and_the_config():
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^lab:.*\n\t(.*)$", makefile, re.M).group(1)
+    assert recipe.startswith("$(VENV)/bin/jupyter lab") and "--config=tools/jupyter_lab_config.py" in recipe
+    lab = (ROOT / "requirements-lab.txt").read_text()
+    assert "jupyterlab" in lab and "jupyterlab" not in (ROOT / "requirements.txt").read_text()
