@@ -1,4 +1,7 @@
-"""Defensive decoding of one image into the project's on-disk form: an 8-bit sRGB ``RGB`` PIL image.
+"""Images in, and the project's image conventions: decoding, the one centre crop, range conversions.
+
+Decoding: defensive decoding of one image into the project's on-disk form, an 8-bit sRGB ``RGB``
+PIL image.
 
 ``load_rgb`` accepts a path, the encoded bytes, or an already opened PIL image, and either returns
 a fresh ``RGB`` image (EXIF orientation applied, embedded ICC profile converted to sRGB, alpha
@@ -12,6 +15,11 @@ Sizes are checked from the header before any pixel is decoded, so a decompressio
 few hundred bytes of reading. PIL's own global limit (``Image.MAX_IMAGE_PIXELS``) still applies:
 the effective limit is the smaller of it and ``max_pixels``; its warning and error are turned into
 ``too_many_pixels`` rejections instead of passing through.
+
+Conventions (the only place they are converted): ``uint8`` HWC RGB arrays <-> ``rgb_m11`` float
+CHW/NCHW tensors in [-1, 1] (``to_rgb_m11``, ``to_uint8``), and ``rgb_01`` in [0, 1] for metrics and
+plots (``to_rgb_01``). ``center_crop`` is the one fixed crop: 02's preview strip, 03's evaluation
+and 04's previews all see the same pixels.
 """
 
 import io
@@ -20,6 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageCms
 
 DEFAULT_MAX_PIXELS = 89_000_000  # just under PIL's default bomb limit (89,478,485)
@@ -206,3 +215,36 @@ def _transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform:
     srgb = ImageCms.createProfile("sRGB")
     return ImageCms.buildTransform(_profile(icc), srgb, mode, "RGB",
                                    renderingIntent=ImageCms.Intent.PERCEPTUAL)
+
+
+def center_crop(image: Image.Image, resolution: int) -> np.ndarray:
+    """The centre square of the short side, Lanczos-resized to ``resolution`` (sd-vae-ft-mse's
+    protocol: short side to R, centre crop); uint8 HWC RGB. Only the square is resampled."""
+    short = min(image.size)
+    left, top = (image.width - short) // 2, (image.height - short) // 2
+    box = (left, top, left + short, top + short)
+    if short == resolution:
+        return np.asarray(image.crop(box))
+    return np.asarray(image.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box))
+
+
+def to_rgb_m11(pixels_hwc: np.ndarray) -> torch.Tensor:
+    """uint8 HWC (or NHWC) RGB -> float32 CHW (or NCHW) ``rgb_m11`` in [-1, 1].
+
+    Done in numpy: torch's intra-op thread pool makes this tiny op ~100x slower on a busy CPU.
+    """
+    chw = np.moveaxis(pixels_hwc, -1, -3).astype(np.float32)  # a fresh, writable copy
+    chw *= 1.0 / 127.5
+    chw -= 1.0
+    return torch.from_numpy(np.ascontiguousarray(chw))
+
+
+def to_rgb_01(rgb_m11: torch.Tensor) -> torch.Tensor:
+    """``rgb_m11`` -> float32 in [0, 1], clamped (a decoder's output can overshoot)."""
+    return ((rgb_m11.float() + 1.0) * 0.5).clamp(0.0, 1.0)
+
+
+def to_uint8(rgb_m11) -> np.ndarray:
+    """``rgb_m11`` CHW / NCHW (tensor or array) -> uint8 HWC / NHWC for saving and display."""
+    x = torch.as_tensor(rgb_m11).detach().cpu()
+    return (to_rgb_01(x) * 255).round().to(torch.uint8).movedim(-3, -1).numpy()

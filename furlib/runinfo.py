@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 LIBRARIES = ("torch", "torchvision", "diffusers", "lpips", "accelerate", "safetensors",
-             "torchmetrics", "datasets", "pillow", "numpy", "papermill", "jupytext")
+             "datasets", "pillow", "numpy", "papermill", "jupytext")
 
 
 def pick_device(device: str = "auto") -> torch.device:

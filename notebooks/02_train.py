@@ -59,7 +59,7 @@ num_gpus = 1                              # processes, one GPU each (accelerate)
 resolution = 256                          # training crop side, px (multiple of 8)
 min_crop_scale = 0.08                     # smallest crop, as a fraction of the image area
 num_workers = 4                           # data loader processes
-pixel_cache = "auto"                      # decoded-PNG cache in data/pixel_cache: "auto" (fits half the free disk), "yes", "no"
+pixel_cache = "auto"                      # decoded-PNG cache in <run>/pixel_cache: "auto" (fits half the free disk), "yes", "no"
 batch_size = 32                           # images per optimizer step
 grad_accum = 1                            # micro-batches per step (batch_size / grad_accum each)
 max_steps = 150_000                       # optimizer steps
@@ -156,7 +156,8 @@ if num_gpus > 1:
     display(Image(filename=str(run_path / "train" / "dashboard.png")), Image(filename=str(run_path / "train" / "strip.png")))
 print(f"step {results['step']}, {results['images_per_s']:.1f} images/s, {results['skipped_steps']} skipped steps",
       *results["notes"], sep="\n")
-display(results["held_out_oklab_l1"])
+print(f"preview images from: {results['preview_split']}")
+display(results["preview_oklab_l1"])
 
 # %%
 runinfo.write_record(run_path / "02_train.record.json", params, results, dev)

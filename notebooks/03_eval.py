@@ -97,7 +97,7 @@ print(f"device {dev}; results go to {eval_dir}")
 
 # %%
 specs = evaluate.run_models(run, base_model, base_config, compare, seed)
-model_notes = {s.name: {"source": s.source(), "pretrained": s.pretrained} for s in specs}
+model_notes = {s.name: {"source": s.source(), "pretrained": s.pretrained, "step": s.step} for s in specs}
 display(pd.DataFrame(model_notes).T)
 if not all(s.pretrained for s in specs):
     print("NOTE: some models are random-weight test VAEs: their numbers mean nothing.")

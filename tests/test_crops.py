@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from furlib.images import to_rgb_m11
 from furlib.training import crops, pixelcache
 
 
@@ -76,7 +77,7 @@ def test_rgb_order_and_every_rotation_and_flip_appear():
     seen = [next(i for i, t in enumerate(dihedral(source)) if np.array_equal(o, t)) for o in outs]
     assert set(seen) == set(range(8))  # all 8 symmetries of the square, each fairly often
     assert min(np.bincount(seen, minlength=8)) >= 10
-    red = crops.to_rgb_m11(crops.random_crop(Image.new("RGB", (40, 40), (255, 0, 0)), 32,
+    red = to_rgb_m11(crops.random_crop(Image.new("RGB", (40, 40), (255, 0, 0)), 32,
                                              np.random.default_rng(0)))
     assert torch.equal(red[:, 5, 5], torch.tensor([1.0, -1.0, -1.0]))  # RGB, never BGR
 
@@ -113,7 +114,7 @@ def test_center_crops(noise_dir, tmp_path):
     source = np.random.default_rng(4).integers(0, 256, (40, 60, 3), np.uint8)
     save(tmp_path, "exact.png", source)
     exact = crops.center_crops([tmp_path / "exact.png"], 40)
-    assert torch.equal(exact[0], crops.to_rgb_m11(source[:, 10:50]))  # short side == resolution
+    assert torch.equal(exact[0], to_rgb_m11(source[:, 10:50]))  # short side == resolution
     batch = crops.center_crops(crops.list_images(noise_dir), 32)
     assert batch.shape == (5, 3, 32, 32) and batch.min() >= -1 and batch.max() <= 1
     assert crops.center_crops([], 32).shape == (0, 3, 32, 32)
@@ -135,7 +136,7 @@ def test_decoding_only_the_top_rows_changes_nothing(tmp_path):
         for g in range(60):
             whole = crops.open_rgb(paths[dataset.image_index(g)])
             expected = crops.random_crop(whole, resolution, crops.sample_rng(1, g))
-            assert torch.equal(dataset[g], crops.to_rgb_m11(expected))
+            assert torch.equal(dataset[g], to_rgb_m11(expected))
     top = crops.open_top_rows(paths[0], 10)
     assert np.asarray(top)[10:].max() == 0 and np.asarray(top)[:10].any()  # really partial
 

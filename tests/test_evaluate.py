@@ -69,12 +69,18 @@ def test_run_models_names_and_sources(run_dir, tmp_path):
         evaluate.run_models(tmp_path)
 
 
-def test_export_folder_is_evaluated_when_present(run_dir):
+def test_export_folder_is_evaluated_when_present_and_labelled_by_step(run_dir):
     export = run_dir / "export" / "diffusers"
     models.load_vae("tiny").save_pretrained(export)
+    manifest = run_dir / "export" / "manifest.json"
     try:
+        assert evaluate.run_models(run_dir)[-1].name == "export-unverified"
+        manifest.write_text(json.dumps({"release": {"step": 10}}))  # the checkpoint's step
         specs = evaluate.run_models(run_dir)
         assert specs[-1].name == "export" and specs[-1].load().config.latent_channels == 4
+        assert specs[-1].step == specs[1].step == 10
+        manifest.write_text(json.dumps({"release": {"step": 4}}))  # exported before a resume
+        assert evaluate.run_models(run_dir)[-1].name == "export-step4"
     finally:
         import shutil
 

@@ -33,6 +33,7 @@ def fabricate_run(run, with_record=True):
         (run / "02_train.record.json").write_text(json.dumps({"parameters": {"lr": 5e-7, "batch_size": 32}}))
         (run / "eval").mkdir()
         (run / "eval" / "metrics.md").write_text(METRICS + "\n")
+        (run / "eval" / "metrics.json").write_text(json.dumps({"models": {"finetuned-ema": {"step": STEP}}}))
     return raw, ema
 
 
@@ -124,6 +125,15 @@ def test_model_card(exported):
     assert METRICS in card and "| `lr` | `5e-07` |" in card and f"steps: {STEP}" in card
     assert "Testing only" in card and "models/VAE/" in card and "ComfyUI/models/vae/" in card
     assert "AutoencoderKL.from_pretrained" in card and "licence" in card.lower()
+
+
+def test_card_labels_an_evaluation_of_another_step(tmp_path):
+    fabricate_run(tmp_path)
+    release = export.Release(checkpoint="x/step_9", step=STEP + 5, base_model="tiny", base_config="",
+                             trained_base_model="tiny", weights="ema", decoder_weights={})
+    card = model_card.model_card(tmp_path, release, SD_CONFIG, "m", "2.0", "mit", fp16_copy=False)
+    assert f"numbers are of step {STEP}, not of this release (step {STEP + 5})" in card and METRICS in card
+    assert "not of this release" not in (tmp_path / "eval" / "metrics.md").read_text()
 
 
 def test_card_names_a_hub_base_and_says_when_eval_is_missing(tmp_path):

@@ -6,6 +6,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageCms
 
 from furlib.images import ImageRejected, load_rgb
@@ -154,3 +155,30 @@ def test_icc_profile_is_converted_to_srgb():
 
 def test_a_broken_icc_profile_is_a_rejection():
     assert rejected(encode(noise(), "PNG", icc_profile=b"garbage" * 30)) == "bad_icc_profile"
+
+
+def test_train_previews_and_eval_see_the_same_pixels(tmp_path):
+    """02's preview strip (crops.center_crops) and 03's evaluation (evaluate.batches) crop a
+    non-square val image identically: the one ``images.center_crop``."""
+    from furlib.evaluation import evaluate
+    from furlib.training import crops
+
+    rng = np.random.default_rng(0)
+    val = tmp_path / "data" / "val"
+    val.mkdir(parents=True)
+    for i, (w, h) in enumerate(((400, 300), (300, 451), (64, 64))):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(val / f"{i}.png")
+    paths = crops.list_images(val)
+    preview = crops.center_crops(paths, 64)
+    (_, evaluated), = evaluate.batches(evaluate.image_set("val", tmp_path), 64, batch_size=8)
+    assert torch.equal(preview, evaluated)
+
+
+def test_range_conversions_round_trip():
+    from furlib.images import to_rgb_01, to_rgb_m11, to_uint8
+
+    pixels = np.arange(256, dtype=np.uint8).repeat(3).reshape(16, 16, 3)
+    x = to_rgb_m11(pixels)
+    assert x.shape == (3, 16, 16) and x.min() == -1 and x.max() == 1
+    assert np.array_equal(to_uint8(x), pixels)
+    assert torch.equal(to_rgb_01(torch.tensor([-1.5, 0.0, 2.0])), torch.tensor([0.0, 0.5, 1.0]))

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from furlib.evaluation import metrics
+from furlib.images import to_rgb_01
 
 
 def _image(n=2, size=48, seed=0):
@@ -156,7 +157,7 @@ def test_rfid_accumulation_matches_a_direct_frechet_distance():
     for i in range(0, 12, 5):  # uneven batches
         fid.update("real", real[i:i + 5])
         fid.update("model", fake[i:i + 5])
-    to_u8 = lambda t: (metrics.to01(t) * 255).round().to(torch.uint8)  # noqa: E731
+    to_u8 = lambda t: (to_rgb_01(t) * 255).round().to(torch.uint8)  # noqa: E731
     f1, f2 = _fake_features(to_u8(real)).double().numpy(), _fake_features(to_u8(fake)).double().numpy()
     m1, m2, s1, s2 = f1.mean(0), f2.mean(0), np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
     expected = ((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)

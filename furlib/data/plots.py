@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from furlib.images import to_uint8
+
 
 def _figure(**kwargs):
     """A pyplot figure (so notebooks display it inline); the caller closes it after showing."""
@@ -101,8 +103,7 @@ def samples_figure(report: dict, data_dir, per_split: int = 8, thumb: int = 256)
 
 def crops_figure(batch_m11, columns: int = 8, title: str = "training crops"):
     """A grid of ``rgb_m11`` (N, 3, H, W) crops, shown at their own pixel size ratio."""
-    pixels = ((np.asarray(batch_m11, dtype=np.float32) + 1.0) * 127.5).round().clip(0, 255)
-    pixels = pixels.astype(np.uint8).transpose(0, 2, 3, 1)  # NHWC for imshow
+    pixels = to_uint8(batch_m11)  # NHWC for imshow
     count = len(pixels)
     columns = max(1, min(columns, count))
     rows = -(-count // columns)

@@ -7,7 +7,6 @@ Layout under ``data_dir`` (``outputs/<run_name>/data/``)::
     journal.jsonl                          one JSON line per processed input (the resume cache)
     settings.json                          the decoding settings the journal is valid for
     report.json                            what ``prepare`` returns
-    pixel_cache/<hash16>.npy               written by 02 (``furlib.training.pixelcache``), never read here
 
 ``hash`` is the sha256 of the decoded pixels (mode, size and bytes, before the long-side cap):
 equal hashes are exact duplicates, kept once. The split is a function of the hash alone, so it is

@@ -9,6 +9,7 @@ Report tables and files: ``furlib.evaluation.report``; tiled and fp16 decode che
 """
 
 import contextlib
+import json
 import heapq
 import math
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import torch
 
 from furlib.training import checkpoint
 from furlib.evaluation import metrics
-from furlib.training.crops import to_rgb_m11
+from furlib.images import center_crop, to_rgb_m11, to_uint8
 from furlib.models import is_pretrained, load_vae, with_decoder
 
 
@@ -35,6 +36,7 @@ class EvalModel:
     checkpoint: str = ""
     weights: str = ""
     seed: int = 0  # only for 'tiny' / 'random:sd', whose weights come from it
+    step: int | None = None  # the training step of its decoder (None: not from this run)
 
     @property
     def pretrained(self) -> bool:
@@ -57,16 +59,26 @@ def run_models(run_dir, base_model: str = "", base_config: str = "", compare: st
     ckpt = checkpoint.find_run_checkpoint(Path(run_dir))
     base_model, base_config, state = checkpoint.run_base(ckpt, base_model, base_config)
     seed = state.get("settings", {}).get("seed", seed)  # 'tiny' bases: the encoder 02 trained with
+    step = int(state["step"])
     specs = [EvalModel("base", base_model, base_config, seed=seed)]
     for which, stem in checkpoint.WEIGHT_FILES.items():
         if (ckpt / stem).exists():
-            specs.append(EvalModel(f"finetuned-{which}", base_model, base_config, str(ckpt), which, seed))
-    export = Path(run_dir) / "export" / "diffusers"
-    if (export / "config.json").exists():
-        specs.append(EvalModel("export", str(export)))
+            specs.append(EvalModel(f"finetuned-{which}", base_model, base_config, str(ckpt), which, seed, step))
+    export = Path(run_dir) / "export"
+    if (export / "diffusers" / "config.json").exists():  # labelled with its own step if it differs
+        export_step = export_release_step(export)
+        name = "export" if export_step == step else \
+            f"export-step{export_step}" if export_step is not None else "export-unverified"
+        specs.append(EvalModel(name, str(export / "diffusers"), step=export_step))
     for item in filter(None, (s.strip() for s in compare.split(","))):
         specs.append(EvalModel(_unique(_short_name(item), specs), item))
     return specs
+
+
+def export_release_step(export_dir: Path) -> int | None:
+    """The training step 04 exported (its ``manifest.json``), or None for an unverified folder."""
+    manifest = Path(export_dir) / "manifest.json"
+    return json.loads(manifest.read_text())["release"]["step"] if manifest.exists() else None
 
 
 def _short_name(item: str) -> str:
@@ -124,18 +136,10 @@ class _SourceItems:
 
 
 def preprocess(src, resolution: int) -> torch.Tensor:
-    """Image -> (3, R, R) ``rgb_m11``: short side to R with Lanczos, then the centre square."""
-    from PIL import Image
-
+    """Image -> (3, R, R) ``rgb_m11`` through ``images.center_crop`` (what 02's previews show)."""
     from furlib.images import load_rgb  # EXIF orientation, ICC -> sRGB, alpha over white
 
-    img = load_rgb(src)
-    scale = resolution / min(img.size)
-    size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
-    img = img.resize(size, Image.LANCZOS)
-    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
-    return to_rgb_m11(np.asarray(img))
+    return to_rgb_m11(center_crop(load_rgb(src), resolution))
 
 
 def batches(images: ImageSet, resolution: int, batch_size: int):
@@ -163,9 +167,6 @@ def reconstruct(vae, rgb_m11: torch.Tensor) -> torch.Tensor:
         return vae.decode(vae.encode(rgb_m11).latent_dist.mode()).sample.float()
 
 
-def _u8(rgb_m11: torch.Tensor) -> np.ndarray:
-    return (metrics.to01(rgb_m11) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-
 
 class _Keeper:
     """The images pictures need: the first ``n``, and the ``n`` largest and smallest deltas."""
@@ -176,8 +177,8 @@ class _Keeper:
     def offer(self, ids, x, recons: dict, delta) -> None:
         for i, image_id in enumerate(ids):
             d = float(delta[i]) if delta is not None else math.nan
-            make = lambda: {"id": image_id, "delta": d, "delta_label": self.label, "original": _u8(x[i]),  # noqa: E731
-                            "recons": {k: _u8(r[i]) for k, r in recons.items()}}
+            make = lambda: {"id": image_id, "delta": d, "delta_label": self.label, "original": to_uint8(x[i]),  # noqa: E731
+                            "recons": {k: to_uint8(r[i]) for k, r in recons.items()}}
             if len(self.chosen) < self.n:
                 self.chosen.append(make())
             if math.isfinite(d):

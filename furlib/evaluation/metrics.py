@@ -24,6 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from furlib.images import to_rgb_01
 from furlib.oklab import rgb_to_oklab
 
 SSIM_SIGMA = 1.5
@@ -35,12 +36,9 @@ PER_IMAGE = ("psnr", "ssim", "lpips", "delta_e_ok", "d_L", "d_a", "d_b", "ab_shi
              "hf_ratio", "hf_error")
 
 
-def to01(rgb_m11: torch.Tensor) -> torch.Tensor:
-    return ((rgb_m11.float() + 1.0) * 0.5).clamp(0.0, 1.0)
-
 
 def psnr(orig_m11: torch.Tensor, recon_m11: torch.Tensor) -> torch.Tensor:
-    mse = (to01(recon_m11) - to01(orig_m11)).pow(2).flatten(1).mean(1)
+    mse = (to_rgb_01(recon_m11) - to_rgb_01(orig_m11)).pow(2).flatten(1).mean(1)
     return 10.0 * torch.log10(1.0 / mse)
 
 
@@ -53,7 +51,7 @@ def _gaussian_window(channels: int, device) -> torch.Tensor:
 
 def ssim(orig_m11: torch.Tensor, recon_m11: torch.Tensor) -> torch.Tensor:
     """Per-image SSIM on [0, 1], computed in fp64 (the variance terms cancel badly in fp32)."""
-    x, y = to01(orig_m11).double(), to01(recon_m11).double()
+    x, y = to_rgb_01(orig_m11).double(), to_rgb_01(recon_m11).double()
     c = x.shape[1]
     win = _gaussian_window(c, x.device)
     blur = lambda t: F.conv2d(t, win, groups=c)  # noqa: E731 -- "valid": no padded borders
@@ -66,8 +64,8 @@ def ssim(orig_m11: torch.Tensor, recon_m11: torch.Tensor) -> torch.Tensor:
 
 def colour_errors(orig_m11: torch.Tensor, recon_m11: torch.Tensor) -> dict:
     """Oklab errors, per image: delta_e_ok, d_L, d_a, d_b, ab_shift, d_chroma (Oklab units)."""
-    lab_o = rgb_to_oklab(to01(orig_m11) * 2 - 1)
-    lab_r = rgb_to_oklab(to01(recon_m11) * 2 - 1)
+    lab_o = rgb_to_oklab(to_rgb_01(orig_m11) * 2 - 1)
+    lab_r = rgb_to_oklab(to_rgb_01(recon_m11) * 2 - 1)
     bias = (lab_r - lab_o).mean((2, 3))  # (N, 3): mean L, a, b of recon minus original
     chroma = lambda lab: torch.hypot(lab[:, 1], lab[:, 2]).flatten(1).mean(1)  # noqa: E731
     return {
@@ -91,7 +89,7 @@ def hf_energy(rgb_01: torch.Tensor) -> torch.Tensor:
 
 
 def hf_measures(orig_m11: torch.Tensor, recon_m11: torch.Tensor) -> dict:
-    x, y = to01(orig_m11), to01(recon_m11)
+    x, y = to_rgb_01(orig_m11), to_rgb_01(recon_m11)
     return {"hf_ratio": hf_energy(y) / hf_energy(x).clamp_min(1e-12),
             "hf_error": hf_energy(y - x).sqrt()}
 
@@ -162,7 +160,7 @@ class RFID:
         self.sums: dict = {}  # key -> [n, sum (D,), sum of outer products (D, D)]
 
     def update(self, key: str, rgb_m11: torch.Tensor) -> None:
-        u8 = (to01(rgb_m11) * 255.0).round().to(torch.uint8)  # what a saved image holds
+        u8 = (to_rgb_01(rgb_m11) * 255.0).round().to(torch.uint8)  # what a saved image holds
         with torch.inference_mode():
             f = self.extract(u8).double()
         n, s, ss = self.sums.get(key, (0, 0.0, 0.0))

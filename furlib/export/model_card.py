@@ -77,10 +77,19 @@ def _training_section(run_dir: Path, release: Release) -> str:
     return "\n".join(lines + ["", "| parameter | value |", "|---|---|"] + rows)
 
 
-def _metrics_section(run_dir: Path) -> str:
+def _metrics_section(run_dir: Path, step: int) -> str:
+    """03's table, labelled when it evaluated another step than this release's (a resumed run)."""
     metrics = Path(run_dir) / "eval" / "metrics.md"
-    return metrics.read_text().strip() if metrics.exists() else \
-        "Evaluation (stage 03) was not run for this export: no metrics are claimed."
+    if not metrics.exists():
+        return "Evaluation (stage 03) was not run for this export: no metrics are claimed."
+    summary = Path(run_dir) / "eval" / "metrics.json"
+    models = json.loads(summary.read_text()).get("models", {}) if summary.exists() else {}
+    steps = {m.get("step") for m in models.values()} - {None}
+    if steps != {step}:
+        evaluated = ", ".join(map(str, sorted(steps))) or "an unrecorded step"
+        return (f"**These numbers are of step {evaluated}, not of this release (step {step}): re-run "
+                f"03_eval for this release's own.**\n\n" + metrics.read_text().strip())
+    return metrics.read_text().strip()
 
 
 _CARD = """---
@@ -170,7 +179,7 @@ def model_card(run_dir: Path, release: Release, vae_config, model_name: str, ver
         compatibility=compatibility(base, vae_config),
         picture=f"\n![input, base decoder, this decoder on held-out images]({picture})\n" if picture else "",
         data=_data_section(run_dir, training_data),
-        training=_training_section(run_dir, release), metrics=_metrics_section(run_dir),
+        training=_training_section(run_dir, release), metrics=_metrics_section(run_dir, release.step),
         fp16_row=f"| `{stem}-fp16.safetensors` | the same in fp16 (half the size) |\n" if fp16_copy else "",
         fp16_variant=", plus the `fp16` variant" if fp16_copy else "",
         where=hub_repo or f"<path to>/{EXPORT}")

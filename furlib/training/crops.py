@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from furlib.images import center_crop, to_rgb_m11
 from furlib.training import pixelcache
 
 _CROP_STREAM, _ORDER_STREAM = 1, 2  # keep the two random streams of one seed apart
@@ -136,16 +137,6 @@ def open_top_rows(path, rows: int) -> Image.Image:
     image.load()
     return image if image.mode == "RGB" else image.convert("RGB")
 
-
-def to_rgb_m11(pixels_hwc: np.ndarray) -> torch.Tensor:
-    """uint8 HWC (or NHWC) RGB -> float32 CHW (or NCHW) in [-1, 1].
-
-    Done in numpy: torch's intra-op thread pool makes this tiny op ~100x slower on a busy CPU.
-    """
-    chw = np.moveaxis(pixels_hwc, -1, -3).astype(np.float32)  # a fresh, writable copy
-    chw *= 1.0 / 127.5
-    chw -= 1.0
-    return torch.from_numpy(np.ascontiguousarray(chw))
 
 
 def open_rgb(path) -> Image.Image:
@@ -274,17 +265,6 @@ def make_loader(split_dir, resolution: int, batch_size: int, seed: int = 0, star
         pin_memory=pin_memory, persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None)
 
-
-def center_crop(image: Image.Image, resolution: int) -> np.ndarray:
-    """Short side resized to ``resolution`` (Lanczos), centre square; uint8 HWC RGB."""
-    short = min(image.size)
-    if short < resolution:
-        raise ValueError(f"image {image.width}x{image.height} is smaller than {resolution}")
-    left, top = (image.width - short) // 2, (image.height - short) // 2
-    box = (left, top, left + short, top + short)
-    if short == resolution:
-        return np.asarray(image.crop(box))
-    return np.asarray(image.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box))
 
 
 def center_crops(paths, resolution: int) -> torch.Tensor:

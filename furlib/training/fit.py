@@ -52,7 +52,9 @@ class Preview:
     """Fixed val images, their base reconstructions, and the figures shown every plot_every."""
 
     def __init__(self, trainer: Trainer, data_dir: Path, params: dict, logbook: Logbook, show=None):
-        paths = crops.list_images(data_dir / "val") or crops.list_images(data_dir / "train")
+        val = crops.list_images(data_dir / "val")
+        self.held_out = bool(val)  # without a val split the strip shows training images: say so
+        paths = val or crops.list_images(data_dir / "train")
         self.images = crops.center_crops(paths[:params["preview_images"]], params["resolution"])
         self.base = trainer.reconstruct(self.images)  # before any checkpoint is loaded
         self.trainer, self.logbook, self.show = trainer, logbook, show
@@ -109,7 +111,8 @@ def fit(params: dict, show=None) -> dict:
     results = dict(step=trainer.step_count, skipped_steps=trainer.skipped, images_per_s=images_per_s,
                    processes=world, checkpoint=str(final), notes=notes,
                    effective_ema_decay=trainer.ema.decay,
-                   held_out_oklab_l1=trainer.held_out_errors(preview.images, preview.base),
+                   preview_split="val" if preview.held_out else "train (no val split)",
+                   preview_oklab_l1=trainer.held_out_errors(preview.images, preview.base),
                    last_log=logbook.history[-1] if logbook.history else {})
     logbook.close()
     (run_path / "train" / "results.json").write_text(json.dumps(results, indent=1, default=str))
@@ -149,7 +152,7 @@ def _loop(trainer: Trainer, params: dict, run_path: Path, rank: int, logbook, pr
 def _train_loader(trainer: Trainer, p: dict, run_path: Path, rank: int):
     """This process's training batches; rank 0 prints the pixel-cache decision. Every rank decides
     for itself (the crops are the same either way) and all share one cache folder."""
-    cache_dir = run_path / "data" / "pixel_cache"
+    cache_dir = run_path / "pixel_cache"  # 02's own folder: 01's data/ is 01's alone
     use_cache, note = crops.cache_plan(run_path / "data" / "train", cache_dir, p["pixel_cache"])
     if rank == 0:
         swept = pixelcache.sweep_stale(cache_dir)

@@ -6,12 +6,12 @@ Functions return matplotlib Figures; the notebook shows them. Images are ``rgb_m
 import numpy as np
 import torch
 
-from furlib.evaluation.metrics import to01
+from furlib.images import to_rgb_01
 
 
 def to_hwc01(rgb_m11: torch.Tensor) -> np.ndarray:
     """(3, H, W) or (N, 3, H, W) in [-1, 1] -> HWC / NHWC numpy in [0, 1]."""
-    return to01(rgb_m11.detach().cpu()).movedim(-3, -1).numpy()
+    return to_rgb_01(rgb_m11.detach().cpu()).movedim(-3, -1).numpy()
 
 
 def _series(history: list, key: str):
