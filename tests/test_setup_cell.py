@@ -8,6 +8,7 @@ records its arguments (a real ``pip install -e`` would take minutes and the inde
 """
 
 import os
+import re
 import subprocess
 import sys
 import types
@@ -115,3 +116,11 @@ def test_local_run_only_moves_to_the_repository_root(tmp_path, pip_log, monkeypa
     _run_cell()
     assert os.getcwd() == str(tmp_path)
     assert not pip_log.exists() and not (tmp_path / "furception").exists(), "locally nothing is fetched"
+
+
+def test_readme_has_a_colab_badge_per_notebook_for_the_cells_repository():
+    repo = re.search(r'"FURCEPTION_REPO", "https://github.com/([^"]+)"', _setup_source("01_data_prep")).group(1)
+    readme = (pipeline.ROOT / "README.md").read_text()
+    for stage in pipeline.STAGES:
+        url = f"https://colab.research.google.com/github/{repo}/blob/main/notebooks/{stage}.ipynb"
+        assert f"(https://colab.research.google.com/assets/colab-badge.svg)]({url})" in readme, stage
