@@ -49,3 +49,22 @@ def test_make_lab_uses_the_venv_jupyter_and_the_config():
     assert recipe.startswith("$(VENV)/bin/jupyter lab") and "--config=tools/jupyter_lab_config.py" in recipe
     lab = (ROOT / "requirements-lab.txt").read_text()
     assert "jupyterlab" in lab and "jupyterlab" not in (ROOT / "requirements.txt").read_text()
+
+
+def test_what_install_and_runs_write_is_ignored_by_git():
+    """`pip install -e .` (make install, the Colab cell) and running the notebooks write these; a
+    tracked egg-info made `git status` dirty after an install and could block the cell's `git pull`."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if not shutil.which("git") or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    written = ["furlib.egg-info/PKG-INFO", "outputs/my_run/data/report.json", ".venv/.installed",
+               "notebooks/.ipynb_checkpoints/01_data_prep-checkpoint.ipynb"]
+    ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "--no-index", *written],
+                             capture_output=True, text=True).stdout.split()
+    assert ignored == written
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", "*.egg-info/*"], capture_output=True, text=True)
+    assert tracked.stdout == ""
