@@ -30,7 +30,7 @@ if "google.colab" in sys.modules or "KAGGLE_KERNEL_RUN_TYPE" in os.environ:
     home = "." if os.path.isdir("furlib") else "furception"  # ".": this cell ran before
     update = os.path.isdir(os.path.join(home, ".git"))
     git = ["git", "-C", home, "pull", "--ff-only"] if update else ["git", "clone", REPO, home]
-    if subprocess.run(git).returncode:
+    if subprocess.run(git, env=dict(os.environ, GIT_TERMINAL_PROMPT="0")).returncode:  # no password prompt
         raise RuntimeError(f"`{' '.join(git)}` failed (see above): check the internet connection "
                            "(Kaggle: Settings > Internet on) and FURCEPTION_REPO")
     pip = os.environ.get("FURCEPTION_PIP", "").split() or [sys.executable, "-m", "pip"]  # tests stub it
