@@ -60,3 +60,17 @@ def test_bad_override_is_named(kernel):
 
 def test_outside_a_kernel_is_not_a_kernel():
     assert progress._in_kernel() is False  # pytest is no Jupyter kernel
+
+
+def test_pipeline_log_output_lets_papermill_stream_cell_output(monkeypatch):
+    """papermill logs a cell's stdout at INFO: with logging never configured, --log-output showed nothing."""
+    import logging
+
+    from furlib import pipeline
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))  # restored after the test
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    monkeypatch.setattr(pipeline, "run", lambda *a, **k: "outputs/x")
+    pipeline.main(["params/smoke.yaml", "--log-output"])
+    assert logging.getLogger("papermill").isEnabledFor(logging.INFO)
