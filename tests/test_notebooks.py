@@ -75,3 +75,17 @@ def test_undeclared_key_is_an_error(tmp_path):
         pipeline.load_profile(bad)
     with pytest.raises(FileNotFoundError):
         pipeline.load_profile(tmp_path / "missing.yaml")
+
+
+def test_pipeline_gives_every_stage_the_same_run_folder(tmp_path, monkeypatch):
+    """A profile without run_name: one folder (the notebooks' default), created before papermill
+    writes the first executed notebook into it, and the same run_name handed to every stage."""
+    calls = []
+    monkeypatch.setattr(papermill, "execute_notebook",
+                        lambda src, out, parameters, **kw: calls.append((Path(out), parameters)))
+    profile = tmp_path / "p.yaml"
+    profile.write_text("source: builtin\n")
+    run_dir = pipeline.run(profile, overrides={"outputs_dir": str(tmp_path / "outs")})
+    assert run_dir == tmp_path / "outs" / "my_run" and run_dir.is_dir()
+    assert [out.parent for out, _ in calls] == [run_dir] * 4
+    assert all(params["run_name"] == "my_run" for _, params in calls)
