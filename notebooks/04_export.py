@@ -24,17 +24,23 @@
 # it), install it, move into it. FURCEPTION_REPO overrides the address (a fork, a local clone).
 import importlib, os, subprocess, sys
 REPO = os.environ.get("FURCEPTION_REPO", "https://github.com/OWNER/furception")
+def _sh(*cmd):  # printed here: not every kernel shows a subprocess's own output in the notebook
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, GIT_TERMINAL_PROMPT="0"))
+    print(done.stdout + done.stderr, end="")
+    if done.returncode:
+        raise RuntimeError(f"`{' '.join(cmd)}` failed (output above): check the internet connection "
+                           "(Kaggle: Settings > Internet on) and FURCEPTION_REPO")
 if not os.path.isdir("furlib") and os.path.isdir("../furlib"):
     os.chdir("..")  # opened from notebooks/
 if "google.colab" in sys.modules or "KAGGLE_KERNEL_RUN_TYPE" in os.environ:
     home = "." if os.path.isdir("furlib") else "furception"  # ".": this cell ran before
-    update = os.path.isdir(os.path.join(home, ".git"))
-    git = ["git", "-C", home, "pull", "--ff-only"] if update else ["git", "clone", REPO, home]
-    if subprocess.run(git, env=dict(os.environ, GIT_TERMINAL_PROMPT="0")).returncode:  # no password prompt
-        raise RuntimeError(f"`{' '.join(git)}` failed (see above): check the internet connection "
-                           "(Kaggle: Settings > Internet on) and FURCEPTION_REPO")
+    if os.path.isdir(os.path.join(home, ".git")):
+        _sh("git", "-C", home, "pull", "--ff-only")
+    else:
+        _sh("git", "clone", REPO, home)
     pip = os.environ.get("FURCEPTION_PIP", "").split() or [sys.executable, "-m", "pip"]  # tests stub it
-    subprocess.run(pip + ["install", "--quiet", "-e", home], check=True)
+    print(f"installing {home} and its requirements (pip, a minute or two) ...", flush=True)
+    _sh(*pip, "install", "--quiet", "-e", home)
     os.chdir(home)
     importlib.invalidate_caches()  # see the packages pip just installed
 

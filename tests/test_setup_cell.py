@@ -97,12 +97,13 @@ def test_hosted_second_run_updates_in_place(tmp_path, remote, pip_log, monkeypat
     assert pip_log.read_text().splitlines() == ["install --quiet -e furception", "install --quiet -e ."]
 
 
-def test_hosted_clone_failure_says_what_to_check(tmp_path, pip_log, monkeypatch):
+def test_hosted_clone_failure_says_what_to_check(tmp_path, pip_log, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FURCEPTION_REPO", str(tmp_path / "no-such-repo.git"))
     monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
-    with pytest.raises(RuntimeError, match="internet connection .*FURCEPTION_REPO"):
+    with pytest.raises(RuntimeError, match="git clone .*internet connection .*FURCEPTION_REPO"):
         _run_cell()
+    assert "no-such-repo.git" in capsys.readouterr().out, "git's own message is printed in the notebook"
     assert not pip_log.exists(), "nothing is installed after a failed clone"
 
 
