@@ -106,6 +106,16 @@ def fit(settings: TrainSettings | dict, show=None, announce: bool = True) -> dic
         lock.release()
 
 
+def fit_on_gpus(settings: TrainSettings) -> dict:
+    """02 with ``num_gpus`` > 1: one process per GPU through accelerate's notebook launcher. The
+    launcher returns nothing, so rank 0's results come back through train/results.json."""
+    from accelerate import notebook_launcher
+
+    notebook_launcher(fit, (settings,), num_processes=settings.num_gpus)
+    run_path = runinfo.run_dir(settings.outputs_dir, settings.run_name)
+    return json.loads((run_path / "train" / "results.json").read_text())
+
+
 def _take_lock(lock: RunLock, rank: int, world: int) -> None:
     """Rank 0 takes the run lock; every rank learns whether it did, so all stop together."""
     error = None
