@@ -149,7 +149,7 @@ def pick_checkpoint(run_dir: Path, on_bad: str = "fallback") -> tuple[Path | Non
     if named is None:
         skipped.insert(0, f"{pointer}: missing")
     if skipped:
-        notes.append(f"WARNING: resuming from the older {folder.name}; skipped " + "; ".join(skipped) +
+        notes.append(f"WARNING: using the older {folder.name}; skipped " + "; ".join(skipped) +
                      " (set on_bad_checkpoint='refuse' to stop instead)")
     if not (folder / CHECKSUMS).exists():
         notes.append(f"{folder} has no {CHECKSUMS} (written by an older version): its files are not verified")

@@ -99,8 +99,8 @@ def fit(settings: TrainSettings | dict, show=None, announce: bool = True) -> dic
     _take_lock(lock, rank, world)
     try:
         p = make_plan(s, world, dev)  # data, checkpoint and resume checks before minutes of loading
-        if rank == 0 and (announce or p.notes):
-            print(p.describe() if announce else "\n".join(p.notes), flush=True)
+        if rank == 0 and announce:  # 02 shows the same plan in its own cell first
+            print(p.describe(), flush=True)
         return _train(s, p, rank, world, dev, show, [lock.note] if lock.note else [])
     finally:
         lock.release()
