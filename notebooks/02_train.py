@@ -39,7 +39,7 @@ from furlib.training.settings import TrainSettings
 # %% [markdown]
 # Parameters, in this order: the run and its data (to `min_crop_scale`); the recipe (to
 # `gradient_checkpointing`); checkpoints and logs (to `preview_images`); then ablations and rare
-# knobs, which no profile of the card changes (`color_space` onwards). The defaults are
+# knobs, which the card's profile leaves at their defaults (`color_space` onwards). The defaults are
 # `furlib.training.settings.TrainSettings`' (a test keeps the two identical); `batch_size` is per GPU.
 
 # %% tags=["parameters"]

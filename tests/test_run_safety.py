@@ -263,3 +263,10 @@ def test_a_bad_batch_is_called_bad_data():
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match="the data is bad"):
         t.step(bad)
+
+
+def test_checkpoints_of_older_versions_still_resume_with_a_note(tmp_path):
+    folder = _save(tmp_path / "checkpoints", 2)
+    (folder / "checksums.json").unlink()  # as written before checksums existed
+    found, notes = checkpoint.pick_checkpoint(tmp_path)
+    assert found == folder and "not verified" in notes[0]
