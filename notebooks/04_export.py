@@ -72,7 +72,8 @@ stage_dir, export_dir = run / export.STAGING, run / export.EXPORT
 
 # %%
 release = export.release_source(run, weights, base_model, base_config)
-vae = export.build_release_vae(release["base_model"], release["base_config"], release["decoder_weights"])
+vae = export.build_release_vae(release["base_model"], release["base_config"], release["decoder_weights"],
+                               release["base_seed"])
 stem = export.release_stem(model_name, version, release["step"])
 print(f"step {release['step']} ({weights} weights) on base {release['base_model']!r}")
 if release["base_model"] != release["trained_base_model"]:
