@@ -62,11 +62,11 @@ def cli_run(outputs: Path, nproc: int, device: str, max_steps: int) -> dict:
 
 
 def notebook_run(outputs: Path, nproc: int, device: str) -> dict:
-    from furlib.training import fit
-    from furlib.pipeline import load_profile
+    import dataclasses
 
-    params = fit.notebook_defaults()
-    params.update({k: v for k, v in load_profile(ROOT / "params/smoke.yaml", {}).items() if k in params})
+    from furlib.training import fit
+
+    params = dataclasses.asdict(fit.profile_settings(str(ROOT / "params/smoke.yaml"), {}))
     params.update(OVERRIDES, device=device, outputs_dir=str(outputs), run_name="notebook", num_gpus=nproc)
     out = subprocess.run([sys.executable, "-c", NOTEBOOK_PATH, json.dumps(params)], cwd=ROOT,
                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))

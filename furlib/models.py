@@ -49,7 +49,11 @@ def load_vae(base_model: str, base_config: str = "", seed: int = 0):
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ValueError(f"base_model folder {path} has no config.json: not a diffusers VAE folder")
-        return AutoencoderKL.from_pretrained(path).eval()
+        if not list(path.glob("*.safetensors")):  # diffusers would torch.load a .bin: refuse, never unpickle
+            raise ValueError(f"base_model folder {path} has no .safetensors weights (only "
+                             f"{sorted(p.name for p in path.iterdir() if p.name != 'config.json')}): pickled "
+                             "weights are not loaded; convert them to safetensors first")
+        return AutoencoderKL.from_pretrained(path, use_safetensors=True).eval()
     if path.exists() or base_model.startswith((".", "/", "~")):
         raise ValueError(f"base_model {base_model!r}: no such diffusers folder or .safetensors file")
     return _load_from_hub(base_model)
@@ -63,7 +67,7 @@ def _load_from_hub(base_model: str):
     repo, _, subfolder = base_model.partition("@")
     unreachable = hub_unreachable() or ("HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE") else "")
     try:  # with the Hub out of reach, only the local cache: fail in ms, not after retries
-        return AutoencoderKL.from_pretrained(repo, subfolder=subfolder or None,
+        return AutoencoderKL.from_pretrained(repo, subfolder=subfolder or None, use_safetensors=True,
                                              local_files_only=bool(unreachable)).eval()
     except OSError as err:  # diffusers reports both "offline" and "no such repo" as OSError
         ours = (f"base_model {base_model!r} is a Hugging Face Hub id, but the Hub cannot be reached "

@@ -46,32 +46,34 @@ if "google.colab" in sys.modules or "KAGGLE_KERNEL_RUN_TYPE" in os.environ:
 
 # %%
 import dataclasses
-import json
 
-import torch
 from IPython.display import Image, display
 
+from furlib import runinfo
 from furlib.training import fit
-from furlib import perceptual, runinfo
 from furlib.training.settings import TrainSettings
 
+# %% [markdown]
+# Parameters, in this order: the run and its data (to `min_crop_scale`); the recipe (to
+# `gradient_checkpointing`); checkpoints and logs (to `preview_images`); then ablations and rare
+# knobs, which the card's profile leaves at their defaults (`color_space` onwards). The defaults are
+# `furlib.training.settings.TrainSettings`' (a test keeps the two identical); `batch_size` is per GPU.
+
 # %% tags=["parameters"]
-run_name = "demo"                         # outputs go to outputs_dir/run_name
+run_name = "my_run"                       # outputs go to outputs_dir/run_name ("demo" is make demo's)
 outputs_dir = "outputs"
 base_model = "stabilityai/sd-vae-ft-mse"  # hub id, diffusers folder, .safetensors, "tiny" or "random:sd"
 base_config = ""                          # diffusers folder with the config of a .safetensors base
 device = "auto"                           # "auto", "cuda", "cpu"
 num_gpus = 1                              # processes, one GPU each (accelerate); batch_size is per GPU
-resolution = 256                          # training crop side, px (multiple of 8)
-min_crop_scale = 0.08                     # smallest crop, as a fraction of the image area
-num_workers = 4                           # data loader processes
-pixel_cache = "auto"                      # decoded-PNG cache in <run>/pixel_cache: "auto" (fits half the free disk), "yes", "no"
+resolution = 256                          # training crop side, px (multiple of 8, at least 32)
 batch_size = 32                           # images per optimizer step
 grad_accum = 1                            # micro-batches per step (batch_size / grad_accum each)
 max_steps = 150_000                       # optimizer steps
 seed = 0
-latent_mode = "sample"                    # "sample" the posterior or use its "mode"
-color_space = "oklab"                     # pixel losses in "oklab" or "rgb"
+num_workers = 4                           # data loader processes per GPU (capped to the CPU cores)
+pixel_cache = "auto"                      # decoded-PNG cache in <run>/pixel_cache: "auto" (fits half the free disk), "yes", "no"
+min_crop_scale = 0.08                     # smallest crop, as a fraction of the image area
 mae_weight = 1.0                          # L1 weight at step 0
 mae_weight_end = 1.0                      # L1 weight after loss_schedule_steps (cosine)
 mse_weight = 1.0                          # L2 weight at step 0
@@ -82,12 +84,7 @@ lpips_backbone = "pretrained"             # "pretrained", or "random" (offline o
 disc_weight = 0.5                         # critic term's grad norm relative to the reconstruction's
 gan_loss = "wgan-gp"                      # "wgan-gp", "hinge" (LDM) or "ns-r1"
 gp_weight = 10.0                          # WGAN-GP lambda
-r1_gamma = 10.0                           # R1 gamma for ns-r1
-drift_weight = 0.0                        # WGAN drift term on real scores
 critic_norm = "layer"                     # "layer", "channel", "batch" (LDM) or "none"
-critic_input = "rgb"                      # critic reads "rgb" or "oklab"
-critic_layers = 3                         # PatchGAN depth (3: 30x30 patches at 256 px)
-critic_channels = 64                      # PatchGAN base width
 critic_start = 0                          # step the critic starts training
 gan_start = 0                             # step the decoder starts receiving the critic term
 lr = 5e-7                                 # decoder learning rate after warm-up
@@ -96,49 +93,69 @@ adam_beta1 = 0.5
 adam_beta2 = 0.9
 weight_decay = 0.01                       # AdamW decoupled weight decay
 warmup_steps = 5000                       # linear learning-rate warm-up, steps
-lr_schedule = "constant"                  # "constant" or "cosine" after warm-up
-grad_clip = 0.0                           # max decoder grad norm, 0: off
 ema_decay = 0.0                           # 0: 0.999 at batch 192 scaled to batch_size
-ema_ref_decay = 0.999
-ema_ref_batch = 192
 mixed_precision = "bf16"                  # "bf16", "fp16" (grad scaling, e.g. T4) or "no"
 gradient_checkpointing = False            # trade compute for decoder activation memory
-max_bad_steps = 20                        # consecutive non-finite steps before stopping
-channels_last = "auto"                    # NHWC convolutions: "auto" (on CUDA when not compiled), "yes", "no"
-torch_compile = "auto"                    # compile encoder, decoder, LPIPS, critic: "auto" (on CUDA), "yes", "no"
-phase_upsample = "auto"                   # upsampling convs as 2x2 phase convs, same maths: "auto" (on CUDA), "yes", "no"
 resume = True                             # continue the run's latest checkpoint (False: refuse to overwrite one)
 checkpoint_every = 2000                   # steps between checkpoints
-keep_checkpoints = 3                      # newest checkpoints kept
+keep_checkpoints = 3                      # newest checkpoints kept (0: all)
 log_every = 10                            # steps between log rows
 plot_every = 5000                         # steps between inline dashboards (0: only at the end)
 preview_images = 4                        # fixed val images in the reconstruction strip
+color_space = "oklab"                     # pixel losses in "oklab" or "rgb"
+latent_mode = "sample"                    # "sample" the posterior or use its "mode"
+critic_input = "rgb"                      # critic reads "rgb" or "oklab"
+critic_layers = 3                         # PatchGAN depth (3: 30x30 patches at 256 px)
+critic_channels = 64                      # PatchGAN base width
+r1_gamma = 10.0                           # R1 gamma for ns-r1
+drift_weight = 0.0                        # WGAN drift term on real scores
+lr_schedule = "constant"                  # "constant" or "cosine" after warm-up
+grad_clip = 0.0                           # max decoder grad norm, 0: off
+ema_ref_decay = 0.999
+ema_ref_batch = 192
+max_bad_steps = 20                        # consecutive non-finite steps before stopping
+torch_compile = "auto"                    # compile encoder, decoder, LPIPS, critic: "auto" (on CUDA), "yes", "no"
+phase_upsample = "auto"                   # upsampling convs as 2x2 phase convs, same maths: "auto" (on CUDA), "yes", "no"
+channels_last = "auto"                    # NHWC convolutions: "auto" (on CUDA when not compiled), "yes", "no"
+resume_with_changes = []                  # recipe settings a resume may change, e.g. ["lr"]
+on_bad_checkpoint = "fallback"            # damaged latest: "fallback" to the newest good one (loud), or "refuse"
 
 # %%
-settings = TrainSettings(**{f.name: globals()[f.name] for f in dataclasses.fields(TrainSettings)})
-settings.validate()
-if resolution % 8 or resolution < 32:
-    raise ValueError(f"resolution must be a multiple of 8 and at least 32, got {resolution}")
-if min(checkpoint_every, log_every, num_gpus) < 1 or plot_every < 0:
-    raise ValueError("checkpoint_every, log_every and num_gpus must be >= 1, plot_every >= 0")
-if num_gpus > 1 and torch.cuda.device_count() < num_gpus:
-    raise ValueError(f"num_gpus={num_gpus} but {torch.cuda.device_count()} CUDA GPUs are visible")
-if settings.lpips_weight and lpips_backbone not in perceptual.BACKBONES:
-    raise ValueError(f"lpips_backbone must be one of {perceptual.BACKBONES}")
-dev = runinfo.pick_device(device)
-run_path = runinfo.run_dir(outputs_dir, run_name)
-params = runinfo.notebook_parameters("02_train", globals())
-print(f"{num_gpus} x {dev}; images per step {batch_size * num_gpus}; "
-      f"EMA decay {settings.ema_decay_for(batch_size * num_gpus):.6f}; run folder {run_path}")
+settings = TrainSettings.from_params({f.name: globals()[f.name] for f in dataclasses.fields(TrainSettings)})
+params = dataclasses.asdict(settings)
 
 # %% [markdown]
-# ## 1. Train
-# `furlib.training.fit` runs the loop: the frozen encoder gives latents, the decoder reconstructs, the
-# Oklab/LPIPS gradients and the critic's are combined with LDM's adaptive weight, AdamW and the
-# EMA step, then the critic's WGAN-GP step. Every `plot_every` steps it shows the loss curves and
-# a strip original | base decoder | current | EMA on fixed val images. Checkpoints are atomic:
-# interrupting this cell loses at most `checkpoint_every` steps, and running it again with
-# `resume=True` continues exactly where the last checkpoint stopped.
+# ## 1. What will run
+# Decided before any model loads: the device and processes; the global batch (`batch_size` ×
+# processes: the card's 32 on 4 GPUs is `batch_size=8`) and the EMA decay it implies; the checkpoint
+# a resume starts from (its files verified against their SHA-256; a damaged latest one falls back
+# to the newest intact one with a warning; its settings compared with these: a changed recipe
+# setting refuses unless listed in `resume_with_changes`); whether the decoded-pixel cache is used;
+# the loader workers; and on a CPU, what a step will cost.
+
+# %%
+plan = fit.plan(settings)
+print(plan.describe())
+
+# %% [markdown]
+# ## 2. The build and the loop
+# `fit` takes the run lock (a second training of this `run_name` is refused, naming its process),
+# then builds: the base VAE (encoder and `quant_conv` frozen, decoder and `post_quant_conv`
+# trained), LPIPS(VGG), the PatchGAN critic, an AdamW for each, the EMA of the decoder and, for
+# fp16, the gradient scaler; a resume loads the checkpoint strictly (a missing tensor or optimizer
+# slot is an error naming the file). Then the loop:
+#
+# ```
+# for batch in loader:                  # random downscaled square crops (Lanczos), rot90, flips
+#     trainer.step(batch)               # frozen encoder -> latents -> decoder -> Oklab L1/L2 + LPIPS,
+#                                       # critic term at LDM's adaptive weight -> AdamW, EMA;
+#                                       # then the critic's WGAN-GP step
+#     every log_every:        a row in logs/log.jsonl and TensorBoard
+#     every checkpoint_every: ranks compared, checkpoints/step_N written atomically with checksums
+#     every plot_every:       loss dashboard and a strip original | base | current | EMA
+# ```
+# Interrupting this cell loses at most `checkpoint_every` steps; running it again continues from
+# the last checkpoint exactly (on a CPU: at the same thread count).
 
 # %%
 def show(fig):
@@ -146,24 +163,21 @@ def show(fig):
 
 
 if num_gpus == 1:
-    fit.fit(params, show=show)
+    results = fit.fit(settings, show=show, announce=False)
 else:  # one process per GPU; figures are saved under train/ and shown below
-    from accelerate import notebook_launcher
-
-    notebook_launcher(fit.fit, (params,), num_processes=num_gpus)
+    results = fit.fit_on_gpus(settings)
+    display(Image(filename=str(plan.run_path / "train" / "dashboard.png")),
+            Image(filename=str(plan.run_path / "train" / "strip.png")))
 
 # %% [markdown]
-# ## 2. Where it ended
+# ## 3. Where it ended
 # Mean Oklab L1 to the originals on the preview images: base decoder, current weights, EMA.
 
 # %%
-results = json.loads((run_path / "train" / "results.json").read_text())
-if num_gpus > 1:
-    display(Image(filename=str(run_path / "train" / "dashboard.png")), Image(filename=str(run_path / "train" / "strip.png")))
-print(f"step {results['step']}, {results['images_per_s']:.1f} images/s, {results['skipped_steps']} skipped steps",
-      *results["notes"], sep="\n")
+print(f"step {results['step']}, global batch {results['global_batch']}, {results['images_per_s']:.1f} images/s, "
+      f"{results['skipped_steps']} skipped steps", *results["notes"], sep="\n")
 print(f"preview images from: {results['preview_split']}")
 display(results["preview_oklab_l1"])
 
 # %%
-runinfo.write_record(run_path / "02_train.record.json", params, results, dev)
+runinfo.write_record(plan.run_path / "02_train.record.json", params, results, plan.device)

@@ -92,7 +92,8 @@ stage_dir, export_dir = run / export.STAGING, run / export.EXPORT
 
 # %%
 release = export.release_source(run, weights, base_model, base_config)
-vae = export.build_release_vae(release.base_model, release.base_config, release.decoder_weights)
+vae = export.build_release_vae(release.base_model, release.base_config, release.decoder_weights,
+                               release.base_seed)
 stem = export.release_stem(name, version, release.step)
 print(f"{stem}: step {release.step} ({weights} weights) on base {release.base_model!r}")
 if release.base_model != release.trained_base_model:
@@ -130,7 +131,7 @@ images, picture = export.val_images(run), ""
 if images is None:
     print(f"No {run}/data/val/*.png: skipping the side-by-side figure (the card has no picture).")
 else:
-    base_vae = models.load_vae(release.base_model, release.base_config)
+    base_vae = models.load_vae(release.base_model, release.base_config, release.base_seed)
     exported = models.load_vae(str(files["single"]), base_config=str(stage_dir / "diffusers"))
     columns = export.reconstructions(images, {"base": base_vae, "exported": exported}, base_vae, dev)
     picture = "reconstructions.png"  # beside the card, so the Hub page shows it

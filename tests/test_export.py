@@ -130,7 +130,7 @@ def test_model_card(exported):
 def test_card_labels_an_evaluation_of_another_step(tmp_path):
     fabricate_run(tmp_path)
     release = export.Release(checkpoint="x/step_9", step=STEP + 5, base_model="tiny", base_config="",
-                             trained_base_model="tiny", weights="ema", decoder_weights={})
+                             trained_base_model="tiny", weights="ema", base_seed=0, decoder_weights={})
     card = model_card.model_card(tmp_path, release, SD_CONFIG, "m", "2.0", "mit", fp16_copy=False)
     assert f"numbers are of step {STEP}, not of this release (step {STEP + 5})" in card and METRICS in card
     assert "not of this release" not in (tmp_path / "eval" / "metrics.md").read_text()
@@ -138,7 +138,7 @@ def test_card_labels_an_evaluation_of_another_step(tmp_path):
 
 def test_card_names_a_hub_base_and_says_when_eval_is_missing(tmp_path):
     release = export.Release(checkpoint="x/step_0000007", step=7, base_model="stabilityai/sd-vae-ft-mse@vae",
-                             base_config="", trained_base_model="tiny", weights="raw", decoder_weights={})
+                             base_config="", trained_base_model="tiny", weights="raw", base_seed=0, decoder_weights={})
     card = model_card.model_card(tmp_path, release, SD_CONFIG, "m", "2.0", "mit", fp16_copy=False, hub_repo="me/m")
     assert "base_model: stabilityai/sd-vae-ft-mse\n" in card and "test-only" not in card
     assert "was not run" in card and "parameters unknown" in card and "fp16" not in card
@@ -215,7 +215,7 @@ def test_val_images_and_reconstructions(tmp_path):
 
 def _card(run_dir, base="stabilityai/sd-vae-ft-mse", config=SD_CONFIG, **kw):
     release = export.Release(checkpoint="x/step_0000007", step=7, base_model=base, base_config="",
-                             trained_base_model=base, weights="ema", decoder_weights={})
+                             trained_base_model=base, weights="ema", base_seed=0, decoder_weights={})
     return model_card.model_card(run_dir, release, config, "my_run", "1.0", "mit", **kw)
 
 

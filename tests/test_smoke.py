@@ -86,7 +86,7 @@ def test_interrupted_run_resumes_to_the_same_weights(run_dir):
 def test_restart_without_resume_refuses_to_overwrite(run_dir):
     from furlib.training import fit
 
-    params = dict(fit.notebook_defaults(), outputs_dir=str(run_dir.parent), run_name=run_dir.name, resume=False)
+    params = dict(outputs_dir=str(run_dir.parent), run_name=run_dir.name, resume=False, device="cpu")
     with pytest.raises(ValueError, match="resume=False"):
         fit.fit(params)
 
@@ -94,7 +94,7 @@ def test_restart_without_resume_refuses_to_overwrite(run_dir):
 def test_training_without_prepared_data_names_the_missing_step(tmp_path):
     from furlib.training import fit
 
-    params = dict(fit.notebook_defaults(), outputs_dir=str(tmp_path), run_name="nodata", device="cpu")
+    params = dict(outputs_dir=str(tmp_path), run_name="nodata", device="cpu")
     with pytest.raises(ValueError, match="no training images .*run 01_data_prep with run_name='nodata'"):
         fit.fit(params)
 

@@ -1,4 +1,4 @@
-"""Training checkpoints: atomic, safetensors only, the last K kept.
+"""Training checkpoints: atomic, verified, safetensors only, the last K kept.
 
 Layout under ``outputs/<run_name>/checkpoints/``::
 
@@ -7,23 +7,32 @@ Layout under ``outputs/<run_name>/checkpoints/``::
         ema.safetensors         EMA of the same tensors (fp32) -- the release weights
         critic.safetensors      critic weights
         optim_decoder.safetensors, optim_critic.safetensors   optimizer tensors
-        state.json              step, base_model, counters, optimizer hyper-parameters, scaler
+        state.json              step, base_model, settings, counters, optimizer hyper-parameters, scaler
+        checksums.json          SHA-256 and size of every file above, written last
     latest                      one line: the name of the newest complete step folder
 
 A folder is written as ``.tmp-step_*`` and renamed into place, then ``latest`` is replaced
-atomically: a kill at any moment leaves the previous checkpoint as ``latest``. Nothing here
-unpickles: tensors are safetensors, everything else JSON.
+atomically: a kill at any moment leaves the previous checkpoint as ``latest``. A step already
+saved and intact is never written again; a damaged folder of the same step is moved aside
+(``.old-step_*``) only once the new one is complete, then removed. Temporaries of a killed save
+are swept by the next save. Loading verifies every file against ``checksums.json``; a damaged
+latest checkpoint falls back to the newest intact one with a note (``pick_checkpoint``).
+Nothing here unpickles: tensors are safetensors, everything else JSON.
 """
 
+import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 WEIGHT_FILES = {"ema": "ema.safetensors", "raw": "decoder.safetensors"}
+CHECKSUMS = "checksums.json"
+FIX = "delete that folder (the run resumes from the one before) or set on_bad_checkpoint='fallback'"
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -32,40 +41,135 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(ckpt_root: Path, step: int, tensors: dict, state: dict, keep: int = 3) -> Path:
-    """Write ``{file_stem: {name: tensor}}`` plus ``state.json``; return the new folder."""
-    ckpt_root = Path(ckpt_root)
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:07d}"
-    tmp, final = ckpt_root / f".tmp-{name}", ckpt_root / name
-    shutil.rmtree(tmp, ignore_errors=True)
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sweep_temporaries(ckpt_root: Path) -> int:
+    """Remove folders of interrupted saves (``.tmp-step_*``, ``.old-step_*``); only the lock holder
+    calls this, so nothing else is writing them."""
+    stale = [p for p in Path(ckpt_root).glob(".tmp-step_*")] + list(Path(ckpt_root).glob(".old-step_*"))
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(stale)
+
+
+def _write_folder(tmp: Path, step: int, tensors: dict, state: dict) -> None:
     tmp.mkdir()
     for stem, named in tensors.items():
         save_file({k: v.detach().contiguous().cpu() for k, v in named.items()}, tmp / f"{stem}.safetensors")
     (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=1))
-    if final.exists():  # re-saving the same step (e.g. a resumed run's final save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _atomic_write_text(ckpt_root / "latest", name + "\n")
-    for old in sorted(ckpt_root.glob("step_*"))[:-keep] if keep > 0 else []:
+    sums = {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+    (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+    for p in tmp.iterdir():  # on disk before the rename publishes the folder
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def save_checkpoint(ckpt_root: Path, step: int, tensors: dict, state: dict, keep: int = 3) -> Path:
+    """Write ``{file_stem: {name: tensor}}`` plus ``state.json``; return the step's folder."""
+    ckpt_root = Path(ckpt_root)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    sweep_temporaries(ckpt_root)
+    name = f"step_{step:07d}"
+    tmp, final, old = ckpt_root / f".tmp-{name}", ckpt_root / name, ckpt_root / f".old-{name}"
+    if not (final.exists() and verify(final) is None):  # an intact step is never written twice
+        _write_folder(tmp, step, tensors, state)
+        if final.exists():  # a damaged folder of this step: aside first, removed once replaced
+            os.replace(final, old)
+        os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
+    _atomic_write_text(ckpt_root / "latest", name + "\n")
+    for stale in sorted(ckpt_root.glob("step_*"))[:-keep] if keep > 0 else []:
+        if stale != final:
+            shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder of a run, or None if it has none."""
+def verify(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder, or None when every file matches its checksum."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "the folder does not exist"
+    if not (folder / CHECKSUMS).exists():  # a step_* folder from before checksums: state only
+        return _state_problem(folder)
+    try:
+        sums = json.loads((folder / CHECKSUMS).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return f"{CHECKSUMS} is not valid JSON ({err})"
+    if "state.json" not in sums:
+        return f"{CHECKSUMS} lists no state.json"
+    for fname, want in sums.items():
+        path = folder / fname
+        if not path.exists():
+            return f"{fname} is missing"
+        if path.stat().st_size != want["bytes"]:
+            return f"{fname} has {path.stat().st_size} bytes, {want['bytes']} were written (truncated?)"
+        if sha256(path) != want["sha256"]:
+            return f"{fname} does not match its SHA-256 (damaged on disk)"
+    return None
+
+
+def _state_problem(folder: Path) -> str | None:
+    try:
+        json.loads((folder / "state.json").read_text())["step"]
+    except FileNotFoundError:
+        return "state.json is missing"
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        return f"state.json is unreadable ({err!r})"
+    return None
+
+
+def pick_checkpoint(run_dir: Path, on_bad: str = "fallback") -> tuple[Path | None, list[str]]:
+    """(the checkpoint to resume or release, notes). ``latest`` when intact; else, with
+    ``on_bad='fallback'``, the newest intact step folder and a note saying what was skipped
+    and why; with ``on_bad='refuse'`` an error. None: the run has no checkpoint."""
     root = Path(run_dir) / "checkpoints"
     pointer = root / "latest"
-    if not pointer.exists():
-        return None
-    folder = root / pointer.read_text().strip()
-    if not (folder / "state.json").exists():
-        raise RuntimeError(f"{pointer} names {folder.name}, which is incomplete; delete it to start over")
+    named = root / pointer.read_text().strip() if pointer.exists() else None
+    folders = sorted(root.glob("step_*"), reverse=True)
+    if named is None and not folders:
+        return None, []
+    candidates = ([named] if named else []) + [f for f in folders if f != named]
+    skipped, notes = [], []
+    for folder in candidates:
+        problem = verify(folder)
+        if problem is None:
+            break
+        skipped.append(f"{folder}: {problem}")
+        if on_bad == "refuse":
+            raise RuntimeError(f"checkpoint {folder} is damaged: {problem}. Fix: {FIX}")
+    else:
+        raise RuntimeError("no intact checkpoint in " + str(root) + ":\n  " + "\n  ".join(skipped) +
+                           f"\nFix: restore one from a backup, or delete {root} to start the run over")
+    if named is None:
+        skipped.insert(0, f"{pointer}: missing")
+    if skipped:
+        notes.append(f"WARNING: using the older {folder.name}; skipped " + "; ".join(skipped) +
+                     " (set on_bad_checkpoint='refuse' to stop instead)")
+    if not (folder / CHECKSUMS).exists():
+        notes.append(f"{folder} has no {CHECKSUMS} (written by an older version): its files are not verified")
+    return folder, notes
+
+
+def latest_checkpoint(run_dir: Path, on_bad: str = "fallback") -> Path | None:
+    """The newest intact checkpoint folder of a run (None if it has none); notes become warnings."""
+    folder, notes = pick_checkpoint(run_dir, on_bad)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
     return folder
 
 
 def read_state(ckpt_dir: Path) -> dict:
-    return json.loads((Path(ckpt_dir) / "state.json").read_text())
+    path = Path(ckpt_dir) / "state.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RuntimeError(f"cannot read {path} ({err}). Fix: {FIX}") from err
 
 
 def run_base(ckpt_dir: Path, base_model: str = "", base_config: str = "") -> tuple[str, str, dict]:
@@ -79,14 +183,39 @@ def run_base(ckpt_dir: Path, base_model: str = "", base_config: str = "") -> tup
 
 
 def load_tensors(ckpt_dir: Path, stem: str) -> dict:
-    return load_file(Path(ckpt_dir) / f"{stem}.safetensors")
+    path = Path(ckpt_dir) / f"{stem}.safetensors"
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own error types, naming no file
+        raise RuntimeError(f"cannot read {path} ({type(err).__name__}: {err}). Fix: {FIX}") from err
+
+
+def check_fits(tensors: dict, expected: dict, source: Path) -> None:
+    """Tensors read from ``source`` must have exactly the keys and shapes of ``expected`` (a
+    state dict): a missing layer would otherwise silently keep its base weights."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in tensors and tensors[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise RuntimeError(f"{source} does not fit this model: missing {missing[:8]} ({len(missing)}), "
+                           f"unexpected {unexpected[:8]} ({len(unexpected)}), shapes differ {shapes[:4]}. "
+                           "Was it trained from another base_model? Otherwise: " + FIX)
+
+
+def load_into(module: torch.nn.Module, ckpt_dir: Path, stem: str, prefixes: tuple = ()) -> None:
+    """Load ``stem.safetensors`` strictly into the ``prefixes`` part of ``module``'s state dict."""
+    expected = {k: v for k, v in module.state_dict().items() if not prefixes or k.startswith(prefixes)}
+    tensors = load_tensors(ckpt_dir, stem)
+    check_fits(tensors, expected, Path(ckpt_dir) / f"{stem}.safetensors")
+    module.load_state_dict(tensors, strict=not prefixes)
 
 
 def load_decoder_weights(ckpt_dir: Path, which: str = "ema") -> dict:
     """Decoder-side weights of a checkpoint: ``which`` is 'ema' (the release) or 'raw'."""
     if which not in WEIGHT_FILES:
         raise ValueError(f"weights must be one of {sorted(WEIGHT_FILES)}, got {which!r}")
-    return load_file(Path(ckpt_dir) / WEIGHT_FILES[which])
+    return load_tensors(ckpt_dir, WEIGHT_FILES[which].removesuffix(".safetensors"))
 
 
 def find_run_checkpoint(run_dir: Path) -> Path:
@@ -110,9 +239,36 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict, source: str = "") -> None:
+    """Inverse of ``optimizer_tensors``; every parameter must have the same slots (e.g. AdamW's
+    step, exp_avg, exp_avg_sq), or the error names the file and what is missing."""
     state: dict = {}
     for flat, val in list(tensors.items()) + list(meta["scalars"].items()):
         idx, key = flat.split(".", 1)
         state.setdefault(int(idx), {})[key] = val
+    ids = [i for g in meta["param_groups"] for i in g["params"]]
+    slots = set().union(*state.values()) if state else set()
+    gaps = [f"{i}.{k}" for i in ids for k in sorted(slots - set(state.get(i, {})))]
+    if gaps:
+        raise RuntimeError(f"{source or 'optimizer state'} lacks slot(s) {gaps[:8]} ({len(gaps)}). Fix: {FIX}")
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def restore(ckpt_dir: Path, vae, ema, critic, opt, opt_critic, scaler) -> dict:
+    """Load a training checkpoint into a trainer's parts, strictly; returns its state."""
+    ckpt_dir = Path(ckpt_dir)
+    state = read_state(ckpt_dir)
+    from furlib.models import TRAINABLE_PREFIXES
+
+    load_into(vae, ckpt_dir, "decoder", TRAINABLE_PREFIXES)
+    ema_tensors = load_tensors(ckpt_dir, "ema")
+    check_fits(ema_tensors, ema.state_dict(), ckpt_dir / "ema.safetensors")
+    ema.load_state_dict(ema_tensors)
+    load_into(critic, ckpt_dir, "critic")
+    for stem, optimizer in (("optim_decoder", opt), ("optim_critic", opt_critic)):
+        if stem not in state:
+            raise RuntimeError(f"{ckpt_dir / 'state.json'} has no {stem!r} entry. Fix: {FIX}")
+        restore_optimizer(optimizer, load_tensors(ckpt_dir, stem), state[stem], str(ckpt_dir / f"{stem}.safetensors"))
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return state

@@ -1,18 +1,17 @@
-"""The training run that 02 executes, on one device or many: ``fit(params)``.
+"""The training run that 02 executes, on one device or many: ``fit(settings)``.
 
-``params`` is the 02 notebook's parameter dict (``runinfo.notebook_parameters``). One process
-trains on one device; several (``accelerate launch``, ``torchrun``, or 02's ``num_gpus`` through
-accelerate's notebook launcher) each train on their own GPU with a per-process ``batch_size``,
-gradients averaged every step (see ``Trainer``). Rank 0 logs, previews and checkpoints.
+``settings`` is a ``TrainSettings`` (or a dict of 02's parameters, checked by
+``TrainSettings.from_params``). One process trains on one device; several (``accelerate
+launch``, ``torchrun``, or 02's ``num_gpus`` through accelerate's notebook launcher) each train on
+their own GPU with a per-process ``batch_size``, gradients averaged every step (see ``Trainer``).
+Rank 0 holds the run lock, logs, previews and checkpoints.
 
-From a shell, with the notebook's defaults and a profile's values for the keys 02 declares::
+From a shell, with TrainSettings' defaults and a profile's values for the keys 02 declares::
 
     accelerate launch --num_processes 4 -m furlib.training.fit params/furception_v1.yaml -p max_steps=1000
 """
 
 import argparse
-import ast
-import dataclasses
 import json
 import sys
 import time
@@ -20,9 +19,12 @@ from pathlib import Path
 
 import torch
 
-from furlib.training import checkpoint, crops, pixelcache, plots
 from furlib import models, perceptual, runinfo
+from furlib.training import crops, pixelcache, plots
+from furlib.training.checkpoint import sweep_temporaries
 from furlib.training.logbook import Logbook
+from furlib.training.plan import make_plan
+from furlib.training.runlock import RunLock
 from furlib.training.settings import TrainSettings
 from furlib.training.trainer import Trainer
 
@@ -37,34 +39,36 @@ def _process(device: str):
     return state.process_index, state.num_processes, state.device
 
 
-def _build(params: dict, rank: int, world: int, dev):
-    settings = TrainSettings(**{f.name: params[f.name] for f in dataclasses.fields(TrainSettings)})
-    vae = models.load_vae(params["base_model"], params["base_config"], params["seed"])
-    lpips = perceptual.LPIPS("vgg", params["lpips_backbone"], params["seed"]) if settings.lpips_weight else None
-    notes = [] if models.is_pretrained(params["base_model"]) else \
-        [f"base_model={params['base_model']!r} is randomly initialised, not pretrained"]
+def _build(s: TrainSettings, rank: int, world: int, dev):
+    vae = models.load_vae(s.base_model, s.base_config, s.seed)
+    lpips = perceptual.LPIPS("vgg", s.lpips_backbone, s.seed) if s.lpips_weight else None
+    notes = [] if models.is_pretrained(s.base_model) else [f"base_model={s.base_model!r} is randomly initialised, not pretrained"]
     if lpips is not None:
-        notes.append(perceptual.lpips_note(params["lpips_backbone"]))
-    return Trainer(vae, settings, dev, lpips, rank, world), notes
+        notes.append(perceptual.lpips_note(s.lpips_backbone))
+    return Trainer(vae, s, dev, lpips, rank, world), notes
 
 
 class Preview:
     """Fixed val images, their base reconstructions, and the figures shown every plot_every."""
 
-    def __init__(self, trainer: Trainer, data_dir: Path, params: dict, logbook: Logbook, show=None):
+    def __init__(self, trainer: Trainer, data_dir: Path, s: TrainSettings, logbook: Logbook, show=None):
         val = crops.list_images(data_dir / "val")
         self.held_out = bool(val)  # without a val split the strip shows training images: say so
         paths = val or crops.list_images(data_dir / "train")
-        self.images = crops.center_crops(paths[:params["preview_images"]], params["resolution"])
+        self.images = crops.center_crops(paths[:s.preview_images], s.resolution)
         self.base = trainer.reconstruct(self.images)  # before any checkpoint is loaded
         self.trainer, self.logbook, self.show = trainer, logbook, show
         self.folder = logbook.log_dir.parent / "train"
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.last_step = None
 
     def __call__(self, title: str) -> None:
         import matplotlib.pyplot as plt
 
         t = self.trainer
+        if self.last_step == t.step_count:  # the loop's last preview was this step: show it once
+            return
+        self.last_step = t.step_count
         columns = {"original": self.images, "base": self.base, "current": t.reconstruct(self.images),
                    "EMA": t.reconstruct(self.images, ema=True)}
         self.logbook.image("preview", plots.strip_grid(columns), t.step_count)
@@ -77,111 +81,172 @@ class Preview:
             plt.close(fig)
 
 
-def fit(params: dict, show=None) -> dict:
-    """Train until ``max_steps``; returns (on rank 0) the results also saved as train/results.json."""
-    crops.check_cache_setting(params["pixel_cache"])  # before minutes of model loading
-    rank, world, dev = _process(params["device"])
+def plan(settings: TrainSettings | dict):
+    """What ``fit`` will do (device, global batch, checkpoint, cache, workers, costs), in seconds."""
+    s = settings if isinstance(settings, TrainSettings) else TrainSettings.from_params(settings)
+    s.validate()
+    return make_plan(s, s.num_gpus, runinfo.pick_device(s.device))
+
+
+def fit(settings: TrainSettings | dict, show=None, announce: bool = True) -> dict:
+    """Train until ``max_steps``; returns (on rank 0) the results also saved as train/results.json.
+    ``announce=False``: the caller has shown ``plan(settings)`` already."""
+    s = settings if isinstance(settings, TrainSettings) else TrainSettings.from_params(settings)
+    s.validate()
+    rank, world, dev = _process(s.device)
     if dev.type == "cuda":  # here, so `accelerate launch -m furlib.training.fit` gets them as 02 does
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithms once
-    run_path = runinfo.run_dir(params["outputs_dir"], params["run_name"])
-    if not crops.list_images(run_path / "data" / "train"):  # before minutes of model loading
-        raise ValueError(f"no training images in {run_path / 'data' / 'train'}: run 01_data_prep with "
-                         f"run_name={params['run_name']!r} first")
-    latest = checkpoint.latest_checkpoint(run_path)
-    if latest is not None and not params["resume"]:  # never overwrite a run's work silently
-        raise ValueError(f"resume=False but {run_path} already has checkpoints (latest {latest.name}): "
-                         "set resume=True to continue it, or choose a new run_name")
-    trainer, notes = _build(params, rank, world, dev)
+    lock = RunLock(runinfo.run_dir(s.outputs_dir, s.run_name))
+    _take_lock(lock, rank, world)
+    try:
+        p = make_plan(s, world, dev)  # data, checkpoint and resume checks before minutes of loading
+        if rank == 0 and announce:  # 02 shows the same plan in its own cell first
+            print(p.describe(), flush=True)
+        return _train(s, p, rank, world, dev, show, [lock.note] if lock.note else [])
+    finally:
+        lock.release()
+
+
+def fit_on_gpus(settings: TrainSettings) -> dict:
+    """02 with ``num_gpus`` > 1: one process per GPU through accelerate's notebook launcher. The
+    launcher returns nothing, so rank 0's results come back through train/results.json."""
+    from accelerate import notebook_launcher
+
+    notebook_launcher(fit, (settings,), num_processes=settings.num_gpus)
+    run_path = runinfo.run_dir(settings.outputs_dir, settings.run_name)
+    return json.loads((run_path / "train" / "results.json").read_text())
+
+
+def _take_lock(lock: RunLock, rank: int, world: int) -> None:
+    """Rank 0 takes the run lock; every rank learns whether it did, so all stop together."""
+    error = None
+    if rank == 0:
+        try:
+            lock.acquire()
+        except RuntimeError as err:
+            error = str(err)
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise RuntimeError(error)
+
+
+def _train(s: TrainSettings, p, rank: int, world: int, dev, show, notes: list) -> dict:
+    trainer, build_notes = _build(s, rank, world, dev)
+    notes = notes + p.notes + build_notes
     logbook = preview = None
     if rank == 0:
-        print(models.describe(trainer.vae), *notes, f"{world} process(es) on {dev}", sep="\n", flush=True)
-        logbook = Logbook(run_path / "logs", resume_step=latest and checkpoint.read_state(latest)["step"] or 0)
-        preview = Preview(trainer, run_path / "data", params, logbook, show)
-    if latest is not None:
-        trainer.load(latest)
+        swept = sweep_temporaries(p.run_path / "checkpoints")
+        logbook = Logbook(p.run_path / "logs", resume_step=p.start_step)
+        late = logbook.notes + ([f"removed {swept} folder(s) of an interrupted checkpoint save"] if swept else [])
+        print(models.describe(trainer.vae), *build_notes, *late, sep="\n", flush=True)
+        notes += late
+        preview = Preview(trainer, p.run_path / "data", s, logbook, show)
+    if p.checkpoint is not None:
+        trainer.load(p.checkpoint)
         if rank == 0:
-            print(f"resumed from {latest} at step {trainer.step_count}", flush=True)
+            print(f"resumed from {p.checkpoint} at step {trainer.step_count}", flush=True)
     t0, first = time.time(), trainer.step_count
-    final = _loop(trainer, params, run_path, rank, logbook, preview)
+    final = _loop(trainer, s, p, rank, logbook, preview)
     if rank != 0:
         return {}
     preview(f"after {trainer.step_count} steps")
-    images_per_s = (trainer.step_count - first) * params["batch_size"] * world / max(time.time() - t0, 1e-9)
+    images_per_s = (trainer.step_count - first) * p.global_batch / max(time.time() - t0, 1e-9)
     results = dict(step=trainer.step_count, skipped_steps=trainer.skipped, images_per_s=images_per_s,
-                   processes=world, checkpoint=str(final), notes=notes,
+                   processes=world, global_batch=p.global_batch, checkpoint=str(final), notes=notes,
                    effective_ema_decay=trainer.ema.decay,
                    preview_split="val" if preview.held_out else "train (no val split)",
                    preview_oklab_l1=trainer.held_out_errors(preview.images, preview.base),
                    last_log=logbook.history[-1] if logbook.history else {})
     logbook.close()
-    (run_path / "train" / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (p.run_path / "train" / "results.json").write_text(json.dumps(results, indent=1, default=str))
     return results
 
 
-def _loop(trainer: Trainer, params: dict, run_path: Path, rank: int, logbook, preview) -> Path:
+def _loop(trainer: Trainer, s: TrainSettings, p, rank: int, logbook, preview) -> Path:
     """The visible outer loop: step, log, checkpoint, preview; returns the final checkpoint."""
     from tqdm.auto import tqdm
 
-    p, world = params, trainer.world_size
-    loader = _train_loader(trainer, p, run_path, rank)
-    save = lambda: trainer.save(run_path / "checkpoints", p["keep_checkpoints"], base_model=p["base_model"],  # noqa: E731
-                                base_config=p["base_config"]) if rank == 0 else None
-    per_step = p["batch_size"] * world
-    bar = tqdm(total=p["max_steps"] * per_step, initial=trainer.step_count * per_step, unit="img",
+    loader = _train_loader(trainer, s, p, rank)
+    saved = {}  # step -> folder: a step is saved once (a second save could only cost the first)
+
+    def save():
+        trainer.check_in_sync()
+        if rank == 0 and trainer.step_count not in saved:
+            saved[trainer.step_count] = trainer.save(p.run_path / "checkpoints", s.keep_checkpoints,
+                                                     base_model=s.base_model, base_config=s.base_config)
+        return saved.get(trainer.step_count)
+
+    bar = tqdm(total=s.max_steps * p.global_batch, initial=trainer.step_count * p.global_batch, unit="img",
                unit_scale=True, desc="train", disable=rank != 0)
+    t_first = time.time()
     for batch in loader:
-        if trainer.step_count >= p["max_steps"]:
+        if trainer.step_count >= s.max_steps:
             break
         logs = trainer.step(batch)
-        bar.update(per_step)
+        bar.update(p.global_batch)
         step = trainer.step_count
-        if logbook and (step % p["log_every"] == 0 or step == p["max_steps"]):
+        if rank == 0 and step == p.start_step + 1 and trainer.device.type == "cpu":
+            print(f"first step on the CPU: {time.time() - t_first:.1f} s; {s.max_steps - step} to go", flush=True)
+        if logbook and (step % s.log_every == 0 or step == s.max_steps):
             row = logbook.log(step, logs)
             bar.set_postfix(rec=f"{row['rec/total']:.4f}", w=f"{row.get('gan/weight', 0):.3g}", skipped=trainer.skipped)
-        if step % p["checkpoint_every"] == 0:
-            trainer.check_in_sync()
+        if step % s.checkpoint_every == 0:
             save()
-        if preview and p["plot_every"] and step % p["plot_every"] == 0:
+        if preview and s.plot_every and step % s.plot_every == 0:
             preview(f"step {step}")
     bar.close()
-    trainer.check_in_sync()
-    return save()
+    return save() if trainer.step_count > p.start_step or p.checkpoint is None else p.checkpoint
 
 
-def _train_loader(trainer: Trainer, p: dict, run_path: Path, rank: int):
-    """This process's training batches; rank 0 prints the pixel-cache decision. Every rank decides
-    for itself (the crops are the same either way) and all share one cache folder."""
-    cache_dir = run_path / "pixel_cache"  # 02's own folder: 01's data/ is 01's alone
-    use_cache, note = crops.cache_plan(run_path / "data" / "train", cache_dir, p["pixel_cache"])
+def _train_loader(trainer: Trainer, s: TrainSettings, p, rank: int):
+    """This process's training batches. Every rank decides the cache for itself (the crops are
+    the same either way) and all share one cache folder."""
+    cache_dir = p.run_path / "pixel_cache"
     if rank == 0:
         swept = pixelcache.sweep_stale(cache_dir)
-        print(note + (f"; removed {swept} temporaries of interrupted writes" if swept else ""), flush=True)
-    return crops.make_loader(run_path / "data" / "train", p["resolution"], p["batch_size"],
-                             seed=p["seed"] + 7919 * rank, start_step=trainer.step_count,
-                             num_workers=p["num_workers"], min_crop_scale=p["min_crop_scale"],
+        if swept:
+            print(f"pixel cache: removed {swept} temporaries of interrupted writes", flush=True)
+    return crops.make_loader(p.run_path / "data" / "train", s.resolution, s.batch_size,
+                             seed=s.seed + 7919 * rank, start_step=trainer.step_count,
+                             num_workers=p.num_workers, min_crop_scale=s.min_crop_scale,
                              pin_memory=trainer.device.type == "cuda",
-                             cache_dir=cache_dir if use_cache else None)
+                             cache_dir=cache_dir if p.use_cache else None)
 
 
-def notebook_defaults(stage: str = "02_train") -> dict:
-    """The notebook's parameter defaults, evaluated: one source of defaults for the CLI too."""
-    from furlib.pipeline import declared_parameters
+def profile_settings(profile: str, overrides: dict) -> TrainSettings:
+    """TrainSettings from a params profile: its keys 02 declares, then ``overrides`` (02's only)."""
+    from furlib import pipeline
 
-    return {k: ast.literal_eval(v) for k, v in declared_parameters(stage).items()}
+    names = set(TrainSettings.__dataclass_fields__)
+    if pipeline.notebook_path("02_train").exists():  # a checkout: a key no notebook declares is an error
+        values = pipeline.load_profile(profile)
+    else:  # an installed furlib without the notebooks: other stages' keys cannot be told from typos
+        import yaml
+
+        if not Path(profile).exists():
+            raise FileNotFoundError(f"params file {profile} does not exist (see params/ for profiles)")
+        values = yaml.safe_load(Path(profile).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{profile} must be a flat mapping of parameter names to values")
+        other = sorted(set(values) - names)
+        print(f"{profile}: not 02_train's parameters, ignored: {other}", flush=True) if other else None
+    return TrainSettings.from_params({**{k: v for k, v in values.items() if k in names}, **overrides})
 
 
 def main(argv=None) -> int:
-    from furlib.pipeline import load_profile, parse_override
+    from furlib.pipeline import parse_override
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("profile")
-    ap.add_argument("-p", "--param", action="append", default=[], help="override: key=value")
+    ap.add_argument("-p", "--param", action="append", default=[], help="override one of 02's parameters: key=value")
     args = ap.parse_args(argv)
-    params = notebook_defaults()
-    profile = load_profile(args.profile, dict(parse_override(x) for x in args.param))
-    params.update({k: v for k, v in profile.items() if k in params})
-    fit(params)
+    fit(profile_settings(args.profile, dict(parse_override(x) for x in args.param)))
     return 0
 
 

@@ -14,14 +14,19 @@ class Logbook:
     """``log(step, logs)`` appends to ``log.jsonl`` and TensorBoard; ``history`` feeds the plots.
 
     On resume the JSONL is cut back to the checkpoint's step, so the history has no duplicates.
+    A half-written last line (the normal result of a kill mid-write) is dropped, and ``notes``
+    says so; a damaged line before the last is an error naming the file and line.
     """
 
     def __init__(self, log_dir: Path, resume_step: int = 0, tensorboard: bool = True):
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.log_dir / "log.jsonl"
+        self.notes: list[str] = []
         self.history = [r for r in self._read() if r["step"] <= resume_step] if resume_step else []
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        tmp = self.path.with_name(f".tmp-{self.path.name}")  # a kill here keeps the old log whole
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        tmp.replace(self.path)
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -31,7 +36,18 @@ class Logbook:
     def _read(self) -> list:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = [(i, line) for i, line in enumerate(self.path.read_text().splitlines(), 1) if line.strip()]
+        rows = []
+        for i, line in lines:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                if i != lines[-1][0]:
+                    raise ValueError(f"{self.path} line {i} is not JSON ({err}); remove that line "
+                                     "or the whole file (the checkpoint does not depend on it)") from err
+                self.notes.append(f"{self.path}: dropped a half-written last line {line[:40]!r}... "
+                                  "(the run was killed while logging)")
+        return rows
 
     def log(self, step: int, logs: dict) -> dict:
         row = dict(_plain(logs), step=step)

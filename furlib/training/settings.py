@@ -1,6 +1,9 @@
 """One training step of the Furception recipe, and the state that makes it resumable.
 
-``TrainSettings`` holds the recipe; its field names are the 02 notebook's parameters.
+``TrainSettings`` is the one home of every 02 parameter's default (the run, the data, the recipe
+and the checkpoint cadence); its field names are the 02 notebook's parameters, and a test keeps the
+notebook's parameters cell identical to these defaults. ``validate()`` checks them all
+(``furlib.training.validation``); 02, ``python -m furlib.training.fit`` and launches all call it.
 ``Trainer.step(batch_m11)`` runs one optimisation step on an ``rgb_m11`` NCHW batch:
 
 1. the frozen encoder gives latents (posterior sample or mode); the decoder reconstructs;
@@ -20,7 +23,6 @@ import math
 
 import torch
 
-from furlib.training import critic as critic_lib
 from furlib.training.ema import scaled_decay
 from furlib.training.losses import cosine_ramp
 
@@ -29,6 +31,19 @@ PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
 
 @dataclasses.dataclass
 class TrainSettings:
+    # the run and its inputs
+    run_name: str = "my_run"        # outputs go to outputs_dir/run_name ("demo" is make demo's)
+    outputs_dir: str = "outputs"
+    base_model: str = "stabilityai/sd-vae-ft-mse"  # hub id, diffusers folder, .safetensors, "tiny", "random:sd"
+    base_config: str = ""           # diffusers folder with the config of a .safetensors base
+    device: str = "auto"            # "auto", "cuda", "cpu"
+    num_gpus: int = 1               # processes, one GPU each (accelerate); batch_size is per GPU
+    resolution: int = 256           # training crop side, px (multiple of 8, at least 32)
+    min_crop_scale: float = 0.08    # smallest crop, as a fraction of the image area
+    num_workers: int = 4            # data loader processes per GPU (capped to the CPU cores)
+    pixel_cache: str = "auto"       # decoded-PNG cache: "auto" (fits half the free disk), "yes", "no"
+    lpips_backbone: str = "pretrained"  # "pretrained", or "random" (offline opt-in, not perceptual)
+    # the recipe
     batch_size: int = 32            # images per optimizer step (all micro-batches together)
     grad_accum: int = 1             # micro-batches per step
     max_steps: int = 150_000        # optimizer steps
@@ -69,27 +84,37 @@ class TrainSettings:
     channels_last: str = "auto"     # NHWC layout for the convolutions: "auto" (CUDA, uncompiled), "yes", "no"
     torch_compile: str = "auto"     # compile encoder, decoder, LPIPS, critic: "auto" (on CUDA), "yes", "no"
     phase_upsample: str = "auto"    # decoder upsampling as 2x2 phase convs (2.25x fewer FLOPs): "auto" (CUDA)
+    # checkpoints, resume and logs
+    resume: bool = True             # continue the run's latest checkpoint (False: refuse to overwrite one)
+    resume_with_changes: list = dataclasses.field(default_factory=list)  # recipe settings a resume may change
+    on_bad_checkpoint: str = "fallback"  # damaged latest: "fallback" to the newest good one (loud), or "refuse"
+    checkpoint_every: int = 2000    # steps between checkpoints
+    keep_checkpoints: int = 3       # newest checkpoints kept (0: all)
+    log_every: int = 10             # steps between log rows
+    plot_every: int = 5000          # steps between inline dashboards (0: only at the end)
+    preview_images: int = 4         # fixed val images in the reconstruction strip
+
+    @classmethod
+    def from_params(cls, params: dict) -> "TrainSettings":
+        """Settings from a parameter dict (02's, a profile's); unknown names and bad values raise."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - names)
+        if unknown:
+            raise ValueError(f"02_train has no parameter(s) {unknown}; its parameters are the fields of "
+                             "furlib.training.settings.TrainSettings (check the spelling)")
+        settings = cls(**params)
+        settings.validate()
+        return settings
+
+    def global_batch(self, processes: int) -> int:
+        """Images per optimizer step over all processes: batch_size is per process (per GPU)."""
+        return self.batch_size * processes
 
     def validate(self) -> None:
-        checks = {
-            "grad_accum": self.grad_accum >= 1 and self.batch_size % self.grad_accum == 0,
-            "latent_mode": self.latent_mode in ("sample", "mode"),
-            "gan_loss": self.gan_loss in critic_lib.GAN_LOSSES,
-            "critic_norm": self.critic_norm in critic_lib.NORMS,
-            "critic_input": self.critic_input in critic_lib.CRITIC_INPUTS,
-            "lr_schedule": self.lr_schedule in ("constant", "cosine"),
-            "mixed_precision": self.mixed_precision in PRECISIONS,
-            "max_steps": self.max_steps >= 1,
-            "disc_weight": self.disc_weight >= 0,
-            "torch_compile": self.torch_compile in ("auto", "yes", "no"),
-            "channels_last": self.channels_last in ("auto", "yes", "no"),
-            "phase_upsample": self.phase_upsample in ("auto", "yes", "no"),
-        }
-        bad = {k: getattr(self, k) for k, ok in checks.items() if not ok}
-        if bad:
-            hint = " (YAML reads a bare yes/no as a boolean: quote it)" if any(
-                isinstance(v, bool) for v in bad.values()) else ""
-            raise ValueError(f"invalid training parameter(s) {bad}{hint}: see TrainSettings for choices")
+        """Every parameter at once; a ValueError names each bad one, its value and what is allowed."""
+        from furlib.training.validation import validate
+
+        validate(self)
 
     def ema_decay_for(self, images_per_step: int) -> float:
         """``ema_decay``, or the reference decay scaled to the images of one optimizer step."""

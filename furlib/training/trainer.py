@@ -29,6 +29,15 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+def nonfinite_message(streak: int, step: int, batch: torch.Tensor) -> str:
+    """Why the run stops: bad data when the batch itself is not finite, else the optimisation."""
+    head = f"{streak} non-finite steps in a row at step {step}; the last checkpoint is intact: "
+    if not bool(torch.isfinite(batch).all()):
+        return head + ("the training batch itself holds NaN/inf values: the data is bad, not the "
+                       "optimisation (check data/train and the loader, or re-run 01_data_prep)")
+    return head + "lower lr or try mixed_precision='bf16'"
+
+
 class Trainer:
     """With ``world_size`` > 1 (an initialised ``torch.distributed`` group, e.g. from accelerate),
     each process steps its own batch and gradients are averaged before every update, so
@@ -137,6 +146,7 @@ class Trainer:
         self.opt_critic.zero_grad(set_to_none=True)
         logs = {}
         batch = batch_m11.to(self.device, non_blocking=True).contiguous(memory_format=self.layout)
+        self._last_batch = batch  # checked only when a streak of non-finite steps stops the run
         for i, x in enumerate(batch.chunk(s.grad_accum)):
             stream = 2 * (i + s.grad_accum * self.rank)  # own noise per micro-batch and rank
             z = self.encode(x, step_generator(self.device, s.seed, step, stream))
@@ -196,8 +206,7 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             self.scaler.update()
             if self.bad_streak >= self.s.max_bad_steps:
-                raise NonFiniteError(f"{self.bad_streak} non-finite steps in a row at step {self.step_count}; "
-                                     "the last checkpoint is intact: lower lr or try mixed_precision='bf16'")
+                raise NonFiniteError(nonfinite_message(self.bad_streak, self.step_count, self._last_batch))
             return {"train/skipped": 1.0, "train/grad_norm": norm}
         self.bad_streak = 0
         self.scaler.step(self.opt)
@@ -233,17 +242,11 @@ class Trainer:
         tensors = {"decoder": decoder_state(self.vae), "ema": self.ema.state_dict(),
                    "critic": self.critic.state_dict(), "optim_decoder": opt_t, "optim_critic": copt_t}
         state = dict(extra, skipped=self.skipped, optim_decoder=opt_meta, optim_critic=copt_meta,
-                     scaler=self.scaler.state_dict(), settings=dataclasses.asdict(self.s))
+                     scaler=self.scaler.state_dict(), settings=dataclasses.asdict(self.s),
+                     processes=self.world_size, cpu_threads=torch.get_num_threads())  # compared on resume
         return ckpt_lib.save_checkpoint(ckpt_root, self.step_count, tensors, state, keep)
 
     def load(self, ckpt_dir: Path) -> None:
-        state = ckpt_lib.read_state(ckpt_dir)
-        load = lambda stem: ckpt_lib.load_tensors(ckpt_dir, stem)  # noqa: E731
-        self.vae.load_state_dict(load("decoder"), strict=False)
-        self.ema.load_state_dict(load("ema"))
-        self.critic.load_state_dict(load("critic"))
-        ckpt_lib.restore_optimizer(self.opt, load("optim_decoder"), state["optim_decoder"])
-        ckpt_lib.restore_optimizer(self.opt_critic, load("optim_critic"), state["optim_critic"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        """Strict: every tensor and optimizer slot must be there (checkpoint.restore names the gap)."""
+        state = ckpt_lib.restore(ckpt_dir, self.vae, self.ema, self.critic, self.opt, self.opt_critic, self.scaler)
         self.step_count, self.skipped = state["step"], state.get("skipped", 0)
