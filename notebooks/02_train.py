@@ -50,6 +50,7 @@ import dataclasses
 from IPython.display import Image, display
 
 from furlib import runinfo
+from furlib.display import show
 from furlib.training import fit
 from furlib.training.settings import TrainSettings
 
@@ -158,10 +159,6 @@ print(plan.describe())
 # the last checkpoint exactly (on a CPU: at the same thread count).
 
 # %%
-def show(fig):
-    display(fig)
-
-
 if num_gpus == 1:
     results = fit.fit(settings, show=show, announce=False)
 else:  # one process per GPU; figures are saved under train/ and shown below

@@ -170,7 +170,7 @@ def _train(s: TrainSettings, p, rank: int, world: int, dev, show, notes: list) -
 
 def _loop(trainer: Trainer, s: TrainSettings, p, rank: int, logbook, preview) -> Path:
     """The visible outer loop: step, log, checkpoint, preview; returns the final checkpoint."""
-    from tqdm.auto import tqdm
+    from furlib.progress import tqdm  # text bars headless and in saved notebooks
 
     loader = _train_loader(trainer, s, p, rank)
     saved = {}  # step -> folder: a step is saved once (a second save could only cost the first)
