@@ -40,18 +40,34 @@ def check_norm(norm: str) -> None:
 
 
 class PixelLayerNorm(nn.Module):
-    """Layer norm over the channels at every pixel of NCHW: Flax ``nn.LayerNorm()`` on NHWC."""
+    """Layer norm over the channels at every pixel of NCHW: Flax ``nn.LayerNorm()`` on NHWC.
+
+    Both layer norms run in fp32 under any autocast, as CUDA's autocast runs ``layer_norm`` and
+    ``group_norm`` anyway; CPU autocast would run them in fp16, where the penalty's double
+    backward through 1/std overflows to NaN."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.norm = nn.LayerNorm(channels, eps=1e-6)  # Flax's default epsilon (torch's is 1e-5)
 
     def forward(self, x):
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.norm(x.float().permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class SampleLayerNorm(nn.GroupNorm):
+    """Each sample normalised over (C, H, W), per-channel affine (``GroupNorm(1, C)``), in fp32."""
+
+    def __init__(self, channels: int):
+        super().__init__(1, channels)
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
-    return {"sample_layer": lambda: nn.GroupNorm(1, channels), "pixel_layer": lambda: PixelLayerNorm(channels),
+    return {"sample_layer": lambda: SampleLayerNorm(channels), "pixel_layer": lambda: PixelLayerNorm(channels),
             "batch": lambda: nn.BatchNorm2d(channels), "none": nn.Identity}[kind]()
 
 
