@@ -70,3 +70,53 @@ def test_card_profiles_use_the_authors_weight_decay(name):
 def test_defaults_are_the_card_recipe():
     s = TrainSettings()
     assert s.loss_weights(0) == (1.0, 5.0) and s.critic_norm == "pixel_layer" and s.weight_decay == 1e-4
+
+
+def test_grad_accum_sets_the_adaptive_weight_per_micro_batch():
+    """With grad_accum > 1 each micro-batch's critic term is weighted against its own
+    reconstruction term (LDM's weight per forward pass); the step's gradient is the mean of the
+    micro-batches' rec_i + w_i * gan_i and the logged weight the mean of the w_i."""
+    from furlib.models import load_vae
+    from furlib.perceptual import LPIPS
+    from furlib.training.critic import generator_loss
+    from furlib.training.losses import reference_adaptive_weight
+    from furlib.training.trainer import Trainer
+
+    def make():
+        torch.manual_seed(0)
+        s = TrainSettings(batch_size=4, grad_accum=2, warmup_steps=0, lr=0.0, weight_decay=0.0, mixed_precision="no",
+                          latent_mode="mode", critic_channels=8, critic_layers=2)
+        return Trainer(load_vae("tiny", seed=0), s, "cpu", LPIPS("vgg", "random", seed=0))
+
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    t, ref = make(), make()
+    logs = t.step(x)  # lr 0: the weights stay, the gradients stay in .grad
+    total, weights = 0.0, []
+    for half in x.chunk(2):
+        recon = ref.vae.decode(ref.vae.encode(half).latent_dist.mode()).sample
+        rec, _ = ref.rec_loss(recon, half, *ref.s.loss_weights(0), ref.s.lpips_weight)
+        gan = generator_loss(ref.critic(recon), ref.s.gan_loss)
+        weights.append(reference_adaptive_weight(rec, gan, ref.vae.decoder.conv_out.weight, 0.5))
+        total = total + (rec + weights[-1] * gan) / 2
+    total.backward()
+    assert float(logs["gan/weight"]) == pytest.approx(float(sum(weights) / 2), rel=1e-4)
+    assert abs(float(weights[0] - weights[1])) > 1e-3 * float(weights[0])  # the two really differ
+    got = torch.cat([p.grad.flatten() for _, p in t.trainable])
+    want = torch.cat([p.grad.flatten() for _, p in ref.trainable])
+    assert (got - want).norm() <= 1e-4 * want.norm()
+
+
+def test_decoder_warms_up_and_the_critic_does_not():
+    """As in the author's code: the decoder's lr rises linearly over warmup_steps, the critic's
+    optimizer runs at its rate from step 0."""
+    from types import SimpleNamespace
+
+    from furlib.training.step import set_lr
+
+    s = TrainSettings(lr=5e-7, critic_lr=5e-7, warmup_steps=5000)
+    t = SimpleNamespace(s=s, opt=SimpleNamespace(param_groups=[{}]), opt_critic=SimpleNamespace(param_groups=[{}]))
+    set_lr(t, 0)
+    assert t.opt.param_groups[0]["lr"] == pytest.approx(5e-7 / 5000)
+    assert t.opt_critic.param_groups[0]["lr"] == pytest.approx(5e-7)
+    set_lr(t, 10_000)
+    assert t.opt.param_groups[0]["lr"] == pytest.approx(5e-7)

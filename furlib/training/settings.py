@@ -49,7 +49,7 @@ class TrainSettings:
     adam_beta1: float = 0.5
     adam_beta2: float = 0.9
     weight_decay: float = 1e-4      # AdamW decoupled decay, both optimizers (the author's value)
-    warmup_steps: int = 5000        # linear warm-up of both learning rates (critic's too: see README)
+    warmup_steps: int = 5000        # linear warm-up of the decoder's learning rate (the critic's has none)
     lr_schedule: str = "constant"   # "constant" or "cosine" (to 0 at max_steps)
     grad_clip: float = 0.0          # max decoder grad norm; 0 = off
     ema_decay: float = 0.0          # 0 = ema_ref_decay scaled to the batch size
@@ -97,8 +97,10 @@ class TrainSettings:
         value = getattr(self, knob)
         return value == "yes" or (value == "auto" and torch.device(device).type == "cuda")
 
-    def lr_factor(self, step: int) -> float:
-        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
+    def lr_factor(self, step: int, warmup: bool = True) -> float:
+        """The learning rate's multiplier at ``step``: linear warm-up (``warmup``: the decoder's;
+        the critic's has none, as in the author's code), then constant or cosine."""
+        warm = min(1.0, (step + 1) / self.warmup_steps) if warmup and self.warmup_steps > 0 else 1.0
         if self.lr_schedule == "cosine":
             warm *= 0.5 * (1.0 + math.cos(math.pi * min(step / self.max_steps, 1.0)))
         return warm

@@ -185,9 +185,9 @@ def apply_critic(t) -> dict:
 
 
 def set_lr(t, step: int) -> None:
-    """Both learning rates follow one schedule (``TrainSettings.lr_factor``): warm-up, then flat."""
-    f = t.s.lr_factor(step)
+    """``TrainSettings.lr_factor``: the decoder warms up; the critic starts at its full rate, as
+    in the author's code (its optimizer there has a constant rate)."""
     for g in t.opt.param_groups:
-        g["lr"] = t.s.lr * f
+        g["lr"] = t.s.lr * t.s.lr_factor(step)
     for g in t.opt_critic.param_groups:
-        g["lr"] = t.s.critic_lr * f
+        g["lr"] = t.s.critic_lr * t.s.lr_factor(step, warmup=False)
