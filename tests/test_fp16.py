@@ -83,3 +83,20 @@ def test_fp16_critic_has_its_own_scaler_skips_overflow_and_matches_fp32():
     assert t.scaler.get_scale() == 65536.0  # the decoder's scale is its own
     got = torch.cat([p.grad.flatten() for p in t.critic.parameters()])  # unscaled by apply_critic
     assert rel_err(got, ref) < 0.01
+
+
+def test_fp16_decoder_overflow_skips_the_step_and_the_ema_and_halves_only_its_scale():
+    """An overflowing fp16 step changes no weight and no EMA, is counted, and halves the decoder's
+    scale (before, the EMA moved and the log said the step was not skipped)."""
+    t = make("fp16", 0.0)
+    x, _ = images()
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**120)  # overflows every fp16 backward
+    before = {n: p.detach().clone() for n, p in t.trainable}
+    with torch.no_grad():
+        t.ema.shadow[0].add_(1.0)  # away from the weights, so an EMA step would show
+    ema_before = [e.clone() for e in t.ema.shadow]
+    logs = t.step(x)
+    assert logs["train/skipped"] == 1.0 and t.skipped == 1
+    assert all(torch.equal(before[n], p) for n, p in t.trainable)
+    assert all(torch.equal(a, b) for a, b in zip(ema_before, t.ema.shadow))
+    assert t.scaler.get_scale() == 2.0**119

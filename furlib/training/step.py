@@ -148,13 +148,13 @@ def critic_grads(t, x_m11, recon_m11, gen, accum: int) -> dict:
 
 
 def apply_decoder(t, rec_total) -> dict:
-    """Clip, then AdamW and EMA, or skip a non-finite step (fp16: the scaler decides)."""
+    """Clip, then AdamW and EMA, or skip a non-finite step: no update, no EMA step, counted. In
+    fp16 an overflow is such a step too; ``scaler.update()`` then halves the decoder's scale."""
     params = [p for _, p in t.trainable]
-    t.scaler.unscale_(t.opt)
+    t.scaler.unscale_(t.opt)  # no-op unless fp16
     max_norm = t.s.grad_clip if t.s.grad_clip > 0 else float("inf")
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    overflow_ok = t.scaler.is_enabled()  # fp16: the scaler skips inf grads itself
-    if not torch.isfinite(rec_total) or (not overflow_ok and not torch.isfinite(norm)):
+    if not torch.isfinite(rec_total) or not torch.isfinite(norm):
         t.skipped += 1
         t.bad_streak += 1
         t.opt.zero_grad(set_to_none=True)
