@@ -39,6 +39,10 @@ def check_norm(norm: str) -> None:
         raise ValueError(f"critic_norm must be one of {NORMS}, got {norm!r}")
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class PixelLayerNorm(nn.Module):
     """Layer norm over the channels at every pixel of NCHW: Flax ``nn.LayerNorm()`` on NHWC.
 
@@ -52,7 +56,7 @@ class PixelLayerNorm(nn.Module):
 
     def forward(self, x):
         with torch.autocast(x.device.type, enabled=False):
-            return self.norm(x.float().permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            return self.norm(_at_least_fp32(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class SampleLayerNorm(nn.GroupNorm):
@@ -63,7 +67,7 @@ class SampleLayerNorm(nn.GroupNorm):
 
     def forward(self, x):
         with torch.autocast(x.device.type, enabled=False):
-            return super().forward(x.float())
+            return super().forward(_at_least_fp32(x))
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
