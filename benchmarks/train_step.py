@@ -2,6 +2,13 @@
 
     python benchmarks/train_step.py --out results.json            # all variants, one process each
     python benchmarks/train_step.py --variant project --steps 10  # one variant
+    python benchmarks/train_step.py --variants "project[lpips_autocast=True],project"  # a lever's cost
+    python benchmarks/train_step.py --device cpu --model tiny --res 64 --batch 2 --steps 2 --warmup 1 \
+        --flops 1 --variants "project-eager[lpips_autocast=True],project-eager"  # CPU check of a command
+
+A variant takes settings in brackets, ``variant[key=value;...]``: a ``build.Tuning`` field
+(``lpips_autocast``, ``compile_critic``, ``inductor_options``), a ``TrainSettings`` field
+(``mixed_precision='fp16'``), or else a ``torch._inductor.config`` value.
 
 Variants (all: sd-vae-ft-mse architecture with random weights, LPIPS VGG with a random backbone
 -- the same compute as the pretrained one --, layer-norm PatchGAN WGAN-GP critic, Oklab L1+L2,
@@ -13,7 +20,7 @@ adaptive weight every step, AdamW, EMA; random data resident on the GPU):
 - project: ``Trainer.step`` with its GPU defaults (compile incl. the critic's first-order passes,
   phase upsampling, channels_last, bf16);
 - project-prev: the defaults before this round's levers (channels_last model, inductor's own layout
-  choice, eager critic, plain upsampling), for comparison;
+  choice, eager critic, plain upsampling: ``Tuning(inductor_options={}, compile_critic=False)``);
 - project-nophase: ``project`` without phase upsampling;
 - project-fed: ``project`` fed by ``furlib.training.crops.make_loader`` (``--workers`` processes, pinned
   memory) from generated 1-2 MP PNGs, once decoding the PNGs and once from the pixel cache; wall
@@ -28,6 +35,7 @@ plain-bf16 step with ``torch.utils.flop_counter`` and used for every variant's T
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -42,28 +50,37 @@ from furlib.training.critic import PatchCritic, critic_loss  # noqa: E402
 from furlib.training.losses import ReconstructionLoss, reference_adaptive_weight  # noqa: E402
 from furlib.models import load_vae, split_trainable  # noqa: E402
 from furlib.perceptual import LPIPS  # noqa: E402
+from furlib.training.build import Tuning  # noqa: E402
 from furlib.training.settings import TrainSettings  # noqa: E402
 from furlib.training.trainer import Trainer  # noqa: E402
 
 VARIANTS = ("count", "plain-fp32", "plain-bf16", "project-eager", "project-prev", "project-nophase", "project",
             "project-fed", "project-parts",
             "project-ckpt", "colab-t4")
-PARTS = ("encode", "decoder_grads", "critic_grads", "_apply_decoder")
+TUNING_FIELDS = {f.name for f in dataclasses.fields(Tuning)}
+SETTING_FIELDS = {f.name for f in dataclasses.fields(TrainSettings)}
+DEVICE = torch.device("cuda")  # --device; MODEL: --model
+MODEL = "random:sd"
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def plain_stepper(batch: int, bf16: bool):
-    """The recipe step as a straightforward script would write it."""
-    dev = torch.device("cuda")
+    """The recipe step as a straightforward script would write it (LPIPS under its autocast)."""
+    dev = DEVICE
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bf16
     layout = torch.channels_last if bf16 else torch.contiguous_format
-    vae = load_vae("random:sd").to(dev, memory_format=layout)
+    vae = load_vae(MODEL).to(dev, memory_format=layout)
     params = [p for _, p in split_trainable(vae)]
     critic = PatchCritic().to(dev, memory_format=layout)
-    rec_loss = ReconstructionLoss("oklab", LPIPS("vgg", "random")).to(dev, memory_format=layout)
+    rec_loss = ReconstructionLoss("oklab", LPIPS("vgg", "random"), lpips_autocast=True).to(dev, memory_format=layout)
     opt = torch.optim.AdamW(params, lr=1e-6, betas=(0.5, 0.9))
     opt_c = torch.optim.AdamW(critic.parameters(), lr=1e-6, betas=(0.5, 0.9))
     ema = [p.detach().clone() for p in params]
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def step(x):
         x = x.contiguous(memory_format=layout)
@@ -71,7 +88,7 @@ def plain_stepper(batch: int, bf16: bool):
             z = vae.encode(x).latent_dist.sample()
         with amp:
             recon = vae.decode(z).sample
-            rec, _ = rec_loss(recon, x, 1.0, 1.0, 1.0)
+            rec, _ = rec_loss(recon, x, 1.0, 5.0, 1.0)
             gan = -critic(recon).float().mean()
         w = reference_adaptive_weight(rec, gan, vae.decoder.conv_out.weight, 0.5)
         opt.zero_grad(set_to_none=True)
@@ -87,59 +104,52 @@ def plain_stepper(batch: int, bf16: bool):
     return step, None
 
 
-def project_stepper(batch: int, variant: str):
-    """``Trainer.step``; under torchrun each process steps ``batch`` images on its own GPU."""
+def project_stepper(batch: int, variant: str, overrides: dict):
+    """``Trainer.step``; under torchrun each process steps ``batch`` images on its own GPU.
+    ``overrides``: the variant's bracketed ``Tuning`` and ``TrainSettings`` values."""
     from accelerate import PartialState
 
-    state = PartialState()  # reads torchrun's environment; one process otherwise
+    state = PartialState(cpu=DEVICE.type == "cpu")  # reads torchrun's environment; one process otherwise
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    kw = dict(batch_size=batch, warmup_steps=0, lr=1e-6, critic_lr=1e-6)
+    kw, tuning = dict(batch_size=batch, warmup_steps=0, lr=1e-6, critic_lr=1e-6), {}
     if variant == "project-eager":
         kw.update(torch_compile="no")
     elif variant == "project-nophase":
         kw.update(phase_upsample="no")
     elif variant == "project-prev":
-        import furlib.training.trainer
-
-        furlib.training.trainer.COMPILE_OPTIONS = {}
         kw.update(phase_upsample="no", channels_last="yes")
+        tuning.update(inductor_options={}, compile_critic=False)  # inductor's own layouts, eager critic
     elif variant == "project-ckpt":
         kw.update(gradient_checkpointing=True)
     elif variant == "colab-t4":
-        torch.cuda.set_per_process_memory_fraction(15 * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+        if DEVICE.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(15 * 2**30 / torch.cuda.get_device_properties(0).total_memory)
         kw.update(mixed_precision="fp16", grad_accum=4, gradient_checkpointing=True)
-    trainer = Trainer(load_vae("random:sd"), TrainSettings(**kw), state.device, LPIPS("vgg", "random"),
-                      state.process_index, state.num_processes)
-    if variant == "project-prev":
-        trainer.critic_scores = trainer.critic  # eager critic, as before
-    return trainer.step, time_parts(trainer) if variant == "project-parts" else None
+    parts = {} if variant == "project-parts" else None
+    if parts is not None:
+        tuning["part_timer"] = lambda name: part_timer(parts, name)
+    kw.update({k: v for k, v in overrides.items() if k in SETTING_FIELDS})
+    tuning.update({k: v for k, v in overrides.items() if k in TUNING_FIELDS})
+    trainer = Trainer(load_vae(MODEL), TrainSettings(**kw), state.device, LPIPS("vgg", "random"),
+                      state.process_index, state.num_processes, Tuning(**tuning))
+    return trainer.step, parts
 
 
-def time_parts(trainer) -> dict:
-    """Wrap the step's parts (and the decoder's forward) with synchronised wall-clock timers."""
-    parts = {}
-
-    def timed(name, fn):
-        def run(*args, **kw):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = fn(*args, **kw)
-            torch.cuda.synchronize()
-            parts.setdefault(name, []).append((time.perf_counter() - t0) * 1e3)
-            return out
-        return run
-
-    for name in PARTS:
-        setattr(trainer, name, timed(name, getattr(trainer, name)))
-    trainer.vae.decode = timed("decoder forward", trainer.vae.decode)
-    return parts
+@contextlib.contextmanager
+def part_timer(parts: dict, name: str):
+    """Synchronised wall-clock ms of one part of the step (``Tuning.part_timer``)."""
+    sync()
+    t0 = time.perf_counter()
+    yield
+    sync()
+    parts.setdefault(name, []).append((time.perf_counter() - t0) * 1e3)
 
 
 def count_flops(batch: int, res: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     step, _ = plain_stepper(batch, bf16=True)
-    x = torch.rand(batch, 3, res, res, device="cuda") * 2 - 1
+    x = torch.rand(batch, 3, res, res, device=DEVICE) * 2 - 1
     step(x)
     with FlopCounterMode(display=False) as counter:
         step(x)
@@ -170,7 +180,7 @@ def fed_steps(step, batch: int, res: int, workers: int, steps: int = 100) -> dic
                 x = next(it)
                 waits.append(time.perf_counter() - t0)
                 step(x)
-                torch.cuda.synchronize()
+                sync()
                 times.append(time.perf_counter() - t0)
             del it
             tail = slice(steps // 2, None)  # the prefetch buffer (4 batches a worker) is drained
@@ -189,7 +199,7 @@ def write_profile(step, x, path: Path) -> str:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
         for _ in range(2):
             step(x)
-        torch.cuda.synchronize()
+        sync()
     path.parent.mkdir(parents=True, exist_ok=True)
     by_op = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=50, max_name_column_width=90)
     by_caller = prof.key_averages(group_by_stack_n=6).table(sort_by="self_cuda_time_total", row_limit=25,
@@ -199,28 +209,24 @@ def write_profile(step, x, path: Path) -> str:
 
 
 def time_variant(variant: str, batch: int, res: int, steps: int, warmup: int, profile_dir: str = "",
-                 workers: int = 8) -> dict:
+                 workers: int = 8, overrides: dict | None = None) -> dict:
     torch.manual_seed(0)
     # fp32: cuDNN's exhaustive algorithm search over these ~1 GB activations did not finish in
     # 10 minutes (twice); the reference then uses cuDNN's heuristics, like a plain script would
     torch.backends.cudnn.benchmark = variant != "plain-fp32"
     step, parts = plain_stepper(batch, variant == "plain-bf16") if variant.startswith("plain") \
-        else project_stepper(batch, variant)
-    data = [torch.rand(batch, 3, res, res, device=torch.cuda.current_device()) * 2 - 1 for _ in range(3)]
+        else project_stepper(batch, variant, overrides or {})
+    data = [torch.rand(batch, 3, res, res, device=DEVICE) * 2 - 1 for _ in range(3)]
     for i in range(warmup):
         step(data[i % 3])
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    sync()
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     if parts is not None:
         parts.clear()  # warm-up and compilation excluded
     times = []
     for i in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step(data[i % 3])
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(step_ms(step, data[i % 3]))
         print(f"{variant} step {i}: {times[-1]:.1f} ms", file=sys.stderr, flush=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     extra = {"parts_ms": {k: statistics.median(v) for k, v in parts.items()}} if parts else {}
@@ -229,23 +235,42 @@ def time_variant(variant: str, batch: int, res: int, steps: int, warmup: int, pr
     if profile_dir:
         extra["profile"] = write_profile(step, data[0], Path(profile_dir) / f"profile-{variant}-{os.getpid()}.txt")
     return extra | {"variant": variant if world == 1 else f"{variant} x{world} GPUs", "gpus": world, "ms_median": statistics.median(times), "ms_min": min(times),
-            "ms_max": max(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "ms_max": max(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else 0.0,
             "steps": steps, "warmup": warmup}
 
 
-def apply_inductor(spec: str) -> str:
-    """``variant[key=value;...]`` -> variant, with those ``torch._inductor.config`` values set."""
+def step_ms(step, x) -> float:
+    """One step's time: CUDA events on the GPU, wall clock on the CPU."""
+    if DEVICE.type != "cuda":
+        t0 = time.perf_counter()
+        step(x)
+        return (time.perf_counter() - t0) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step(x)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """``variant[key=value;...]`` -> (variant, its ``Tuning``/``TrainSettings`` values); any other
+    key is set in ``torch._inductor.config`` here."""
     import ast
 
     import torch._inductor.config as inductor
 
     name, _, settings = spec.partition("[")
+    overrides = {}
     for item in filter(None, settings.rstrip("]").split(";")):
         key, value = item.split("=", 1)
-        if not hasattr(inductor, key):
-            raise ValueError(f"torch._inductor.config has no {key!r}")
-        setattr(inductor, key, ast.literal_eval(value))
-    return name
+        if key in TUNING_FIELDS or key in SETTING_FIELDS:
+            overrides[key] = ast.literal_eval(value)
+        elif hasattr(inductor, key):
+            setattr(inductor, key, ast.literal_eval(value))
+        else:
+            raise ValueError(f"{spec}: {key!r} is neither a Tuning or TrainSettings field nor in torch._inductor.config")
+    return name, overrides
 
 
 def run_all(args, variants: str) -> list:
@@ -255,7 +280,8 @@ def run_all(args, variants: str) -> list:
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc)]
         cmd = launch + [__file__, "--variant", variant, "--batch", str(args.batch), "--res", str(args.res),
                "--steps", str(args.steps), "--warmup", str(args.warmup if "fp32" not in variant else 2),
-               "--profile", args.profile, "--workers", str(args.workers)]
+               "--profile", args.profile, "--workers", str(args.workers), "--device", args.device,
+               "--model", args.model]
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout)
         except subprocess.TimeoutExpired as e:
@@ -301,16 +327,20 @@ def main() -> None:
     ap.add_argument("--variant-timeout", type=float, default=420.0, help="seconds before a variant is abandoned")
     ap.add_argument("--workers", type=int, default=8, help="loader processes for project-fed")
     ap.add_argument("--profile", default="", help="folder for kernel-time tables of the project variants")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu to check a command at tiny size")
+    ap.add_argument("--model", default="random:sd", help="base_model: random:sd, or tiny for CPU checks")
     args = ap.parse_args()
+    global DEVICE, MODEL
+    DEVICE, MODEL = torch.device(args.device), args.model
     if args.variant == "count":  # child processes: each variant owns the whole GPU
         print(json.dumps({"flops": count_flops(args.batch, args.res)}))
         return
     if args.variant:
-        name = apply_inductor(args.variant)
+        name, overrides = parse_variant(args.variant)
         if name not in VARIANTS:
             raise SystemExit(f"unknown variant {name!r}; choose from {VARIANTS}")
         row = time_variant(name, args.batch, args.res, args.steps, args.warmup,
-                           args.profile if name.startswith("project") else "", args.workers)
+                           args.profile if name.startswith("project") else "", args.workers, overrides)
         row["variant"] = args.variant if row["gpus"] == 1 else f"{args.variant} x{row['gpus']} GPUs"
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(row))
@@ -319,9 +349,10 @@ def main() -> None:
     print(f"counted {flops / 1e12:.1f} TFLOP per step ({flops / args.batch / 1e12:.2f} per image)", flush=True)
     rows = run_all(args, args.variants)
     table = report(rows, flops, args.batch)
-    print(f"\n{torch.cuda.get_device_name(0)}, batch {args.batch}, {args.res} px, torch {torch.__version__}\n{table}")
+    device = torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else f"CPU ({args.model})"
+    print(f"\n{device}, batch {args.batch}, {args.res} px, torch {torch.__version__}\n{table}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+        Path(args.out).write_text(json.dumps({"device": device, "torch": torch.__version__,
                                               "flops_per_step": flops, "rows": rows, "table": table}, indent=1))
 
 

@@ -3,8 +3,11 @@
 Inputs are ``rgb_m11`` NCHW in [-1, 1]; outputs are Oklab NCHW with channels (L, a, b):
 white -> (1, 0, 0), black -> (0, 0, 0). Decoders overshoot [-1, 1] a little, so both the sRGB
 transfer and the cube root are extended as odd functions instead of clamped: a clamp would
-zero the gradient exactly where a loss must pull values back. The cube root's slope is
-infinite at 0; its backward uses the slope at ``CBRT_EPS`` there, so gradients stay finite.
+zero the gradient exactly where a loss must pull values back. The transfer's linear segment is
+written as ``c / 12.92`` (not ``sign(c) * |c| / 12.92``, whose derivative at exactly 0 is 0), so
+black itself -- where bf16 decoders put many near-black pixels exactly -- gets the segment's
+slope. The cube root's slope is infinite at 0; its backward uses the slope at ``CBRT_EPS``
+there, so gradients stay finite.
 """
 
 import torch
@@ -45,13 +48,13 @@ def srgb_to_linear(c: torch.Tensor) -> torch.Tensor:
     """sRGB-encoded [0, 1] -> linear light, extended as an odd function outside [0, 1]."""
     a = c.abs()
     curve = ((a.clamp_min(0.04045) + 0.055) / 1.055).pow(2.4)
-    return c.sign() * torch.where(a <= 0.04045, a / 12.92, curve)
+    return torch.where(a <= 0.04045, c / 12.92, c.sign() * curve)  # linear part: slope 1/12.92 at 0
 
 
 def linear_to_srgb(c: torch.Tensor) -> torch.Tensor:
     a = c.abs()
     curve = 1.055 * a.clamp_min(0.0031308).pow(1.0 / 2.4) - 0.055
-    return c.sign() * torch.where(a <= 0.0031308, a * 12.92, curve)
+    return torch.where(a <= 0.0031308, c * 12.92, c.sign() * curve)
 
 
 def _mix(matrix, x: torch.Tensor) -> torch.Tensor:

@@ -10,16 +10,54 @@ def test_patch_map_shape_each_norm(norm):
     assert c(torch.randn(2, 3, 256, 256)).shape == (2, 1, 30, 30)  # LDM: 30x30 at 256 px
 
 
-def test_layer_norm_is_per_sample():
+@pytest.mark.parametrize("norm", ["pixel_layer", "sample_layer"])
+def test_layer_norms_are_per_sample(norm):
     # WGAN-GP needs a per-sample critic: a sample's score must not depend on the batch.
-    c = PatchCritic(channels=8, norm="layer")
+    c = PatchCritic(channels=8, norm=norm)
     x = torch.randn(3, 3, 64, 64)
     assert torch.allclose(c(x)[:1], c(x[:1]), atol=1e-5)
 
 
+def _norm_layer(norm: str) -> torch.nn.Module:
+    layer = PatchCritic(layers=2, channels=4, norm=norm).net[3]  # conv, LReLU, conv, *norm*
+    affine = getattr(layer, "norm", layer)  # identity affine: the normalisation alone
+    torch.nn.init.ones_(affine.weight)
+    torch.nn.init.zeros_(affine.bias)
+    return layer
+
+
+def test_pixel_layer_is_flax_layernorm_over_channels_at_each_pixel():
+    """The card's norm: Flax nn.LayerNorm() on NHWC normalises the last axis (channels) at each
+    pixel, with epsilon 1e-6; written out here, independently of torch's LayerNorm."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 5, 7, dtype=torch.float64) * 3 + 1
+    layer = _norm_layer("pixel_layer").double()
+    mean, var = x.mean(1, keepdim=True), x.var(1, unbiased=False, keepdim=True)
+    assert torch.allclose(layer(x), (x - mean) / torch.sqrt(var + 1e-6), atol=1e-10)
+
+
+def test_sample_layer_normalises_each_sample_over_chw():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 5, 7, dtype=torch.float64) * 3 + 1
+    out = _norm_layer("sample_layer").double()(x)
+    assert torch.allclose(out.mean((1, 2, 3)), torch.zeros(2, dtype=torch.float64), atol=1e-10)
+    per_pixel_mean = out.mean(1)  # not zero at each pixel: a different layer from pixel_layer
+    assert per_pixel_mean.abs().max() > 0.1
+
+
+@pytest.mark.parametrize("old, new", [("layer", "sample_layer"), ("channel", "pixel_layer")])
+def test_old_norm_names_are_errors_naming_the_new_ones(old, new):
+    from furlib.training.settings import TrainSettings
+
+    with pytest.raises(ValueError, match=f"renamed to '{new}'"):
+        PatchCritic(norm=old)
+    with pytest.raises(ValueError, match=f"renamed to '{new}'"):
+        TrainSettings(critic_norm=old).validate()
+
+
 def test_gradient_penalty_matches_definition():
     torch.manual_seed(0)
-    c = PatchCritic(layers=2, channels=4, norm="layer").double()
+    c = PatchCritic(layers=2, channels=4, norm="sample_layer").double()
     real, fake = torch.randn(3, 3, 32, 32).double(), torch.randn(3, 3, 32, 32).double()
     alpha = torch.rand(3, 1, 1, 1).double()
     expected = []
@@ -34,7 +72,7 @@ def test_gradient_penalty_matches_definition():
 @pytest.mark.parametrize("gan_loss", GAN_LOSSES)
 def test_losses_finite_and_critic_learns_direction(gan_loss):
     torch.manual_seed(0)
-    c = PatchCritic(layers=2, channels=8, norm="layer")
+    c = PatchCritic(layers=2, channels=8, norm="sample_layer")
     real, fake = torch.rand(4, 3, 32, 32), -torch.rand(4, 3, 32, 32)
     opt = torch.optim.Adam(c.parameters(), 1e-3)
     for _ in range(30):

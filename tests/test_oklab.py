@@ -44,3 +44,14 @@ def test_half_precision_input_computed_in_fp32():
     out = rgb_to_oklab(x.bfloat16())
     assert out.dtype == torch.float32
     assert torch.allclose(out, rgb_to_oklab(x.bfloat16().float()))
+
+
+def test_srgb_gradient_at_exactly_zero_is_the_linear_segments():
+    """d linear / d c at c = 0 is 1/12.92 (the linear segment), not 0: black pixels (rgb_m11
+    exactly -1, common under bf16) must still be pulled by the Oklab terms."""
+    c = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(srgb_to_linear(c).sum(), c)
+    assert torch.allclose(grad, torch.full_like(grad, 1 / 12.92))
+    black = _px(0, 0, 0).requires_grad_(True)
+    (grad,) = torch.autograd.grad(rgb_to_oklab(black)[:, 0].sum(), black)  # lightness at black
+    assert torch.isfinite(grad).all() and (grad > 0).all()

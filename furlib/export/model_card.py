@@ -119,8 +119,11 @@ encoder and `quant_conv` are the base model's.
 ## Recipe
 
 The Furception v1.0 recipe as implemented by this project (the parameters below say what this
-run used): MAE + MSE in Oklab plus LPIPS; a layer-norm PatchGAN critic trained as a WGAN-GP
-critic, weighted each step so its gradient norm is half the reconstruction's; EMA weights.
+run used): MAE + MSE in Oklab plus LPIPS, weighted in plain-mean units (the card's MAE 1 :
+MSE 5 : LPIPS 1 is the author's MSE 10 on half the squared error); a PatchGAN critic with layer
+norms (`critic_norm`: `pixel_layer` normalises the channels at each pixel, as Flax's
+`nn.LayerNorm` in the card's model; `sample_layer` each sample over C, H, W) trained as a
+WGAN-GP critic, weighted each step so its gradient norm is half the reconstruction's; EMA weights.
 
 {training}
 

@@ -4,8 +4,14 @@ Hand-written because no library provides it in this form. The critic reads ``rgb
 (or its Oklab transform, ``critic_input='oklab'``) and returns a patch map of scores
 (N, 1, h, w): 30x30 for a 256 px input with 3 layers. A sample's score is the mean of its map.
 
-Norms (``critic_norm``): ``layer`` (per sample over C,H,W with a per-channel affine: the
-WGAN-GP drop-in for batch norm), ``channel`` (per pixel over C), ``batch`` (LDM's), ``none``.
+Norms (``critic_norm``), named by what one normalisation group is:
+- ``pixel_layer``: the channels at each pixel (Flax's ``nn.LayerNorm()`` on NHWC, which the card's
+  model was built with, and the author's public critic; eps 1e-6 as Flax's). The recipe's.
+- ``sample_layer``: each sample over (C, H, W), with a per-channel affine (``GroupNorm(1, C)``): an
+  ablation, the other per-sample drop-in for batch norm that WGAN-GP allows.
+- ``batch`` (LDM's BatchNorm; mixes samples, so not for WGAN-GP's per-sample penalty), ``none``.
+The old names ``layer`` and ``channel`` meant the two layer norms the other way round from what
+readers took them for; they are refused with the new name instead of being guessed.
 Objectives (``gan_loss``): ``wgan-gp`` (Gulrajani et al.: lambda 10, per-sample interpolates
 and norms, optional drift), ``hinge`` (LDM), ``ns-r1`` (non-saturating with R1 on reals).
 """
@@ -16,34 +22,66 @@ from torch import nn
 
 from furlib.oklab import rgb_to_oklab
 
-NORMS = ("layer", "channel", "batch", "none")
+NORMS = ("pixel_layer", "sample_layer", "batch", "none")
+RENAMED_NORMS = {"layer": "sample_layer", "channel": "pixel_layer"}  # names before issue 12
 GAN_LOSSES = ("wgan-gp", "hinge", "ns-r1")
 CRITIC_INPUTS = ("rgb", "oklab")
 
 
-class ChannelNorm(nn.Module):
-    """Layer norm over channels at every pixel (the public Furception-author critic's norm)."""
+def check_norm(norm: str) -> None:
+    """A clear error for an unknown ``critic_norm``, naming the new name of a renamed one."""
+    if norm in RENAMED_NORMS:
+        raise ValueError(
+            f"critic_norm={norm!r} is no longer a choice: it was renamed to {RENAMED_NORMS[norm]!r}. "
+            "'pixel_layer' normalises the channels at each pixel (Flax nn.LayerNorm, the card's); "
+            "'sample_layer' normalises each sample over (C, H, W). Set one of them.")
+    if norm not in NORMS:
+        raise ValueError(f"critic_norm must be one of {NORMS}, got {norm!r}")
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class PixelLayerNorm(nn.Module):
+    """Layer norm over the channels at every pixel of NCHW: Flax ``nn.LayerNorm()`` on NHWC.
+
+    Both layer norms run in fp32 under any autocast, as CUDA's autocast runs ``layer_norm`` and
+    ``group_norm`` anyway; CPU autocast would run them in fp16, where the penalty's double
+    backward through 1/std overflows to NaN."""
 
     def __init__(self, channels: int):
         super().__init__()
-        self.norm = nn.LayerNorm(channels)
+        self.norm = nn.LayerNorm(channels, eps=1e-6)  # Flax's default epsilon (torch's is 1e-5)
 
     def forward(self, x):
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.norm(_at_least_fp32(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class SampleLayerNorm(nn.GroupNorm):
+    """Each sample normalised over (C, H, W), per-channel affine (``GroupNorm(1, C)``), in fp32."""
+
+    def __init__(self, channels: int):
+        super().__init__(1, channels)
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(_at_least_fp32(x))
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
-    return {"layer": lambda: nn.GroupNorm(1, channels), "channel": lambda: ChannelNorm(channels),
+    return {"sample_layer": lambda: SampleLayerNorm(channels), "pixel_layer": lambda: PixelLayerNorm(channels),
             "batch": lambda: nn.BatchNorm2d(channels), "none": nn.Identity}[kind]()
 
 
 class PatchCritic(nn.Module):
     """conv k4 s2 + LReLU; (layers-1) x [conv k4 s2, norm, LReLU]; conv k4 s1, norm, LReLU; conv -> 1."""
 
-    def __init__(self, layers: int = 3, channels: int = 64, norm: str = "layer", input_space: str = "rgb"):
+    def __init__(self, layers: int = 3, channels: int = 64, norm: str = "pixel_layer",
+                 input_space: str = "rgb"):
         super().__init__()
-        if norm not in NORMS:
-            raise ValueError(f"critic_norm must be one of {NORMS}, got {norm!r}")
+        check_norm(norm)
         if input_space not in CRITIC_INPUTS:
             raise ValueError(f"critic_input must be one of {CRITIC_INPUTS}, got {input_space!r}")
         self.input_space = input_space
@@ -83,33 +121,42 @@ def generator_loss(fake_scores: torch.Tensor, gan_loss: str) -> torch.Tensor:
     return -fake_scores.float().mean()  # wgan-gp and hinge (LDM) alike
 
 
-def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+def _input_grad(scores: torch.Tensor, x: torch.Tensor, grad_scale) -> torch.Tensor:
+    """d sum_i D(x_i) / d x in fp32, kept differentiable. Under fp16 the backward through the
+    critic underflows (D is a mean over ~900 patch scores): it runs on ``grad_scale`` x the
+    scores (the critic's loss scale) and is unscaled here, in fp32, as PyTorch's AMP notes do."""
+    (grad,) = torch.autograd.grad(scores.float().flatten(1).mean(1).sum() * grad_scale, x, create_graph=True)
+    return grad.float() / grad_scale
+
+
+def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, alpha: torch.Tensor,
+                     grad_scale=1.0) -> torch.Tensor:
     """WGAN-GP: mean_i (||grad D(x_i)||_2 - 1)^2 at x_i = real_i + alpha_i (fake_i - real_i).
 
     ``alpha`` is (N, 1, 1, 1) in [0, 1]; D(x_i) is the mean of sample i's score map, and the
-    norm is taken per sample over C*H*W.
+    norm is taken per sample over C*H*W. ``grad_scale``: see ``_input_grad`` (1 unless fp16).
     """
     x = (real + alpha * (fake - real)).detach().requires_grad_(True)
     # critic sees a view of the leaf: module hooks (FlopCounterMode's) reject leaf inputs here
-    scores = critic(x.view_as(x)).float().flatten(1).mean(1)
-    (grad,) = torch.autograd.grad(scores.sum(), x, create_graph=True)
-    return (grad.float().flatten(1).norm(dim=1) - 1.0).pow(2).mean()
+    grad = _input_grad(critic(x.view_as(x)), x, grad_scale)
+    return (grad.flatten(1).norm(dim=1) - 1.0).pow(2).mean()
 
 
-def r1_penalty(critic: nn.Module, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def r1_penalty(critic: nn.Module, real: torch.Tensor, grad_scale=1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """R1: mean_i ||grad D(real_i)||^2 (D per sample as above); also returns the real scores."""
     x = real.detach().requires_grad_(True)
     scores = critic(x.view_as(x))
-    (grad,) = torch.autograd.grad(scores.float().flatten(1).mean(1).sum(), x, create_graph=True)
-    return grad.float().flatten(1).pow(2).sum(1).mean(), scores
+    grad = _input_grad(scores, x, grad_scale)
+    return grad.flatten(1).pow(2).sum(1).mean(), scores
 
 
 def critic_loss(critic, real, fake, gan_loss: str, gp_weight=10.0, r1_gamma=10.0, drift_weight=0.0,
-                generator: torch.Generator | None = None, scores=None) -> tuple[torch.Tensor, dict]:
+                generator: torch.Generator | None = None, scores=None, grad_scale=1.0) -> tuple[torch.Tensor, dict]:
     """The critic's loss on prepared ``real`` and (detached) ``fake`` batches, and its logs.
 
     ``scores``: the same critic for the first-order passes (e.g. ``torch.compile(critic)``); the
-    penalties' double backward always runs ``critic`` itself.
+    penalties' double backward always runs ``critic`` itself. ``grad_scale``: the fp16 loss scale
+    for the penalties' inner backward (a float or 0-dim tensor; 1 in fp32/bf16).
     """
     scores = critic if scores is None else scores
     if gan_loss not in GAN_LOSSES:
@@ -117,7 +164,7 @@ def critic_loss(critic, real, fake, gan_loss: str, gp_weight=10.0, r1_gamma=10.0
     fake = fake.detach()
     logs = {}
     if gan_loss == "ns-r1":
-        r1, real_scores = r1_penalty(critic, real)
+        r1, real_scores = r1_penalty(critic, real, grad_scale)
         fake_scores = scores(fake).float()
         loss = F.softplus(-real_scores.float()).mean() + F.softplus(fake_scores).mean() + 0.5 * r1_gamma * r1
         logs["critic/r1"] = r1.detach()
@@ -127,7 +174,7 @@ def critic_loss(critic, real, fake, gan_loss: str, gp_weight=10.0, r1_gamma=10.0
         loss = 0.5 * (F.relu(1.0 - real_scores).mean() + F.relu(1.0 + fake_scores).mean())
     elif gan_loss == "wgan-gp":
         alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device, generator=generator, dtype=real.dtype)
-        gp = gradient_penalty(critic, real, fake, alpha)
+        gp = gradient_penalty(critic, real, fake, alpha, grad_scale)
         loss = fake_scores.mean() - real_scores.mean() + gp_weight * gp
         if drift_weight:
             loss = loss + drift_weight * real_scores.flatten(1).mean(1).pow(2).mean()

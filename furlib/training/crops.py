@@ -1,9 +1,10 @@
 """The training input: random square crops of the prepared PNGs, as ``rgb_m11`` NCHW batches.
 
-One sample (RECIPE.md "Crops"): a crop area of ``U[min_crop_scale, 1]`` times the image area, taken
-as a square whose side is clipped to the short side and never below ``resolution`` (so nothing is
-upsampled), at a uniform position; resized to ``resolution`` with Lanczos (antialiased); then rot90
-by 0/90/180/270 and independent horizontal and vertical flips. Output float32 in [-1, 1], RGB.
+One sample (the author's crops): a crop area of ``U[min_crop_scale, 1]`` times the image area,
+taken as a square never below ``resolution`` (so nothing is upsampled); a square that does not fit
+the image is drawn again (``crop_side``); at a uniform position; resized to ``resolution`` with
+Lanczos (antialiased); then rot90 by 0/90/180/270 and independent horizontal and vertical flips.
+Output float32 in [-1, 1], RGB.
 
 Reproducibility: sample ``g`` (``g = step * batch_size + i``) draws all its randomness from
 ``(seed, g)`` alone, and the image it crops is ``permutation(seed, epoch)[g % n]`` with
@@ -33,6 +34,7 @@ _CROP_STREAM, _ORDER_STREAM = 1, 2  # keep the two random streams of one seed ap
 # at a 6x downscale, which 1536 px sources and 256 px crops barely reach.
 REDUCING_GAP = 2.0
 PIXEL_CACHE_CHOICES = ("auto", "yes", "no")  # 02's pixel_cache
+CROP_ATTEMPTS = 10  # draws of a crop size before the fallback (torchvision's RandomResizedCrop: 10)
 
 
 def list_images(split_dir) -> list[Path]:
@@ -45,14 +47,31 @@ def sample_rng(seed: int, g: int) -> np.random.Generator:
     return np.random.default_rng([seed, _CROP_STREAM, g])
 
 
+def crop_side(width: int, height: int, resolution: int, rng: np.random.Generator,
+              min_crop_scale: float = 0.08) -> int:
+    """A square crop's side, px: area ``U[min_crop_scale, 1]`` x the image's, at least ``resolution``.
+
+    A side longer than the short side is drawn again, up to ``CROP_ATTEMPTS`` draws (as the author's
+    code and torchvision's RandomResizedCrop do); clipping it instead would put a third to a half of
+    the crops of a 2:1 image at the largest downscale. After that many misses the crop is the short
+    side, the same fallback as torchvision's; a draw fits with p = (short/long - min_crop_scale) /
+    (1 - min_crop_scale), so the fallback takes (1 - p)^10 of the crops: 0.2% at 2:1, 4% at 3:1.
+    """
+    short = min(width, height)
+    for _ in range(CROP_ATTEMPTS):
+        side = max(round(np.sqrt(rng.uniform(min_crop_scale, 1.0) * width * height)), resolution)
+        if side <= short:
+            return int(side)
+    return short
+
+
 def crop_params(width: int, height: int, resolution: int, rng: np.random.Generator,
                 min_crop_scale: float = 0.08) -> tuple[tuple[int, int, int, int], int, bool, bool]:
-    """(crop box (left, top, right, bottom) in px, quarter turns 0-3, hflip, vflip)."""
-    short = min(width, height)
-    if short < resolution:
+    """(crop box (left, top, right, bottom) in px, quarter turns 0-3, hflip, vflip); all drawn from
+    ``rng`` alone (one sample's stream), so a sample's crop is a function of (seed, index)."""
+    if min(width, height) < resolution:
         raise ValueError(f"image {width}x{height} is smaller than resolution={resolution}")
-    area = rng.uniform(min_crop_scale, 1.0) * width * height
-    side = int(np.clip(round(np.sqrt(area)), resolution, short))
+    side = crop_side(width, height, resolution, rng, min_crop_scale)
     left = int(rng.integers(0, width - side + 1))
     top = int(rng.integers(0, height - side + 1))
     turns = int(rng.integers(0, 4))

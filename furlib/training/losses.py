@@ -13,6 +13,7 @@ gradient at the layer's output, so both norms cost one small weight-gradient con
 each, not a backward through the decoder (which then runs once, on the weighted sum).
 """
 
+import contextlib
 import math
 
 import torch
@@ -32,13 +33,20 @@ def cosine_ramp(step: int, start: float, end: float, steps: int) -> float:
 
 
 class ReconstructionLoss(nn.Module):
-    """mae_w * L1 + mse_w * L2 (in ``color_space``, per-pixel means) + lpips_w * LPIPS (RGB)."""
+    """mae_w * L1 + mse_w * L2 (in ``color_space``, per-pixel means) + lpips_w * LPIPS (RGB).
 
-    def __init__(self, color_space: str = "oklab", lpips: nn.Module | None = None):
+    LPIPS runs in fp32 (TF32 where the caller allows it) even inside the step's bf16/fp16
+    autocast: under bf16 its input-gradient differed from fp32 by ~21% (random VGG backbone,
+    issue 12), and in fp16 its backward underflows. ``lpips_autocast=True`` runs it under the
+    caller's autocast instead, to measure what fp32 costs (``benchmarks/train_step.py``).
+    """
+
+    def __init__(self, color_space: str = "oklab", lpips: nn.Module | None = None,
+                 lpips_autocast: bool = False):
         super().__init__()
         if color_space not in COLOR_SPACES:
             raise ValueError(f"color_space must be one of {COLOR_SPACES}, got {color_space!r}")
-        self.color_space, self.lpips = color_space, lpips
+        self.color_space, self.lpips, self.lpips_autocast = color_space, lpips, lpips_autocast
 
     def forward(self, recon_m11, target_m11, mae_w: float, mse_w: float, lpips_w: float):
         recon, target = recon_m11.float(), target_m11.float()
@@ -51,7 +59,10 @@ class ReconstructionLoss(nn.Module):
         total = mae_w * mae + mse_w * mse
         logs = {"rec/mae": mae.detach(), "rec/mse": mse.detach()}
         if lpips_w and self.lpips is not None:
-            perceptual = self.lpips(recon_m11, target_m11).float().mean()  # LPIPS reads [-1, 1] RGB
+            fp32 = contextlib.nullcontext() if self.lpips_autocast else \
+                torch.autocast(recon_m11.device.type, enabled=False)
+            with fp32:
+                perceptual = self.lpips(recon, target).float().mean()  # LPIPS reads [-1, 1] RGB
             total = total + lpips_w * perceptual
             logs["rec/lpips"] = perceptual.detach()
         logs["rec/total"] = total.detach()

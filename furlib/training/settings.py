@@ -1,21 +1,15 @@
-"""One training step of the Furception recipe, and the state that makes it resumable.
+"""The settings of a training run: ``TrainSettings``, whose field names are 02's parameters.
 
 ``TrainSettings`` is the one home of every 02 parameter's default (the run, the data, the recipe
 and the checkpoint cadence); its field names are the 02 notebook's parameters, and a test keeps the
 notebook's parameters cell identical to these defaults. ``validate()`` checks them all
 (``furlib.training.validation``); 02, ``python -m furlib.training.fit`` and launches all call it.
-``Trainer.step(batch_m11)`` runs one optimisation step on an ``rgb_m11`` NCHW batch:
 
-1. the frozen encoder gives latents (posterior sample or mode); the decoder reconstructs;
-2. the reconstruction loss (Oklab L1/L2 + LPIPS) and the critic term are differentiated with
-   respect to the *reconstruction* only, then the adaptive weight comes from the last layer's
-   weight gradients (``losses.last_layer_grads``), and the decoder runs one backward on
-   ``d_rec + w * d_gan`` -- the same gradients as LDM's ``rec + w * gan``;
-3. non-finite steps are skipped (no optimizer or EMA update) and counted;
-4. AdamW and the EMA update; then the critic's step on real vs. detached reconstructions.
-
-All randomness of a step (posterior noise, penalty interpolates) is drawn from generators
-seeded by (seed, step), so a resumed run repeats an uninterrupted one exactly.
+Settings only: the step that uses them is ``furlib.training.step``, the object that holds a run's
+models and optimizers is ``furlib.training.trainer.Trainer``, and the loop is
+``furlib.training.fit``. Loss weights are in plain-mean units (mean absolute / mean squared error
+per pixel and channel, in Oklab by default); the Furception author's "MSE 10" on optax's
+``l2_loss`` (half the squared error) is 5 here.
 """
 
 import dataclasses
@@ -52,8 +46,8 @@ class TrainSettings:
     color_space: str = "oklab"      # pixel losses in "oklab" or "rgb"
     mae_weight: float = 1.0         # L1 weight at step 0
     mae_weight_end: float = 1.0     # ... and after loss_schedule_steps (cosine in between)
-    mse_weight: float = 1.0
-    mse_weight_end: float = 1.0
+    mse_weight: float = 5.0         # plain-mean MSE; 5 = the author's 10 on half squared error
+    mse_weight_end: float = 5.0
     loss_schedule_steps: int = 0    # 0: constant weights
     lpips_weight: float = 1.0
     disc_weight: float = 0.5        # critic grad norm = disc_weight x reconstruction grad norm
@@ -61,7 +55,7 @@ class TrainSettings:
     gp_weight: float = 10.0         # WGAN-GP lambda
     r1_gamma: float = 10.0          # ns-r1 gamma
     drift_weight: float = 0.0       # WGAN drift epsilon on real scores^2
-    critic_norm: str = "layer"
+    critic_norm: str = "pixel_layer"  # "pixel_layer" (card's), "sample_layer", "batch", "none"
     critic_input: str = "rgb"
     critic_layers: int = 3
     critic_channels: int = 64
@@ -71,8 +65,8 @@ class TrainSettings:
     critic_lr: float = 5e-7
     adam_beta1: float = 0.5
     adam_beta2: float = 0.9
-    weight_decay: float = 0.01
-    warmup_steps: int = 5000        # linear warm-up of both learning rates
+    weight_decay: float = 1e-4      # AdamW decoupled decay, both optimizers (the author's value)
+    warmup_steps: int = 5000        # linear warm-up of the decoder's learning rate (the critic's has none)
     lr_schedule: str = "constant"   # "constant" or "cosine" (to 0 at max_steps)
     grad_clip: float = 0.0          # max decoder grad norm; 0 = off
     ema_decay: float = 0.0          # 0 = ema_ref_decay scaled to the batch size
@@ -112,8 +106,10 @@ class TrainSettings:
 
     def validate(self) -> None:
         """Every parameter at once; a ValueError names each bad one, its value and what is allowed."""
+        from furlib.training import critic as critic_lib
         from furlib.training.validation import validate
 
+        critic_lib.check_norm(self.critic_norm)  # a renamed norm's error names its new name
         validate(self)
 
     def ema_decay_for(self, images_per_step: int) -> float:
@@ -129,8 +125,10 @@ class TrainSettings:
         value = getattr(self, knob)
         return value == "yes" or (value == "auto" and torch.device(device).type == "cuda")
 
-    def lr_factor(self, step: int) -> float:
-        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
+    def lr_factor(self, step: int, warmup: bool = True) -> float:
+        """The learning rate's multiplier at ``step``: linear warm-up (``warmup``: the decoder's;
+        the critic's has none, as in the author's code), then constant or cosine."""
+        warm = min(1.0, (step + 1) / self.warmup_steps) if warmup and self.warmup_steps > 0 else 1.0
         if self.lr_schedule == "cosine":
             warm *= 0.5 * (1.0 + math.cos(math.pi * min(step / self.max_steps, 1.0)))
         return warm
@@ -140,20 +138,3 @@ class TrainSettings:
         return (cosine_ramp(step, self.mae_weight, self.mae_weight_end, s),
                 cosine_ramp(step, self.mse_weight, self.mse_weight_end, s))
 
-
-def step_generator(device: torch.device, seed: int, step: int, stream: int) -> torch.Generator:
-    """A generator for one purpose (``stream``) of one step: resumable randomness."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed((seed * 1_000_003 + step) * 16 + stream)
-    return gen
-
-
-class FeatureTap:
-    """Keeps the input of the decoder's last conv (the features the adaptive weight needs)."""
-
-    def __init__(self, conv: torch.nn.Conv2d):
-        self.features = None
-        self.handle = conv.register_forward_hook(self._hook)
-
-    def _hook(self, module, inputs, output):
-        self.features = inputs[0]

@@ -1,0 +1,122 @@
+"""The card's recipe, as the profiles that claim it train it (issue 12): loss weights in
+plain-mean units, the author's later schedule, the critic's norm, weight decay."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from furlib.pipeline import load_profile
+from furlib.training.critic import PatchCritic, PixelLayerNorm
+from furlib.training.settings import TrainSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+CARD_PROFILES = ("furception_v1", "colab_t4", "author_schedule")  # every profile that claims the card
+
+
+def profile_settings(name: str) -> TrainSettings:
+    params = load_profile(ROOT / "params" / f"{name}.yaml")
+    fields = {f.name for f in dataclasses.fields(TrainSettings)}
+    return TrainSettings(**{k: v for k, v in params.items() if k in fields})
+
+
+@pytest.mark.parametrize("name", ("furception_v1", "colab_t4"))
+def test_card_profiles_weigh_mae_mse_lpips_1_5_1(name):
+    """The author's MAE 1, MSE 10 on optax l2_loss (= 1/2 squared error), LPIPS 1 is 1 : 5 : 1
+    in this project's plain-mean units, at every step."""
+    s = profile_settings(name)
+    for step in (0, 50_000, 150_000):
+        assert s.loss_weights(step) == pytest.approx((1.0, 10.0 * 0.5))
+    assert s.lpips_weight == 1.0
+
+
+def test_plain_mean_mse_5_is_optax_l2_loss_10():
+    pred, target = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    optax_l2_loss = 0.5 * (pred - target) ** 2  # optax.l2_loss, per element
+    assert float(10.0 * optax_l2_loss.mean()) == pytest.approx(float(5.0 * (pred - target).pow(2).mean()))
+
+
+def test_author_schedule_is_cosine_mae_1_to_0_6_with_mse_rising_from_0_to_2():
+    """MAE: optax.cosine_decay_schedule(1.0, 100k, alpha=0.6); MSE: 10 (1 - MAE) on half squared
+    error = 5 (1 - MAE) plain-mean, so it starts at 0 and rises as MAE falls."""
+    import math
+
+    s = profile_settings("author_schedule")
+    for step in (0, 1, 25_000, 50_000, 99_999, 100_000, 150_000):
+        t = min(step, 100_000) / 100_000
+        optax_mae = 1.0 * ((1 - 0.6) * 0.5 * (1 + math.cos(math.pi * t)) + 0.6)
+        mae, mse = s.loss_weights(step)
+        assert mae == pytest.approx(optax_mae) and mse == pytest.approx(5.0 * (1.0 - optax_mae), abs=1e-12)
+    assert s.loss_weights(0) == pytest.approx((1.0, 0.0))
+    assert s.loss_weights(100_000) == pytest.approx((0.6, 2.0))
+    assert s.lpips_weight == 1.0
+
+
+@pytest.mark.parametrize("name", CARD_PROFILES)
+def test_card_profiles_critic_normalises_channels_at_each_pixel(name):
+    s = profile_settings(name)
+    critic = PatchCritic(s.critic_layers, 8, s.critic_norm)
+    norms = [m for m in critic.modules() if isinstance(m, (PixelLayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm2d))]
+    assert norms and all(isinstance(m, PixelLayerNorm) for m in norms)
+    assert s.gan_loss == "wgan-gp" and s.gp_weight == 10.0 and s.disc_weight == 0.5
+
+
+@pytest.mark.parametrize("name", CARD_PROFILES)
+def test_card_profiles_use_the_authors_weight_decay(name):
+    assert profile_settings(name).weight_decay == pytest.approx(1e-4)
+
+
+def test_defaults_are_the_card_recipe():
+    s = TrainSettings()
+    assert s.loss_weights(0) == (1.0, 5.0) and s.critic_norm == "pixel_layer" and s.weight_decay == 1e-4
+
+
+def test_grad_accum_sets_the_adaptive_weight_per_micro_batch():
+    """With grad_accum > 1 each micro-batch's critic term is weighted against its own
+    reconstruction term (LDM's weight per forward pass); the step's gradient is the mean of the
+    micro-batches' rec_i + w_i * gan_i and the logged weight the mean of the w_i."""
+    from furlib.models import load_vae
+    from furlib.perceptual import LPIPS
+    from furlib.training.critic import generator_loss
+    from furlib.training.losses import reference_adaptive_weight
+    from furlib.training.trainer import Trainer
+
+    def make():
+        torch.manual_seed(0)
+        s = TrainSettings(batch_size=4, grad_accum=2, warmup_steps=0, lr=1e-12, weight_decay=0.0, mixed_precision="no",
+                          latent_mode="mode", critic_channels=8, critic_layers=2)
+        return Trainer(load_vae("tiny", seed=0), s, "cpu", LPIPS("vgg", "random", seed=0))
+
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    t, ref = make(), make()
+    logs = t.step(x)  # the gradients stay in .grad (lr > 0 is required; they were taken before it)
+    total, weights = 0.0, []
+    for half in x.chunk(2):
+        recon = ref.vae.decode(ref.vae.encode(half).latent_dist.mode()).sample
+        rec, _ = ref.rec_loss(recon, half, *ref.s.loss_weights(0), ref.s.lpips_weight)
+        gan = generator_loss(ref.critic(recon), ref.s.gan_loss)
+        weights.append(reference_adaptive_weight(rec, gan, ref.vae.decoder.conv_out.weight, 0.5))
+        total = total + (rec + weights[-1] * gan) / 2
+    total.backward()
+    assert float(logs["gan/weight"]) == pytest.approx(float(sum(weights) / 2), rel=1e-4)
+    assert abs(float(weights[0] - weights[1])) > 1e-3 * float(weights[0])  # the two really differ
+    got = torch.cat([p.grad.flatten() for _, p in t.trainable])
+    want = torch.cat([p.grad.flatten() for _, p in ref.trainable])
+    assert (got - want).norm() <= 1e-4 * want.norm()
+
+
+def test_decoder_warms_up_and_the_critic_does_not():
+    """As in the author's code: the decoder's lr rises linearly over warmup_steps, the critic's
+    optimizer runs at its rate from step 0."""
+    from types import SimpleNamespace
+
+    from furlib.training.step import set_lr
+
+    s = TrainSettings(lr=5e-7, critic_lr=5e-7, warmup_steps=5000)
+    t = SimpleNamespace(s=s, opt=SimpleNamespace(param_groups=[{}]), opt_critic=SimpleNamespace(param_groups=[{}]))
+    set_lr(t, 0)
+    assert t.opt.param_groups[0]["lr"] == pytest.approx(5e-7 / 5000)
+    assert t.opt_critic.param_groups[0]["lr"] == pytest.approx(5e-7)
+    set_lr(t, 10_000)
+    assert t.opt.param_groups[0]["lr"] == pytest.approx(5e-7)
