@@ -11,9 +11,8 @@ composited over ``background``, first frame of an animation) or raises ``ImageRe
 ``load_for_storage`` decodes the same way and also says whether the source's own bytes may be
 stored as they are: a JPEG, PNG or WebP that already decodes to 8-bit sRGB RGB with nothing to
 undo (``STORED_SUFFIXES``: no alpha or transparency key, no palette, not 16-bit, no EXIF rotation, a
-single frame, no ICC profile or an sRGB one). Decoding that file later with PIL gives exactly the
-pixels ``load_rgb`` returned. An ICC profile whose description starts with "sRGB" describes the
-pixels as they are, so it is never converted (LCMS would only round them).
+single frame, no ICC profile or one whose conversion to sRGB changes no colour, such as LCMS's own
+sRGB). Decoding that file later with PIL gives exactly the pixels ``load_rgb`` returned.
 
 Sizes are checked from the header before any pixel is decoded, so a decompression bomb costs a
 few hundred bytes of reading. PIL's own global limit (``Image.MAX_IMAGE_PIXELS``) still applies:
@@ -78,12 +77,12 @@ def _stored_suffix(im: Image.Image) -> str:
     suffix = STORED_SUFFIXES.get(im.format or "", "")
     if not suffix or im.mode != "RGB" or getattr(im, "n_frames", 1) != 1:
         return ""
+    if im.format == "PNG" and any(tile[3] != "RGB" for tile in im.tile):  # e.g. "RGB;16B": 16-bit
+        return ""  # (before getexif, which decodes a PNG and so empties its tile list)
     if "transparency" in im.info or _orientation(im) not in (0, 1):
         return ""
-    if im.format == "PNG" and any(tile[3] != "RGB" for tile in im.tile):  # e.g. "RGB;16B": 16-bit
-        return ""
     icc = im.info.get("icc_profile") or None
-    return suffix if icc is None or _is_srgb(bytes(icc)) else ""
+    return suffix if icc is None or _is_identity(bytes(icc)) else ""
 
 
 def _open(src) -> Image.Image:
@@ -126,7 +125,7 @@ def _decode(im: Image.Image, background, max_pixels: int, min_side: int) -> Imag
     orientation = _orientation(im)
     icc = im.info.get("icc_profile") or None
     colour, alpha = _to_8bit(im)
-    if icc and not _is_srgb(bytes(icc)):
+    if icc:
         colour = _to_srgb(colour, icc)
     if colour.mode != "RGB":
         colour = colour.convert("RGB")
@@ -225,14 +224,19 @@ def _to_srgb(colour: Image.Image, icc: bytes) -> Image.Image:
 
 
 @lru_cache(maxsize=32)
-def _is_srgb(icc: bytes) -> bool:
-    """An RGB profile described as sRGB ("sRGB IEC61966-2.1", "sRGB built-in", ...)."""
+def _is_identity(icc: bytes) -> bool:
+    """Whether converting from this profile to sRGB changes no 8-bit RGB colour at all (tried on
+    all 2**24 of them: ~3 s once per profile and process, exact where a name could lie)."""
     try:
-        profile = _profile(icc)
-        name = ImageCms.getProfileDescription(profile).strip()
-    except (OSError, ImageCms.PyCMSError, TypeError):
+        if _profile(icc).profile.xcolor_space != "RGB ":
+            return False
+        every = np.arange(2**24, dtype=np.uint32)
+        rgb = np.stack([every >> 16, (every >> 8) & 255, every & 255], -1).astype(np.uint8)
+        probe = Image.fromarray(rgb.reshape(4096, 4096, 3))
+        return np.array_equal(np.asarray(ImageCms.applyTransform(probe, _transform(icc, "RGB"))),
+                              rgb.reshape(4096, 4096, 3))
+    except (OSError, ImageCms.PyCMSError, TypeError, ValueError):
         return False  # _to_srgb rejects it with the reason
-    return profile.profile.xcolor_space == "RGB " and name.lower().startswith("srgb")
 
 
 @lru_cache(maxsize=32)

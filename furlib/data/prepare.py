@@ -96,6 +96,26 @@ def prepare(source, data_dir, resolution: int = 256, max_side: int = DEFAULT_MAX
     return report
 
 
+def check_prepared(data_dir, resolution: int) -> dict:
+    """Before 02 loads any model: the prepared data exists and fits ``resolution``; its counts.
+
+    Raises ValueError naming the fix (01 with this resolution only filters: nothing is decoded)."""
+    path = Path(data_dir) / "report.json"
+    if not path.exists():
+        raise ValueError(f"no prepared data in {data_dir} (no report.json): run notebooks/"
+                         "01_data_prep with the same run_name first (all shards, if sharded)")
+    report = json.loads(path.read_text())
+    small = [a for a in report["accepted"] if min(a["width"], a["height"]) < resolution]
+    if small:
+        worst = min(small, key=lambda a: min(a["width"], a["height"]))
+        raise ValueError(
+            f"resolution={resolution} is larger than {len(small)} prepared images (smallest short "
+            f"side {min(worst['width'], worst['height'])} px: {worst['file']}); re-run "
+            f"01_data_prep with resolution={resolution} (it only filters, nothing is decoded "
+            f"again), or train at the resolution 01 used ({report['settings'].get('resolution')})")
+    return report["counts"]
+
+
 def _check_parallel(num_proc: int, num_shards: int, shard_index: int) -> None:
     if num_proc < 1:
         raise ValueError(f"num_proc must be >= 1 (processes on this machine), got {num_proc}")

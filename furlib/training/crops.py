@@ -1,4 +1,5 @@
-"""The training input: random square crops of the prepared PNGs, as ``rgb_m11`` NCHW batches.
+"""The training input: random square crops of the prepared images (stored JPEG, PNG or WebP
+originals and converted PNGs), as ``rgb_m11`` NCHW batches.
 
 One sample (RECIPE.md "Crops"): a crop area of ``U[min_crop_scale, 1]`` times the image area, taken
 as a square whose side is clipped to the short side and never below ``resolution`` (so nothing is
@@ -34,9 +35,13 @@ REDUCING_GAP = 2.0
 PIXEL_CACHE_CHOICES = ("auto", "yes", "no")  # 02's pixel_cache
 
 
+STORED_GLOBS = ("[!.]*.jpg", "[!.]*.png", "[!.]*.webp")  # what 01 stores; hidden: temporaries
+
+
 def list_images(split_dir) -> list[Path]:
-    """The prepared PNGs of one split folder (``data/train`` or ``data/val``), sorted by name."""
-    return sorted(Path(split_dir).glob("[!.]*.png"))  # not hidden: no half-written temporaries
+    """The prepared images of one split folder (``data/train`` or ``data/val``): stored originals
+    (JPEG, PNG, WebP) and converted PNGs, sorted by name."""
+    return sorted(p for pattern in STORED_GLOBS for p in Path(split_dir).glob(pattern))
 
 
 def sample_rng(seed: int, g: int) -> np.random.Generator:
