@@ -1,0 +1,200 @@
+"""Stage 01 throughput at scale: ``furlib.data.prepare.prepare`` on generated 2-6 MP images.
+
+Sources: ``--images`` synthetic photo-like JPEGs of 2-6 MP (a smooth field, shapes and mild
+grain, quality 90), of which ``--convert-share`` need converting (in turn: an EXIF
+rotation, a CMYK JPEG, an RGBA PNG), generated with every core. Then, each into a fresh data folder:
+
+- one row per ``--procs`` value: ``prepare(num_proc=p)`` on the first ``--subset p:N`` images
+  (default: all), so slow rows stay short;
+- ``--shards`` runs of one source started at once, each with ``cores / shards`` processes, merged
+  by the last to finish; checked equal (accepted files) to the widest ``--procs`` row when both
+  cover every image;
+- the training loader reading the stored originals (256 px crops, batch 32, ``--loader-workers``
+  processes, no pixel cache) for ``--loader-seconds``.
+
+Reported per row: wall s, images/s, CPU ms per image (this process and its children, user + sys:
+it does not depend on what else runs), stored originals, disk per image (MB), extrapolations to 1M
+images. Written to ``--out`` as JSON.
+
+    python benchmarks/prep_throughput.py --images 300 --procs 1 2 --shards 2 --out /tmp/prep.json
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+KINDS = ("rotated", "cmyk", "rgba")  # sources that must be converted
+
+
+def synth(index: int, megapixels: float):
+    """A photo-like RGB image of ``megapixels``: a smooth field, shapes and mild grain (all in
+    PIL's C code: with the JPEG encode, ~0.1 s of CPU for 4 MP)."""
+    import numpy as np
+    from PIL import Image, ImageChops, ImageDraw
+
+    rng = np.random.default_rng(index)
+    aspect = rng.uniform(0.6, 1.7)
+    width = int((megapixels * 1e6 * aspect) ** 0.5)
+    height = int(megapixels * 1e6 / width)
+    field = Image.fromarray(rng.integers(0, 256, (6, 8, 3), np.uint8))
+    image = field.resize((width, height), Image.Resampling.BILINEAR)
+    draw = ImageDraw.Draw(image)
+    for _ in range(10):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        box = [x0, y0, x0 + int(rng.integers(20, width // 3)), y0 + int(rng.integers(20, height // 3))]
+        draw.ellipse(box, fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    patch = Image.effect_noise((509, 509), 4.0).convert("RGB")  # sigma 4 levels around 128
+    grain = Image.new("RGB", (width, height))
+    for top in range(0, height, 509):  # tiled: drawing noise for every pixel costs 9x more
+        for left in range(0, width, 509):
+            grain.paste(patch, (left, top))
+    return ImageChops.add(image, grain, 1.0, -128)
+
+
+def write_source(args) -> int:
+    """Write source ``index``; return its bytes."""
+    from PIL import Image
+
+    folder, index, convert_every = args
+    image = synth(index, 2.0 + 4.0 * ((index * 0.618) % 1.0))
+    kind = KINDS[(index // convert_every) % len(KINDS)] if convert_every and index % convert_every == 0 \
+        else "plain"
+    path = Path(folder) / f"{index:06d}.{'png' if kind == 'rgba' else 'jpg'}"
+    if kind == "rotated":
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        image.save(path, quality=90, exif=exif)
+    elif kind == "cmyk":
+        image.convert("CMYK").save(path, quality=90)
+    elif kind == "rgba":
+        image.putalpha(200)
+        image.save(path, compress_level=1)
+    else:
+        image.save(path, quality=90)
+    return path.stat().st_size
+
+
+def cpu_s() -> float:
+    """User + sys CPU seconds of this process and its finished children."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def stored_bytes(data_dir: Path) -> int:
+    return sum(p.stat().st_size for s in ("train", "val") for p in (data_dir / s).iterdir())
+
+
+def row(name: str, report: dict, wall: float, cpu: float, data_dir: Path) -> dict:
+    n = report["counts"]["inputs"]
+    disk = stored_bytes(data_dir)
+    out = {"row": name, "images": n, "wall_s": round(wall, 2), "images_per_s": round(n / wall, 1),
+           "cpu_ms_per_image": round(1000 * cpu / n, 1), "accepted": report["counts"]["accepted"],
+           "stored_originals": report["counts"]["stored_originals"],
+           "disk_mb_per_image": round(disk / 1e6 / max(1, report["counts"]["accepted"]), 3),
+           "hours_per_1m_images": round(1e6 / (n / wall) / 3600, 2)}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def run_procs(src: Path, work: Path, procs: int, limit: int) -> tuple[dict, dict]:
+    from furlib.data.prepare import prepare
+
+    data = work / f"data-p{procs}"
+    shutil.rmtree(data, ignore_errors=True)
+    wall, cpu = time.time(), cpu_s()
+    report = prepare(src, data, max_images=limit, num_proc=procs, progress=False)
+    return row(f"num_proc={procs}", report, time.time() - wall, cpu_s() - cpu, data), report
+
+
+def run_shards(src: Path, work: Path, shards: int, procs: int, limit: int) -> tuple[dict, dict]:
+    """``shards`` runs started at once (as separate machines would), each a subprocess."""
+    data = work / "data-shards"
+    shutil.rmtree(data, ignore_errors=True)
+    code = ("import sys; from furlib.data.prepare import prepare; prepare(sys.argv[1], sys.argv[2], "
+            "max_images=int(sys.argv[3]), num_proc=int(sys.argv[4]), num_shards=int(sys.argv[5]), "
+            "shard_index=int(sys.argv[6]), progress=False)")
+    wall, cpu = time.time(), cpu_s()
+    runs = [subprocess.Popen([sys.executable, "-c", code, str(src), str(data), str(limit), str(procs),
+                              str(shards), str(i)]) for i in range(shards)]
+    if any(r.wait() for r in runs):
+        raise RuntimeError("a shard run failed (its traceback is above)")
+    report = json.loads((data / "report.json").read_text())
+    return row(f"{shards} shards x num_proc={procs}", report, time.time() - wall, cpu_s() - cpu,
+               data), report
+
+
+def loader_row(data_dir: Path, workers: int, seconds: float) -> dict:
+    from furlib.training.crops import make_loader
+
+    batches = iter(make_loader(data_dir / "train", 256, 32, num_workers=workers))
+    for _ in range(max(1, workers)):  # warm-up: worker start and first fill
+        next(batches)
+    count, start = 0, time.time()
+    while time.time() - start < seconds:
+        next(batches)
+        count += 1
+    out = {"row": f"loader from stored files, {workers} workers", "batch": 32, "resolution": 256,
+           "images_per_s": round(32 * count / (time.time() - start), 1)}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=300)
+    ap.add_argument("--convert-share", type=float, default=0.1, help="share of sources needing conversion")
+    ap.add_argument("--procs", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--subset", nargs="*", default=[], help="p:N, e.g. 1:1000 (images for the num_proc=p row)")
+    ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--loader-workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--loader-seconds", type=float, default=20.0)
+    ap.add_argument("--workdir", default="/tmp/prep_throughput")
+    ap.add_argument("--keep-sources", action="store_true", help="reuse sources already in --workdir")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    work, cores = Path(args.workdir), os.cpu_count() or 1
+    src = work / "src"
+    result = {"args": vars(args), "cores": cores, "python": sys.version.split()[0],
+              "platform": platform.platform(), "rows": []}
+    if not (args.keep_sources and src.exists()):
+        shutil.rmtree(src, ignore_errors=True)
+        src.mkdir(parents=True)
+        every = round(1 / args.convert_share) if args.convert_share > 0 else 0
+        start = time.time()
+        with ProcessPoolExecutor(cores) as pool:
+            sizes = list(pool.map(write_source, [(src, i, every) for i in range(args.images)], chunksize=8))
+        result["sources"] = {"count": len(sizes), "mb_per_image": round(sum(sizes) / 1e6 / len(sizes), 3),
+                             "generate_s": round(time.time() - start, 1)}
+        print(json.dumps(result["sources"]), flush=True)
+    subset = {int(k): int(v) for k, v in (s.split(":") for s in args.subset)}
+    reports = {}
+    for procs in args.procs:
+        limit = subset.get(procs, 0)
+        out, reports[procs] = run_procs(src, work, procs, limit)
+        result["rows"].append(out)
+        if procs != max(args.procs):
+            shutil.rmtree(work / f"data-p{procs}")  # disk: keep only the widest run's copy
+    if args.shards > 1:
+        out, report = run_shards(src, work, args.shards, max(1, cores // args.shards), 0)
+        widest = max(args.procs)
+        if not subset.get(widest):
+            out["same_as_num_proc_run"] = report["accepted"] == reports[widest]["accepted"]
+        result["rows"].append(out)
+        shutil.rmtree(work / "data-shards")
+    result["rows"].append(loader_row(work / f"data-p{max(args.procs)}", args.loader_workers,
+                                     args.loader_seconds))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
