@@ -151,6 +151,13 @@ def fingerprint(path: Path) -> str:
 
 def _table_rows(path: Path, source_split: str, image_column: str, resume=None):
     """Rows of a parquet/arrow file, a save_to_disk folder, or a folder of parquet/arrow files."""
+    ds = open_table(path, source_split)
+    total = len(ds) if hasattr(ds, "__len__") else None
+    return _dataset_rows(ds, path.name, image_column, fingerprint(path), resume), total
+
+
+def open_table(path: Path, source_split: str = "train"):
+    """A local table source as a ``datasets`` Dataset (memory-mapped) or IterableDataset."""
     import datasets
 
     if path.is_file() and path.suffix.lower() == ".arrow":
@@ -166,8 +173,36 @@ def _table_rows(path: Path, source_split: str, image_column: str, resume=None):
         if source_split not in ds:
             raise ValueError(f"source_split={source_split!r} not in {path}; splits: {list(ds)}")
         ds = ds[source_split]
-    total = len(ds) if isinstance(ds, datasets.Dataset) else None
-    return _dataset_rows(ds, path.name, image_column, fingerprint(path), resume), total
+    return ds
+
+
+def open_stream(source, source_split: str = "train", image_column: str = "image",
+                revision: str = ""):
+    """(``datasets.IterableDataset`` of one undecoded image column, id prefix) of a table or Hub
+    source, for training straight from it (``furlib.training.streaming``)."""
+    import datasets
+
+    kind, path = _kind(source)
+    if kind == "table":
+        ds, prefix = open_table(path, source_split), path.name
+    elif kind == "hub":
+        try:
+            ds, commit = _open_hub(str(source), source_split, revision)
+        except Exception as e:  # noqa: BLE001 - as _hub_rows: one clear error
+            raise _hub_error(str(source), source_split, e) from None
+        prefix = f"{source}@{commit[:12]}:{source_split}"
+    else:
+        raise ValueError(f"train_source={source!r} is a {kind} source: stream only parquet/arrow "
+                         "files or folders, save_to_disk folders or Hub datasets (prepare a folder "
+                         "of images with 01_data_prep)")
+    if image_column not in (ds.column_names or [image_column]):
+        raise _ColumnError(f"image_column={image_column!r} is not a column of {source}: {ds.column_names}")
+    if ds.features is not None and isinstance(ds.features.get(image_column), datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    ds = ds.select_columns([image_column])
+    if isinstance(ds, datasets.Dataset):  # shards, so ranks and loader workers can split it
+        ds = ds.to_iterable_dataset(num_shards=max(1, min(len(ds), 64)))
+    return ds, prefix
 
 
 class _ColumnError(ValueError):
@@ -210,15 +245,20 @@ def _hub_rows(source: str, source_split: str, image_column: str, revision: str =
     if not offline and (why := hub_unreachable()):  # fail in ms, not after minutes of retries
         raise _hub_error(source, source_split, ConnectionError(why))
     try:
-        import datasets
-        from huggingface_hub import HfApi
-
-        commit = HfApi().dataset_info(source, revision=revision or None).sha  # pin the whole run
-        ds = datasets.load_dataset(source, split=source_split, streaming=True, revision=commit)
+        ds, commit = _open_hub(source, source_split, revision)
     except Exception as e:  # noqa: BLE001 - network, auth, missing repo: all end the same way
         raise _hub_error(source, source_split, e) from None
     rows = _dataset_rows(ds, f"{source}:{source_split}", image_column, f"hub:{commit}", resume)
     return _guarded(rows, source, source_split), None
+
+
+def _open_hub(source: str, source_split: str, revision: str):
+    """(streamed split, the commit it reads): ``revision`` resolved once, so one run reads one commit."""
+    import datasets
+    from huggingface_hub import HfApi
+
+    commit = HfApi().dataset_info(source, revision=revision or None).sha
+    return datasets.load_dataset(source, split=source_split, streaming=True, revision=commit), commit
 
 
 def hub_unreachable() -> str:

@@ -1,0 +1,71 @@
+"""furlib.training.streaming: crops straight from a parquet source, split per rank and worker."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from furlib.training import streaming
+
+datasets = pytest.importorskip("datasets")
+COLOURS = [(20 * i + 10, 200 - 15 * i, 40) for i in range(9)]  # one solid colour per row
+
+
+def parquet(tmp_path) -> str:
+    rows = []
+    for i, colour in enumerate(COLOURS):
+        buffer = io.BytesIO()
+        Image.new("RGB", (40 + 3 * i, 36), colour).save(buffer, "PNG")
+        rows.append({"bytes": buffer.getvalue(), "path": None})
+    rows.insert(4, {"bytes": b"not an image", "path": None})
+    rows.insert(6, {"bytes": _png(20, 20), "path": None})  # too small for 32 px crops
+    ds = datasets.Dataset.from_dict({"image": rows}).cast_column("image", datasets.Image())
+    ds.to_parquet(str(tmp_path / "set.parquet"))
+    return str(tmp_path / "set.parquet")
+
+
+def _png(w, h) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (w, h), (0, 0, 0)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def colour_of(crop: torch.Tensor) -> int:
+    """Which row a crop came from: its (solid) colour."""
+    rgb = ((crop.mean(dim=(1, 2)) + 1) * 127.5).numpy()
+    return int(np.argmin([np.abs(rgb - c).max() for c in COLOURS]))
+
+
+def test_ranks_read_disjoint_shares_and_rejections_are_logged(tmp_path):
+    source = parquet(tmp_path)
+    seen = []
+    for rank in (0, 1):
+        stream = iter(streaming.StreamCrops(source, 32, seed=1, rank=rank, world=2, shuffle_buffer=0,
+                                            log_dir=tmp_path / "log"))
+        first = [next(stream) for _ in range(12)]  # over one epoch of this rank's share
+        assert all(c.shape == (3, 32, 32) and -1 <= c.min() and c.max() <= 1 for c in first)
+        seen.append({colour_of(c) for c in first})
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(len(COLOURS)))
+    reasons = sorted(json.loads(line)["reason"] for f in (tmp_path / "log").glob("*.jsonl")
+                     for line in f.read_text().splitlines())
+    assert set(reasons) == {"not_an_image", "too_small"}
+
+
+def test_loader_workers_split_the_stream(tmp_path):
+    loader = streaming.make_stream_loader(parquet(tmp_path), 32, batch_size=3, num_workers=2,
+                                          shuffle_buffer=4, log_dir=tmp_path / "log")
+    batches = iter(loader)
+    crops = torch.cat([next(batches) for _ in range(6)])
+    assert crops.shape == (18, 3, 32, 32)
+    assert {colour_of(c) for c in crops} == set(range(len(COLOURS)))  # every row, from both workers
+    assert {f.name for f in (tmp_path / "log").glob("*.jsonl")} <= {
+        "rejected-rank0-worker0.jsonl", "rejected-rank0-worker1.jsonl"}
+
+
+def test_a_folder_of_images_is_not_streamed(tmp_path):
+    Image.new("RGB", (40, 40)).save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match="01_data_prep"):
+        streaming.StreamCrops(tmp_path, 32)
