@@ -88,6 +88,7 @@ def test_crops_of_stored_originals_equal_crops_of_the_source(tmp_path):
     originals, _ = originals_and_conversions(tmp_path / "src")
     report = run(tmp_path / "src", tmp_path / "data", val_fraction=0)
     paths = crops.list_images(tmp_path / "data" / "train")
+    assert {p.suffix for p in paths} == {".jpg", ".png", ".webp"}  # the loader reads every kind
     sources = {a["file"].split("/")[1]: tmp_path / "src" / a["id"] for a in report["accepted"]}
     for kw in ({}, {"cache_dir": tmp_path / "cache"}):
         dataset = crops.CropDataset(paths, 24, seed=3, **kw)
