@@ -4,11 +4,13 @@ Sources: ``--images`` synthetic photo-like JPEGs of 2-6 MP (a smooth field, shap
 grain, quality 90), of which ``--convert-share`` need converting (in turn: an EXIF
 rotation, a CMYK JPEG, an RGBA PNG), generated with every core. Then, each into a fresh data folder:
 
+- ``num_proc=1`` on ``--plain-images`` of the plain JPEGs alone (symlinked into their own folder):
+  the CPU cost of a source that needs no conversion;
 - one row per ``--procs`` value: ``prepare(num_proc=p)`` on the first ``--subset p:N`` images
   (default: all), so slow rows stay short;
 - ``--shards`` runs of one source started at once, each with ``cores / shards`` processes, merged
-  by the last to finish; checked equal (accepted files) to the widest ``--procs`` row when both
-  cover every image;
+  by the last to finish, on ``--subset shards:N`` images; checked equal (accepted files) to the
+  widest ``--procs`` row when both cover every image;
 - the training loader reading the stored originals (256 px crops, batch 32, ``--loader-workers``
   processes, no pixel cache) for ``--loader-seconds``.
 
@@ -17,6 +19,12 @@ it does not depend on what else runs), stored originals, disk per image (MB), ex
 images. Written to ``--out`` as JSON.
 
     python benchmarks/prep_throughput.py --images 300 --procs 1 2 --shards 2 --out /tmp/prep.json
+
+On a 16-core host (sized for >= 20k images in about 7 minutes, ~40 GB of disk in --workdir):
+
+    python benchmarks/prep_throughput.py --images 20000 --procs 1 4 16 --subset 1:400 4:1600 \
+        shards:8000 --plain-images 300 --shards 2 --loader-seconds 15 --workdir /tmp/prepbench \
+        --out $OUT/prep-16core.json
 """
 
 import argparse
@@ -31,7 +39,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-KINDS = ("rotated", "cmyk", "rgba")  # sources that must be converted
+KINDS = ("rotated", "cmyk", "rgba")  # sources that must be converted: every KINDS_EVERY-th
+KINDS_EVERY = [10]  # set from --convert-share (0: none)
 
 
 def synth(index: int, megapixels: float):
@@ -104,14 +113,26 @@ def row(name: str, report: dict, wall: float, cpu: float, data_dir: Path) -> dic
     return out
 
 
-def run_procs(src: Path, work: Path, procs: int, limit: int) -> tuple[dict, dict]:
+def run_procs(src: Path, work: Path, procs: int, limit: int, name: str = "") -> tuple[dict, dict]:
     from furlib.data.prepare import prepare
 
     data = work / f"data-p{procs}"
     shutil.rmtree(data, ignore_errors=True)
     wall, cpu = time.time(), cpu_s()
     report = prepare(src, data, max_images=limit, num_proc=procs, progress=False)
-    return row(f"num_proc={procs}", report, time.time() - wall, cpu_s() - cpu, data), report
+    return row(name or f"num_proc={procs}", report, time.time() - wall, cpu_s() - cpu, data), report
+
+
+def plain_folder(src: Path, work: Path, count: int) -> Path:
+    """Symlinks to the first ``count`` sources that need no conversion."""
+    folder = work / "plain"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    every = KINDS_EVERY[0]
+    plain = [p for i, p in enumerate(sorted(src.iterdir())) if not every or i % every][:count]
+    for p in plain:
+        (folder / p.name).symlink_to(p)
+    return folder
 
 
 def run_shards(src: Path, work: Path, shards: int, procs: int, limit: int) -> tuple[dict, dict]:
@@ -154,6 +175,7 @@ def main():
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--subset", nargs="*", default=[], help="p:N, e.g. 1:1000 (images for the num_proc=p row)")
     ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--plain-images", type=int, default=100, help="plain JPEGs for the no-conversion row")
     ap.add_argument("--loader-workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--loader-seconds", type=float, default=20.0)
     ap.add_argument("--workdir", default="/tmp/prep_throughput")
@@ -161,21 +183,26 @@ def main():
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     work, cores = Path(args.workdir), os.cpu_count() or 1
+    every = KINDS_EVERY[0] = round(1 / args.convert_share) if args.convert_share > 0 else 0
     src = work / "src"
     result = {"args": vars(args), "cores": cores, "python": sys.version.split()[0],
               "platform": platform.platform(), "rows": []}
     if not (args.keep_sources and src.exists()):
         shutil.rmtree(src, ignore_errors=True)
         src.mkdir(parents=True)
-        every = round(1 / args.convert_share) if args.convert_share > 0 else 0
         start = time.time()
         with ProcessPoolExecutor(cores) as pool:
             sizes = list(pool.map(write_source, [(src, i, every) for i in range(args.images)], chunksize=8))
         result["sources"] = {"count": len(sizes), "mb_per_image": round(sum(sizes) / 1e6 / len(sizes), 3),
                              "generate_s": round(time.time() - start, 1)}
         print(json.dumps(result["sources"]), flush=True)
-    subset = {int(k): int(v) for k, v in (s.split(":") for s in args.subset)}
+    subset = {k if k == "shards" else int(k): int(v) for k, v in (s.split(":") for s in args.subset)}
     reports = {}
+    if args.plain_images:
+        out, _ = run_procs(plain_folder(src, work, args.plain_images), work, 1, 0,
+                           "num_proc=1, plain JPEGs only")
+        result["rows"].append(out)
+        shutil.rmtree(work / "data-p1")
     for procs in args.procs:
         limit = subset.get(procs, 0)
         out, reports[procs] = run_procs(src, work, procs, limit)
@@ -183,9 +210,10 @@ def main():
         if procs != max(args.procs):
             shutil.rmtree(work / f"data-p{procs}")  # disk: keep only the widest run's copy
     if args.shards > 1:
-        out, report = run_shards(src, work, args.shards, max(1, cores // args.shards), 0)
+        out, report = run_shards(src, work, args.shards, max(1, cores // args.shards),
+                                 subset.get("shards", 0))
         widest = max(args.procs)
-        if not subset.get(widest):
+        if not subset.get(widest) and not subset.get("shards"):
             out["same_as_num_proc_run"] = report["accepted"] == reports[widest]["accepted"]
         result["rows"].append(out)
         shutil.rmtree(work / "data-shards")
