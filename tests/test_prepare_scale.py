@@ -204,6 +204,7 @@ def test_replaced_table_images_are_not_stale(tmp_path):
     second = run(saved([4, 5, 6]), tmp_path / "data")  # same rows, every image replaced
     assert second["counts"]["decoded_this_run"] == 3
     assert {a["hash"] for a in second["accepted"]}.isdisjoint(a["hash"] for a in first["accepted"])
+    assert len(first["source_versions"]) == 1 and first["source_versions"] != second["source_versions"]
 
 
 def test_check_prepared_names_the_fix(tmp_path):

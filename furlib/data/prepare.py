@@ -28,7 +28,7 @@ import hashlib
 import json
 import os
 import time
-from collections import Counter, deque
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -36,6 +36,7 @@ from pathlib import Path
 from PIL import Image
 
 from furlib.data import store
+from furlib.data.report import build_report, check_prepared, is_val  # noqa: F401 - used by callers
 from furlib.data.sources import RESUMED, Input, iter_inputs, source_key
 from furlib.images import DEFAULT_MAX_PIXELS, ImageRejected, load_for_storage
 
@@ -70,7 +71,8 @@ def prepare(source, data_dir, resolution: int = 256, max_side: int = DEFAULT_MAX
     job = dict(source=str(source), data_dir=str(data_dir), settings=settings, selection=selection,
                filters=dict(resolution=resolution, max_pixels=max_pixels), num_shards=num_shards,
                shard_index=shard_index, source_split=source_split, image_column=image_column,
-               val_fraction=val_fraction, val_max=val_max, workers=workers or max(1, (os.cpu_count() or 1) // num_proc))
+               val_fraction=val_fraction, val_max=val_max,
+               workers=workers or max(1, (os.cpu_count() or 1) // num_proc))
     shard = f"shard-{shard_index:05d}-of-{num_shards:05d}"
     header = dict(selection, settings=settings, num_shards=num_shards)
     with store.locked(data_dir / ".lock", True, "prepare"), \
@@ -79,41 +81,33 @@ def prepare(source, data_dir, resolution: int = 256, max_side: int = DEFAULT_MAX
             store.drop_part(data_dir, shard)  # not complete again until this run finishes
         entries, decoded = _run_shard(job, num_proc, progress)
         store.write_part(data_dir, shard, header, entries)
-    with store.locked(data_dir / ".merge.lock", False, "merge", wait=True):
-        shards = [f"shard-{i:05d}-of-{num_shards:05d}" for i in range(num_shards)]
-        merged, missing = store.read_parts(data_dir, shards, header)
-        report = _merge(data_dir, merged, job) if not missing else _build_report(
-            entries, val_fraction, val_max, job["filters"])
-        report["counts"].update(decoded_this_run=decoded, reused=len(entries) - decoded)
-        report.update(source=str(source), rebuilt_because=rebuilt, complete=not missing,
-                      missing_shards=missing, settings=dict(
-            settings, **job["filters"], val_fraction=val_fraction, val_max=val_max,
-            max_images=max_images, source_split=source_split, image_column=image_column,
-            art_count=art_count, seed=seed, source_revision=source_revision,
-            num_proc=num_proc, num_shards=num_shards, shard_index=shard_index))
-        if not missing:
-            (data_dir / "report.json").write_text(json.dumps(report, indent=1))
+    report = _finish(data_dir, job, header, entries, decoded)
+    report.update(source=str(source), rebuilt_because=rebuilt, settings=dict(
+        settings, **job["filters"], val_fraction=val_fraction, val_max=val_max,
+        max_images=max_images, source_split=source_split, image_column=image_column,
+        art_count=art_count, seed=seed, source_revision=source_revision, num_proc=num_proc,
+        num_shards=num_shards, shard_index=shard_index))
+    if report["complete"]:  # renamed into place whole: 02 never reads half a report
+        tmp = data_dir / f".tmp-{os.getpid()}-report.json"
+        tmp.write_text(json.dumps(report, indent=1))
+        os.replace(tmp, data_dir / "report.json")
     return report
 
 
-def check_prepared(data_dir, resolution: int) -> dict:
-    """Before 02 loads any model: the prepared data exists and fits ``resolution``; its counts.
-
-    Raises ValueError naming the fix (01 with this resolution only filters: nothing is decoded)."""
-    path = Path(data_dir) / "report.json"
-    if not path.exists():
-        raise ValueError(f"no prepared data in {data_dir} (no report.json): run notebooks/"
-                         "01_data_prep with the same run_name first (all shards, if sharded)")
-    report = json.loads(path.read_text())
-    small = [a for a in report["accepted"] if min(a["width"], a["height"]) < resolution]
-    if small:
-        worst = min(small, key=lambda a: min(a["width"], a["height"]))
-        raise ValueError(
-            f"resolution={resolution} is larger than {len(small)} prepared images (smallest short "
-            f"side {min(worst['width'], worst['height'])} px: {worst['file']}); re-run "
-            f"01_data_prep with resolution={resolution} (it only filters, nothing is decoded "
-            f"again), or train at the resolution 01 used ({report['settings'].get('resolution')})")
-    return report["counts"]
+def _finish(data_dir: Path, job: dict, header: dict, entries: list, decoded: int) -> dict:
+    """The merged report once every shard's part is there (files placed), else this shard's."""
+    n = job["num_shards"]
+    with store.locked(data_dir / ".merge.lock", False, "merge", wait=True):
+        shards = [f"shard-{i:05d}-of-{n:05d}" for i in range(n)]
+        merged, missing = store.read_parts(data_dir, shards, header)
+        if missing:
+            report = build_report(entries, job["val_fraction"], job["val_max"], job["filters"])
+        else:
+            merged.sort(key=lambda e: e["index"])
+            report = build_report(merged, job["val_fraction"], job["val_max"], job["filters"])
+            store.place_files(data_dir, report["accepted"], store.index_store(data_dir))
+    report["counts"].update(decoded_this_run=decoded, reused=len(entries) - decoded)
+    return dict(report, complete=not missing, missing_shards=missing)
 
 
 def _check_parallel(num_proc: int, num_shards: int, shard_index: int) -> None:
@@ -122,14 +116,6 @@ def _check_parallel(num_proc: int, num_shards: int, shard_index: int) -> None:
     if num_shards < 1 or not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index must be in [0, num_shards) and num_shards >= 1, got "
                          f"shard_index={shard_index}, num_shards={num_shards}")
-
-
-def _merge(data_dir: Path, entries: list, job: dict) -> dict:
-    """One report over every shard's entries (in input order) and the files placed to match it."""
-    entries.sort(key=lambda e: e["index"])
-    report = _build_report(entries, job["val_fraction"], job["val_max"], job["filters"])
-    store.place_files(data_dir, report["accepted"], store.index_store(data_dir))
-    return report
 
 
 def _run_shard(job: dict, num_proc: int, progress: bool) -> tuple[list, int]:
@@ -208,6 +194,8 @@ def _journalled(work, inputs, total, journal_file: Path, position_file: Path, he
                 log.flush()  # a kill leaves at most a partial last line, which is skipped
                 decoded += 1
             entries.append(dict(entry, id=item.input_id, index=index))
+            if isinstance(item.stamp, str):  # a dataset's version: fingerprint or Hub commit
+                entries[-1]["version"] = item.stamp
             position = item.position or position
             if position is not None and time.monotonic() - saved > STREAM_SAVE_S:
                 _save_position(position_file, dict(position, **here))
@@ -230,10 +218,6 @@ def pixel_hash(image: Image.Image) -> str:
     digest = hashlib.sha256(f"{image.mode} {image.width}x{image.height}\n".encode())
     digest.update(image.tobytes())
     return digest.hexdigest()
-
-
-def is_val(digest: str, val_fraction: float) -> bool:
-    return int(digest[:8], 16) / 2**32 < val_fraction
 
 
 def _ordered_map(fn, items, workers: int):
@@ -320,41 +304,3 @@ def _cap_long_side(image: Image.Image, max_side: int) -> Image.Image:
     scale = max_side / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     return image.resize(size, Image.Resampling.LANCZOS)
-
-
-def _filtered(e: dict, filters: dict) -> dict:
-    """An ok entry as the current filters see it: unchanged, or rejected (its file is kept)."""
-    if e["status"] == "ok" and min(e["width"], e["height"]) < filters["resolution"]:
-        reason = "too_small" if e["width"] == e["source_width"] else "too_small_after_cap"
-        return dict(e, status="rejected", reason=reason,
-                    detail=f"{e['width']}x{e['height']}, short side < {filters['resolution']}")
-    if e["status"] == "ok" and e["source_width"] * e["source_height"] > filters["max_pixels"]:
-        return dict(e, status="rejected", reason="too_many_pixels",
-                    detail=f"{e['source_width']}x{e['source_height']} > {filters['max_pixels']}")
-    return e
-
-
-def _build_report(entries: list, val_fraction: float, val_max: int, filters: dict) -> dict:
-    """Every input once: accepted (first of its hash), duplicate (later ones) or rejected."""
-    first, accepted, duplicates, rejected = {}, [], [], []
-    for e in (_filtered(e, filters) for e in entries):
-        if e["status"] != "ok":
-            rejected.append({"path": e["id"], "reason": e["reason"], "detail": e.get("detail", "")})
-        elif e["hash"] in first:
-            duplicates.append({"path": e["id"], "duplicate_of": first[e["hash"]], "hash": e["hash"]})
-        else:
-            first[e["hash"]] = e["id"]
-            accepted.append({k: e[k] for k in ("id", "file", "width", "height", "source_width",
-                                               "source_height", "hash")})
-            accepted[-1]["stored"] = e.get("stored", "converted")  # older journals: all PNGs
-    val = sorted(a["hash"] for a in accepted if is_val(a["hash"], val_fraction))
-    keep = set(val[:val_max] if val_max > 0 else val)
-    for a in accepted:
-        a["split"] = "val" if a["hash"] in keep else "train"
-        a["file"] = f"{a['split']}/{a['file']}"
-    counts = {"inputs": len(entries), "accepted": len(accepted), "train": len(accepted) - len(keep),
-              "val": len(keep), "val_over_cap": len(val) - len(keep), "rejected": len(rejected),
-              "rejected_by_reason": dict(Counter(r["reason"] for r in rejected).most_common()),
-              "duplicates": len(duplicates),
-              "stored_originals": sum(a["stored"] == "original" for a in accepted)}
-    return {"counts": counts, "accepted": accepted, "rejected": rejected, "duplicates": duplicates}
