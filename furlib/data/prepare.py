@@ -137,7 +137,7 @@ def _run_proc(job: dict, k: int, m: int, progress: bool) -> tuple[list, int]:
     position_file = data_dir / "streams" / f"{name}.json"
     resume = json.loads(position_file.read_text()) if position_file.exists() else None
     here = dict(scope=sel["scope"], filters=job["filters"])  # a position is valid only for these
-    resume = resume if resume and all(resume.get(k) == v for k, v in here.items()) else None
+    resume = resume if resume and all(resume.get(key) == v for key, v in here.items()) else None
     journal, files = store.read_journal(data_dir), store.index_store(data_dir)
     inputs, total = iter_inputs(job["source"], job["source_split"], job["image_column"],
                                 sel["max_images"], sel["art_count"], sel["seed"], exclude=data_dir,
