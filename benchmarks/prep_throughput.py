@@ -11,8 +11,10 @@ rotation, a CMYK JPEG, an RGBA PNG), generated with every core. Then, each into 
 - ``--shards`` runs of one source started at once, each with ``cores / shards`` processes, merged
   by the last to finish, on ``--subset shards:N`` images; checked equal (accepted files) to the
   widest ``--procs`` row when both cover every image;
-- the training loader reading the stored originals (256 px crops, batch 32, ``--loader-workers``
-  processes, no pixel cache) for ``--loader-seconds``.
+- the training loader reading the stored files (256 px crops, batch 32, ``--loader-workers``
+  processes, no pixel cache) for ``--loader-seconds``; with ``--cache-images N``, also on the
+  first N stored files without and with the decoded-pixel cache (filled first, in one process:
+  its cost per image is a row; the cache takes width x height x 3 bytes per image).
 
 Reported per row: wall s, images/s, CPU ms per image (this process and its children, user + sys:
 it does not depend on what else runs), stored originals, disk per image (MB), extrapolations to 1M
@@ -20,11 +22,11 @@ images. Written to ``--out`` as JSON.
 
     python benchmarks/prep_throughput.py --images 300 --procs 1 2 --shards 2 --out /tmp/prep.json
 
-On a 16-core host (sized for >= 20k images in about 7 minutes, ~40 GB of disk in --workdir):
+On a 16-core host (sized for 20k images in about 7.5 minutes; ~47 GB of disk in --workdir at its peak):
 
     python benchmarks/prep_throughput.py --images 20000 --procs 1 4 16 --subset 1:400 4:1600 \
-        shards:8000 --plain-images 300 --shards 2 --loader-seconds 15 --workdir /tmp/prepbench \
-        --out $OUT/prep-16core.json
+        shards:6000 --plain-images 200 --shards 2 --loader-seconds 10 --cache-images 200 \
+        --workdir /tmp/prepbench --out $OUT/prep-16core.json
 """
 
 import argparse
@@ -152,20 +154,38 @@ def run_shards(src: Path, work: Path, shards: int, procs: int, limit: int) -> tu
                data), report
 
 
-def loader_row(data_dir: Path, workers: int, seconds: float) -> dict:
+def loader_row(folder: Path, workers: int, seconds: float, name: str, cache_dir=None) -> dict:
     from furlib.training.crops import make_loader
 
-    batches = iter(make_loader(data_dir / "train", 256, 32, num_workers=workers))
+    batches = iter(make_loader(folder, 256, 32, num_workers=workers, cache_dir=cache_dir))
     for _ in range(max(1, workers)):  # warm-up: worker start and first fill
         next(batches)
     count, start = 0, time.time()
     while time.time() - start < seconds:
         next(batches)
         count += 1
-    out = {"row": f"loader from stored files, {workers} workers", "batch": 32, "resolution": 256,
+    out = {"row": name, "workers": workers, "batch": 32, "resolution": 256,
            "images_per_s": round(32 * count / (time.time() - start), 1)}
     print(json.dumps(out), flush=True)
     return out
+
+
+def cache_rows(train: Path, work: Path, count: int, workers: int, seconds: float) -> list:
+    """The loader on the first ``count`` stored files, from the files and from a filled cache."""
+    from loader_throughput import fill_cache  # the sibling script: run this one as a script
+
+    folder, cache = work / "cache-src", work / "cache"
+    for path in (folder, cache):
+        shutil.rmtree(path, ignore_errors=True)
+    folder.mkdir()
+    for path in sorted(train.iterdir())[:count]:
+        (folder / path.name).symlink_to(path)
+    fill = dict(fill_cache(folder, cache), row=f"pixel cache fill (one process, {count} images)")
+    print(json.dumps(fill), flush=True)
+    rows = [fill, loader_row(folder, workers, seconds, f"loader, {count} stored files, no cache"),
+            loader_row(folder, workers, seconds, f"loader, {count} stored files, pixel cache", cache)]
+    shutil.rmtree(cache)
+    return rows
 
 
 def main():
@@ -178,6 +198,7 @@ def main():
     ap.add_argument("--plain-images", type=int, default=100, help="plain JPEGs for the no-conversion row")
     ap.add_argument("--loader-workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--loader-seconds", type=float, default=20.0)
+    ap.add_argument("--cache-images", type=int, default=0, help="stored files for the pixel-cache rows")
     ap.add_argument("--workdir", default="/tmp/prep_throughput")
     ap.add_argument("--keep-sources", action="store_true", help="reuse sources already in --workdir")
     ap.add_argument("--out", default="")
@@ -203,22 +224,26 @@ def main():
                            "num_proc=1, plain JPEGs only")
         result["rows"].append(out)
         shutil.rmtree(work / "data-p1")
-    for procs in args.procs:
-        limit = subset.get(procs, 0)
-        out, reports[procs] = run_procs(src, work, procs, limit)
-        result["rows"].append(out)
-        if procs != max(args.procs):
-            shutil.rmtree(work / f"data-p{procs}")  # disk: keep only the widest run's copy
-    if args.shards > 1:
-        out, report = run_shards(src, work, args.shards, max(1, cores // args.shards),
-                                 subset.get("shards", 0))
-        widest = max(args.procs)
-        if not subset.get(widest) and not subset.get("shards"):
-            out["same_as_num_proc_run"] = report["accepted"] == reports[widest]["accepted"]
+    widest = max(args.procs)
+    if args.shards > 1:  # first: on disk with the sources, never beside the widest run's copy
+        out, sharded = run_shards(src, work, args.shards, max(1, cores // args.shards),
+                                  subset.get("shards", 0))
         result["rows"].append(out)
         shutil.rmtree(work / "data-shards")
-    result["rows"].append(loader_row(work / f"data-p{max(args.procs)}", args.loader_workers,
-                                     args.loader_seconds))
+    for procs in args.procs:
+        out, reports[procs] = run_procs(src, work, procs, subset.get(procs, 0))
+        result["rows"].append(out)
+        if procs != widest:
+            shutil.rmtree(work / f"data-p{procs}")  # disk: keep only the widest run's copy
+    if args.shards > 1 and not subset.get(widest) and not subset.get("shards"):
+        result["rows"][-len(args.procs) - 1]["same_as_num_proc_run"] = \
+            sharded["accepted"] == reports[widest]["accepted"]
+    train = work / f"data-p{max(args.procs)}" / "train"
+    result["rows"].append(loader_row(train, args.loader_workers, args.loader_seconds,
+                                     "loader from all stored files, no cache"))
+    if args.cache_images:
+        result["rows"] += cache_rows(train, work, args.cache_images, args.loader_workers,
+                                     args.loader_seconds)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
