@@ -1,9 +1,12 @@
 """Stage 01 at scale: stored originals, shards and processes, locks, stream resume, 02's check."""
 
 import io
+import json
+import os
 import shutil
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,3 +221,28 @@ def test_check_prepared_names_the_fix(tmp_path):
         prep.check_prepared(tmp_path / "data", 48)
     with pytest.raises(ValueError, match="01_data_prep"):
         prep.check_prepared(tmp_path / "nothing", 32)
+
+
+def test_two_shard_processes_at_once_on_one_folder(tmp_path):
+    """What two machines sharing the data folder do: start together, the last one merges."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(10):
+        noise(36 + 2 * i, 44, i % 8).save(src / f"{i:02d}.png")  # 2 duplicates
+    code = ("import sys; from furlib.data.prepare import prepare; prepare(sys.argv[1], sys.argv[2], "
+            f"resolution={RES}, max_side=128, val_fraction=0.3, progress=False, workers=1, "
+            "num_shards=2, shard_index=int(sys.argv[3]))")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))  # this tree's furlib
+    runs = [subprocess.Popen([sys.executable, "-c", code, str(src), str(tmp_path / "data"), str(i)],
+                             env=env) for i in (0, 1)]
+    assert [r.wait(timeout=120) for r in runs] == [0, 0]
+    merged = json.loads((tmp_path / "data" / "report.json").read_text())
+    whole = run(src, tmp_path / "whole")
+    assert merged["complete"] and merged["accepted"] == whole["accepted"]
+    assert merged["duplicates"] == whole["duplicates"]
+    for split in ("train", "val"):
+        assert sorted(p.name for p in (tmp_path / "data" / split).iterdir()) == \
+            sorted(p.name for p in (tmp_path / "whole" / split).iterdir())
