@@ -236,22 +236,26 @@ def _ordered_map(fn, items, workers: int):
 
 
 def _check_settings(data_dir: Path, settings: dict, rebuild: bool) -> str:
-    """Refuse data prepared with other pixel settings unless ``rebuild``; then wipe it, say why."""
+    """Refuse data prepared with other pixel settings unless ``rebuild``; then wipe it, say why.
+    Under .merge.lock: runs starting together read and write settings.json one at a time."""
     path = data_dir / "settings.json"
-    old = json.loads(path.read_text()) if path.exists() else None
-    changed = [f"{k} {old.get(k)} -> {settings[k]}" for k in PIXEL_SETTINGS
-               if old is not None and old.get(k) != settings[k]]
-    if changed and not rebuild:
-        raise ValueError(
-            f"{data_dir} was prepared with other settings that change stored pixels "
-            f"({', '.join(changed)}). Keep the old values to use it (incremental, nothing is "
-            f"lost), or set rebuild=True to delete its images and prepare again (hours at scale).")
-    if changed:
-        with store.locked(data_dir / ".lock", False, "rebuild"):  # not while another run works
-            store.wipe(data_dir)
-    for name in store.SPLITS:
-        (data_dir / name).mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=1))
+    with store.locked(data_dir / ".merge.lock", False, "settings", wait=True):
+        old = json.loads(path.read_text()) if path.exists() else None
+        changed = [f"{k} {old.get(k)} -> {settings[k]}" for k in PIXEL_SETTINGS
+                   if old is not None and old.get(k) != settings[k]]
+        if changed and not rebuild:
+            raise ValueError(
+                f"{data_dir} was prepared with other settings that change stored pixels "
+                f"({', '.join(changed)}). Keep the old values to use it (incremental, nothing is "
+                "lost), or set rebuild=True to delete its images and prepare again (hours at scale).")
+        if changed:
+            with store.locked(data_dir / ".lock", False, "rebuild"):  # not while another run works
+                store.wipe(data_dir)
+        for name in store.SPLITS:
+            (data_dir / name).mkdir(parents=True, exist_ok=True)
+        tmp = data_dir / f".tmp-{os.getpid()}-settings.json"  # renamed into place whole
+        tmp.write_text(json.dumps(settings, indent=1))
+        os.replace(tmp, path)
     return "settings changed: " + ", ".join(changed) if changed else ""
 
 
