@@ -11,6 +11,12 @@ composited over ``background``, first frame of an animation) or raises ``ImageRe
     missing, unreadable, empty, not_an_image, too_many_pixels, too_small, truncated, corrupt,
     bad_icc_profile, unsupported_mode
 
+``load_for_storage`` decodes the same way and also says whether the source's own bytes may be
+stored as they are: a JPEG, PNG or WebP that already decodes to 8-bit sRGB RGB with nothing to
+undo (``STORED_SUFFIXES``: no alpha or transparency key, no palette, not 16-bit, no EXIF rotation, a
+single frame, no ICC profile or one whose conversion to sRGB changes no colour, such as LCMS's own
+sRGB). Decoding that file later with PIL gives exactly the pixels ``load_rgb`` returned.
+
 Sizes are checked from the header before any pixel is decoded, so a decompression bomb costs a
 few hundred bytes of reading. PIL's own global limit (``Image.MAX_IMAGE_PIXELS``) still applies:
 the effective limit is the smaller of it and ``max_pixels``; its warning and error are turned into
@@ -32,6 +38,7 @@ import torch
 from PIL import Image, ImageCms
 
 DEFAULT_MAX_PIXELS = 89_000_000  # just under PIL's default bomb limit (89,478,485)
+STORED_SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}  # formats stored as they are
 
 # EXIF tag 0x0112 (Orientation) -> the transpose that displays the image upright.
 _ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
@@ -59,11 +66,32 @@ def load_rgb(src, background=(255, 255, 255), max_pixels: int = DEFAULT_MAX_PIXE
     ``background`` is the RGB colour (0-255) transparent pixels are composited over.
     ``min_side``: a shorter side than this is rejected as ``too_small`` before decoding pixels.
     """
+    return load_for_storage(src, background, max_pixels, min_side)[0]
+
+
+def load_for_storage(src, background=(255, 255, 255), max_pixels: int = DEFAULT_MAX_PIXELS,
+                     min_side: int = 1) -> tuple[Image.Image, str]:
+    """``(load_rgb(src, ...), suffix)``: ``suffix`` (".jpg", ".png", ".webp") when ``src``'s own
+    bytes decode to exactly that image and may be stored as they are, else "" (convert them)."""
     background = tuple(int(c) for c in background)
-    if isinstance(src, Image.Image):
-        return _decode(src, background, max_pixels, min_side)
+    if isinstance(src, Image.Image):  # no encoded bytes to keep
+        return _decode(src, background, max_pixels, min_side), ""
     with _open(src) as im:
-        return _decode(im, background, max_pixels, min_side)
+        suffix = _stored_suffix(im)  # header facts only; read before decoding changes them
+        return _decode(im, background, max_pixels, min_side), suffix
+
+
+def _stored_suffix(im: Image.Image) -> str:
+    """The file suffix if ``im`` (opened, not decoded) needs no conversion at all, else ""."""
+    suffix = STORED_SUFFIXES.get(im.format or "", "")
+    if not suffix or im.mode != "RGB" or getattr(im, "n_frames", 1) != 1:
+        return ""
+    if im.format == "PNG" and any(tile[3] != "RGB" for tile in im.tile):  # e.g. "RGB;16B": 16-bit
+        return ""  # (before getexif, which decodes a PNG and so empties its tile list)
+    if "transparency" in im.info or _orientation(im) not in (0, 1):
+        return ""
+    icc = im.info.get("icc_profile") or None
+    return suffix if icc is None or _is_identity(bytes(icc)) else ""
 
 
 def _open(src) -> Image.Image:
@@ -202,6 +230,25 @@ def _to_srgb(colour: Image.Image, icc: bytes) -> Image.Image:
         return ImageCms.applyTransform(colour, _transform(bytes(icc), colour.mode))
     except (OSError, ImageCms.PyCMSError, ValueError) as e:
         raise ImageRejected("bad_icc_profile", str(e)) from None
+
+
+@lru_cache(maxsize=4096)
+def _is_identity(icc: bytes) -> bool:
+    """Whether converting from this profile to sRGB changes no 8-bit RGB colour at all: tried on
+    4096 colours first (most other profiles fail there in ms), then on all 2**24 (~3 s, once per
+    profile and process): exact where a profile's name could lie."""
+    try:
+        if _profile(icc).profile.xcolor_space != "RGB ":
+            return False
+        for step in (17, 1):  # 0, 17, ..., 255 in each channel; then every value
+            levels = np.arange(0, 256, step, dtype=np.uint8)
+            rgb = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 4096, 3)
+            out = ImageCms.applyTransform(Image.fromarray(rgb), _transform(icc, "RGB"))
+            if not np.array_equal(np.asarray(out), rgb):
+                return False
+        return True
+    except (OSError, ImageCms.PyCMSError, TypeError, ValueError):
+        return False  # _to_srgb rejects it with the reason
 
 
 @lru_cache(maxsize=32)

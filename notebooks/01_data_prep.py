@@ -16,8 +16,9 @@
 
 # %% [markdown]
 # # 01 · Data prep
-# Decode, check, deduplicate and split the source images into lossless PNGs under
-# `outputs/<run_name>/data/`, and show the crops training will see.
+# Decode, check, deduplicate and split the source images under `outputs/<run_name>/data/` (files
+# that need no conversion are kept as they are, the rest become lossless PNGs), and show the crops
+# training will see.
 
 # %%
 # Setup. Locally: move to the repository root. On Colab or Kaggle: clone the project (or update
@@ -62,15 +63,20 @@ outputs_dir = "outputs"    # root folder of all runs
 source = "builtin"         # "builtin", image folder, .parquet/.arrow file, save_to_disk folder, or Hub id
 source_split = "train"     # split of a dataset source
 image_column = "image"     # image column of a dataset source
+source_revision = ""       # Hub dataset commit, tag or branch to pin ("": the latest commit, recorded)
 max_images = 0             # use only the first N images of the source (0: all)
-resolution = 256           # training crop side, px (multiple of 8); smaller images are rejected
-max_side = 1536            # stored long side cap, px (Lanczos downscale)
+resolution = 256           # training crop side, px (multiple of 8); smaller images are left out (filter only)
+max_side = 16384           # stored long side cap, px: native resolution kept below it (Lanczos beyond)
 max_pixels = 89_000_000    # larger images are rejected from their header (decompression bombs)
 val_fraction = 0.1         # share held out for validation, chosen by content hash, in [0, 1)
 val_max = 500              # most validation images, the smallest hashes (0: no cap)
 background = "#ffffff"     # colour that transparent pixels are composited over
 art_count = 24             # drawn flat-colour artworks in the "builtin" source
 seed = 0                   # seeds the built-in drawings and the crop preview
+num_proc = 1               # decoding processes on this machine (about one per core)
+num_shards = 1             # machines or runs sharing this source and data folder
+shard_index = 0            # which of the num_shards this run prepares (0 to num_shards - 1)
+rebuild = False            # True: delete data prepared with other max_side/background and start over
 preview_crops = 8          # crops in the training-crop preview
 num_workers = 0            # loader processes for the preview (0: in this process)
 
@@ -88,9 +94,12 @@ if max_pixels < resolution * resolution:
 if not 0 <= val_fraction < 1:
     raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
 for name, value in (("max_images", max_images), ("val_max", val_max), ("art_count", art_count),
-                    ("num_workers", num_workers)):
+                    ("num_workers", num_workers), ("shard_index", shard_index)):
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
+if num_proc < 1 or num_shards < 1 or shard_index >= num_shards:
+    raise ValueError(f"need num_proc >= 1, num_shards >= 1 and shard_index < num_shards, got "
+                     f"{num_proc}, {num_shards}, {shard_index}")
 if preview_crops < 1:
     raise ValueError(f"preview_crops must be >= 1, got {preview_crops}")
 try:
@@ -101,20 +110,27 @@ except ValueError:
 # %% [markdown]
 # ## 1. Prepare
 # Every input is decoded defensively (EXIF orientation, ICC profile to sRGB, alpha over
-# `background`, first frame of animations), checked, deduplicated by its pixels, and stored as a
-# lossless PNG in `data/train` or `data/val`. Re-running skips inputs already in the journal.
+# `background`, first frame of animations), checked and deduplicated by its pixels. An 8-bit sRGB
+# RGB JPEG/PNG/WebP is stored as its own file; anything else as a lossless PNG, in `data/train` or
+# `data/val`. Re-running skips inputs already in the journal (a stream resumes where it stopped);
+# changing `resolution` only filters. With `num_shards`, run once per shard (any order, any
+# machine sharing the folder): the last one to finish merges them.
 
 # %%
 start = time.time()
 report = prepare(source, data_dir, resolution=resolution, max_side=max_side, max_pixels=max_pixels,
                  val_fraction=val_fraction, val_max=val_max, background=background_rgb,
                  max_images=max_images, seed=seed, source_split=source_split,
-                 image_column=image_column, art_count=art_count)
+                 image_column=image_column, art_count=art_count, source_revision=source_revision,
+                 num_proc=num_proc, num_shards=num_shards, shard_index=shard_index, rebuild=rebuild)
 prepare_seconds = time.time() - start
 counts = report["counts"]
 print(f"{counts['inputs']} inputs -> {counts['accepted']} kept ({counts['train']} train, {counts['val']} val), "
       f"{counts['rejected']} rejected, {counts['duplicates']} duplicates; "
+      f"{counts['stored_originals']} stored as they are; "
       f"{counts['decoded_this_run']} decoded now, {counts['reused']} from the journal; {prepare_seconds:.1f} s")
+if not report["complete"]:
+    print(f"NOTE: shard {shard_index} done; waiting for {report['missing_shards']} (counts above are this shard's)")
 if report["rebuilt_because"]:
     print(f"NOTE: data/ was rebuilt from scratch ({report['rebuilt_because']})")
 if counts["val_over_cap"]:

@@ -120,6 +120,9 @@ phase_upsample = "auto"                   # upsampling convs as 2x2 phase convs,
 channels_last = "auto"                    # NHWC convolutions: "auto" (on CUDA when not compiled), "yes", "no"
 resume_with_changes = []                  # recipe settings a resume may change, e.g. ["lr"]
 on_bad_checkpoint = "fallback"            # damaged latest: "fallback" to the newest good one (loud), or "refuse"
+train_source = ""                         # "": 01's data/train; else a parquet/arrow file or folder, or a hub id, streamed (no dedup)
+source_split = "train"                    # split of a train_source dataset
+image_column = "image"                    # image column of a train_source dataset
 
 # %%
 settings = TrainSettings.from_params({f.name: globals()[f.name] for f in dataclasses.fields(TrainSettings)})

@@ -189,10 +189,14 @@ def test_interrupted_run_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(prep, "_process", real)
     with open(tmp_path / "data" / "journal.jsonl", "a") as log:
         log.write('{"key": "half a li')  # what a kill mid-write leaves
-    (tmp_path / "data" / "train" / ".tmp-1-0123456789abcdef.png").write_bytes(b"\x89PNG half")
+    stale = tmp_path / "data" / "train" / ".tmp-1-0123456789abcdef.png"  # a killed writer's
+    stale.write_bytes(b"\x89PNG half")
+    os.utime(stale, (1e9, 1e9))
+    live = tmp_path / "data" / "val" / ".tmp-2-fedcba9876543210.png"  # a running writer's
+    live.write_bytes(b"\x89PNG half")
     resumed = run(src, tmp_path / "data")
     assert resumed["counts"]["decoded_this_run"] == len(expected) - 5
-    assert not list((tmp_path / "data").glob("*/.tmp-*"))
+    assert list((tmp_path / "data").glob("*/.tmp-*")) == [live]  # another process's: untouched
     fresh = run(src, tmp_path / "fresh")
     assert resumed["accepted"] == fresh["accepted"] and verdicts(resumed) == expected
 
@@ -202,28 +206,51 @@ def test_unexpected_errors_are_reported_then_retried(tmp_path, monkeypatch):
     src.mkdir()
     for i in range(3):
         noise(36, 40, i).save(src / f"{i}.png")
-    real = prep.load_rgb
+    real = prep.load_for_storage
 
     def flaky(source, *args, **kwargs):
         if str(source).endswith("1.png"):
             raise MemoryError("simulated")
         return real(source, *args, **kwargs)
 
-    monkeypatch.setattr(prep, "load_rgb", flaky)
+    monkeypatch.setattr(prep, "load_for_storage", flaky)
     report = run(src, tmp_path / "data")
     assert report["rejected"] == [{"path": "1.png", "reason": "error", "detail": "MemoryError: simulated"}]
-    monkeypatch.setattr(prep, "load_rgb", real)
+    monkeypatch.setattr(prep, "load_for_storage", real)
     again = run(src, tmp_path / "data")
     assert again["counts"]["decoded_this_run"] == 1 and again["counts"]["accepted"] == 3
 
 
-def test_changed_settings_rebuild(tmp_path):
+def test_pixel_settings_refuse_until_rebuild(tmp_path):
     src = tmp_path / "src"
     make_corpus(src)
-    run(src, tmp_path / "data")
-    report = run(src, tmp_path / "data", max_side=96)
+    first = run(src, tmp_path / "data")
+    stored = sorted(p.name for p in (tmp_path / "data").rglob("*.*") if p.parent.name in prep.store.SPLITS)
+    for change in ({"max_side": 96}, {"background": (0, 0, 0)}):
+        with pytest.raises(ValueError, match="rebuild=True"):
+            run(src, tmp_path / "data", **change)
+    assert sorted(p.name for p in (tmp_path / "data").rglob("*.*")
+                  if p.parent.name in prep.store.SPLITS) == stored  # nothing deleted
+    assert run(src, tmp_path / "data")["accepted"] == first["accepted"]
+    report = run(src, tmp_path / "data", max_side=96, rebuild=True)
     assert "max_side 128 -> 96" in report["rebuilt_because"]
     assert all(max(a["width"], a["height"]) <= 96 for a in report["accepted"])
+
+
+def test_resolution_only_filters(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, (h, w) in enumerate([(36, 40), (50, 60), (70, 44), (30, 90)]):
+        noise(h, w, i).save(src / f"{i}.png")
+    low = run(src, tmp_path / "data", resolution=32)
+    high = run(src, tmp_path / "data", resolution=48)
+    assert high["counts"]["decoded_this_run"] == 0 and not high["rebuilt_because"]
+    assert {a["id"] for a in high["accepted"]} == {"1.png"}  # short sides 36, 50, 44, 30
+    assert len(list((tmp_path / "data" / "unused").iterdir())) == 2  # kept aside, not deleted
+    lowest = run(src, tmp_path / "data", resolution=24)
+    assert lowest["counts"]["decoded_this_run"] == 1  # only 3.png, rejected at 32, is decoded again
+    again = run(src, tmp_path / "data", resolution=32)
+    assert again["accepted"] == low["accepted"] and again["counts"]["decoded_this_run"] == 0
 
 
 def test_table_sources(tmp_path):
@@ -256,6 +283,8 @@ def test_hub_source_offline_is_one_clear_error(tmp_path, monkeypatch):
         raise ConnectionError("Couldn't reach 'someone/some-dataset' on the Hub (test)")
 
     monkeypatch.setattr(sources, "hub_unreachable", lambda: "")
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", unreachable)
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
     with pytest.raises(RuntimeError, match="Couldn't reach") as info:
         run("someone/some-dataset", tmp_path / "data")

@@ -1,94 +1,216 @@
 """Stage 01: turn a source of images (``furlib.data.sources``) into prepared training data.
 
-Layout under ``data_dir`` (``outputs/<run_name>/data/``)::
-
-    train/<hash16>.png, val/<hash16>.png   lossless PNG, 8-bit sRGB RGB, long side <= max_side
-    unused/<hash16>.png                    stored by an earlier run, not in the current report
-    journal.jsonl                          one JSON line per processed input (the resume cache)
-    settings.json                          the decoding settings the journal is valid for
-    report.json                            what ``prepare`` returns
+Stored images (``furlib.data.store`` has the folder layout and its locking): ``<split>/<hash16>``
++ ``.jpg``/``.png``/``.webp``. A source file that already decodes to 8-bit sRGB RGB with nothing to
+convert and fits ``max_side`` is stored as its own bytes (``furlib.images.load_for_storage``);
+anything else is converted once, as a lossless PNG, long side capped at ``max_side`` (Lanczos).
+Either way the stored file decodes to exactly the pixels training uses.
 
 ``hash`` is the sha256 of the decoded pixels (mode, size and bytes, before the long-side cap):
 equal hashes are exact duplicates, kept once. The split is a function of the hash alone, so it is
 stable when inputs are added: val iff ``int(hash[:8], 16) / 2**32 < val_fraction``, then only the
 ``val_max`` smallest val hashes stay in val and the others go to train.
 
-Re-running reads the journal and decodes only inputs it has not seen (a local file's key holds
-its size and mtime), so an interrupted run resumes. In the report, ``path`` is the input id.
+Settings that only filter (``resolution``, ``max_pixels``) never rebuild: the report filters the
+journal, files that drop out move to ``unused/``, inputs they had rejected are decoded again.
+Settings that change stored pixels (``max_side``, ``background``, the version) refuse to run on
+data prepared otherwise unless ``rebuild=True`` (which deletes it all, explicitly).
+
+In parallel: ``num_proc`` processes, and ``shard_index`` of ``num_shards`` machines (or runs), each
+take the inputs ``i`` with ``i % num_shards == shard_index``, then every ``num_proc``-th of those;
+each process journals to its own file, each shard writes its part, and whichever run finds all
+parts finished merges them into one ``report.json`` and one train/val set (the same as an
+unsharded run). Re-running reuses every journal, whatever the split into processes and shards.
+In the report, ``path`` is the input id.
 """
 
 import hashlib
 import json
 import os
-import shutil
-import threading
-from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 from PIL import Image
 
-from furlib.images import DEFAULT_MAX_PIXELS, ImageRejected, load_rgb
-from furlib.data.sources import Input, iter_inputs, source_key
+from furlib.data import store
+from furlib.data.report import build_report, check_prepared, is_val  # noqa: F401 - used by callers
+from furlib.data.sources import RESUMED, Input, iter_inputs, source_key
+from furlib.images import DEFAULT_MAX_PIXELS, ImageRejected, load_for_storage
 
-PREPARE_VERSION = 1  # bump when decoding or storage changes: older journals are then rebuilt
-SPLITS = ("train", "val", "unused")
+PREPARE_VERSION = 1  # bump when decoding or storage changes: older data then needs rebuild=True
+DEFAULT_MAX_SIDE = 16384  # px: native resolution kept; only beyond this is an image downscaled
+PIXEL_SETTINGS = ("version", "max_side", "background")  # a change means other stored pixels
+STREAM_SAVE_S = 10.0  # how often a stream's position is saved (s)
 
 
-def prepare(source, data_dir, resolution: int = 256, max_side: int = 1536,
+def prepare(source, data_dir, resolution: int = 256, max_side: int = DEFAULT_MAX_SIDE,
             max_pixels: int = DEFAULT_MAX_PIXELS, val_fraction: float = 0.05, val_max: int = 500,
             background=(255, 255, 255), max_images: int = 0, seed: int = 0,
             source_split: str = "train", image_column: str = "image", art_count: int = 24,
-            workers: int = 0, progress: bool = True) -> dict:
+            source_revision: str = "", num_proc: int = 1, num_shards: int = 1,
+            shard_index: int = 0, rebuild: bool = False, workers: int = 0,
+            progress: bool = True) -> dict:
     """Decode, deduplicate, split and store every input of ``source``; write and return the report.
 
     ``resolution``: the training crop side (px); a shorter side is rejected as ``too_small``.
     ``max_side``: stored long side cap (px, Lanczos). ``max_images``, ``val_max``: 0 = no limit.
-    ``seed`` only seeds the built-in drawings. ``workers``: decoding threads (0 = one per core).
+    ``seed`` only seeds the built-in drawings. ``source_revision``: a Hub dataset's commit, tag
+    or branch. ``workers``: decoding threads per process (0 = cores / num_proc). The report of a
+    shard whose siblings are not finished yet has ``complete: False`` and ``missing_shards``.
     """
     data_dir = Path(data_dir)
-    settings = {"version": PREPARE_VERSION, "resolution": resolution, "max_side": max_side,
-                "max_pixels": max_pixels, "background": [int(c) for c in background]}
-    rebuilt = _check_settings(data_dir, settings)
-    journal, store = _read_journal(data_dir), _index_store(data_dir)
-    inputs, total = iter_inputs(source, source_split, image_column, max_images, art_count, seed,
-                                exclude=data_dir)
-    scope = source_key(source, source_split, image_column)
-
-    def work(item):  # -> (journal key, entry, whether it was decoded now)
-        key = json.dumps([scope, item.input_id, item.stamp])
-        old = journal.get(key)
-        reusable = old is not None and old.get("reason") != "error"  # unexpected errors: retry
-        if reusable and (old["status"] != "ok" or old["file"] in store):
-            return key, old, False
-        return key, _process(item, settings, data_dir, val_fraction, store), True
-
-    entries, decoded = _journalled(work, inputs, total, data_dir, workers, progress)
-    report = _build_report(entries, val_fraction, val_max)
-    _place_files(data_dir, report["accepted"], store)
-    report["counts"].update(decoded_this_run=decoded, reused=len(entries) - decoded)
+    _check_parallel(num_proc, num_shards, shard_index)
+    settings = {"version": PREPARE_VERSION, "max_side": max_side,
+                "background": [int(c) for c in background]}
+    selection = dict(scope=source_key(source, source_split, image_column), max_images=max_images,
+                     art_count=art_count, seed=seed, source_revision=source_revision)
+    rebuilt = _check_settings(data_dir, settings, rebuild)
+    job = dict(source=str(source), data_dir=str(data_dir), settings=settings, selection=selection,
+               filters=dict(resolution=resolution, max_pixels=max_pixels), num_shards=num_shards,
+               shard_index=shard_index, source_split=source_split, image_column=image_column,
+               val_fraction=val_fraction, val_max=val_max,
+               workers=workers or max(1, (os.cpu_count() or 1) // num_proc))
+    shard = f"shard-{shard_index:05d}-of-{num_shards:05d}"
+    header = dict(selection, settings=settings, num_shards=num_shards)
+    with store.locked(data_dir / ".lock", True, "prepare"), \
+            store.locked(data_dir / "parts" / f"{shard}.lock", False, f"prepare {shard}"):
+        with store.locked(data_dir / ".merge.lock", False, "merge", wait=True):
+            store.drop_part(data_dir, shard)  # not complete again until this run finishes
+        entries, decoded = _run_shard(job, num_proc, progress)
+        store.write_part(data_dir, shard, header, entries)
+    report = _finish(data_dir, job, header, entries, decoded)
     report.update(source=str(source), rebuilt_because=rebuilt, settings=dict(
-        settings, val_fraction=val_fraction, val_max=val_max, max_images=max_images,
-        source_split=source_split, image_column=image_column, art_count=art_count, seed=seed))
-    (data_dir / "report.json").write_text(json.dumps(report, indent=1))
+        settings, **job["filters"], val_fraction=val_fraction, val_max=val_max,
+        max_images=max_images, source_split=source_split, image_column=image_column,
+        art_count=art_count, seed=seed, source_revision=source_revision, num_proc=num_proc,
+        num_shards=num_shards, shard_index=shard_index))
+    if report["complete"]:  # renamed into place whole: 02 never reads half a report
+        tmp = data_dir / f".tmp-{os.getpid()}-report.json"
+        tmp.write_text(json.dumps(report, indent=1))
+        os.replace(tmp, data_dir / "report.json")
     return report
 
 
-def _journalled(work, inputs, total, data_dir: Path, workers: int, progress: bool):
-    """(entries in input order, how many were decoded now); each new entry is journalled at once."""
-    from tqdm.auto import tqdm
+def _finish(data_dir: Path, job: dict, header: dict, entries: list, decoded: int) -> dict:
+    """The merged report once every shard's part is there (files placed), else this shard's."""
+    n = job["num_shards"]
+    with store.locked(data_dir / ".merge.lock", False, "merge", wait=True):
+        shards = [f"shard-{i:05d}-of-{n:05d}" for i in range(n)]
+        merged, missing = store.read_parts(data_dir, shards, header)
+        if missing:
+            report = build_report(entries, job["val_fraction"], job["val_max"], job["filters"])
+        else:
+            merged.sort(key=lambda e: e["index"])
+            report = build_report(merged, job["val_fraction"], job["val_max"], job["filters"])
+            store.place_files(data_dir, report["accepted"], store.index_store(data_dir))
+    report["counts"].update(decoded_this_run=decoded, reused=len(entries) - decoded)
+    return dict(report, complete=not missing, missing_shards=missing)
 
-    entries, decoded = [], 0
-    with open(data_dir / "journal.jsonl", "a") as log, \
+
+def _check_parallel(num_proc: int, num_shards: int, shard_index: int) -> None:
+    if num_proc < 1:
+        raise ValueError(f"num_proc must be >= 1 (processes on this machine), got {num_proc}")
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index must be in [0, num_shards) and num_shards >= 1, got "
+                         f"shard_index={shard_index}, num_shards={num_shards}")
+
+
+def _run_shard(job: dict, num_proc: int, progress: bool) -> tuple[list, int]:
+    """(this shard's entries in input order, how many were decoded now), over num_proc processes."""
+    if num_proc == 1:
+        results = [_run_proc(job, 0, 1, progress)]
+    else:  # spawn: no forked copies of threads or open streams
+        with ProcessPoolExecutor(num_proc, mp_context=get_context("spawn")) as pool:
+            results = list(pool.map(_run_proc, [job] * num_proc, range(num_proc),
+                                    [num_proc] * num_proc, [progress] + [False] * (num_proc - 1)))
+    entries = sorted((e for part, _ in results for e in part), key=lambda e: e["index"])
+    return entries, sum(n for _, n in results)
+
+
+def _run_proc(job: dict, k: int, m: int, progress: bool) -> tuple[list, int]:
+    """Process ``k`` of ``m`` of one shard: decode its inputs (journal first), return entries."""
+    data_dir, sel = Path(job["data_dir"]), job["selection"]
+    name = f"shard-{job['shard_index']:05d}-of-{job['num_shards']:05d}.proc-{k:03d}-of-{m:03d}"
+    position_file = data_dir / "streams" / f"{name}.json"
+    resume = json.loads(position_file.read_text()) if position_file.exists() else None
+    here = dict(scope=sel["scope"], filters=job["filters"])  # a position is valid only for these
+    resume = resume if resume and all(resume.get(key) == v for key, v in here.items()) else None
+    journal, files = store.read_journal(data_dir), store.index_store(data_dir)
+    inputs, total = iter_inputs(job["source"], job["source_split"], job["image_column"],
+                                sel["max_images"], sel["art_count"], sel["seed"], exclude=data_dir,
+                                revision=sel["source_revision"], resume=resume)
+    n, s = job["num_shards"], job["shard_index"]
+    own = ((i, item) for i, item in enumerate(inputs) if i % n == s and (i // n) % m == k)
+
+    def work(indexed):  # -> (journal key, entry, whether it was decoded now)
+        index, item = indexed
+        key = json.dumps([sel["scope"], item.input_id, item.stamp])
+        old = journal.get(key)
+        if item.src is RESUMED:  # the stream resumed past it: only its journal entry can answer
+            if old is None:
+                raise RuntimeError(f"{item.input_id} was passed by a resumed stream but is not in "
+                                   f"the journal under {data_dir}; delete {position_file}, re-run")
+            return key, old, False
+        if old is not None and _reusable(old, job["filters"], files):
+            return key, old, False
+        return key, _process(item, job, data_dir, files), True
+
+    share = (total + n * m - 1) // (n * m) if total else None
+    return _journalled(work, own, share, data_dir / "journal" / f"{name}.jsonl", position_file,
+                       here, job["workers"], progress)
+
+
+def _reusable(old: dict, filters: dict, files: dict) -> bool:
+    """A journal entry still stands: no unexpected error, its file is there, and a filter that
+    rejected it then would still reject it now (a lower resolution may accept it)."""
+    if old["status"] == "ok":
+        return old["file"] in files
+    if old.get("reason") == "error":
+        return False  # unexpected errors: retry
+    if "min_side" in old:  # too_small at the resolution of its day
+        return filters["resolution"] >= old["min_side"]
+    if "max_pixels" in old:
+        return filters["max_pixels"] <= old["max_pixels"]
+    return True
+
+
+def _journalled(work, inputs, total, journal_file: Path, position_file: Path, here: dict,
+                workers: int, progress: bool):
+    """(entries in input order, how many were decoded now); each new entry is journalled at once,
+    and a stream's position after the last journalled row is saved every STREAM_SAVE_S and at
+    the end (``here``: the scope and filters it is valid for)."""
+    from furlib.progress import tqdm  # text bars headless and in saved notebooks
+
+    entries, decoded, saved, position = [], 0, time.monotonic(), None
+    journal_file.parent.mkdir(exist_ok=True)
+    with open(journal_file, "a") as log, \
             tqdm(total=total, desc="prepare", unit="img", disable=not progress) as bar:
-        for item, (key, entry, new) in _ordered_map(work, inputs, workers or os.cpu_count() or 1):
+        for (index, item), (key, entry, new) in _ordered_map(work, inputs, workers):
             if new:
                 log.write(json.dumps(dict(entry, key=key)) + "\n")
                 log.flush()  # a kill leaves at most a partial last line, which is skipped
                 decoded += 1
-            entries.append(dict(entry, id=item.input_id))
+            entries.append(dict(entry, id=item.input_id, index=index))
+            if isinstance(item.stamp, str):  # a dataset's version: fingerprint or Hub commit
+                entries[-1]["version"] = item.stamp
+            position = item.position or position
+            if position is not None and time.monotonic() - saved > STREAM_SAVE_S:
+                _save_position(position_file, dict(position, **here))
+                saved, position = time.monotonic(), None
             bar.update()
+    if position is not None:
+        _save_position(position_file, dict(position, **here))
     return entries, decoded
+
+
+def _save_position(path: Path, position: dict) -> None:
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp.write_text(json.dumps(position))
+    os.replace(tmp, path)
 
 
 def pixel_hash(image: Image.Image) -> str:
@@ -96,10 +218,6 @@ def pixel_hash(image: Image.Image) -> str:
     digest = hashlib.sha256(f"{image.mode} {image.width}x{image.height}\n".encode())
     digest.update(image.tobytes())
     return digest.hexdigest()
-
-
-def is_val(digest: str, val_fraction: float) -> bool:
-    return int(digest[:8], 16) / 2**32 < val_fraction
 
 
 def _ordered_map(fn, items, workers: int):
@@ -117,113 +235,76 @@ def _ordered_map(fn, items, workers: int):
             yield done, future.result()
 
 
-def _check_settings(data_dir: Path, settings: dict) -> str:
-    """Start over (empty journal and stores) when the decoding settings changed; say why."""
+def _check_settings(data_dir: Path, settings: dict, rebuild: bool) -> str:
+    """Refuse data prepared with other pixel settings unless ``rebuild``; then wipe it, say why.
+    Under .merge.lock: runs starting together read and write settings.json one at a time."""
     path = data_dir / "settings.json"
-    old = json.loads(path.read_text()) if path.exists() else None
-    reason = ""
-    if old is not None and old != settings:
-        reason = "settings changed: " + ", ".join(
-            f"{k} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v)
-        for name in SPLITS:
-            shutil.rmtree(data_dir / name, ignore_errors=True)
-        (data_dir / "journal.jsonl").unlink(missing_ok=True)
-    for name in SPLITS:
-        (data_dir / name).mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=1))
-    return reason
+    with store.locked(data_dir / ".merge.lock", False, "settings", wait=True):
+        old = json.loads(path.read_text()) if path.exists() else None
+        changed = [f"{k} {old.get(k)} -> {settings[k]}" for k in PIXEL_SETTINGS
+                   if old is not None and old.get(k) != settings[k]]
+        if changed and not rebuild:
+            raise ValueError(
+                f"{data_dir} was prepared with other settings that change stored pixels "
+                f"({', '.join(changed)}). Keep the old values to use it (incremental, nothing is "
+                "lost), or set rebuild=True to delete its images and prepare again (hours at scale).")
+        if changed:
+            with store.locked(data_dir / ".lock", False, "rebuild"):  # not while another run works
+                store.wipe(data_dir)
+        for name in store.SPLITS:
+            (data_dir / name).mkdir(parents=True, exist_ok=True)
+        tmp = data_dir / f".tmp-{os.getpid()}-settings.json"  # renamed into place whole
+        tmp.write_text(json.dumps(settings, indent=1))
+        os.replace(tmp, path)
+    return "settings changed: " + ", ".join(changed) if changed else ""
 
 
-def _read_journal(data_dir: Path) -> dict:
-    """key -> latest entry; unparsable lines (an interrupted write) are skipped."""
-    out = {}
-    path = data_dir / "journal.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            entry = json.loads(line)
-            out[entry.pop("key")] = entry
-        except (json.JSONDecodeError, KeyError, AttributeError):
-            continue
-    return out
-
-
-def _index_store(data_dir: Path) -> dict:
-    """Stored file name -> the split folder it is in now; a killed run's temporary files go."""
-    for tmp in (p for name in SPLITS for p in (data_dir / name).glob(".tmp-*")):
-        tmp.unlink()
-    return {p.name: name for name in SPLITS for p in (data_dir / name).glob("[!.]*.png")}
-
-
-def _process(item: Input, settings: dict, data_dir: Path, val_fraction: float, store: dict) -> dict:
+def _process(item: Input, job: dict, data_dir: Path, files: dict) -> dict:
     """Decode, hash, cap and store one input; return its journal entry."""
+    settings, filters = job["settings"], job["filters"]
     if item.reason:
         return {"status": "rejected", "reason": item.reason, "detail": ""}
     try:
         src = item.src() if callable(item.src) else item.src  # a built-in drawing is drawn now
-        image = load_rgb(src, settings["background"], settings["max_pixels"],
-                         min_side=settings["resolution"])
+        if src is None or isinstance(src, (bytes, bytearray)) and not src:
+            raise ImageRejected("empty", "no image in this row")
+        if not isinstance(src, (bytes, bytearray, str, Path, Image.Image)):
+            raise ImageRejected("not_an_image", f"a {type(src).__name__}, not image bytes or a path")
+        image, suffix = load_for_storage(src, settings["background"], filters["max_pixels"],
+                                         min_side=filters["resolution"])
         digest, source_size = pixel_hash(image), image.size
-        image = _cap_long_side(image, settings["max_side"])
-        if min(image.size) < settings["resolution"]:
+        if max(image.size) > settings["max_side"]:
+            image, suffix = _cap_long_side(image, settings["max_side"]), ""
+        if min(image.size) < filters["resolution"]:
             raise ImageRejected("too_small_after_cap", f"{source_size} -> {image.size}")
     except ImageRejected as e:
-        return {"status": "rejected", "reason": e.reason, "detail": e.detail}
+        return _rejection(e, filters)
     except Exception as e:  # noqa: BLE001 - one odd input must not end a long run; it is reported
         return {"status": "rejected", "reason": "error", "detail": f"{type(e).__name__}: {e}"}
-    name = digest[:16] + ".png"
-    if name not in store:
-        split = "val" if is_val(digest, val_fraction) else "train"
-        _save_png(image, data_dir / split / name)
-        store[name] = split
+    name = digest[:16] + (suffix or ".png")
+    if name not in files:
+        split = "val" if is_val(digest, job["val_fraction"]) else "train"
+        if suffix:
+            store.save_original(src, data_dir / split / name)
+        else:
+            store.save_png(image, data_dir / split / name)
+        files[name] = split
     return {"status": "ok", "hash": digest, "file": name, "width": image.width,
-            "height": image.height, "source_width": source_size[0], "source_height": source_size[1]}
+            "height": image.height, "source_width": source_size[0], "source_height": source_size[1],
+            "stored": "original" if suffix else "converted"}
+
+
+def _rejection(e: ImageRejected, filters: dict) -> dict:
+    """A journal entry; a filter's rejection records the limit of its day (see ``_reusable``)."""
+    entry = {"status": "rejected", "reason": e.reason, "detail": e.detail}
+    if e.reason in ("too_small", "too_small_after_cap"):
+        entry["min_side"] = filters["resolution"]
+    elif e.reason == "too_many_pixels":
+        entry["max_pixels"] = filters["max_pixels"]
+    return entry
 
 
 def _cap_long_side(image: Image.Image, max_side: int) -> Image.Image:
     scale = max_side / max(image.size)
-    if scale >= 1:
-        return image
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     return image.resize(size, Image.Resampling.LANCZOS)
-
-
-def _save_png(image: Image.Image, path: Path) -> None:
-    """Lossless; written under a temporary name and renamed, so a kill never leaves half a file."""
-    tmp = path.with_name(f".tmp-{threading.get_ident()}-{path.name}")
-    image.save(tmp, "PNG", compress_level=3)  # level 3: ~3x faster to write than 6, ~10% larger
-    os.replace(tmp, path)
-
-
-def _build_report(entries: list, val_fraction: float, val_max: int) -> dict:
-    """Every input once: accepted (first of its hash), duplicate (later ones) or rejected."""
-    first, accepted, duplicates, rejected = {}, [], [], []
-    for e in entries:
-        if e["status"] != "ok":
-            rejected.append({"path": e["id"], "reason": e["reason"], "detail": e.get("detail", "")})
-        elif e["hash"] in first:
-            duplicates.append({"path": e["id"], "duplicate_of": first[e["hash"]], "hash": e["hash"]})
-        else:
-            first[e["hash"]] = e["id"]
-            accepted.append({k: e[k] for k in ("id", "file", "width", "height", "source_width",
-                                               "source_height", "hash")})
-    val = sorted(a["hash"] for a in accepted if is_val(a["hash"], val_fraction))
-    keep = set(val[:val_max] if val_max > 0 else val)
-    for a in accepted:
-        a["split"] = "val" if a["hash"] in keep else "train"
-        a["file"] = f"{a['split']}/{a['file']}"
-    counts = {"inputs": len(entries), "accepted": len(accepted), "train": len(accepted) - len(keep),
-              "val": len(keep), "val_over_cap": len(val) - len(keep), "rejected": len(rejected),
-              "rejected_by_reason": dict(Counter(r["reason"] for r in rejected).most_common()),
-              "duplicates": len(duplicates)}
-    return {"counts": counts, "accepted": accepted, "rejected": rejected, "duplicates": duplicates}
-
-
-def _place_files(data_dir: Path, accepted: list, store: dict) -> None:
-    """Move files so train/ and val/ hold exactly the report's images; the rest go to unused/."""
-    wanted = {Path(a["file"]).name: a["split"] for a in accepted}
-    for name, where in list(store.items()):
-        target = wanted.get(name, "unused")
-        if where != target:
-            os.replace(data_dir / where / name, data_dir / target / name)
-            store[name] = target
-

@@ -3,8 +3,16 @@
 Each input is an ``Input`` (fields below); its ``input_id`` is a path relative to the folder,
 ``<file or folder name>/<row>``, ``<dataset>:<split>/<row>`` or ``builtin/...``. Nothing is
 decoded here (``furlib.data.prepare`` does that); a Hub dataset is streamed.
+
+Stamps say which version of an input was seen: a local file's [size, mtime_ns]; for a row of a
+table or Hub dataset, the dataset's fingerprint (``fp:`` + a hash of its files' names, sizes and
+mtimes, or ``hub:`` + the commit it was read at): replacing a dataset's images gives every row a
+new stamp. Table and Hub rows carry their stream position (``Input.position``) so a stopped run
+resumes there (``resume=``) instead of reading every earlier row again; the rows before it come
+back as placeholders (``src=RESUMED``) that only the journal can answer for.
 """
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -21,11 +29,15 @@ OFFLINE_HELP = ("Offline, use source='builtin', a local folder of images, a loca
                 "file, or a folder written by datasets' save_to_disk.")
 
 
+RESUMED = "resumed"  # the src of a row a resumed stream skipped without reading
+
+
 class Input(NamedTuple):
     input_id: str
-    src: object  # what load_rgb accepts, or a zero-argument function returning a PIL image
-    stamp: object = None  # [size, mtime_ns] of the local file it came from; None otherwise
+    src: object  # what load_rgb accepts, a zero-argument function returning a PIL image, RESUMED
+    stamp: object = None  # see the module docstring
     reason: str = ""  # set when the input is rejected without reading it
+    position: dict | None = None  # a stream row's: {"next_index", "state"} to resume after it
 
 
 def iter_source(source, source_split: str = "train", image_column: str = "image",
@@ -38,8 +50,9 @@ def iter_source(source, source_split: str = "train", image_column: str = "image"
     """
     inputs, _ = iter_inputs(source, source_split, image_column, max_images, art_count, seed)
     for item in inputs:
-        if not item.reason:
-            yield item.input_id, item.src() if callable(item.src) else item.src
+        src = item.src() if callable(item.src) else item.src
+        if not item.reason and isinstance(src, (bytes, Path, Image.Image)):
+            yield item.input_id, src
 
 
 def _kind(source) -> tuple[str, Path]:
@@ -71,8 +84,13 @@ def source_key(source, source_split: str, image_column: str) -> str:
 
 
 def iter_inputs(source, source_split, image_column, max_images, art_count=24, seed=0,
-                 exclude=None):
-    """(iterable of Input, total count or None) for any kind of source."""
+                exclude=None, revision: str = "", resume: dict | None = None):
+    """(iterable of Input, total count or None) for any kind of source.
+
+    ``revision``: a Hub dataset's branch, tag or commit (default: the main branch's latest commit,
+    resolved once, so the whole run reads one commit). ``resume``: a row's ``position`` from an
+    earlier run of the same dataset version; ignored for folders, whose listing is cheap.
+    """
     kind, path = _kind(source)
     if kind == "builtin":
         art_stamp = f"art{ART_VERSION}-seed{seed}"
@@ -83,8 +101,8 @@ def iter_inputs(source, source_split, image_column, max_images, art_count=24, se
                         "" if f.suffix.lower() in IMAGE_SUFFIXES else "not_an_image")
                  for f in _walk(path, exclude)]
     else:
-        rows, total = _table_rows(path, source_split, image_column) if kind == "table" else \
-            _hub_rows(str(source), source_split, image_column)
+        rows, total = _table_rows(path, source_split, image_column, resume) if kind == "table" \
+            else _hub_rows(str(source), source_split, image_column, revision, resume)
         total = min(total, max_images) if total and max_images else (total or max_images or None)
         return _take(rows, max_images), total
     items = list(_take(items, max_images))
@@ -121,8 +139,25 @@ def _walk(root: Path, exclude=None) -> list[Path]:
     return out
 
 
-def _table_rows(path: Path, source_split: str, image_column: str):
+def fingerprint(path: Path) -> str:
+    """A table file's or folder's version: sha256 of every file's relative name, size, mtime."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        digest.update(f"{f.relative_to(path.parent)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return "fp:" + digest.hexdigest()[:24]
+
+
+def _table_rows(path: Path, source_split: str, image_column: str, resume=None):
     """Rows of a parquet/arrow file, a save_to_disk folder, or a folder of parquet/arrow files."""
+    ds = open_table(path, source_split)
+    total = len(ds) if hasattr(ds, "__len__") else None
+    return _dataset_rows(ds, path.name, image_column, fingerprint(path), resume), total
+
+
+def open_table(path: Path, source_split: str = "train"):
+    """A local table source as a ``datasets`` Dataset (memory-mapped) or IterableDataset."""
     import datasets
 
     if path.is_file() and path.suffix.lower() == ".arrow":
@@ -138,16 +173,47 @@ def _table_rows(path: Path, source_split: str, image_column: str):
         if source_split not in ds:
             raise ValueError(f"source_split={source_split!r} not in {path}; splits: {list(ds)}")
         ds = ds[source_split]
-    total = len(ds) if isinstance(ds, datasets.Dataset) else None
-    return _dataset_rows(ds, path.name, image_column, _stamp(path) if path.is_file() else None), total
+    return ds
+
+
+def open_stream(source, source_split: str = "train", image_column: str = "image",
+                revision: str = ""):
+    """(``datasets.IterableDataset`` of one undecoded image column, id prefix) of a table or Hub
+    source, for training straight from it (``furlib.training.streaming``)."""
+    import datasets
+
+    kind, path = _kind(source)
+    if kind == "table":
+        ds, prefix = open_table(path, source_split), path.name
+    elif kind == "hub":
+        try:
+            ds, commit = _open_hub(str(source), source_split, revision)
+        except Exception as e:  # noqa: BLE001 - as _hub_rows: one clear error
+            raise _hub_error(str(source), source_split, e) from None
+        prefix = f"{source}@{commit[:12]}:{source_split}"
+    else:
+        raise ValueError(f"train_source={source!r} is a {kind} source: stream only parquet/arrow "
+                         "files or folders, save_to_disk folders or Hub datasets (prepare a folder "
+                         "of images with 01_data_prep)")
+    if image_column not in (ds.column_names or [image_column]):
+        raise _ColumnError(f"image_column={image_column!r} is not a column of {source}: {ds.column_names}")
+    if ds.features is not None and isinstance(ds.features.get(image_column), datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    ds = ds.select_columns([image_column])
+    if isinstance(ds, datasets.Dataset):  # shards, so ranks and loader workers can split it
+        ds = ds.to_iterable_dataset(num_shards=max(1, min(len(ds), 64)))
+    return ds, prefix
 
 
 class _ColumnError(ValueError):
     pass
 
 
-def _dataset_rows(ds, prefix: str, image_column: str, stamp):
-    """One Input per row; the image column is read undecoded (bytes or a path) for load_rgb."""
+def _dataset_rows(ds, prefix: str, image_column: str, stamp, resume=None):
+    """One Input per row; the image column is read undecoded (bytes or a path) for load_rgb.
+
+    Every row is an image candidate (``max_images`` counts rows); an empty or non-image value
+    is rejected when it is decoded. Rows before ``resume["next_index"]`` are placeholders."""
     import datasets
 
     columns = ds.column_names
@@ -155,30 +221,44 @@ def _dataset_rows(ds, prefix: str, image_column: str, stamp):
         raise _ColumnError(f"image_column={image_column!r} is not a column of {prefix}: {columns}")
     if ds.features is not None and isinstance(ds.features.get(image_column), datasets.Image):
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
-    for index, row in enumerate(ds.select_columns([image_column])):
+    ds = ds.select_columns([image_column])
+    if isinstance(ds, datasets.Dataset):
+        ds = ds.to_iterable_dataset()  # one way to resume: the stream's own state_dict
+    start = 0
+    if resume and resume.get("stamp") == stamp:
+        ds.load_state_dict(resume["state"])
+        start = resume["next_index"]
+        yield from (Input(f"{prefix}/{i}", RESUMED, stamp) for i in range(start))
+    for index, row in enumerate(ds, start):
         value = row[image_column]
         if isinstance(value, dict):
             value = value.get("bytes") or value.get("path")
         value = Path(value) if isinstance(value, str) else value
-        ok = isinstance(value, (bytes, Path, Image.Image))
-        reason = "" if ok else ("empty" if value is None else "not_an_image")
-        yield Input(f"{prefix}/{index}", value if ok else None, stamp, reason)
+        yield Input(f"{prefix}/{index}", value, stamp, "",
+                    {"next_index": index + 1, "stamp": stamp, "state": ds.state_dict()})
 
 
-def _hub_rows(source: str, source_split: str, image_column: str):
+def _hub_rows(source: str, source_split: str, image_column: str, revision: str = "", resume=None):
     """Stream a Hub dataset; any failure to reach or read it becomes one clear RuntimeError."""
     offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes")
                   for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     if not offline and (why := hub_unreachable()):  # fail in ms, not after minutes of retries
         raise _hub_error(source, source_split, ConnectionError(why))
     try:
-        import datasets
-
-        ds = datasets.load_dataset(source, split=source_split, streaming=True)
+        ds, commit = _open_hub(source, source_split, revision)
     except Exception as e:  # noqa: BLE001 - network, auth, missing repo: all end the same way
         raise _hub_error(source, source_split, e) from None
-    return _guarded(_dataset_rows(ds, f"{source}:{source_split}", image_column, None),
-                    source, source_split), None
+    rows = _dataset_rows(ds, f"{source}:{source_split}", image_column, f"hub:{commit}", resume)
+    return _guarded(rows, source, source_split), None
+
+
+def _open_hub(source: str, source_split: str, revision: str):
+    """(streamed split, the commit it reads): ``revision`` resolved once, so one run reads one commit."""
+    import datasets
+    from huggingface_hub import HfApi
+
+    commit = HfApi().dataset_info(source, revision=revision or None).sha
+    return datasets.load_dataset(source, split=source_split, streaming=True, revision=commit), commit
 
 
 def hub_unreachable() -> str:

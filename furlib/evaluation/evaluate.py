@@ -105,7 +105,7 @@ class ImageSet:
 
 def image_set(eval_source: str, run_dir, split: str = "validation", image_column: str = "image",
               max_images: int = 0) -> ImageSet:
-    """'val' (the run's ``data/val/*.png``), or any source 01 reads (``sources.iter_source``):
+    """'val' (the run's ``data/val`` images), or any source 01 reads (``sources.iter_source``):
     a folder, a parquet/arrow file or saved dataset, or a Hugging Face dataset id (streamed)."""
     source = str(Path(run_dir) / "data" / "val") if eval_source == "val" else eval_source
     name = f"{Path(run_dir).name} val split" if eval_source == "val" else eval_source

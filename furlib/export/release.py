@@ -260,10 +260,11 @@ def push_to_hub(export_dir: Path, repo_id: str, private: bool = False, endpoint:
 
 
 def val_images(run_dir: Path, n: int = 4, size: int = 256) -> torch.Tensor | None:
-    """Up to ``n`` of the run's ``data/val/*.png``, as 03 evaluates them, as ``rgb_m11``."""
+    """Up to ``n`` of the run's ``data/val`` images, as 03 evaluates them, as ``rgb_m11``."""
     from furlib.evaluation.evaluate import preprocess
+    from furlib.training.crops import list_images
 
-    paths = sorted((Path(run_dir) / "data" / "val").glob("*.png"))[:n]
+    paths = list_images(Path(run_dir) / "data" / "val")[:n]  # stored JPEG/PNG/WebP, as 02 lists them
     return torch.stack([preprocess(p, size) for p in paths]) if paths else None
 
 

@@ -1,4 +1,5 @@
-"""The training input: random square crops of the prepared PNGs, as ``rgb_m11`` NCHW batches.
+"""The training input: random square crops of the prepared images (stored JPEG, PNG or WebP
+originals and converted PNGs), as ``rgb_m11`` NCHW batches.
 
 One sample (the author's crops): a crop area of ``U[min_crop_scale, 1]`` times the image area,
 taken as a square never below ``resolution`` (so nothing is upsampled); a square that does not fit
@@ -37,9 +38,13 @@ PIXEL_CACHE_CHOICES = ("auto", "yes", "no")  # 02's pixel_cache
 CROP_ATTEMPTS = 10  # draws of a crop size before the fallback (torchvision's RandomResizedCrop: 10)
 
 
+STORED_GLOBS = ("[!.]*.jpg", "[!.]*.png", "[!.]*.webp")  # what 01 stores; hidden: temporaries
+
+
 def list_images(split_dir) -> list[Path]:
-    """The prepared PNGs of one split folder (``data/train`` or ``data/val``), sorted by name."""
-    return sorted(Path(split_dir).glob("[!.]*.png"))  # not hidden: no half-written temporaries
+    """The prepared images of one split folder (``data/train`` or ``data/val``): stored originals
+    (JPEG, PNG, WebP) and converted PNGs, sorted by name."""
+    return sorted(p for pattern in STORED_GLOBS for p in Path(split_dir).glob(pattern))
 
 
 def sample_rng(seed: int, g: int) -> np.random.Generator:

@@ -207,6 +207,14 @@ def _loop(trainer: Trainer, s: TrainSettings, p, rank: int, logbook, preview) ->
 def _train_loader(trainer: Trainer, s: TrainSettings, p, rank: int):
     """This process's training batches. Every rank decides the cache for itself (the crops are
     the same either way) and all share one cache folder."""
+    if s.train_source:  # never prepared: each rank and worker streams its own share
+        from furlib.training import streaming
+
+        return streaming.make_stream_loader(
+            s.train_source, s.resolution, s.batch_size, seed=s.seed + 7919 * rank, rank=rank,
+            world=trainer.world_size, num_workers=p.num_workers, pin_memory=trainer.device.type == "cuda",
+            log_dir=p.run_path / "logs" / "stream_rejected", min_crop_scale=s.min_crop_scale,
+            source_split=s.source_split, image_column=s.image_column)
     cache_dir = p.run_path / "pixel_cache"
     if rank == 0:
         swept = pixelcache.sweep_stale(cache_dir)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from furlib import models, runinfo
+from furlib.data import report
 from furlib.training import checkpoint, crops, resume
 
 # Measured: 02's defaults (an SD-sized VAE, 256 px, batch 32) on a 2-core CPU took 7 min 23 s for
@@ -66,9 +67,20 @@ def cpu_cost_note(s, device: torch.device) -> str:
 def make_plan(s, processes: int, device: torch.device) -> Plan:
     run_path = runinfo.run_dir(s.outputs_dir, s.run_name)
     train_dir = run_path / "data" / "train"
-    if not crops.list_images(train_dir):
+    if s.train_source:  # streamed: 01's data/ serves only the preview strip (val)
+        if not crops.list_images(run_path / "data" / "val"):
+            raise ValueError(f"train_source={s.train_source!r} streams the training images, but 02's preview "
+                             f"and 03 need held-out ones: run 01_data_prep with run_name={s.run_name!r} on a "
+                             "small source first (its data/val is used; its data/train is not)")
+        notes = [f"training input: {s.train_source!r} streamed, split per rank and loader worker "
+                 "(no deduplication, no pixel cache; rejections under logs/stream_rejected/)"]
+    elif not crops.list_images(train_dir):
         raise ValueError(f"no training images in {train_dir}: run 01_data_prep with run_name={s.run_name!r} first")
-    ckpt, notes = checkpoint.pick_checkpoint(run_path, s.on_bad_checkpoint)
+    else:
+        report.check_prepared(run_path / "data", s.resolution)  # a too-large resolution fails here, not in a worker
+        notes = []
+    ckpt, ckpt_notes = checkpoint.pick_checkpoint(run_path, s.on_bad_checkpoint)
+    notes += ckpt_notes
     start = 0
     if ckpt is not None:
         if not s.resume:  # never overwrite a run's work silently
@@ -78,7 +90,8 @@ def make_plan(s, processes: int, device: torch.device) -> Plan:
         start = state["step"]
         notes += resume.compare(state, dataclasses.asdict(s), processes, str(ckpt))
         notes += resume.thread_note(state, torch.get_num_threads(), device.type)
-    use_cache, cache_note = crops.cache_plan(train_dir, run_path / "pixel_cache", s.pixel_cache)
+    use_cache, cache_note = (False, "") if s.train_source else \
+        crops.cache_plan(train_dir, run_path / "pixel_cache", s.pixel_cache)
     workers, cap_note = worker_cap(s.num_workers, processes)
     notes += [n for n in (cache_note, cap_note, cpu_cost_note(s, device)) if n]
     return Plan(run_path, device, processes, s.global_batch(processes), s.ema_decay_for(s.global_batch(processes)),

@@ -87,6 +87,10 @@ class TrainSettings:
     log_every: int = 10             # steps between log rows
     plot_every: int = 5000          # steps between inline dashboards (0: only at the end)
     preview_images: int = 4         # fixed val images in the reconstruction strip
+    # data that was never prepared: streamed by each rank and loader worker (furlib.training.streaming)
+    train_source: str = ""          # "": 01's data/train; else a parquet/arrow file or folder, or a hub dataset id
+    source_split: str = "train"     # split of a train_source dataset (01's name for the same thing)
+    image_column: str = "image"     # image column of a train_source dataset
 
     @classmethod
     def from_params(cls, params: dict) -> "TrainSettings":

@@ -1,0 +1,248 @@
+"""Stage 01 at scale: stored originals, shards and processes, locks, stream resume, 02's check."""
+
+import io
+import json
+import os
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageCms
+
+from furlib.data import prepare as prep
+from furlib.data import store
+from furlib.images import load_rgb
+from furlib.training import crops
+
+RES = 32
+
+
+def noise(h: int, w: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), np.uint8))
+
+
+def png16(width=48, height=40) -> bytes:
+    """A 16-bit RGB PNG (PIL cannot write one), rows of a gradient."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    row = b"\0" + b"".join(struct.pack(">HHH", 1000 * x, 65535 - 900 * x, 300 * x) for x in range(width))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(row * height)) + chunk(b"IEND", b""))
+
+
+def run(source, data_dir, **kw):
+    kw = {"resolution": RES, "max_side": 128, "val_fraction": 0.3, "progress": False, "workers": 1,
+          **kw}
+    return prep.prepare(source, data_dir, **kw)
+
+
+def originals_and_conversions(folder) -> tuple[set, set]:
+    """Files that must be stored as they are, and files that must be converted."""
+    folder.mkdir(parents=True)
+    noise(40, 60, 1).save(folder / "plain.jpg", quality=85)
+    noise(44, 60, 2).save(folder / "plain.png")
+    noise(48, 60, 3).save(folder / "plain.webp", quality=80)
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    noise(52, 60, 4).save(folder / "srgb_icc.jpg", icc_profile=srgb)
+    lab = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    noise(40, 64, 5).save(folder / "other_icc.png", icc_profile=lab)  # not sRGB: converted
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    noise(40, 68, 6).save(folder / "rotated.jpg", exif=exif)
+    noise(40, 72, 7).convert("P").save(folder / "palette.png")
+    Image.new("RGBA", (76, 40), (9, 200, 30, 60)).save(folder / "alpha.webp")
+    Image.new("CMYK", (80, 40), (0, 200, 100, 20)).save(folder / "cmyk.jpg")
+    (folder / "sixteen.png").write_bytes(png16())
+    noise(100, 300, 8).save(folder / "too_long.jpg")  # over max_side 128: downscaled, so converted
+    noise(40, 60, 9).convert("L").save(folder / "grey.jpg")
+    return ({"plain.jpg", "plain.png", "plain.webp", "srgb_icc.jpg"},
+            {"other_icc.png", "rotated.jpg", "palette.png", "alpha.webp", "cmyk.jpg", "sixteen.png",
+             "too_long.jpg", "grey.jpg"})
+
+
+def test_faithful_sources_are_stored_as_their_own_bytes(tmp_path):
+    originals, converted = originals_and_conversions(tmp_path / "src")
+    report = run(tmp_path / "src", tmp_path / "data")
+    by_id = {a["id"]: a for a in report["accepted"]}
+    assert set(by_id) == originals | converted
+    assert {i for i, a in by_id.items() if a["stored"] == "original"} == originals
+    assert report["counts"]["stored_originals"] == len(originals)
+    for input_id, a in by_id.items():
+        stored = tmp_path / "data" / a["file"]
+        source = tmp_path / "src" / input_id
+        if input_id in originals:
+            assert stored.read_bytes() == source.read_bytes()
+            assert stored.suffix == {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}[Image.open(source).format]
+        else:  # converted exactly as before: a lossless PNG of load_rgb's pixels (capped)
+            assert stored.suffix == ".png"
+            expected = load_rgb(source)
+            if max(expected.size) > 128:
+                expected = prep._cap_long_side(expected, 128)
+            assert np.array_equal(np.asarray(Image.open(stored)), np.asarray(expected)), input_id
+    assert sorted(p.name for p in crops.list_images(tmp_path / "data" / "train")
+                  + crops.list_images(tmp_path / "data" / "val")) == sorted(
+        a["file"].split("/")[1] for a in report["accepted"])
+
+
+def test_crops_of_stored_originals_equal_crops_of_the_source(tmp_path):
+    originals, _ = originals_and_conversions(tmp_path / "src")
+    report = run(tmp_path / "src", tmp_path / "data", val_fraction=0)
+    paths = crops.list_images(tmp_path / "data" / "train")
+    assert {p.suffix for p in paths} == {".jpg", ".png", ".webp"}  # the loader reads every kind
+    sources = {a["file"].split("/")[1]: tmp_path / "src" / a["id"] for a in report["accepted"]}
+    for kw in ({}, {"cache_dir": tmp_path / "cache"}):
+        dataset = crops.CropDataset(paths, 24, seed=3, **kw)
+        for g in range(3 * len(paths)):
+            path = paths[dataset.image_index(g)]
+            if sources[path.name].name not in originals:
+                continue
+            rng = crops.sample_rng(3, g)
+            image = load_rgb(sources[path.name])
+            want = crops.apply_crop(image, 24, *crops.crop_params(*image.size, 24, rng))
+            assert np.array_equal(crops.to_rgb_m11(want).numpy(), dataset[g].numpy()), path
+
+
+def test_two_shards_equal_one_run(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(14):
+        noise(36 + i, 40, i % 11).save(src / f"{i:02d}.{'jpg' if i % 2 else 'png'}")  # 3 duplicates
+    (src / "bad.png").write_text("no image")
+    whole = run(src, tmp_path / "whole", val_max=2)
+    first = run(src, tmp_path / "sharded", num_shards=2, shard_index=1, val_max=2)
+    assert not first["complete"] and first["missing_shards"] == ["shard-00000-of-00002"]
+    assert not (tmp_path / "sharded" / "report.json").exists()
+    second = run(src, tmp_path / "sharded", num_shards=2, shard_index=0, val_max=2)
+    assert second["complete"]
+    for key in ("accepted", "rejected", "duplicates"):
+        assert second[key] == whole[key]
+    assert second["counts"] == dict(whole["counts"], decoded_this_run=second["counts"]["decoded_this_run"],
+                                    reused=second["counts"]["reused"])
+    for split in ("train", "val"):
+        assert sorted(p.name for p in (tmp_path / "sharded" / split).iterdir()) == \
+            sorted(p.name for p in (tmp_path / "whole" / split).iterdir())
+    again = run(src, tmp_path / "sharded", num_proc=2, val_max=2)  # another split: all reused
+    assert again["counts"]["decoded_this_run"] == 0 and again["accepted"] == whole["accepted"]
+
+
+def test_a_second_run_on_the_same_part_is_refused(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    noise(40, 40, 0).save(src / "a.png")
+    with store.locked(tmp_path / "data" / "parts" / "shard-00000-of-00001.lock", False, "held"):
+        with pytest.raises(RuntimeError, match="another prepare run"):
+            run(src, tmp_path / "data")
+        run(src, tmp_path / "data", num_shards=2, shard_index=1)  # another shard may run
+    with store.locked(tmp_path / "data" / ".lock", True, "running"):  # a rebuild must wait
+        with pytest.raises(RuntimeError, match="another prepare run"):
+            run(src, tmp_path / "data", max_side=64, rebuild=True)
+    assert (tmp_path / "data" / "train").exists() or (tmp_path / "data" / "val").exists()
+
+
+def table(tmp_path, n: int):
+    datasets = pytest.importorskip("datasets")
+    rows = []
+    for i in range(n):
+        buffer = io.BytesIO()
+        noise(40, 40 + i, i).save(buffer, "PNG")
+        rows.append({"bytes": buffer.getvalue(), "path": None})
+    ds = datasets.Dataset.from_dict({"image": rows}).cast_column("image", datasets.Image())
+    path = tmp_path / "set.parquet"
+    ds.to_parquet(str(path))
+    return path
+
+
+def test_stream_resumes_at_its_position(tmp_path, monkeypatch):
+    source = table(tmp_path, 10)
+    monkeypatch.setattr(prep, "STREAM_SAVE_S", 0.0)  # save the position after every row
+    real, read = prep._process, []
+
+    def dies_after_six(item, *args):
+        if len(read) == 6:
+            raise KeyboardInterrupt
+        read.append(item.input_id)
+        return real(item, *args)
+
+    monkeypatch.setattr(prep, "_process", dies_after_six)
+    with pytest.raises(KeyboardInterrupt):
+        run(source, tmp_path / "data")
+    from furlib.data import sources
+    real_rows, seen = sources._dataset_rows, []
+
+    def counting(*args, **kwargs):  # which rows the resumed stream really reads
+        for item in real_rows(*args, **kwargs):
+            if item.src is not sources.RESUMED:
+                seen.append(item.input_id)
+            yield item
+
+    monkeypatch.setattr(sources, "_dataset_rows", counting)
+    monkeypatch.setattr(prep, "_process", real)
+    resumed = run(source, tmp_path / "data")
+    assert seen == [f"set.parquet/{i}" for i in range(6, 10)]  # rows 0-5 are not read again
+    assert resumed["counts"]["decoded_this_run"] == 4
+    fresh = run(source, tmp_path / "fresh")
+    assert resumed["accepted"] == fresh["accepted"]
+    seen.clear()
+    assert run(source, tmp_path / "data")["counts"]["decoded_this_run"] == 0 and seen == []
+
+
+def test_replaced_table_images_are_not_stale(tmp_path):
+    datasets = pytest.importorskip("datasets")
+
+    def saved(seeds):  # a save_to_disk folder: its rows were once journalled by position only
+        rows = []
+        for seed in seeds:
+            buffer = io.BytesIO()
+            noise(40, 40, seed).save(buffer, "PNG")
+            rows.append({"bytes": buffer.getvalue(), "path": None})
+        ds = datasets.Dataset.from_dict({"image": rows}).cast_column("image", datasets.Image())
+        shutil.rmtree(tmp_path / "saved", ignore_errors=True)
+        ds.save_to_disk(str(tmp_path / "saved"))
+        return tmp_path / "saved"
+
+    first = run(saved([1, 2, 3]), tmp_path / "data")
+    second = run(saved([4, 5, 6]), tmp_path / "data")  # same rows, every image replaced
+    assert second["counts"]["decoded_this_run"] == 3
+    assert {a["hash"] for a in second["accepted"]}.isdisjoint(a["hash"] for a in first["accepted"])
+    assert len(first["source_versions"]) == 1 and first["source_versions"] != second["source_versions"]
+
+
+def test_check_prepared_names_the_fix(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, (h, w) in enumerate([(40, 40), (64, 80)]):
+        noise(h, w, i).save(src / f"{i}.png")
+    run(src, tmp_path / "data", val_fraction=0)
+    assert prep.check_prepared(tmp_path / "data", 32)["train"] == 2
+    with pytest.raises(ValueError, match=r"resolution=48.*resolution=48"):
+        prep.check_prepared(tmp_path / "data", 48)
+    with pytest.raises(ValueError, match="01_data_prep"):
+        prep.check_prepared(tmp_path / "nothing", 32)
+
+
+def test_two_shard_processes_at_once_on_one_folder(tmp_path):
+    """What two machines sharing the data folder do: start together, the last one merges."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(10):
+        noise(36 + 2 * i, 44, i % 8).save(src / f"{i:02d}.png")  # 2 duplicates
+    code = ("import sys; from furlib.data.prepare import prepare; prepare(sys.argv[1], sys.argv[2], "
+            f"resolution={RES}, max_side=128, val_fraction=0.3, progress=False, workers=1, "
+            "num_shards=2, shard_index=int(sys.argv[3]))")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))  # this tree's furlib
+    runs = [subprocess.Popen([sys.executable, "-c", code, str(src), str(tmp_path / "data"), str(i)],
+                             env=env) for i in (0, 1)]
+    assert [r.wait(timeout=120) for r in runs] == [0, 0]
+    merged = json.loads((tmp_path / "data" / "report.json").read_text())
+    whole = run(src, tmp_path / "whole")
+    assert merged["complete"] and merged["accepted"] == whole["accepted"]
+    assert merged["duplicates"] == whole["duplicates"]
+    for split in ("train", "val"):
+        assert sorted(p.name for p in (tmp_path / "data" / split).iterdir()) == \
+            sorted(p.name for p in (tmp_path / "whole" / split).iterdir())
