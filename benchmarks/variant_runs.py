@@ -1,0 +1,133 @@
+"""Train variants of a profile side by side with the project's own loop, and score them.
+
+Shared by ``demo_sweep.py`` (the demo's settings) and ``ablation.py`` (the recipe's ablation):
+each variant is ``furlib.training.fit.fit`` on the 02 parameters a profile gives (the notebook's
+defaults, then the profile, then the variant's overrides), in its own process (several share one
+GPU), on one prepared data folder; then 03's per-image metrics of the base, the finetuned EMA
+and raw decoders on the val split, in fp32 with the posterior mode (03's protocol; 03 itself
+decodes in bf16 on CUDA).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+METRICS = ("psnr", "ssim", "delta_e_ok", "ab_shift", "d_chroma", "hf_ratio", "hf_error")
+
+
+def profile_params(profile: str, overrides: dict, stage: str = "02_train") -> dict:
+    """A stage's parameters as the pipeline gives them: defaults, then the profile's keys."""
+    from furlib.pipeline import declared_parameters, load_profile
+    from furlib.training.fit import notebook_defaults
+
+    params = notebook_defaults(stage)
+    profile_values = load_profile(profile)
+    params.update({k: v for k, v in profile_values.items() if k in declared_parameters(stage)})
+    unknown = set(overrides) - set(params)
+    if unknown:
+        raise ValueError(f"variant overrides {sorted(unknown)} are not {stage} parameters")
+    params.update(overrides)
+    return params
+
+
+def prepare_data(profile: str, data_dir: Path, overrides: dict | None = None) -> dict:
+    """Stage 01 (``furlib.data.prepare``) with the profile's values; returns its counts."""
+    from PIL import ImageColor
+
+    from furlib.data.prepare import prepare
+
+    p = profile_params(profile, overrides or {}, "01_data_prep")
+    report = prepare(p["source"], data_dir, resolution=p["resolution"], max_side=p["max_side"],
+                     max_pixels=p["max_pixels"], val_fraction=p["val_fraction"], val_max=p["val_max"],
+                     background=ImageColor.getrgb(p["background"])[:3],
+                     max_images=p["max_images"], seed=p["seed"], art_count=p["art_count"], progress=False)
+    return report["counts"]
+
+
+def train_and_score(profile: str, name: str, overrides: dict, root: Path, data_dir: Path) -> dict:
+    """One variant: fit under ``root/name`` (its ``data`` a link to ``data_dir``), then score."""
+    from furlib.training.fit import fit
+
+    run = root / name
+    run.mkdir(parents=True, exist_ok=True)
+    if not (run / "data").exists():
+        (run / "data").symlink_to(data_dir.resolve(), target_is_directory=True)
+    params = profile_params(profile, dict({"pixel_cache": "no", "resume": False}, **overrides))
+    params.update(run_name=name, outputs_dir=str(root))
+    t0 = time.time()
+    results = fit(params)
+    scores = score_run(run, torch.device(params["device"] if params["device"] != "auto" else
+                                         ("cuda" if torch.cuda.is_available() else "cpu")),
+                       params.get("eval_resolution", 96))
+    history = json.loads(json.dumps(_history(run), default=float))
+    return {"name": name, "overrides": overrides, "seconds": round(time.time() - t0, 1),
+            "train": {k: results[k] for k in ("step", "skipped_steps", "images_per_s", "notes",
+                                              "effective_ema_decay", "held_out_oklab_l1")},
+            "scores": scores, "history": history}
+
+
+def _history(run: Path) -> list:
+    """The run's log rows (``logs/*.jsonl`` as the Logbook writes them), oldest first."""
+    path = run / "logs" / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+@torch.no_grad()
+def score_run(run: Path, device, resolution: int) -> dict:
+    """{model: {metric: mean over the val split}} for base, finetuned-ema, finetuned-raw."""
+    from furlib.evaluation.evaluate import load_models, preprocess, run_models
+    from furlib.evaluation.metrics import per_image_metrics
+    from furlib.training.crops import list_images
+
+    paths = list_images(run / "data" / "val")
+    x = torch.stack([preprocess(p, resolution) for p in paths]).to(device)
+    out = {}
+    for name, vae in load_models([s for s in run_models(run) if s.name != "export"], device).items():
+        recon = vae.float().decode(vae.encode(x).latent_dist.mode()).sample
+        m = per_image_metrics(x, recon)
+        out[name] = {k: float(m[k].mean()) for k in METRICS}
+    out["n_images"] = len(paths)
+    return out
+
+
+def run_parallel(script: str, names: list, jobs: int, root: Path, extra: list) -> list:
+    """Run ``script --only NAME`` for each name, ``jobs`` at once; logs in ``root/NAME.log``."""
+    pending, running, done = list(names), {}, []
+    while pending or running:
+        while pending and len(running) < jobs:
+            name = pending.pop(0)
+            log = open(root / f"{name}.log", "w")
+            env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+            running[name] = (subprocess.Popen([sys.executable, script, "--only", name, *extra],
+                                              stdout=log, stderr=subprocess.STDOUT, env=env), log)
+        for name, (proc, log) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                del running[name]
+                result = root / f"{name}.json"
+                done.append(json.loads(result.read_text()) if proc.returncode == 0 and result.exists()
+                            else {"name": name, "failed": f"exit {proc.returncode}, see {name}.log",
+                                  "log_tail": (root / f"{name}.log").read_text()[-2000:]})
+        time.sleep(1)
+    return done
+
+
+def table(results: list, finetuned: str = "finetuned-ema") -> str:
+    """Markdown: per variant, base vs the finetuned EMA decoder on the val split."""
+    head = ("| variant | steps | skipped | PSNR base → EMA (dB) | ΔE_ok base → EMA | "
+            "HF ratio base → EMA | ab shift EMA | seconds |\n|---|---|---|---|---|---|---|---|\n")
+    rows = []
+    for r in results:
+        if "failed" in r:
+            rows.append(f"| {r['name']} | failed: {r['failed']} |||||||")
+            continue
+        b, f, t = r["scores"]["base"], r["scores"][finetuned], r["train"]
+        rows.append(f"| {r['name']} | {t['step']} | {t['skipped_steps']} | {b['psnr']:.2f} → {f['psnr']:.2f} | "
+                    f"{b['delta_e_ok']:.4f} → {f['delta_e_ok']:.4f} | {b['hf_ratio']:.3f} → {f['hf_ratio']:.3f} | "
+                    f"{f['ab_shift']:.4f} | {r['seconds']} |")
+    return head + "\n".join(rows) + "\n"
