@@ -49,7 +49,8 @@ def prepare_data(profile: str, data_dir: Path, overrides: dict | None = None) ->
     return report["counts"]
 
 
-def train_and_score(profile: str, name: str, overrides: dict, root: Path, data_dir: Path) -> dict:
+def train_and_score(profile: str, name: str, overrides: dict, root: Path, data_dir: Path,
+                    eval_resolution: int = 96) -> dict:
     """One variant: fit under ``root/name`` (its ``data`` a link to ``data_dir``), then score."""
     from furlib.training.fit import fit
 
@@ -63,7 +64,7 @@ def train_and_score(profile: str, name: str, overrides: dict, root: Path, data_d
     results = fit(params)
     scores = score_run(run, torch.device(params["device"] if params["device"] != "auto" else
                                          ("cuda" if torch.cuda.is_available() else "cpu")),
-                       params.get("eval_resolution", 96))
+                       eval_resolution)
     history = json.loads(json.dumps(_history(run), default=float))
     return {"name": name, "overrides": overrides, "seconds": round(time.time() - t0, 1),
             "train": {k: results[k] for k in ("step", "skipped_steps", "images_per_s", "notes",
@@ -131,3 +132,70 @@ def table(results: list, finetuned: str = "finetuned-ema") -> str:
                     f"{b['delta_e_ok']:.4f} → {f['delta_e_ok']:.4f} | {b['hf_ratio']:.3f} → {f['hf_ratio']:.3f} | "
                     f"{f['ab_shift']:.4f} | {r['seconds']} |")
     return head + "\n".join(rows) + "\n"
+
+
+def _series(history: list, key: str) -> list:
+    return [(r["step"], float(r[key])) for r in history if key in r]
+
+
+def stability(results: list) -> str:
+    """Markdown: critic score ranges, adaptive weight, skipped steps per variant."""
+    head = ("| variant | critic real (min / max) | critic fake (min / max) | adaptive weight (median / max) | "
+            "skipped decoder steps | skipped critic steps |\n|---|---|---|---|---|---|\n")
+    rows = []
+    for r in results:
+        if "failed" in r:
+            continue
+        h = r["history"]
+        real, fake = [v for _, v in _series(h, "critic/real")], [v for _, v in _series(h, "critic/fake")]
+        w = sorted(v for _, v in _series(h, "gan/weight"))
+        crit_skip = sum(v for _, v in _series(h, "critic/skipped"))
+        rng = lambda xs: f"{min(xs):.3g} / {max(xs):.3g}" if xs else "n/a"  # noqa: E731
+        wtxt = f"{w[len(w) // 2]:.3g} / {w[-1]:.3g}" if w else "n/a (no critic term)"
+        rows.append(f"| {r['name']} | {rng(real)} | {rng(fake)} | {wtxt} | {r['train']['skipped_steps']} | "
+                    f"{int(crit_skip)} (in logged rows) |")
+    return head + "\n".join(rows) + "\n"
+
+
+def save_figures(results: list, root: Path, out: Path, resolution: int, n_images: int = 4) -> None:
+    """curves.png (losses, critic scores, adaptive weight, held-out-free train curves) and
+    recon_grid.png (val images: original, base, each variant's EMA decoder)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from furlib.evaluation.evaluate import load_models, preprocess, run_models
+    from furlib.training import plots
+    from furlib.training.crops import list_images
+
+    ok = [r for r in results if "failed" not in r]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for r in ok:
+        for ax, key in zip(axes.flat, ("rec/total", "critic/real", "critic/fake", "gan/weight")):
+            pts = _series(r["history"], key)
+            if pts:
+                ax.plot(*zip(*pts), label=r["name"], lw=1)
+                ax.set_title(key)
+    for ax in axes.flat:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=80)
+    plt.close(fig)
+    if not ok:
+        return
+    paths = list_images(root / ok[0]["name"] / "data" / "val")[:n_images]
+    x = torch.stack([preprocess(p, resolution) for p in paths])
+    columns = {"original": x}
+    with torch.no_grad():
+        for r in ok:
+            specs = [s for s in run_models(root / r["name"]) if s.name in ("base", "finetuned-ema")]
+            for name, vae in load_models(specs, "cpu").items():
+                if name == "base" and "base" in columns:
+                    continue
+                key = "base" if name == "base" else r["name"]
+                columns[key] = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+    fig = plots.reconstruction_strip(columns, f"val images at {resolution} px: EMA decoders")
+    fig.savefig(out / "recon_grid.png", dpi=80)
+    plt.close(fig)
