@@ -79,6 +79,7 @@ def parse(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--art", type=int, default=600, help="built-in drawings (seed 0) in the data")
+    ap.add_argument("--val-fraction", type=float, default=0.05, help="stage 01's val share")
     ap.add_argument("--lr-scale", type=float, default=20.0)
     ap.add_argument("--lpips", choices=("none", "random"), default="none")
     ap.add_argument("--jobs", type=int, default=5, help="variants trained at once (one GPU)")
@@ -99,7 +100,9 @@ def main(argv=None) -> int:
         return 0
     names = a.variants.split(",")
     counts = variant_runs.prepare_data(str(PARAMS / "furception_v1.yaml"), work / "data", dict(
-        source="builtin", art_count=a.art, resolution=a.resolution, val_fraction=0.05, max_images=0))
+        source="builtin", art_count=a.art, resolution=a.resolution, val_fraction=a.val_fraction, max_images=0))
+    if not counts["val"]:
+        raise ValueError(f"the prepared data has no val images ({counts}): raise --art or --val-fraction")
     extra = [x for k, v in vars(a).items() if k not in ("only", "variants") for x in (f"--{k.replace('_', '-')}", str(v))]
     results = variant_runs.run_parallel(__file__, names, a.jobs, work, extra)
     out = Path(a.out)
