@@ -62,7 +62,7 @@ def variant_overrides(name: str, a) -> tuple[str, dict]:
     decay = p["ema_decay"] or scaled_decay(a.batch, p["ema_ref_decay"], p["ema_ref_batch"])
     over = dict(own, base_model="tiny", base_config="", resolution=a.resolution, batch_size=a.batch,
                 grad_accum=1, max_steps=a.steps, device=a.device, lr=p["lr"] * a.lr_scale,
-                critic_lr=p["critic_lr"] * a.lr_scale, ema_decay=1 - (1 - decay) / scale,
+                critic_lr=p["critic_lr"] * a.lr_scale, ema_decay=max(0.0, 1 - (1 - decay) / scale),
                 num_workers=a.workers, checkpoint_every=a.steps, plot_every=0, log_every=a.log_every,
                 lpips_weight=p["lpips_weight"] if a.lpips == "random" else 0.0, lpips_backbone="random")
     over.update({k: int(round(p[k] * scale)) for k in STEP_KEYS if k in p})
