@@ -5,9 +5,12 @@
 - a local diffusers folder (``config.json`` + weights);
 - a single-file ``.safetensors`` in the original LDM layout (A1111/ComfyUI files), with the
   architecture from ``base_config`` (a diffusers folder) or, by default, the SD VAE's;
-- ``tiny``: a small seeded random ``AutoencoderKL`` for offline CPU runs (factor 8, 4 latents);
+- ``tiny``: the project's own small *pretrained* VAE (5.3 M parameters, SD's latent interface:
+  KL, factor 8, 4 latents), shipped in ``furlib/assets/tiny_base`` as fp16 safetensors and made
+  by ``scripts/pretrain_base.py`` on the built-in set; accurate but smooth, for offline CPU runs;
+- ``tiny-random``: a small seeded random ``AutoencoderKL`` for timing and unit tests;
 - ``random:sd``: the sd-vae-ft-mse architecture with random weights, for offline GPU timing.
-``tiny`` and ``random:sd`` are not pretrained: reports of runs on them say so.
+``tiny-random`` and ``random:sd`` are not pretrained: reports of runs on them say so.
 """
 
 import os
@@ -16,21 +19,31 @@ from pathlib import Path
 import torch
 
 SD_VAE_CONFIG = Path(__file__).parent / "configs" / "sd_vae"
-TINY_CONFIG = dict(
+TINY_BASE_DIR = Path(__file__).parent / "assets" / "tiny_base"
+TINY_BASE_WEIGHTS = "diffusion_pytorch_model.fp16.safetensors"
+# The shipped base's architecture (scripts/pretrain_base.py builds it from this).
+TINY_BASE_CONFIG = dict(
+    block_out_channels=(32, 64, 128, 128), layers_per_block=2, norm_num_groups=16, latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    sample_size=96,
+)
+RANDOM_BASES = ("tiny-random", "random:sd")
+TINY_CONFIG = dict(  # tiny-random's
     block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=16, latent_channels=4,
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
     sample_size=64,
 )
 OFFLINE_HINT = (
     "Without the Hub, use instead: a local diffusers folder, a single-file .safetensors VAE, 'tiny' "
-    "(small random VAE for CPU runs) or 'random:sd' (SD architecture, random weights, for timing). "
+    "(the small pretrained VAE shipped here, for CPU runs), 'tiny-random' (small, random, for timing "
+    "and tests) or 'random:sd' (SD architecture, random weights, for timing). "
     "With internet (Colab/Kaggle) the hub id works as given."
 )
 TRAINABLE_PREFIXES = ("decoder.", "post_quant_conv.")  # the rest (encoder, quant_conv) stays frozen
 
 
 def is_pretrained(base_model: str) -> bool:
-    return base_model not in ("tiny", "random:sd")
+    return base_model not in RANDOM_BASES
 
 
 def load_vae(base_model: str, base_config: str = "", seed: int = 0):
@@ -38,6 +51,8 @@ def load_vae(base_model: str, base_config: str = "", seed: int = 0):
     from diffusers import AutoencoderKL
 
     if base_model == "tiny":
+        return load_tiny_base()
+    if base_model == "tiny-random":
         torch.manual_seed(seed)
         return AutoencoderKL(**TINY_CONFIG).eval()
     if base_model == "random:sd":
@@ -57,6 +72,20 @@ def load_vae(base_model: str, base_config: str = "", seed: int = 0):
     if path.exists() or base_model.startswith((".", "/", "~")):
         raise ValueError(f"base_model {base_model!r}: no such diffusers folder or .safetensors file")
     return _load_from_hub(base_model)
+
+
+def load_tiny_base(folder: Path = TINY_BASE_DIR):
+    """The shipped pretrained base: config.json + fp16 safetensors, loaded as fp32, no network."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    weights = Path(folder) / TINY_BASE_WEIGHTS
+    if not weights.exists():
+        raise ValueError(f"base_model 'tiny': {weights} is missing; remake it with "
+                         "scripts/pretrain_base.py (benchmarks/RESULTS.md has the command) or reinstall furlib")
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(Path(folder)))
+    vae.load_state_dict({k: v.float() for k, v in load_file(weights).items()}, strict=True)
+    return vae.eval()
 
 
 def _load_from_hub(base_model: str):

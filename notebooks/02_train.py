@@ -63,7 +63,7 @@ from furlib.training.settings import TrainSettings
 # %% tags=["parameters"]
 run_name = "my_run"                       # outputs go to outputs_dir/run_name ("demo" is make demo's)
 outputs_dir = "outputs"
-base_model = "stabilityai/sd-vae-ft-mse"  # hub id, diffusers folder, .safetensors, "tiny" or "random:sd"
+base_model = "stabilityai/sd-vae-ft-mse"  # hub id, diffusers folder, .safetensors, "tiny", "tiny-random" or "random:sd"
 base_config = ""                          # diffusers folder with the config of a .safetensors base
 device = "auto"                           # "auto", "cuda", "cpu"
 num_gpus = 1                              # processes, one GPU each (accelerate); batch_size is per GPU

@@ -12,7 +12,7 @@ def _tensors(v):
 
 def test_crash_during_save_keeps_previous_latest(tmp_path, monkeypatch):
     root = tmp_path / "checkpoints"
-    checkpoint.save_checkpoint(root, 10, _tensors(1), {"base_model": "tiny"})
+    checkpoint.save_checkpoint(root, 10, _tensors(1), {"base_model": "tiny-random"})
     calls = {"n": 0}
     real_save = checkpoint.save_file
 
@@ -24,7 +24,7 @@ def test_crash_during_save_keeps_previous_latest(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint, "save_file", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save_checkpoint(root, 20, _tensors(2), {"base_model": "tiny"})
+        checkpoint.save_checkpoint(root, 20, _tensors(2), {"base_model": "tiny-random"})
     latest = checkpoint.latest_checkpoint(tmp_path)
     assert latest.name == "step_0000010"
     assert checkpoint.load_decoder_weights(latest, "ema")["w"][0, 0] == 1.0
@@ -36,10 +36,10 @@ def test_crash_during_save_keeps_previous_latest(tmp_path, monkeypatch):
 def test_keeps_last_k_and_reads_state(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (1, 2, 3, 4):
-        checkpoint.save_checkpoint(root, step, _tensors(step), {"base_model": "tiny"}, keep=2)
+        checkpoint.save_checkpoint(root, step, _tensors(step), {"base_model": "tiny-random"}, keep=2)
     assert sorted(p.name for p in root.glob("step_*")) == ["step_0000003", "step_0000004"]
-    assert checkpoint.read_state(checkpoint.latest_checkpoint(tmp_path)) == {"base_model": "tiny", "step": 4}
-    assert checkpoint.run_base(checkpoint.latest_checkpoint(tmp_path))[:2] == ("tiny", "")
+    assert checkpoint.read_state(checkpoint.latest_checkpoint(tmp_path)) == {"base_model": "tiny-random", "step": 4}
+    assert checkpoint.run_base(checkpoint.latest_checkpoint(tmp_path))[:2] == ("tiny-random", "")
     with pytest.raises(FileNotFoundError, match="run 02_train"):
         checkpoint.find_run_checkpoint(tmp_path / "nothing")
     with pytest.raises(ValueError, match="weights"):

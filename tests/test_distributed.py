@@ -37,7 +37,7 @@ def _desync_worker(rank, init_file, results):
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    trainer = Trainer(load_vae("tiny", seed=rank), TrainSettings(batch_size=2, lpips_weight=0.0, mixed_precision="no"),
+    trainer = Trainer(load_vae("tiny-random", seed=rank), TrainSettings(batch_size=2, lpips_weight=0.0, mixed_precision="no"),
                       "cpu", None, rank=rank, world_size=2)  # different seeds: different weights
     try:
         trainer.check_in_sync()

@@ -34,11 +34,11 @@ def run_dir(tmp_path_factory):
     val.mkdir(parents=True)
     for i, (w, h) in enumerate([(96, 64), (64, 80), (128, 128), (70, 70), (100, 64)]):
         _draw(i, w, h).save(val / f"img{i}.png")
-    dec = models.decoder_state(models.load_vae("tiny"))
+    dec = models.decoder_state(models.load_vae("tiny-random"))
     g = torch.Generator().manual_seed(1)
     jitter = lambda s: {k: v + s * torch.randn(v.shape, generator=g) * v.std().nan_to_num(0) for k, v in dec.items()}  # noqa: E731
     checkpoint.save_checkpoint(root / "checkpoints", 10, {"decoder": jitter(0.2), "ema": jitter(0.1)},
-                               {"base_model": "tiny", "base_config": ""})
+                               {"base_model": "tiny-random", "base_config": ""})
     return root
 
 
@@ -71,7 +71,7 @@ def test_run_models_names_and_sources(run_dir, tmp_path):
 
 def test_export_folder_is_evaluated_when_present_and_labelled_by_step(run_dir):
     export = run_dir / "export" / "diffusers"
-    models.load_vae("tiny").save_pretrained(export)
+    models.load_vae("tiny-random").save_pretrained(export)
     manifest = run_dir / "export" / "manifest.json"
     try:
         assert evaluate.run_models(run_dir)[-1].name == "export-unverified"
@@ -162,7 +162,7 @@ def test_rfid_offline_reports_na_and_no_number(run_dir, monkeypatch, tmp_path):
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setattr(tf_inception, "load_state_dict_from_url", refuse)
-    vaes = {"base": models.load_vae("tiny")}
+    vaes = {"base": models.load_vae("tiny-random")}
     res = evaluate.evaluate(vaes, evaluate.image_set("val", run_dir, max_images=2), resolution=32,
                             batch_size=2, lpips_backbone="random", rfid=True, n_show=1)
     assert res.rfid == {"base": "n/a"}
@@ -191,7 +191,7 @@ def test_fp16_decode_check_and_overflow(result):
     assert ok["status"] == "ok" and ok["nonfinite_values"] == 0
     assert list(ok["peaks"])[0] == "conv_in" and list(ok["peaks"])[-1] == "conv_out"
     assert 0 < ok["max_abs_diff_vs_fp32"] < 0.05 and ok["headroom"] > 1
-    loud = evaluate.EvalModel("x", "tiny").load()
+    loud = evaluate.EvalModel("x", "tiny-random").load()
     with torch.no_grad():
         loud.decoder.conv_in.weight.mul_(1e5)  # activations far past fp16's 65504
     bad = decode_checks.fp16_decode_check(loud, z)

@@ -25,10 +25,10 @@ METRICS = "| model | PSNR |\n|---|---|\n| base | 20.1 |\n| this run | 21.3 |"
 def fabricate_run(run, with_record=True):
     """A tiny 'trained' run: raw and EMA decoders perturbed differently from the base."""
     gen = torch.Generator().manual_seed(1)
-    base = decoder_state(load_vae("tiny"))
+    base = decoder_state(load_vae("tiny-random"))
     raw = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
     ema = {k: v + 0.005 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
-    save_checkpoint(run / "checkpoints", STEP, {"decoder": raw, "ema": ema}, {"base_model": "tiny", "base_config": ""})
+    save_checkpoint(run / "checkpoints", STEP, {"decoder": raw, "ema": ema}, {"base_model": "tiny-random", "base_config": ""})
     if with_record:
         (run / "02_train.record.json").write_text(json.dumps({"parameters": {"lr": 5e-7, "batch_size": 32}}))
         (run / "eval").mkdir()
@@ -99,10 +99,10 @@ def test_single_file_is_full_vae_with_ema_decoder(exported):
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     assert meta["format"] == "pt" and meta["step"] == str(STEP) and meta["model_name"] == "furception"
-    assert meta["base_model"] == "tiny" and meta["weights"] == "ema"
+    assert meta["base_model"] == "tiny-random" and meta["weights"] == "ema"
     ldm = load_file(path)
     assert "encoder.conv_in.weight" in ldm and "decoder.up.3.block.0.conv1.weight" in ldm
-    base = load_vae("tiny").state_dict()
+    base = load_vae("tiny-random").state_dict()
     state = ldm_to_diffusers(ldm, base)
     for k in base:
         assert torch.equal(state[k], ema[k] if k in ema else base[k]), k
@@ -121,7 +121,7 @@ def test_model_card(exported):
     card = (exported[0] / "export" / "README.md").read_text()
     assert card.startswith("---\nlicense: cc-by-nc-sa-4.0\n")
     front = card.split("---")[1]
-    assert "base_model:" not in front and "- test-only" in front  # tiny is no hub model
+    assert "base_model:" not in front and "- test-only" in front  # tiny-random is no hub model
     assert METRICS in card and "| `lr` | `5e-07` |" in card and f"steps: {STEP}" in card
     assert "Testing only" in card and "models/VAE/" in card and "ComfyUI/models/vae/" in card
     assert "AutoencoderKL.from_pretrained" in card and "licence" in card.lower()
@@ -151,7 +151,7 @@ def test_raw_weights_on_request_and_no_fp16(tmp_path):
     manifest = run_export(run, weights="raw", fp16_copy=False)
     assert not [f for f in manifest["files"] if "fp16" in f["path"]]
     assert len(manifest["verification"]) == 3
-    state = ldm_to_diffusers(load_file(run / "export" / f"{STEM}.safetensors"), load_vae("tiny").state_dict())
+    state = ldm_to_diffusers(load_file(run / "export" / f"{STEM}.safetensors"), load_vae("tiny-random").state_dict())
     assert all(torch.equal(state[k], raw[k]) for k in raw)
 
 
@@ -160,7 +160,7 @@ def test_a_broken_file_fails_verification(tmp_path, damage):
     run = tmp_path / "broken"
     fabricate_run(run, with_record=False)
     release = export.release_source(run)
-    vae = export.build_release_vae("tiny", "", release.decoder_weights)
+    vae = export.build_release_vae("tiny-random", "", release.decoder_weights)
     stage = run / export.STAGING
     files = export.write_release_files(vae, stage, STEM, {"format": "pt"}, fp16_copy=False)
     ldm = load_file(files["single"])
@@ -206,7 +206,7 @@ def test_val_images_and_reconstructions(tmp_path):
         Image.fromarray(np.full((40, 56, 3), 60 * i, np.uint8)).save(val / f"{i}.png")
     images = export.val_images(tmp_path, size=32)
     assert images.shape == (2, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
-    vae = load_vae("tiny")
+    vae = load_vae("tiny-random")
     cols = export.reconstructions(images, {"a": vae, "b": vae}, vae)
     assert list(cols) == ["input", "a", "b"] and torch.equal(cols["a"], cols["b"])
     assert export.val_images(tmp_path / "none") is None
@@ -237,7 +237,7 @@ def test_card_says_what_the_data_was(tmp_path):
     ("stabilityai/sd-vae-ft-mse", SD_CONFIG, "Stable Diffusion 1.x and 2.x", "Not for SDXL"),
     ("madebyollin/sdxl-vae-fp16-fix", dict(SD_CONFIG, scaling_factor=0.13025), "**SDXL", "Not for SD 1.x/2.x"),
     ("someone/f16-vae", dict(SD_CONFIG, latent_channels=16), "16 channels", "drop-in"),
-    ("tiny", dict(SD_CONFIG, block_out_channels=[32, 64, 64, 64]), "None: `tiny` is a random test VAE", "drop-in"),
+    ("tiny-random", dict(SD_CONFIG, block_out_channels=[32, 64, 64, 64]), "None: `tiny-random` is a random test VAE", "drop-in"),
 ])
 def test_card_states_compatibility_from_the_latent_layout(tmp_path, base, config, says, denies):
     section = _card(tmp_path, base, config).split("## Compatibility")[1].split("\n## ")[0]

@@ -35,7 +35,7 @@ def _write(state: dict, path):
 def tiny(tmp_path_factory):
     """A tiny VAE, its diffusers folder (the architecture) and its LDM single file."""
     root = tmp_path_factory.mktemp("tiny")
-    vae = load_vae("tiny")
+    vae = load_vae("tiny-random")
     vae.save_pretrained(root / "diffusers")
     return vae, root / "diffusers", _write(diffusers_to_ldm(vae.state_dict()), root / "tiny.safetensors")
 

@@ -7,22 +7,22 @@ from furlib import models
 
 
 def test_tiny_is_seeded_and_sd_factor_8():
-    a, b = models.load_vae("tiny", seed=1), models.load_vae("tiny", seed=1)
+    a, b = models.load_vae("tiny-random", seed=1), models.load_vae("tiny-random", seed=1)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     z = a.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mode()
     assert z.shape == (1, 4, 8, 8)
-    assert not models.is_pretrained("tiny") and models.is_pretrained("stabilityai/sd-vae-ft-mse")
+    assert not models.is_pretrained("tiny-random") and models.is_pretrained("tiny") and models.is_pretrained("stabilityai/sd-vae-ft-mse")
 
 
 def test_split_trainable_freezes_encoder_side():
-    vae = models.load_vae("tiny")
+    vae = models.load_vae("tiny-random")
     names = {n for n, _ in models.split_trainable(vae)}
     assert names and all(n.startswith(("decoder.", "post_quant_conv.")) for n in names)
     assert not any(p.requires_grad for n, p in vae.named_parameters() if n.startswith(("encoder.", "quant_conv.")))
 
 
 def test_local_folder_round_trip_and_bad_paths(tmp_path):
-    vae = models.load_vae("tiny", seed=3)
+    vae = models.load_vae("tiny-random", seed=3)
     vae.save_pretrained(tmp_path / "vae")
     again = models.load_vae(str(tmp_path / "vae"))
     assert torch.equal(again.decoder.conv_out.weight, vae.decoder.conv_out.weight)
@@ -45,7 +45,7 @@ def test_hub_id_offline_names_the_alternatives(monkeypatch):
 
 
 def test_with_decoder_checks_keys():
-    vae = models.load_vae("tiny")
+    vae = models.load_vae("tiny-random")
     state = models.decoder_state(vae)
     state.pop("decoder.conv_out.bias")
     with pytest.raises(ValueError, match="missing"):

@@ -245,12 +245,12 @@ def test_export_builds_a_random_base_with_the_runs_seed(tmp_path):
     from furlib.export import release
     from furlib.models import decoder_state, load_vae
 
-    weights = decoder_state(load_vae("tiny", seed=3))
+    weights = decoder_state(load_vae("tiny-random", seed=3))
     checkpoint.save_checkpoint(tmp_path / "checkpoints", 5, {"decoder": weights, "ema": weights},
-                               {"base_model": "tiny", "settings": {"seed": 3}})
+                               {"base_model": "tiny-random", "settings": {"seed": 3}})
     src = release.release_source(tmp_path)
     vae = release.build_release_vae(src.base_model, src.base_config, src.decoder_weights, src.base_seed)
-    encoder = {k: v for k, v in load_vae("tiny", seed=3).state_dict().items() if k.startswith("encoder.")}
+    encoder = {k: v for k, v in load_vae("tiny-random", seed=3).state_dict().items() if k.startswith("encoder.")}
     assert all(torch.equal(v, vae.state_dict()[k]) for k, v in encoder.items())
 
 

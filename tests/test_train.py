@@ -33,7 +33,7 @@ def batch(step, n=2):
 
 
 def make_trainer(**kw):
-    return Trainer(load_vae("tiny", seed=0), settings(**kw), "cpu", LPIPS("vgg", "random", seed=0))
+    return Trainer(load_vae("tiny-random", seed=0), settings(**kw), "cpu", LPIPS("vgg", "random", seed=0))
 
 
 def test_ema_decay_scaled_to_batch():
@@ -93,7 +93,7 @@ def test_resume_is_exact(tmp_path):
     first = make_trainer(**kw)
     for s in range(2):
         first.step(batch(s))
-    first.save(tmp_path / "checkpoints", base_model="tiny")
+    first.save(tmp_path / "checkpoints", base_model="tiny-random")
     resumed = make_trainer(**kw)
     resumed.load(checkpoint.latest_checkpoint(tmp_path))
     assert resumed.step_count == 2
@@ -161,7 +161,7 @@ def test_phase_upsample_is_diffusers_upsample2d():
         for a, b in zip(torch.autograd.grad(ref, [x, up.conv.weight, up.conv.bias], g),
                         torch.autograd.grad(out, [x, up.conv.weight, up.conv.bias], g)):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-4)
-    vae = load_vae("tiny", seed=0)
+    vae = load_vae("tiny-random", seed=0)
     keys = list(vae.state_dict())
     assert use_phase_upsampling(vae.decoder) == len(vae.config.block_out_channels) - 1
     assert list(vae.state_dict()) == keys  # checkpoints and exports are unchanged

@@ -33,6 +33,10 @@ PHOTOS = (
     ("china", "sklearn", "datasets/images", "china.jpg"),
     ("flower", "sklearn", "datasets/images", "flower.jpg"),
 )
+# The shipped pretrained base (``base_model: tiny``, scripts/pretrain_base.py) never sees these:
+# measured on them, and on every drawing of the demo's seed. ``camera`` is the demo's val photo.
+HELD_OUT_PHOTOS = ("astronaut", "camera", "coffee", "rocket")
+PRETRAIN_ART_SEED = 1  # the base's drawings; the demo and tests draw with seed 0
 ART_VERSION = 1  # bump when the drawing code changes, so prepared data is rebuilt
 OUTLINE = (24, 18, 32)  # near-black ink
 SUPERSAMPLE = 2  # drawn at 2x, then Lanczos-downscaled: anti-aliased edges like real artwork
@@ -53,6 +57,12 @@ def builtin_sources(art_count: int = 24, seed: int = 0) -> list[tuple[str, objec
               for name, package, folder, filename in PHOTOS]
     art = [(f"builtin/art/{index:03d}", partial(draw_art, index, seed)) for index in range(art_count)]
     return photos + art
+
+
+def pretrain_photos() -> list[tuple[str, Path]]:
+    """``[(name, path)]`` of the photographs the pretrained base trains on (all but the held-out)."""
+    return [(name, photo_path(package, folder, filename)) for name, package, folder, filename in PHOTOS
+            if name not in HELD_OUT_PHOTOS]
 
 
 def builtin_images(art_count: int = 24, seed: int = 0) -> Iterator[tuple[str, object]]:

@@ -49,7 +49,7 @@ class Release:
     base_config: str          # diffusers folder giving a single-file base its architecture, or ''
     trained_base_model: str   # the base the run trained from (its checkpoint's state.json)
     weights: str              # "ema" (the release) or "raw"
-    base_seed: int            # seed of a random test base ('tiny', 'random:sd'): 02's own
+    base_seed: int            # seed of a random test base ('tiny-random', 'random:sd'): 02's own
     decoder_weights: dict = field(repr=False)  # decoder + post_quant_conv tensors, diffusers keys
 
     def record(self) -> dict:
@@ -69,7 +69,7 @@ def release_source(run_dir: Path, weights: str = "ema", base_model: str = "", ba
 
 def build_release_vae(base_model: str, base_config: str, decoder_weights: dict, seed: int = 0):
     """The base VAE's encoder and quant_conv with the finetuned decoder and post_quant_conv;
-    ``seed`` builds a random test base (``tiny``, ``random:sd``): pass the run's (``base_seed``)."""
+    ``seed`` builds a random test base (``tiny-random``, ``random:sd``): pass the run's (``base_seed``)."""
     return with_decoder(load_vae(base_model, base_config, seed), decoder_weights).eval()
 
 

@@ -54,7 +54,7 @@ def worker_cap(requested: int, processes: int) -> tuple[int, str]:
 
 
 def cpu_cost_note(s, device: torch.device) -> str:
-    if device.type != "cpu" or s.base_model == "tiny":  # the tiny VAE: seconds a step
+    if device.type != "cpu" or s.base_model in ("tiny", "tiny-random"):  # the tiny VAEs: seconds a step
         return ""
     seconds = CPU_SECONDS_PER_MEGAPIXEL * s.batch_size * s.resolution ** 2 / 1e6
     total_h = seconds * s.max_steps / 3600

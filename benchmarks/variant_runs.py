@@ -1,0 +1,252 @@
+"""Train variants of a profile side by side with the project's own loop, and score them.
+
+Shared by ``demo_sweep.py`` (the demo's settings) and ``ablation.py`` (the recipe's ablation):
+each variant is ``furlib.training.fit.fit`` on the 02 parameters a profile gives (the notebook's
+defaults, then the profile, then the variant's overrides), in its own process (several share one
+GPU), on one prepared data folder; then 03's per-image metrics of the base, the finetuned EMA
+and raw decoders on the val split, in fp32 with the posterior mode (03's protocol; 03 itself
+decodes in bf16 on CUDA).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+METRICS = ("psnr", "ssim", "delta_e_ok", "ab_shift", "d_chroma", "hf_ratio", "hf_error")
+
+
+def profile_params(profile: str, overrides: dict, stage: str = "02_train") -> dict:
+    """A stage's parameters as the pipeline gives them: defaults, then the profile's keys."""
+    import ast
+
+    from furlib.pipeline import declared_parameters, load_profile
+
+    params = {k: ast.literal_eval(v) for k, v in declared_parameters(stage).items()}  # the cell's defaults
+    profile_values = load_profile(profile)
+    params.update({k: v for k, v in profile_values.items() if k in declared_parameters(stage)})
+    unknown = set(overrides) - set(params)
+    if unknown:
+        raise ValueError(f"variant overrides {sorted(unknown)} are not {stage} parameters")
+    params.update(overrides)
+    return params
+
+
+def prepare_data(profile: str, data_dir: Path, overrides: dict | None = None) -> dict:
+    """Stage 01 (``furlib.data.prepare``) with the profile's values; returns its counts."""
+    from PIL import ImageColor
+
+    from furlib.data.prepare import prepare
+
+    p = profile_params(profile, overrides or {}, "01_data_prep")
+    report = prepare(p["source"], data_dir, resolution=p["resolution"], max_side=p["max_side"],
+                     max_pixels=p["max_pixels"], val_fraction=p["val_fraction"], val_max=p["val_max"],
+                     background=ImageColor.getrgb(p["background"])[:3],
+                     max_images=p["max_images"], seed=p["seed"], art_count=p["art_count"], progress=False,
+                     num_proc=min(8, os.cpu_count() or 1))
+    return report["counts"]
+
+
+def train(profile: str, name: str, overrides: dict, root: Path, data_dir: Path) -> dict:
+    """One variant's training: fit under ``root/name`` (its ``data`` a link to ``data_dir``)."""
+    from furlib.training.fit import fit
+
+    run = root / name
+    run.mkdir(parents=True, exist_ok=True)
+    if not (run / "data").exists():
+        (run / "data").symlink_to(data_dir.resolve(), target_is_directory=True)
+    params = profile_params(profile, dict({"pixel_cache": "no", "resume": False}, **overrides))
+    params.update(run_name=name, outputs_dir=str(root))
+    results = fit(params)
+    return {k: results[k] for k in ("step", "skipped_steps", "images_per_s", "notes", "effective_ema_decay",
+                                    "preview_oklab_l1")}
+
+
+def train_and_score(profile: str, name: str, overrides: dict, root: Path, data_dir: Path,
+                    eval_resolution: int = 96) -> dict:
+    """One variant trained to its end, then scored at its last checkpoint."""
+    t0 = time.time()
+    train_info = train(profile, name, overrides, root, data_dir)
+    return score_variant(root, name, train_info["step"], eval_resolution, train_info,
+                         overrides=overrides, seconds=round(time.time() - t0, 1))
+
+
+def checkpoint_steps(run: Path) -> set:
+    """The steps of a run's complete checkpoints (a killed run's partial save is not one)."""
+    from furlib.training import checkpoint
+
+    return {checkpoint.read_state(d)["step"] for d in (run / "checkpoints").glob("step_*")
+            if (d / "state.json").exists() and not d.name.startswith(".")}
+
+
+def score_variant(root: Path, name: str, step: int, resolution: int, train_info: dict | None = None, **extra) -> dict:
+    """A variant's result at checkpoint ``step``: 03's metrics there, and its log up to it."""
+    from furlib.training import checkpoint
+
+    run = root / name
+    ckpt = next(d for d in (run / "checkpoints").glob("step_*") if checkpoint.read_state(d)["step"] == step)
+    state = checkpoint.read_state(ckpt)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    history = [r for r in json.loads(json.dumps(_history(run), default=float)) if r["step"] <= step]
+    info = dict(train_info or {}, step=step, skipped_steps=state.get("skipped", 0))
+    return dict({"name": name, "checkpoint": str(ckpt), "train": info,
+                 "scores": score_run(run, device, resolution, ckpt), "history": history}, **extra)
+
+
+def _history(run: Path) -> list:
+    """The run's log rows (``logs/*.jsonl`` as the Logbook writes them), oldest first."""
+    path = run / "logs" / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def eval_models(run: Path, ckpt: Path) -> list:
+    """base, finetuned-ema and finetuned-raw of one checkpoint, as 03 builds them."""
+    from furlib.evaluation.evaluate import EvalModel
+    from furlib.training import checkpoint
+
+    state = checkpoint.read_state(ckpt)
+    base, seed = state["base_model"], state.get("settings", {}).get("seed", 0)
+    return [EvalModel("base", base, state.get("base_config", ""), seed=seed)] + [
+        EvalModel(f"finetuned-{w}", base, state.get("base_config", ""), str(ckpt), w, seed, state["step"])
+        for w in ("ema", "raw")]
+
+
+@torch.no_grad()
+def score_run(run: Path, device, resolution: int, ckpt: Path | None = None) -> dict:
+    """{model: {metric: mean over the val split}} for base, finetuned-ema, finetuned-raw of
+    ``ckpt`` (default: the run's latest checkpoint)."""
+    from furlib.evaluation.evaluate import load_models, preprocess
+    from furlib.evaluation.metrics import per_image_metrics
+    from furlib.training import checkpoint
+    from furlib.training.crops import list_images
+
+    paths = list_images(run / "data" / "val")
+    x = torch.stack([preprocess(p, resolution) for p in paths]).to(device)
+    out = {}
+    for name, vae in load_models(eval_models(run, ckpt or checkpoint.find_run_checkpoint(run)), device).items():
+        recon = vae.float().decode(vae.encode(x).latent_dist.mode()).sample
+        m = per_image_metrics(x, recon)
+        out[name] = {k: float(m[k].mean()) for k in METRICS}
+    out["n_images"] = len(paths)
+    return out
+
+
+def run_parallel(script: str, names: list, jobs: int, root: Path, extra: list, deadline_s: float = 0) -> list:
+    """Run ``script --only NAME`` for each name, ``jobs`` at once; logs in ``root/NAME.log``.
+    With ``deadline_s``, a run still going then is stopped (its checkpoints stay) and reported as
+    ``{"name", "stopped": True}``; the others give the JSON they wrote."""
+    import signal
+
+    pending, running, done, t0 = list(names), {}, [], time.time()
+    while pending or running:
+        while pending and len(running) < jobs:
+            name = pending.pop(0)
+            log = open(root / f"{name}.log", "w")
+            env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+            running[name] = (subprocess.Popen([sys.executable, script, "--only", name, *extra], stdout=log,
+                                              stderr=subprocess.STDOUT, env=env, start_new_session=True), log)
+        late = deadline_s and time.time() - t0 > deadline_s
+        for name, (proc, log) in list(running.items()):
+            if late and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # the run and its loader workers
+                proc.wait()
+                done.append({"name": name, "stopped": True})
+            elif proc.poll() is not None:
+                result = root / f"{name}.json"
+                done.append(json.loads(result.read_text()) if proc.returncode == 0 and result.exists()
+                            else {"name": name, "failed": f"exit {proc.returncode}, see {name}.log",
+                                  "log_tail": (root / f"{name}.log").read_text()[-2000:]})
+            else:
+                continue
+            log.close()
+            del running[name]
+        time.sleep(1)
+    return done
+
+
+def table(results: list, finetuned: str = "finetuned-ema") -> str:
+    """Markdown: per variant, base vs the finetuned EMA decoder on the val split."""
+    head = ("| variant | steps | skipped | PSNR base → EMA (dB) | ΔE_ok base → EMA | "
+            "HF ratio base → EMA | ab shift EMA | steps reached |\n|---|---|---|---|---|---|---|---|\n")
+    rows = []
+    for r in results:
+        if "failed" in r:
+            rows.append(f"| {r['name']} | failed: {r['failed']} |||||||")
+            continue
+        b, f, t = r["scores"]["base"], r["scores"][finetuned], r["train"]
+        rows.append(f"| {r['name']} | {t['step']} | {t['skipped_steps']} | {b['psnr']:.2f} → {f['psnr']:.2f} | "
+                    f"{b['delta_e_ok']:.4f} → {f['delta_e_ok']:.4f} | {b['hf_ratio']:.3f} → {f['hf_ratio']:.3f} | "
+                    f"{f['ab_shift']:.4f} | {r.get('reached', t['step'])} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def _series(history: list, key: str) -> list:
+    return [(r["step"], float(r[key])) for r in history if key in r]
+
+
+def stability(results: list) -> str:
+    """Markdown: critic score ranges, adaptive weight, skipped steps per variant."""
+    head = ("| variant | critic real (min / max) | critic fake (min / max) | adaptive weight (median / max) | "
+            "skipped decoder steps | skipped critic steps |\n|---|---|---|---|---|---|\n")
+    rows = []
+    for r in results:
+        if "failed" in r:
+            continue
+        h = r["history"]
+        real, fake = [v for _, v in _series(h, "critic/real")], [v for _, v in _series(h, "critic/fake")]
+        w = sorted(v for _, v in _series(h, "gan/weight"))
+        crit_skip = sum(v for _, v in _series(h, "critic/skipped"))
+        rng = lambda xs: f"{min(xs):.3g} / {max(xs):.3g}" if xs else "n/a"  # noqa: E731
+        wtxt = f"{w[len(w) // 2]:.3g} / {w[-1]:.3g}" if w else "n/a (no critic term)"
+        rows.append(f"| {r['name']} | {rng(real)} | {rng(fake)} | {wtxt} | {r['train']['skipped_steps']} | "
+                    f"{int(crit_skip)} (in logged rows) |")
+    return head + "\n".join(rows) + "\n"
+
+
+def save_figures(results: list, root: Path, out: Path, resolution: int, n_images: int = 4) -> None:
+    """curves.png (losses, critic scores, adaptive weight, held-out-free train curves) and
+    recon_grid.png (val images: original, base, each variant's EMA decoder)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from furlib.evaluation.evaluate import load_models, preprocess
+    from furlib.training import plots
+    from furlib.training.crops import list_images
+
+    ok = [r for r in results if "failed" not in r]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for r in ok:
+        for ax, key in zip(axes.flat, ("rec/total", "critic/real", "critic/fake", "gan/weight")):
+            pts = _series(r["history"], key)
+            if pts:
+                ax.plot(*zip(*pts), label=r["name"], lw=1)
+                ax.set_title(key)
+    for ax in axes.flat:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=80)
+    plt.close(fig)
+    if not ok:
+        return
+    paths = list_images(root / ok[0]["name"] / "data" / "val")[:n_images]
+    x = torch.stack([preprocess(p, resolution) for p in paths])
+    columns = {"original": x}
+    with torch.no_grad():
+        for r in ok:
+            specs = [s for s in eval_models(root / r["name"], Path(r["checkpoint"]))
+                     if s.name in ("base", "finetuned-ema")]
+            for name, vae in load_models(specs, "cpu").items():
+                if name == "base" and "base" in columns:
+                    continue
+                key = "base" if name == "base" else r["name"]
+                columns[key] = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+    fig = plots.reconstruction_strip(columns, f"val images at {resolution} px: EMA decoders")
+    fig.savefig(out / "recon_grid.png", dpi=80)
+    plt.close(fig)
