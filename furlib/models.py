@@ -91,7 +91,7 @@ def load_tiny_base(folder: Path = TINY_BASE_DIR):
 def _load_from_hub(base_model: str):
     from diffusers import AutoencoderKL
 
-    from furlib.data.sources import hub_unreachable
+    from furlib.runinfo import hub_unreachable
 
     repo, _, subfolder = base_model.partition("@")
     unreachable = hub_unreachable() or ("HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE") else "")

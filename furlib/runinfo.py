@@ -1,6 +1,7 @@
 """What every run records: device choice, library versions, and the JSON run record."""
 
 import json
+import os
 import platform
 import sys
 import time
@@ -62,3 +63,14 @@ def notebook_parameters(stage: str, namespace: dict) -> dict:
     from furlib.pipeline import declared_parameters
 
     return {name: namespace[name] for name in declared_parameters(stage) if name in namespace}
+
+
+def hub_unreachable() -> str:
+    """Why the Hub's host cannot be resolved ('' when it can, or when a proxy does the lookup)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return ""

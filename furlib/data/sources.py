@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 from PIL import Image
 
+from furlib.runinfo import hub_unreachable  # noqa: F401 (tests patch it here)
 from furlib.data.builtin import ART_VERSION, builtin_sources
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -259,17 +260,6 @@ def _open_hub(source: str, source_split: str, revision: str):
 
     commit = HfApi().dataset_info(source, revision=revision or None).sha
     return datasets.load_dataset(source, split=source_split, streaming=True, revision=commit), commit
-
-
-def hub_unreachable() -> str:
-    """Why the Hub's host cannot be resolved ('' when it can, or when a proxy does the lookup)."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return ""
     host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
     try:
         socket.getaddrinfo(host, 443)
