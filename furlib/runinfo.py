@@ -74,3 +74,14 @@ def hub_unreachable() -> str:
 
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return ""
+
+
+def file_sha256(path) -> str:
+    """SHA-256 of a file, read in 4 MiB blocks (checkpoints and exports are hundreds of MB)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -16,7 +16,6 @@ Nothing here unpickles: weights are read from safetensors only.
 
 import contextlib
 import copy
-import hashlib
 import json
 import math
 import os
@@ -30,6 +29,7 @@ import torch
 from furlib.training.checkpoint import find_run_checkpoint, load_decoder_weights, run_base
 from furlib.ldm_keys import diffusers_to_ldm
 from furlib.models import load_vae, with_decoder
+from furlib.runinfo import file_sha256
 
 FP32_TOL = 1e-5  # same weights, same maths: anything above this is a broken file
 # fp16 files lose ~3 decimal digits per weight (relative step 2**-11); decoded in fp32 that moves
@@ -208,18 +208,11 @@ def verify_export(vae, files: dict, stage_dir: Path, seed: int = 0, device="cpu"
     return results
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def file_table(root: Path) -> list[dict]:
     """Every file under ``root`` but the manifest: relative path, size in bytes, SHA-256."""
     root = Path(root)
-    return [{"path": p.relative_to(root).as_posix(), "bytes": p.stat().st_size, "sha256": sha256(p)}
+    return [{"path": p.relative_to(root).as_posix(), "bytes": p.stat().st_size, "sha256": file_sha256(p)}
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.json"]
 
 

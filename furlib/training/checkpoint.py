@@ -20,7 +20,6 @@ latest checkpoint falls back to the newest intact one with a note (``pick_checkp
 Nothing here unpickles: tensors are safetensors, everything else JSON.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from furlib.runinfo import file_sha256
 
 WEIGHT_FILES = {"ema": "ema.safetensors", "raw": "decoder.safetensors"}
 CHECKSUMS = "checksums.json"
@@ -40,13 +41,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp.write_text(text)
     os.replace(tmp, path)
 
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sweep_temporaries(ckpt_root: Path) -> int:
@@ -63,7 +57,7 @@ def _write_folder(tmp: Path, step: int, tensors: dict, state: dict) -> None:
     for stem, named in tensors.items():
         save_file({k: v.detach().contiguous().cpu() for k, v in named.items()}, tmp / f"{stem}.safetensors")
     (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=1))
-    sums = {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+    sums = {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
     (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
     for p in tmp.iterdir():  # on disk before the rename publishes the folder
         with open(p, "rb") as f:
@@ -109,7 +103,7 @@ def verify(folder: Path) -> str | None:
             return f"{fname} is missing"
         if path.stat().st_size != want["bytes"]:
             return f"{fname} has {path.stat().st_size} bytes, {want['bytes']} were written (truncated?)"
-        if sha256(path) != want["sha256"]:
+        if file_sha256(path) != want["sha256"]:
             return f"{fname} does not match its SHA-256 (damaged on disk)"
     return None
 
