@@ -81,8 +81,8 @@ preview_crops = 8          # crops in the training-crop preview
 num_workers = 0            # loader processes for the preview (0: in this process)
 
 # %%
-run_path = runinfo.run_dir(outputs_dir, run_name)
-data_dir = run_path / "data"
+run_dir = runinfo.run_dir(outputs_dir, run_name)
+data_dir = run_dir / "data"
 if not str(source):
     raise ValueError("source must not be empty: use 'builtin' for the offline sample set")
 if resolution <= 0 or resolution % 8:
@@ -174,5 +174,5 @@ else:
 # %%
 results = dict(counts=counts, data_dir=str(data_dir), prepare_seconds=round(prepare_seconds, 2),
                rebuilt_because=report["rebuilt_because"], first_batch_seconds=round(first_batch_seconds, 2))
-runinfo.write_record(run_path / "01_data_prep.record.json", runinfo.notebook_parameters("01_data_prep", globals()),
+runinfo.write_record(run_dir / "01_data_prep.record.json", runinfo.notebook_parameters("01_data_prep", globals()),
                      results, runinfo.pick_device("cpu"))

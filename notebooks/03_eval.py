@@ -76,9 +76,9 @@ device = "auto"                # "auto", "cuda" or "cpu"
 show_images = 4                # images per picture: chosen, most improved, most regressed
 
 # %%
-run = runinfo.run_dir(outputs_dir, run_name)
-if not run.is_dir():
-    raise ValueError(f"run_name: {run} does not exist; run 02_train with this run_name first")
+run_dir = runinfo.run_dir(outputs_dir, run_name)
+if not run_dir.is_dir():
+    raise ValueError(f"run_name: {run_dir} does not exist; run 02_train with this run_name first")
 if eval_resolution < 8 or eval_resolution % 8:
     raise ValueError(f"eval_resolution must be a positive multiple of 8, got {eval_resolution}")
 for name, value, low in (("eval_max_images", eval_max_images, 0), ("eval_batch_size", eval_batch_size, 1), ("show_images", show_images, 0)):
@@ -86,13 +86,13 @@ for name, value, low in (("eval_max_images", eval_max_images, 0), ("eval_batch_s
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 if lpips_backbone not in perceptual.BACKBONES:
     raise ValueError(f"lpips_backbone must be one of {perceptual.BACKBONES}, got {lpips_backbone!r}")
-if eval_source == "val" and not (run / "data" / "val").is_dir():
-    raise ValueError(f"eval_source='val' but {run}/data/val does not exist: run 01_data_prep for this run, "
+if eval_source == "val" and not (run_dir / "data" / "val").is_dir():
+    raise ValueError(f"eval_source='val' but {run_dir}/data/val does not exist: run 01_data_prep for this run, "
                      "or pass a folder or a hub dataset id")
 if base_config and not base_model:
     raise ValueError("base_config is only used with an explicit base_model; leave both empty for the run's own")
 dev = runinfo.pick_device(device)
-eval_dir = run / "eval"
+eval_dir = run_dir / "eval"
 torch.manual_seed(seed)
 print(f"device {dev}; results go to {eval_dir}")
 
@@ -102,7 +102,7 @@ print(f"device {dev}; results go to {eval_dir}")
 # are the base with the latest checkpoint's decoder; `export` is 04's diffusers folder, if written.
 
 # %%
-specs = evaluate.run_models(run, base_model, base_config, compare, seed)
+specs = evaluate.run_models(run_dir, base_model, base_config, compare, seed)
 model_notes = {s.name: {"source": s.source(), "pretrained": s.pretrained, "step": s.step} for s in specs}
 display(pd.DataFrame(model_notes).T)
 if not all(s.pretrained for s in specs):
@@ -118,7 +118,7 @@ finetuned = "finetuned-ema" if "finetuned-ema" in vaes else next(n for n in vaes
 # (posterior mode), decode. Mean ± std over images; arrows say which way is better.
 
 # %%
-images = evaluate.image_set(eval_source, run, eval_split, eval_image_column, eval_max_images)
+images = evaluate.image_set(eval_source, run_dir, eval_split, eval_image_column, eval_max_images)
 result = evaluate.evaluate(vaes, images, resolution=eval_resolution, batch_size=eval_batch_size, device=dev,
                            lpips_backbone=lpips_backbone, rfid=rfid, n_show=show_images,
                            finetuned=finetuned, seed=seed)
@@ -178,4 +178,4 @@ for name, fig in (("tiling", compare_plots.tiling_figure(check_details)), ("fp16
 results = dict(eval_report.summary_json(result, model_notes),
                decode_checks=json.loads(checks.reset_index().to_json(orient="records")),
                files={k: str(p) for k, p in paths.items()})
-runinfo.write_record(run / "03_eval.record.json", runinfo.notebook_parameters("03_eval", globals()), results, dev)
+runinfo.write_record(run_dir / "03_eval.record.json", runinfo.notebook_parameters("03_eval", globals()), results, dev)

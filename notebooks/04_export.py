@@ -70,9 +70,9 @@ seed = 0  # seed of the latents every reloaded file must decode like the in-memo
 device = "auto"  # "auto", "cpu" or "cuda"
 
 # %%
-run = runinfo.run_dir(outputs_dir, run_name)
-if not run.is_dir():
-    raise ValueError(f"run_name: {run} does not exist; run 02_train with this run_name first")
+run_dir = runinfo.run_dir(outputs_dir, run_name)
+if not run_dir.is_dir():
+    raise ValueError(f"run_name: {run_dir} does not exist; run 02_train with this run_name first")
 if weights not in ("ema", "raw"):
     raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
 name = model_name or run_name  # a run is never released as "furception" unless asked to
@@ -84,14 +84,14 @@ if push_to_hub and hub_repo.count("/") != 1:
 if base_config and not base_model:
     raise ValueError("base_config is only used with an explicit base_model; leave both empty for the run's own")
 dev = runinfo.pick_device(device)
-stage_dir, export_dir = run / export.STAGING, run / export.EXPORT
+stage_dir, export_dir = run_dir / export.STAGING, run_dir / export.EXPORT
 
 # %% [markdown]
 # ## 1. Build the release VAE
 # The base model's encoder and `quant_conv` with the run's finetuned decoder and `post_quant_conv`.
 
 # %%
-release = export.release_source(run, weights, base_model, base_config)
+release = export.release_source(run_dir, weights, base_model, base_config)
 vae = export.build_release_vae(release.base_model, release.base_config, release.decoder_weights,
                                release.base_seed)
 stem = export.release_stem(name, version, release.step)
@@ -127,9 +127,9 @@ pd.DataFrame([{"file": c["file"], "loader": c["loader"], "MB": round(hashes[c["f
                "decode diff": f"{c['decode_max_abs_diff']:.2e}", "passed": c["passed"]} for c in checks])
 
 # %%
-images, picture = export.val_images(run), ""
+images, picture = export.val_images(run_dir), ""
 if images is None:
-    print(f"No {run}/data/val/*.png: skipping the side-by-side figure (the card has no picture).")
+    print(f"No val images in {run_dir}/data/val: skipping the side-by-side figure (the card has no picture).")
 else:
     base_vae = models.load_vae(release.base_model, release.base_config, release.base_seed)
     exported = models.load_vae(str(files["single"]), base_config=str(stage_dir / "diffusers"))
@@ -142,7 +142,7 @@ else:
 # Written as `export/README.md`; then the manifest (sizes, SHA-256, checks) and the move to `export/`.
 
 # %%
-card = model_card.model_card(run, release, vae.config, name, version, license, fp16_copy, hub_repo,
+card = model_card.model_card(run_dir, release, vae.config, name, version, license, fp16_copy, hub_repo,
                              training_data, picture)
 (stage_dir / "README.md").write_text(card)
 manifest = export.finalize_export(stage_dir, export_dir, release, checks)
@@ -156,7 +156,7 @@ hub_url = export.push_to_hub(export_dir, hub_repo) if push_to_hub else None
 print(hub_url or "push_to_hub is False: nothing uploaded.")
 
 # %%
-runinfo.write_record(run / "04_export.record.json",
+runinfo.write_record(run_dir / "04_export.record.json",
                      runinfo.notebook_parameters("04_export", globals()),
                      dict(export_dir=str(export_dir), step=release.step, base_model=release.base_model, name=stem,
                           files=manifest["files"], verification=checks, passed=manifest["passed"],

@@ -6,13 +6,12 @@ bundled ``data/`` files, matplotlib's ``mpl-data/sample_data``, scikit-learn's s
 through ``skimage.data`` fetchers, which may call pooch. The artwork imitates the target domain
 (flat fills, dark outlines, gradients, strokes) so that a CPU smoke run trains on something like it.
 
-``builtin_images`` yields ``(input_id, src)``: ``src`` is a ``Path`` for a photo (a path that does not
-exist when a package or file is absent, so the loader records it as ``missing``) or an RGB PIL
-image for a drawing. Photos smaller than the training crop are the caller's to reject.
+``builtin_sources`` lists ``(input_id, src)``: ``src`` is a ``Path`` for a photo (a path that does not
+exist when a package or file is absent, so the loader records it as ``missing``) or a function
+that draws the RGB PIL image. Photos smaller than the training crop are the caller's to reject.
 """
 
 import importlib.util
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -64,11 +63,6 @@ def pretrain_photos() -> list[tuple[str, Path]]:
     return [(name, photo_path(package, folder, filename)) for name, package, folder, filename in PHOTOS
             if name not in HELD_OUT_PHOTOS]
 
-
-def builtin_images(art_count: int = 24, seed: int = 0) -> Iterator[tuple[str, object]]:
-    """Yield ``("builtin/photo/<name>", Path)`` per photo, then ``("builtin/art/NNN", image)``."""
-    for input_id, src in builtin_sources(art_count, seed):
-        yield input_id, src() if callable(src) else src
 
 
 def draw_art(index: int, seed: int = 0) -> Image.Image:
