@@ -22,13 +22,10 @@ METRICS = ("psnr", "ssim", "delta_e_ok", "ab_shift", "d_chroma", "hf_ratio", "hf
 
 def profile_params(profile: str, overrides: dict, stage: str = "02_train") -> dict:
     """A stage's parameters as the pipeline gives them: defaults, then the profile's keys."""
-    import ast
+    from furlib.pipeline import load_profile, stage_defaults
 
-    from furlib.pipeline import declared_parameters, load_profile
-
-    params = {k: ast.literal_eval(v) for k, v in declared_parameters(stage).items()}  # the cell's defaults
-    profile_values = load_profile(profile)
-    params.update({k: v for k, v in profile_values.items() if k in declared_parameters(stage)})
+    params = stage_defaults(stage)
+    params.update({k: v for k, v in load_profile(profile).items() if k in params})
     unknown = set(overrides) - set(params)
     if unknown:
         raise ValueError(f"variant overrides {sorted(unknown)} are not {stage} parameters")

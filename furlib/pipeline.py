@@ -42,6 +42,11 @@ def declared_parameters(stage: str) -> dict:
             if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)}
 
 
+def stage_defaults(stage: str) -> dict:
+    """A notebook's parameter defaults as values (its ``parameters`` cell, evaluated)."""
+    return {k: ast.literal_eval(v) for k, v in declared_parameters(stage).items()}
+
+
 def load_profile(path: str | Path, overrides: dict | None = None) -> dict:
     """A profile's parameters; raises ValueError naming any key no notebook declares."""
     path = Path(path)
@@ -71,9 +76,9 @@ def run(profile: str | Path, stages=STAGES, overrides: dict | None = None, log_o
     import papermill
 
     params = load_profile(profile, overrides)
-    defaults = declared_parameters(STAGES[0])  # the notebooks' own defaults, as source text
+    defaults = stage_defaults(STAGES[0])  # the notebooks' own defaults
     for key in ("run_name", "outputs_dir"):  # every stage works on the same run folder
-        params.setdefault(key, ast.literal_eval(defaults[key]))
+        params.setdefault(key, defaults[key])
     run_dir = ROOT / params["outputs_dir"] / params["run_name"]
     run_dir.mkdir(parents=True, exist_ok=True)
     for stage in stages:

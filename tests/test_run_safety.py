@@ -210,11 +210,9 @@ def test_cli_checks_before_any_work(tmp_path):
 
 
 def test_notebook_cell_states_the_library_defaults():
-    import ast
-
     from furlib import pipeline
 
-    cell = {k: ast.literal_eval(v) for k, v in pipeline.declared_parameters("02_train").items()}
+    cell = pipeline.stage_defaults("02_train")
     defaults = dataclasses.asdict(TrainSettings())
     assert cell == defaults
     assert cell["run_name"] != "demo", "the default run must not resume make demo's folder"
