@@ -64,6 +64,7 @@ base_model = ""                # empty: the base the run was trained from (its c
 base_config = ""               # diffusers folder giving a single-file base_model its architecture
 compare = ""                   # extra VAEs, comma-separated: hub ids, diffusers folders, .safetensors
 eval_source = "val"            # "val" (the run's val split), a folder of images, or a hub dataset id
+reference_source = ""          # a second set scored apart, e.g. "builtin-photos": what the finetune costs the base's domain
 eval_split = "validation"      # split of a hub dataset
 eval_image_column = "image"    # image column of a hub dataset
 eval_resolution = 256          # crop side, px (multiple of 8; sd-vae-ft-mse's table uses 256)
@@ -133,6 +134,27 @@ for detail in (result.notes["lpips_detail"], result.notes["rfid_detail"]):
 show(compare_plots.metrics_figure(result.per_image), save_to=eval_dir / "metrics.png")
 
 # %% [markdown]
+# ### The base's own domain
+# A finetune adapts the decoder to new images; `reference_source` (e.g. `builtin-photos`, the
+# photographs the shipped base never trained on) shows what that cost where the base was good.
+# Scored the same way, reported apart in `eval/reference/`.
+
+# %%
+reference = None
+if reference_source:
+    reference_images = evaluate.image_set(reference_source, run_dir, eval_split, eval_image_column, eval_max_images)
+    reference = evaluate.evaluate(vaes, reference_images, resolution=eval_resolution, batch_size=eval_batch_size,
+                                  device=dev, lpips_backbone=lpips_backbone, rfid=False, n_show=show_images,
+                                  finetuned=finetuned, seed=seed)
+    eval_report.write_outputs(reference, eval_dir / "reference", model_notes)
+    paths["md"].write_text(paths["md"].read_text() + f"\n\n## Reference set: {reference_source}\n\n"
+                           + eval_report.markdown(reference, model_notes))
+    display(eval_report.summary_table(reference))
+    show(compare_plots.comparison_figure(reference.examples["chosen"], "base", finetuned,
+                                         f"{reference_source}: the base's own domain", reference.per_image),
+         save_to=eval_dir / "reference" / "diff_chosen.png")
+
+# %% [markdown]
 # ## 3. Where it differs
 # original | base | finetuned | |error| maps on one shared scale | a zoom where the errors
 # differ most (cyan box). Ranked by each image's PSNR change of the finetune over the base.
@@ -176,6 +198,7 @@ for name, fig in (("tiling", compare_plots.tiling_figure(check_details)), ("fp16
 
 # %%
 results = dict(eval_report.summary_json(result, model_notes),
+               reference=eval_report.summary_json(reference, model_notes) if reference else None,
                decode_checks=json.loads(checks.reset_index().to_json(orient="records")),
                files={k: str(p) for k, p in paths.items()})
 runinfo.write_record(run_dir / "03_eval.record.json", runinfo.notebook_parameters("03_eval", globals()), results, dev)

@@ -35,7 +35,6 @@ PHOTOS = (
 # The shipped pretrained base (``base_model: tiny``, scripts/pretrain_base.py) never sees these:
 # measured on them, and on every drawing of the demo's seed. ``camera`` is the demo's val photo.
 HELD_OUT_PHOTOS = ("astronaut", "camera", "coffee", "rocket")
-PRETRAIN_ART_SEED = 1  # the base's drawings; the demo and tests draw with seed 0
 ART_VERSION = 1  # bump when the drawing code changes, so prepared data is rebuilt
 OUTLINE = (24, 18, 32)  # near-black ink
 SUPERSAMPLE = 2  # drawn at 2x, then Lanczos-downscaled: anti-aliased edges like real artwork
@@ -49,13 +48,22 @@ def photo_path(package: str, folder: str, name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / folder / name
 
 
-def builtin_sources(art_count: int = 24, seed: int = 0) -> list[tuple[str, object]]:
-    """``[(input_id, src)]``: a ``Path`` per photo, then a zero-argument function per drawing
-    (call it for the PIL image), so a caller that skips an input does not pay for drawing it."""
+BUILTIN_SOURCES = {  # source name -> what it yields
+    "builtin": "the bundled photographs, then the drawings",
+    "builtin-art": "the drawings only (the demo's domain: what it finetunes on)",
+    "builtin-photos": "the photographs the shipped base never trained on (HELD_OUT_PHOTOS)",
+}
+
+
+def builtin_sources(art_count: int = 24, seed: int = 0, source: str = "builtin") -> list[tuple[str, object]]:
+    """``[(input_id, src)]`` of one of ``BUILTIN_SOURCES``: a ``Path`` per photo, then a
+    zero-argument function per drawing (call it for the PIL image), so a caller that skips an
+    input does not pay for drawing it."""
     photos = [(f"builtin/photo/{name}", photo_path(package, folder, filename))
-              for name, package, folder, filename in PHOTOS]
+              for name, package, folder, filename in PHOTOS
+              if source == "builtin" or (source == "builtin-photos" and name in HELD_OUT_PHOTOS)]
     art = [(f"builtin/art/{index:03d}", partial(draw_art, index, seed)) for index in range(art_count)]
-    return photos + art
+    return photos + (art if source != "builtin-photos" else [])
 
 
 def pretrain_photos() -> list[tuple[str, Path]]:
@@ -176,3 +184,71 @@ def _sparkles(draw, rng, size, palette):
 
 
 _SHAPES = {"ellipse": _ellipse, "box": _rounded_box, "blob": _blob, "stroke": _stroke, "pie": _pie}
+
+
+# ---- natural-image-like synthetic images: what the shipped base pretrains on beside photos ----
+NATURAL_SEED = 1  # scripts/pretrain_base.py's images; nothing else draws with this generator
+
+
+def draw_natural(index: int, seed: int = NATURAL_SEED) -> Image.Image:
+    """One deterministic "dead leaves" image with natural statistics, RGB, sides 512-1024 px.
+
+    Occluding ellipses with power-law sizes (the scale invariance of natural scenes), muted
+    colours (low saturation, as photographs have), each leaf shaded by a smooth gradient; then
+    1/f texture, uneven light, a random defocus blur and sensor noise. No outlines, no flat
+    saturated fills: nothing of the drawings the demo adapts the decoder to."""
+    rng = np.random.default_rng([seed, index, 7])
+    width, height = (int(v) for v in rng.integers(512, 1025, 2))
+    canvas = np.empty((height, width, 3), np.float32)
+    canvas[:] = _muted_colour(rng)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    for _ in range(int(rng.integers(600, 1500))):
+        _leaf(canvas, rng, xx, yy)
+    canvas *= 1 + rng.uniform(0.05, 0.25) * _pink_noise(rng, height, width)[..., None]
+    angle, light = rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.35)
+    ramp = (np.cos(angle) * xx / width + np.sin(angle) * yy / height)
+    canvas *= 1 - light * (ramp - ramp.min())[..., None] / max(float(np.ptp(ramp)), 1e-6)
+    image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
+    blur = float(rng.choice([0.0, rng.uniform(0.3, 1.6)], p=[0.4, 0.6]))
+    if blur:
+        from PIL import ImageFilter
+        image = image.filter(ImageFilter.GaussianBlur(blur))
+    noisy = np.asarray(image, np.float32) + rng.normal(0, rng.uniform(0, 4), (height, width, 3))
+    return Image.fromarray(np.clip(noisy + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+def _muted_colour(rng) -> np.ndarray:
+    """A colour as photographs hold them: mostly low saturation, any brightness (HSV 0-255)."""
+    hsv = np.array([[[rng.integers(0, 256), 255 * rng.beta(1.3, 3.5), rng.integers(25, 246)]]], np.uint8)
+    return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"), np.float32)[0, 0]
+
+
+def _leaf(canvas, rng, xx, yy) -> None:
+    """An ellipse of radius ~ r^-3 between 0.8 % and 40 % of the short side, painted over
+    ``canvas`` (float RGB, HWC) with a shading gradient across it."""
+    height, width = canvas.shape[:2]
+    low, high = 0.008 * min(height, width), 0.4 * min(height, width)
+    r = low / np.sqrt(1 - rng.random() * (1 - (low / high) ** 2))  # p(r) ∝ r^-3 on [low, high]
+    cx, cy = rng.uniform(-r, width + r), rng.uniform(-r, height + r)
+    aspect, theta = rng.uniform(0.4, 1.0), rng.uniform(0, np.pi)
+    x0, x1 = int(max(cx - r, 0)), int(min(cx + r + 1, width))
+    y0, y1 = int(max(cy - r, 0)), int(min(cy + r + 1, height))
+    if x0 >= x1 or y0 >= y1:
+        return
+    dx, dy = xx[y0:y1, x0:x1] - cx, yy[y0:y1, x0:x1] - cy
+    u = (dx * np.cos(theta) + dy * np.sin(theta)) / r
+    v = (-dx * np.sin(theta) + dy * np.cos(theta)) / (r * aspect)
+    inside = u * u + v * v <= 1
+    shade = 1 + rng.uniform(-0.25, 0.25) * u  # light falling across the leaf
+    canvas[y0:y1, x0:x1][inside] = (_muted_colour(rng)[None] * shade[inside][:, None])
+
+
+def _pink_noise(rng, height: int, width: int) -> np.ndarray:
+    """Zero-mean, unit-peak noise with a 1/f^beta amplitude spectrum, beta in [1, 2]."""
+    fy, fx = np.fft.fftfreq(height)[:, None], np.fft.rfftfreq(width)[None]
+    f = np.sqrt(fx * fx + fy * fy)
+    f[0, 0] = 1.0
+    spectrum = (rng.normal(size=f.shape) + 1j * rng.normal(size=f.shape)) / f ** rng.uniform(1.0, 2.0)
+    spectrum[0, 0] = 0
+    noise = np.fft.irfft2(spectrum, s=(height, width)).astype(np.float32)
+    return noise / max(float(np.abs(noise).max()), 1e-6)

@@ -21,7 +21,7 @@ from typing import NamedTuple
 from PIL import Image
 
 from furlib.runinfo import hub_unreachable  # noqa: F401 (tests patch it here)
-from furlib.data.builtin import ART_VERSION, builtin_sources
+from furlib.data.builtin import ART_VERSION, BUILTIN_SOURCES, builtin_sources
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 TABLE_SUFFIXES = (".parquet", ".arrow")
@@ -45,7 +45,7 @@ def iter_source(source, source_split: str = "train", image_column: str = "image"
                 max_images: int = 0, *, art_count: int = 24, seed: int = 0):
     """Yield ``(input_id, src)`` for each image of a source (``src`` is what load_rgb accepts).
 
-    ``source``: "builtin"; a local folder (recursive, by extension; hidden files skipped); a local
+    ``source``: "builtin", "builtin-art" or "builtin-photos" (``builtin.BUILTIN_SOURCES``); a local folder (recursive, by extension; hidden files skipped); a local
     .parquet/.arrow file; a ``save_to_disk`` folder or a folder of parquet/arrow files; else a
     Hugging Face Hub dataset id, streamed. ``max_images``: 0 = all.
     """
@@ -59,7 +59,7 @@ def iter_source(source, source_split: str = "train", image_column: str = "image"
 def _kind(source) -> tuple[str, Path]:
     """builtin, folder (of images), table (parquet/arrow/save_to_disk) or hub."""
     path = Path(str(source)).expanduser()
-    if source == "builtin":
+    if source in BUILTIN_SOURCES:
         return "builtin", path
     if path.is_file():
         if path.suffix.lower() not in TABLE_SUFFIXES:
@@ -80,7 +80,7 @@ def _kind(source) -> tuple[str, Path]:
 def source_key(source, source_split: str, image_column: str) -> str:
     """What journal keys are scoped to: the same input id from another source is another input."""
     kind, path = _kind(source)
-    where = {"builtin": "builtin", "hub": f"hub:{source}"}.get(kind) or str(path.resolve())
+    where = {"builtin": str(source), "hub": f"hub:{source}"}.get(kind) or str(path.resolve())
     return where if kind in ("builtin", "folder") else f"{where}|{source_split}|{image_column}"
 
 
@@ -96,7 +96,7 @@ def iter_inputs(source, source_split, image_column, max_images, art_count=24, se
     if kind == "builtin":
         art_stamp = f"art{ART_VERSION}-seed{seed}"
         items = [Input(i, s, _stamp(s) if isinstance(s, Path) else art_stamp)
-                 for i, s in builtin_sources(art_count, seed)]
+                 for i, s in builtin_sources(art_count, seed, str(source))]
     elif kind == "folder":
         items = [Input(f.relative_to(path).as_posix(), f, _stamp(f),
                         "" if f.suffix.lower() in IMAGE_SUFFIXES else "not_an_image")

@@ -106,11 +106,14 @@ class ImageSet:
 def image_set(eval_source: str, run_dir, split: str = "validation", image_column: str = "image",
               max_images: int = 0) -> ImageSet:
     """'val' (the run's ``data/val`` images), or any source 01 reads (``sources.iter_source``):
-    a folder, a parquet/arrow file or saved dataset, or a Hugging Face dataset id (streamed)."""
+    a built-in set (e.g. 'builtin-photos'), a folder, a parquet/arrow file or saved dataset, or a
+    Hugging Face dataset id (streamed)."""
+    from furlib.data.builtin import BUILTIN_SOURCES
+
     source = str(Path(run_dir) / "data" / "val") if eval_source == "val" else eval_source
     name = f"{Path(run_dir).name} val split" if eval_source == "val" else eval_source
     items = _SourceItems(source, split, image_column, max_images)
-    if Path(source).expanduser().exists():  # local: list once, so the total is known
+    if source in BUILTIN_SOURCES or Path(source).expanduser().exists():  # local: list once (a known total)
         items = list(items)
         if not items:
             raise ValueError(f"eval_source {eval_source!r}: no images in {source}")
