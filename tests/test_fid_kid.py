@@ -99,6 +99,20 @@ def test_rfid_and_kid_match_their_formulas_over_uneven_batches():
     assert fid_kid.kid_protocol(12) == "one subset of all 12 images"
 
 
+def test_low_rank_frechet_distance_equals_the_eigenvalue_route():
+    """Fewer images (12) than dimensions (48): the nuclear-norm form against torch-fidelity's
+    2048-style eigenvalue computation on the same features."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    g = torch.Generator().manual_seed(3)
+    f1, f2 = torch.rand(12, 48, generator=g, dtype=torch.float64), torch.rand(12, 48, generator=g, dtype=torch.float64)
+    f2 = f2 * 1.3 + 0.1
+    stats = fid_features_to_statistics(f1), fid_features_to_statistics(f2)
+    expected = next(iter(fid_statistics_to_metric(*stats, False).values()))
+    assert fid_kid.frechet_distance(f1, f2) == pytest.approx(expected, rel=1e-6)
+    assert fid_kid.frechet_distance(f1, f1) == pytest.approx(0.0, abs=1e-9)
+
+
 def test_rfid_needs_two_images():
     scores = fid_kid.RFID("cpu", extractor=_fake_features)
     scores.update("real", _image(1))

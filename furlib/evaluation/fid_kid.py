@@ -8,9 +8,10 @@ of the last mixed block (at 299 px the network's own 8x8 average pool, the same 
 Preprocessing as the TF FID: reconstructions clamped and rounded to 8 bit (what a saved image
 holds), resized to 299x299 with TF1's bilinear resize (torch-fidelity's port), scaled
 ``u8 / 128 - 1`` into [-1, 0.9921875].
-Maths, torch-fidelity's (a requirement already): FID from the feature means and covariances;
-KID = unbiased MMD² with the cubic polynomial kernel ``(x·y / 2048 + 1)³``, on one subset of all
-n images when n ≤ 1000 (deterministic) and on 100 random subsets of 1000 otherwise, as usual.
+Maths: FID from the feature means and covariances (``frechet_distance``: torch-fidelity's for
+n >= 2048, an exact low-rank form below that); KID by torch-fidelity (a requirement already):
+unbiased MMD² with the cubic polynomial kernel ``(x·y / 2048 + 1)³``, on one subset of all n
+images when n ≤ 1000 (deterministic) and on 100 random subsets of 1000 otherwise, as usual.
 FID is biased upwards and unstable below ~2048 images (its 2048x2048 covariance is then
 rank-deficient); KID is unbiased at any n, which is why both are reported, with n.
 """
@@ -84,29 +85,45 @@ class RFID:
         self.features.setdefault(key, []).append(f)
 
     def compute(self) -> dict:
-        from torch_fidelity.metric_fid import (
-            KEY_METRIC_FID,
-            fid_features_to_statistics,
-            fid_statistics_to_metric,
-        )
         from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
 
         feats = {k: torch.cat(v).double() for k, v in self.features.items()}
         n = len(feats.get("real", ()))
         if n < 2:
             raise ValueError("rFID and KID need at least 2 images")
-        real_stats = fid_features_to_statistics(feats["real"])
-        subset = min(n, KID_SUBSET)
-        kid_args = dict(kid_subsets=1 if n <= KID_SUBSET else KID_SUBSETS, kid_subset_size=subset,
-                        rng_seed=self.seed, verbose=False)
+        kid_args = dict(kid_subsets=1 if n <= KID_SUBSET else KID_SUBSETS,
+                        kid_subset_size=min(n, KID_SUBSET), rng_seed=self.seed, verbose=False)
         out = {}
         for key, f in feats.items():
-            if key == "real":
-                continue
-            fid = fid_statistics_to_metric(real_stats, fid_features_to_statistics(f), False)[KEY_METRIC_FID]
-            kid = kid_features_to_metric(feats["real"], f, **kid_args)[KEY_METRIC_KID_MEAN]
-            out[key] = {"rfid": float(fid), "kid": float(kid), "n": len(f)}
+            if key != "real":
+                kid = kid_features_to_metric(feats["real"], f, **kid_args)[KEY_METRIC_KID_MEAN]
+                out[key] = {"rfid": frechet_distance(feats["real"], f), "kid": float(kid), "n": len(f)}
         return out
+
+
+def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
+    """FID of two (n, D) float64 feature sets: |mu1 - mu2|² + tr S1 + tr S2 - 2 tr sqrt(S1 S2).
+
+    With fewer images than dimensions (n < 2048, the usual eval set) S1 S2 has rank < n and
+    tr sqrt(S1 S2) is exactly the nuclear norm of A1ᵀ A2 / sqrt((n1-1)(n2-1)) (A: centred
+    features, D x n): an n x n SVD instead of a 2048 x 2048 non-symmetric eigenproblem
+    (torch-fidelity's route, ~1 min on 2 CPU cores, kept for larger sets).
+    """
+    from torch_fidelity.metric_fid import (
+        KEY_METRIC_FID,
+        fid_features_to_statistics,
+        fid_statistics_to_metric,
+    )
+
+    n1, n2, dim = len(f1), len(f2), f1.shape[1]
+    if min(n1, n2) >= dim:
+        stats = fid_features_to_statistics(f1), fid_features_to_statistics(f2)
+        return float(fid_statistics_to_metric(*stats, False)[KEY_METRIC_FID])
+    a1, a2 = f1 - f1.mean(0), f2 - f2.mean(0)  # (n, D)
+    mean_term = (f1.mean(0) - f2.mean(0)).square().sum()
+    traces = a1.square().sum() / (n1 - 1) + a2.square().sum() / (n2 - 1)
+    cross = torch.linalg.matrix_norm(a1 @ a2.T, ord="nuc") / ((n1 - 1) * (n2 - 1)) ** 0.5
+    return float(mean_term + traces - 2 * cross)
 
 
 def kid_protocol(n: int) -> str:
