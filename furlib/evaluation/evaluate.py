@@ -3,7 +3,8 @@
 Protocol: each image's short side is resized to ``resolution`` (Lanczos) and centre-cropped to a
 square; every VAE encodes with its own encoder, takes the posterior *mode* (deterministic) and
 decodes. Batches run under ``torch.inference_mode``, in bf16 autocast on CUDA and fp32 on the
-CPU. Only per-image metrics (``furlib.evaluation.metrics``) and a few 8-bit images for pictures stay in
+CPU. Only per-image metrics (``furlib.evaluation.metrics``), pool3 features for rFID / KID
+(``furlib.evaluation.fid_kid``, 8 KiB an image) and a few 8-bit images for pictures stay in
 memory, so the set can be large. Images are ``rgb_m11`` NCHW; kept pictures are uint8 HWC.
 Report tables and files: ``furlib.evaluation.report``; tiled and fp16 decode checks: ``furlib.evaluation.decode_checks``.
 """
@@ -20,7 +21,7 @@ import pandas as pd
 import torch
 
 from furlib.training import checkpoint
-from furlib.evaluation import metrics
+from furlib.evaluation import fid_kid, metrics
 from furlib.images import center_crop, to_rgb_m11, to_uint8
 from furlib.models import is_pretrained, load_vae, with_decoder
 
@@ -208,6 +209,7 @@ class EvalResult:
     rfid: dict                       # model -> float, or "n/a"
     notes: dict                      # image_set, n_images, resolution, lpips, rfid, models ...
     examples: dict = field(default_factory=dict)  # chosen / most_improved / most_regressed
+    kid: dict = field(default_factory=dict)       # model -> float (unbiased KID), or "n/a"
 
 
 def evaluate(vaes: dict, images: ImageSet, *, resolution: int = 256, batch_size: int = 8,
@@ -224,7 +226,7 @@ def evaluate(vaes: dict, images: ImageSet, *, resolution: int = 256, batch_size:
         raise ValueError(f"rank_by must be 'psnr' or 'lpips', got {rank_by!r}")
     device = torch.device(device)
     lpips, lpips_note = _load_lpips(lpips_backbone, device, seed, rank_by)
-    fid, rfid_note = _make_rfid(rfid, device)
+    fid, rfid_note = _make_rfid(rfid, device, seed)
     finetuned = finetuned or next((n for n in vaes if n != base), "")
     label = "ΔPSNR (dB)" if rank_by == "psnr" else "−ΔLPIPS"
     keeper, rows, n = _Keeper(n_show, label), [], 0
@@ -237,11 +239,11 @@ def evaluate(vaes: dict, images: ImageSet, *, resolution: int = 256, batch_size:
         n += len(ids)
     if n == 0:
         raise ValueError("eval_source: the image set is empty")
-    rfid_values, rfid_note = _finish_rfid(fid, rfid_note, list(vaes), n)
+    (rfid_values, kid_values), rfid_note = _finish_rfid(fid, rfid_note, list(vaes), n)
     notes = {"image_set": images.name, "n_images": n, "resolution": resolution,
              "lpips": lpips_note[0], "lpips_detail": lpips_note[1], "rfid": rfid_note[0],
              "rfid_detail": rfid_note[1], "rank_by": f"{rank_by}: {finetuned} vs {base}"}
-    return EvalResult(pd.DataFrame(rows), rfid_values, notes, keeper.examples())
+    return EvalResult(pd.DataFrame(rows), rfid_values, notes, keeper.examples(), kid_values)
 
 
 def _load_lpips(lpips_backbone: str, device, seed: int, rank_by: str):
@@ -250,7 +252,7 @@ def _load_lpips(lpips_backbone: str, device, seed: int, rank_by: str):
     if rank_by == "lpips" and lpips is None:
         raise ValueError(f"rank_by='lpips' but LPIPS is unavailable: {lpips_text}")
     note = (lpips_text, "") if lpips is not None else \
-        ("LPIPS n/a (pretrained AlexNet weights unavailable)", lpips_text)
+        ("LPIPS n/a (pretrained AlexNet weights not installed)", lpips_text)
     return lpips, note
 
 
@@ -276,21 +278,26 @@ def _delta(per_model: dict, base: str, finetuned: str, rank_by: str):
     return -d if rank_by == "lpips" else d  # positive = the finetune is better
 
 
-def _make_rfid(enabled: bool, device):
+def _make_rfid(enabled: bool, device, seed: int):
     """(RFID or None, (short note, detail)); the short note goes into metrics.md."""
     if not enabled:
-        return None, ("rFID not computed (rfid=False)", "")
+        return None, ("rFID and KID not computed (rfid=False)", "")
     try:
-        return metrics.RFID(device), ("", "")
-    except metrics.RFIDUnavailable as err:
-        return None, ("rFID n/a (FID Inception weights unavailable)", str(err))
+        return fid_kid.RFID(device, seed=seed), ("", "")
+    except fid_kid.RFIDUnavailable as err:
+        return None, ("rFID and KID n/a (FID Inception weights not installed)", str(err))
 
 
 def _finish_rfid(fid, note: tuple, names: list, n: int):
+    """(({model: rFID}, {model: KID}), (short note, detail)); "n/a" where not computed."""
+    na = {k: "n/a" for k in names}
     if fid is None:
-        return {k: "n/a" for k in names}, note
+        return (na, na), note
     if n < 2:
-        return {k: "n/a" for k in names}, ("rFID n/a (it needs at least 2 images)", "")
-    small = " (under 2048 images the covariance is rank-deficient: compare on the same set only)"
-    return fid.compute(), (f"rFID over {n} images, FID Inception-v3 pool3{small if n < 2048 else ''}", "")
+        return (na, na), ("rFID and KID n/a (they need at least 2 images)", "")
+    scores = fid.compute()
+    small = " (FID is biased upwards below ~2048 images: compare models on the same set only)"
+    text = (f"rFID and KID (unbiased, cubic kernel, {fid_kid.kid_protocol(n)}) of each model's {n} "
+            f"reconstructions vs the {n} originals, FID Inception-v3 pool3{small if n < 2048 else ''}")
+    return ({k: v["rfid"] for k, v in scores.items()}, {k: v["kid"] for k, v in scores.items()}), (text, "")
 

