@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 METRICS = ("psnr", "ssim", "delta_e_ok", "ab_shift", "d_chroma", "hf_ratio", "hf_error")
+SCORE_LPIPS = False  # scripts that can load the pretrained trunk set this: LPIPS(vgg) per model too
 
 
 def profile_params(profile: str, overrides: dict, stage: str = "02_train") -> dict:
@@ -121,13 +122,18 @@ def score_run(run: Path, device, resolution: int, ckpt: Path | None = None) -> d
     from furlib.training import checkpoint
     from furlib.training.crops import list_images
 
+    from furlib.perceptual import LPIPS
+
     paths = list_images(run / "data" / "val")
     x = torch.stack([preprocess(p, resolution) for p in paths]).to(device)
+    lpips = LPIPS("vgg", "pretrained").to(device) if SCORE_LPIPS else None
     out = {}
     for name, vae in load_models(eval_models(run, ckpt or checkpoint.find_run_checkpoint(run)), device).items():
         recon = vae.float().decode(vae.encode(x).latent_dist.mode()).sample
         m = per_image_metrics(x, recon)
         out[name] = {k: float(m[k].mean()) for k in METRICS}
+        if lpips is not None:
+            out[name]["lpips_vgg"] = float(lpips(x, recon.clamp(-1, 1)).mean())
     out["n_images"] = len(paths)
     return out
 
@@ -167,18 +173,23 @@ def run_parallel(script: str, names: list, jobs: int, root: Path, extra: list, d
 
 def table(results: list, finetuned: str = "finetuned-ema") -> str:
     """Markdown: per variant, base vs the finetuned EMA decoder on the val split."""
-    head = ("| variant | steps | skipped | PSNR base → EMA (dB) | ΔE_ok base → EMA | "
-            "HF ratio base → EMA | ab shift EMA | steps reached |\n|---|---|---|---|---|---|---|---|\n")
+    head = ("| variant | steps | skipped | PSNR base → EMA (dB) | ΔE_ok base → EMA | LPIPS(vgg) base → EMA | "
+            "HF ratio base → EMA | ab shift EMA | steps reached |\n|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for r in results:
         if "failed" in r:
-            rows.append(f"| {r['name']} | failed: {r['failed']} |||||||")
+            rows.append(f"| {r['name']} | failed: {r['failed']} ||||||||")
             continue
         b, f, t = r["scores"]["base"], r["scores"][finetuned], r["train"]
         rows.append(f"| {r['name']} | {t['step']} | {t['skipped_steps']} | {b['psnr']:.2f} → {f['psnr']:.2f} | "
-                    f"{b['delta_e_ok']:.4f} → {f['delta_e_ok']:.4f} | {b['hf_ratio']:.3f} → {f['hf_ratio']:.3f} | "
+                    f"{b['delta_e_ok']:.4f} → {f['delta_e_ok']:.4f} | {_lp(b)} → {_lp(f)} | "
+                    f"{b['hf_ratio']:.3f} → {f['hf_ratio']:.3f} | "
                     f"{f['ab_shift']:.4f} | {r.get('reached', t['step'])} |")
     return head + "\n".join(rows) + "\n"
+
+
+def _lp(scores: dict) -> str:
+    return f"{scores['lpips_vgg']:.4f}" if "lpips_vgg" in scores else "n/a"
 
 
 def _series(history: list, key: str) -> list:
