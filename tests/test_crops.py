@@ -346,17 +346,3 @@ def test_data_prep_ignores_the_pixel_cache(split, tmp_path):
     assert again["accepted"] == first["accepted"] and len(first["accepted"]) == 3
     assert len(list((data / "pixel_cache").glob("*.npy"))) >= 1
 
-
-def test_stale_temporaries_are_swept_fresh_ones_kept(tmp_path):
-    import os
-    import time
-
-    old, fresh, entry = tmp_path / ".a.x1.tmp", tmp_path / ".b.x2.tmp", tmp_path / "c.npy"
-    for f in (old, fresh, entry):
-        f.write_bytes(b"x")
-    hour_ago = time.time() - 7200
-    os.utime(old, (hour_ago, hour_ago))
-    os.utime(entry, (hour_ago, hour_ago))
-    assert pixelcache.sweep_stale(tmp_path) == 1
-    assert not old.exists() and fresh.exists() and entry.exists()
-    assert pixelcache.sweep_stale(tmp_path / "missing") == 0

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from furlib import atomic
 from furlib.data import store
 from furlib.data.prep_report import build_report, is_val
 from furlib.sources import RESUMED, Input, iter_inputs, source_key
@@ -88,9 +89,7 @@ def prepare(source, data_dir, resolution: int = 256, max_side: int = DEFAULT_MAX
         art_count=art_count, seed=seed, source_revision=source_revision, num_proc=num_proc,
         num_shards=num_shards, shard_index=shard_index))
     if report["complete"]:  # renamed into place whole: 02 never reads half a report
-        tmp = data_dir / f".tmp-{os.getpid()}-report.json"
-        tmp.write_text(json.dumps(report, indent=1))
-        os.replace(tmp, data_dir / "report.json")
+        atomic.write_text(data_dir / "report.json", json.dumps(report, indent=1))
     return report
 
 
@@ -208,9 +207,7 @@ def _journalled(work, inputs, total, journal_file: Path, position_file: Path, he
 
 def _save_position(path: Path, position: dict) -> None:
     path.parent.mkdir(exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(json.dumps(position))
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(position))
 
 
 def pixel_hash(image: Image.Image) -> str:
@@ -253,9 +250,7 @@ def _check_settings(data_dir: Path, settings: dict, rebuild: bool) -> str:
                 store.wipe(data_dir)
         for name in store.SPLITS:
             (data_dir / name).mkdir(parents=True, exist_ok=True)
-        tmp = data_dir / f".tmp-{os.getpid()}-settings.json"  # renamed into place whole
-        tmp.write_text(json.dumps(settings, indent=1))
-        os.replace(tmp, path)
+        atomic.write_text(path, json.dumps(settings, indent=1))  # renamed into place whole
     return "settings changed: " + ", ".join(changed) if changed else ""
 
 

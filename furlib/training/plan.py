@@ -3,7 +3,7 @@
 ``make_plan(settings, processes, device)`` checks the prepared data, picks the checkpoint to
 resume (verified; a damaged latest falls back with a note), compares its settings with the
 requested ones, decides the pixel cache and the loader workers, and on a CPU says what a step
-costs. 02 shows it as "what will run"; ``fit`` makes the same plan under the run lock.
+costs. ``fit`` makes it once, under the run lock, and prints it first ("what will run").
 """
 
 import dataclasses

@@ -29,72 +29,73 @@ PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
 
 @dataclasses.dataclass
 class TrainSettings:
-    # the run and its inputs
-    run_name: str = "my_run"        # outputs go to outputs_dir/run_name ("demo" is make demo's)
-    outputs_dir: str = "outputs"
-    base_model: str = "stabilityai/sd-vae-ft-mse"  # hub id, diffusers folder, .safetensors, "tiny", "random:sd"
-    base_config: str = ""           # diffusers folder with the config of a .safetensors base
-    device: str = "auto"            # "auto", "cuda", "cpu"
-    num_gpus: int = 1               # processes, one GPU each (accelerate); batch_size is per GPU
-    resolution: int = 256           # training crop side, px (multiple of 8, at least 32)
-    min_crop_scale: float = 0.08    # smallest crop, as a fraction of the image area
-    num_workers: int = 4            # data loader processes per GPU (capped to the CPU cores)
-    pixel_cache: str = "auto"       # decoded-PNG cache: "auto" (fits half the free disk), "yes", "no"
-    lpips_backbone: str = "pretrained"  # "pretrained", or "random" (offline opt-in, not perceptual)
-    # the recipe
-    batch_size: int = 32            # images per optimizer step (all micro-batches together)
-    grad_accum: int = 1             # micro-batches per step
-    max_steps: int = 150_000        # optimizer steps
-    seed: int = 0
-    latent_mode: str = "sample"     # "sample" the posterior, or take its "mode"
-    color_space: str = "oklab"      # pixel losses in "oklab" or "rgb"
-    mae_weight: float = 1.0         # L1 weight at step 0
-    mae_weight_end: float = 1.0     # ... and after loss_schedule_steps (cosine in between)
-    mse_weight: float = 5.0         # plain-mean MSE; 5 = the author's 10 on half squared error
-    mse_weight_end: float = 5.0
-    loss_schedule_steps: int = 0    # 0: constant weights
-    lpips_weight: float = 1.0
-    disc_weight: float = 0.5        # critic grad norm = disc_weight x reconstruction grad norm
-    gan_loss: str = "wgan-gp"       # "wgan-gp", "hinge" or "ns-r1"
-    gp_weight: float = 10.0         # WGAN-GP lambda
-    r1_gamma: float = 10.0          # ns-r1 gamma
-    drift_weight: float = 0.0       # WGAN drift epsilon on real scores^2
-    critic_norm: str = "pixel_layer"  # "pixel_layer" (card's), "sample_layer", "batch", "none"
-    critic_input: str = "rgb"
-    critic_layers: int = 3
-    critic_channels: int = 64
-    critic_start: int = 0           # step from which the critic trains
-    gan_start: int = 0              # step from which the decoder gets the critic term
-    lr: float = 5e-7                # decoder AdamW learning rate after warm-up
-    critic_lr: float = 5e-7
-    adam_beta1: float = 0.5
-    adam_beta2: float = 0.9
-    weight_decay: float = 1e-4      # AdamW decoupled decay, both optimizers (the author's value)
-    warmup_steps: int = 5000        # linear warm-up of the decoder's learning rate (the critic's has none)
-    lr_schedule: str = "constant"   # "constant" or "cosine" (to 0 at max_steps)
-    grad_clip: float = 0.0          # max decoder grad norm; 0 = off
-    ema_decay: float = 0.0          # 0 = ema_ref_decay scaled to the batch size
-    ema_ref_decay: float = 0.999
-    ema_ref_batch: int = 192
-    mixed_precision: str = "bf16"   # "bf16", "fp16" (with grad scaling) or "no"
-    gradient_checkpointing: bool = False
-    max_bad_steps: int = 20         # consecutive non-finite steps before the run stops
-    channels_last: str = "auto"     # NHWC layout for the convolutions: "auto" (CUDA, uncompiled), "yes", "no"
-    torch_compile: str = "auto"     # compile encoder, decoder, LPIPS, critic: "auto" (on CUDA), "yes", "no"
-    phase_upsample: str = "auto"    # decoder upsampling as 2x2 phase convs (2.25x fewer FLOPs): "auto" (CUDA)
-    # checkpoints, resume and logs
-    resume: bool = True             # continue the run's latest checkpoint (False: refuse to overwrite one)
-    resume_with_changes: list = dataclasses.field(default_factory=list)  # recipe settings a resume may change
-    on_bad_checkpoint: str = "fallback"  # damaged latest: "fallback" to the newest good one (loud), or "refuse"
-    checkpoint_every: int = 2000    # steps between checkpoints
-    keep_checkpoints: int = 3       # newest checkpoints kept (0: all)
-    log_every: int = 10             # steps between log rows
-    plot_every: int = 5000          # steps between inline dashboards (0: only at the end)
-    preview_images: int = 4         # fixed val images in the reconstruction strip
-    # data that was never prepared: streamed by each rank and loader worker (furlib.training.streaming)
-    train_source: str = ""          # "": 01's data/train; else a parquet/arrow file or folder, or a hub dataset id
-    source_split: str = "train"     # split of a train_source dataset (01's name for the same thing)
-    image_column: str = "image"     # image column of a train_source dataset
+    """02's parameters cell, line for line: the same names in the same order, each with its
+    default and its comment (``tests/test_run_safety.py`` compares the two). In that order: the
+    run and its data (to ``min_crop_scale``); the recipe (to ``gradient_checkpointing``);
+    checkpoints and logs (to ``preview_images``); then ablations and rare knobs."""
+
+    run_name: str = "my_run"                # outputs go to outputs_dir/run_name ("demo" is make demo's)
+    outputs_dir: str = "outputs"            # root folder of all runs
+    base_model: str = "stabilityai/sd-vae-ft-mse"  # hub id, diffusers folder, .safetensors, "tiny", "tiny-random" or "random:sd"
+    base_config: str = ""                   # diffusers folder with the config of a .safetensors base
+    device: str = "auto"                    # "auto", "cuda", "cpu"
+    num_gpus: int = 1                       # processes, one GPU each (accelerate); batch_size is per GPU
+    resolution: int = 256                   # training crop side, px (multiple of 8, at least 32)
+    batch_size: int = 32                    # images per optimizer step on each GPU (all its micro-batches together)
+    grad_accum: int = 1                     # micro-batches per step (batch_size / grad_accum images each)
+    max_steps: int = 150_000                # optimizer steps
+    seed: int = 0                           # random seed: crops, posterior noise, penalty interpolates, random weights
+    num_workers: int = 4                    # data loader processes per GPU (capped to the CPU cores)
+    pixel_cache: str = "auto"               # decoded-PNG cache in <run>/pixel_cache: "auto" (fits half the free disk), "yes", "no"
+    min_crop_scale: float = 0.08            # smallest crop, as a fraction of the image area
+    mae_weight: float = 1.0                 # L1 weight at step 0
+    mae_weight_end: float = 1.0             # L1 weight after loss_schedule_steps (cosine in between)
+    mse_weight: float = 5.0                 # L2 (plain mean) weight at step 0; 5: the card's 10 on half sq. error
+    mse_weight_end: float = 5.0             # L2 weight after loss_schedule_steps
+    loss_schedule_steps: int = 0            # 0: constant pixel-loss weights
+    lpips_weight: float = 1.0               # LPIPS(VGG) weight
+    lpips_backbone: str = "pretrained"      # "pretrained", or "random" (offline opt-in, not perceptual)
+    disc_weight: float = 0.5                # critic term's grad norm relative to the reconstruction's
+    gan_loss: str = "wgan-gp"               # "wgan-gp", "hinge" (LDM) or "ns-r1"
+    gp_weight: float = 10.0                 # WGAN-GP lambda
+    critic_norm: str = "pixel_layer"        # "pixel_layer" (card: LN over channels per pixel), "sample_layer", "batch", "none"
+    critic_start: int = 0                   # step the critic starts training
+    gan_start: int = 0                      # step the decoder starts receiving the critic term
+    lr: float = 5e-7                        # decoder AdamW learning rate after warm-up
+    critic_lr: float = 5e-7                 # critic AdamW learning rate (no warm-up)
+    adam_beta1: float = 0.5                 # AdamW beta1, both optimizers
+    adam_beta2: float = 0.9                 # AdamW beta2, both optimizers
+    weight_decay: float = 1e-4              # AdamW decoupled weight decay, both optimizers (the author's value)
+    warmup_steps: int = 5000                # linear warm-up of the decoder learning rate, steps (critic: none)
+    ema_decay: float = 0.0                  # 0: ema_ref_decay scaled from ema_ref_batch to the global batch
+    mixed_precision: str = "bf16"           # "bf16", "fp16" (grad scaling, e.g. T4) or "no"
+    gradient_checkpointing: bool = False    # trade compute for decoder activation memory
+    resume: bool = True                     # continue the run's latest checkpoint (False: refuse to overwrite one)
+    checkpoint_every: int = 2000            # steps between checkpoints
+    keep_checkpoints: int = 3               # newest checkpoints kept (0: all)
+    log_every: int = 10                     # steps between log rows
+    plot_every: int = 5000                  # steps between inline dashboards (0: only at the end)
+    preview_images: int = 4                 # fixed val images in the reconstruction strip
+    color_space: str = "oklab"              # pixel losses in "oklab" or "rgb"
+    latent_mode: str = "sample"             # "sample" the posterior or use its "mode"
+    critic_input: str = "rgb"               # critic reads "rgb" or "oklab"
+    critic_layers: int = 3                  # PatchGAN depth (3: 30x30 patches at 256 px)
+    critic_channels: int = 64               # PatchGAN base width
+    r1_gamma: float = 10.0                  # R1 gamma for ns-r1
+    drift_weight: float = 0.0               # WGAN drift term on the real scores squared
+    lr_schedule: str = "constant"           # "constant" or "cosine" (to 0 at max_steps) after warm-up
+    grad_clip: float = 0.0                  # max decoder grad norm, 0: off
+    ema_ref_decay: float = 0.999            # sd-vae-ft-mse's EMA decay, at ema_ref_batch images a step
+    ema_ref_batch: int = 192                # images a step of ema_ref_decay
+    max_bad_steps: int = 20                 # consecutive non-finite steps before stopping
+    torch_compile: str = "auto"             # compile encoder, decoder, LPIPS, critic: "auto" (on CUDA), "yes", "no"
+    phase_upsample: str = "auto"            # upsampling convs as 2x2 phase convs, same maths: "auto" (on CUDA), "yes", "no"
+    channels_last: str = "auto"             # NHWC convolutions: "auto" (on CUDA when not compiled), "yes", "no"
+    resume_with_changes: list = dataclasses.field(default_factory=list)  # recipe settings a resume may change, e.g. ["lr"]
+    on_bad_checkpoint: str = "fallback"     # damaged latest: "fallback" to the newest good one (loud), or "refuse"
+    train_source: str = ""                  # "": 01's data/train; else a parquet/arrow file or folder, or a hub id, streamed (no dedup)
+    source_split: str = "train"             # split of a train_source dataset
+    image_column: str = "image"             # image column of a train_source dataset
 
     @classmethod
     def from_params(cls, params: dict) -> "TrainSettings":
