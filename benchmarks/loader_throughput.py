@@ -1,4 +1,4 @@
-"""Training-loader throughput (images/s) of ``furlib.training.crops.make_loader`` against ``num_workers``,
+"""Training-loader throughput (images/s) of ``furlib.crops.make_loader`` against ``num_workers``,
 decoding the PNGs (``png``) or reading the decoded-pixel cache (``cache``).
 
 Sources are generated 1-2 MP PNGs written to a temporary folder exactly as stage 01 stores them
@@ -79,7 +79,7 @@ def cpu_ms_by_kind(folder: Path, kinds: list[dict], work, samples: int = 40) -> 
 
 def cpu_ms_per_sample(folder: Path, kinds: list[dict], resolution: int, cache_dir=None) -> dict:
     """One training sample, reading the PNGs or (with ``cache_dir``, already filled) the cache."""
-    from furlib.training.crops import CropDataset
+    from furlib.crops import CropDataset
 
     return cpu_ms_by_kind(folder, kinds, lambda chosen: CropDataset(chosen, resolution, seed=0,
                                                                     cache_dir=cache_dir).__getitem__)
@@ -97,7 +97,7 @@ def fill_cache(folder: Path, cache_dir: Path) -> dict:
     the PNG whole, write the entry atomically); per image: wall and CPU ms, and MB on disk."""
     import numpy as np
 
-    from furlib.training import pixelcache
+    from furlib import pixelcache
     from furlib.prepared import list_images, open_rgb
 
     paths = list_images(folder)
@@ -112,7 +112,7 @@ def fill_cache(folder: Path, cache_dir: Path) -> dict:
 
 
 def loader_rate(folder: Path, workers: int, args, cache_dir=None) -> dict:
-    from furlib.training.crops import make_loader
+    from furlib.crops import make_loader
 
     loader = make_loader(folder, args.resolution, args.batch_size, seed=0, num_workers=workers,
                          cache_dir=cache_dir)

@@ -155,7 +155,7 @@ def run_shards(src: Path, work: Path, shards: int, procs: int, limit: int) -> tu
 
 
 def loader_row(folder: Path, workers: int, seconds: float, name: str, cache_dir=None) -> dict:
-    from furlib.training.crops import make_loader
+    from furlib.crops import make_loader
 
     batches = iter(make_loader(folder, 256, 32, num_workers=workers, cache_dir=cache_dir))
     for _ in range(max(1, workers)):  # warm-up: worker start and first fill

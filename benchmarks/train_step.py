@@ -22,7 +22,7 @@ adaptive weight every step, AdamW, EMA; random data resident on the GPU):
 - project-prev: the defaults before this round's levers (channels_last model, inductor's own layout
   choice, eager critic, plain upsampling: ``Tuning(inductor_options={}, compile_critic=False)``);
 - project-nophase: ``project`` without phase upsampling;
-- project-fed: ``project`` fed by ``furlib.training.crops.make_loader`` (``--workers`` processes, pinned
+- project-fed: ``project`` fed by ``furlib.crops.make_loader`` (``--workers`` processes, pinned
   memory) from generated 1-2 MP PNGs, once decoding the PNGs and once from the pixel cache; wall
   clock per step including any wait for data, over steps after the prefetch buffer is drained;
 - project-parts: ``project`` with the GPU synchronised around each part of the step, to see
@@ -161,7 +161,7 @@ def fed_steps(step, batch: int, res: int, workers: int, steps: int = 100) -> dic
     import tempfile
 
     from benchmarks.loader_throughput import fill_cache, make_sources
-    from furlib.training.crops import make_loader
+    from furlib.crops import make_loader
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -51,9 +51,8 @@ import time
 from IPython.display import display
 from PIL import ImageColor
 
-from furlib import prepared, runinfo
+from furlib import crops, prepared, runinfo
 from furlib.data import prep_figures
-from furlib.training import crops
 from furlib.data.prepare import prepare
 from furlib.display import show
 

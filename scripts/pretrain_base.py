@@ -8,7 +8,7 @@ leaves the demo's finetune the real recipe's job: sharpen, keep colours.
 Data: the built-in photographs except ``builtin.HELD_OUT_PHOTOS``, and ``--art-images``
 procedural drawings drawn with ``builtin.PRETRAIN_ART_SEED`` (the demo draws with seed 0, so no
 demo image, train or val, is ever seen). CPU workers draw and crop while the GPU trains (random
-crops at random downscales with the project's own crop code, ``furlib.training.crops``); the
+crops at random downscales with the project's own crop code, ``furlib.crops``); the
 crops stay on the GPU as uint8 and batches sample from all crops made so far.
 The SHA-256 pixel hashes of every training image go to ``training_set.json`` beside the weights,
 and a test checks them against the demo's val split and the held-out photographs.
@@ -72,7 +72,7 @@ def _image_crops(task) -> tuple[str, str, np.ndarray]:
     from furlib.builtin import draw_art
     from furlib.data.prepare import pixel_hash
     from furlib.images import load_rgb
-    from furlib.training import crops
+    from furlib import crops
 
     kind, key, count, resolution, min_scale, seed = task
     image = load_rgb(draw_art(key, _art_seed()) if kind == "art" else Path(key))

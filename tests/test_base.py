@@ -11,7 +11,7 @@ from furlib import builtin, models, prepared
 from furlib.data.prepare import pixel_hash, prepare
 from furlib.evaluation.metrics import psnr
 from furlib.images import load_rgb
-from furlib.training import crops
+from furlib import crops
 from furlib.training.settings import TrainSettings
 from furlib.training.trainer import Trainer
 

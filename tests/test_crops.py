@@ -1,4 +1,4 @@
-"""furlib.training.crops: crop geometry, ranges, RGB order, augmentation coverage, reproducibility."""
+"""furlib.crops: crop geometry, ranges, RGB order, augmentation coverage, reproducibility."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ from PIL import Image
 
 from furlib import prepared
 from furlib.images import to_rgb_m11
-from furlib.training import crops, pixelcache
+from furlib import crops, pixelcache
 
 
 def save(folder, name, pixels) -> None:

@@ -182,3 +182,21 @@ def test_range_conversions_round_trip():
     assert x.shape == (3, 16, 16) and x.min() == -1 and x.max() == 1
     assert np.array_equal(to_uint8(x), pixels)
     assert torch.equal(to_rgb_01(torch.tensor([-1.5, 0.0, 2.0])), torch.tensor([0.0, 0.5, 1.0]))
+
+
+def test_decode_input_and_cap_are_01s_rules_for_every_reader():
+    """01 (prepare) and training from a stream decode through these two functions."""
+    from furlib.images import cap_long_side, decode_input
+
+    wide = Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 400, 3), np.uint8))
+    image, suffix = decode_input(encode(wide, "PNG"), min_side=32)
+    assert image.size == (400, 40) and suffix == ".png"
+    assert cap_long_side(image, 400, 32) is image  # fits: untouched, the stored bytes stay usable
+    with pytest.raises(ImageRejected) as caught:
+        cap_long_side(image, 200, 32)  # 400x40 -> 200x20, below 32 px
+    assert caught.value.reason == "too_small_after_cap" and "(200, 20)" in caught.value.detail
+    assert cap_long_side(image, 320, 32).size == (320, 32)
+    for bad, reason in ((None, "empty"), (b"", "empty"), (3, "not_an_image"), (b"not an image", "not_an_image")):
+        with pytest.raises(ImageRejected) as caught:
+            decode_input(bad)
+        assert caught.value.reason == reason, bad

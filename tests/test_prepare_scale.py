@@ -16,7 +16,7 @@ from furlib.data import prep_report, prepare
 from furlib.data import store
 from furlib import prepared
 from furlib.images import load_rgb
-from furlib.training import crops
+from furlib import crops
 
 RES = 32
 

@@ -38,7 +38,7 @@ def make_trainer(**kw):
 def test_ema_decay_scaled_to_batch():
     assert scaled_decay(192) == pytest.approx(0.999)
     assert scaled_decay(32) == pytest.approx(0.999833, abs=1e-6)  # the recipe's 1 - 0.001/6
-    assert settings(batch_size=32).effective_ema_decay == pytest.approx(1 - 0.001 / 6, rel=1e-6)
+    assert settings(batch_size=32).ema_decay_for(32) == pytest.approx(1 - 0.001 / 6, rel=1e-6)
 
 
 def test_single_backward_matches_plain_ldm_loss():

@@ -39,7 +39,7 @@ from furlib import atomic
 from furlib.data import store
 from furlib.data.prep_report import build_report, is_val
 from furlib.sources import RESUMED, Input, iter_inputs, source_key
-from furlib.images import DEFAULT_MAX_PIXELS, ImageRejected, load_for_storage
+from furlib.images import DEFAULT_MAX_PIXELS, ImageRejected, cap_long_side, decode_input
 
 PREPARE_VERSION = 1  # bump when decoding or storage changes: older data then needs rebuild=True
 DEFAULT_MAX_SIDE = 16384  # px: native resolution kept; only beyond this is an image downscaled
@@ -261,17 +261,11 @@ def _process(item: Input, job: dict, data_dir: Path, files: dict) -> dict:
         return {"status": "rejected", "reason": item.reason, "detail": ""}
     try:
         src = item.src() if callable(item.src) else item.src  # a built-in drawing is drawn now
-        if src is None or isinstance(src, (bytes, bytearray)) and not src:
-            raise ImageRejected("empty", "no image in this row")
-        if not isinstance(src, (bytes, bytearray, str, Path, Image.Image)):
-            raise ImageRejected("not_an_image", f"a {type(src).__name__}, not image bytes or a path")
-        image, suffix = load_for_storage(src, settings["background"], filters["max_pixels"],
-                                         min_side=filters["resolution"])
-        digest, source_size = pixel_hash(image), image.size
-        if max(image.size) > settings["max_side"]:
-            image, suffix = _cap_long_side(image, settings["max_side"]), ""
-        if min(image.size) < filters["resolution"]:
-            raise ImageRejected("too_small_after_cap", f"{source_size} -> {image.size}")
+        decoded, suffix = decode_input(src, settings["background"], filters["max_pixels"],
+                                       min_side=filters["resolution"])
+        digest, source_size = pixel_hash(decoded), decoded.size
+        image = cap_long_side(decoded, settings["max_side"], filters["resolution"])
+        suffix = suffix if image is decoded else ""  # capped: converted, not the source's bytes
     except ImageRejected as e:
         return _rejection(e, filters)
     except Exception as e:  # noqa: BLE001 - one odd input must not end a long run; it is reported
@@ -298,8 +292,3 @@ def _rejection(e: ImageRejected, filters: dict) -> dict:
         entry["max_pixels"] = filters["max_pixels"]
     return entry
 
-
-def _cap_long_side(image: Image.Image, max_side: int) -> Image.Image:
-    scale = max_side / max(image.size)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.resize(size, Image.Resampling.LANCZOS)

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from furlib import atomic, models, perceptual, prepared, reconstructions, runinfo
-from furlib.training import crops, dashboard
+from furlib import crops
+from furlib.training import dashboard
 from furlib.training.logbook import Logbook
 from furlib.training.plan import make_plan
 from furlib.training.runlock import RunLock

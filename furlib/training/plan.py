@@ -15,7 +15,8 @@ import torch
 from furlib import checkpoint, runinfo
 from furlib.data import prep_report
 from furlib.prepared import list_images
-from furlib.training import crops, resume
+from furlib import crops
+from furlib.training import resume
 
 # Measured: 02's defaults (an SD-sized VAE, 256 px, batch 32) on a 2-core CPU took 7 min 23 s for
 # 4 steps and 10 GB of memory (issue 15); cost grows with the pixels of a batch.

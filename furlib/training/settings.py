@@ -127,10 +127,6 @@ class TrainSettings:
         """``ema_decay``, or the reference decay scaled to the images of one optimizer step."""
         return self.ema_decay or scaled_decay(images_per_step, self.ema_ref_decay, self.ema_ref_batch)
 
-    @property
-    def effective_ema_decay(self) -> float:  # on one process
-        return self.ema_decay_for(self.batch_size)
-
     def uses(self, knob: str, device: torch.device) -> bool:
         """Whether an "auto"/"yes"/"no" speed knob is on for ``device`` ("auto": on CUDA)."""
         value = getattr(self, knob)
@@ -158,8 +154,8 @@ YAML_HINT = " (YAML reads a bare yes/no as a boolean: quote it)"
 
 def _choices() -> dict:
     """name -> allowed values (imported here: no work at import time)."""
-    from furlib import perceptual
-    from furlib.training import crops, losses
+    from furlib import crops, perceptual
+    from furlib.training import losses
 
     return {"latent_mode": ("sample", "mode"), "color_space": ("oklab", "rgb"),
             "gan_loss": losses.GAN_LOSSES, "critic_norm": losses.NORMS, "critic_input": losses.CRITIC_INPUTS,

@@ -1,5 +1,5 @@
-"""The training input: random square crops of the prepared images (stored JPEG, PNG or WebP
-originals and converted PNGs), as ``rgb_m11`` NCHW batches.
+"""The training input, which 01 previews and 02 trains on: random square crops of the prepared
+images (stored JPEG, PNG or WebP originals and converted PNGs), as ``rgb_m11`` NCHW batches.
 
 One sample (the author's crops): a crop area of ``U[min_crop_scale, 1]`` times the image area,
 taken as a square never below ``resolution`` (so nothing is upsampled); a square that does not fit
@@ -12,7 +12,7 @@ Reproducibility: sample ``g`` (``g = step * batch_size + i``) draws all its rand
 ``epoch = g // n``. Batches are therefore the same for any ``num_workers``, and a loader started at
 ``start_step=k`` yields exactly batches k, k+1, ... of an uninterrupted run.
 
-Decoded-pixel cache ("decode once, crop many", ``furlib.training.pixelcache``): with a ``cache_dir``, each
+Decoded-pixel cache ("decode once, crop many", ``furlib.pixelcache``): with a ``cache_dir``, each
 PNG is decoded whole on first use and stored uncompressed; later samples memory-map it and copy
 only the pixels their crop reads (``crop_region``). Crops are bit-identical to the PNG path (tested).
 """
@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from furlib import pixelcache
 from furlib.images import to_rgb_m11
 from furlib.prepared import list_images, open_rgb
-from furlib.training import pixelcache
 
 _CROP_STREAM, _ORDER_STREAM = 1, 2  # keep the two random streams of one seed apart
 # PIL's reducing_gap: crops >= 4x the output are first box-averaged by an integer factor (leaving

@@ -3,7 +3,7 @@
 Layout: ``<cache_dir>/<png stem>.npy``, uint8 HWC RGB (``np.save`` format: a 128-byte header, then
 width * height * 3 bytes). Prepared images are named by a hash of their pixels (``furlib.data.prepare``),
 so an entry never goes stale; the 02 run keeps its cache in its own ``<run>/pixel_cache/``, beside
-01's ``data/``. ``furlib.training.crops`` decides when to use the cache and crops from it.
+01's ``data/``. ``furlib.crops`` decides when to use the cache and crops from it.
 """
 
 import shutil
