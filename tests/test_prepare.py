@@ -206,17 +206,17 @@ def test_unexpected_errors_are_reported_then_retried(tmp_path, monkeypatch):
     src.mkdir()
     for i in range(3):
         noise(36, 40, i).save(src / f"{i}.png")
-    real = prepare.load_for_storage
+    real = prepare.decode_input
 
     def flaky(source, *args, **kwargs):
         if str(source).endswith("1.png"):
             raise MemoryError("simulated")
         return real(source, *args, **kwargs)
 
-    monkeypatch.setattr(prepare, "load_for_storage", flaky)
+    monkeypatch.setattr(prepare, "decode_input", flaky)
     report = run(src, tmp_path / "data")
     assert report["rejected"] == [{"path": "1.png", "reason": "error", "detail": "MemoryError: simulated"}]
-    monkeypatch.setattr(prepare, "load_for_storage", real)
+    monkeypatch.setattr(prepare, "decode_input", real)
     again = run(src, tmp_path / "data")
     assert again["counts"]["decoded_this_run"] == 1 and again["counts"]["accepted"] == 3
 

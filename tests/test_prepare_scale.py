@@ -15,7 +15,7 @@ from PIL import Image, ImageCms
 from furlib.data import prep_report, prepare
 from furlib.data import store
 from furlib import prepared
-from furlib.images import load_rgb
+from furlib.images import cap_long_side, load_rgb
 from furlib import crops
 
 RES = 32
@@ -79,9 +79,7 @@ def test_faithful_sources_are_stored_as_their_own_bytes(tmp_path):
             assert stored.suffix == {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}[Image.open(source).format]
         else:  # converted exactly as before: a lossless PNG of load_rgb's pixels (capped)
             assert stored.suffix == ".png"
-            expected = load_rgb(source)
-            if max(expected.size) > 128:
-                expected = prepare._cap_long_side(expected, 128)
+            expected = cap_long_side(load_rgb(source), 128, 1)
             assert np.array_equal(np.asarray(Image.open(stored)), np.asarray(expected)), input_id
     assert sorted(p.name for p in prepared.list_images(tmp_path / "data" / "train")
                   + prepared.list_images(tmp_path / "data" / "val")) == sorted(
