@@ -6,7 +6,7 @@
     python benchmarks/train_step.py --device cpu --model tiny --res 64 --batch 2 --steps 2 --warmup 1 \
         --flops 1 --variants "project-eager[lpips_autocast=True],project-eager"  # CPU check of a command
 
-A variant takes settings in brackets, ``variant[key=value;...]``: a ``build.Tuning`` field
+A variant takes settings in brackets, ``variant[key=value;...]``: a ``speed.Tuning`` field
 (``lpips_autocast``, ``compile_critic``, ``inductor_options``), a ``TrainSettings`` field
 (``mixed_precision='fp16'``), or else a ``torch._inductor.config`` value.
 
@@ -22,7 +22,7 @@ adaptive weight every step, AdamW, EMA; random data resident on the GPU):
 - project-prev: the defaults before this round's levers (channels_last model, inductor's own layout
   choice, eager critic, plain upsampling: ``Tuning(inductor_options={}, compile_critic=False)``);
 - project-nophase: ``project`` without phase upsampling;
-- project-fed: ``project`` fed by ``furlib.training.crops.make_loader`` (``--workers`` processes, pinned
+- project-fed: ``project`` fed by ``furlib.crops.make_loader`` (``--workers`` processes, pinned
   memory) from generated 1-2 MP PNGs, once decoding the PNGs and once from the pixel cache; wall
   clock per step including any wait for data, over steps after the prefetch buffer is drained;
 - project-parts: ``project`` with the GPU synchronised around each part of the step, to see
@@ -46,11 +46,11 @@ from pathlib import Path
 
 import torch
 
-from furlib.training.critic import PatchCritic, critic_loss  # noqa: E402
+from furlib.training.losses import PatchCritic, critic_loss  # noqa: E402
 from furlib.training.losses import ReconstructionLoss, reference_adaptive_weight  # noqa: E402
 from furlib.models import load_vae, split_trainable  # noqa: E402
 from furlib.perceptual import LPIPS  # noqa: E402
-from furlib.training.build import Tuning  # noqa: E402
+from furlib.training.speed import Tuning  # noqa: E402
 from furlib.training.settings import TrainSettings  # noqa: E402
 from furlib.training.trainer import Trainer  # noqa: E402
 
@@ -161,7 +161,7 @@ def fed_steps(step, batch: int, res: int, workers: int, steps: int = 100) -> dic
     import tempfile
 
     from benchmarks.loader_throughput import fill_cache, make_sources
-    from furlib.training.crops import make_loader
+    from furlib.crops import make_loader
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -81,6 +81,31 @@ def load_for_storage(src, background=(255, 255, 255), max_pixels: int = DEFAULT_
         return _decode(im, background, max_pixels, min_side), suffix
 
 
+def decode_input(src, background=(255, 255, 255), max_pixels: int = DEFAULT_MAX_PIXELS,
+                 min_side: int = 1) -> tuple[Image.Image, str]:
+    """One input of a data set as 01 decodes it, and as training from a stream does: ``src`` is
+    image bytes, a path or a PIL image, anything else is rejected (``empty``, ``not_an_image``);
+    returns ``load_for_storage``'s ``(image, suffix)``. Then ``cap_long_side``."""
+    if src is None or isinstance(src, (bytes, bytearray)) and not src:
+        raise ImageRejected("empty", "no image in this row")
+    if not isinstance(src, (bytes, bytearray, str, Path, Image.Image)):
+        raise ImageRejected("not_an_image", f"a {type(src).__name__}, not image bytes or a path")
+    return load_for_storage(src, background, max_pixels, min_side)
+
+
+def cap_long_side(image: Image.Image, max_side: int, min_side: int) -> Image.Image:
+    """``image`` with its long side at most ``max_side`` px (Lanczos; the same object when it fits);
+    rejected (``too_small_after_cap``) when the cap takes its short side below ``min_side``."""
+    if max(image.size) <= max_side:
+        return image
+    scale = max_side / max(image.size)
+    capped = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                          Image.Resampling.LANCZOS)
+    if min(capped.size) < min_side:
+        raise ImageRejected("too_small_after_cap", f"{image.size} -> {capped.size}")
+    return capped
+
+
 def _stored_suffix(im: Image.Image) -> str:
     """The file suffix if ``im`` (opened, not decoded) needs no conversion at all, else ""."""
     suffix = STORED_SUFFIXES.get(im.format or "", "")
@@ -273,6 +298,12 @@ def center_crop(image: Image.Image, resolution: int) -> np.ndarray:
     if short == resolution:
         return np.asarray(image.crop(box))
     return np.asarray(image.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box))
+
+
+def preprocess(src, resolution: int) -> torch.Tensor:
+    """Any image ``load_rgb`` reads -> (3, R, R) ``rgb_m11`` through ``center_crop`` (03's protocol,
+    what 02's previews and 04's pictures show)."""
+    return to_rgb_m11(center_crop(load_rgb(src), resolution))
 
 
 def to_rgb_m11(pixels_hwc: np.ndarray) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Differentiable sRGB <-> Oklab (Björn Ottosson's matrices), hand-written on purpose.
+"""Differentiable sRGB -> Oklab (Björn Ottosson's matrices), hand-written on purpose.
 
 Inputs are ``rgb_m11`` NCHW in [-1, 1]; outputs are Oklab NCHW with channels (L, a, b):
 white -> (1, 0, 0), black -> (0, 0, 0). Decoders overshoot [-1, 1] a little, so both the sRGB
@@ -51,12 +51,6 @@ def srgb_to_linear(c: torch.Tensor) -> torch.Tensor:
     return torch.where(a <= 0.04045, c / 12.92, c.sign() * curve)  # linear part: slope 1/12.92 at 0
 
 
-def linear_to_srgb(c: torch.Tensor) -> torch.Tensor:
-    a = c.abs()
-    curve = 1.055 * a.clamp_min(0.0031308).pow(1.0 / 2.4) - 0.055
-    return torch.where(a <= 0.0031308, c * 12.92, c.sign() * curve)
-
-
 def _mix(matrix, x: torch.Tensor) -> torch.Tensor:
     m = torch.tensor(matrix, dtype=x.dtype, device=x.device)
     with torch.autocast(x.device.type, enabled=False):  # colour maths stays in x's precision
@@ -69,9 +63,3 @@ def rgb_to_oklab(rgb_m11: torch.Tensor) -> torch.Tensor:
     lms = _mix(M1, srgb_to_linear((x + 1.0) * 0.5))
     return _mix(M2, safe_cbrt(lms))
 
-
-def oklab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
-    """Oklab NCHW -> [-1, 1] sRGB NCHW (inverse of ``rgb_to_oklab``; for display and tests)."""
-    lms = _mix(torch.linalg.inv(torch.tensor(M2, dtype=torch.float64)).tolist(), lab).pow(3)
-    rgb_lin = _mix(torch.linalg.inv(torch.tensor(M1, dtype=torch.float64)).tolist(), lms)
-    return linear_to_srgb(rgb_lin) * 2.0 - 1.0

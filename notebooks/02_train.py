@@ -59,26 +59,27 @@ from furlib.training.settings import TrainSettings
 # %% [markdown]
 # Parameters, in this order: the run and its data (to `min_crop_scale`); the recipe (to
 # `gradient_checkpointing`); checkpoints and logs (to `preview_images`); then ablations and rare
-# knobs, which the card's profile leaves at their defaults (`color_space` onwards). The defaults are
-# `furlib.training.settings.TrainSettings`' (a test keeps the two identical); `batch_size` is per GPU.
+# knobs, which the card's profile leaves at their defaults (`color_space` onwards). Each line is
+# mirrored in `furlib.training.settings.TrainSettings`: same name, order, default and comment (a test
+# compares them). `batch_size` is per GPU.
 
 # %% tags=["parameters"]
 run_name = "my_run"                       # outputs go to outputs_dir/run_name ("demo" is make demo's)
-outputs_dir = "outputs"
+outputs_dir = "outputs"                   # root folder of all runs
 base_model = "stabilityai/sd-vae-ft-mse"  # hub id, diffusers folder, .safetensors, "tiny", "tiny-random" or "random:sd"
 base_config = ""                          # diffusers folder with the config of a .safetensors base
 device = "auto"                           # "auto", "cuda", "cpu"
 num_gpus = 1                              # processes, one GPU each (accelerate); batch_size is per GPU
 resolution = 256                          # training crop side, px (multiple of 8, at least 32)
-batch_size = 32                           # images per optimizer step
-grad_accum = 1                            # micro-batches per step (batch_size / grad_accum each)
+batch_size = 32                           # images per optimizer step on each GPU (all its micro-batches together)
+grad_accum = 1                            # micro-batches per step (batch_size / grad_accum images each)
 max_steps = 150_000                       # optimizer steps
-seed = 0
+seed = 0                                  # random seed: crops, posterior noise, penalty interpolates, random weights
 num_workers = 4                           # data loader processes per GPU (capped to the CPU cores)
 pixel_cache = "auto"                      # decoded-PNG cache in <run>/pixel_cache: "auto" (fits half the free disk), "yes", "no"
 min_crop_scale = 0.08                     # smallest crop, as a fraction of the image area
 mae_weight = 1.0                          # L1 weight at step 0
-mae_weight_end = 1.0                      # L1 weight after loss_schedule_steps (cosine)
+mae_weight_end = 1.0                      # L1 weight after loss_schedule_steps (cosine in between)
 mse_weight = 5.0                          # L2 (plain mean) weight at step 0; 5: the card's 10 on half sq. error
 mse_weight_end = 5.0                      # L2 weight after loss_schedule_steps
 loss_schedule_steps = 0                   # 0: constant pixel-loss weights
@@ -90,13 +91,13 @@ gp_weight = 10.0                          # WGAN-GP lambda
 critic_norm = "pixel_layer"               # "pixel_layer" (card: LN over channels per pixel), "sample_layer", "batch", "none"
 critic_start = 0                          # step the critic starts training
 gan_start = 0                             # step the decoder starts receiving the critic term
-lr = 5e-7                                 # decoder learning rate after warm-up
-critic_lr = 5e-7                          # critic learning rate (no warm-up)
-adam_beta1 = 0.5
-adam_beta2 = 0.9
-weight_decay = 0.0001                     # AdamW decoupled weight decay, both optimizers (the author's value)
+lr = 5e-7                                 # decoder AdamW learning rate after warm-up
+critic_lr = 5e-7                          # critic AdamW learning rate (no warm-up)
+adam_beta1 = 0.5                          # AdamW beta1, both optimizers
+adam_beta2 = 0.9                          # AdamW beta2, both optimizers
+weight_decay = 1e-4                       # AdamW decoupled weight decay, both optimizers (the author's value)
 warmup_steps = 5000                       # linear warm-up of the decoder learning rate, steps (critic: none)
-ema_decay = 0.0                           # 0: 0.999 at batch 192 scaled to batch_size
+ema_decay = 0.0                           # 0: ema_ref_decay scaled from ema_ref_batch to the global batch
 mixed_precision = "bf16"                  # "bf16", "fp16" (grad scaling, e.g. T4) or "no"
 gradient_checkpointing = False            # trade compute for decoder activation memory
 resume = True                             # continue the run's latest checkpoint (False: refuse to overwrite one)
@@ -111,11 +112,11 @@ critic_input = "rgb"                      # critic reads "rgb" or "oklab"
 critic_layers = 3                         # PatchGAN depth (3: 30x30 patches at 256 px)
 critic_channels = 64                      # PatchGAN base width
 r1_gamma = 10.0                           # R1 gamma for ns-r1
-drift_weight = 0.0                        # WGAN drift term on real scores
-lr_schedule = "constant"                  # "constant" or "cosine" after warm-up
+drift_weight = 0.0                        # WGAN drift term on the real scores squared
+lr_schedule = "constant"                  # "constant" or "cosine" (to 0 at max_steps) after warm-up
 grad_clip = 0.0                           # max decoder grad norm, 0: off
-ema_ref_decay = 0.999
-ema_ref_batch = 192
+ema_ref_decay = 0.999                     # sd-vae-ft-mse's EMA decay, at ema_ref_batch images a step
+ema_ref_batch = 192                       # images a step of ema_ref_decay
 max_bad_steps = 20                        # consecutive non-finite steps before stopping
 torch_compile = "auto"                    # compile encoder, decoder, LPIPS, critic: "auto" (on CUDA), "yes", "no"
 phase_upsample = "auto"                   # upsampling convs as 2x2 phase convs, same maths: "auto" (on CUDA), "yes", "no"
@@ -129,24 +130,18 @@ image_column = "image"                    # image column of a train_source datas
 # %%
 settings = TrainSettings.from_params({f.name: globals()[f.name] for f in dataclasses.fields(TrainSettings)})
 params = dataclasses.asdict(settings)
+run_dir = runinfo.run_dir(outputs_dir, run_name)
 
 # %% [markdown]
-# ## 1. What will run
-# Decided before any model loads: the device and processes; the global batch (`batch_size` ×
-# processes: the card's 32 on 4 GPUs is `batch_size=8`) and the EMA decay it implies; the checkpoint
-# a resume starts from (its files verified against their SHA-256; a damaged latest one falls back
-# to the newest intact one with a warning; its settings compared with these: a changed recipe
-# setting refuses unless listed in `resume_with_changes`); whether the decoded-pixel cache is used;
-# the loader workers; and on a CPU, what a step will cost.
-
-# %%
-plan = fit.plan(settings)
-print(plan.describe())
-
-# %% [markdown]
-# ## 2. The build and the loop
-# `fit` takes the run lock (a second training of this `run_name` is refused, naming its process),
-# then builds: the base VAE (encoder and `quant_conv` frozen, decoder and `post_quant_conv`
+# ## 1. What will run, the build and the loop
+# `fit` takes the run lock (a second training of this `run_name` is refused, naming its process)
+# and first prints what will run, decided before any model loads: the device and processes; the
+# global batch (`batch_size` × processes: the card's 32 on 4 GPUs is `batch_size=8`) and the EMA
+# decay it implies; the checkpoint a resume starts from (its files verified against their SHA-256;
+# a damaged latest one falls back to the newest intact one with a warning; its settings compared
+# with these: a changed recipe setting refuses unless listed in `resume_with_changes`); whether the
+# decoded-pixel cache is used; the loader workers; and on a CPU, what a step will cost. Then it
+# builds: the base VAE (encoder and `quant_conv` frozen, decoder and `post_quant_conv`
 # trained), LPIPS(VGG), the PatchGAN critic, an AdamW for each, the EMA of the decoder and, for
 # fp16, the gradient scaler; a resume loads the checkpoint strictly (a missing tensor or optimizer
 # slot is an error naming the file). Then the loop:
@@ -165,14 +160,14 @@ print(plan.describe())
 
 # %%
 if num_gpus == 1:
-    results = fit.fit(settings, show=show, announce=False)
+    results = fit.fit(settings, show=show)
 else:  # one process per GPU; figures are saved under train/ and shown below
     results = fit.fit_on_gpus(settings)
-    display(Image(filename=str(plan.run_path / "train" / "dashboard.png")),
-            Image(filename=str(plan.run_path / "train" / "strip.png")))
+    display(Image(filename=str(run_dir / "train" / "dashboard.png")),
+            Image(filename=str(run_dir / "train" / "strip.png")))
 
 # %% [markdown]
-# ## 3. Where it ended
+# ## 2. Where it ended
 # Mean Oklab L1 to the originals on the preview images: base decoder, current weights, EMA.
 
 # %%
@@ -182,4 +177,4 @@ print(f"preview images from: {results['preview_split']}")
 display(results["preview_oklab_l1"])
 
 # %%
-runinfo.write_record(plan.run_path / "02_train.record.json", params, results, plan.device)
+runinfo.write_record(run_dir / "02_train.record.json", params, results, runinfo.pick_device(device))

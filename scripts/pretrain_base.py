@@ -10,7 +10,7 @@ Data: the built-in photographs except ``builtin.HELD_OUT_PHOTOS``, and ``--natur
 synthetic "dead leaves" images with natural statistics (``builtin.draw_natural``: occluding
 shapes of power-law sizes, muted colours, 1/f texture, blur, noise). No procedural drawing of
 the demo's kind is ever seen. CPU workers draw and crop while the GPU trains (random
-crops at random downscales with the project's own crop code, ``furlib.training.crops``); the
+crops at random downscales with the project's own crop code, ``furlib.crops``); the
 crops stay on the GPU as uint8 and batches sample from all crops made so far.
 The SHA-256 pixel hashes of every training image go to ``training_set.json`` beside the weights,
 and a test checks them against the demo's val split and the held-out photographs.
@@ -71,10 +71,10 @@ def parse(argv=None) -> dict:
 
 def _image_crops(task) -> tuple[str, str, np.ndarray]:
     """(kind, sha256 pixel hash, uint8 (K, R, R, 3) crops) of one synthetic or photo task."""
-    from furlib.data.builtin import draw_natural
+    from furlib.builtin import draw_natural
     from furlib.data.prepare import pixel_hash
     from furlib.images import load_rgb
-    from furlib.training import crops
+    from furlib import crops
 
     kind, key, count, resolution, min_scale, seed = task
     image = load_rgb(draw_natural(key) if kind == "natural" else Path(key))
@@ -91,7 +91,7 @@ def hash_int(text: str) -> int:
 
 
 def tasks(s: dict) -> list:
-    from furlib.data.builtin import pretrain_photos
+    from furlib.builtin import pretrain_photos
 
     r, m, seed = s["resolution"], s["min_crop_scale"], s["seed"]
     photo_parts = max(1, s["photo_crops"] // 50)  # photos in parts of ~50 crops, spread over the run
@@ -225,9 +225,9 @@ def _sync_time(device) -> float:
 def held_out_sets(eval_resolution: int) -> dict:
     """{name: (ids, hashes, rgb_m11 NCHW)}: the demo's drawings (seed 0) and the held-out photos,
     preprocessed as 03 does."""
-    from furlib.data.builtin import HELD_OUT_PHOTOS, PHOTOS, draw_art, photo_path
+    from furlib.builtin import HELD_OUT_PHOTOS, PHOTOS, draw_art, photo_path
     from furlib.data.prepare import pixel_hash
-    from furlib.evaluation.evaluate import preprocess
+    from furlib.images import preprocess
     from furlib.images import load_rgb
 
     art = [load_rgb(draw_art(i, 0)) for i in range(24)]
@@ -241,7 +241,7 @@ def held_out_sets(eval_resolution: int) -> dict:
 @torch.no_grad()
 def measure(vae, sets: dict, device) -> dict:
     """PSNR (dB, mean over images) with the posterior mode, fp32."""
-    from furlib.data.prepare import is_val
+    from furlib.data.prep_report import is_val
     from furlib.evaluation.metrics import psnr
 
     out = {}

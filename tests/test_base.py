@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from furlib import models
-from furlib.data import builtin
+from furlib import builtin, models, prepared
 from furlib.data.prepare import pixel_hash
 from furlib.evaluation.metrics import psnr
 from furlib.perceptual import LPIPS
 from furlib.images import load_rgb
-from furlib.training import crops
+from furlib import crops
 from furlib.training.settings import TrainSettings
 from furlib.training.trainer import Trainer
 
@@ -68,7 +67,7 @@ def test_base_is_photo_trained_and_poor_on_drawings(base, drawings):
     photos = [load_rgb(builtin.photo_path(p, f, n)) for name, p, f, n in builtin.PHOTOS if name in builtin.HELD_OUT_PHOTOS]
     scores = {}
     for name, images in (("photos", photos), ("drawings", drawings[8:])):
-        x = crops.center_crops(images, 96)
+        x = prepared.center_crops(images, 96)
         with torch.no_grad():
             recon = base.decode(base.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
         scores[name] = float(psnr(x, recon).mean())
@@ -97,7 +96,7 @@ def learn(drawings, lpips, steps: int = 40, break_grad: bool = False) -> dict:
     if break_grad:  # the decoder's gradient never arrives: nothing may improve
         for _, p in trainer.trainable:
             p.register_hook(torch.zeros_like)
-    held_out = crops.center_crops(drawings[8:], RES)
+    held_out = prepared.center_crops(drawings[8:], RES)
     base_recon = trainer.reconstruct(held_out)
     for batch in _batches(drawings[:8], steps, s.batch_size):
         trainer.step(batch)

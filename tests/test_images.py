@@ -158,18 +158,18 @@ def test_a_broken_icc_profile_is_a_rejection():
 
 
 def test_train_previews_and_eval_see_the_same_pixels(tmp_path):
-    """02's preview strip (crops.center_crops) and 03's evaluation (evaluate.batches) crop a
+    """02's preview strip (prepared.center_crops) and 03's evaluation (evaluate.batches) crop a
     non-square val image identically: the one ``images.center_crop``."""
     from furlib.evaluation import evaluate
-    from furlib.training import crops
+    from furlib import prepared
 
     rng = np.random.default_rng(0)
     val = tmp_path / "data" / "val"
     val.mkdir(parents=True)
     for i, (w, h) in enumerate(((400, 300), (300, 451), (64, 64))):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(val / f"{i}.png")
-    paths = crops.list_images(val)
-    preview = crops.center_crops(paths, 64)
+    paths = prepared.list_images(val)
+    preview = prepared.center_crops(paths, 64)
     (_, evaluated), = evaluate.batches(evaluate.image_set("val", tmp_path), 64, batch_size=8)
     assert torch.equal(preview, evaluated)
 
@@ -182,3 +182,21 @@ def test_range_conversions_round_trip():
     assert x.shape == (3, 16, 16) and x.min() == -1 and x.max() == 1
     assert np.array_equal(to_uint8(x), pixels)
     assert torch.equal(to_rgb_01(torch.tensor([-1.5, 0.0, 2.0])), torch.tensor([0.0, 0.5, 1.0]))
+
+
+def test_decode_input_and_cap_are_01s_rules_for_every_reader():
+    """01 (prepare) and training from a stream decode through these two functions."""
+    from furlib.images import cap_long_side, decode_input
+
+    wide = Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 400, 3), np.uint8))
+    image, suffix = decode_input(encode(wide, "PNG"), min_side=32)
+    assert image.size == (400, 40) and suffix == ".png"
+    assert cap_long_side(image, 400, 32) is image  # fits: untouched, the stored bytes stay usable
+    with pytest.raises(ImageRejected) as caught:
+        cap_long_side(image, 200, 32)  # 400x40 -> 200x20, below 32 px
+    assert caught.value.reason == "too_small_after_cap" and "(200, 20)" in caught.value.detail
+    assert cap_long_side(image, 320, 32).size == (320, 32)
+    for bad, reason in ((None, "empty"), (b"", "empty"), (3, "not_an_image"), (b"not an image", "not_an_image")):
+        with pytest.raises(ImageRejected) as caught:
+            decode_input(bad)
+        assert caught.value.reason == reason, bad

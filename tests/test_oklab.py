@@ -1,6 +1,6 @@
 import torch
 
-from furlib.oklab import oklab_to_rgb, rgb_to_oklab, safe_cbrt, srgb_to_linear
+from furlib.oklab import M1, M2, rgb_to_oklab, safe_cbrt, srgb_to_linear
 
 
 def _px(r, g, b):  # one sRGB [0,1] pixel as a 1x3x1x1 [-1,1] tensor
@@ -21,6 +21,15 @@ def test_not_transposed():
     # The bug this project must not repeat: transposed matrices map white to (2.48, -1.35, -0.24).
     white = rgb_to_oklab(_px(1, 1, 1)).flatten()
     assert abs(white[0] - 1) < 1e-4 and white[1:].abs().max() < 1e-4
+
+
+def oklab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
+    """The inverse, written here from the same matrices: only this test needs it."""
+    inv = lambda m, x: torch.einsum("oc,nchw->nohw", torch.linalg.inv(torch.tensor(m, dtype=x.dtype)), x)  # noqa: E731
+    lin = inv(M1, inv(M2, lab).pow(3))
+    a = lin.abs()
+    srgb = torch.where(a <= 0.0031308, lin * 12.92, lin.sign() * (1.055 * a.clamp_min(0.0031308).pow(1 / 2.4) - 0.055))
+    return srgb * 2.0 - 1.0
 
 
 def test_roundtrip_and_srgb_curve():

@@ -6,13 +6,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from furlib.data import prepare
-from furlib.training import checkpoint, fit
+from furlib import checkpoint
+from furlib.training import fit
 from furlib.training.logbook import Logbook
 from furlib.training.settings import TrainSettings
 
@@ -177,12 +177,14 @@ def test_torn_last_log_line_is_dropped_with_a_note(tmp_path):
 
 
 def test_resume_checks_the_settings_it_continues(trained):
-    outputs = trained[0]
+    from furlib.training.plan import make_plan
+
+    outputs, cpu = trained[0], torch.device("cpu")
     with pytest.raises(ValueError, match=r"changed recipe settings \(seed: 0 -> 1\).*resume_with_changes=\['seed'\]"):
-        fit.plan(tiny(outputs, seed=1, max_steps=3))
+        make_plan(tiny(outputs, seed=1, max_steps=3), 1, cpu)
     with pytest.raises(ValueError, match="trained from base_model='tiny', not 'random:sd'"):
-        fit.plan(tiny(outputs, base_model="random:sd"))
-    plan = fit.plan(tiny(outputs, seed=1, resume_with_changes=["seed"], log_every=2, max_steps=3))
+        make_plan(tiny(outputs, base_model="random:sd"), 1, cpu)
+    plan = make_plan(tiny(outputs, seed=1, resume_with_changes=["seed"], log_every=2, max_steps=3), 1, cpu)
     assert plan.start_step == 2 and any("log_every: 1 -> 2" in n for n in plan.notes)
     assert any("seed: 0 -> 1 (allowed" in n for n in plan.notes)
 
@@ -191,13 +193,13 @@ def test_every_bad_parameter_is_named_with_what_is_allowed():
     bad = dict(batch_size=0, resolution=60, checkpoint_every=0, log_every=0, ema_decay=1.5, phase_upsample=False,
                lpips_backbone="imagenet", num_workers=-1)
     with pytest.raises(ValueError) as err:
-        TrainSettings(**bad).validate()
+        TrainSettings(**bad)
     for name, value in bad.items():
         assert f"{name}={value!r}: must be" in str(err.value), name
     assert "bare yes/no" in str(err.value)
     assert "multiple of 8" in str(err.value)
     with pytest.raises(ValueError, match="ema_decay=-0.5"):
-        TrainSettings(ema_decay=-0.5).validate()
+        TrainSettings(ema_decay=-0.5)
     with pytest.raises(ValueError, match="no parameter.*learning_rate"):
         TrainSettings.from_params({"learning_rate": 0.1})
 
@@ -209,13 +211,50 @@ def test_cli_checks_before_any_work(tmp_path):
         fit.main(["params/smoke.yaml", "-p", "checkpoint_every=0", "-p", f"outputs_dir={tmp_path}"])
 
 
-def test_notebook_cell_states_the_library_defaults():
+def _names_and_comments(source: str) -> list[tuple[str, str]]:
+    """(assigned name, its end-of-line comment) for each one-line assignment in ``source``."""
+    import ast
+    import io
+    import tokenize
+
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(target, ast.Name):
+            out.append((node.lineno, target.id, comments.get(node.end_lineno, "")))
+    return [(name, comment) for _, name, comment in sorted(out)]
+
+
+def test_notebook_cell_and_settings_are_line_for_line_the_same():
+    """02's parameters cell and TrainSettings: the same values, names in the same order, and the
+    same comment on each line (a default lives in one cell line and one settings line)."""
+    import inspect
+
     from furlib import pipeline
 
     cell = pipeline.stage_defaults("02_train")
     defaults = dataclasses.asdict(TrainSettings())
     assert cell == defaults
     assert cell["run_name"] != "demo", "the default run must not resume make demo's folder"
+    cell_lines = _names_and_comments(_parameters_cell_source())
+    fields = inspect.getsource(TrainSettings).split("    @classmethod")[0]  # the class up to its methods
+    settings_lines = _names_and_comments(fields)
+    assert [n for n, _ in settings_lines] == [n for n, _ in cell_lines], "same order"
+    differ = [(n, c, sc) for (n, c), (_, sc) in zip(cell_lines, settings_lines) if c != sc]
+    assert not differ, f"comments differ (name, cell, settings): {differ}"
+    assert all(c for _, c in cell_lines), "every parameter has a comment"
+
+
+def _parameters_cell_source() -> str:
+    import json
+
+    from furlib import pipeline
+
+    cells = json.loads(pipeline.notebook_path("02_train").read_text())["cells"]
+    (cell,) = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    return "".join(cell["source"])
 
 
 def test_cpu_runs_say_what_they_cost_and_use_the_cores_there_are():
@@ -240,14 +279,14 @@ def test_bin_only_base_folder_is_refused(tmp_path):
 
 
 def test_export_builds_a_random_base_with_the_runs_seed(tmp_path):
-    from furlib.export import release
+    from furlib.export import release_files
     from furlib.models import decoder_state, load_vae
 
     weights = decoder_state(load_vae("tiny-random", seed=3))
     checkpoint.save_checkpoint(tmp_path / "checkpoints", 5, {"decoder": weights, "ema": weights},
                                {"base_model": "tiny-random", "settings": {"seed": 3}})
-    src = release.release_source(tmp_path)
-    vae = release.build_release_vae(src.base_model, src.base_config, src.decoder_weights, src.base_seed)
+    src = release_files.release_source(tmp_path)
+    vae = release_files.build_release_vae(src.base_model, src.base_config, src.decoder_weights, src.base_seed)
     encoder = {k: v for k, v in load_vae("tiny-random", seed=3).state_dict().items() if k.startswith("encoder.")}
     assert all(torch.equal(v, vae.state_dict()[k]) for k, v in encoder.items())
 

@@ -1,4 +1,4 @@
-"""Stage 01: turn a source of images (``furlib.data.sources``) into prepared training data.
+"""Stage 01: turn a source of images (``furlib.sources``) into prepared training data.
 
 Stored images (``furlib.data.store`` has the folder layout and its locking): ``<split>/<hash16>``
 + ``.jpg``/``.png``/``.webp``. A source file that already decodes to 8-bit sRGB RGB with nothing to
@@ -35,10 +35,11 @@ from pathlib import Path
 
 from PIL import Image
 
+from furlib import atomic
 from furlib.data import store
-from furlib.data.report import build_report, check_prepared, is_val  # noqa: F401 - used by callers
-from furlib.data.sources import RESUMED, Input, iter_inputs, source_key
-from furlib.images import DEFAULT_MAX_PIXELS, ImageRejected, load_for_storage
+from furlib.data.prep_report import build_report, is_val
+from furlib.sources import RESUMED, Input, iter_inputs, source_key
+from furlib.images import DEFAULT_MAX_PIXELS, ImageRejected, cap_long_side, decode_input
 
 PREPARE_VERSION = 1  # bump when decoding or storage changes: older data then needs rebuild=True
 DEFAULT_MAX_SIDE = 16384  # px: native resolution kept; only beyond this is an image downscaled
@@ -88,9 +89,7 @@ def prepare(source, data_dir, resolution: int = 256, max_side: int = DEFAULT_MAX
         art_count=art_count, seed=seed, source_revision=source_revision, num_proc=num_proc,
         num_shards=num_shards, shard_index=shard_index))
     if report["complete"]:  # renamed into place whole: 02 never reads half a report
-        tmp = data_dir / f".tmp-{os.getpid()}-report.json"
-        tmp.write_text(json.dumps(report, indent=1))
-        os.replace(tmp, data_dir / "report.json")
+        atomic.write_text(data_dir / "report.json", json.dumps(report, indent=1))
     return report
 
 
@@ -208,9 +207,7 @@ def _journalled(work, inputs, total, journal_file: Path, position_file: Path, he
 
 def _save_position(path: Path, position: dict) -> None:
     path.parent.mkdir(exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(json.dumps(position))
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(position))
 
 
 def pixel_hash(image: Image.Image) -> str:
@@ -253,9 +250,7 @@ def _check_settings(data_dir: Path, settings: dict, rebuild: bool) -> str:
                 store.wipe(data_dir)
         for name in store.SPLITS:
             (data_dir / name).mkdir(parents=True, exist_ok=True)
-        tmp = data_dir / f".tmp-{os.getpid()}-settings.json"  # renamed into place whole
-        tmp.write_text(json.dumps(settings, indent=1))
-        os.replace(tmp, path)
+        atomic.write_text(path, json.dumps(settings, indent=1))  # renamed into place whole
     return "settings changed: " + ", ".join(changed) if changed else ""
 
 
@@ -266,17 +261,11 @@ def _process(item: Input, job: dict, data_dir: Path, files: dict) -> dict:
         return {"status": "rejected", "reason": item.reason, "detail": ""}
     try:
         src = item.src() if callable(item.src) else item.src  # a built-in drawing is drawn now
-        if src is None or isinstance(src, (bytes, bytearray)) and not src:
-            raise ImageRejected("empty", "no image in this row")
-        if not isinstance(src, (bytes, bytearray, str, Path, Image.Image)):
-            raise ImageRejected("not_an_image", f"a {type(src).__name__}, not image bytes or a path")
-        image, suffix = load_for_storage(src, settings["background"], filters["max_pixels"],
-                                         min_side=filters["resolution"])
-        digest, source_size = pixel_hash(image), image.size
-        if max(image.size) > settings["max_side"]:
-            image, suffix = _cap_long_side(image, settings["max_side"]), ""
-        if min(image.size) < filters["resolution"]:
-            raise ImageRejected("too_small_after_cap", f"{source_size} -> {image.size}")
+        decoded, suffix = decode_input(src, settings["background"], filters["max_pixels"],
+                                       min_side=filters["resolution"])
+        digest, source_size = pixel_hash(decoded), decoded.size
+        image = cap_long_side(decoded, settings["max_side"], filters["resolution"])
+        suffix = suffix if image is decoded else ""  # capped: converted, not the source's bytes
     except ImageRejected as e:
         return _rejection(e, filters)
     except Exception as e:  # noqa: BLE001 - one odd input must not end a long run; it is reported
@@ -303,8 +292,3 @@ def _rejection(e: ImageRejected, filters: dict) -> dict:
         entry["max_pixels"] = filters["max_pixels"]
     return entry
 
-
-def _cap_long_side(image: Image.Image, max_side: int) -> Image.Image:
-    scale = max_side / max(image.size)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.resize(size, Image.Resampling.LANCZOS)

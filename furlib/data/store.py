@@ -11,8 +11,8 @@ Layout under ``data_dir`` (see ``furlib.data.prepare`` for what the images are):
     .lock, .merge.lock           flock files: every run holds .lock shared, a rebuild exclusively;
                                  merging the shards' parts into report.json holds .merge.lock
 
-No writer ever deletes what another may still be writing: temporaries carry the writer's host,
-pid and thread and are swept only when over an hour old; each process appends to its own journal
+No writer ever deletes what another may still be writing: temporaries (``furlib.atomic``) carry
+the writer's host, pid and thread and are swept only when over an hour old; each process appends to its own journal
 file; stored files are renamed into place whole (same name = same pixels, so racing writers of one
 name are harmless); only an explicit rebuild deletes, and only while no other run holds the lock.
 """
@@ -23,13 +23,12 @@ import json
 import os
 import shutil
 import socket
-import threading
-import time
 from pathlib import Path
+
+from furlib import atomic
 
 SPLITS = ("train", "val", "unused")
 IMAGE_GLOBS = ("[!.]*.jpg", "[!.]*.png", "[!.]*.webp")  # what 01 stores; hidden = temporaries
-STALE_TMP_S = 3600.0  # a store write takes well under a second
 
 
 @contextlib.contextmanager
@@ -67,35 +66,25 @@ def read_journal(data_dir: Path) -> dict:
 
 def index_store(data_dir: Path) -> dict:
     """Stored file name -> the split folder it is in now; sweeps temporaries over an hour old."""
-    cutoff = time.time() - STALE_TMP_S
-    for tmp in (p for name in SPLITS for p in (data_dir / name).glob(".tmp-*")):
-        with contextlib.suppress(FileNotFoundError):
-            if tmp.stat().st_mtime < cutoff:
-                tmp.unlink()
+    for name in SPLITS:
+        atomic.sweep(data_dir / name)  # a store write takes well under a second
     return {p.name: name for name in SPLITS for pattern in IMAGE_GLOBS
             for p in (data_dir / name).glob(pattern)}
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".tmp-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}-"
-                          f"{path.name}")
-
-
 def save_png(image, path: Path) -> None:
     """Lossless; written under a temporary name and renamed, so a kill never leaves half a file."""
-    tmp = _tmp_name(path)
-    image.save(tmp, "PNG", compress_level=3)  # level 3: ~3x faster to write than 6, ~10% larger
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        image.save(tmp, "PNG", compress_level=3)  # level 3: ~3x faster to write than 6, ~10% larger
 
 
 def save_original(src, path: Path) -> None:
     """Store a source's own bytes (``src``: its bytes or its file), atomically as ``save_png``."""
-    tmp = _tmp_name(path)
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        tmp.write_bytes(bytes(src))
-    else:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            tmp.write_bytes(bytes(src))
+        else:
+            shutil.copyfile(src, tmp)
 
 
 def place_files(data_dir: Path, accepted: list, store: dict) -> None:
@@ -113,11 +102,9 @@ def write_part(data_dir: Path, shard: str, header: dict, entries: list) -> None:
     """A finished shard's entries, renamed into place whole: present = complete."""
     path = data_dir / "parts" / f"{shard}.jsonl"
     path.parent.mkdir(exist_ok=True)
-    tmp = _tmp_name(path)
-    with open(tmp, "w") as f:
+    with atomic.replacing(path) as tmp, open(tmp, "w") as f:
         f.write(json.dumps(header) + "\n")
         f.writelines(json.dumps(e) + "\n" for e in entries)
-    os.replace(tmp, path)
 
 
 def read_parts(data_dir: Path, shards: list, header: dict) -> tuple[list, list]:

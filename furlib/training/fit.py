@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from furlib import models, perceptual, runinfo
-from furlib.training import crops, pixelcache, plots
-from furlib.training.checkpoint import sweep_temporaries
+from furlib import atomic, models, perceptual, prepared, reconstructions, runinfo
+from furlib import crops
+from furlib.training import dashboard
 from furlib.training.logbook import Logbook
 from furlib.training.plan import make_plan
 from furlib.training.runlock import RunLock
@@ -52,10 +52,10 @@ class Preview:
     """Fixed val images, their base reconstructions, and the figures shown every plot_every."""
 
     def __init__(self, trainer: Trainer, data_dir: Path, s: TrainSettings, logbook: Logbook, show=None):
-        val = crops.list_images(data_dir / "val")
+        val = prepared.list_images(data_dir / "val")
         self.held_out = bool(val)  # without a val split the strip shows training images: say so
-        paths = val or crops.list_images(data_dir / "train")
-        self.images = crops.center_crops(paths[:s.preview_images], s.resolution)
+        paths = val or prepared.list_images(data_dir / "train")
+        self.images = prepared.center_crops(paths[:s.preview_images], s.resolution)
         self.base = trainer.reconstruct(self.images)  # before any checkpoint is loaded
         self.trainer, self.logbook, self.show = trainer, logbook, show
         self.folder = logbook.log_dir.parent / "train"
@@ -71,9 +71,9 @@ class Preview:
         self.last_step = t.step_count
         columns = {"original": self.images, "base": self.base, "current": t.reconstruct(self.images),
                    "EMA": t.reconstruct(self.images, ema=True)}
-        self.logbook.image("preview", plots.strip_grid(columns), t.step_count)
-        figures = {"dashboard": plots.training_dashboard(self.logbook.history),
-                   "strip": plots.reconstruction_strip(columns, title)}
+        self.logbook.image("preview", reconstructions.strip_grid(columns), t.step_count)
+        figures = {"dashboard": dashboard.training_dashboard(self.logbook.history),
+                   "strip": reconstructions.reconstruction_strip(columns, title)}
         for name, fig in figures.items():
             fig.savefig(self.folder / f"{name}.png", dpi=80)
             if self.show:
@@ -81,18 +81,10 @@ class Preview:
             plt.close(fig)
 
 
-def plan(settings: TrainSettings | dict):
-    """What ``fit`` will do (device, global batch, checkpoint, cache, workers, costs), in seconds."""
-    s = settings if isinstance(settings, TrainSettings) else TrainSettings.from_params(settings)
-    s.validate()
-    return make_plan(s, s.num_gpus, runinfo.pick_device(s.device))
-
-
-def fit(settings: TrainSettings | dict, show=None, announce: bool = True) -> dict:
+def fit(settings: TrainSettings | dict, show=None) -> dict:
     """Train until ``max_steps``; returns (on rank 0) the results also saved as train/results.json.
-    ``announce=False``: the caller has shown ``plan(settings)`` already."""
+    First, under the run lock and before any model loads, rank 0 prints what will run (the plan)."""
     s = settings if isinstance(settings, TrainSettings) else TrainSettings.from_params(settings)
-    s.validate()
     rank, world, dev = _process(s.device)
     if dev.type == "cuda":  # here, so `accelerate launch -m furlib.training.fit` gets them as 02 does
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -101,7 +93,7 @@ def fit(settings: TrainSettings | dict, show=None, announce: bool = True) -> dic
     _take_lock(lock, rank, world)
     try:
         p = make_plan(s, world, dev)  # data, checkpoint and resume checks before minutes of loading
-        if rank == 0 and announce:  # 02 shows the same plan in its own cell first
+        if rank == 0:
             print(p.describe(), flush=True)
         return _train(s, p, rank, world, dev, show, [lock.note] if lock.note else [])
     finally:
@@ -141,7 +133,7 @@ def _train(s: TrainSettings, p, rank: int, world: int, dev, show, notes: list) -
     notes = notes + p.notes + build_notes
     logbook = preview = None
     if rank == 0:
-        swept = sweep_temporaries(p.run_path / "checkpoints")
+        swept = atomic.sweep(p.run_path / "checkpoints", older_than_s=0)  # we hold the run lock
         logbook = Logbook(p.run_path / "logs", resume_step=p.start_step)
         late = logbook.notes + ([f"removed {swept} folder(s) of an interrupted checkpoint save"] if swept else [])
         print(models.describe(trainer.vae), *build_notes, *late, sep="\n", flush=True)
@@ -217,7 +209,7 @@ def _train_loader(trainer: Trainer, s: TrainSettings, p, rank: int):
             source_split=s.source_split, image_column=s.image_column)
     cache_dir = p.run_path / "pixel_cache"
     if rank == 0:
-        swept = pixelcache.sweep_stale(cache_dir)
+        swept = atomic.sweep(cache_dir)
         if swept:
             print(f"pixel cache: removed {swept} temporaries of interrupted writes", flush=True)
     return crops.make_loader(p.run_path / "data" / "train", s.resolution, s.batch_size,

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from furlib import atomic
+
 
 def _plain(logs: dict) -> dict:
     return {k: float(v.detach().float()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}
@@ -24,9 +26,8 @@ class Logbook:
         self.path = self.log_dir / "log.jsonl"
         self.notes: list[str] = []
         self.history = [r for r in self._read() if r["step"] <= resume_step] if resume_step else []
-        tmp = self.path.with_name(f".tmp-{self.path.name}")  # a kill here keeps the old log whole
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-        tmp.replace(self.path)
+        # a kill here keeps the old log whole
+        atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -1,11 +1,11 @@
 """Training straight from a parquet/arrow/save_to_disk or Hub dataset, without 01's folder.
 
 For data that does not fit a local disk. ``StreamCrops`` reads the dataset as a ``datasets``
-IterableDataset (``furlib.data.sources.open_stream``), splits it per rank with datasets'
+IterableDataset (``furlib.sources.open_stream``), splits it per rank with datasets'
 ``split_dataset_by_node`` and per DataLoader worker with datasets' own worker sharding (an
 IterableDataset iterated inside a worker reads only its share of the shards), decodes every row
-with 01's rules (``load_rgb``: EXIF, ICC, alpha, bombs; too small rejected; long side capped at
-``max_side``) and yields one random crop per image (``crops.random_crop``) as ``rgb_m11`` CHW.
+with 01's own functions (``images.decode_input``: EXIF, ICC, alpha, bombs, too small rejected;
+``images.cap_long_side``: long side capped at ``max_side``) and yields one random crop per image (``crops.random_crop``) as ``rgb_m11`` CHW.
 Rows that fail go to ``<log_dir>/rejected-rank<r>-worker<w>.jsonl``, one JSON line each.
 
 Differences from the prepared path, by design: no deduplication and no val split (use a prepared
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from furlib.images import DEFAULT_MAX_PIXELS, ImageRejected, load_rgb
-from furlib.training import crops
+from furlib.images import DEFAULT_MAX_PIXELS, ImageRejected, cap_long_side, decode_input
+from furlib import crops
 
 
 class StreamCrops(torch.utils.data.IterableDataset):
@@ -34,7 +34,7 @@ class StreamCrops(torch.utils.data.IterableDataset):
                  shuffle_buffer: int = 256, log_dir=None):
         from datasets.distributed import split_dataset_by_node
 
-        from furlib.data.sources import open_stream
+        from furlib.sources import open_stream
 
         ds, self.prefix = open_stream(source, source_split, image_column, revision)  # fails here, early
         if shuffle_buffer > 0:
@@ -67,21 +67,13 @@ class StreamCrops(torch.utils.data.IterableDataset):
             epoch += 1
 
     def _decode(self, value, where: str, worker: int) -> Image.Image | None:
-        """01's decoding of one row, or None after logging why it was rejected."""
-        if isinstance(value, dict):
+        """01's decoding of one row (``images.decode_input``, ``cap_long_side``), or None after
+        logging why it was rejected."""
+        if isinstance(value, dict):  # datasets' Image feature: {"bytes", "path"}
             value = value.get("bytes") or value.get("path")
         try:
-            if not isinstance(value, (bytes, str)):
-                raise ImageRejected("empty" if value is None else "not_an_image", type(value).__name__)
-            image = load_rgb(value if isinstance(value, bytes) else Path(value), self.background,
-                             self.max_pixels, min_side=self.resolution)
-            if max(image.size) > self.max_side:
-                scale = self.max_side / max(image.size)
-                size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-                image = image.resize(size, Image.Resampling.LANCZOS)
-            if min(image.size) < self.resolution:
-                raise ImageRejected("too_small_after_cap", f"{image.size}")
-            return image
+            image, _ = decode_input(value, self.background, self.max_pixels, min_side=self.resolution)
+            return cap_long_side(image, self.max_side, self.resolution)
         except ImageRejected as e:
             self._log(where, worker, e.reason, e.detail)
             return None

@@ -11,11 +11,11 @@ Layout under ``outputs/<run_name>/checkpoints/``::
         checksums.json          SHA-256 and size of every file above, written last
     latest                      one line: the name of the newest complete step folder
 
-A folder is written as ``.tmp-step_*`` and renamed into place, then ``latest`` is replaced
-atomically: a kill at any moment leaves the previous checkpoint as ``latest``. A step already
-saved and intact is never written again; a damaged folder of the same step is moved aside
-(``.old-step_*``) only once the new one is complete, then removed. Temporaries of a killed save
-are swept by the next save. Loading verifies every file against ``checksums.json``; a damaged
+A folder is written under a temporary name (``furlib.atomic``) and renamed into place, then
+``latest`` is replaced atomically: a kill at any moment leaves the previous checkpoint as
+``latest``. A step already saved and intact is never written again; a damaged folder of the same
+step is moved aside (to a temporary name too) only once the new one is complete, then removed.
+Temporaries of a killed save are swept by the next save. Loading verifies every file against ``checksums.json``; a damaged
 latest checkpoint falls back to the newest intact one with a note (``pick_checkpoint``).
 Nothing here unpickles: tensors are safetensors, everything else JSON.
 """
@@ -29,27 +29,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from furlib import atomic
 from furlib.runinfo import file_sha256
 
 WEIGHT_FILES = {"ema": "ema.safetensors", "raw": "decoder.safetensors"}
 CHECKSUMS = "checksums.json"
 FIX = "delete that folder (the run resumes from the one before) or set on_bad_checkpoint='fallback'"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-
-def sweep_temporaries(ckpt_root: Path) -> int:
-    """Remove folders of interrupted saves (``.tmp-step_*``, ``.old-step_*``); only the lock holder
-    calls this, so nothing else is writing them."""
-    stale = [p for p in Path(ckpt_root).glob(".tmp-step_*")] + list(Path(ckpt_root).glob(".old-step_*"))
-    for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
-    return len(stale)
 
 
 def _write_folder(tmp: Path, step: int, tensors: dict, state: dict) -> None:
@@ -68,16 +53,17 @@ def save_checkpoint(ckpt_root: Path, step: int, tensors: dict, state: dict, keep
     """Write ``{file_stem: {name: tensor}}`` plus ``state.json``; return the step's folder."""
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    sweep_temporaries(ckpt_root)
+    atomic.sweep(ckpt_root, older_than_s=0)  # only the run lock's holder saves: all are a killed save's
     name = f"step_{step:07d}"
-    tmp, final, old = ckpt_root / f".tmp-{name}", ckpt_root / name, ckpt_root / f".old-{name}"
+    final = ckpt_root / name
+    tmp, old = atomic.temporary(final), atomic.temporary(ckpt_root / f"old-{name}")
     if not (final.exists() and verify(final) is None):  # an intact step is never written twice
         _write_folder(tmp, step, tensors, state)
         if final.exists():  # a damaged folder of this step: aside first, removed once replaced
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
-    _atomic_write_text(ckpt_root / "latest", name + "\n")
+    atomic.write_text(ckpt_root / "latest", name + "\n")
     for stale in sorted(ckpt_root.glob("step_*"))[:-keep] if keep > 0 else []:
         if stale != final:
             shutil.rmtree(stale, ignore_errors=True)

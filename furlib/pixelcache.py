@@ -3,18 +3,16 @@
 Layout: ``<cache_dir>/<png stem>.npy``, uint8 HWC RGB (``np.save`` format: a 128-byte header, then
 width * height * 3 bytes). Prepared images are named by a hash of their pixels (``furlib.data.prepare``),
 so an entry never goes stale; the 02 run keeps its cache in its own ``<run>/pixel_cache/``, beside
-01's ``data/``. ``furlib.training.crops`` decides when to use the cache and crops from it.
+01's ``data/``. ``furlib.crops`` decides when to use the cache and crops from it.
 """
 
-import contextlib
-import os
 import shutil
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from furlib import atomic
 
 NPY_HEADER_BYTES = 128  # np.save's header for a 3-D uint8 array
 
@@ -40,36 +38,13 @@ def read(entry: Path) -> np.ndarray | None:
 
 
 def write(entry: Path, pixels_hwc: np.ndarray) -> None:
-    """Store ``pixels_hwc`` as ``entry`` atomically: a unique hidden temporary in the same folder,
-    then ``os.replace``. Racing writers of one entry write the same bytes and the last rename wins;
-    a writer that fails or is killed leaves no partial entry (a killed one may leave a ``.*.tmp``,
-    which ``sweep_stale`` removes at the next run).
-    Raises OSError (disk full, unwritable folder) for the caller to report."""
+    """Store ``pixels_hwc`` as ``entry`` atomically (``furlib.atomic``). Racing writers of one entry
+    write the same bytes and the last rename wins; a writer that fails or is killed leaves no
+    partial entry (a killed one may leave a temporary, which ``atomic.sweep`` removes at the next
+    run). Raises OSError (disk full, unwritable folder) for the caller to report."""
     entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = None
-    try:
-        with tempfile.NamedTemporaryFile(dir=entry.parent, prefix=f".{entry.stem}.", suffix=".tmp",
-                                         delete=False) as f:
-            tmp = f.name
-            np.save(f, np.ascontiguousarray(pixels_hwc, dtype=np.uint8))
-        os.replace(tmp, entry)
-    except BaseException:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        raise
-
-
-def sweep_stale(cache_dir, older_than_s: float = 3600.0) -> int:
-    """Delete temporaries left by killed writers; returns how many. A write takes well under a
-    second, so a temporary older than ``older_than_s`` belongs to no live writer on any rank."""
-    swept, cutoff = 0, time.time() - older_than_s
-    for tmp in Path(cache_dir).glob(".*.tmp"):
-        with contextlib.suppress(FileNotFoundError):
-            if tmp.stat().st_mtime < cutoff:
-                tmp.unlink()
-                swept += 1
-    return swept
+    with atomic.replacing(entry) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(pixels_hwc, dtype=np.uint8))
 
 
 def sizes(png_paths, cache_dir) -> tuple[int, int]:
