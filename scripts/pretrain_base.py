@@ -73,13 +73,13 @@ def _image_crops(task) -> tuple[str, str, np.ndarray]:
     """(kind, sha256 pixel hash, uint8 (K, R, R, 3) crops) of one synthetic or photo task."""
     from furlib.builtin import draw_natural
     from furlib.data.prepare import pixel_hash
-    from furlib.images import load_rgb
+    from furlib.images import center_crop, load_rgb
     from furlib import crops
 
     kind, key, count, resolution, min_scale, seed = task
     image = load_rgb(draw_natural(key) if kind == "natural" else Path(key))
     rng = np.random.default_rng([seed, hash_int(f"{kind}/{key}/{count}")])
-    out = [crops.center_crop(image, resolution)] if kind == "natural" else []
+    out = [center_crop(image, resolution)] if kind == "natural" else []
     for _ in range(count):
         box, turns, hflip, vflip = crops.crop_params(image.width, image.height, resolution, rng, min_scale)
         out.append(crops.apply_crop(image, resolution, box, turns, hflip, vflip))
