@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from furlib.runinfo import file_sha256
+
 
 @dataclass(frozen=True)
 class PackagedFile:
@@ -87,14 +89,6 @@ def locate(spec: PackagedFile) -> Path:
                               f"file is damaged or another version; `{spec.fix} "
                               f"--force-reinstall` restores it")
     return path
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
