@@ -37,6 +37,7 @@ class EvalModel:
     weights: str = ""
     seed: int = 0  # only for 'tiny' / 'random:sd', whose weights come from it
     step: int | None = None  # the training step of its decoder (None: not from this run)
+    base_family: str = ""  # a single-file base's family (furlib.families)
 
     @property
     def pretrained(self) -> bool:
@@ -47,23 +48,24 @@ class EvalModel:
         return f"{self.base_model}{extra}"
 
     def load(self):
-        vae = load_vae(self.base_model, self.base_config, self.seed)
+        vae = load_vae(self.base_model, self.base_config, self.seed, self.base_family)
         if self.checkpoint:
             with_decoder(vae, checkpoint.load_decoder_weights(Path(self.checkpoint), self.weights))
         return vae.eval()
 
 
 def run_models(run_dir, base_model: str = "", base_config: str = "", compare: str = "",
-               seed: int = 0) -> list:
+               seed: int = 0, base_family: str = "") -> list:
     """base, finetuned-ema, finetuned-raw (latest checkpoint), export (if written), extras."""
     ckpt = checkpoint.find_run_checkpoint(Path(run_dir))
-    base_model, base_config, state = checkpoint.run_base(ckpt, base_model, base_config)
+    base_model, base_config, base_family, state = checkpoint.run_base(ckpt, base_model, base_config, base_family)
     seed = state.get("settings", {}).get("seed", seed)  # 'tiny' bases: the encoder 02 trained with
     step = int(state["step"])
-    specs = [EvalModel("base", base_model, base_config, seed=seed)]
+    specs = [EvalModel("base", base_model, base_config, seed=seed, base_family=base_family)]
     for which, stem in checkpoint.WEIGHT_FILES.items():
         if (ckpt / stem).exists():
-            specs.append(EvalModel(f"finetuned-{which}", base_model, base_config, str(ckpt), which, seed, step))
+            specs.append(EvalModel(f"finetuned-{which}", base_model, base_config, str(ckpt), which, seed, step,
+                                   base_family))
     export = Path(run_dir) / "export"
     if (export / "diffusers" / "config.json").exists():  # labelled with its own step if it differs
         export_step = export_release_step(export)

@@ -30,6 +30,7 @@ class TrainSettings:
     outputs_dir: str = "outputs"
     base_model: str = "stabilityai/sd-vae-ft-mse"  # hub id, diffusers folder, .safetensors, "tiny", "random:sd"
     base_config: str = ""           # diffusers folder with the config of a .safetensors base
+    base_family: str = ""           # "sd", "sdxl", "sd3", "flux"; empty: the base's config says (a single file needs one)
     device: str = "auto"            # "auto", "cuda", "cpu"
     num_gpus: int = 1               # processes, one GPU each (accelerate); batch_size is per GPU
     resolution: int = 256           # training crop side, px (multiple of 8, at least 32)

@@ -15,7 +15,7 @@ YAML_HINT = " (YAML reads a bare yes/no as a boolean: quote it)"
 
 def _choices() -> dict:
     """name -> allowed values (imported here: no work at import time)."""
-    from furlib import perceptual
+    from furlib import families, perceptual
     from furlib.training import critic, crops
     from furlib.training.settings import PRECISIONS
 
@@ -24,7 +24,7 @@ def _choices() -> dict:
             "lr_schedule": ("constant", "cosine"), "mixed_precision": tuple(PRECISIONS),
             "torch_compile": AUTO_YES_NO, "channels_last": AUTO_YES_NO, "phase_upsample": AUTO_YES_NO,
             "pixel_cache": crops.PIXEL_CACHE_CHOICES, "lpips_backbone": perceptual.BACKBONES,
-            "on_bad_checkpoint": ("fallback", "refuse")}
+            "on_bad_checkpoint": ("fallback", "refuse"), "base_family": ("", *families.CHOICES)}
 
 
 # name -> (test of the value, what is allowed); applied only when the value has the right type
