@@ -163,7 +163,14 @@ def load_single_file(path: Path, base_config: str = "", base_family: str = ""):
         fam = families.single_file_family(path.name, shapes, base_family, stated)
         config = AutoencoderKL.load_config(fam.config_dir)
     vae = AutoencoderKL.from_config(config)
-    state = ldm_to_diffusers(load_file(path), vae.state_dict())
+    try:
+        state = ldm_to_diffusers(load_file(path), vae.state_dict())
+    except ValueError as err:
+        if base_config:
+            raise
+        raise ValueError(f"base_model {path.name} is not the full-size {fam.title} VAE of the shipped config "
+                         f"({fam.config_dir}); for another architecture pass base_config, a diffusers folder "
+                         f"with its config.json.\n{err}") from err
     vae.load_state_dict(state, strict=True)
     return vae.eval()
 
@@ -198,5 +205,8 @@ def with_decoder(vae, decoder_weights: dict):
 def describe(vae) -> dict:
     cfg = dict(vae.config)
     n_dec = sum(v.numel() for k, v in vae.state_dict().items() if k.startswith(TRAINABLE_PREFIXES))
-    return {"block_out_channels": list(cfg["block_out_channels"]), "latent_channels": cfg["latent_channels"],
+    fam = families.of_config(cfg)
+    return {"family": fam.name if fam else "none of the known", "block_out_channels": list(cfg["block_out_channels"]),
+            "latent_channels": cfg["latent_channels"], "scaling_factor": cfg.get("scaling_factor"),
+            "shift_factor": cfg.get("shift_factor"),
             "decoder_parameters": n_dec, "parameters": sum(p.numel() for p in vae.parameters())}
