@@ -143,25 +143,16 @@ def load_single_file(path: Path, base_config: str = "", base_family: str = ""):
     """A single-file LDM-layout VAE; never unpickles (``.safetensors`` only). The architecture and
     factors: ``base_config``'s, else the shipped config of the file's family (see ``families``)."""
     from diffusers import AutoencoderKL
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from furlib.ldm_keys import ldm_to_diffusers, strip_prefix
+    from furlib.ldm_keys import ldm_to_diffusers
 
     if not path.exists():
         raise ValueError(f"base_model file {path} does not exist")
     if path.suffix != ".safetensors":
         raise ValueError(f"{path.name}: only .safetensors single files load (pickled "
                          f"{path.suffix} files can run arbitrary code); convert it first")
-    if base_config:
-        config = AutoencoderKL.load_config(Path(base_config))
-        families.check_config(base_family, config, f"base_config {base_config!r}")
-    else:
-        with safe_open(str(path), "pt") as f:
-            shapes = strip_prefix({k: f.get_slice(k).get_shape() for k in f.keys()})
-            stated = (f.metadata() or {}).get("family", "")
-        fam = families.single_file_family(path.name, shapes, base_family, stated)
-        config = AutoencoderKL.load_config(fam.config_dir)
+    config, fam = single_file_config(path, base_config, base_family)
     vae = AutoencoderKL.from_config(config)
     try:
         state = ldm_to_diffusers(load_file(path), vae.state_dict())
@@ -173,6 +164,51 @@ def load_single_file(path: Path, base_config: str = "", base_family: str = ""):
                          f"with its config.json.\n{err}") from err
     vae.load_state_dict(state, strict=True)
     return vae.eval()
+
+
+def single_file_config(path: Path, base_config: str = "", base_family: str = "") -> tuple[dict, object]:
+    """(config, family or None) of a single file: ``base_config``'s, else its family's shipped one."""
+    from diffusers import AutoencoderKL
+    from safetensors import safe_open
+
+    from furlib.ldm_keys import strip_prefix
+
+    if base_config:
+        config = AutoencoderKL.load_config(Path(base_config))
+        families.check_config(base_family, config, f"base_config {base_config!r}")
+        return config, None
+    with safe_open(str(path), "pt") as f:  # the header only: shapes and metadata, no tensors
+        shapes = strip_prefix({k: f.get_slice(k).get_shape() for k in f.keys()})
+        stated = (f.metadata() or {}).get("family", "")
+    fam = families.single_file_family(path.name, shapes, base_family, stated)
+    return AutoencoderKL.load_config(fam.config_dir), fam
+
+
+def base_vae_config(base_model: str, base_config: str = "", base_family: str = "") -> dict | None:
+    """The config ``load_vae`` would build, without loading weights (a hub config is a small
+    download). None where loading itself would fail and say why (a bad path, the Hub out of reach)."""
+    from diffusers import AutoencoderKL
+
+    from furlib.runinfo import hub_unreachable
+
+    path = Path(base_model).expanduser()
+    try:
+        if base_model == "tiny-random":
+            return {**TINY_CONFIG, **family_settings(families.get(base_family or "sd"))}
+        if base_model.startswith("random:") or base_model == "tiny":
+            where = TINY_BASE_DIR if base_model == "tiny" else families.get(base_model.split(":", 1)[1]).config_dir
+            return dict(AutoencoderKL.load_config(where))
+        if path.suffix == ".safetensors" and path.is_file():
+            return dict(single_file_config(path, base_config, base_family)[0])
+        if path.is_dir() and (path / "config.json").exists():
+            return dict(AutoencoderKL.load_config(path))
+        if path.exists() or base_model.startswith((".", "/", "~")) or path.suffix in (".safetensors", ".ckpt"):
+            return None
+        repo, _, subfolder = base_model.partition("@")
+        return dict(AutoencoderKL.load_config(repo, subfolder=subfolder or None,
+                                              local_files_only=bool(hub_unreachable())))
+    except (OSError, ValueError):  # load_vae raises the same, with the project's words
+        return None
 
 
 def split_trainable(vae) -> list:

@@ -74,6 +74,12 @@ def hub_unreachable() -> str:
 
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return ""
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:  # the tail of this check was lost in a move (1964003): it returned None, "reachable"
+        socket.getaddrinfo(host, 443)
+    except OSError as err:
+        return f"cannot resolve {host}: {err}"
+    return ""
 
 
 def file_sha256(path) -> str:
