@@ -190,3 +190,18 @@ def test_config_inference_is_strict():
     assert families.of_config(dict(sd, block_out_channels=[128, 256, 512])) is None  # kl-f4
     flux = dict(AutoencoderKL.load_config(families.get("flux").config_dir))
     assert families.of_config(dict(flux, shift_factor=None)) is None
+
+
+@pytest.mark.parametrize("profile, family", [("sdxl_decoder", "sdxl"), ("flux1_decoder", "flux"),
+                                             ("furception_v1", "")])
+def test_family_profiles_validate_and_name_their_family(profile, family):
+    from furlib import pipeline
+
+    params = pipeline.load_profile(pipeline.ROOT / "params" / f"{profile}.yaml")
+    keys = set(TrainSettings.__dataclass_fields__)
+    settings = TrainSettings(**{k: v for k, v in params.items() if k in keys})
+    settings.validate()
+    assert settings.base_family == family and settings.mixed_precision == "bf16"
+    assert "/" in settings.base_model.partition("@")[0]  # a hub id: the Hub's weights, not a local file
+    with pytest.raises(ValueError, match="base_family='SDXL'"):
+        TrainSettings(**dict(settings.__dict__, base_family="SDXL")).validate()
