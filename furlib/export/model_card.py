@@ -15,10 +15,10 @@ from furlib.models import is_pretrained
 # Where each family's single file goes: (apps for the files table, the card's "Use" bullets).
 _A1111 = ("- **AUTOMATIC1111**: copy `{stem}.safetensors` into `stable-diffusion-webui/models/VAE/` and\n"
           "  choose it under Settings → Stable Diffusion → SD VAE.{half}")
-_COMFY = ("- **ComfyUI**: copy it into `ComfyUI/models/vae/` and load it with a *Load VAE* node wired into\n"
-          "  *VAE Decode*.")
-_FORGE = ("- **Stable Diffusion WebUI Forge**: copy it into `models/VAE/` and pick it in the *VAE / Text\n"
-          "  Encoder* selector.")
+_COMFY = ("- **ComfyUI**: copy `{stem}.safetensors` into `ComfyUI/models/vae/` and load it with a *Load VAE*\n"
+          "  node wired into *VAE Decode*.")
+_FORGE = ("- **Stable Diffusion WebUI Forge**: copy `{stem}.safetensors` into `models/VAE/` and pick it in the\n"
+          "  *VAE / Text Encoder* selector.")
 _APPS = {"sd": ("A1111, ComfyUI", (_A1111, _COMFY)), "sdxl": ("A1111, ComfyUI", (_A1111, _COMFY)),
          "sd3": ("ComfyUI", (_COMFY,)), "flux": ("ComfyUI, Forge", (_COMFY, _FORGE))}
 _HALF = {"sd": " If images come out black in half precision, start it with `--no-half-vae`.",
