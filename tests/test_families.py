@@ -85,7 +85,7 @@ def _stages(run, base, data):
 
 
 @pytest.mark.parametrize("family", families.CHOICES)
-def test_family_end_to_end(family, prepared, tmp_path):
+def test_family_end_to_end(family, prepared, tmp_path, tmp_path_factory):
     fam = families.get(family)
     base = _base_folder(tmp_path, family)
     run = tmp_path / "outputs" / f"run-{family}"
@@ -122,7 +122,8 @@ def test_family_end_to_end(family, prepared, tmp_path):
     assert all(f"Not for {f.title} (" in card or f"; {f.title} (" in card for f in others)
     assert manifest["release"]["checkpoint"] == f"checkpoints/step_{STEPS:07d}"
 
-    local = [str(tmp_path), str(tmp_path.resolve())]  # run folder, base folder, data: all under it
+    root = tmp_path_factory.getbasetemp()  # the run, its base and its prepared data all live under it
+    local = sorted({str(root), str(root.resolve()), str(tmp_path)})
     for path in exported.rglob("*"):
         if path.is_file():
             content = path.read_bytes()
@@ -207,3 +208,25 @@ def test_family_profiles_validate_and_name_their_family(profile, family):
     assert "/" in settings.base_model.partition("@")[0]  # a hub id: the Hub's weights, not a local file
     with pytest.raises(ValueError, match="base_family='SDXL'"):
         TrainSettings(**dict(settings.__dict__, base_family="SDXL")).validate()
+
+
+def test_03_compares_a_single_file_as_one_of_the_runs_family(tmp_path, single_files):
+    """A run's family comes from its checkpoint (base_family) or its base's config; 03's compare
+    loads single files in that family, since their keys cannot say it."""
+    from furlib.training.checkpoint import save_checkpoint
+
+    base = _base_folder(tmp_path, "sdxl")
+    dec = models.decoder_state(models.load_vae(str(base)))
+    save_checkpoint(tmp_path / "run" / "checkpoints", 3, {"decoder": dec, "ema": dec},
+                    {"base_model": str(base), "base_config": "", "base_family": ""})
+    specs = evaluate.run_models(tmp_path / "run", compare=f"{single_files['sd']}, {base}")
+    assert [(s.name, s.base_family) for s in specs] == [
+        ("base", ""), ("finetuned-ema", ""), ("finetuned-raw", ""), ("sd", "sdxl"), ("base-sdxl", "")]
+    with pytest.raises(ValueError, match="not the full-size SDXL VAE"):  # SDXL's shipped config was used
+        specs[3].load()
+    save_checkpoint(tmp_path / "single" / "checkpoints", 3, {"decoder": dec, "ema": dec},
+                    {"base_model": str(single_files["sdxl"]), "base_config": "", "base_family": "sdxl"})
+    specs = evaluate.run_models(tmp_path / "single")  # the run's own family, from its checkpoint
+    assert {s.base_family for s in specs} == {"sdxl"}
+    with pytest.raises(ValueError, match="Set base_family"):
+        evaluate.run_models(tmp_path / "single", base_model=str(single_files["sdxl"]))[0].load()

@@ -72,9 +72,22 @@ def run_models(run_dir, base_model: str = "", base_config: str = "", compare: st
         name = "export" if export_step == step else \
             f"export-step{export_step}" if export_step is not None else "export-unverified"
         specs.append(EvalModel(name, str(export / "diffusers"), step=export_step))
-    for item in filter(None, (s.strip() for s in compare.split(","))):
-        specs.append(EvalModel(_unique(_short_name(item), specs), item))
+    items = [s.strip() for s in compare.split(",") if s.strip()]
+    family = _run_family(base_model, base_config, base_family) if any(i.endswith(".safetensors") for i in items) else ""
+    for item in items:  # a single file cannot say its family: it is compared as one of the run's
+        specs.append(EvalModel(_unique(_short_name(item), specs), item,
+                               base_family=family if item.endswith(".safetensors") else ""))
     return specs
+
+
+def _run_family(base_model: str, base_config: str, base_family: str) -> str:
+    """The run's family: given, or read from its base's config ('' when it is none of them)."""
+    from furlib import families
+    from furlib.models import base_vae_config
+
+    config = None if base_family else base_vae_config(base_model, base_config)
+    fam = families.of_config(config) if config else None
+    return base_family or (fam.name if fam else "")
 
 
 def export_release_step(export_dir: Path) -> int | None:
