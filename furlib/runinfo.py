@@ -75,10 +75,10 @@ def hub_unreachable() -> str:
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return ""
     host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:  # the tail of this check was lost in a move (1964003): it returned None, "reachable"
+    try:
         socket.getaddrinfo(host, 443)
-    except OSError as err:
-        return f"cannot resolve {host}: {err}"
+    except OSError as e:
+        return f"cannot resolve {host}: {e}"
     return ""
 
 

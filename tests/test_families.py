@@ -213,7 +213,7 @@ def test_family_profiles_validate_and_name_their_family(profile, family):
 def test_03_compares_a_single_file_as_one_of_the_runs_family(tmp_path, single_files):
     """A run's family comes from its checkpoint (base_family) or its base's config; 03's compare
     loads single files in that family, since their keys cannot say it."""
-    from furlib.training.checkpoint import save_checkpoint
+    from furlib.checkpoint import save_checkpoint
 
     base = _base_folder(tmp_path, "sdxl")
     dec = models.decoder_state(models.load_vae(str(base)))

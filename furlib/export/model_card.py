@@ -2,14 +2,14 @@
 
 It reads what the run left behind: ``data/report.json`` (01) for the training data,
 ``02_train.record.json`` for the training parameters and ``eval/metrics.md`` (written by
-``furlib.evaluation.report``) for the evaluation; a missing one is said, never guessed.
+``furlib.evaluation.eval_report``) for the evaluation; a missing one is said, never guessed.
 """
 
 import json
 from pathlib import Path
 
 from furlib import families
-from furlib.export.release import EXPORT, Release, public_name, release_stem
+from furlib.export.release_files import EXPORT, Release, public_name, release_stem
 from furlib.models import is_pretrained
 
 # Where each family's single file goes: (apps for the files table, the card's "Use" bullets).
