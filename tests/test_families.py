@@ -19,10 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from furlib import families, models, runinfo
 from furlib.data.prepare import prepare
-from furlib.evaluation import evaluate
-from furlib.evaluation import report as eval_report
+from furlib.evaluation import eval_report, evaluate
 from furlib.export import model_card
-from furlib.export import release as export
+from furlib.export import release_files as export
 from furlib.ldm_keys import diffusers_to_ldm
 from furlib.training.fit import fit
 from furlib.training.settings import TrainSettings
