@@ -152,14 +152,16 @@ def read_state(ckpt_dir: Path) -> dict:
         raise RuntimeError(f"cannot read {path} ({err}). Fix: {FIX}") from err
 
 
-def run_base(ckpt_dir: Path, base_model: str = "", base_config: str = "") -> tuple[str, str, dict]:
-    """(base_model, base_config, state): the given base, else the one the run trained from."""
+def run_base(ckpt_dir: Path, base_model: str = "", base_config: str = "",
+             base_family: str = "") -> tuple[str, str, str, dict]:
+    """(base_model, base_config, base_family, state): the given base, else the run's own."""
     state = read_state(ckpt_dir)
-    if not base_model:  # the base the run trained from, with the architecture it used
+    if not base_model:  # the base the run trained from, with the architecture and family it used
         base_model, base_config = state.get("base_model", ""), state.get("base_config", "")
+        base_family = base_family or state.get("base_family", "")
     if not base_model:
         raise ValueError(f"base_model: {ckpt_dir}/state.json names no base model; pass base_model")
-    return base_model, base_config or "", state
+    return base_model, base_config or "", base_family or "", state
 
 
 def load_tensors(ckpt_dir: Path, stem: str) -> dict:

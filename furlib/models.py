@@ -4,19 +4,26 @@
 - a Hugging Face Hub id (``stabilityai/sd-vae-ft-mse``) or ``id@subfolder`` (``repo@vae``);
 - a local diffusers folder (``config.json`` + weights);
 - a single-file ``.safetensors`` in the original LDM layout (A1111/ComfyUI files), with the
-  architecture from ``base_config`` (a diffusers folder) or, by default, the SD VAE's;
+  architecture and factors from ``base_config`` (a diffusers folder) or from the shipped config
+  of its ``base_family`` (``furlib.families``: its keys alone cannot tell SD 1.x from SDXL, nor
+  SD3 from FLUX.1, so without either it is a clear error, never a guess);
 - ``tiny``: the project's own small *pretrained* VAE (5.3 M parameters, SD's latent interface:
   KL, factor 8, 4 latents), shipped in ``furlib/assets/tiny_base`` as fp16 safetensors and made
   by ``scripts/pretrain_base.py`` on the built-in set; accurate but smooth, for offline CPU runs;
-- ``tiny-random``: a small seeded random ``AutoencoderKL`` for timing and unit tests;
-- ``random:sd``: the sd-vae-ft-mse architecture with random weights, for offline GPU timing.
-``tiny-random`` and ``random:sd`` are not pretrained: reports of runs on them say so.
+- ``tiny-random``: a small seeded random ``AutoencoderKL`` for timing and unit tests, with the
+  latent interface of ``base_family`` (default ``sd``);
+- ``random:sd``, ``random:sdxl``, ``random:sd3``, ``random:flux``: that family's architecture with
+  random weights, for offline GPU timing.
+``tiny-random`` and ``random:*`` are not pretrained: reports of runs on them say so.
+``base_family``, when given, must agree with what the base is; a config is never rewritten.
 """
 
 import os
 from pathlib import Path
 
 import torch
+
+from furlib import families
 
 SD_VAE_CONFIG = Path(__file__).parent / "configs" / "sd_vae"
 TINY_BASE_DIR = Path(__file__).parent / "assets" / "tiny_base"
@@ -27,7 +34,7 @@ TINY_BASE_CONFIG = dict(
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
     sample_size=96,
 )
-RANDOM_BASES = ("tiny-random", "random:sd")
+RANDOM_BASES = ("tiny-random", *(f"random:{name}" for name in families.CHOICES))
 TINY_CONFIG = dict(  # tiny-random's
     block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=16, latent_channels=4,
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -36,7 +43,8 @@ TINY_CONFIG = dict(  # tiny-random's
 OFFLINE_HINT = (
     "Without the Hub, use instead: a local diffusers folder, a single-file .safetensors VAE, 'tiny' "
     "(the small pretrained VAE shipped here, for CPU runs), 'tiny-random' (small, random, for timing "
-    "and tests) or 'random:sd' (SD architecture, random weights, for timing). "
+    "and tests) or 'random:sd' (SD architecture, random weights, for timing; also random:sdxl, "
+    "random:sd3, random:flux). "
     "With internet (Colab/Kaggle) the hub id works as given."
 )
 TRAINABLE_PREFIXES = ("decoder.", "post_quant_conv.")  # the rest (encoder, quant_conv) stays frozen
@@ -46,32 +54,57 @@ def is_pretrained(base_model: str) -> bool:
     return base_model not in RANDOM_BASES
 
 
-def load_vae(base_model: str, base_config: str = "", seed: int = 0):
-    """Return an fp32 ``AutoencoderKL`` in eval mode on the CPU; raises with a clear message."""
+def load_vae(base_model: str, base_config: str = "", seed: int = 0, base_family: str = ""):
+    """Return an fp32 ``AutoencoderKL`` in eval mode on the CPU; raises with a clear message.
+
+    ``base_family`` ('sd', 'sdxl', 'sd3', 'flux' or ''): a single file's family, a random base's
+    layout, and for every other base a check that its config is that family's."""
     from diffusers import AutoencoderKL
 
-    if base_model == "tiny":
-        return load_tiny_base()
-    if base_model == "tiny-random":
-        torch.manual_seed(seed)
-        return AutoencoderKL(**TINY_CONFIG).eval()
-    if base_model == "random:sd":
-        torch.manual_seed(seed)
-        return AutoencoderKL.from_config(AutoencoderKL.load_config(SD_VAE_CONFIG)).eval()
+    if base_family:
+        families.get(base_family)  # a misspelt family fails before any loading
+    if base_model in RANDOM_BASES:
+        return _random_vae(base_model, seed, base_family)
     path = Path(base_model).expanduser()
     if path.suffix in (".safetensors", ".ckpt", ".pt", ".bin"):
-        return load_single_file(path, base_config)
-    if path.is_dir():
+        return load_single_file(path, base_config, base_family)
+    if base_model == "tiny":
+        vae = load_tiny_base()
+    elif path.is_dir():
         if not (path / "config.json").exists():
             raise ValueError(f"base_model folder {path} has no config.json: not a diffusers VAE folder")
         if not list(path.glob("*.safetensors")):  # diffusers would torch.load a .bin: refuse, never unpickle
             raise ValueError(f"base_model folder {path} has no .safetensors weights (only "
                              f"{sorted(p.name for p in path.iterdir() if p.name != 'config.json')}): pickled "
                              "weights are not loaded; convert them to safetensors first")
-        return AutoencoderKL.from_pretrained(path, use_safetensors=True).eval()
-    if path.exists() or base_model.startswith((".", "/", "~")):
+        vae = AutoencoderKL.from_pretrained(path, use_safetensors=True).eval()
+    elif path.exists() or base_model.startswith((".", "/", "~")):
         raise ValueError(f"base_model {base_model!r}: no such diffusers folder or .safetensors file")
-    return _load_from_hub(base_model)
+    else:
+        vae = _load_from_hub(base_model)
+    families.check_config(base_family, vae.config, f"base_model {base_model!r}")
+    return vae
+
+
+def _random_vae(base_model: str, seed: int, base_family: str):
+    """``tiny-random`` in ``base_family``'s latent interface, or ``random:<family>``."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    if base_model == "tiny-random":
+        fam = families.get(base_family or "sd")
+        return AutoencoderKL(**{**TINY_CONFIG, **family_settings(fam)}).eval()
+    fam = families.get(base_model.split(":", 1)[1])
+    if base_family and base_family != fam.name:
+        raise ValueError(f"base_family={base_family!r} contradicts base_model {base_model!r}: leave it empty")
+    return AutoencoderKL.from_config(AutoencoderKL.load_config(fam.config_dir)).eval()
+
+
+def family_settings(fam) -> dict:
+    """The ``AutoencoderKL`` arguments that make a family's latent interface (any architecture)."""
+    return dict(latent_channels=fam.latent_channels, use_quant_conv=fam.quant_conv,
+                use_post_quant_conv=fam.quant_conv, scaling_factor=fam.scaling_factor,
+                shift_factor=fam.shift_factor or None)
 
 
 def load_tiny_base(folder: Path = TINY_BASE_DIR):
@@ -106,8 +139,9 @@ def _load_from_hub(base_model: str):
         raise RuntimeError(f"{ours}\n(diffusers said: {err})") from err
 
 
-def load_single_file(path: Path, base_config: str = ""):
-    """A single-file LDM-layout VAE; never unpickles (``.safetensors`` only)."""
+def load_single_file(path: Path, base_config: str = "", base_family: str = ""):
+    """A single-file LDM-layout VAE; never unpickles (``.safetensors`` only). The architecture and
+    factors: ``base_config``'s, else the shipped config of the file's family (see ``families``)."""
     from diffusers import AutoencoderKL
     from safetensors.torch import load_file
 
@@ -118,11 +152,63 @@ def load_single_file(path: Path, base_config: str = ""):
     if path.suffix != ".safetensors":
         raise ValueError(f"{path.name}: only .safetensors single files load (pickled "
                          f"{path.suffix} files can run arbitrary code); convert it first")
-    config_dir = Path(base_config) if base_config else SD_VAE_CONFIG
-    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir))
-    state = ldm_to_diffusers(load_file(path), vae.state_dict())
+    config, fam = single_file_config(path, base_config, base_family)
+    vae = AutoencoderKL.from_config(config)
+    try:
+        state = ldm_to_diffusers(load_file(path), vae.state_dict())
+    except ValueError as err:
+        if base_config:
+            raise
+        raise ValueError(f"base_model {path.name} is not the full-size {fam.title} VAE of the shipped config "
+                         f"({fam.config_dir}); for another architecture pass base_config, a diffusers folder "
+                         f"with its config.json.\n{err}") from err
     vae.load_state_dict(state, strict=True)
     return vae.eval()
+
+
+def single_file_config(path: Path, base_config: str = "", base_family: str = "") -> tuple[dict, object]:
+    """(config, family or None) of a single file: ``base_config``'s, else its family's shipped one."""
+    from diffusers import AutoencoderKL
+    from safetensors import safe_open
+
+    from furlib.ldm_keys import strip_prefix
+
+    if base_config:
+        config = AutoencoderKL.load_config(Path(base_config))
+        families.check_config(base_family, config, f"base_config {base_config!r}")
+        return config, None
+    with safe_open(str(path), "pt") as f:  # the header only: shapes and metadata, no tensors
+        shapes = strip_prefix({k: f.get_slice(k).get_shape() for k in f.keys()})
+        stated = (f.metadata() or {}).get("family", "")
+    fam = families.single_file_family(path.name, shapes, base_family, stated)
+    return AutoencoderKL.load_config(fam.config_dir), fam
+
+
+def base_vae_config(base_model: str, base_config: str = "", base_family: str = "") -> dict | None:
+    """The config ``load_vae`` would build, without loading weights (a hub config is a small
+    download). None where loading itself would fail and say why (a bad path, the Hub out of reach)."""
+    from diffusers import AutoencoderKL
+
+    from furlib.runinfo import hub_unreachable
+
+    path = Path(base_model).expanduser()
+    try:
+        if base_model == "tiny-random":
+            return {**TINY_CONFIG, **family_settings(families.get(base_family or "sd"))}
+        if base_model.startswith("random:") or base_model == "tiny":
+            where = TINY_BASE_DIR if base_model == "tiny" else families.get(base_model.split(":", 1)[1]).config_dir
+            return dict(AutoencoderKL.load_config(where))
+        if path.suffix == ".safetensors" and path.is_file():
+            return dict(single_file_config(path, base_config, base_family)[0])
+        if path.is_dir() and (path / "config.json").exists():
+            return dict(AutoencoderKL.load_config(path))
+        if path.exists() or base_model.startswith((".", "/", "~")) or path.suffix in (".safetensors", ".ckpt"):
+            return None
+        repo, _, subfolder = base_model.partition("@")
+        return dict(AutoencoderKL.load_config(repo, subfolder=subfolder or None,
+                                              local_files_only=bool(hub_unreachable())))
+    except (OSError, ValueError):  # load_vae raises the same, with the project's words
+        return None
 
 
 def split_trainable(vae) -> list:
@@ -155,5 +241,8 @@ def with_decoder(vae, decoder_weights: dict):
 def describe(vae) -> dict:
     cfg = dict(vae.config)
     n_dec = sum(v.numel() for k, v in vae.state_dict().items() if k.startswith(TRAINABLE_PREFIXES))
-    return {"block_out_channels": list(cfg["block_out_channels"]), "latent_channels": cfg["latent_channels"],
+    fam = families.of_config(cfg)
+    return {"family": fam.name if fam else "none of the known", "block_out_channels": list(cfg["block_out_channels"]),
+            "latent_channels": cfg["latent_channels"], "scaling_factor": cfg.get("scaling_factor"),
+            "shift_factor": cfg.get("shift_factor"),
             "decoder_parameters": n_dec, "parameters": sum(p.numel() for p in vae.parameters())}

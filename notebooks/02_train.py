@@ -68,6 +68,7 @@ run_name = "my_run"                       # outputs go to outputs_dir/run_name (
 outputs_dir = "outputs"                   # root folder of all runs
 base_model = "stabilityai/sd-vae-ft-mse"  # hub id, diffusers folder, .safetensors, "tiny", "tiny-random" or "random:sd"
 base_config = ""                          # diffusers folder with the config of a .safetensors base
+base_family = ""                          # "sd", "sdxl", "sd3" or "flux"; empty: from the config (a .safetensors base needs one)
 device = "auto"                           # "auto", "cuda", "cpu"
 num_gpus = 1                              # processes, one GPU each (accelerate); batch_size is per GPU
 resolution = 256                          # training crop side, px (multiple of 8, at least 32)

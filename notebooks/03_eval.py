@@ -65,7 +65,8 @@ run_name = "my_run"            # folder under outputs_dir holding the trained ru
 outputs_dir = "outputs"        # root folder of all runs
 base_model = ""                # empty: the base the run was trained from (its checkpoint state.json)
 base_config = ""               # diffusers folder giving a single-file base_model its architecture
-compare = ""                   # extra VAEs, comma-separated: hub ids, diffusers folders, .safetensors
+base_family = ""               # "sd", "sdxl", "sd3" or "flux" of a single-file base_model; empty: the run's
+compare = ""                   # extra VAEs, comma-separated: hub ids, diffusers folders, .safetensors (of the run's family)
 eval_source = "val"            # "val" (the run's val split), a folder of images, or a hub dataset id
 reference_source = ""          # a second set scored apart, e.g. "builtin-photos": what the finetune costs the base's domain
 eval_split = "validation"      # split of a hub dataset
@@ -93,8 +94,9 @@ if lpips_backbone not in perceptual.BACKBONES:
 if eval_source == "val" and not (run_dir / "data" / "val").is_dir():
     raise ValueError(f"eval_source='val' but {run_dir}/data/val does not exist: run 01_data_prep for this run, "
                      "or pass a folder or a hub dataset id")
-if base_config and not base_model:
-    raise ValueError("base_config is only used with an explicit base_model; leave both empty for the run's own")
+if (base_config or base_family) and not base_model:
+    raise ValueError("base_config and base_family are only used with an explicit base_model; leave them empty "
+                     "for the run's own")
 dev = runinfo.pick_device(device)
 eval_dir = run_dir / "eval"
 torch.manual_seed(seed)
@@ -106,7 +108,7 @@ print(f"device {dev}; results go to {eval_dir}")
 # are the base with the latest checkpoint's decoder (04 verifies its own export).
 
 # %%
-specs = evaluate.run_models(run_dir, base_model, base_config, compare, seed)
+specs = evaluate.run_models(run_dir, base_model, base_config, compare, seed, base_family)
 model_notes = {s.name: {"source": s.source(), "pretrained": s.pretrained, "step": s.step} for s in specs}
 display(pd.DataFrame(model_notes).T)
 if not all(s.pretrained for s in specs):

@@ -58,7 +58,8 @@ from furlib.export import model_card, release_files
 run_name = "my_run"  # folder under outputs_dir holding the trained run
 outputs_dir = "outputs"  # root folder of all runs
 base_model = ""  # VAE whose encoder ships with the decoder; empty: the base the run trained from
-base_config = ""  # diffusers folder giving a single-file base_model its architecture; empty: SD VAE
+base_config = ""  # diffusers folder giving a single-file base_model its architecture and factors
+base_family = ""  # "sd", "sdxl", "sd3" or "flux" of a single-file base_model; empty: the run's
 weights = "ema"  # decoder weights to release: "ema" (the release) or "raw"
 model_name = ""  # file-name stem and card title; empty: the run_name
 version = "1.0"  # release version: <model_name>-v<version>-step<N>.safetensors
@@ -82,8 +83,9 @@ for label, value in (("model_name (empty: the run_name)", name), ("version", ver
         raise ValueError(f"{label} must be non-empty without slashes or spaces, got {value!r}")
 if push_to_hub and hub_repo.count("/") != 1:
     raise ValueError(f"hub_repo must be 'owner/name' when push_to_hub is True, got {hub_repo!r}")
-if base_config and not base_model:
-    raise ValueError("base_config is only used with an explicit base_model; leave both empty for the run's own")
+if (base_config or base_family) and not base_model:
+    raise ValueError("base_config and base_family are only used with an explicit base_model; leave them empty "
+                     "for the run's own")
 dev = runinfo.pick_device(device)
 stage_dir, export_dir = run_dir / release_files.STAGING, run_dir / release_files.EXPORT
 
@@ -92,9 +94,9 @@ stage_dir, export_dir = run_dir / release_files.STAGING, run_dir / release_files
 # The base model's encoder and `quant_conv` with the run's finetuned decoder and `post_quant_conv`.
 
 # %%
-release = release_files.release_source(run_dir, weights, base_model, base_config)
+release = release_files.release_source(run_dir, weights, base_model, base_config, base_family)
 vae = release_files.build_release_vae(release.base_model, release.base_config, release.decoder_weights,
-                               release.base_seed)
+                                      release.base_seed, release.base_family)
 stem = release_files.release_stem(name, version, release.step)
 print(f"{stem}: step {release.step} ({weights} weights) on base {release.base_model!r}")
 if release.base_model != release.trained_base_model:
@@ -108,7 +110,7 @@ models.describe(vae)
 # Into a staging folder (emptied first); it becomes `export/` only once every file passed section 3.
 
 # %%
-metadata = release_files.file_metadata(name, version, release.step, release.base_model, weights)
+metadata = release_files.file_metadata(name, version, release.step, release.base_model, weights, vae.config)
 files = release_files.write_release_files(vae, stage_dir, stem, metadata, fp16_copy)
 {role: str(path.relative_to(stage_dir)) for role, path in files.items()}
 
@@ -132,7 +134,7 @@ images, picture = release_files.val_images(run_dir), ""
 if images is None:
     print(f"No val images in {run_dir}/data/val: skipping the side-by-side figure (the card has no picture).")
 else:
-    base_vae = models.load_vae(release.base_model, release.base_config, release.base_seed)
+    base_vae = models.load_vae(release.base_model, release.base_config, release.base_seed, release.base_family)
     exported = models.load_vae(str(files["single"]), base_config=str(stage_dir / "diffusers"))
     columns = release_files.reconstructions(images, {"base": base_vae, "exported": exported}, base_vae, dev)
     picture = "reconstructions.png"  # beside the card, so the Hub page shows it

@@ -129,7 +129,7 @@ def test_model_card(exported):
 
 def test_card_labels_an_evaluation_of_another_step(tmp_path):
     fabricate_run(tmp_path)
-    release = release_files.Release(checkpoint="x/step_9", step=STEP + 5, base_model="tiny", base_config="",
+    release = release_files.Release(checkpoint="x/step_9", step=STEP + 5, base_model="tiny", base_config="", base_family="",
                              trained_base_model="tiny", weights="ema", base_seed=0, decoder_weights={})
     card = model_card.model_card(tmp_path, release, SD_CONFIG, "m", "2.0", "mit", fp16_copy=False)
     assert f"numbers are of step {STEP}, not of this release (step {STEP + 5})" in card and METRICS in card
@@ -138,7 +138,7 @@ def test_card_labels_an_evaluation_of_another_step(tmp_path):
 
 def test_card_names_a_hub_base_and_says_when_eval_is_missing(tmp_path):
     release = release_files.Release(checkpoint="x/step_0000007", step=7, base_model="stabilityai/sd-vae-ft-mse@vae",
-                             base_config="", trained_base_model="tiny", weights="raw", base_seed=0, decoder_weights={})
+                             base_config="", base_family="", trained_base_model="tiny", weights="raw", base_seed=0, decoder_weights={})
     card = model_card.model_card(tmp_path, release, SD_CONFIG, "m", "2.0", "mit", fp16_copy=False, hub_repo="me/m")
     assert "base_model: stabilityai/sd-vae-ft-mse\n" in card and "test-only" not in card
     assert "was not run" in card and "parameters unknown" in card and "fp16" not in card
@@ -214,7 +214,7 @@ def test_val_images_and_reconstructions(tmp_path):
 
 
 def _card(run_dir, base="stabilityai/sd-vae-ft-mse", config=SD_CONFIG, **kw):
-    release = release_files.Release(checkpoint="x/step_0000007", step=7, base_model=base, base_config="",
+    release = release_files.Release(checkpoint="x/step_0000007", step=7, base_model=base, base_config="", base_family="",
                              trained_base_model=base, weights="ema", base_seed=0, decoder_weights={})
     return model_card.model_card(run_dir, release, config, "my_run", "1.0", "mit", **kw)
 
@@ -226,7 +226,8 @@ def test_card_says_what_the_data_was(tmp_path):
     (tmp_path / "data" / "report.json").write_text(json.dumps(report))
     card = _card(tmp_path, training_data="My own drawings, CC BY 4.0.")
     data = card.split("## Training data")[1].split("\n## ")[0]
-    assert "My own drawings, CC BY 4.0." in data and "`/data/my_art`" in data
+    assert "My own drawings, CC BY 4.0." in data and "- source: `my_art`" in data
+    assert "/data/" not in card  # the folder's name only: its absolute path stays on this machine
     assert "100 training and 10 held-out" in data and "6 rejected, 4 duplicates" in data
     assert "1536 px" in data and "256 px" in data
     blank = _card(tmp_path / "elsewhere")
@@ -235,7 +236,7 @@ def test_card_says_what_the_data_was(tmp_path):
 
 @pytest.mark.parametrize("base, config, says, denies", [
     ("stabilityai/sd-vae-ft-mse", SD_CONFIG, "Stable Diffusion 1.x and 2.x", "Not for SDXL"),
-    ("madebyollin/sdxl-vae-fp16-fix", dict(SD_CONFIG, scaling_factor=0.13025), "**SDXL", "Not for SD 1.x/2.x"),
+    ("madebyollin/sdxl-vae-fp16-fix", dict(SD_CONFIG, scaling_factor=0.13025), "**SDXL", "Not for Stable Diffusion 1.x/2.x"),
     ("someone/f16-vae", dict(SD_CONFIG, latent_channels=16), "16 channels", "drop-in"),
     ("tiny-random", dict(SD_CONFIG, block_out_channels=[32, 64, 64, 64]), "None: `tiny-random` is a random test VAE", "drop-in"),
 ])

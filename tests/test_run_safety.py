@@ -257,15 +257,24 @@ def _parameters_cell_source() -> str:
     return "".join(cell["source"])
 
 
-def test_cpu_runs_say_what_they_cost_and_use_the_cores_there_are():
+def test_cpu_runs_say_what_they_cost_and_use_the_cores_there_are(tmp_path):
+    from furlib.models import load_vae
     from furlib.training import plan
 
     cores = len(os.sched_getaffinity(0))
     workers, note = plan.worker_cap(4, 1)
     assert workers <= max(cores - 1, 0) and (workers == 4 or "capped" in note)
-    note = plan.cpu_cost_note(TrainSettings(), torch.device("cpu"))
+    cpu = torch.device("cpu")
+    note = plan.cpu_cost_note(TrainSettings(base_model="random:sd"), cpu)
     assert "WARNING" in note and "params/demo.yaml" in note and " s and up to" in note
-    assert plan.cpu_cost_note(TrainSettings(base_model="tiny"), torch.device("cpu")) == ""
+    assert "49.5 M-parameter decoder (9.46 TFLOP per megapixel" in note  # SD's decoder, counted
+    assert plan.cpu_cost_note(TrainSettings(base_model="random:sd"), torch.device("cuda")) == ""
+    # the size decides, not the name: the same 2000 steps, ~1 h for SD's decoder, ~2 min for a 0.8 M one
+    small = dict(resolution=96, batch_size=4, max_steps=2000)
+    assert "~1.08 h" in plan.cpu_cost_note(TrainSettings(base_model="random:flux", **small), cpu)
+    load_vae("tiny-random").save_pretrained(tmp_path / "sd-vae-ft-mse")
+    assert plan.cpu_cost_note(TrainSettings(base_model=str(tmp_path / "sd-vae-ft-mse"), **small), cpu) == ""
+    assert plan.cpu_cost_note(TrainSettings(base_model="tiny", resolution=96, batch_size=4, max_steps=100), cpu) == ""
 
 
 def test_bin_only_base_folder_is_refused(tmp_path):

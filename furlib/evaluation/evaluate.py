@@ -36,6 +36,7 @@ class EvalModel:
     weights: str = ""
     seed: int = 0  # only for 'tiny' / 'random:sd', whose weights come from it
     step: int | None = None  # the training step of its decoder (None: not from this run)
+    base_family: str = ""  # a single-file base's family (furlib.families)
 
     @property
     def pretrained(self) -> bool:
@@ -46,27 +47,41 @@ class EvalModel:
         return f"{self.base_model}{extra}"
 
     def load(self):
-        vae = load_vae(self.base_model, self.base_config, self.seed)
+        vae = load_vae(self.base_model, self.base_config, self.seed, self.base_family)
         if self.checkpoint:
             with_decoder(vae, checkpoint.load_decoder_weights(Path(self.checkpoint), self.weights))
         return vae.eval()
 
 
 def run_models(run_dir, base_model: str = "", base_config: str = "", compare: str = "",
-               seed: int = 0) -> list:
+               seed: int = 0, base_family: str = "") -> list:
     """base, finetuned-ema, finetuned-raw (latest checkpoint), extras (``compare``). 03 evaluates
     checkpoints; 04 verifies its own export."""
     ckpt = checkpoint.find_run_checkpoint(Path(run_dir))
-    base_model, base_config, state = checkpoint.run_base(ckpt, base_model, base_config)
+    base_model, base_config, base_family, state = checkpoint.run_base(ckpt, base_model, base_config, base_family)
     seed = state.get("settings", {}).get("seed", seed)  # 'tiny' bases: the encoder 02 trained with
     step = int(state["step"])
-    specs = [EvalModel("base", base_model, base_config, seed=seed)]
+    specs = [EvalModel("base", base_model, base_config, seed=seed, base_family=base_family)]
     for which, stem in checkpoint.WEIGHT_FILES.items():
         if (ckpt / stem).exists():
-            specs.append(EvalModel(f"finetuned-{which}", base_model, base_config, str(ckpt), which, seed, step))
-    for item in filter(None, (s.strip() for s in compare.split(","))):
-        specs.append(EvalModel(_unique(_short_name(item), specs), item))
+            specs.append(EvalModel(f"finetuned-{which}", base_model, base_config, str(ckpt), which, seed, step,
+                                   base_family))
+    items = [s.strip() for s in compare.split(",") if s.strip()]
+    family = _run_family(base_model, base_config, base_family) if any(i.endswith(".safetensors") for i in items) else ""
+    for item in items:  # a single file cannot say its family: it is compared as one of the run's
+        specs.append(EvalModel(_unique(_short_name(item), specs), item,
+                               base_family=family if item.endswith(".safetensors") else ""))
     return specs
+
+
+def _run_family(base_model: str, base_config: str, base_family: str) -> str:
+    """The run's family: given, or read from its base's config ('' when it is none of them)."""
+    from furlib import families
+    from furlib.models import base_vae_config
+
+    config = None if base_family else base_vae_config(base_model, base_config)
+    fam = families.of_config(config) if config else None
+    return base_family or (fam.name if fam else "")
 
 
 def _short_name(item: str) -> str:

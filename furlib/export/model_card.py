@@ -8,19 +8,22 @@ It reads what the run left behind: ``data/report.json`` (01) for the training da
 import json
 from pathlib import Path
 
-from furlib.export.release_files import EXPORT, Release, release_stem
+from furlib import families
+from furlib.export.release_files import EXPORT, Release, public_name, release_stem
 from furlib.models import is_pretrained
 
-# (latent channels, downscale factor, scaling factor) -> the models that read such latents.
-# SD 1.x/2.x and SDXL VAEs share the kl-f8 architecture; only the scaling factor tells them apart.
-_LATENT_FAMILIES = {
-    (4, 8, 0.18215): ("Stable Diffusion 1.x and 2.x (and models finetuned from them)",
-                      "SDXL, whose VAE has another latent space (scaling factor 0.13025), nor "
-                      "SD 3 / Flux (16 latent channels)"),
-    (4, 8, 0.13025): ("SDXL (and models finetuned from it)",
-                      "SD 1.x/2.x, whose VAE has another latent space (scaling factor 0.18215), nor "
-                      "SD 3 / Flux (16 latent channels)"),
-}
+# Where each family's single file goes: (apps for the files table, the card's "Use" bullets).
+_A1111 = ("- **AUTOMATIC1111**: copy `{stem}.safetensors` into `stable-diffusion-webui/models/VAE/` and\n"
+          "  choose it under Settings → Stable Diffusion → SD VAE.{half}")
+_COMFY = ("- **ComfyUI**: copy `{stem}.safetensors` into `ComfyUI/models/vae/` and load it with a *Load VAE*\n"
+          "  node wired into *VAE Decode*.")
+_FORGE = ("- **Stable Diffusion WebUI Forge**: copy `{stem}.safetensors` into `models/VAE/` and pick it in the\n"
+          "  *VAE / Text Encoder* selector.")
+_APPS = {"sd": ("A1111, ComfyUI", (_A1111, _COMFY)), "sdxl": ("A1111, ComfyUI", (_A1111, _COMFY)),
+         "sd3": ("ComfyUI", (_COMFY,)), "flux": ("ComfyUI, Forge", (_COMFY, _FORGE))}
+_HALF = {"sd": " If images come out black in half precision, start it with `--no-half-vae`.",
+         "sdxl": " SDXL's VAE overflows in fp16 (black images) unless it is an fp16-fixed one: start it "
+                 "with `--no-half-vae` if you see that."}
 
 
 def _hub_base(base_model: str) -> str:
@@ -30,20 +33,55 @@ def _hub_base(base_model: str) -> str:
     return repo if is_pretrained(base_model) and not local and repo.count("/") == 1 else ""
 
 
+def _layout(vae_config) -> str:
+    c = dict(vae_config)
+    factor = 2 ** (len(c["block_out_channels"]) - 1)
+    shift = c.get("shift_factor") or 0.0
+    return (f"kl-f{factor} latents, {c['latent_channels']} channels, scaling factor "
+            f"{round(float(c.get('scaling_factor', 0.18215)), 5)}" + (f", shift factor {shift}" if shift else ""))
+
+
 def compatibility(base_model: str, vae_config) -> str:
-    """Which diffusion models can use the release, from the shipped encoder's latent layout."""
-    channels = vae_config["latent_channels"]
-    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    scale = round(float(vae_config.get("scaling_factor", 0.18215)), 5)
-    layout = f"kl-f{factor} latents, {channels} channels, scaling factor {scale}"
+    """Which diffusion models can use the release, from the shipped encoder's latent interface."""
+    layout, base = _layout(vae_config), public_name(base_model)
     if not is_pretrained(base_model):
-        return f"None: `{base_model}` is a random test VAE ({layout}); no diffusion model reads its latents."
-    family = _LATENT_FAMILIES.get((channels, factor, scale))
-    if family is None:
-        return (f"The encoder is `{base_model}`'s ({layout}): use it only with diffusion models "
-                "trained on that VAE's latents.")
-    return (f"The encoder is `{base_model}`'s, so latents are unchanged ({layout}): a drop-in decoder "
-            f"for **{family[0]}**. Not for {family[1]}.")
+        return f"None: `{base}` is a random test VAE ({layout}); no diffusion model reads its latents."
+    fam = families.of_config(vae_config)
+    if fam is None:
+        return (f"The encoder is `{base}`'s ({layout}), a latent interface of none of the known families "
+                f"({', '.join(f.title for f in families.FAMILIES.values())}): use it only with diffusion "
+                "models trained on that VAE's latents.")
+    others = "; ".join(f"{f.title} ({f.layout()}, {f.factors()})" for f in families.FAMILIES.values() if f is not fam)
+    return (f"Family: **{fam.title}** (`{fam.name}`): {fam.layout()}, {fam.factors()}.\n\n"
+            f"The encoder is `{base}`'s, so latents are unchanged ({layout}): a drop-in decoder "
+            f"for **{fam.models}**. Not for {others}: their latents differ.")
+
+
+def _diffusers_code(fam, where: str) -> str:
+    """The family's pipeline with this VAE, or plain ``AutoencoderKL`` for an unknown family."""
+    dtype = f", torch_dtype=torch.{fam.dtype}" if fam and fam.dtype else ""
+    imports = "import torch\n" if dtype else ""
+    vae = f'vae = AutoencoderKL.from_pretrained("{where}", subfolder="diffusers"{dtype})'
+    decode = "image = vae.decode(latents / vae.config.scaling_factor{shift}).sample  # latents as the model made them"
+    if fam is None:
+        return "\n".join(["from diffusers import AutoencoderKL", "", vae,
+                          decode.format(shift=" + (vae.config.shift_factor or 0)")])
+    shift = " + vae.config.shift_factor" if fam.shift_factor else ""
+    return "\n".join([f"{imports}from diffusers import AutoencoderKL, {fam.pipeline}", "", vae,
+                      f'pipe = {fam.pipeline}.from_pretrained("{fam.example}", vae=vae{dtype})', "",
+                      f"# decoding latents yourself: {fam.factors()}", "# " + decode.format(shift=shift)])
+
+
+def _use_section(fam, stem: str, where: str, force_upcast: bool) -> str:
+    bullets = _APPS[fam.name][1] if fam else ()
+    half = _HALF.get(fam.name, "") if fam else ""
+    lines = [b.format(stem=stem, half=half) for b in bullets]
+    if not fam:
+        lines.append(f"- **UIs**: `{stem}.safetensors` loads where the base VAE's single file loads.")
+    upcast = " (its config sets `force_upcast`: diffusers decodes in fp32 whatever the pipeline's dtype)" \
+        if force_upcast and fam and fam.name == "sdxl" else ""
+    lines.append(f"- **diffusers**{upcast}:\n\n```python\n{_diffusers_code(fam, where)}\n```")
+    return "\n".join(lines)
 
 
 def _data_section(run_dir: Path, training_data: str) -> str:
@@ -54,7 +92,7 @@ def _data_section(run_dir: Path, training_data: str) -> str:
         return said + "\n\nNo `data/report.json` was found: the prepared data is not recorded."
     report = json.loads(report_path.read_text())
     counts, settings = report.get("counts", {}), report.get("settings", {})
-    source = report.get("source", "?")
+    source = public_name(str(report.get("source", "?")))
     builtin = " (the project's drawn flat-colour sample images, not real artwork)" if source == "builtin" else ""
     return "\n".join([said, "", f"- source: `{source}`{builtin}",
                       f"- {counts.get('train', '?')} training and {counts.get('val', '?')} held-out "
@@ -73,7 +111,7 @@ def _training_section(run_dir: Path, release: Release) -> str:
     if not record.exists():
         return "\n".join(lines + ["- no `02_train.record.json` was found: parameters unknown"])
     params = json.loads(record.read_text()).get("parameters", {})
-    rows = [f"| `{k}` | `{json.dumps(v)}` |" for k, v in params.items()]
+    rows = [f"| `{k}` | `{json.dumps(public_name(v) if isinstance(v, str) else v)}` |" for k, v in params.items()]
     return "\n".join(lines + ["", "| parameter | value |", "|---|---|"] + rows)
 
 
@@ -95,18 +133,14 @@ def _metrics_section(run_dir: Path, step: int) -> str:
 _CARD = """---
 license: {license}
 {base_line}tags:
-- stable-diffusion
-- vae
-- autoencoder
-- diffusers
-{test_tag}library_name: diffusers
+{tags}library_name: diffusers
 ---
 
 # {model_name} v{version}
 
-A Stable Diffusion VAE whose **decoder** was finetuned from `{base_model}` with the Furception
+A {family} VAE whose **decoder** was finetuned from `{base_model}` with the Furception
 v1.0 recipe (this is a new model trained with that recipe, not the Furception release). The
-encoder and `quant_conv` are the base model's.
+{encoder_side} the base model's.
 {test_note}
 ## Compatibility
 
@@ -135,25 +169,13 @@ WGAN-GP critic, weighted each step so its gradient norm is half the reconstructi
 
 | file | use |
 |---|---|
-| `{stem}.safetensors` | single file, original LDM key names, encoder included, fp32 (A1111, ComfyUI) |
+| `{stem}.safetensors` | single file, original LDM key names, encoder included, fp32 ({apps}) |
 {fp16_row}| `diffusers/` | diffusers folder (`config.json` + safetensors{fp16_variant}) |
 | `manifest.json` | sizes, SHA-256 and the reload checks every file passed |
 
 ## Use
 
-- **AUTOMATIC1111**: copy `{stem}.safetensors` into `stable-diffusion-webui/models/VAE/` and
-  choose it under Settings → Stable Diffusion → SD VAE. If images come out black in half
-  precision, start with `--no-half-vae`.
-- **ComfyUI**: copy it into `ComfyUI/models/vae/` and load it with a *Load VAE* node wired into
-  *VAE Decode*.
-- **diffusers**:
-
-```python
-from diffusers import AutoencoderKL, StableDiffusionPipeline
-
-vae = AutoencoderKL.from_pretrained("{where}", subfolder="diffusers")
-pipe = StableDiffusionPipeline.from_pretrained("<an SD 1.x model>", vae=vae)
-```
+{use}
 
 ## Licence
 
@@ -166,23 +188,29 @@ def model_card(run_dir: Path, release: Release, vae_config, model_name: str, ver
                fp16_copy: bool = True, hub_repo: str = "", training_data: str = "", picture: str = "") -> str:
     """The model card (Hugging Face YAML front matter + markdown) for ``export/README.md``.
 
-    ``vae_config``: the released VAE's config (its latent layout decides compatibility);
-    ``training_data``: the user's words on the images; ``picture``: an image file beside the card.
+    ``vae_config``: the released VAE's config (its latent interface decides the family and the
+    compatibility); ``training_data``: the user's words on the images; ``picture``: an image file
+    beside the card. No local path reaches the card (``public_name``).
     """
-    base, hub_base = release.base_model, _hub_base(release.base_model)
-    test_only = not is_pretrained(base)
+    base, hub_base = public_name(release.base_model), _hub_base(release.base_model)
+    test_only = not is_pretrained(release.base_model)
+    fam = families.of_config(vae_config)  # a random test base has a family's layout too: not its tags
     stem = release_stem(model_name, version, release.step)
+    quant = dict(vae_config).get("use_quant_conv", True)
+    tags = ["vae", "autoencoder", "diffusers", *(fam.tags if fam and not test_only else ()), *(["test-only"] if test_only else [])]
     return _CARD.format(
         license=license, base_model=base, model_name=model_name, version=version, stem=stem,
         base_line=f"base_model: {hub_base}\n" if hub_base else "",
-        test_tag="- test-only\n" if test_only else "",
+        tags="".join(f"- {t}\n" for t in tags), family=fam.title if fam else "latent-diffusion",
+        encoder_side="encoder and `quant_conv` are" if quant else "encoder is",
         test_note=(f"\n**Testing only:** `{base}` is a randomly initialised model, not a pretrained "
                    "VAE; these files exercise the pipeline and are useless for images.\n")
         if test_only else "",
-        compatibility=compatibility(base, vae_config),
+        compatibility=compatibility(release.base_model, vae_config),
         picture=f"\n![input, base decoder, this decoder on held-out images]({picture})\n" if picture else "",
         data=_data_section(run_dir, training_data),
         training=_training_section(run_dir, release), metrics=_metrics_section(run_dir, release.step),
         fp16_row=f"| `{stem}-fp16.safetensors` | the same in fp16 (half the size) |\n" if fp16_copy else "",
         fp16_variant=", plus the `fp16` variant" if fp16_copy else "",
-        where=hub_repo or f"<path to>/{EXPORT}")
+        apps=_APPS[fam.name][0] if fam else "loaders of the base's single file",
+        use=_use_section(fam, stem, hub_repo or f"<path to>/{EXPORT}", bool(dict(vae_config).get("force_upcast"))))

@@ -47,30 +47,52 @@ class Release:
     step: int                 # its optimizer step
     base_model: str           # the VAE whose encoder and quant_conv ship (the run's own unless given)
     base_config: str          # diffusers folder giving a single-file base its architecture, or ''
+    base_family: str          # the base's family when given (furlib.families), or '': its config says
     trained_base_model: str   # the base the run trained from (its checkpoint's state.json)
     weights: str              # "ema" (the release) or "raw"
     base_seed: int            # seed of a random test base ('tiny-random', 'random:sd'): 02's own
     decoder_weights: dict = field(repr=False)  # decoder + post_quant_conv tensors, diffusers keys
 
     def record(self) -> dict:
-        """JSON-able fields (the tensors left out), for the manifest and run records."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "decoder_weights"}
+        """JSON-able fields for the manifest, without local paths: the tensors left out, the
+        checkpoint relative to the run, local bases by ``public_name``."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "decoder_weights"}
+        ckpt = Path(self.checkpoint)
+        out["checkpoint"] = f"{ckpt.parent.name}/{ckpt.name}"
+        for key in ("base_model", "base_config", "trained_base_model"):
+            out[key] = public_name(out[key])
+        return out
 
 
-def release_source(run_dir: Path, weights: str = "ema", base_model: str = "", base_config: str = "") -> Release:
+def public_name(value: str) -> str:
+    """What a release may say about a base or input: hub ids and names as they are, a local file
+    as its name and SHA-256, a local folder as its name; an absolute path would publish the
+    trainer's folder names."""
+    path = Path(value).expanduser()
+    if not value or not (path.is_absolute() or value.startswith((".", "~")) or path.exists()):
+        return value
+    if path.is_file():
+        return f"{path.name} (sha256 {file_sha256(path)})"
+    return path.name
+
+
+def release_source(run_dir: Path, weights: str = "ema", base_model: str = "", base_config: str = "",
+                   base_family: str = "") -> Release:
     """What a run releases: checkpoint, step, base model (the run's own unless given), weights."""
     ckpt = find_run_checkpoint(run_dir)
-    base_model, base_config, state = run_base(ckpt, base_model, base_config)
+    base_model, base_config, base_family, state = run_base(ckpt, base_model, base_config, base_family)
     return Release(checkpoint=str(ckpt), step=int(state["step"]), base_model=base_model,
-                   base_config=base_config or "", trained_base_model=state.get("base_model", ""),
+                   base_config=base_config or "", base_family=base_family,
+                   trained_base_model=state.get("base_model", ""),
                    weights=weights, base_seed=state.get("settings", {}).get("seed", 0),
                    decoder_weights=load_decoder_weights(ckpt, weights))
 
 
-def build_release_vae(base_model: str, base_config: str, decoder_weights: dict, seed: int = 0):
+def build_release_vae(base_model: str, base_config: str, decoder_weights: dict, seed: int = 0,
+                      base_family: str = ""):
     """The base VAE's encoder and quant_conv with the finetuned decoder and post_quant_conv;
     ``seed`` builds a random test base (``tiny-random``, ``random:sd``): pass the run's (``base_seed``)."""
-    return with_decoder(load_vae(base_model, base_config, seed), decoder_weights).eval()
+    return with_decoder(load_vae(base_model, base_config, seed, base_family), decoder_weights).eval()
 
 
 def release_stem(model_name: str, version: str, step: int) -> str:
@@ -95,16 +117,31 @@ def write_release_files(vae, stage_dir: Path, stem: str, metadata: dict, fp16_co
         out["single_fp16"] = stage_dir / f"{stem}-fp16.safetensors"
         save_file({k: v.half() for k, v in ldm.items()}, out["single_fp16"],
                   metadata=dict(metadata, dtype="float16"))
+    _drop_source_path(folder / "config.json")
     return out
 
 
-def file_metadata(model_name: str, version: str, step: int, base_model: str, weights: str) -> dict:
-    """Safetensors header metadata (strings only); ``format: pt`` is what loaders look for."""
-    from furlib import __version__
+def _drop_source_path(config_json: Path) -> None:
+    """diffusers writes the folder the base was loaded from as ``_name_or_path``: a local path."""
+    config = json.loads(config_json.read_text())
+    if config.pop("_name_or_path", None) is not None:
+        config_json.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
-    return {"format": "pt", "model_name": model_name, "version": version, "step": str(step),
-            "base_model": base_model, "weights": weights, "layout": "ldm",
+
+def file_metadata(model_name: str, version: str, step: int, base_model: str, weights: str,
+                  vae_config=None) -> dict:
+    """Safetensors header metadata (strings only); ``format: pt`` is what loaders look for.
+    ``family`` (from ``vae_config``) lets furlib reload the file without asking for its family;
+    the base is named by ``public_name``, never by a local path."""
+    from furlib import __version__, families
+
+    fam = families.of_config(vae_config) if vae_config is not None else None
+    meta = {"format": "pt", "model_name": model_name, "version": version, "step": str(step),
+            "base_model": public_name(base_model), "weights": weights, "layout": "ldm",
             "written_by": f"furlib {__version__}"}
+    if fam is not None:
+        meta.update(family=fam.name, scaling_factor=str(fam.scaling_factor), shift_factor=str(fam.shift_factor))
+    return meta
 
 
 def seeded_latents(vae, seed: int = 0, n: int = 2, size: int = 8) -> torch.Tensor:

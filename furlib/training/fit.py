@@ -40,7 +40,7 @@ def _process(device: str):
 
 
 def _build(s: TrainSettings, rank: int, world: int, dev):
-    vae = models.load_vae(s.base_model, s.base_config, s.seed)
+    vae = models.load_vae(s.base_model, s.base_config, s.seed, s.base_family)
     lpips = perceptual.LPIPS("vgg", s.lpips_backbone, s.seed) if s.lpips_weight else None
     notes = [] if models.is_pretrained(s.base_model) else [f"base_model={s.base_model!r} is randomly initialised, not pretrained"]
     if lpips is not None:
@@ -171,7 +171,8 @@ def _loop(trainer: Trainer, s: TrainSettings, p, rank: int, logbook, preview) ->
         trainer.check_in_sync()
         if rank == 0 and trainer.step_count not in saved:
             saved[trainer.step_count] = trainer.save(p.run_path / "checkpoints", s.keep_checkpoints,
-                                                     base_model=s.base_model, base_config=s.base_config)
+                                                     base_model=s.base_model, base_config=s.base_config,
+                                                     base_family=s.base_family)
         return saved.get(trainer.step_count)
 
     bar = tqdm(total=s.max_steps * p.global_batch, initial=trainer.step_count * p.global_batch, unit="img",

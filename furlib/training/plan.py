@@ -12,16 +12,20 @@ from pathlib import Path
 
 import torch
 
-from furlib import checkpoint, runinfo
+from furlib import checkpoint, models, runinfo
 from furlib.data import prep_report
 from furlib.prepared import list_images
 from furlib import crops
 from furlib.training import resume
 
 # Measured: 02's defaults (an SD-sized VAE, 256 px, batch 32) on a 2-core CPU took 7 min 23 s for
-# 4 steps and 10 GB of memory (issue 15); cost grows with the pixels of a batch.
+# 4 steps and 10 GB of memory (issue 15); cost grows with the pixels of a batch and, for another
+# base, with its decoder's forward FLOPs per pixel relative to the SD decoder's (measured by
+# decoder_tflop_per_mp: 9.46 TFLOP per megapixel for SD's; 0.30 for tiny-random, 0.59 for tiny).
 CPU_SECONDS_PER_MEGAPIXEL = 443 / 4 / (32 * 256 * 256 / 1e6)
 CPU_GB_AT_DEFAULTS = 10
+SD_DECODER_TFLOP_PER_MP = 9.46
+CPU_WARN_STEP_S, CPU_WARN_TOTAL_H = 10.0, 1.0  # warn above either: a step or a run too slow to wait for
 
 
 @dataclasses.dataclass
@@ -55,15 +59,41 @@ def worker_cap(requested: int, processes: int) -> tuple[int, str]:
                  "process(es), one each kept for training")
 
 
+def decoder_tflop_per_mp(vae_config: dict) -> tuple[int, float]:
+    """(decoder parameters, forward TFLOP per output megapixel) of a VAE config, counted by
+    torch's FLOP counter on a meta-device model: no weights, no memory, well under a second."""
+    from diffusers import AutoencoderKL
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(vae_config)
+    params = sum(p.numel() for n, p in vae.named_parameters() if n.startswith(models.TRAINABLE_PREFIXES))
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent = torch.empty(1, vae.config.latent_channels, 8, 8, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        vae.decode(latent)
+    return params, counter.get_total_flops() / (8 * factor) ** 2 / 1e6
+
+
 def cpu_cost_note(s, device: torch.device) -> str:
-    if device.type != "cpu" or s.base_model in ("tiny", "tiny-random"):  # the tiny VAEs: seconds a step
+    """A warning when the base's size makes a CPU run slow (a step or the run); '' otherwise."""
+    if device.type != "cpu":
         return ""
-    seconds = CPU_SECONDS_PER_MEGAPIXEL * s.batch_size * s.resolution ** 2 / 1e6
+    config = models.base_vae_config(s.base_model, s.base_config, s.base_family)
+    if config is None:  # loading the base fails next, with its own message
+        return ""
+    params, tflop = decoder_tflop_per_mp(config)
+    size = tflop / SD_DECODER_TFLOP_PER_MP
+    seconds = CPU_SECONDS_PER_MEGAPIXEL * size * s.batch_size * s.resolution ** 2 / 1e6
     total_h = seconds * s.max_steps / 3600
-    return (f"WARNING: training an SD-sized VAE on the CPU: about {seconds:.0f} s and up to "
-            f"~{CPU_GB_AT_DEFAULTS * s.batch_size / 32:.0f} GB per step at {s.resolution} px x batch "
-            f"{s.batch_size} (measured on 2 cores), ~{total_h:.3g} h for max_steps={s.max_steps}. "
-            "For a CPU run use the demo-sized profile: python -m furlib.pipeline params/demo.yaml")
+    if seconds < CPU_WARN_STEP_S and total_h < CPU_WARN_TOTAL_H:
+        return ""
+    return (f"WARNING: training a {params / 1e6:.1f} M-parameter decoder ({tflop:.2f} TFLOP per megapixel, "
+            f"{size:.2f} x the SD decoder's) on the CPU: about {seconds:.0f} s and up to "
+            f"~{CPU_GB_AT_DEFAULTS * size * s.batch_size * s.resolution ** 2 / (32 * 256 ** 2):.1f} GB per step at "
+            f"{s.resolution} px x batch {s.batch_size} (scaled from SD's, measured on 2 cores), ~{total_h:.3g} h "
+            f"for max_steps={s.max_steps}. For a CPU run use the demo-sized profile: "
+            "python -m furlib.pipeline params/demo.yaml")
 
 
 def make_plan(s, processes: int, device: torch.device) -> Plan:

@@ -38,6 +38,7 @@ class TrainSettings:
     outputs_dir: str = "outputs"            # root folder of all runs
     base_model: str = "stabilityai/sd-vae-ft-mse"  # hub id, diffusers folder, .safetensors, "tiny", "tiny-random" or "random:sd"
     base_config: str = ""                   # diffusers folder with the config of a .safetensors base
+    base_family: str = ""                   # "sd", "sdxl", "sd3" or "flux"; empty: from the config (a .safetensors base needs one)
     device: str = "auto"                    # "auto", "cuda", "cpu"
     num_gpus: int = 1                       # processes, one GPU each (accelerate); batch_size is per GPU
     resolution: int = 256                   # training crop side, px (multiple of 8, at least 32)
@@ -154,7 +155,7 @@ YAML_HINT = " (YAML reads a bare yes/no as a boolean: quote it)"
 
 def _choices() -> dict:
     """name -> allowed values (imported here: no work at import time)."""
-    from furlib import crops, perceptual
+    from furlib import crops, families, perceptual
     from furlib.training import losses
 
     return {"latent_mode": ("sample", "mode"), "color_space": ("oklab", "rgb"),
@@ -162,7 +163,7 @@ def _choices() -> dict:
             "lr_schedule": ("constant", "cosine"), "mixed_precision": tuple(PRECISIONS),
             "torch_compile": AUTO_YES_NO, "channels_last": AUTO_YES_NO, "phase_upsample": AUTO_YES_NO,
             "pixel_cache": crops.PIXEL_CACHE_CHOICES, "lpips_backbone": perceptual.BACKBONES,
-            "on_bad_checkpoint": ("fallback", "refuse")}
+            "on_bad_checkpoint": ("fallback", "refuse"), "base_family": ("", *families.CHOICES)}
 
 
 # name -> (test of the value, what is allowed); applied only when the value has the right type
