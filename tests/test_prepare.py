@@ -301,3 +301,17 @@ def test_iter_source_and_builtin(tmp_path):
     assert len(photos) >= 5 and report["counts"]["accepted"] == len(photos) + 2
     art = dict(sources.iter_source("builtin", art_count=2, seed=1))["builtin/art/001"]
     assert isinstance(art, Image.Image) and min(art.size) >= 512
+
+
+def test_builtin_parts_split_the_domains():
+    """builtin-art: the drawings only (what the demo finetunes on); builtin-photos: the
+    photographs the shipped base never trained on (the base's domain, scored apart)."""
+    from furlib import builtin
+
+    def ids(source):
+        return [i for i, _ in sources.iter_source(source, art_count=3)]
+
+    assert ids("builtin-art") == [f"builtin/art/{i:03d}" for i in range(3)]
+    assert ids("builtin-photos") == [f"builtin/photo/{n}" for n, *_ in builtin.PHOTOS if n in builtin.HELD_OUT_PHOTOS]
+    assert set(ids("builtin")) == {f"builtin/photo/{n}" for n, *_ in builtin.PHOTOS} | set(ids("builtin-art"))
+    assert len({sources.source_key(s, "train", "image") for s in builtin.BUILTIN_SOURCES}) == 3  # journals apart
