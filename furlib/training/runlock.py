@@ -19,6 +19,7 @@ from pathlib import Path
 
 LOCK_NAME = "run.lock"
 OWNER_NAME = "run.lock.owner"
+_HELD: set = set()  # held OS locks: a lock is released by release() or the process's end, never by GC
 
 
 def _start_time(pid: int) -> str | None:
@@ -82,6 +83,7 @@ class RunLock:
               "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)[:300]}
         _write_owner(self.owner_path, me)
         self._os_lock, self.held = os_lock, True
+        _HELD.add(os_lock)
         return self
 
     def _busy_message(self) -> str:
@@ -101,6 +103,7 @@ class RunLock:
         if self.held:
             self.owner_path.unlink(missing_ok=True)  # first: a record without a holder means a crash
             self._os_lock.release()
+            _HELD.discard(self._os_lock)
             self._os_lock, self.held = None, False
 
     def __enter__(self) -> "RunLock":
