@@ -53,7 +53,7 @@ from PIL import ImageColor
 
 from furlib.training import crops
 from furlib.data import plots as data_plots
-from furlib import runinfo
+from furlib import parameters, runinfo
 from furlib.data.prepare import prepare
 from furlib.display import show
 
@@ -81,6 +81,7 @@ preview_crops = 8          # crops in the training-crop preview
 num_workers = 0            # loader processes for the preview (0: in this process)
 
 # %%
+parameters.check_notebook("01_data_prep", globals())  # names, types and finite numbers, before anything runs
 run_dir = runinfo.run_dir(outputs_dir, run_name)
 data_dir = run_dir / "data"
 if not str(source):

@@ -49,7 +49,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from furlib.export import model_card, release as export
-from furlib import models, runinfo
+from furlib import models, parameters, runinfo
 from furlib.display import show
 from furlib.training import plots
 
@@ -70,6 +70,7 @@ seed = 0  # seed of the latents every reloaded file must decode like the in-memo
 device = "auto"  # "auto", "cpu" or "cuda"
 
 # %%
+parameters.check_notebook("04_export", globals())  # names, types and finite numbers, before anything runs
 run_dir = runinfo.run_dir(outputs_dir, run_name)
 if not run_dir.is_dir():
     raise ValueError(f"run_name: {run_dir} does not exist; run 02_train with this run_name first")

@@ -39,6 +39,7 @@ from furlib.data import store
 from furlib.data.report import build_report, check_prepared, is_val  # noqa: F401 - used by callers
 from furlib.data.sources import RESUMED, Input, iter_inputs, source_key
 from furlib.images import DEFAULT_MAX_PIXELS, ImageRejected, load_for_storage
+from furlib.parameters import strict_bool
 
 PREPARE_VERSION = 1  # bump when decoding or storage changes: older data then needs rebuild=True
 DEFAULT_MAX_SIDE = 16384  # px: native resolution kept; only beyond this is an image downscaled
@@ -62,6 +63,7 @@ def prepare(source, data_dir, resolution: int = 256, max_side: int = DEFAULT_MAX
     shard whose siblings are not finished yet has ``complete: False`` and ``missing_shards``.
     """
     data_dir = Path(data_dir)
+    strict_bool("rebuild", rebuild)  # the string 'False' must never wipe prepared data
     _check_parallel(num_proc, num_shards, shard_index)
     settings = {"version": PREPARE_VERSION, "max_side": max_side,
                 "background": [int(c) for c in background]}

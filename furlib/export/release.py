@@ -29,6 +29,7 @@ import torch
 from furlib.training.checkpoint import find_run_checkpoint, load_decoder_weights, run_base
 from furlib.ldm_keys import diffusers_to_ldm
 from furlib.models import load_vae, with_decoder
+from furlib.parameters import strict_bool
 from furlib.runinfo import file_sha256
 
 FP32_TOL = 1e-5  # same weights, same maths: anything above this is a broken file
@@ -81,6 +82,7 @@ def write_release_files(vae, stage_dir: Path, stem: str, metadata: dict, fp16_co
     """Diffusers folder and single files into ``stage_dir`` (emptied first); {role: path}."""
     from safetensors.torch import save_file
 
+    strict_bool("fp16_copy", fp16_copy)
     stage_dir, out = Path(stage_dir), {}
     shutil.rmtree(stage_dir, ignore_errors=True)  # leftovers of a failed export must not ship
     folder = stage_dir / "diffusers"

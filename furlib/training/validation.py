@@ -7,6 +7,7 @@ a string parameter given one is named with that hint.
 """
 
 import dataclasses
+import math
 import re
 
 AUTO_YES_NO = ("auto", "yes", "no")
@@ -69,7 +70,8 @@ def _type_error(name: str, value, default) -> str | None:
     elif isinstance(default, int):
         ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
     elif isinstance(default, float):
-        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        ok, kind = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and math.isfinite(value)), "a finite number"  # lr=inf would train NaNs to the end
     elif isinstance(default, str):
         ok, kind = isinstance(value, str), "a string"
     else:  # a list of parameter names
