@@ -1,0 +1,95 @@
+"""Nothing lost, nothing accepted silently (issue 24): seeds, weights, exports, pruning,
+verification, fingerprints, warnings and errors that name the file or key."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from furlib.data import prepare
+from furlib.training import fit
+from furlib.training.settings import TrainSettings
+
+TINY = dict(base_model="tiny", lpips_backbone="random", device="cpu", resolution=64, batch_size=2,
+            max_steps=2, num_workers=0, lr=1e-3, critic_lr=1e-3, warmup_steps=0, ema_decay=0.5,
+            mixed_precision="no", checkpoint_every=2, log_every=1, plot_every=0, preview_images=1,
+            critic_channels=8, critic_layers=2, pixel_cache="no")
+
+
+def _prepared(outputs, run="r"):
+    prepare.prepare("builtin", outputs / run / "data", resolution=64, max_side=256, max_images=4, art_count=4,
+                    val_fraction=0.3, progress=False)
+
+
+def test_two_runs_on_the_pretrained_base_are_identical(tmp_path):
+    """Class 10: every random draw comes from the run's seed, also with the pretrained `tiny` base
+    (whose loading draws nothing, so the critic's start once followed the process's RNG state)."""
+    checkpoints = []
+    for run, process_seed in (("a", 1), ("b", 2)):  # another process: another global RNG state
+        _prepared(tmp_path, run)
+        torch.manual_seed(process_seed)
+        settings = TrainSettings(**{**TINY, "lpips_weight": 0.0}, outputs_dir=str(tmp_path), run_name=run)
+        result = fit.fit(settings, announce=False)  # no LPIPS: a random backbone would seed as it builds
+        checkpoints.append(result["checkpoint"])
+    for stem in ("critic", "decoder", "ema", "optim_decoder", "optim_critic"):
+        a, b = (load_file(f"{c}/{stem}.safetensors") for c in checkpoints)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{stem}.safetensors {k} differs between two runs of one profile"
+
+
+def _tensors(v):
+    return {"decoder": {"w": torch.full((2, 2), float(v))}, "ema": {"w": torch.full((2, 2), float(v))}}
+
+
+def _damage(folder, name="ema.safetensors"):
+    data = bytearray((folder / name).read_bytes())
+    data[-1] ^= 0xFF
+    (folder / name).write_bytes(bytes(data))
+
+
+def test_pruning_after_a_fallback_keeps_the_intact_checkpoint(tmp_path):
+    """Class 6: step 2 is damaged, the run falls back to step 1 and saves step 3 (keep=2): the
+    damaged step 2 must not take the intact step 1's place."""
+    from furlib.training import checkpoint
+
+    root = tmp_path / "checkpoints"
+    for step in (1, 2):
+        checkpoint.save_checkpoint(root, step, _tensors(step), {}, keep=2)
+    _damage(root / "step_0000002")
+    with pytest.warns(UserWarning, match="using the older step_0000001"):
+        assert checkpoint.latest_checkpoint(tmp_path).name == "step_0000001"
+    checkpoint.save_checkpoint(root, 3, _tensors(3), {}, keep=2)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_0000001", "step_0000003"]
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda sums: sums.pop("ema.safetensors"), "does not list \\['ema.safetensors'\\]"),
+    (lambda sums: sums.update({"ema.safetensors": {"sha256": 5, "bytes": "x"}}), "entry 'ema.safetensors' is"),
+    (lambda sums: sums.update({"ema.safetensors": "deadbeef"}), "entry 'ema.safetensors' is"),
+])
+def test_verification_cannot_be_bypassed_by_omission(tmp_path, edit, words):
+    """Class 7 and 11: a checksums.json that lists fewer files, or has values of the wrong types,
+    fails verification with the file named, never with a library's TypeError."""
+    from furlib.training import checkpoint
+
+    folder = checkpoint.save_checkpoint(tmp_path / "checkpoints", 1, _tensors(1), {})
+    sums = json.loads((folder / "checksums.json").read_text())
+    edit(sums)
+    (folder / "checksums.json").write_text(json.dumps(sums))
+    _damage(folder)  # the damage the shortened list would hide
+    assert checkpoint.verify(folder) is not None
+    with pytest.raises(RuntimeError, match=words):
+        checkpoint.pick_checkpoint(tmp_path, on_bad="refuse")
+
+
+def test_a_file_deleted_with_its_checksum_line_is_found(tmp_path):
+    from furlib.training import checkpoint
+
+    folder = checkpoint.save_checkpoint(tmp_path / "checkpoints", 1, _tensors(1), {})
+    sums = json.loads((folder / "checksums.json").read_text())
+    del sums["ema.safetensors"]
+    (folder / "ema.safetensors").unlink()
+    (folder / "checksums.json").write_text(json.dumps(sums))
+    assert "were written (state.json says) but are gone" in checkpoint.verify(folder)
