@@ -93,3 +93,33 @@ def test_a_file_deleted_with_its_checksum_line_is_found(tmp_path):
     (folder / "ema.safetensors").unlink()
     (folder / "checksums.json").write_text(json.dumps(sums))
     assert "were written (state.json says) but are gone" in checkpoint.verify(folder)
+
+
+def test_export_swap_never_loses_the_last_release(tmp_path, monkeypatch):
+    """Class 5: 04 dies between moving the old export/ away and moving the new one in; the old
+    release is whole and back in place when 04 (or its upload) next looks."""
+    import os
+    from types import SimpleNamespace
+
+    from furlib.export import release
+
+    export_dir, stage = tmp_path / "export", tmp_path / ".export-staging"
+    export_dir.mkdir()
+    (export_dir / "manifest.json").write_text("the last good release")
+    stage.mkdir()
+    (stage / "model.safetensors").write_bytes(b"new")
+    real_replace = os.replace
+
+    def dying_replace(src, dst):
+        if str(src) == str(stage):  # killed just before the new folder moves in
+            raise KeyboardInterrupt("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        release.finalize_export(stage, export_dir, SimpleNamespace(record=dict), [{"passed": True}])
+    monkeypatch.setattr(os, "replace", real_replace)
+    with pytest.warns(UserWarning, match="restored"):
+        with pytest.raises(FileNotFoundError):  # no checkpoint here: only the recovery matters
+            release.release_source(tmp_path)
+    assert (export_dir / "manifest.json").read_text() == "the last good release"

@@ -21,12 +21,14 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from furlib.training.checkpoint import find_run_checkpoint, load_decoder_weights, run_base
+from furlib.folders import recover_folder, replace_folder
 from furlib.ldm_keys import diffusers_to_ldm
 from furlib.models import load_vae, with_decoder
 from furlib.parameters import strict_bool
@@ -60,6 +62,9 @@ class Release:
 
 def release_source(run_dir: Path, weights: str = "ema", base_model: str = "", base_config: str = "") -> Release:
     """What a run releases: checkpoint, step, base model (the run's own unless given), weights."""
+    restored = recover_folder(Path(run_dir) / EXPORT)  # the last good release, if a 04 died mid-swap
+    if restored:
+        warnings.warn(restored, stacklevel=2)
     ckpt = find_run_checkpoint(run_dir)
     base_model, base_config, state = run_base(ckpt, base_model, base_config)
     return Release(checkpoint=str(ckpt), step=int(state["step"]), base_model=base_model,
@@ -227,8 +232,7 @@ def finalize_export(stage_dir: Path, export_dir: Path, release: Release, checks:
                 "release": release.record(),
                 "files": file_table(stage_dir), "verification": checks, "passed": True}
     (stage_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    shutil.rmtree(export_dir, ignore_errors=True)  # an older export of the same run is replaced
-    os.replace(stage_dir, export_dir)
+    replace_folder(stage_dir, export_dir)  # the older export is deleted only once this one is in
     return manifest
 
 
@@ -236,6 +240,7 @@ def push_to_hub(export_dir: Path, repo_id: str, private: bool = False, endpoint:
     """Upload the verified export folder to ``repo_id`` with the token in ``HF_TOKEN``."""
     if not repo_id or repo_id.count("/") != 1:
         raise ValueError(f"hub_repo must be 'owner/name', got {repo_id!r}")
+    recover_folder(export_dir)  # a release left aside by a killed 04 is the one to upload
     if not (Path(export_dir) / "manifest.json").exists():
         raise RuntimeError(f"{export_dir} has no manifest.json: only a verified export is uploaded")
     token = os.environ.get("HF_TOKEN", "")

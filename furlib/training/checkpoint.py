@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from furlib.folders import replace_folder
 from furlib.runinfo import file_sha256
 
 WEIGHT_FILES = {"ema": "ema.safetensors", "raw": "decoder.safetensors"}
@@ -71,13 +72,10 @@ def save_checkpoint(ckpt_root: Path, step: int, tensors: dict, state: dict, keep
     ckpt_root.mkdir(parents=True, exist_ok=True)
     sweep_temporaries(ckpt_root)
     name = f"step_{step:07d}"
-    tmp, final, old = ckpt_root / f".tmp-{name}", ckpt_root / name, ckpt_root / f".old-{name}"
+    tmp, final = ckpt_root / f".tmp-{name}", ckpt_root / name
     if not (final.exists() and verify(final) is None):  # an intact step is never written twice
         _write_folder(tmp, step, tensors, state)
-        if final.exists():  # a damaged folder of this step: aside first, removed once replaced
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, final)  # a damaged folder of this step goes aside, removed once replaced
     _atomic_write_text(ckpt_root / "latest", name + "\n")
     if keep > 0:
         prune(ckpt_root, final, keep)
