@@ -123,3 +123,82 @@ def test_export_swap_never_loses_the_last_release(tmp_path, monkeypatch):
         with pytest.raises(FileNotFoundError):  # no checkpoint here: only the recovery matters
             release.release_source(tmp_path)
     assert (export_dir / "manifest.json").read_text() == "the last good release"
+
+
+@pytest.fixture(scope="module")
+def small_vae_folder(tmp_path_factory):
+    """tiny-random saved as a diffusers folder (config + safetensors) and as an LDM single file."""
+    from safetensors.torch import save_file
+
+    from furlib import models
+    from furlib.ldm_keys import diffusers_to_ldm
+
+    folder = tmp_path_factory.mktemp("vae")
+    vae = models.load_vae("tiny-random")
+    vae.save_pretrained(folder / "diffusers", safe_serialization=True)
+    save_file({k: v.contiguous() for k, v in diffusers_to_ldm(vae.state_dict()).items()}, folder / "single.safetensors")
+    return folder
+
+
+def _single(folder, name, change):
+    from safetensors.torch import save_file
+
+    tensors = load_file(folder / "single.safetensors")
+    save_file(change(tensors), folder / name)
+    return folder / name
+
+
+@pytest.mark.parametrize("name, change, words", [
+    ("nan.safetensors", lambda t: {k: torch.full_like(v, float("nan")) for k, v in t.items()}, "NaN or infinity"),
+    ("int.safetensors", lambda t: {k: v.to(torch.int32) for k, v in t.items()}, "not floating point"),
+])
+def test_base_weights_must_be_finite_floats(small_vae_folder, name, change, words):
+    """Class 4: a base of NaNs or of integers is refused with the file named."""
+    from furlib import models
+
+    path = _single(small_vae_folder, name, change)
+    with pytest.raises(ValueError, match=f"{name}.*{words}"):
+        models.load_vae(str(path), str(small_vae_folder / "diffusers"))
+
+
+def test_nan_base_folder_is_refused(small_vae_folder, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from furlib import models
+
+    folder = tmp_path / "nan_folder"
+    shutil.copytree(small_vae_folder / "diffusers", folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(weights).items()}, weights)
+    with pytest.raises(ValueError, match="nan_folder.*NaN or infinity"):
+        models.load_vae(str(folder))
+
+
+def test_pickle_renamed_safetensors_names_the_file(small_vae_folder):
+    """Class 11: torch.save'd weights under a .safetensors name: the file and the fix are named
+    (never unpickled)."""
+    from furlib import models
+
+    path = small_vae_folder / "pickled.safetensors"
+    torch.save(load_file(small_vae_folder / "single.safetensors"), path)
+    with pytest.raises(ValueError, match="pickled.safetensors is not a readable safetensors file"):
+        models.load_vae(str(path), str(small_vae_folder / "diffusers"))
+
+
+def test_config_that_does_not_match_its_weights(small_vae_folder, tmp_path):
+    """Class 11: a single file with another VAE's config, and a folder whose config.json is
+    another VAE's: the message names both files and does not advise ignoring the sizes."""
+    import shutil
+
+    from furlib import models
+
+    with pytest.raises(ValueError, match="single.safetensors does not fit the architecture in .*sd_vae") as err:
+        models.load_vae(str(small_vae_folder / "single.safetensors"))  # the SD VAE's config by default
+    assert "do not ignore" in str(err.value)
+    folder = tmp_path / "wrong_config"
+    shutil.copytree(small_vae_folder / "diffusers", folder)
+    shutil.copy(models.SD_VAE_CONFIG / "config.json", folder / "config.json")
+    with pytest.raises(ValueError, match="wrong_config.*config.json"):
+        models.load_vae(str(folder))
