@@ -202,3 +202,34 @@ def test_config_that_does_not_match_its_weights(small_vae_folder, tmp_path):
     shutil.copy(models.SD_VAE_CONFIG / "config.json", folder / "config.json")
     with pytest.raises(ValueError, match="wrong_config.*config.json"):
         models.load_vae(str(folder))
+
+
+def test_resume_compares_the_base_and_data_fingerprints(small_vae_folder, tmp_path):
+    """Class 7: changed training data is noted on resume; a base replaced under the same path
+    (other weights, same name) is refused, naming the way out."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(small_vae_folder / "diffusers", base)
+    _prepared(tmp_path)
+    settings = dict(TINY, base_model=str(base), outputs_dir=str(tmp_path), run_name="r", lpips_weight=0.0)
+    fit.fit(TrainSettings(**settings), announce=False)
+    train = tmp_path / "r" / "data" / "train"
+    first = sorted(train.iterdir())[0]
+    shutil.copy(first, train / f"0000000000000000{first.suffix}")  # one more image
+    result = fit.fit(TrainSettings(**{**settings, "max_steps": 4}), announce=False)
+    assert any("training images changed" in n for n in result["notes"]), result["notes"]
+    weights = base / "diffusion_pytorch_model.safetensors"
+    save_file({k: v * 1.01 for k, v in load_file(weights).items()}, weights)  # same path, other weights
+    with pytest.raises(ValueError, match="holds other weights.*resume_with_changes"):
+        fit.fit(TrainSettings(**{**settings, "max_steps": 6}), announce=False)
+
+
+def test_batch_larger_than_the_data_is_warned(tmp_path):
+    """Class 9."""
+    _prepared(tmp_path)
+    images = len(list((tmp_path / "r" / "data" / "train").iterdir()))
+    p = fit.plan(TrainSettings(**{**TINY, "batch_size": 16}, outputs_dir=str(tmp_path), run_name="r"))
+    assert any("takes 16 crops" in n and f"only {images} image" in n for n in p.notes), p.notes
