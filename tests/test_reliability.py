@@ -233,3 +233,61 @@ def test_batch_larger_than_the_data_is_warned(tmp_path):
     images = len(list((tmp_path / "r" / "data" / "train").iterdir()))
     p = fit.plan(TrainSettings(**{**TINY, "batch_size": 16}, outputs_dir=str(tmp_path), run_name="r"))
     assert any("takes 16 crops" in n and f"only {images} image" in n for n in p.notes), p.notes
+
+
+def _all_batches(loader, n_images, batch):
+    it = iter(loader)
+    for _ in range(-(-2 * n_images // batch)):  # two epochs: every image at least once
+        next(it)
+
+
+def test_truncated_training_image_is_named_inside_the_loader(tmp_path):
+    """Class 11: PIL's 'image file is truncated' becomes an error naming the image and the fix."""
+    from furlib.training import crops
+
+    _prepared(tmp_path)
+    train = tmp_path / "r" / "data" / "train"
+    victim = sorted(train.iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+    loader = crops.make_loader(train, 64, 2, num_workers=0)
+    with pytest.raises(ValueError, match=f"training image {victim} cannot be read.*Delete it"):
+        _all_batches(loader, len(list(train.iterdir())), 2)
+
+
+def test_truncated_pixel_cache_entry_is_named(tmp_path):
+    from furlib.training import crops
+
+    _prepared(tmp_path)
+    train, cache = tmp_path / "r" / "data" / "train", tmp_path / "cache"
+    n = len(list(train.iterdir()))
+    _all_batches(crops.make_loader(train, 64, 2, cache_dir=cache), n, 2)
+    entry = sorted(cache.glob("*.npy"))[0]
+    entry.write_bytes(entry.read_bytes()[:500])
+    with pytest.raises(ValueError, match=f"pixel cache entry {entry} is unreadable.*delete it"):
+        _all_batches(crops.make_loader(train, 64, 2, cache_dir=cache), n, 2)
+
+
+@pytest.mark.parametrize("garble", ["{not json", "[1, 2]", '{"counts": {}}'])
+def test_garbled_report_json_names_the_file_and_the_fix(tmp_path, garble):
+    """Class 11: 02's data check on a garbled data/report.json."""
+    _prepared(tmp_path)
+    (tmp_path / "r" / "data" / "report.json").write_text(garble)
+    with pytest.raises(ValueError, match="report.json .*run 01_data_prep again"):
+        fit.plan(TrainSettings(**TINY, outputs_dir=str(tmp_path), run_name="r"))
+
+
+def test_malformed_lock_owner_record_names_the_file(tmp_path):
+    """Class 11: the lock's owner record is only information: garbled, a busy lock still refuses
+    (naming the record), and a free one is taken with a note, never a JSON error."""
+    import subprocess
+    import sys
+
+    from furlib.training.runlock import RunLock
+
+    (tmp_path / "run.lock.owner").write_text("{garbled")
+    with RunLock(tmp_path) as lock:
+        assert "unreadable record" in lock.note and "run.lock.owner" in lock.note
+        (tmp_path / "run.lock.owner").write_text("[]")
+        code = f"from furlib.training.runlock import RunLock; RunLock({str(tmp_path)!r}).acquire()"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert "run.lock.owner holds list" in done.stderr and "delete it if no training" in done.stderr

@@ -9,7 +9,6 @@ Report tables and files: ``furlib.evaluation.report``; tiled and fp16 decode che
 """
 
 import contextlib
-import json
 import heapq
 import math
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from furlib.evaluation import metrics
 from furlib.images import center_crop, to_rgb_m11, to_uint8
 from furlib.models import is_pretrained, load_vae, with_decoder
 from furlib.parameters import strict_bool
+from furlib.runinfo import read_json
 
 
 
@@ -79,7 +79,11 @@ def run_models(run_dir, base_model: str = "", base_config: str = "", compare: st
 def export_release_step(export_dir: Path) -> int | None:
     """The training step 04 exported (its ``manifest.json``), or None for an unverified folder."""
     manifest = Path(export_dir) / "manifest.json"
-    return json.loads(manifest.read_text())["release"]["step"] if manifest.exists() else None
+    record = read_json(manifest, "run 04_export again with this run_name")
+    try:
+        return None if record is None else int(record["release"]["step"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{manifest} has no readable release step ({err!r}): run 04_export again") from err
 
 
 def _short_name(item: str) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from furlib.export.release import EXPORT, Release, release_stem
 from furlib.models import is_pretrained
+from furlib.runinfo import read_json
 
 # (latent channels, downscale factor, scaling factor) -> the models that read such latents.
 # SD 1.x/2.x and SDXL VAEs share the kl-f8 architecture; only the scaling factor tells them apart.
@@ -52,7 +53,7 @@ def _data_section(run_dir: Path, training_data: str) -> str:
     report_path = Path(run_dir) / "data" / "report.json"
     if not report_path.exists():
         return said + "\n\nNo `data/report.json` was found: the prepared data is not recorded."
-    report = json.loads(report_path.read_text())
+    report = read_json(report_path, "run 01_data_prep again with this run_name (it rewrites report.json)")
     counts, settings = report.get("counts", {}), report.get("settings", {})
     source = report.get("source", "?")
     builtin = " (the project's drawn flat-colour sample images, not real artwork)" if source == "builtin" else ""
@@ -72,7 +73,7 @@ def _training_section(run_dir: Path, release: Release) -> str:
              f"- released weights: {release.weights} ({kind})"]
     if not record.exists():
         return "\n".join(lines + ["- no `02_train.record.json` was found: parameters unknown"])
-    params = json.loads(record.read_text()).get("parameters", {})
+    params = read_json(record, "run 02_train again with this run_name (it resumes and rewrites it)").get("parameters", {})
     rows = [f"| `{k}` | `{json.dumps(v)}` |" for k, v in params.items()]
     return "\n".join(lines + ["", "| parameter | value |", "|---|---|"] + rows)
 
@@ -83,7 +84,7 @@ def _metrics_section(run_dir: Path, step: int) -> str:
     if not metrics.exists():
         return "Evaluation (stage 03) was not run for this export: no metrics are claimed."
     summary = Path(run_dir) / "eval" / "metrics.json"
-    models = json.loads(summary.read_text()).get("models", {}) if summary.exists() else {}
+    models = read_json(summary, "run 03_eval again with this run_name", {}).get("models", {})
     steps = {m.get("step") for m in models.values()} - {None}
     if steps != {step}:
         evaluated = ", ".join(map(str, sorted(steps))) or "an unrecorded step"
