@@ -49,8 +49,20 @@ def problem(key: str, value, default) -> str | None:
         ok = isinstance(value, str)
     if ok:
         return None
-    quoted = " (a quoted string is not a boolean)" if kind is bool and isinstance(value, str) else ""
-    return f"{key}={value!r}: must be {words}{quoted}"
+    return f"{key}={value!r}: must be {words}{hint(value, kind)}"
+
+
+def hint(value, kind: type) -> str:
+    """Why a value a user meant as right arrived wrong (YAML's and papermill's parsing)."""
+    if kind is bool and isinstance(value, str):
+        return " (a quoted string is not a boolean)"
+    if kind in (int, float) and isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        return " (YAML reads 5e-7 without a dot as a string: write 5.0e-7, unquoted)"
+    return ""
 
 
 def strict_bool(key: str, value) -> bool:

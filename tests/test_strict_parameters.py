@@ -71,3 +71,11 @@ def test_papermill_typo_stops_before_the_run(tmp_path):
                                    parameters={"eval_max_image": 2, "outputs_dir": str(tmp_path), "run_name": "r"},
                                    cwd=str(ROOT), progress_bar=False)
     assert "eval_max_image" in str(err.value) and "eval_max_images" in str(err.value)
+
+
+def test_yaml_exponent_without_a_dot_is_named_with_the_fix():
+    import yaml
+
+    value = yaml.safe_load("lr: 5e-7")["lr"]  # YAML 1.1: a string
+    with pytest.raises(ValueError, match="lr='5e-7': must be a finite number.*write 5.0e-7"):
+        TrainSettings.from_params({"lr": value})

@@ -78,7 +78,10 @@ def _type_error(name: str, value, default) -> str | None:
         ok, kind = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value), "a list of names"
     if ok:
         return None
-    return f"{name}={value!r}: must be {kind}" + (YAML_HINT if isinstance(value, bool) else "")
+    from furlib.parameters import hint
+
+    return (f"{name}={value!r}: must be {kind}" + (YAML_HINT if isinstance(value, bool) else "")
+            + hint(value, type(default)))
 
 
 def problems(settings) -> list[str]:
