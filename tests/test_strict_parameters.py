@@ -70,7 +70,7 @@ def test_papermill_typo_stops_before_the_run(tmp_path):
         papermill.execute_notebook(str(pipeline.notebook_path("03_eval")), str(tmp_path / "out.ipynb"),
                                    parameters={"eval_max_image": 2, "outputs_dir": str(tmp_path), "run_name": "r"},
                                    cwd=str(ROOT), progress_bar=False)
-    assert "eval_max_image" in str(err.value) and "eval_max_images" in str(err.value)
+    assert "'eval_max_image' (did you mean 'eval_max_images'?)" in str(err.value)
 
 
 def test_yaml_exponent_without_a_dot_is_named_with_the_fix():
