@@ -52,7 +52,7 @@ def _damage(folder, name="ema.safetensors"):
 def test_pruning_after_a_fallback_keeps_the_intact_checkpoint(tmp_path):
     """Class 6: step 2 is damaged, the run falls back to step 1 and saves step 3 (keep=2): the
     damaged step 2 must not take the intact step 1's place."""
-    from furlib.training import checkpoint
+    from furlib import checkpoint
 
     root = tmp_path / "checkpoints"
     for step in (1, 2):
@@ -72,7 +72,7 @@ def test_pruning_after_a_fallback_keeps_the_intact_checkpoint(tmp_path):
 def test_verification_cannot_be_bypassed_by_omission(tmp_path, edit, words):
     """Class 7 and 11: a checksums.json that lists fewer files, or has values of the wrong types,
     fails verification with the file named, never with a library's TypeError."""
-    from furlib.training import checkpoint
+    from furlib import checkpoint
 
     folder = checkpoint.save_checkpoint(tmp_path / "checkpoints", 1, _tensors(1), {})
     sums = json.loads((folder / "checksums.json").read_text())
@@ -85,7 +85,7 @@ def test_verification_cannot_be_bypassed_by_omission(tmp_path, edit, words):
 
 
 def test_a_file_deleted_with_its_checksum_line_is_found(tmp_path):
-    from furlib.training import checkpoint
+    from furlib import checkpoint
 
     folder = checkpoint.save_checkpoint(tmp_path / "checkpoints", 1, _tensors(1), {})
     sums = json.loads((folder / "checksums.json").read_text())
@@ -101,7 +101,7 @@ def test_export_swap_never_loses_the_last_release(tmp_path, monkeypatch):
     import os
     from types import SimpleNamespace
 
-    from furlib.export import release
+    from furlib.export import release_files
 
     export_dir, stage = tmp_path / "export", tmp_path / ".export-staging"
     export_dir.mkdir()
@@ -117,11 +117,11 @@ def test_export_swap_never_loses_the_last_release(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", dying_replace)
     with pytest.raises(KeyboardInterrupt):
-        release.finalize_export(stage, export_dir, SimpleNamespace(record=dict), [{"passed": True}])
+        release_files.finalize_export(stage, export_dir, SimpleNamespace(record=dict), [{"passed": True}])
     monkeypatch.setattr(os, "replace", real_replace)
     with pytest.warns(UserWarning, match="restored"):
         with pytest.raises(FileNotFoundError):  # no checkpoint here: only the recovery matters
-            release.release_source(tmp_path)
+            release_files.release_source(tmp_path)
     assert (export_dir / "manifest.json").read_text() == "the last good release"
 
 
