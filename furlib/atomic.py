@@ -1,6 +1,12 @@
 """Writing a file or folder so that a kill at any moment leaves the old version or the new one,
 never half of either; and the one sweeper of what killed writers leave behind.
 
+Folders that already exist cannot be renamed over, so ``replace_folder`` is three renames:
+``target`` -> ``.old-<target>`` (aside), ``new`` -> ``target``, then the aside is deleted. A death
+between the first two leaves the old folder whole, aside; ``recover_folder`` (called before
+anything reads or replaces ``target``) moves it back. Replace, then delete, never the other way
+round. The sweeper never touches an aside: it is the last good version.
+
 A temporary is ``.tmp-<host>-<pid>-<thread>-<name>`` beside its target: hidden (every listing of
 prepared images, checkpoints and cache entries skips dot-names), unique per writer (racing writers,
 even on machines sharing the folder, never share one), and renamed over the target with
@@ -64,3 +70,30 @@ def _remove(path: Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def aside_path(target: Path) -> Path:
+    target = Path(target)
+    return target.with_name(f".old-{target.name}")
+
+
+def recover_folder(target: Path) -> str:
+    """Put back a folder a killed ``replace_folder`` left aside; returns a note ('' if none)."""
+    target, aside = Path(target), aside_path(target)
+    if not aside.exists():
+        return ""
+    if target.exists():  # the new folder got in: the aside is the replaced one
+        shutil.rmtree(aside, ignore_errors=True)
+        return ""
+    os.replace(aside, target)
+    return f"restored {target} from {aside.name}, left aside by an interrupted replace"
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Move ``new`` into place as ``target``; an existing ``target`` is deleted only afterwards."""
+    new, target, aside = Path(new), Path(target), aside_path(target)
+    recover_folder(target)
+    if target.exists():
+        os.replace(target, aside)
+    os.replace(new, target)
+    shutil.rmtree(aside, ignore_errors=True)

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from furlib import atomic
+from furlib.atomic import replace_folder
 from furlib.runinfo import file_sha256
 
 WEIGHT_FILES = {"ema": "ema.safetensors", "raw": "decoder.safetensors"}
@@ -41,7 +42,8 @@ def _write_folder(tmp: Path, step: int, tensors: dict, state: dict) -> None:
     tmp.mkdir()
     for stem, named in tensors.items():
         save_file({k: v.detach().contiguous().cpu() for k, v in named.items()}, tmp / f"{stem}.safetensors")
-    (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=1))
+    files = sorted(f"{stem}.safetensors" for stem in tensors)  # verify() requires each of them
+    (tmp / "state.json").write_text(json.dumps(dict(state, step=step, files=files), indent=1))
     sums = {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
     (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
     for p in tmp.iterdir():  # on disk before the rename publishes the folder
@@ -56,18 +58,39 @@ def save_checkpoint(ckpt_root: Path, step: int, tensors: dict, state: dict, keep
     atomic.sweep(ckpt_root, older_than_s=0)  # only the run lock's holder saves: all are a killed save's
     name = f"step_{step:07d}"
     final = ckpt_root / name
-    tmp, old = atomic.temporary(final), atomic.temporary(ckpt_root / f"old-{name}")
+    tmp = atomic.temporary(final)
     if not (final.exists() and verify(final) is None):  # an intact step is never written twice
         _write_folder(tmp, step, tensors, state)
-        if final.exists():  # a damaged folder of this step: aside first, removed once replaced
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, final)  # a damaged folder of this step goes aside, removed once replaced
     atomic.write_text(ckpt_root / "latest", name + "\n")
-    for stale in sorted(ckpt_root.glob("step_*"))[:-keep] if keep > 0 else []:
-        if stale != final:
-            shutil.rmtree(stale, ignore_errors=True)
+    if keep > 0:
+        prune(ckpt_root, final, keep)
     return final
+
+
+def prune(ckpt_root: Path, final: Path, keep: int) -> list[Path]:
+    """Keep ``final`` and the newest intact folders before it, ``keep`` in all; remove the older
+    ones and any damaged one among them (a damaged folder never takes an intact one's place, as
+    after a fallback). Folders after ``final`` (skipped by a fallback) are left for the step that
+    rewrites them. Returns what was removed."""
+    older = [f for f in sorted(Path(ckpt_root).glob("step_*"), reverse=True) if f.name < final.name]
+    kept, removed = 1, []
+    for folder in older:
+        if kept < keep and _intact(folder):
+            kept += 1
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+_VERIFIED: set = set()  # folders found intact by this process: verified once, not at every save
+
+
+def _intact(folder: Path) -> bool:
+    if folder not in _VERIFIED and verify(folder) is None:
+        _VERIFIED.add(folder)
+    return folder in _VERIFIED
 
 
 def verify(folder: Path) -> str | None:
@@ -81,8 +104,13 @@ def verify(folder: Path) -> str | None:
         sums = json.loads((folder / CHECKSUMS).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         return f"{CHECKSUMS} is not valid JSON ({err})"
-    if "state.json" not in sums:
-        return f"{CHECKSUMS} lists no state.json"
+    malformed = _malformed_sums(sums)
+    if malformed:
+        return f"{CHECKSUMS} {malformed} (hand-edited or damaged): restore the folder, or delete it"
+    held = {p.name for p in folder.iterdir() if p.name != CHECKSUMS and not p.name.startswith(".")}
+    unlisted = sorted((held | {"state.json"}) - set(sums))
+    if unlisted:  # a list with fewer files would leave the others unverified
+        return f"{CHECKSUMS} does not list {unlisted}: they cannot be verified"
     for fname, want in sums.items():
         path = folder / fname
         if not path.exists():
@@ -91,7 +119,23 @@ def verify(folder: Path) -> str | None:
             return f"{fname} has {path.stat().st_size} bytes, {want['bytes']} were written (truncated?)"
         if file_sha256(path) != want["sha256"]:
             return f"{fname} does not match its SHA-256 (damaged on disk)"
+    written = json.loads((folder / "state.json").read_text()).get("files", [])  # verified just above
+    if sorted(set(written) - set(sums)):  # a file deleted together with its checksum line
+        return f"{sorted(set(written) - set(sums))} were written (state.json says) but are gone from {CHECKSUMS}"
     return None
+
+
+def _malformed_sums(sums) -> str:
+    """What is wrong with the shape of a parsed checksums.json ('' when it is right)."""
+    if not isinstance(sums, dict):
+        return f"holds {type(sums).__name__}, not an object of file names"
+    for fname, want in sums.items():
+        if not (isinstance(want, dict) and isinstance(want.get("sha256"), str)
+                and isinstance(want.get("bytes"), int) and not isinstance(want.get("bytes"), bool)):
+            return f"entry {fname!r} is {want!r}, not {{'sha256': hex string, 'bytes': integer}}"
+        if "/" in fname or "\\" in fname or fname.startswith("."):
+            return f"entry {fname!r} is not a file name of the folder"
+    return ""
 
 
 def _state_problem(folder: Path) -> str | None:

@@ -180,8 +180,18 @@ class CropDataset(torch.utils.data.Dataset):
         return len(self.paths)  # one epoch; the sampler asks for indices beyond it
 
     def __getitem__(self, g: int) -> torch.Tensor:
-        rng = sample_rng(self.seed, g)
         path = self.paths[self.image_index(g)]
+        try:
+            return self._crop(g, path)
+        except (OSError, ValueError, SyntaxError, EOFError) as err:  # PIL's and numpy's words name no file
+            if str(path) in str(err) or (self.cache_dir and str(self.cache_dir) in str(err)):
+                raise  # already names its file (the pixel cache's errors do)
+            raise ValueError(f"training image {path} cannot be read ({type(err).__name__}: {err}): it was "
+                             "damaged on disk after 01 stored it. Delete it, or run 01_data_prep again "
+                             "(it stores it again from the source)") from err
+
+    def _crop(self, g: int, path: Path) -> torch.Tensor:
+        rng = sample_rng(self.seed, g)
         pixels = None if self.cache_dir is None else self._cached_pixels(path)
         if pixels is not None:
             params = crop_params(pixels.shape[1], pixels.shape[0], self.resolution, rng,

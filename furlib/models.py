@@ -18,6 +18,7 @@
 ``base_family``, when given, must agree with what the base is; a config is never rewritten.
 """
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -59,7 +60,6 @@ def load_vae(base_model: str, base_config: str = "", seed: int = 0, base_family:
 
     ``base_family`` ('sd', 'sdxl', 'sd3', 'flux' or ''): a single file's family, a random base's
     layout, and for every other base a check that its config is that family's."""
-    from diffusers import AutoencoderKL
 
     if base_family:
         families.get(base_family)  # a misspelt family fails before any loading
@@ -77,7 +77,9 @@ def load_vae(base_model: str, base_config: str = "", seed: int = 0, base_family:
             raise ValueError(f"base_model folder {path} has no .safetensors weights (only "
                              f"{sorted(p.name for p in path.iterdir() if p.name != 'config.json')}): pickled "
                              "weights are not loaded; convert them to safetensors first")
-        vae = AutoencoderKL.from_pretrained(path, use_safetensors=True).eval()
+        for weights in path.glob("diffusion_pytorch_model.safetensors"):  # what diffusers reads
+            check_file_dtypes(weights)
+        vae = check_loaded(_from_pretrained(path, use_safetensors=True), path)
     elif path.exists() or base_model.startswith((".", "/", "~")):
         raise ValueError(f"base_model {base_model!r}: no such diffusers folder or .safetensors file")
     else:
@@ -117,7 +119,40 @@ def load_tiny_base(folder: Path = TINY_BASE_DIR):
         raise ValueError(f"base_model 'tiny': {weights} is missing; remake it with "
                          "scripts/pretrain_base.py (benchmarks/RESULTS.md has the command) or reinstall furlib")
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(Path(folder)))
-    vae.load_state_dict({k: v.float() for k, v in load_file(weights).items()}, strict=True)
+    tensors = load_file(weights)
+    check_weights(tensors, weights)
+    vae.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
+    return vae.eval()
+
+
+def check_weights(tensors: dict, source) -> None:
+    """Weights read from ``source`` must be floating point and finite: an integer tensor would be
+    cast silently and a NaN one would train NaNs; either means a damaged or a wrong file."""
+    ints = [f"{k} ({v.dtype})" for k, v in tensors.items() if not v.is_floating_point()]
+    if ints:
+        raise ValueError(f"{source}: {len(ints)} tensor(s) are not floating point, e.g. {ints[:3]}: not VAE "
+                         "weights, or a damaged conversion; use the original fp32/fp16 file")
+    bad = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{source}: {len(bad)} tensor(s) hold NaN or infinity, e.g. {bad[:3]}: the file is "
+                         "damaged or comes from a diverged training; use another base_model")
+
+
+def check_file_dtypes(path: Path) -> None:
+    """The dtypes in a safetensors header (no tensor is read): floating point only."""
+    from safetensors import safe_open
+
+    with _named(path), safe_open(str(path), "pt") as f:
+        ints = [f"{k} ({f.get_slice(k).get_dtype()})" for k in f.keys()
+                if not f.get_slice(k).get_dtype().startswith(("F", "BF"))]
+    if ints:
+        raise ValueError(f"{path}: {len(ints)} tensor(s) are not floating point, e.g. {ints[:3]}: not VAE "
+                         "weights, or a damaged conversion; use the original fp32/fp16 file")
+
+
+def check_loaded(vae, source):
+    """``vae`` back when every weight it loaded from ``source`` is finite."""
+    check_weights(vae.state_dict(), source)
     return vae.eval()
 
 
@@ -129,14 +164,15 @@ def _load_from_hub(base_model: str):
     repo, _, subfolder = base_model.partition("@")
     unreachable = hub_unreachable() or ("HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE") else "")
     try:  # with the Hub out of reach, only the local cache: fail in ms, not after retries
-        return AutoencoderKL.from_pretrained(repo, subfolder=subfolder or None, use_safetensors=True,
-                                             local_files_only=bool(unreachable)).eval()
+        vae = AutoencoderKL.from_pretrained(repo, subfolder=subfolder or None, use_safetensors=True,
+                                            local_files_only=bool(unreachable))
     except OSError as err:  # diffusers reports both "offline" and "no such repo" as OSError
         ours = (f"base_model {base_model!r} is a Hugging Face Hub id, but the Hub cannot be reached "
                 f"({unreachable}) and it is not in the local cache. {OFFLINE_HINT}") if unreachable else \
             (f"base_model {base_model!r}: the Hugging Face Hub has no such VAE (or refused it): check "
              f"the id, e.g. 'stabilityai/sd-vae-ft-mse' or 'repo@subfolder'. {OFFLINE_HINT}")
         raise RuntimeError(f"{ours}\n(diffusers said: {err})") from err
+    return check_loaded(vae, f"base_model {base_model!r}")
 
 
 def load_single_file(path: Path, base_config: str = "", base_family: str = ""):
@@ -152,17 +188,16 @@ def load_single_file(path: Path, base_config: str = "", base_family: str = ""):
     if path.suffix != ".safetensors":
         raise ValueError(f"{path.name}: only .safetensors single files load (pickled "
                          f"{path.suffix} files can run arbitrary code); convert it first")
-    config, fam = single_file_config(path, base_config, base_family)
+    with _named(path):
+        config, fam = single_file_config(path, base_config, base_family)
+        tensors = load_file(path)
     vae = AutoencoderKL.from_config(config)
+    check_weights(tensors, path)
     try:
-        state = ldm_to_diffusers(load_file(path), vae.state_dict())
-    except ValueError as err:
-        if base_config:
-            raise
-        raise ValueError(f"base_model {path.name} is not the full-size {fam.title} VAE of the shipped config "
-                         f"({fam.config_dir}); for another architecture pass base_config, a diffusers folder "
-                         f"with its config.json.\n{err}") from err
-    vae.load_state_dict(state, strict=True)
+        vae.load_state_dict(ldm_to_diffusers(tensors, vae.state_dict()), strict=True)
+    except (RuntimeError, ValueError, KeyError) as err:
+        where = base_config or f"the shipped {fam.title} config ({fam.config_dir})"
+        raise ValueError(_mismatch(path, where, err)) from err
     return vae.eval()
 
 
@@ -209,6 +244,39 @@ def base_vae_config(base_model: str, base_config: str = "", base_family: str = "
                                               local_files_only=bool(hub_unreachable())))
     except (OSError, ValueError):  # load_vae raises the same, with the project's words
         return None
+
+
+def _mismatch(weights, config, err) -> str:
+    first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+    return (f"{weights} does not fit the architecture in {config} ({first}). The weights are another VAE's "
+            "than the config describes: give base_config the diffusers folder whose config.json came with "
+            "these weights (do not ignore the mismatched sizes: that would train from random layers)")
+
+
+@contextlib.contextmanager
+def _named(path: Path):
+    """safetensors' own errors (a pickle renamed .safetensors, a truncated header) name no file."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err}): a pickled checkpoint renamed "
+                         ".safetensors, or a truncated download. Download it again, or convert the original "
+                         "with safetensors.torch.save_file") from err
+
+
+def _from_pretrained(path: Path, **kwargs):
+    """diffusers' folder load, with its mismatch advice (ignore_mismatched_sizes) replaced by ours."""
+    from diffusers import AutoencoderKL
+
+    try:
+        with _named(path):
+            return AutoencoderKL.from_pretrained(path, **kwargs)
+    except (RuntimeError, ValueError) as err:
+        if "size" not in str(err) and "shape" not in str(err):
+            raise
+        raise ValueError(_mismatch(path / "diffusion_pytorch_model.safetensors", path / "config.json", err)) from err
 
 
 def split_trainable(vae) -> list:

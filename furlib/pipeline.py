@@ -71,6 +71,48 @@ def parse_override(text: str) -> tuple[str, object]:
     return key, yaml.safe_load(value)
 
 
+def check_before_writing(params: dict, stages) -> Path:
+    """Every check that needs no model, before the pipeline writes anything: the stages' names,
+    each value's type (``furlib.params``), a plain ``run_name``, 02's full validation, and that no
+    executed notebook would overwrite a file that is not an earlier executed notebook (a project
+    notebook, say). Returns the run folder."""
+    from furlib import parameters as params_lib
+    from furlib.runinfo import run_dir as plain_run_dir
+
+    bad_stages = [s for s in stages if s not in STAGES]
+    if bad_stages:
+        raise ValueError(f"unknown stage(s) {bad_stages}; choose from {STAGES}")
+    defaults = {}
+    for stage in STAGES:
+        defaults.update({k: v for k, v in stage_defaults(stage).items() if k not in defaults})
+    found = params_lib.problems(params, defaults)
+    if found:
+        raise ValueError("invalid parameter(s):\n  " + "\n  ".join(found))
+    run_dir = (ROOT / plain_run_dir(params["outputs_dir"], params["run_name"])).resolve()
+    if "02_train" in stages:
+        from furlib.training.settings import TrainSettings
+
+        TrainSettings.from_params({k: v for k, v in params.items() if k in declared_parameters("02_train")})
+    for stage in stages:
+        _check_output(run_dir / f"{stage}.ipynb")
+    return run_dir
+
+
+def _check_output(out: Path) -> None:
+    """An executed notebook may replace only an earlier executed notebook (papermill metadata)."""
+    if out in {notebook_path(s).resolve() for s in STAGES}:
+        raise ValueError(f"outputs_dir/run_name put the executed notebook on the project's own {out}: "
+                         "choose another outputs_dir or run_name")
+    if out.exists():
+        try:
+            earlier = "papermill" in json.loads(out.read_text()).get("metadata", {})
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            earlier = False
+        if not earlier:
+            raise ValueError(f"{out} exists and is not an executed notebook of an earlier run: the pipeline "
+                             "will not overwrite it; move it, or choose another outputs_dir or run_name")
+
+
 def run(profile: str | Path, stages=STAGES, overrides: dict | None = None, log_output: bool = False) -> Path:
     """Execute ``stages`` in order; returns the run folder. Stops at the first failing stage."""
     import papermill
@@ -79,11 +121,9 @@ def run(profile: str | Path, stages=STAGES, overrides: dict | None = None, log_o
     defaults = stage_defaults(STAGES[0])  # the notebooks' own defaults
     for key in ("run_name", "outputs_dir"):  # every stage works on the same run folder
         params.setdefault(key, defaults[key])
-    run_dir = ROOT / params["outputs_dir"] / params["run_name"]
+    run_dir = check_before_writing(params, stages)
     run_dir.mkdir(parents=True, exist_ok=True)
     for stage in stages:
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; choose from {STAGES}")
         mine = {k: v for k, v in params.items() if k in declared_parameters(stage)}
         t0 = time.time()
         print(f"[{stage}] running with {len(mine)} parameters -> {run_dir / (stage + '.ipynb')}", flush=True)

@@ -58,6 +58,21 @@ def run_dir(outputs_dir: str, run_name: str) -> Path:
     return Path(outputs_dir) / run_name
 
 
+def read_json(path, fix: str, default=None):
+    """A JSON object from ``path`` (``default`` when the file is missing); a garbled file is a
+    ValueError naming it and ``fix`` (what to do), never json's bare 'Expecting value'."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        return default
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is garbled ({err}): {fix}") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object: {fix}")
+    return value
+
+
 def notebook_parameters(stage: str, namespace: dict) -> dict:
     """The current values of the parameters a notebook declares (for its run record)."""
     from furlib.pipeline import declared_parameters

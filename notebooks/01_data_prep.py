@@ -53,7 +53,7 @@ import time
 from IPython.display import display
 from PIL import ImageColor
 
-from furlib import crops, prepared, runinfo
+from furlib import crops, parameters, prepared, runinfo
 from furlib.data import prep_figures
 from furlib.data.prepare import prepare
 from furlib.display import show
@@ -82,6 +82,7 @@ preview_crops = 8          # crops in the training-crop preview
 num_workers = 0            # loader processes for the preview (0: in this process)
 
 # %%
+parameters.check_notebook("01_data_prep", globals())  # names, types and finite numbers, before anything runs
 run_dir = runinfo.run_dir(outputs_dir, run_name)
 data_dir = run_dir / "data"
 if not str(source):

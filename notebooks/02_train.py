@@ -51,7 +51,7 @@ import dataclasses
 
 from IPython.display import Image, display
 
-from furlib import runinfo
+from furlib import parameters, runinfo
 from furlib.display import show
 from furlib.training import fit
 from furlib.training.settings import TrainSettings
@@ -129,6 +129,7 @@ source_split = "train"                    # split of a train_source dataset
 image_column = "image"                    # image column of a train_source dataset
 
 # %%
+parameters.check_notebook("02_train", globals())  # names, types and finite numbers, before anything runs
 settings = TrainSettings.from_params({f.name: globals()[f.name] for f in dataclasses.fields(TrainSettings)})
 params = dataclasses.asdict(settings)
 run_dir = runinfo.run_dir(outputs_dir, run_name)

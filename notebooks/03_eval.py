@@ -55,7 +55,7 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from furlib import perceptual, runinfo
+from furlib import parameters, perceptual, runinfo
 from furlib.display import show
 from furlib.evaluation import decode_checks, eval_figures, eval_report, evaluate
 from furlib.images import preprocess
@@ -81,6 +81,7 @@ device = "auto"                # "auto", "cuda" or "cpu"
 show_images = 4                # images per picture: chosen, most improved, most regressed
 
 # %%
+parameters.check_notebook("03_eval", globals())  # names, types and finite numbers, before anything runs
 run_dir = runinfo.run_dir(outputs_dir, run_name)
 if not run_dir.is_dir():
     raise ValueError(f"run_name: {run_dir} does not exist; run 02_train with this run_name first")

@@ -50,7 +50,7 @@ if "google.colab" in sys.modules or "KAGGLE_KERNEL_RUN_TYPE" in os.environ:
 import pandas as pd
 from IPython.display import Markdown, display
 
-from furlib import models, reconstructions, runinfo
+from furlib import models, parameters, reconstructions, runinfo
 from furlib.display import show
 from furlib.export import model_card, release_files
 
@@ -72,6 +72,7 @@ seed = 0  # seed of the latents every reloaded file must decode like the in-memo
 device = "auto"  # "auto", "cpu" or "cuda"
 
 # %%
+parameters.check_notebook("04_export", globals())  # names, types and finite numbers, before anything runs
 run_dir = runinfo.run_dir(outputs_dir, run_name)
 if not run_dir.is_dir():
     raise ValueError(f"run_name: {run_dir} does not exist; run 02_train with this run_name first")

@@ -38,7 +38,8 @@ def test_keeps_last_k_and_reads_state(tmp_path):
     for step in (1, 2, 3, 4):
         checkpoint.save_checkpoint(root, step, _tensors(step), {"base_model": "tiny-random"}, keep=2)
     assert sorted(p.name for p in root.glob("step_*")) == ["step_0000003", "step_0000004"]
-    assert checkpoint.read_state(checkpoint.latest_checkpoint(tmp_path)) == {"base_model": "tiny-random", "step": 4}
+    assert checkpoint.read_state(checkpoint.latest_checkpoint(tmp_path)) == {
+        "base_model": "tiny-random", "step": 4, "files": ["decoder.safetensors", "ema.safetensors"]}
     assert checkpoint.run_base(checkpoint.latest_checkpoint(tmp_path))[:2] == ("tiny-random", "")
     with pytest.raises(FileNotFoundError, match="run 02_train"):
         checkpoint.find_run_checkpoint(tmp_path / "nothing")

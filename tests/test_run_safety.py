@@ -76,7 +76,7 @@ def test_second_writer_is_refused_naming_the_other(tmp_path):
 
     with RunLock(tmp_path / "r") as lock:
         assert f"stale lock of process {holder.pid}" in lock.note
-    assert not (tmp_path / "r" / "run.lock").exists()
+    assert not (tmp_path / "r" / "run.lock.owner").exists(), "a released lock leaves no owner record"
 
 
 def _save(root, step, value=1.0, **state):

@@ -6,9 +6,10 @@ val_fraction``, then only the ``val_max`` smallest val hashes stay in val. The f
 (``resolution``, ``max_pixels``) apply here, to journal entries, so changing them re-decodes nothing.
 """
 
-import json
 from collections import Counter
 from pathlib import Path
+
+from furlib.runinfo import read_json
 
 
 def check_prepared(data_dir, resolution: int) -> dict:
@@ -19,8 +20,12 @@ def check_prepared(data_dir, resolution: int) -> dict:
     if not path.exists():
         raise ValueError(f"no prepared data in {data_dir} (no report.json): run notebooks/"
                          "01_data_prep with the same run_name first (all shards, if sharded)")
-    report = json.loads(path.read_text())
-    small = [a for a in report["accepted"] if min(a["width"], a["height"]) < resolution]
+    fix = "run 01_data_prep again with this run_name (it rewrites report.json from its journal; nothing is decoded again)"
+    report = read_json(path, fix)
+    try:
+        small = [a for a in report["accepted"] if min(a["width"], a["height"]) < resolution]
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path} lacks or garbles {err}: {fix}") from err
     if small:
         worst = min(small, key=lambda a: min(a["width"], a["height"]))
         raise ValueError(

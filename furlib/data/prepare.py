@@ -40,6 +40,8 @@ from furlib.data import store
 from furlib.data.prep_report import build_report, is_val
 from furlib.sources import RESUMED, Input, iter_inputs, source_key
 from furlib.images import DEFAULT_MAX_PIXELS, ImageRejected, cap_long_side, decode_input
+from furlib.parameters import strict_bool
+from furlib.runinfo import read_json
 
 PREPARE_VERSION = 1  # bump when decoding or storage changes: older data then needs rebuild=True
 DEFAULT_MAX_SIDE = 16384  # px: native resolution kept; only beyond this is an image downscaled
@@ -63,6 +65,7 @@ def prepare(source, data_dir, resolution: int = 256, max_side: int = DEFAULT_MAX
     shard whose siblings are not finished yet has ``complete: False`` and ``missing_shards``.
     """
     data_dir = Path(data_dir)
+    strict_bool("rebuild", rebuild)  # the string 'False' must never wipe prepared data
     _check_parallel(num_proc, num_shards, shard_index)
     settings = {"version": PREPARE_VERSION, "max_side": max_side,
                 "background": [int(c) for c in background]}
@@ -134,7 +137,7 @@ def _run_proc(job: dict, k: int, m: int, progress: bool) -> tuple[list, int]:
     data_dir, sel = Path(job["data_dir"]), job["selection"]
     name = f"shard-{job['shard_index']:05d}-of-{job['num_shards']:05d}.proc-{k:03d}-of-{m:03d}"
     position_file = data_dir / "streams" / f"{name}.json"
-    resume = json.loads(position_file.read_text()) if position_file.exists() else None
+    resume = read_json(position_file, "delete it: this process then reads its share of the stream from the start")
     here = dict(scope=sel["scope"], filters=job["filters"])  # a position is valid only for these
     resume = resume if resume and all(resume.get(key) == v for key, v in here.items()) else None
     journal, files = store.read_journal(data_dir), store.index_store(data_dir)
@@ -237,7 +240,7 @@ def _check_settings(data_dir: Path, settings: dict, rebuild: bool) -> str:
     Under .merge.lock: runs starting together read and write settings.json one at a time."""
     path = data_dir / "settings.json"
     with store.locked(data_dir / ".merge.lock", False, "settings", wait=True):
-        old = json.loads(path.read_text()) if path.exists() else None
+        old = read_json(path, "prepare with rebuild=True (the stored images cannot be matched to their settings)")
         changed = [f"{k} {old.get(k)} -> {settings[k]}" for k in PIXEL_SETTINGS
                    if old is not None and old.get(k) != settings[k]]
         if changed and not rebuild:

@@ -22,6 +22,7 @@ from furlib import checkpoint
 from furlib.evaluation import fid_kid, metrics
 from furlib.images import preprocess, to_uint8
 from furlib.models import is_pretrained, load_vae, with_decoder
+from furlib.parameters import strict_bool
 
 
 
@@ -217,6 +218,7 @@ def evaluate(vaes: dict, images: ImageSet, *, resolution: int = 256, batch_size:
     """
     from furlib.progress import tqdm
 
+    strict_bool("rfid", rfid)
     if rank_by not in ("psnr", "lpips"):
         raise ValueError(f"rank_by must be 'psnr' or 'lpips', got {rank_by!r}")
     device = torch.device(device)

@@ -11,6 +11,7 @@ from pathlib import Path
 from furlib import families
 from furlib.export.release_files import EXPORT, Release, public_name, release_stem
 from furlib.models import is_pretrained
+from furlib.runinfo import read_json
 
 # Where each family's single file goes: (apps for the files table, the card's "Use" bullets).
 _A1111 = ("- **AUTOMATIC1111**: copy `{stem}.safetensors` into `stable-diffusion-webui/models/VAE/` and\n"
@@ -90,7 +91,7 @@ def _data_section(run_dir: Path, training_data: str) -> str:
     report_path = Path(run_dir) / "data" / "report.json"
     if not report_path.exists():
         return said + "\n\nNo `data/report.json` was found: the prepared data is not recorded."
-    report = json.loads(report_path.read_text())
+    report = read_json(report_path, "run 01_data_prep again with this run_name (it rewrites report.json)")
     counts, settings = report.get("counts", {}), report.get("settings", {})
     source = public_name(str(report.get("source", "?")))
     builtin = " (the project's drawn flat-colour sample images, not real artwork)" if source == "builtin" else ""
@@ -110,7 +111,7 @@ def _training_section(run_dir: Path, release: Release) -> str:
              f"- released weights: {release.weights} ({kind})"]
     if not record.exists():
         return "\n".join(lines + ["- no `02_train.record.json` was found: parameters unknown"])
-    params = json.loads(record.read_text()).get("parameters", {})
+    params = read_json(record, "run 02_train again with this run_name (it resumes and rewrites it)").get("parameters", {})
     rows = [f"| `{k}` | `{json.dumps(public_name(v) if isinstance(v, str) else v)}` |" for k, v in params.items()]
     return "\n".join(lines + ["", "| parameter | value |", "|---|---|"] + rows)
 
@@ -121,7 +122,7 @@ def _metrics_section(run_dir: Path, step: int) -> str:
     if not metrics.exists():
         return "Evaluation (stage 03) was not run for this export: no metrics are claimed."
     summary = Path(run_dir) / "eval" / "metrics.json"
-    models = json.loads(summary.read_text()).get("models", {}) if summary.exists() else {}
+    models = read_json(summary, "run 03_eval again with this run_name", {}).get("models", {})
     steps = {m.get("step") for m in models.values()} - {None}
     if steps != {step}:
         evaluated = ", ".join(map(str, sorted(steps))) or "an unrecorded step"

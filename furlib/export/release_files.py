@@ -21,14 +21,17 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from furlib.checkpoint import find_run_checkpoint, load_decoder_weights, run_base
+from furlib.atomic import recover_folder, replace_folder
 from furlib.ldm_keys import diffusers_to_ldm
 from furlib.models import load_vae, with_decoder
+from furlib.parameters import strict_bool
 from furlib.runinfo import file_sha256
 
 FP32_TOL = 1e-5  # same weights, same maths: anything above this is a broken file
@@ -79,6 +82,9 @@ def public_name(value: str) -> str:
 def release_source(run_dir: Path, weights: str = "ema", base_model: str = "", base_config: str = "",
                    base_family: str = "") -> Release:
     """What a run releases: checkpoint, step, base model (the run's own unless given), weights."""
+    restored = recover_folder(Path(run_dir) / EXPORT)  # the last good release, if a 04 died mid-swap
+    if restored:
+        warnings.warn(restored, stacklevel=2)
     ckpt = find_run_checkpoint(run_dir)
     base_model, base_config, base_family, state = run_base(ckpt, base_model, base_config, base_family)
     return Release(checkpoint=str(ckpt), step=int(state["step"]), base_model=base_model,
@@ -103,6 +109,7 @@ def write_release_files(vae, stage_dir: Path, stem: str, metadata: dict, fp16_co
     """Diffusers folder and single files into ``stage_dir`` (emptied first); {role: path}."""
     from safetensors.torch import save_file
 
+    strict_bool("fp16_copy", fp16_copy)
     stage_dir, out = Path(stage_dir), {}
     shutil.rmtree(stage_dir, ignore_errors=True)  # leftovers of a failed export must not ship
     folder = stage_dir / "diffusers"
@@ -262,8 +269,7 @@ def finalize_export(stage_dir: Path, export_dir: Path, release: Release, checks:
                 "release": release.record(),
                 "files": file_table(stage_dir), "verification": checks, "passed": True}
     (stage_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    shutil.rmtree(export_dir, ignore_errors=True)  # an older export of the same run is replaced
-    os.replace(stage_dir, export_dir)
+    replace_folder(stage_dir, export_dir)  # the older export is deleted only once this one is in
     return manifest
 
 
@@ -271,6 +277,7 @@ def push_to_hub(export_dir: Path, repo_id: str, private: bool = False, endpoint:
     """Upload the verified export folder to ``repo_id`` with the token in ``HF_TOKEN``."""
     if not repo_id or repo_id.count("/") != 1:
         raise ValueError(f"hub_repo must be 'owner/name', got {repo_id!r}")
+    recover_folder(export_dir)  # a release left aside by a killed 04 is the one to upload
     if not (Path(export_dir) / "manifest.json").exists():
         raise RuntimeError(f"{export_dir} has no manifest.json: only a verified export is uploaded")
     token = os.environ.get("HF_TOKEN", "")

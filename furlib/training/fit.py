@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from furlib import atomic, models, perceptual, prepared, reconstructions, runinfo
-from furlib import crops
-from furlib.training import dashboard
+from furlib import atomic, crops, models, perceptual, prepared, reconstructions, runinfo
+from furlib.checkpoint import read_state
+from furlib.training import dashboard, resume
 from furlib.training.logbook import Logbook
 from furlib.training.plan import make_plan
 from furlib.training.runlock import RunLock
@@ -41,11 +41,12 @@ def _process(device: str):
 
 def _build(s: TrainSettings, rank: int, world: int, dev):
     vae = models.load_vae(s.base_model, s.base_config, s.seed, s.base_family)
+    base_print = resume.weights_fingerprint(vae)  # as loaded, before anything trains
     lpips = perceptual.LPIPS("vgg", s.lpips_backbone, s.seed) if s.lpips_weight else None
     notes = [] if models.is_pretrained(s.base_model) else [f"base_model={s.base_model!r} is randomly initialised, not pretrained"]
     if lpips is not None:
         notes.append(perceptual.lpips_note(s.lpips_backbone, "vgg", lpips.source))
-    return Trainer(vae, s, dev, lpips, rank, world), notes
+    return Trainer(vae, s, dev, lpips, rank, world), notes, base_print
 
 
 class Preview:
@@ -129,7 +130,10 @@ def _take_lock(lock: RunLock, rank: int, world: int) -> None:
 
 
 def _train(s: TrainSettings, p, rank: int, world: int, dev, show, notes: list) -> dict:
-    trainer, build_notes = _build(s, rank, world, dev)
+    trainer, build_notes, p.fingerprints["base"] = _build(s, rank, world, dev)
+    if p.checkpoint is not None:  # another base under the same name refuses; changed data is noted
+        build_notes += resume.compare_fingerprints(read_state(p.checkpoint), p.fingerprints,
+                                                   s.resume_with_changes, str(p.checkpoint))
     notes = notes + p.notes + build_notes
     logbook = preview = None
     if rank == 0:
@@ -172,7 +176,7 @@ def _loop(trainer: Trainer, s: TrainSettings, p, rank: int, logbook, preview) ->
         if rank == 0 and trainer.step_count not in saved:
             saved[trainer.step_count] = trainer.save(p.run_path / "checkpoints", s.keep_checkpoints,
                                                      base_model=s.base_model, base_config=s.base_config,
-                                                     base_family=s.base_family)
+                                                     base_family=s.base_family, fingerprints=p.fingerprints)
         return saved.get(trainer.step_count)
 
     bar = tqdm(total=s.max_steps * p.global_batch, initial=trainer.step_count * p.global_batch, unit="img",

@@ -40,6 +40,7 @@ class Plan:
     use_cache: bool
     num_workers: int            # loader processes per training process, after the CPU cap
     notes: list                 # fallbacks, resume changes, caps, costs: shown and recorded
+    fingerprints: dict = dataclasses.field(default_factory=dict)  # data (here) and base (fit): recorded, compared
 
     def describe(self) -> str:
         start = f"resume from {self.checkpoint} (step {self.start_step})" if self.checkpoint else "a fresh start"
@@ -125,6 +126,17 @@ def make_plan(s, processes: int, device: torch.device) -> Plan:
     use_cache, cache_note = (False, "") if s.train_source else \
         crops.cache_plan(train_dir, run_path / "pixel_cache", s.pixel_cache)
     workers, cap_note = worker_cap(s.num_workers, processes)
-    notes += [n for n in (cache_note, cap_note, cpu_cost_note(s, device)) if n]
+    batch_note = "" if s.train_source else batch_size_note(s.global_batch(processes), len(list_images(train_dir)))
+    notes += [n for n in (cache_note, cap_note, cpu_cost_note(s, device), batch_note) if n]
     return Plan(run_path, device, processes, s.global_batch(processes), s.ema_decay_for(s.global_batch(processes)),
-                ckpt, start, use_cache, workers, notes)
+                ckpt, start, use_cache, workers, notes,
+                {"data": "" if s.train_source else resume.data_fingerprint(train_dir)})
+
+
+def batch_size_note(global_batch: int, images: int) -> str:
+    """A warning when one step would hold more crops than there are training images."""
+    if global_batch <= images:
+        return ""
+    return (f"WARNING: a step takes {global_batch} crops (batch_size x processes) but data/train holds only "
+            f"{images} image(s): every step repeats images, so the critic sees little variety. Prepare more "
+            "images, or lower batch_size")

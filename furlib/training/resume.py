@@ -47,3 +47,50 @@ def thread_note(state: dict, threads: int, device_type: str) -> list[str]:
         return [f"CPU threads {saved} -> {threads}: the resumed run is not bit-identical to an uninterrupted "
                 "one (reductions split differently); set torch.set_num_threads to match for exactness"]
     return []
+
+
+def data_fingerprint(train_dir) -> str:
+    """SHA-256 of the sorted names in 01's data/train (names are the images' content hashes, so
+    an added, removed or changed image changes it); '' for data that is streamed."""
+    import hashlib
+    from pathlib import Path
+
+    names = sorted(p.name for p in Path(train_dir).iterdir() if not p.name.startswith(".")) \
+        if Path(train_dir).is_dir() else []
+    return hashlib.sha256("\n".join(names).encode()).hexdigest() if names else ""
+
+
+def weights_fingerprint(module) -> str:
+    """SHA-256 of a model's tensors as loaded (names, dtypes, values): one number for the base,
+    whichever form it came in (hub id, folder, single file), so a file replaced under the same
+    path is seen."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def compare_fingerprints(state: dict, current: dict, allowed, ckpt: str) -> list[str]:
+    """The base's and the data's fingerprints against the checkpoint's record. Another base under
+    the same name changes the frozen encoder, so the recipe: refused unless ``base_model`` is in
+    ``resume_with_changes``. Changed training data is noted (adding images is a normal resume)."""
+    saved = state.get("fingerprints")
+    if not saved:
+        return [f"{ckpt} records no base or data fingerprint (an older version): changes to them cannot be seen"]
+    notes = []
+    if saved.get("base") and current.get("base") and saved["base"] != current["base"]:
+        if "base_model" not in set(allowed):
+            raise ValueError(f"base_model {state.get('base_model')!r} holds other weights than when {ckpt} was "
+                             "trained (the file or folder was replaced): the frozen encoder, and so the run, would "
+                             "change. Put the original back, choose a new run_name, or list 'base_model' in "
+                             "resume_with_changes if the change is intended")
+        notes.append("resume changes the base model's weights (allowed by resume_with_changes)")
+    if saved.get("data") != current.get("data"):
+        notes.append(f"NOTE: the training images changed since {ckpt} (data/train has other files): the "
+                     "resumed run continues on the new set")
+    return notes

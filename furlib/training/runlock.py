@@ -1,11 +1,13 @@
 """One writer per run folder: ``RunLock`` on ``outputs/<run>/run.lock``.
 
 Two trainings of the same ``run_name`` at once would interleave ``logs/log.jsonl`` and overwrite
-each other's checkpoints. The lock file is created exclusively (``O_EXCL``) and holds the owner's
-pid, host, process start time and command. A second writer is refused with those named. A lock
-left by a crash (same host, that pid no longer running, or running but started at another time:
-a reused pid) is stale and taken over, with a note. Of a multi-process run only rank 0 takes the
-lock (it alone writes); ``fit`` tells the other ranks whether it got it.
+each other's checkpoints. ``run.lock`` is an OS lock (``filelock``: ``flock`` on Linux), so
+exactly one process holds it, taking it is one system call with no moment in between, and the
+kernel releases it when its holder dies however it dies. Who holds it (pid, host, process start
+time, command) is written beside it, whole and atomically, to ``run.lock.owner``: a second writer
+is refused with those named. An owner record found by a process that *got* the lock belongs to a
+run that died without releasing it: it is taken over with a note. Of a multi-process run only
+rank 0 takes the lock (it alone writes); ``fit`` tells the other ranks whether it got it.
 """
 
 import json
@@ -16,6 +18,8 @@ import time
 from pathlib import Path
 
 LOCK_NAME = "run.lock"
+OWNER_NAME = "run.lock.owner"
+_HELD: set = set()  # held OS locks: a lock is released by release() or the process's end, never by GC
 
 
 def _start_time(pid: int) -> str | None:
@@ -26,71 +30,81 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def read_owner(path: Path) -> dict:
+    """The owner record at ``path`` ({} when there is none); a malformed one names the file."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+        owner = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RuntimeError(f"lock owner record {path} is unreadable ({err}); it is only information: "
+                           f"delete it if no training of this run is running") from err
+    if not isinstance(owner, dict):
+        raise RuntimeError(f"lock owner record {path} holds {type(owner).__name__}, not an object; delete "
+                           "it if no training of this run is running")
+    return owner
 
 
-def holder_is_gone(owner: dict) -> bool:
-    """True when the lock's owner cannot be running any more (same host only)."""
-    if owner.get("host") != socket.gethostname():
-        return False  # another machine sharing the folder: cannot tell, so it counts as live
-    pid = int(owner.get("pid", -1))
-    if pid <= 0 or not _alive(pid):
-        return True
-    started = _start_time(pid)
-    return started is not None and owner.get("started") not in (None, started)
+def _write_owner(path: Path, owner: dict) -> None:
+    """Whole or not at all: a reader never sees half a record."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp.write_text(json.dumps(owner))
+    os.replace(tmp, path)
 
 
 class RunLock:
-    """``with RunLock(run_dir) as lock:`` -- raises ``RuntimeError`` if a live process holds it;
-    ``lock.note`` says when a stale lock of a crashed run was taken over."""
+    """``with RunLock(run_dir) as lock:`` -- raises ``RuntimeError`` if another process holds it;
+    ``lock.note`` says when the lock of a crashed run was taken over."""
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK_NAME
+        self.owner_path = Path(run_dir) / OWNER_NAME
         self.note = ""
         self.held = False
+        self._os_lock = None
 
     def acquire(self) -> "RunLock":
+        from filelock import FileLock, Timeout
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        os_lock = FileLock(str(self.path), timeout=0)
+        try:
+            os_lock.acquire()
+        except Timeout:
+            raise RuntimeError(self._busy_message()) from None
+        try:
+            previous = read_owner(self.owner_path)
+        except RuntimeError as err:
+            previous = {"pid": "?", "host": "?", "since": f"unreadable record: {err}"}
+        if previous:  # we hold the OS lock, so its writer is gone: it died without releasing it
+            self.note = (f"took over the stale lock of process {previous.get('pid')} on {previous.get('host')} "
+                         f"(since {previous.get('since')}), which is no longer running")
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _start_time(os.getpid()),
               "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)[:300]}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._take_over_if_stale()
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return self
-        raise RuntimeError(f"could not take {self.path}: another process keeps creating it")
+        _write_owner(self.owner_path, me)
+        self._os_lock, self.held = os_lock, True
+        _HELD.add(os_lock)
+        return self
 
-    def _take_over_if_stale(self) -> None:
-        try:
-            owner = json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError):
-            owner = {}  # a lock torn by a crash mid-write: nobody can own it
-        if owner and not holder_is_gone(owner):
-            raise RuntimeError(
-                f"run folder {self.path.parent} is in use by process {owner.get('pid')} on "
-                f"{owner.get('host')} (since {owner.get('since')}: {owner.get('command')!r}). Two trainings "
-                "of one run would overwrite each other's checkpoints: wait for it or stop it, or choose "
-                f"another run_name. If that process is gone, delete {self.path}.")
-        self.note = (f"took over the stale lock of process {owner.get('pid')} on {owner.get('host')} "
-                     f"(since {owner.get('since')}), which is no longer running")
-        self.path.unlink(missing_ok=True)
+    def _busy_message(self) -> str:
+        owner = {}
+        for _ in range(20):  # the holder writes its record just after taking the lock: give it 1 s
+            owner = read_owner(self.owner_path)
+            if owner:
+                break
+            time.sleep(0.05)
+        return (f"run folder {self.path.parent} is in use by process {owner.get('pid', '?')} on "
+                f"{owner.get('host', '?')} (since {owner.get('since', '?')}: {owner.get('command', '?')!r}). "
+                "Two trainings of one run would overwrite each other's checkpoints: wait for it or stop it, "
+                "or choose another run_name. The lock is the operating system's: it is released when that "
+                "process ends, so there is nothing to delete.")
 
     def release(self) -> None:
         if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+            self.owner_path.unlink(missing_ok=True)  # first: a record without a holder means a crash
+            self._os_lock.release()
+            _HELD.discard(self._os_lock)
+            self._os_lock, self.held = None, False
 
     def __enter__(self) -> "RunLock":
         return self.acquire()

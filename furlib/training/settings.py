@@ -208,14 +208,18 @@ def _type_error(name: str, value, default) -> str | None:
     elif isinstance(default, int):
         ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
     elif isinstance(default, float):
-        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        ok, kind = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and math.isfinite(value)), "a finite number"  # lr=inf would train NaNs to the end
     elif isinstance(default, str):
         ok, kind = isinstance(value, str), "a string"
     else:  # a list of parameter names
         ok, kind = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value), "a list of names"
     if ok:
         return None
-    return f"{name}={value!r}: must be {kind}" + (YAML_HINT if isinstance(value, bool) else "")
+    from furlib.parameters import hint
+
+    return (f"{name}={value!r}: must be {kind}" + (YAML_HINT if isinstance(value, bool) else "")
+            + hint(value, type(default)))
 
 
 def problems(settings) -> list[str]:

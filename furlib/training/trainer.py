@@ -100,7 +100,10 @@ class Trainer:
         self.tap = FeatureTap(self.vae.decoder.conv_out)
         self.rec_loss = ReconstructionLoss(s.color_space, lpips.to(self.device) if lpips else None,
                                            self.tuning.lpips_autocast)
-        self.critic = PatchCritic(s.critic_layers, s.critic_channels, s.critic_norm, s.critic_input).to(self.device)
+        with torch.random.fork_rng(devices=[]):  # the critic's start is the run's seed's, whatever the base
+            torch.manual_seed(s.seed)
+            self.critic = PatchCritic(s.critic_layers, s.critic_channels, s.critic_norm, s.critic_input)
+        self.critic = self.critic.to(self.device)
         # critic_scores: the critic for first-order passes (maybe compiled; the penalty runs critic)
         self.layout, self.critic_scores = speed.speed_up(self.vae, self.critic, self.rec_loss, s,
                                                          self.device, self.tuning)

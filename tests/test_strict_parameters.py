@@ -1,0 +1,81 @@
+"""Parameters checked strictly and before anything is written (issue 24, classes 2, 3, 4, 8):
+a quoted 'False' is not a boolean, a size must be a number, inf is not a learning rate, a path
+outside the run folder is refused before the pipeline writes, and a misspelt papermill key stops
+the notebook before its run starts."""
+
+import json
+
+import pytest
+
+from furlib import parameters, pipeline
+from furlib.training.settings import TrainSettings
+from conftest import ROOT
+
+
+@pytest.mark.parametrize("key, value", [("rebuild", "False"), ("rfid", "maybe"), ("fp16_copy", "maybe"),
+                                        ("max_side", "big"), ("val_fraction", float("inf"))])
+def test_pipeline_refuses_wrong_types_before_writing(tmp_path, key, value):
+    with pytest.raises(ValueError, match=f"{key}="):
+        pipeline.run(ROOT / "params" / "smoke.yaml", overrides={key: value, "outputs_dir": str(tmp_path)})
+    assert not any(tmp_path.iterdir()), "nothing may be written before the parameters are checked"
+
+
+@pytest.mark.parametrize("run_name", ["../notebooks", "..", ".hidden", "a/b"])
+def test_pipeline_refuses_a_run_name_outside_the_run_folder(run_name):
+    before = {p: p.read_bytes() for p in (ROOT / "notebooks").glob("*.ipynb")}
+    with pytest.raises(ValueError, match="run_name"):
+        pipeline.run(ROOT / "params" / "smoke.yaml", overrides={"run_name": run_name})
+    assert before == {p: p.read_bytes() for p in (ROOT / "notebooks").glob("*.ipynb")}
+
+
+def test_pipeline_never_overwrites_a_file_that_is_not_an_executed_notebook(tmp_path):
+    (tmp_path / "r").mkdir()
+    mine = tmp_path / "r" / "01_data_prep.ipynb"
+    mine.write_text(json.dumps({"cells": [], "metadata": {}}))
+    with pytest.raises(ValueError, match="not an executed notebook"):
+        pipeline.run(ROOT / "params" / "smoke.yaml", overrides={"outputs_dir": str(tmp_path), "run_name": "r"})
+    with pytest.raises(ValueError, match="project's own"):  # outputs_dir=<root>, run_name=notebooks
+        pipeline.check_before_writing({"outputs_dir": str(ROOT), "run_name": "notebooks"}, ["01_data_prep"])
+
+
+def test_library_flags_are_strict():
+    from furlib.data import prepare
+
+    with pytest.raises(ValueError, match="rebuild='False'"):
+        prepare.prepare("builtin", "/nonexistent/never-written", rebuild="False")
+    assert parameters.strict_bool("x", True) is True
+    with pytest.raises(ValueError, match="lr=inf"):
+        parameters.finite("lr", float("inf"))
+
+
+@pytest.mark.parametrize("key, value", [("lr", float("inf")), ("disc_weight", float("nan")), ("critic_lr", float("inf"))])
+def test_train_settings_refuse_non_finite(key, value):
+    with pytest.raises(ValueError, match=f"{key}="):
+        TrainSettings.from_params({key: value})
+
+
+def test_notebook_check_names_the_misspelt_key():
+    namespace = {**pipeline.stage_defaults("04_export"), "In": ["", "# Parameters\nfp16_cpy = False\n", "check"]}
+    with pytest.raises(ValueError, match="'fp16_cpy' \\(did you mean 'fp16_copy'\\?\\)"):
+        parameters.check_notebook("04_export", namespace)
+    namespace["In"][1] = "x = 1\nprint(x)\n"  # an ordinary cell ran before: nothing to compare
+    parameters.check_notebook("04_export", namespace)
+
+
+def test_papermill_typo_stops_before_the_run(tmp_path):
+    """A real papermill run: 03 with `-p eval_max_image 2` stops at its first check, naming the key."""
+    import papermill
+
+    with pytest.raises(papermill.PapermillExecutionError) as err:
+        papermill.execute_notebook(str(pipeline.notebook_path("03_eval")), str(tmp_path / "out.ipynb"),
+                                   parameters={"eval_max_image": 2, "outputs_dir": str(tmp_path), "run_name": "r"},
+                                   cwd=str(ROOT), progress_bar=False)
+    assert "'eval_max_image' (did you mean 'eval_max_images'?)" in str(err.value)
+
+
+def test_yaml_exponent_without_a_dot_is_named_with_the_fix():
+    import yaml
+
+    value = yaml.safe_load("lr: 5e-7")["lr"]  # YAML 1.1: a string
+    with pytest.raises(ValueError, match="lr='5e-7': must be a finite number.*write 5.0e-7"):
+        TrainSettings.from_params({"lr": value})
