@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from furlib.data import prepare
 from furlib.training import fit
+from furlib.training.plan import make_plan
 from furlib.training.settings import TrainSettings
 
 TINY = dict(base_model="tiny", lpips_backbone="random", device="cpu", resolution=64, batch_size=2,
@@ -30,7 +31,7 @@ def test_two_runs_on_the_pretrained_base_are_identical(tmp_path):
         _prepared(tmp_path, run)
         torch.manual_seed(process_seed)
         settings = TrainSettings(**{**TINY, "lpips_weight": 0.0}, outputs_dir=str(tmp_path), run_name=run)
-        result = fit.fit(settings, announce=False)  # no LPIPS: a random backbone would seed as it builds
+        result = fit.fit(settings)  # no LPIPS: a random backbone would seed as it builds
         checkpoints.append(result["checkpoint"])
     for stem in ("critic", "decoder", "ema", "optim_decoder", "optim_critic"):
         a, b = (load_file(f"{c}/{stem}.safetensors") for c in checkpoints)
@@ -195,7 +196,7 @@ def test_config_that_does_not_match_its_weights(small_vae_folder, tmp_path):
     from furlib import models
 
     with pytest.raises(ValueError, match="single.safetensors does not fit the architecture in .*sd_vae") as err:
-        models.load_vae(str(small_vae_folder / "single.safetensors"))  # the SD VAE's config by default
+        models.load_vae(str(small_vae_folder / "single.safetensors"), base_family="sd")  # the SD VAE's shipped config
     assert "do not ignore" in str(err.value)
     folder = tmp_path / "wrong_config"
     shutil.copytree(small_vae_folder / "diffusers", folder)
@@ -215,23 +216,24 @@ def test_resume_compares_the_base_and_data_fingerprints(small_vae_folder, tmp_pa
     shutil.copytree(small_vae_folder / "diffusers", base)
     _prepared(tmp_path)
     settings = dict(TINY, base_model=str(base), outputs_dir=str(tmp_path), run_name="r", lpips_weight=0.0)
-    fit.fit(TrainSettings(**settings), announce=False)
+    fit.fit(TrainSettings(**settings))
     train = tmp_path / "r" / "data" / "train"
     first = sorted(train.iterdir())[0]
     shutil.copy(first, train / f"0000000000000000{first.suffix}")  # one more image
-    result = fit.fit(TrainSettings(**{**settings, "max_steps": 4}), announce=False)
+    result = fit.fit(TrainSettings(**{**settings, "max_steps": 4}))
     assert any("training images changed" in n for n in result["notes"]), result["notes"]
     weights = base / "diffusion_pytorch_model.safetensors"
     save_file({k: v * 1.01 for k, v in load_file(weights).items()}, weights)  # same path, other weights
     with pytest.raises(ValueError, match="holds other weights.*resume_with_changes"):
-        fit.fit(TrainSettings(**{**settings, "max_steps": 6}), announce=False)
+        fit.fit(TrainSettings(**{**settings, "max_steps": 6}))
 
 
 def test_batch_larger_than_the_data_is_warned(tmp_path):
     """Class 9."""
     _prepared(tmp_path)
     images = len(list((tmp_path / "r" / "data" / "train").iterdir()))
-    p = fit.plan(TrainSettings(**{**TINY, "batch_size": 16}, outputs_dir=str(tmp_path), run_name="r"))
+    p = make_plan(TrainSettings(**{**TINY, "batch_size": 16}, outputs_dir=str(tmp_path), run_name="r"), 1,
+                  torch.device("cpu"))
     assert any("takes 16 crops" in n and f"only {images} image" in n for n in p.notes), p.notes
 
 
@@ -243,7 +245,7 @@ def _all_batches(loader, n_images, batch):
 
 def test_truncated_training_image_is_named_inside_the_loader(tmp_path):
     """Class 11: PIL's 'image file is truncated' becomes an error naming the image and the fix."""
-    from furlib.training import crops
+    from furlib import crops
 
     _prepared(tmp_path)
     train = tmp_path / "r" / "data" / "train"
@@ -255,7 +257,7 @@ def test_truncated_training_image_is_named_inside_the_loader(tmp_path):
 
 
 def test_truncated_pixel_cache_entry_is_named(tmp_path):
-    from furlib.training import crops
+    from furlib import crops
 
     _prepared(tmp_path)
     train, cache = tmp_path / "r" / "data" / "train", tmp_path / "cache"
@@ -273,7 +275,7 @@ def test_garbled_report_json_names_the_file_and_the_fix(tmp_path, garble):
     _prepared(tmp_path)
     (tmp_path / "r" / "data" / "report.json").write_text(garble)
     with pytest.raises(ValueError, match="report.json .*run 01_data_prep again"):
-        fit.plan(TrainSettings(**TINY, outputs_dir=str(tmp_path), run_name="r"))
+        make_plan(TrainSettings(**TINY, outputs_dir=str(tmp_path), run_name="r"), 1, torch.device("cpu"))
 
 
 def test_malformed_lock_owner_record_names_the_file(tmp_path):
