@@ -21,7 +21,7 @@ def decoder_change(ckpt: Path) -> dict:
     """{'raw': ..., 'ema': ...}: ||decoder - base decoder|| / ||base decoder|| over all
     decoder-side tensors of checkpoint ``ckpt``, the base being the one its run trained from."""
     from furlib.models import decoder_state, load_vae
-    from furlib.training import checkpoint
+    from furlib import checkpoint
 
     state = checkpoint.read_state(ckpt)
     seed = state.get("settings", {}).get("seed", 0)

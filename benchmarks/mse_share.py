@@ -14,7 +14,7 @@ import json
 
 import torch
 
-from furlib.data.builtin import HELD_OUT_PHOTOS, PHOTOS, photo_path
+from furlib.builtin import HELD_OUT_PHOTOS, PHOTOS, photo_path
 from furlib.images import center_crop, load_rgb, to_rgb_m11
 from furlib.models import load_vae
 from furlib.training.losses import ReconstructionLoss

@@ -7,15 +7,12 @@ import pytest
 import torch
 
 from furlib.models import load_vae
-from furlib.perceptual import LPIPS
-from furlib.training import step as step_lib
-from furlib.training.critic import GAN_LOSSES, generator_loss
-from furlib.training.ema import EMA, scaled_decay
-from furlib.training.losses import ReconstructionLoss, adaptive_weight
 from furlib.oklab import rgb_to_oklab
+from furlib.perceptual import LPIPS
+from furlib.training.ema import EMA, scaled_decay
+from furlib.training.losses import GAN_LOSSES, ReconstructionLoss, adaptive_weight, generator_loss
 from furlib.training.settings import TrainSettings
-from furlib.training.step import step_generator
-from furlib.training.trainer import Trainer
+from furlib.training.trainer import Trainer, step_generator
 
 RES = 32
 
@@ -75,11 +72,11 @@ def test_generator_term_pushes_reconstructions_to_the_critics_real_side():
     """After the critic learned reals vs. reconstructions, a small step against d gan / d recon
     (the gradient the step hands the decoder) raises the critic's score of the reconstruction."""
     t, x, _ = critic_trained_by_the_step()
-    z = step_lib.encode(t, x, step_generator(t.device, 0, 0, 0))
+    z = t.encode(x, step_generator(t.device, 0, 0, 0))
     with torch.no_grad():
         recon = t.vae.decode(z).sample
     leaf = recon.float().requires_grad_(True)
-    grads, _ = step_lib.leaf_grads(t, leaf, x, gan_on=True)
+    grads, _ = t.leaf_grads(leaf, x, gan_on=True)
     d_gan = grads[1]
     moved = leaf.detach() - 1e-3 * d_gan * (d_gan.numel() ** 0.5 / d_gan.norm())  # RMS step 1e-3
     assert score(t, moved) > score(t, leaf.detach())
@@ -183,7 +180,7 @@ def test_trainer_ema_decay_follows_the_images_of_one_optimizer_step(grad_accum, 
 def test_posterior_sample_is_mean_plus_std_times_noise():
     t = trainer(latent_mode="sample")
     x = images(2, 0)
-    z = step_lib.encode(t, x, step_generator(t.device, 3, 5, 0))
+    z = t.encode(x, step_generator(t.device, 3, 5, 0))
     with torch.no_grad():
         post = t.vae.encode(x).latent_dist
     noise = torch.randn(post.mean.shape, generator=step_generator(t.device, 3, 5, 0))

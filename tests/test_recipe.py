@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from furlib.pipeline import load_profile
-from furlib.training.critic import PatchCritic, PixelLayerNorm
+from furlib.training.losses import PatchCritic, PixelLayerNorm
 from furlib.training.settings import TrainSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,8 +89,7 @@ def test_grad_accum_keeps_the_whole_batchs_adaptive_weight_and_gradient(accum):
     and the decoder's gradient are one batch's, to float tolerance (issue 26: per micro-batch,
     the critic's share was 0.53 / 0.55 / 0.50 instead of 0.5). The one-batch weight itself is
     LDM's, through plain autograd on the whole batch."""
-    from furlib.training.critic import generator_loss
-    from furlib.training.losses import reference_adaptive_weight
+    from furlib.training.losses import generator_loss, reference_adaptive_weight
 
     x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     one, acc = accum_trainer(1), accum_trainer(accum)
@@ -124,12 +123,13 @@ def test_decoder_warms_up_and_the_critic_does_not():
     optimizer runs at its rate from step 0."""
     from types import SimpleNamespace
 
-    from furlib.training.step import set_lr
+    from furlib.training.trainer import Trainer
 
     s = TrainSettings(lr=5e-7, critic_lr=5e-7, warmup_steps=5000)
     t = SimpleNamespace(s=s, opt=SimpleNamespace(param_groups=[{}]), opt_critic=SimpleNamespace(param_groups=[{}]))
-    set_lr(t, 0)
+    t.set_lr = Trainer.set_lr.__get__(t)  # the method alone, on stand-in optimizers
+    t.set_lr(0)
     assert t.opt.param_groups[0]["lr"] == pytest.approx(5e-7 / 5000)
     assert t.opt_critic.param_groups[0]["lr"] == pytest.approx(5e-7)
-    set_lr(t, 10_000)
+    t.set_lr(10_000)
     assert t.opt.param_groups[0]["lr"] == pytest.approx(5e-7)

@@ -20,8 +20,8 @@ from typing import NamedTuple
 
 from PIL import Image
 
-from furlib.runinfo import hub_unreachable  # noqa: F401 (tests patch it here)
-from furlib.data.builtin import ART_VERSION, builtin_sources
+from furlib.builtin import ART_VERSION, builtin_sources
+from furlib.runinfo import hub_unreachable
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 TABLE_SUFFIXES = (".parquet", ".arrow")
@@ -260,12 +260,6 @@ def _open_hub(source: str, source_split: str, revision: str):
 
     commit = HfApi().dataset_info(source, revision=revision or None).sha
     return datasets.load_dataset(source, split=source_split, streaming=True, revision=commit), commit
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError as e:
-        return f"cannot resolve {host}: {e}"
-    return ""
 
 
 def _guarded(rows, source: str, source_split: str):
