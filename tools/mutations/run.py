@@ -108,10 +108,10 @@ def mutate_one(edit: dict, tests: list, timeout: int) -> dict:
     return dict(edit, outcome=outcome, first_failure=first, seconds=round(seconds, 1))
 
 
-def table(results: list[dict], baseline_s: float) -> str:
+def table(results: list[dict], baseline_s: float, tests: list) -> str:
     caught = sum(r["outcome"] == "caught" for r in results)
     head = (f"# Mutation run\n\n{datetime.date.today()}, commit `{_commit()}`: the fast recipe tests "
-            f"(`{' '.join(FAST_TESTS)}`, {baseline_s:.0f} s unmutated) catch **{caught} of {len(results)}** "
+            f"(`{' '.join(tests)}`, {baseline_s:.0f} s unmutated) catch **{caught} of {len(results)}** "
             "plausible one-line edits. Repeat: `PYTHONPATH=$PWD python tools/mutations/run.py` "
             "(edits in `tools/mutations/edits.yaml`).\n\n"
             "| id | file | edit (old → new) | why plausible | result | first failing test | s |\n"
@@ -133,7 +133,10 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated edit ids (default: all)")
     ap.add_argument("--table", default=str(HERE / "RESULTS.md"), help="where the markdown table goes")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per mutant")
+    ap.add_argument("--tests", default="", help="pytest arguments for every edit instead of the fast set and "
+                    "the edits' own (e.g. to see what a smaller suite catches)")
     a = ap.parse_args(argv)
+    tests = a.tests.split() if a.tests else FAST_TESTS
     edits = load_edits()
     if a.only:
         wanted = a.only.split(",")
@@ -145,16 +148,16 @@ def main(argv=None) -> int:
         mutated_text(ROOT, e)
     with tempfile.TemporaryDirectory(prefix="furlib-unmutated-") as tmp:
         copy_tree(Path(tmp))
-        outcome, first, baseline_s = run_tests(Path(tmp), FAST_TESTS, a.timeout)
+        outcome, first, baseline_s = run_tests(Path(tmp), tests, a.timeout)
     if outcome != "MISSED":  # "MISSED" = the tests passed
         raise SystemExit(f"the unmutated tree fails its tests ({outcome}: {first}); fix that first")
     print(f"unmutated: tests pass in {baseline_s:.0f} s", flush=True)
     results = []
     for e in edits:
-        results.append(mutate_one(e, FAST_TESTS, a.timeout))
+        results.append(mutate_one(dict(e, tests=tests) if a.tests else e, tests, a.timeout))
         r = results[-1]
         print(f"{r['id']:<28} {r['outcome']:<8} {r['seconds']:>6} s  {r['first_failure']}", flush=True)
-    Path(a.table).write_text(table(results, baseline_s))
+    Path(a.table).write_text(table(results, baseline_s, tests))
     missed = [r["id"] for r in results if r["outcome"] != "caught"]
     print(f"caught {len(results) - len(missed)} of {len(results)}" + (f"; not caught: {missed}" if missed else ""))
     return 0
