@@ -10,7 +10,14 @@ Every variant is the project's own loop (``furlib.training.fit``) on a profile's
 - ``recon_only``: furception_v1 without the critic term (``disc_weight 0``);
 - ``rgb``: furception_v1 with its pixel losses in RGB instead of Oklab;
 - ``later_schedule``: furception_v1 with the author's later loss schedule (MAE 1 -> 0.6 and
-  MSE 0 -> 2 in plain-mean units, cosine over two thirds of the run, as 100k of 150k steps).
+  MSE 0 -> 2 in plain-mean units, cosine over two thirds of the run, as 100k of 150k steps);
+- ``furception_v1_seed<N>`` (``--noise-seed N``, default 1; -1: none): furception_v1 again with
+  another seed. The gap between the two is the run-to-run noise; the report marks every
+  difference to furception_v1 that is no larger (``ablation_checks.noise_section``).
+
+Before scoring, every variant's decoder (raw and EMA) at the compared step must differ from the
+base's: a frozen decoder (e.g. a learning rate too small to move fp32 weights) would report
+base == finetuned, so the script stops with an error naming it (``ablation_checks``).
 
 Scaling for a 5 M-parameter base and a short run (the profiles are for SD's 83 M VAE, 150k steps):
 - lr and critic_lr x ``--lr-scale`` (default 20: 5e-7 -> 1e-5). The base was pretrained with a
@@ -38,11 +45,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # variant_runs beside this script
+import ablation_checks  # noqa: E402
 import variant_runs  # noqa: E402
 
 PARAMS = Path(__file__).parent.parent / "params"
 PROFILE_STEPS = 150_000  # the profiles' max_steps, the unit the step-valued settings scale from
 STEP_KEYS = ("warmup_steps", "critic_start", "gan_start", "loss_schedule_steps")
+REFERENCE = "furception_v1"  # the variant the others, and its second seed, are compared with
 VARIANTS = {  # name: (profile, overrides on top of it)
     "furception_v1": ("furception_v1", {}),
     "ldm_like": ("ldm_like", {}),
@@ -53,9 +62,14 @@ VARIANTS = {  # name: (profile, overrides on top of it)
 }
 
 
+def noise_twin(a) -> str:
+    """The name of the reference's second-seed run ('' when --noise-seed is -1)."""
+    return f"{REFERENCE}_seed{a.noise_seed}" if a.noise_seed >= 0 else ""
+
+
 def variant_overrides(name: str, a) -> tuple[str, dict]:
     """(profile path, the 02 overrides of one variant, scaled as the module docstring says)."""
-    profile, own = VARIANTS[name]
+    profile, own = (VARIANTS[REFERENCE][0], {"seed": a.noise_seed}) if name == noise_twin(a) else VARIANTS[name]
     path = str(PARAMS / f"{profile}.yaml")
     p = variant_runs.profile_params(path, own)
     scale = a.steps / PROFILE_STEPS
@@ -91,6 +105,8 @@ def parse(argv=None):
                     "at the last step all of them saved")
     ap.add_argument("--deadline", type=float, default=0, help="seconds of training (0: none); runs still "
                     "going then are stopped and every variant is scored at the last step all saved")
+    ap.add_argument("--noise-seed", type=int, default=1, help=f"seed of a second {REFERENCE} run that "
+                    "measures the run-to-run noise (its profile's seed is 0); -1: none")
     ap.add_argument("--only", default="", help="internal: one variant in this process")
     return ap.parse_args(argv)
 
@@ -104,7 +120,7 @@ def main(argv=None) -> int:
         info = variant_runs.train(profile, a.only, over, work, work / "data")
         (work / f"{a.only}.json").write_text(json.dumps(dict(info, name=a.only, profile=profile), indent=1, default=str))
         return 0
-    names = a.variants.split(",")
+    names = a.variants.split(",") + ([noise_twin(a)] if noise_twin(a) and REFERENCE in a.variants.split(",") else [])
     counts = variant_runs.prepare_data(str(PARAMS / "furception_v1.yaml"), work / "data", dict(
         source="builtin", art_count=a.art, resolution=a.resolution, val_fraction=a.val_fraction, max_images=0))
     if not counts["val"]:
@@ -121,6 +137,8 @@ def main(argv=None) -> int:
     common = max(set.intersection(*saved)) if saved and set.intersection(*saved) else None
     if common is None:
         raise RuntimeError(f"no checkpoint step that every variant reached: {dict(zip(trained, saved))}")
+    ablation_checks.refuse_unchanged({n: ablation_checks.decoder_change(variant_runs.checkpoint_at(work / n, common))
+                                      for n in trained}, common)
     for r in ended:
         if "failed" not in r:
             info = {k: v for k, v in r.items() if k not in ("name", "stopped", "profile")}
@@ -134,7 +152,8 @@ def main(argv=None) -> int:
                                                   indent=1, default=str))
     md = (f"compared at step {common} (of {a.steps} planned; the last checkpoint every variant reached), batch {a.batch}, {a.resolution} px, base `tiny`, lr x{a.lr_scale}, LPIPS: "
           f"{'random VGG (not perceptual)' if a.lpips == 'random' else 'off in every variant'}; "
-          f"val split: {counts['val']} images\n\n" + variant_runs.table(results) + "\n" + variant_runs.stability(results))
+          f"val split: {counts['val']} images\n\n" + variant_runs.table(results) + "\n" + variant_runs.stability(results)
+          + ("\n" + ablation_checks.noise_section(results, REFERENCE, noise_twin(a)) if noise_twin(a) in names else ""))
     (out / "ablation.md").write_text(md)
     variant_runs.save_figures(results, work, out, a.resolution)
     print(md)

@@ -81,12 +81,19 @@ def checkpoint_steps(run: Path) -> set:
             if (d / "state.json").exists() and not d.name.startswith(".")}
 
 
+def checkpoint_at(run: Path, step: int) -> Path:
+    """The run's checkpoint folder of ``step``."""
+    from furlib import checkpoint
+
+    return next(d for d in (run / "checkpoints").glob("step_*") if checkpoint.read_state(d)["step"] == step)
+
+
 def score_variant(root: Path, name: str, step: int, resolution: int, train_info: dict | None = None, **extra) -> dict:
     """A variant's result at checkpoint ``step``: 03's metrics there, and its log up to it."""
     from furlib import checkpoint
 
     run = root / name
-    ckpt = next(d for d in (run / "checkpoints").glob("step_*") if checkpoint.read_state(d)["step"] == step)
+    ckpt = checkpoint_at(run, step)
     state = checkpoint.read_state(ckpt)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     history = [r for r in json.loads(json.dumps(_history(run), default=float)) if r["step"] <= step]

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from furlib.data import prepare
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,3 +55,36 @@ def test_sync_check_catches_ranks_that_differ(tmp_path):
     results = mp.Manager().dict()
     mp.spawn(_desync_worker, args=(str(tmp_path / "init"), results), nprocs=2)
     assert all("differ between ranks" in results[r] for r in (0, 1)), dict(results)
+
+
+def _half_batch_worker(rank, init_file, results):
+    import torch
+    import torch.distributed as dist
+
+    from test_recipe import accum_trainer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    t = accum_trainer(1, batch=4, world_size=2)
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    logs = t.step(x[4 * rank:4 * rank + 4])
+    results[rank] = (float(logs["gan/weight"]), torch.cat([p.grad.flatten() for _, p in t.trainable]))
+    dist.destroy_process_group()
+
+
+def test_two_processes_share_the_global_batchs_adaptive_weight(tmp_path):
+    """Two ranks of 4 images: the weight and the averaged gradient are one process's on all 8."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from test_recipe import accum_trainer
+
+    results = mp.Manager().dict()
+    mp.spawn(_half_batch_worker, args=(str(tmp_path / "init"), results), nprocs=2)
+    one = accum_trainer(1, batch=8)
+    logs = one.step(torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    want = torch.cat([p.grad.flatten() for _, p in one.trainable])
+    for rank in (0, 1):
+        weight, grad = results[rank]
+        assert weight == pytest.approx(float(logs["gan/weight"]), rel=1e-4)
+        assert (grad - want).norm() <= 1e-3 * want.norm()

@@ -72,38 +72,50 @@ def test_defaults_are_the_card_recipe():
     assert s.loss_weights(0) == (1.0, 5.0) and s.critic_norm == "pixel_layer" and s.weight_decay == 1e-4
 
 
-def test_grad_accum_sets_the_adaptive_weight_per_micro_batch():
-    """With grad_accum > 1 each micro-batch's critic term is weighted against its own
-    reconstruction term (LDM's weight per forward pass); the step's gradient is the mean of the
-    micro-batches' rec_i + w_i * gan_i and the logged weight the mean of the w_i."""
+def accum_trainer(accum: int, batch: int = 8, world_size: int = 1):
     from furlib.models import load_vae
     from furlib.perceptual import LPIPS
-    from furlib.training.losses import generator_loss
-    from furlib.training.losses import reference_adaptive_weight
     from furlib.training.trainer import Trainer
 
-    def make():
-        torch.manual_seed(0)
-        s = TrainSettings(batch_size=4, grad_accum=2, warmup_steps=0, lr=1e-12, weight_decay=0.0, mixed_precision="no",
-                          latent_mode="mode", critic_channels=8, critic_layers=2)
-        return Trainer(load_vae("tiny", seed=0), s, "cpu", LPIPS("vgg", "random", seed=0))
+    torch.manual_seed(0)
+    s = TrainSettings(batch_size=batch, grad_accum=accum, warmup_steps=0, lr=1e-12, weight_decay=0.0,
+                      mixed_precision="no", latent_mode="mode", critic_channels=8, critic_layers=2)
+    return Trainer(load_vae("tiny", seed=0), s, "cpu", LPIPS("vgg", "random", seed=0), world_size=world_size)
 
-    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    t, ref = make(), make()
-    logs = t.step(x)  # the gradients stay in .grad (lr > 0 is required; they were taken before it)
-    total, weights = 0.0, []
-    for half in x.chunk(2):
-        recon = ref.vae.decode(ref.vae.encode(half).latent_dist.mode()).sample
-        rec, _ = ref.rec_loss(recon, half, *ref.s.loss_weights(0), ref.s.lpips_weight)
-        gan = generator_loss(ref.critic(recon), ref.s.gan_loss)
-        weights.append(reference_adaptive_weight(rec, gan, ref.vae.decoder.conv_out.weight, 0.5))
-        total = total + (rec + weights[-1] * gan) / 2
-    total.backward()
-    assert float(logs["gan/weight"]) == pytest.approx(float(sum(weights) / 2), rel=1e-4)
-    assert abs(float(weights[0] - weights[1])) > 1e-3 * float(weights[0])  # the two really differ
-    got = torch.cat([p.grad.flatten() for _, p in t.trainable])
-    want = torch.cat([p.grad.flatten() for _, p in ref.trainable])
-    assert (got - want).norm() <= 1e-4 * want.norm()
+
+@pytest.mark.parametrize("accum", (2, 4, 8))
+def test_grad_accum_keeps_the_whole_batchs_adaptive_weight_and_gradient(accum):
+    """The card's weight is set for the step's batch: over 2, 4 or 8 micro-batches the weight
+    and the decoder's gradient are one batch's, to float tolerance (issue 26: per micro-batch,
+    the critic's share was 0.53 / 0.55 / 0.50 instead of 0.5). The one-batch weight itself is
+    LDM's, through plain autograd on the whole batch."""
+    from furlib.training.losses import generator_loss, reference_adaptive_weight
+
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    one, acc = accum_trainer(1), accum_trainer(accum)
+    logs_one, logs_acc = one.step(x), acc.step(x)  # the gradients stay in .grad after the step
+    assert float(logs_acc["gan/weight"]) == pytest.approx(float(logs_one["gan/weight"]), rel=1e-4)  # seen: 1.6e-5
+    got = torch.cat([p.grad.flatten() for _, p in acc.trainable])
+    want = torch.cat([p.grad.flatten() for _, p in one.trainable])
+    assert (got - want).norm() <= 1e-3 * want.norm(), float((got - want).norm() / want.norm())  # seen: 4e-4 at 8
+    ref = accum_trainer(1)
+    recon = ref.vae.decode(ref.vae.encode(x).latent_dist.mode()).sample
+    rec, _ = ref.rec_loss(recon, x, *ref.s.loss_weights(0), ref.s.lpips_weight)
+    gan = generator_loss(ref.critic(recon), ref.s.gan_loss)
+    w = reference_adaptive_weight(rec, gan, ref.vae.decoder.conv_out.weight, ref.s.disc_weight)
+    assert float(logs_one["gan/weight"]) == pytest.approx(float(w), rel=1e-4)
+
+
+def test_grad_accum_averages_the_critics_gradient():
+    """Without the penalty's random interpolates (gp_weight 0) the WGAN critic loss is linear in
+    the batch means: 2 micro-batches must give one batch's critic gradient (a sum would double it)."""
+    grads = []
+    for accum in (1, 2):
+        t = accum_trainer(accum, batch=4)
+        t.s.gp_weight = 0.0
+        t.step(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1)
+        grads.append(torch.cat([p.grad.flatten() for p in t.critic.parameters()]))
+    assert (grads[1] - grads[0]).norm() <= 1e-4 * grads[0].norm()
 
 
 def test_decoder_warms_up_and_the_critic_does_not():

@@ -154,10 +154,17 @@ def average_gradients(params: list, scalars: list, world_size: int) -> None:
     ranks with one all-reduce; a no-op on one process. Everything must be fp32 (one flat buffer)."""
     if world_size == 1:
         return
+    average_tensors([p.grad for p in params if p.grad is not None] + [s.view(1) for s in scalars], world_size)
+
+
+def average_tensors(tensors: list, world_size: int) -> None:
+    """Average fp32 ``tensors`` in place over all ranks with one all-reduce (one copy in, one
+    copy back); a no-op on one process. Also the adaptive weight's last-layer gradient sums."""
+    if world_size == 1:
+        return
     import torch.distributed as dist
 
-    tensors = [p.grad for p in params if p.grad is not None] + [s.view(1) for s in scalars]
-    flat = torch.cat([t.reshape(-1) for t in tensors])  # one copy in, one copy back
+    flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
     flat /= world_size
     for t, synced in zip(tensors, flat.split([t.numel() for t in tensors])):

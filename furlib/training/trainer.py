@@ -7,12 +7,18 @@ One step on an ``rgb_m11`` NCHW batch, split into ``grad_accum`` micro-batches:
 2. the reconstruction loss (Oklab L1/L2 + LPIPS) and the critic term are differentiated with
    respect to the *reconstruction* only (``leaf_grads``), then the adaptive weight comes from
    the last layer's weight gradients (``losses.last_layer_grads``), and the decoder runs one
-   backward on ``d_rec + w * d_gan`` -- the same gradients as LDM's ``rec + w * gan``. With
-   ``grad_accum`` > 1 the weight is computed per micro-batch (each micro-batch's critic term is
-   set to half its own reconstruction term; the step's weight logged is their mean);
+   backward on ``d_rec + w * d_gan`` -- the same gradients as LDM's ``rec + w * gan``;
 3. the critic's gradients on real vs. detached reconstructions;
 4. gradients averaged over processes (``speed.average_gradients``); non-finite steps are skipped
    (no optimizer or EMA update) and counted; AdamW and the EMA update; the critic's AdamW step.
+
+With ``grad_accum`` > 1 the weight is the whole step's, as on one batch (issue 26): each
+micro-batch adds its last-layer gradients to the step's sums and keeps its latents and the two
+gradients at its reconstruction (2 x its images in fp32, ``MicroBatch``); once all are in, the
+weight comes from the sums, and each micro-batch's decoder backward runs on ``d_rec + w * d_gan``.
+The last micro-batch keeps its graph for that; the others decode their latents again (one extra
+decoder forward each, none with a graph in the first pass). With several processes the sums are
+averaged over ranks first, so the weight is the global batch's, as the gradient is.
 
 fp16: every backward that can underflow runs on a scaled loss. The reconstruction's leaf
 gradients and the decoder's backward use the decoder's scaler; the critic's backward and its
@@ -70,6 +76,15 @@ def nonfinite_message(streak: int, step: int, batch: torch.Tensor) -> str:
         return head + ("the training batch itself holds NaN/inf values: the data is bad, not the "
                        "optimisation (check data/train and the loader, or re-run 01_data_prep)")
     return head + "lower lr or try mixed_precision='bf16'"
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    """What a micro-batch's decoder backward needs once the step's weight is known."""
+    z: torch.Tensor             # its latents (decoded again when ``recon`` is None)
+    leaf_grads: list            # [d rec / d recon, (d gan / d recon)], fp32, unscaled
+    last_layer: list            # the same two at the decoder's last conv weight (empty without gan)
+    recon: torch.Tensor | None  # the reconstruction with its graph (only the last micro-batch's)
 
 
 def loss_scale(scaler: torch.amp.GradScaler, like: torch.Tensor):
@@ -137,18 +152,28 @@ class Trainer:
         logs = {}
         batch = batch_m11.to(self.device, non_blocking=True).contiguous(memory_format=self.layout)
         self._last_batch = batch  # checked only when a streak of non-finite steps stops the run
-        for i, x in enumerate(batch.chunk(s.grad_accum)):
+        micro, held, sums = batch.chunk(s.grad_accum), [], []
+        for i, x in enumerate(micro):
             stream = 2 * (i + s.grad_accum * self.rank)  # own noise per micro-batch and rank
             with self.part("encode"):
                 z = self.encode(x, step_generator(self.device, s.seed, step, stream))
             with self.part("decoder_grads"):
-                recon, micro_logs = self.decoder_grads(x, z, gan_on, s.grad_accum)
+                part, recon, micro_logs = self.reconstruction_grads(x, z, gan_on, keep_graph=i == len(micro) - 1)
+            sums = part.last_layer if not sums else [a + b for a, b in zip(sums, part.last_layer)]
+            held.append(part)
             if critic_on:
                 with self.part("critic_grads"):
                     gen = step_generator(self.device, s.seed, step, stream + 1)
                     micro_logs.update(self.critic_grads(x, recon, gen, s.grad_accum))
             for k, v in micro_logs.items():
                 logs[k] = logs.get(k, 0.0) + v / s.grad_accum
+        weight = None
+        if gan_on:  # the step's weight, from the whole (global) batch's last-layer gradients
+            speed.average_tensors(sums, self.world_size)
+            weight = logs["gan/weight"] = adaptive_weight(*sums, s.disc_weight)
+        with self.part("decoder_grads"):
+            for part in reversed(held):  # the last micro-batch's graph first: it is still alive
+                self.decoder_backward(part, weight, s.grad_accum)
         params = [p for _, p in self.trainable] + list(self.critic.parameters())
         speed.average_gradients(params, [logs["rec/total"]], self.world_size)
         with self.part("apply"):
@@ -185,21 +210,41 @@ class Trainer:
             logs["gan/generator"] = gan.detach()
         return grads, logs
 
-    def decoder_grads(self, x_m11, z, gan_on: bool, accum: int) -> tuple[torch.Tensor, dict]:
-        """Backward of rec + w * gan into the decoder; returns the reconstruction and logs."""
-        with self.autocast(), self.part("decoder forward"):
+    def reconstruction_grads(self, x_m11, z, gan_on: bool, keep_graph: bool) -> tuple[MicroBatch, torch.Tensor, dict]:
+        """Decode ``z`` (with a graph only if ``keep_graph``) and take both terms' gradients at the
+        reconstruction and at the last layer; returns them, the detached reconstruction and logs."""
+        with torch.set_grad_enabled(keep_graph), self.autocast(), self.part("decoder forward"):
             recon = self.vae.decode(z).sample
         leaf = recon.detach().float().requires_grad_(True)
         grads, logs = self.leaf_grads(leaf, x_m11, gan_on)
-        grad = grads[0]
+        last = []
         if gan_on:
-            conv = self.vae.decoder.conv_out
-            w = adaptive_weight(*last_layer_grads(self.tap.features, grads, conv), self.s.disc_weight)
-            grad = grad + w * grads[1]
-            logs["gan/weight"] = w
-        recon.backward(self.scaler.scale(grad / accum).to(recon.dtype))  # scale() is a no-op unless fp16
+            with torch.no_grad():
+                last = last_layer_grads(self.tap.features, grads, self.vae.decoder.conv_out)
         self.tap.features = None  # free the activation
-        return recon.detach(), logs
+        return MicroBatch(z, grads, last, recon if keep_graph else None), recon.detach(), logs
+
+    def decoder_backward(self, part: MicroBatch, weight, accum: int) -> None:
+        """The decoder's backward of (d rec + weight * d gan) / accum for one micro-batch; one whose
+        graph was not kept is decoded again first (the same latents, the same output)."""
+        recon = part.recon
+        if recon is None:
+            with self.autocast(), self.part("decoder forward again"):
+                recon = self.vae.decode(part.z).sample
+            self.tap.features = None
+        grad = part.leaf_grads[0] if weight is None else part.leaf_grads[0] + weight * part.leaf_grads[1]
+        recon.backward(self.scaler.scale(grad / accum).to(recon.dtype))  # scale() is a no-op unless fp16
+        part.recon = None  # frees the graph
+
+    def decoder_grads(self, x_m11, z, gan_on: bool, accum: int = 1) -> tuple[torch.Tensor, dict]:
+        """One micro-batch's whole decoder gradient, rec + w * gan with its own w: the step at
+        ``grad_accum`` 1, for tests and benchmarks of that path. Returns the reconstruction and logs."""
+        part, recon, logs = self.reconstruction_grads(x_m11, z, gan_on, keep_graph=True)
+        weight = None
+        if gan_on:
+            weight = logs["gan/weight"] = adaptive_weight(*part.last_layer, self.s.disc_weight)
+        self.decoder_backward(part, weight, accum)
+        return recon, logs
 
     def critic_grads(self, x_m11, recon_m11, gen, accum: int) -> dict:
         """The critic's (scaled, in fp16) gradients on reals vs. the detached reconstruction."""
