@@ -1,13 +1,21 @@
 # ---
 # jupyter:
+#   accelerator: GPU
+#   colab:
+#     gpuType: T4
+#     provenance: []
 #   jupytext:
 #     formats: ipynb,py:percent
-#     notebook_metadata_filter: kernelspec,jupytext
+#     notebook_metadata_filter: kernelspec,jupytext,accelerator,colab,kaggle
 #     text_representation:
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
 #       jupytext_version: 1.19.6
+#   kaggle:
+#     accelerator: nvidiaTeslaT4
+#     isGpuEnabled: true
+#     isInternetEnabled: true
 #   kernelspec:
 #     display_name: Python 3
 #     language: python

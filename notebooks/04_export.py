@@ -2,7 +2,7 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
-#     notebook_metadata_filter: kernelspec,jupytext
+#     notebook_metadata_filter: kernelspec,jupytext,accelerator,colab,kaggle
 #     text_representation:
 #       extension: .py
 #       format_name: percent

@@ -89,3 +89,20 @@ def test_pipeline_gives_every_stage_the_same_run_folder(tmp_path, monkeypatch):
     assert run_dir == tmp_path / "outs" / "my_run" and run_dir.is_dir()
     assert [out.parent for out, _ in calls] == [run_dir] * 4
     assert all(params["run_name"] == "my_run" for _, params in calls)
+
+
+def test_train_notebook_asks_for_a_gpu_runtime_and_jupytext_keeps_it(tmp_path):
+    """Colab reads `accelerator`/`colab.gpuType`, Kaggle `kaggle.isGpuEnabled`: 02 opens on a GPU."""
+    ipynb = nbformat.read(ROOT / "notebooks" / "02_train.ipynb", as_version=4)
+    assert ipynb.metadata["accelerator"] == "GPU" and ipynb.metadata["colab"]["gpuType"]
+    assert ipynb.metadata["kaggle"]["isGpuEnabled"] is True
+    # a `make sync` from the .py with the repository's jupytext.toml must write the same metadata
+    config = jupytext.config.load_jupytext_configuration_file(str(ROOT / "jupytext.toml"))
+    fmt = jupytext.formats.long_form_one_format("ipynb")
+    synced = jupytext.reads(jupytext.writes(ipynb, "py:percent", config=config), "py:percent")
+    jupytext.write(synced, tmp_path / "02.ipynb", fmt=fmt, config=config)
+    again = nbformat.read(tmp_path / "02.ipynb", as_version=4)
+    for key in ("accelerator", "colab", "kaggle"):
+        assert again.metadata[key] == ipynb.metadata[key], key
+    for stage in ("01_data_prep", "03_eval", "04_export"):  # the others: CPU is enough
+        assert "accelerator" not in nbformat.read(pipeline.notebook_path(stage), as_version=4).metadata
