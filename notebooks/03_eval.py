@@ -99,7 +99,7 @@ print(f"device {dev}; results go to {eval_dir}")
 # %% [markdown]
 # ## 1. Models
 # `base` is the VAE the run started from; `finetuned-ema` (the release weights) and `finetuned-raw`
-# are the base with the latest checkpoint's decoder; `export` is 04's diffusers folder, if written.
+# are the base with the latest checkpoint's decoder; `export` is 04's export folder (diffusers files at its root), if written.
 
 # %%
 specs = evaluate.run_models(run_dir, base_model, base_config, compare, seed)

@@ -132,7 +132,7 @@ if images is None:
     print(f"No val images in {run_dir}/data/val: skipping the side-by-side figure (the card has no picture).")
 else:
     base_vae = models.load_vae(release.base_model, release.base_config, release.base_seed)
-    exported = models.load_vae(str(files["single"]), base_config=str(stage_dir / "diffusers"))
+    exported = models.load_vae(str(files["single"]), base_config=str(stage_dir))
     columns = export.reconstructions(images, {"base": base_vae, "exported": exported}, base_vae, dev)
     picture = "reconstructions.png"  # beside the card, so the Hub page shows it
     show(plots.reconstruction_strip(columns, f"base vs {files['single'].name}"), save_to=stage_dir / picture)

@@ -70,7 +70,7 @@ def test_run_models_names_and_sources(run_dir, tmp_path):
 
 
 def test_export_folder_is_evaluated_when_present_and_labelled_by_step(run_dir):
-    export = run_dir / "export" / "diffusers"
+    export = run_dir / "export"
     models.load_vae("tiny-random").save_pretrained(export)
     manifest = run_dir / "export" / "manifest.json"
     try:

@@ -55,7 +55,7 @@ def test_eval_table_finite_and_honest(run_dir):
 
 def test_export_verified(run_dir):
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
-    assert (run_dir / "export" / "diffusers" / "config.json").exists()
+    assert (run_dir / "export" / "config.json").exists()
     assert list((run_dir / "export").glob("smoke-v0.0-smoke-step4.safetensors")), "named after the run"
     card = (run_dir / "export" / "README.md").read_text()
     assert "](reconstructions.png)" in card and (run_dir / "export" / "reconstructions.png").exists()

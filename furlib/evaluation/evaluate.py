@@ -65,11 +65,11 @@ def run_models(run_dir, base_model: str = "", base_config: str = "", compare: st
         if (ckpt / stem).exists():
             specs.append(EvalModel(f"finetuned-{which}", base_model, base_config, str(ckpt), which, seed, step))
     export = Path(run_dir) / "export"
-    if (export / "diffusers" / "config.json").exists():  # labelled with its own step if it differs
+    if (export / "config.json").exists():  # 04's diffusers files sit at the export's root  # labelled with its own step if it differs
         export_step = export_release_step(export)
         name = "export" if export_step == step else \
             f"export-step{export_step}" if export_step is not None else "export-unverified"
-        specs.append(EvalModel(name, str(export / "diffusers"), step=export_step))
+        specs.append(EvalModel(name, str(export), step=export_step))
     for item in filter(None, (s.strip() for s in compare.split(","))):
         specs.append(EvalModel(_unique(_short_name(item), specs), item))
     return specs

@@ -136,7 +136,7 @@ WGAN-GP critic, weighted each step so its gradient norm is half the reconstructi
 | file | use |
 |---|---|
 | `{stem}.safetensors` | single file, original LDM key names, encoder included, fp32 (A1111, ComfyUI) |
-{fp16_row}| `diffusers/` | diffusers folder (`config.json` + safetensors{fp16_variant}) |
+{fp16_row}| `config.json`, `diffusion_pytorch_model.safetensors` | diffusers files at the root{fp16_variant} |
 | `manifest.json` | sizes, SHA-256 and the reload checks every file passed |
 
 ## Use
@@ -151,7 +151,7 @@ WGAN-GP critic, weighted each step so its gradient norm is half the reconstructi
 ```python
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 
-vae = AutoencoderKL.from_pretrained("{where}", subfolder="diffusers")
+vae = AutoencoderKL.from_pretrained("{where}")
 pipe = StableDiffusionPipeline.from_pretrained("<an SD 1.x model>", vae=vae)
 ```
 
@@ -184,5 +184,5 @@ def model_card(run_dir: Path, release: Release, vae_config, model_name: str, ver
         data=_data_section(run_dir, training_data),
         training=_training_section(run_dir, release), metrics=_metrics_section(run_dir, release.step),
         fp16_row=f"| `{stem}-fp16.safetensors` | the same in fp16 (half the size) |\n" if fp16_copy else "",
-        fp16_variant=", plus the `fp16` variant" if fp16_copy else "",
+        fp16_variant=" (`variant=\"fp16\"`: `diffusion_pytorch_model.fp16.safetensors`)" if fp16_copy else "",
         where=hub_repo or f"<path to>/{EXPORT}")
