@@ -53,7 +53,7 @@ from PIL import ImageColor
 
 from furlib.training import crops
 from furlib.data import plots as data_plots
-from furlib import runinfo
+from furlib import handoff, runinfo
 from furlib.data.prepare import prepare
 from furlib.display import show
 
@@ -83,6 +83,8 @@ num_workers = 0            # loader processes for the preview (0: in this proces
 # %%
 run_dir = runinfo.run_dir(outputs_dir, run_name)
 data_dir = run_dir / "data"
+if note := handoff.use_outputs_dir(outputs_dir):  # Colab: Drive mounted here when outputs_dir is on it
+    print(note)
 if not str(source):
     raise ValueError("source must not be empty: use 'builtin' for the offline sample set")
 if resolution <= 0 or resolution % 8:

@@ -57,7 +57,7 @@ import dataclasses
 
 from IPython.display import Image, display
 
-from furlib import runinfo
+from furlib import handoff, runinfo
 from furlib.display import show
 from furlib.training import fit
 from furlib.training.settings import TrainSettings
@@ -133,6 +133,9 @@ source_split = "train"                    # split of a train_source dataset
 image_column = "image"                    # image column of a train_source dataset
 
 # %%
+if note := handoff.use_outputs_dir(outputs_dir):  # Colab: Drive mounted here when outputs_dir is on it
+    print(note)
+handoff.require(runinfo.run_dir(outputs_dir, run_name), "data/val" if train_source else "data/train", "02_train", "01_data_prep")
 settings = TrainSettings.from_params({f.name: globals()[f.name] for f in dataclasses.fields(TrainSettings)})
 params = dataclasses.asdict(settings)
 

@@ -54,7 +54,7 @@ import torch
 from IPython.display import display
 
 from furlib.evaluation import plots as compare_plots, decode_checks, report as eval_report, evaluate
-from furlib import perceptual, runinfo
+from furlib import handoff, perceptual, runinfo
 from furlib.display import show
 
 # %% tags=["parameters"]
@@ -77,8 +77,9 @@ show_images = 4                # images per picture: chosen, most improved, most
 
 # %%
 run_dir = runinfo.run_dir(outputs_dir, run_name)
-if not run_dir.is_dir():
-    raise ValueError(f"run_name: {run_dir} does not exist; run 02_train with this run_name first")
+if note := handoff.use_outputs_dir(outputs_dir):  # Colab: Drive mounted here when outputs_dir is on it
+    print(note)
+handoff.require(run_dir, "checkpoints", "03_eval", "02_train")  # a fresh runtime: says how to bring the run
 if eval_resolution < 8 or eval_resolution % 8:
     raise ValueError(f"eval_resolution must be a positive multiple of 8, got {eval_resolution}")
 for name, value, low in (("eval_max_images", eval_max_images, 0), ("eval_batch_size", eval_batch_size, 1), ("show_images", show_images, 0)):

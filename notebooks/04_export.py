@@ -49,7 +49,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from furlib.export import model_card, release as export
-from furlib import models, runinfo
+from furlib import handoff, models, runinfo
 from furlib.display import show
 from furlib.training import plots
 
@@ -71,8 +71,9 @@ device = "auto"  # "auto", "cpu" or "cuda"
 
 # %%
 run_dir = runinfo.run_dir(outputs_dir, run_name)
-if not run_dir.is_dir():
-    raise ValueError(f"run_name: {run_dir} does not exist; run 02_train with this run_name first")
+if note := handoff.use_outputs_dir(outputs_dir):  # Colab: Drive mounted here when outputs_dir is on it
+    print(note)
+handoff.require(run_dir, "checkpoints", "04_export", "02_train")  # a fresh runtime: says how to bring the run
 if weights not in ("ema", "raw"):
     raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
 name = model_name or run_name  # a run is never released as "furception" unless asked to

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import pytest
 
@@ -10,8 +11,14 @@ from furlib import pipeline
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("outputs")
-    return pipeline.run(pipeline.ROOT / "params" / "smoke.yaml", overrides={"outputs_dir": str(out)})
+    """01 on one "runtime", 02-04 on another that sees only what 01 left in the shared outputs_dir
+    (Colab: Drive, mounted at another path; Kaggle: the first notebook's output, copied over)."""
+    first, second = tmp_path_factory.mktemp("runtime1_drive"), tmp_path_factory.mktemp("runtime2_drive")
+    profile = pipeline.ROOT / "params" / "smoke.yaml"
+    written = pipeline.run(profile, ["01_data_prep"], overrides={"outputs_dir": str(first)})
+    shutil.copytree(written, second / written.name)
+    shutil.rmtree(first)  # nothing of the first runtime is left to read
+    return pipeline.run(profile, pipeline.STAGES[1:], overrides={"outputs_dir": str(second)})
 
 
 def _record(run_dir, stage):
