@@ -74,6 +74,12 @@ def hub_unreachable() -> str:
 
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return ""
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        return f"cannot resolve {host}: {e}"
+    return ""
 
 
 def file_sha256(path) -> str:

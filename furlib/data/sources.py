@@ -239,10 +239,14 @@ def _dataset_rows(ds, prefix: str, image_column: str, stamp, resume=None):
                     {"next_index": index + 1, "stamp": stamp, "state": ds.state_dict()})
 
 
+def hub_offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
 def _hub_rows(source: str, source_split: str, image_column: str, revision: str = "", resume=None):
     """Stream a Hub dataset; any failure to reach or read it becomes one clear RuntimeError."""
-    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes")
-                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    offline = hub_offline()
     if not offline and (why := hub_unreachable()):  # fail in ms, not after minutes of retries
         raise _hub_error(source, source_split, ConnectionError(why))
     try:
@@ -260,12 +264,6 @@ def _open_hub(source: str, source_split: str, revision: str):
 
     commit = HfApi().dataset_info(source, revision=revision or None).sha
     return datasets.load_dataset(source, split=source_split, streaming=True, revision=commit), commit
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError as e:
-        return f"cannot resolve {host}: {e}"
-    return ""
 
 
 def _guarded(rows, source: str, source_split: str):
