@@ -74,7 +74,8 @@ def _kind(source) -> tuple[str, Path]:
         return ("table" if tables_only else "folder"), path
     if re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", str(source)):
         return "hub", path
-    raise FileNotFoundError(f"source {source!r}: no such file or folder, and not a Hub dataset id")
+    raise FileNotFoundError(f"source {source!r}: no such file or folder (looked in {Path.cwd()}), "
+                            "and not a Hub dataset id; give an absolute path")
 
 
 def source_key(source, source_split: str, image_column: str) -> str:
