@@ -282,5 +282,6 @@ def _hub_error(source: str, source_split: str, e: Exception) -> RuntimeError:
     return RuntimeError(
         f"could not read Hub dataset {source!r} split {source_split!r} ({type(e).__name__}: "
         f"{first_line}); no local file or folder of that name exists either. {OFFLINE_HELP} "
-        f"A copy already in the datasets cache is used with HF_DATASETS_OFFLINE=1. "
-        f"Re-running resumes an interrupted run.")
+        f"A Hub source is streamed, never cached, so it needs the Hub every time: to work offline, "
+        f"download it once (hf download {source} --repo-type dataset --local-dir <folder>) and give "
+        f"that folder as source. Re-running resumes an interrupted run.")
