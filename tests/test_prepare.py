@@ -317,3 +317,16 @@ def test_iter_source_and_builtin(tmp_path):
     assert len(photos) >= 5 and report["counts"]["accepted"] == len(photos) + 2
     art = dict(sources.iter_source("builtin", art_count=2, seed=1))["builtin/art/001"]
     assert isinstance(art, Image.Image) and min(art.size) >= 512
+
+
+def test_sources_that_cannot_work_are_refused_with_the_way_that_does(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    make_corpus(tmp_path / "src")
+    with pytest.raises(ValueError, match="source_revision='v1' pins a Hub dataset's commit.*local folder"):
+        run(tmp_path / "src", tmp_path / "data", source_revision="v1")
+    with pytest.raises(TypeError, match=r"not a Dataset: save a dataset with .save_to_disk"):
+        run(datasets.Dataset.from_dict({"image": [b""]}), tmp_path / "data")
+    with pytest.raises(ValueError, match="give the Hub dataset's id"):
+        run("hf://datasets/someone/some-dataset/data/*.parquet", tmp_path / "data")
+    with pytest.raises(ValueError, match="is a glob: give the folder"):
+        run(str(tmp_path / "src" / "*.png"), tmp_path / "data")

@@ -38,7 +38,7 @@ from PIL import Image
 from furlib.data import store
 from furlib.data.report import build_report, check_prepared, is_val  # noqa: F401 - used by callers
 from furlib.data import shares
-from furlib.data.sources import RESUMED, Input, source_key
+from furlib.data.sources import RESUMED, Input, check_revision, source_key
 from furlib.images import DEFAULT_MAX_PIXELS, ImageRejected, load_for_storage
 
 PREPARE_VERSION = 1  # bump when decoding or storage changes: older data then needs rebuild=True
@@ -64,6 +64,7 @@ def prepare(source, data_dir, resolution: int = 256, max_side: int = DEFAULT_MAX
     """
     data_dir = Path(data_dir)
     _check_parallel(num_proc, num_shards, shard_index)
+    check_revision(source, source_revision)
     settings = {"version": PREPARE_VERSION, "max_side": max_side,
                 "background": [int(c) for c in background]}
     selection = dict(scope=source_key(source, source_split, image_column), max_images=max_images,

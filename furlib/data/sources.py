@@ -58,6 +58,17 @@ def iter_source(source, source_split: str = "train", image_column: str = "image"
 
 def _kind(source) -> tuple[str, Path]:
     """builtin, folder (of images), table (parquet/arrow/save_to_disk) or hub."""
+    if not isinstance(source, (str, os.PathLike)):  # e.g. a datasets.Dataset from a notebook
+        raise TypeError(f"source must be a path or a Hub dataset id, not a {type(source).__name__}: "
+                        "save a dataset with .save_to_disk(folder) or .to_parquet(file) and give that path "
+                        "(a re-run resumes from the journal, which needs a source it can find again)")
+    if str(source).startswith("hf://"):
+        raise ValueError(f"source {str(source)!r}: give the Hub dataset's id ('owner/name', with "
+                         "source_split), not an hf:// path")
+    if any(c in str(source) for c in "*?"):
+        raise ValueError(f"source {str(source)!r} is a glob: give the folder that holds the files (all "
+                         "its .parquet/.arrow files are read; the Hub's data/<split>-*.parquet names "
+                         "give source_split its splits)")
     path = Path(str(source)).expanduser()
     if source == "builtin":
         return "builtin", path
@@ -76,6 +87,14 @@ def _kind(source) -> tuple[str, Path]:
         return "hub", path
     raise FileNotFoundError(f"source {source!r}: no such file or folder (looked in {Path.cwd()}), "
                             "and not a Hub dataset id; give an absolute path")
+
+
+def check_revision(source, revision: str) -> None:
+    """A revision pins a Hub dataset's commit; a local source has none to pin."""
+    kind, path = _kind(source)
+    if revision and kind != "hub":
+        raise ValueError(f"source_revision={revision!r} pins a Hub dataset's commit, but source "
+                         f"{str(source)!r} is a local {kind}: leave source_revision empty")
 
 
 def source_key(source, source_split: str, image_column: str) -> str:
