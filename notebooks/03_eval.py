@@ -54,7 +54,7 @@ import torch
 from IPython.display import display
 
 from furlib.evaluation import plots as compare_plots, decode_checks, report as eval_report, evaluate
-from furlib import handoff, perceptual, runinfo
+from furlib import handoff, perceptual, progress, runinfo
 from furlib.display import show
 
 # %% tags=["parameters"]
@@ -156,8 +156,10 @@ for i, example in enumerate(result.examples["chosen"]):
     fig = compare_plots.wipe_figure(example, "base", finetuned)
     compare_plots.save(fig, eval_dir / f"wipe_{i}.png")
     plt.close(fig)
-if result.examples["chosen"]:
+if result.examples["chosen"] and progress.mode() == "widgets":  # someone is watching: the live slider
     display(compare_plots.comparison_widget(result.examples["chosen"], "base", finetuned))
+elif result.examples["chosen"]:  # headless, a widget would be saved as a dead "VBox(...)" line
+    print(f"headless run: the wipes are {eval_dir}/wipe_*.png; open this notebook in Jupyter or Colab for the slider")
 
 # %% [markdown]
 # ## 5. Tiled and fp16 decode checks

@@ -112,5 +112,7 @@ def test_saved_notebooks_show_text_progress_not_frozen_widgets(run_dir):
     outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
     stderr = "".join("".join(o["text"]) for o in outputs if o.get("name") == "stderr")
     assert "evaluate: 100%" in stderr and "batch/s]" in stderr
+    texts = "".join("".join(o.get("data", {}).get("text/plain", "")) + "".join(o.get("text", "")) for o in outputs)
+    assert "VBox(" not in texts and "headless run: the wipes are" in texts  # no dead widget repr
     assert not [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
                 and "evaluate" in "".join(o["data"].get("text/plain", ""))]
