@@ -109,3 +109,19 @@ def test_make_lab_starts_as_root_and_in_a_container():
     assert ("--allow-root" in cmd) == (os.geteuid() == 0)
     in_container = os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv")
     assert ("--ip=0.0.0.0" in cmd) == in_container
+
+
+def test_pyproject_extras_are_the_requirement_files():
+    """`pip install -e ".[dev]"` / `".[lab]"` install what `make test` / `make lab` install."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+    def listed(name):  # a requirements file's own lines, following its -r includes but the runtime's
+        lines = [ln.split("#")[0].strip() for ln in (ROOT / name).read_text().splitlines()]
+        own = [ln for ln in lines if ln and not ln.startswith("-r")]
+        nested = [ln.split()[1] for ln in lines if ln.startswith("-r") and ln.split()[1] != "requirements.txt"]
+        return own + [r for n in nested for r in listed(n)]
+
+    assert sorted(extras["dev"]) == sorted(listed("requirements-dev.txt"))
+    assert sorted(extras["lab"]) == sorted(listed("requirements-lab.txt"))
