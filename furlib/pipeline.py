@@ -115,9 +115,9 @@ def run(profile: str | Path, stages=STAGES, overrides: dict | None = None, log_o
             papermill.execute_notebook(str(notebook_path(stage)), str(executed), parameters=mine,
                                        cwd=str(ROOT), log_output=log_output, progress_bar=False)
         except papermill.PapermillExecutionError as err:
-            first = (str(err.evalue).strip().splitlines() or [""])[0]
+            said = " ".join(str(err.evalue).split())  # a multi-line message (a list of bad values) on one line
             rest = ",".join(stages[list(stages).index(stage):])
-            raise StageFailed(f"[{stage}] failed: {err.ename}: {first} -- fix that, then re-run from "
+            raise StageFailed(f"[{stage}] failed: {err.ename}: {said} -- fix that, then re-run from "
                               f"here with --stages {rest} (traceback: {executed})") from None
         print(f"[{stage}] done in {time.time() - t0:.0f} s", flush=True)
     return run_dir

@@ -133,13 +133,13 @@ def test_a_relative_source_is_taken_from_where_the_command_runs(tmp_path):
 
 def test_a_failing_stage_ends_with_one_plain_line(tmp_path, monkeypatch, capsys):
     def fails(src, out, parameters, **kw):
-        raise papermill.PapermillExecutionError(3, 3, "x", "ValueError", "resolution must be a positive multiple of 8, got 60\nmore", [])
+        raise papermill.PapermillExecutionError(3, 3, "x", "ValueError", "invalid 02_train parameter(s):\n  resolution=60: a multiple of 8\n  lr=-1: > 0", [])
 
     monkeypatch.setattr(papermill, "execute_notebook", fails)
     code = pipeline.main(["params/smoke.yaml", "--stages", "02_train,03_eval", "-p", f"outputs_dir={tmp_path}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1
-    assert err[0].startswith("ERROR: [02_train] failed: ValueError: resolution must be a positive multiple of 8, got 60 -- ")
+    assert err[0].startswith("ERROR: [02_train] failed: ValueError: invalid 02_train parameter(s): resolution=60: a multiple of 8 lr=-1: > 0 -- ")
     assert "--stages 02_train,03_eval" in err[0] and str(tmp_path / "smoke" / "02_train.ipynb") in err[0]
 
 
