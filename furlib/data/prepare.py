@@ -21,7 +21,8 @@ take the inputs ``i`` with ``i % num_shards == shard_index``, then every ``num_p
 and read only those where the source allows it (``furlib.data.shares``); each process journals
 to its own file, each shard writes its part, and whichever run finds all parts finished merges
 them into one ``report.json`` and one train/val set (the same as an unsharded run). Re-running
-reuses every journal, whatever the split into processes and shards. In the report, ``path`` is the input id.
+reuses every journal, whatever the split into processes and shards (a stream of several files
+names its rows by file and row, so this holds for it too). In the report, ``path`` is the input id.
 """
 
 import hashlib
