@@ -18,7 +18,8 @@ import os
 import sys
 from pathlib import Path
 
-DRIVE = Path("/content/drive")  # where Colab mounts Google Drive (tests point it elsewhere)
+# where Colab mounts Google Drive; FURLIB_COLAB_DRIVE moves it for the simulated Colab session test
+DRIVE = Path(os.environ.get("FURLIB_COLAB_DRIVE", "/content/drive"))
 KAGGLE_INPUT = Path("/kaggle/input")
 COLAB_DRIVE_DIR = "/content/drive/MyDrive/furception"  # the outputs_dir the README suggests
 
