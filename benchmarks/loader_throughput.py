@@ -2,7 +2,7 @@
 decoding the PNGs (``png``) or reading the decoded-pixel cache (``cache``).
 
 Sources are generated 1-2 MP PNGs written to a temporary folder exactly as stage 01 stores them
-(lossless PNG, compress level 3): half drawn flat-colour artwork (``furlib.data.builtin.draw_art``), half
+(lossless PNG, compress level 3): half drawn flat-colour artwork (``furlib.builtin.draw_art``), half
 photo-like (the bundled photographs enlarged, plus mild sensor-like noise, which makes PNG decoding
 slower: the hard case). Crops are 256 px unless ``--resolution`` says otherwise.
 
@@ -33,7 +33,7 @@ def make_sources(folder: Path, count: int, seed: int) -> list[dict]:
     import numpy as np
     from PIL import Image
 
-    from furlib.data.builtin import PHOTOS, draw_art, photo_path
+    from furlib.builtin import PHOTOS, draw_art, photo_path
     from furlib.images import ImageRejected, load_rgb
 
     rng = np.random.default_rng(seed)
@@ -64,7 +64,7 @@ def make_sources(folder: Path, count: int, seed: int) -> list[dict]:
 def cpu_ms_by_kind(folder: Path, kinds: list[dict], work, samples: int = 40) -> dict:
     """Single-process CPU milliseconds per call, by kind of source and for all: ``work(paths)``
     (untimed) returns the timed ``g -> None`` call for the sources of one kind."""
-    from furlib.training.crops import list_images
+    from furlib.prepared import list_images
 
     paths = list_images(folder)
     out = {}
@@ -87,7 +87,7 @@ def cpu_ms_per_sample(folder: Path, kinds: list[dict], resolution: int, cache_di
 
 def decode_ms(folder: Path, kinds: list[dict]) -> dict:
     """Decoding a whole PNG (a PNG-path sample decodes only the rows its crop needs)."""
-    from furlib.training.crops import open_rgb
+    from furlib.prepared import open_rgb
 
     return cpu_ms_by_kind(folder, kinds, lambda chosen: lambda g: open_rgb(chosen[g % len(chosen)]))
 
@@ -98,7 +98,7 @@ def fill_cache(folder: Path, cache_dir: Path) -> dict:
     import numpy as np
 
     from furlib.training import pixelcache
-    from furlib.training.crops import list_images, open_rgb
+    from furlib.prepared import list_images, open_rgb
 
     paths = list_images(folder)
     wall, cpu = time.perf_counter(), time.process_time()

@@ -20,7 +20,7 @@ Reported per row: wall s, images/s, CPU ms per image (this process and its child
 it does not depend on what else runs), stored originals, disk per image (MB), extrapolations to 1M
 images. Written to ``--out`` as JSON.
 
-    python benchmarks/prep_throughput.py --images 300 --procs 1 2 --shards 2 --out /tmp/prep.json
+    python benchmarks/prep_throughput.py --images 300 --procs 1 2 --shards 2 --out /tmp/prepare.json
 
 On a 16-core host (sized for 20k images in about 7.5 minutes; ~47 GB of disk in --workdir at its peak):
 

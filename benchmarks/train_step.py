@@ -6,7 +6,7 @@
     python benchmarks/train_step.py --device cpu --model tiny --res 64 --batch 2 --steps 2 --warmup 1 \
         --flops 1 --variants "project-eager[lpips_autocast=True],project-eager"  # CPU check of a command
 
-A variant takes settings in brackets, ``variant[key=value;...]``: a ``build.Tuning`` field
+A variant takes settings in brackets, ``variant[key=value;...]``: a ``speed.Tuning`` field
 (``lpips_autocast``, ``compile_critic``, ``inductor_options``), a ``TrainSettings`` field
 (``mixed_precision='fp16'``), or else a ``torch._inductor.config`` value.
 
@@ -46,11 +46,11 @@ from pathlib import Path
 
 import torch
 
-from furlib.training.critic import PatchCritic, critic_loss  # noqa: E402
+from furlib.training.losses import PatchCritic, critic_loss  # noqa: E402
 from furlib.training.losses import ReconstructionLoss, reference_adaptive_weight  # noqa: E402
 from furlib.models import load_vae, split_trainable  # noqa: E402
 from furlib.perceptual import LPIPS  # noqa: E402
-from furlib.training.build import Tuning  # noqa: E402
+from furlib.training.speed import Tuning  # noqa: E402
 from furlib.training.settings import TrainSettings  # noqa: E402
 from furlib.training.trainer import Trainer  # noqa: E402
 

@@ -74,7 +74,7 @@ def train_and_score(profile: str, name: str, overrides: dict, root: Path, data_d
 
 def checkpoint_steps(run: Path) -> set:
     """The steps of a run's complete checkpoints (a killed run's partial save is not one)."""
-    from furlib.training import checkpoint
+    from furlib import checkpoint
 
     return {checkpoint.read_state(d)["step"] for d in (run / "checkpoints").glob("step_*")
             if (d / "state.json").exists() and not d.name.startswith(".")}
@@ -82,7 +82,7 @@ def checkpoint_steps(run: Path) -> set:
 
 def score_variant(root: Path, name: str, step: int, resolution: int, train_info: dict | None = None, **extra) -> dict:
     """A variant's result at checkpoint ``step``: 03's metrics there, and its log up to it."""
-    from furlib.training import checkpoint
+    from furlib import checkpoint
 
     run = root / name
     ckpt = next(d for d in (run / "checkpoints").glob("step_*") if checkpoint.read_state(d)["step"] == step)
@@ -103,7 +103,7 @@ def _history(run: Path) -> list:
 def eval_models(run: Path, ckpt: Path) -> list:
     """base, finetuned-ema and finetuned-raw of one checkpoint, as 03 builds them."""
     from furlib.evaluation.evaluate import EvalModel
-    from furlib.training import checkpoint
+    from furlib import checkpoint
 
     state = checkpoint.read_state(ckpt)
     base, seed = state["base_model"], state.get("settings", {}).get("seed", 0)
@@ -116,10 +116,11 @@ def eval_models(run: Path, ckpt: Path) -> list:
 def score_run(run: Path, device, resolution: int, ckpt: Path | None = None) -> dict:
     """{model: {metric: mean over the val split}} for base, finetuned-ema, finetuned-raw of
     ``ckpt`` (default: the run's latest checkpoint)."""
-    from furlib.evaluation.evaluate import load_models, preprocess
+    from furlib.evaluation.evaluate import load_models
+    from furlib.images import preprocess
     from furlib.evaluation.metrics import per_image_metrics
-    from furlib.training import checkpoint
-    from furlib.training.crops import list_images
+    from furlib import checkpoint
+    from furlib.prepared import list_images
 
     paths = list_images(run / "data" / "val")
     x = torch.stack([preprocess(p, resolution) for p in paths]).to(device)
@@ -212,9 +213,10 @@ def save_figures(results: list, root: Path, out: Path, resolution: int, n_images
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from furlib.evaluation.evaluate import load_models, preprocess
-    from furlib.training import plots
-    from furlib.training.crops import list_images
+    from furlib.evaluation.evaluate import load_models
+    from furlib.images import preprocess
+    from furlib import reconstructions
+    from furlib.prepared import list_images
 
     ok = [r for r in results if "failed" not in r]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
@@ -244,6 +246,6 @@ def save_figures(results: list, root: Path, out: Path, resolution: int, n_images
                     continue
                 key = "base" if name == "base" else r["name"]
                 columns[key] = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-    fig = plots.reconstruction_strip(columns, f"val images at {resolution} px: EMA decoders")
+    fig = reconstructions.reconstruction_strip(columns, f"val images at {resolution} px: EMA decoders")
     fig.savefig(out / "recon_grid.png", dpi=80)
     plt.close(fig)

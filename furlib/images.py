@@ -275,6 +275,12 @@ def center_crop(image: Image.Image, resolution: int) -> np.ndarray:
     return np.asarray(image.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box))
 
 
+def preprocess(src, resolution: int) -> torch.Tensor:
+    """Any image ``load_rgb`` reads -> (3, R, R) ``rgb_m11`` through ``center_crop`` (03's protocol,
+    what 02's previews and 04's pictures show)."""
+    return to_rgb_m11(center_crop(load_rgb(src), resolution))
+
+
 def to_rgb_m11(pixels_hwc: np.ndarray) -> torch.Tensor:
     """uint8 HWC (or NHWC) RGB -> float32 CHW (or NCHW) ``rgb_m11`` in [-1, 1].
 

@@ -51,9 +51,9 @@ import time
 from IPython.display import display
 from PIL import ImageColor
 
+from furlib import handoff, prepared, runinfo
+from furlib.data import prep_figures
 from furlib.training import crops
-from furlib.data import plots as data_plots
-from furlib import handoff, runinfo
 from furlib.data.prepare import prepare
 from furlib.display import show
 
@@ -143,15 +143,15 @@ if counts["val_over_cap"]:
 # Every input is listed once in `data/report.json`: kept, rejected with a reason, or a duplicate.
 
 # %%
-display(data_plots.rejection_table(report))
-show(data_plots.rejections_figure(report))
+display(prep_figures.rejection_table(report))
+show(prep_figures.rejections_figure(report))
 
 # %% [markdown]
 # ## 3. What was kept
 
 # %%
-show(data_plots.sizes_figure(report))
-show(data_plots.samples_figure(report, data_dir))
+show(prep_figures.sizes_figure(report))
+show(prep_figures.samples_figure(report, data_dir))
 
 # %% [markdown]
 # ## 4. Training crops
@@ -164,12 +164,12 @@ loader = crops.make_loader(data_dir / "train", resolution, preview_crops, seed=s
 start = time.time()
 batch = next(iter(loader))
 first_batch_seconds = time.time() - start
-show(data_plots.crops_figure(batch, title=f"training crops, step 0, seed {seed}"))
+show(prep_figures.crops_figure(batch, title=f"training crops, step 0, seed {seed}"))
 
 # %%
-val_paths = crops.list_images(data_dir / "val")[:preview_crops]
+val_paths = prepared.list_images(data_dir / "val")[:preview_crops]
 if val_paths:
-    show(data_plots.crops_figure(crops.center_crops(val_paths, resolution), title="validation centre crops"))
+    show(prep_figures.crops_figure(prepared.center_crops(val_paths, resolution), title="validation centre crops"))
 else:
     print("no validation images (val_fraction is 0 or the source is tiny)")
 

@@ -53,9 +53,10 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from furlib.evaluation import plots as compare_plots, decode_checks, report as eval_report, evaluate
 from furlib import handoff, perceptual, progress, runinfo
 from furlib.display import show
+from furlib.evaluation import decode_checks, eval_figures, eval_report, evaluate
+from furlib.images import preprocess
 
 # %% tags=["parameters"]
 run_name = "my_run"            # folder under outputs_dir holding the trained run
@@ -100,7 +101,7 @@ print(f"device {dev}; results go to {eval_dir}")
 # %% [markdown]
 # ## 1. Models
 # `base` is the VAE the run started from; `finetuned-ema` (the release weights) and `finetuned-raw`
-# are the base with the latest checkpoint's decoder; `export` is 04's export folder (diffusers files at its root), if written.
+# are the base with the latest checkpoint's decoder (04 verifies its own export).
 
 # %%
 specs = evaluate.run_models(run_dir, base_model, base_config, compare, seed)
@@ -131,7 +132,7 @@ for detail in (result.notes["lpips_detail"], result.notes["rfid_detail"]):
         print("WARNING:", detail)
 
 # %%
-show(compare_plots.metrics_figure(result.per_image), save_to=eval_dir / "metrics.png")
+show(eval_figures.metrics_figure(result.per_image), save_to=eval_dir / "metrics.png")
 
 # %% [markdown]
 # ## 3. Where it differs
@@ -143,7 +144,7 @@ titles = {"chosen": "First images of the set", "most_improved": f"Most improved 
           "most_regressed": f"Most regressed by {finetuned}"}
 for key, title in titles.items():
     if result.examples[key]:
-        show(compare_plots.comparison_figure(result.examples[key], "base", finetuned, title, result.per_image),
+        show(eval_figures.comparison_figure(result.examples[key], "base", finetuned, title, result.per_image),
              save_to=eval_dir / f"diff_{key}.png")
 
 # %% [markdown]
@@ -153,11 +154,11 @@ for key, title in titles.items():
 
 # %%
 for i, example in enumerate(result.examples["chosen"]):
-    fig = compare_plots.wipe_figure(example, "base", finetuned)
-    compare_plots.save(fig, eval_dir / f"wipe_{i}.png")
+    fig = eval_figures.wipe_figure(example, "base", finetuned)
+    eval_figures.save(fig, eval_dir / f"wipe_{i}.png")
     plt.close(fig)
 if result.examples["chosen"] and progress.mode() == "widgets":  # someone is watching: the live slider
-    display(compare_plots.comparison_widget(result.examples["chosen"], "base", finetuned))
+    display(eval_figures.comparison_widget(result.examples["chosen"], "base", finetuned))
 elif result.examples["chosen"]:  # headless, a widget would be saved as a dead "VBox(...)" line
     print(f"headless run: the wipes are {eval_dir}/wipe_*.png; open this notebook in Jupyter or Colab for the slider")
 
@@ -168,13 +169,13 @@ elif result.examples["chosen"]:  # headless, a widget would be saved as a dead "
 # per decoder block against fp16's 65504; SD VAEs are known to overflow there).
 
 # %%
-check_image = evaluate.preprocess(next(iter(images.items))[1], 512)[None]
+check_image = preprocess(next(iter(images.items))[1], 512)[None]
 checks, check_details = decode_checks.decode_checks(vaes, check_image)
 (eval_dir / "decode_checks.json").write_text(json.dumps(check_details, indent=1, default=str))
 display(checks)
 
 # %%
-for name, fig in (("tiling", compare_plots.tiling_figure(check_details)), ("fp16", compare_plots.fp16_figure(check_details))):
+for name, fig in (("tiling", eval_figures.tiling_figure(check_details)), ("fp16", eval_figures.fp16_figure(check_details))):
     show(fig, save_to=eval_dir / f"{name}.png")
 
 # %%

@@ -48,10 +48,9 @@ if "google.colab" in sys.modules or "KAGGLE_KERNEL_RUN_TYPE" in os.environ:
 import pandas as pd
 from IPython.display import Markdown, display
 
-from furlib.export import model_card, release as export
-from furlib import handoff, models, runinfo
+from furlib import handoff, models, reconstructions, runinfo
 from furlib.display import show
-from furlib.training import plots
+from furlib.export import model_card, release_files
 
 # %% tags=["parameters"]
 run_name = "my_run"  # folder under outputs_dir holding the trained run
@@ -85,17 +84,17 @@ if push_to_hub and hub_repo.count("/") != 1:
 if base_config and not base_model:
     raise ValueError("base_config is only used with an explicit base_model; leave both empty for the run's own")
 dev = runinfo.pick_device(device)
-stage_dir, export_dir = run_dir / export.STAGING, run_dir / export.EXPORT
+stage_dir, export_dir = run_dir / release_files.STAGING, run_dir / release_files.EXPORT
 
 # %% [markdown]
 # ## 1. Build the release VAE
 # The base model's encoder and `quant_conv` with the run's finetuned decoder and `post_quant_conv`.
 
 # %%
-release = export.release_source(run_dir, weights, base_model, base_config)
-vae = export.build_release_vae(release.base_model, release.base_config, release.decoder_weights,
+release = release_files.release_source(run_dir, weights, base_model, base_config)
+vae = release_files.build_release_vae(release.base_model, release.base_config, release.decoder_weights,
                                release.base_seed)
-stem = export.release_stem(name, version, release.step)
+stem = release_files.release_stem(name, version, release.step)
 print(f"{stem}: step {release.step} ({weights} weights) on base {release.base_model!r}")
 if release.base_model != release.trained_base_model:
     print(f"NOTE: the run trained on {release.trained_base_model!r}; its encoder is replaced.")
@@ -108,8 +107,8 @@ models.describe(vae)
 # Into a staging folder (emptied first); it becomes `export/` only once every file passed section 3.
 
 # %%
-metadata = export.file_metadata(name, version, release.step, release.base_model, weights)
-files = export.write_release_files(vae, stage_dir, stem, metadata, fp16_copy)
+metadata = release_files.file_metadata(name, version, release.step, release.base_model, weights)
+files = release_files.write_release_files(vae, stage_dir, stem, metadata, fp16_copy)
 {role: str(path.relative_to(stage_dir)) for role, path in files.items()}
 
 # %% [markdown]
@@ -121,22 +120,22 @@ files = export.write_release_files(vae, stage_dir, stem, metadata, fp16_copy)
 # (decoded in fp32 after upcasting). Any failure raises here.
 
 # %%
-checks = export.verify_export(vae, files, stage_dir, seed, dev)
-hashes = {f["path"]: f for f in export.file_table(stage_dir)}
+checks = release_files.verify_export(vae, files, stage_dir, seed, dev)
+hashes = {f["path"]: f for f in release_files.file_table(stage_dir)}
 pd.DataFrame([{"file": c["file"], "loader": c["loader"], "MB": round(hashes[c["file"]]["bytes"] / 1e6, 2),
                "sha256": hashes[c["file"]]["sha256"][:12], "weights diff": c["weights_max_abs_diff"],
                "decode diff": f"{c['decode_max_abs_diff']:.2e}", "passed": c["passed"]} for c in checks])
 
 # %%
-images, picture = export.val_images(run_dir), ""
+images, picture = release_files.val_images(run_dir), ""
 if images is None:
     print(f"No val images in {run_dir}/data/val: skipping the side-by-side figure (the card has no picture).")
 else:
     base_vae = models.load_vae(release.base_model, release.base_config, release.base_seed)
-    exported = models.load_vae(str(files["single"]), base_config=str(stage_dir))
-    columns = export.reconstructions(images, {"base": base_vae, "exported": exported}, base_vae, dev)
+    exported = models.load_vae(str(files["single"]), base_config=str(stage_dir))  # config.json at the root
+    columns = release_files.reconstructions(images, {"base": base_vae, "exported": exported}, base_vae, dev)
     picture = "reconstructions.png"  # beside the card, so the Hub page shows it
-    show(plots.reconstruction_strip(columns, f"base vs {files['single'].name}"), save_to=stage_dir / picture)
+    show(reconstructions.reconstruction_strip(columns, f"base vs {files['single'].name}"), save_to=stage_dir / picture)
 
 # %% [markdown]
 # ## 4. Model card
@@ -146,14 +145,14 @@ else:
 card = model_card.model_card(run_dir, release, vae.config, name, version, license, fp16_copy, hub_repo,
                              training_data, picture)
 (stage_dir / "README.md").write_text(card)
-manifest = export.finalize_export(stage_dir, export_dir, release, checks)
+manifest = release_files.finalize_export(stage_dir, export_dir, release, checks)
 display(Markdown(card))
 
 # %% [markdown]
 # ## 5. Upload (optional)
 
 # %%
-hub_url = export.push_to_hub(export_dir, hub_repo) if push_to_hub else None
+hub_url = release_files.push_to_hub(export_dir, hub_repo) if push_to_hub else None
 print(hub_url or "push_to_hub is False: nothing uploaded.")
 
 # %%

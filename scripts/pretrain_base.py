@@ -69,7 +69,7 @@ def parse(argv=None) -> dict:
 
 def _image_crops(task) -> tuple[str, str, np.ndarray]:
     """(kind, sha256 pixel hash, uint8 (K, R, R, 3) crops) of one drawing or photo task."""
-    from furlib.data.builtin import draw_art
+    from furlib.builtin import draw_art
     from furlib.data.prepare import pixel_hash
     from furlib.images import load_rgb
     from furlib.training import crops
@@ -85,7 +85,7 @@ def _image_crops(task) -> tuple[str, str, np.ndarray]:
 
 
 def _art_seed() -> int:
-    from furlib.data.builtin import PRETRAIN_ART_SEED
+    from furlib.builtin import PRETRAIN_ART_SEED
     return PRETRAIN_ART_SEED
 
 
@@ -94,7 +94,7 @@ def hash_int(text: str) -> int:
 
 
 def tasks(s: dict) -> list:
-    from furlib.data.builtin import pretrain_photos
+    from furlib.builtin import pretrain_photos
 
     r, m, seed = s["resolution"], s["min_crop_scale"], s["seed"]
     photo_parts = max(1, s["photo_crops"] // 50)  # photos in parts of ~50 crops, spread over the run
@@ -228,9 +228,9 @@ def _sync_time(device) -> float:
 def held_out_sets(eval_resolution: int) -> dict:
     """{name: (ids, hashes, rgb_m11 NCHW)}: the demo's drawings (seed 0) and the held-out photos,
     preprocessed as 03 does."""
-    from furlib.data.builtin import HELD_OUT_PHOTOS, PHOTOS, draw_art, photo_path
+    from furlib.builtin import HELD_OUT_PHOTOS, PHOTOS, draw_art, photo_path
     from furlib.data.prepare import pixel_hash
-    from furlib.evaluation.evaluate import preprocess
+    from furlib.images import preprocess
     from furlib.images import load_rgb
 
     art = [load_rgb(draw_art(i, 0)) for i in range(24)]
@@ -244,7 +244,7 @@ def held_out_sets(eval_resolution: int) -> dict:
 @torch.no_grad()
 def measure(vae, sets: dict, device) -> dict:
     """PSNR (dB, mean over images) with the posterior mode, fp32."""
-    from furlib.data.prepare import is_val
+    from furlib.data.prep_report import is_val
     from furlib.evaluation.metrics import psnr
 
     out = {}

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from furlib import models
-from furlib.data import builtin
+from furlib import builtin, models, prepared
 from furlib.data.prepare import pixel_hash, prepare
 from furlib.evaluation.metrics import psnr
 from furlib.images import load_rgb
@@ -63,7 +62,7 @@ def test_base_never_saw_the_demo_or_the_held_out_photos(tmp_path):
 
 
 def test_base_reconstructs_unseen_drawings(base, drawings):
-    x = crops.center_crops(drawings[8:], RES)
+    x = prepared.center_crops(drawings[8:], RES)
     with torch.no_grad():
         recon = base.decode(base.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
     assert float(psnr(x, recon).mean()) > 20.0  # a random VAE gives ~11 dB
@@ -86,7 +85,7 @@ def learn(drawings, steps: int = 40, break_grad: bool = False) -> dict:
     if break_grad:  # the decoder's gradient never arrives: nothing may improve
         for _, p in trainer.trainable:
             p.register_hook(torch.zeros_like)
-    held_out = crops.center_crops(drawings[8:], RES)
+    held_out = prepared.center_crops(drawings[8:], RES)
     base_recon = trainer.reconstruct(held_out)
     for batch in _batches(drawings[:8], steps, s.batch_size):
         trainer.step(batch)

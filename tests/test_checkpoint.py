@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from furlib.training import checkpoint
+from furlib import checkpoint
 
 
 def _tensors(v):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from furlib.training.critic import GAN_LOSSES, NORMS, PatchCritic, critic_loss, generator_loss, gradient_penalty
+from furlib.training.losses import GAN_LOSSES, NORMS, PatchCritic, critic_loss, generator_loss, gradient_penalty
 
 
 @pytest.mark.parametrize("norm", NORMS)
@@ -52,7 +52,7 @@ def test_old_norm_names_are_errors_naming_the_new_ones(old, new):
     with pytest.raises(ValueError, match=f"renamed to '{new}'"):
         PatchCritic(norm=old)
     with pytest.raises(ValueError, match=f"renamed to '{new}'"):
-        TrainSettings(critic_norm=old).validate()
+        TrainSettings(critic_norm=old)
 
 
 def test_gradient_penalty_matches_definition():

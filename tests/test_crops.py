@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from furlib import prepared
 from furlib.images import to_rgb_m11
 from furlib.training import crops, pixelcache
 
@@ -129,7 +130,7 @@ def test_same_batches_for_any_number_of_workers(noise_dir):
 
 
 def test_each_epoch_visits_every_image_once(noise_dir):
-    dataset = crops.CropDataset(crops.list_images(noise_dir), 32, seed=0)
+    dataset = crops.CropDataset(prepared.list_images(noise_dir), 32, seed=0)
     n = len(dataset)
     for epoch in range(3):
         assert sorted(dataset.image_index(epoch * n + i) for i in range(n)) == list(range(n))
@@ -140,11 +141,11 @@ def test_each_epoch_visits_every_image_once(noise_dir):
 def test_center_crops(noise_dir, tmp_path):
     source = np.random.default_rng(4).integers(0, 256, (40, 60, 3), np.uint8)
     save(tmp_path, "exact.png", source)
-    exact = crops.center_crops([tmp_path / "exact.png"], 40)
+    exact = prepared.center_crops([tmp_path / "exact.png"], 40)
     assert torch.equal(exact[0], to_rgb_m11(source[:, 10:50]))  # short side == resolution
-    batch = crops.center_crops(crops.list_images(noise_dir), 32)
+    batch = prepared.center_crops(prepared.list_images(noise_dir), 32)
     assert batch.shape == (5, 3, 32, 32) and batch.min() >= -1 and batch.max() <= 1
-    assert crops.center_crops([], 32).shape == (0, 3, 32, 32)
+    assert prepared.center_crops([], 32).shape == (0, 3, 32, 32)
 
 
 def test_empty_split_is_a_clear_error(tmp_path):
@@ -157,11 +158,11 @@ def test_decoding_only_the_top_rows_changes_nothing(tmp_path):
     rng = np.random.default_rng(5)
     for i, (h, w) in enumerate([(160, 120), (120, 200)]):
         save(tmp_path, f"{i}.png", rng.integers(0, 256, (h, w, 3)))
-    paths = crops.list_images(tmp_path)
+    paths = prepared.list_images(tmp_path)
     for resolution in (32, 48):
         dataset = crops.CropDataset(paths, resolution, seed=1)
         for g in range(60):
-            whole = crops.open_rgb(paths[dataset.image_index(g)])
+            whole = prepared.open_rgb(paths[dataset.image_index(g)])
             expected = crops.random_crop(whole, resolution, crops.sample_rng(1, g))
             assert torch.equal(dataset[g], to_rgb_m11(expected))
     top = crops.open_top_rows(paths[0], 10)
@@ -229,7 +230,7 @@ def split(tmp_path):
 
 
 def _samples(split, n=40, **kw):
-    dataset = crops.CropDataset(crops.list_images(split), 24, seed=5, **kw)  # 24: up to 6.7x down
+    dataset = crops.CropDataset(prepared.list_images(split), 24, seed=5, **kw)  # 24: up to 6.7x down
     return [dataset[g] for g in range(n)]
 
 
@@ -238,10 +239,10 @@ def test_cache_is_written_once_then_read_without_decoding(split, tmp_path, monke
     expected = _samples(split)
     cold = _samples(split, cache_dir=cache)
     assert all(torch.equal(a, b) for a, b in zip(cold, expected))
-    pngs = crops.list_images(split)
+    pngs = prepared.list_images(split)
     assert sorted(p.name for p in cache.iterdir()) == [f"{p.stem}.npy" for p in pngs]  # no temporaries
     for png in pngs:
-        assert np.array_equal(np.load(cache / f"{png.stem}.npy"), np.asarray(crops.open_rgb(png)))
+        assert np.array_equal(np.load(cache / f"{png.stem}.npy"), np.asarray(prepared.open_rgb(png)))
     written = {p: p.stat().st_mtime_ns for p in cache.iterdir()}
 
     def no_decoding(*args, **kwargs):
@@ -309,7 +310,7 @@ def test_disk_full_while_writing_leaves_no_partial_entry(split, tmp_path, monkey
 
 def test_damaged_entry_is_a_clear_error(split, tmp_path):
     (tmp_path / "cache").mkdir()
-    for png in crops.list_images(split):
+    for png in prepared.list_images(split):
         (tmp_path / "cache" / f"{png.stem}.npy").write_bytes(b"not an array")
     with pytest.raises(ValueError, match="delete it"):
         _samples(split, 1, cache_dir=tmp_path / "cache")

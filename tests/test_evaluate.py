@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from furlib.training import checkpoint
-from furlib.evaluation import decode_checks, report as eval_report, evaluate, metrics
-from furlib import models
+from furlib import checkpoint, models
+from furlib.evaluation import decode_checks, eval_report, evaluate, metrics
+from furlib.images import preprocess
 
 RES = 64  # evaluation side, px: tiny VAEs on 2 CPU cores
 
@@ -55,7 +55,7 @@ def result(run_dir):
 def test_preprocess_resizes_the_short_side_and_centre_crops():
     img = np.zeros((60, 180, 3), np.uint8)
     img[:, 60:120] = 255  # a white middle third: exactly what the centre crop keeps
-    x = evaluate.preprocess(Image.fromarray(img), 30)
+    x = preprocess(Image.fromarray(img), 30)
     assert x.shape == (3, 30, 30) and x.min() >= -1 and x.max() <= 1
     assert x[:, :, 3:-3].mean().item() > 0.95
 
@@ -69,18 +69,12 @@ def test_run_models_names_and_sources(run_dir, tmp_path):
         evaluate.run_models(tmp_path)
 
 
-def test_export_folder_is_evaluated_when_present_and_labelled_by_step(run_dir):
-    export = run_dir / "export"
+def test_an_export_folder_is_not_evaluated(run_dir):
+    """03 evaluates checkpoints; 04 verifies its own export (stages hand off forward only)."""
+    export = run_dir / "export"  # 04's layout: diffusers files at its root
     models.load_vae("tiny-random").save_pretrained(export)
-    manifest = run_dir / "export" / "manifest.json"
     try:
-        assert evaluate.run_models(run_dir)[-1].name == "export-unverified"
-        manifest.write_text(json.dumps({"release": {"step": 10}}))  # the checkpoint's step
-        specs = evaluate.run_models(run_dir)
-        assert specs[-1].name == "export" and specs[-1].load().config.latent_channels == 4
-        assert specs[-1].step == specs[1].step == 10
-        manifest.write_text(json.dumps({"release": {"step": 4}}))  # exported before a resume
-        assert evaluate.run_models(run_dir)[-1].name == "export-step4"
+        assert [s.name for s in evaluate.run_models(run_dir)] == ["base", "finetuned-ema", "finetuned-raw"]
     finally:
         import shutil
 
@@ -106,7 +100,7 @@ def test_numbers_match_a_direct_computation(result, run_dir):
     specs, vaes, res = result
     df = res.per_image
     assert len(df) == 5 * 3 and set(df["model"]) == {"base", "finetuned-ema", "finetuned-raw"}
-    x = evaluate.preprocess(run_dir / "data" / "val" / "img2.png", RES)[None]
+    x = preprocess(run_dir / "data" / "val" / "img2.png", RES)[None]
     for name, vae in vaes.items():
         with torch.no_grad():
             recon = vae.decode(vae.encode(x).latent_dist.mode()).sample
@@ -205,17 +199,17 @@ def test_figures_and_widget(result):
     import matplotlib
 
     matplotlib.use("Agg")
-    from furlib.evaluation import plots as compare_plots
+    from furlib.evaluation import eval_figures
 
     _, vaes, res = result
     ex = res.examples["most_improved"]
-    fig = compare_plots.comparison_figure(ex, "base", "finetuned-ema", "most improved", res.per_image)
-    heat = [im for ax in fig.axes for im in ax.images if im.get_cmap().name == compare_plots.ERROR_CMAP]
+    fig = eval_figures.comparison_figure(ex, "base", "finetuned-ema", "most improved", res.per_image)
+    heat = [im for ax in fig.axes for im in ax.images if im.get_cmap().name == eval_figures.ERROR_CMAP]
     assert len(heat) == 2 * len(ex) and len({im.get_clim() for im in heat}) == 1  # one shared scale
-    assert compare_plots.metrics_figure(res.per_image).axes
+    assert eval_figures.metrics_figure(res.per_image).axes
     _, details = decode_checks.decode_checks({"base": vaes["base"]}, torch.zeros(1, 3, 32, 32))
-    assert compare_plots.tiling_figure(details).axes and compare_plots.fp16_figure(details).axes
-    assert compare_plots.wipe(ex[0]["recons"]["base"], ex[0]["original"], 0.5).shape == (RES, RES, 3)
-    widget = compare_plots.comparison_widget(ex, "base", "finetuned-ema")
+    assert eval_figures.tiling_figure(details).axes and eval_figures.fp16_figure(details).axes
+    assert eval_figures.wipe(ex[0]["recons"]["base"], ex[0]["original"], 0.5).shape == (RES, RES, 3)
+    widget = eval_figures.comparison_widget(ex, "base", "finetuned-ema")
     assert widget.children[-1].value[:4] == b"\x89PNG"
     assert math.isfinite(ex[0]["delta"])

@@ -11,8 +11,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from furlib.export import model_card, release as export
-from furlib.training.checkpoint import save_checkpoint
+from furlib.export import model_card, release_files
+from furlib.checkpoint import save_checkpoint
 from furlib.ldm_keys import ldm_to_diffusers
 from furlib.models import decoder_state, load_vae
 
@@ -39,15 +39,15 @@ def fabricate_run(run, with_record=True):
 
 def run_export(run, weights="ema", fp16_copy=True):
     """The notebook's sequence of calls."""
-    release = export.release_source(run, weights)
-    vae = export.build_release_vae(release.base_model, release.base_config, release.decoder_weights)
-    stage = run / export.STAGING
-    meta = export.file_metadata("furception", "1.0", release.step, release.base_model, weights)
-    files = export.write_release_files(vae, stage, STEM, meta, fp16_copy)
-    checks = export.verify_export(vae, files, stage, seed=0)
+    release = release_files.release_source(run, weights)
+    vae = release_files.build_release_vae(release.base_model, release.base_config, release.decoder_weights)
+    stage = run / release_files.STAGING
+    meta = release_files.file_metadata("furception", "1.0", release.step, release.base_model, weights)
+    files = release_files.write_release_files(vae, stage, STEM, meta, fp16_copy)
+    checks = release_files.verify_export(vae, files, stage, seed=0)
     card = model_card.model_card(run, release, vae.config, "furception", "1.0", "cc-by-nc-sa-4.0", fp16_copy)
     (stage / "README.md").write_text(card)
-    return export.finalize_export(stage, run / export.EXPORT, release, checks)
+    return release_files.finalize_export(stage, run / release_files.EXPORT, release, checks)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_every_file_is_written_and_staging_is_gone(exported):
     assert names == {"README.md", "manifest.json", f"{STEM}.safetensors", f"{STEM}-fp16.safetensors",
                      "config.json", "diffusion_pytorch_model.safetensors",
                      "diffusion_pytorch_model.fp16.safetensors"}
-    assert not (run / export.STAGING).exists()
+    assert not (run / release_files.STAGING).exists()
     assert json.loads((out / "manifest.json").read_text()) == json.loads(json.dumps(manifest))
 
 
@@ -106,7 +106,7 @@ def test_verification_results(exported):
     for c in checks:
         assert c["weights_max_abs_diff"] == 0.0
         fp16 = "fp16" in c["file"]
-        assert c["decode_max_abs_diff"] <= (export.FP16_TOL if fp16 else export.FP32_TOL)
+        assert c["decode_max_abs_diff"] <= (release_files.FP16_TOL if fp16 else release_files.FP32_TOL)
 
 
 def test_single_file_is_full_vae_with_ema_decoder(exported):
@@ -145,7 +145,7 @@ def test_model_card(exported):
 
 def test_card_labels_an_evaluation_of_another_step(tmp_path):
     fabricate_run(tmp_path)
-    release = export.Release(checkpoint="x/step_9", step=STEP + 5, base_model="tiny", base_config="",
+    release = release_files.Release(checkpoint="x/step_9", step=STEP + 5, base_model="tiny", base_config="",
                              trained_base_model="tiny", weights="ema", base_seed=0, decoder_weights={})
     card = model_card.model_card(tmp_path, release, SD_CONFIG, "m", "2.0", "mit", fp16_copy=False)
     assert f"numbers are of step {STEP}, not of this release (step {STEP + 5})" in card and METRICS in card
@@ -153,7 +153,7 @@ def test_card_labels_an_evaluation_of_another_step(tmp_path):
 
 
 def test_card_names_a_hub_base_and_says_when_eval_is_missing(tmp_path):
-    release = export.Release(checkpoint="x/step_0000007", step=7, base_model="stabilityai/sd-vae-ft-mse@vae",
+    release = release_files.Release(checkpoint="x/step_0000007", step=7, base_model="stabilityai/sd-vae-ft-mse@vae",
                              base_config="", trained_base_model="tiny", weights="raw", base_seed=0, decoder_weights={})
     card = model_card.model_card(tmp_path, release, SD_CONFIG, "m", "2.0", "mit", fp16_copy=False, hub_repo="me/m")
     assert "base_model: stabilityai/sd-vae-ft-mse\n" in card and "test-only" not in card
@@ -175,10 +175,10 @@ def test_raw_weights_on_request_and_no_fp16(tmp_path):
 def test_a_broken_file_fails_verification(tmp_path, damage):
     run = tmp_path / "broken"
     fabricate_run(run, with_record=False)
-    release = export.release_source(run)
-    vae = export.build_release_vae("tiny-random", "", release.decoder_weights)
-    stage = run / export.STAGING
-    files = export.write_release_files(vae, stage, STEM, {"format": "pt"}, fp16_copy=False)
+    release = release_files.release_source(run)
+    vae = release_files.build_release_vae("tiny-random", "", release.decoder_weights)
+    stage = run / release_files.STAGING
+    files = release_files.write_release_files(vae, stage, STEM, {"format": "pt"}, fp16_copy=False)
     ldm = load_file(files["single"])
     if damage == "encoder":  # invisible to a decode-only check: only the weight comparison sees it
         ldm["encoder.conv_in.weight"] += 1e-3
@@ -186,33 +186,33 @@ def test_a_broken_file_fails_verification(tmp_path, damage):
         ldm = {k: v for k, v in ldm.items() if not k.startswith(("encoder.", "quant_conv."))}
     save_file(ldm, files["single"], metadata={"format": "pt"})
     with pytest.raises(RuntimeError, match="export verification failed"):
-        export.verify_export(vae, {"single": files["single"]}, stage)
-    assert not (run / export.EXPORT).exists()
+        release_files.verify_export(vae, {"single": files["single"]}, stage)
+    assert not (run / release_files.EXPORT).exists()
 
 
 def test_finalize_refuses_failed_checks(tmp_path):
     with pytest.raises(RuntimeError, match="passing verification"):
-        export.finalize_export(tmp_path, tmp_path / "export", None, [{"passed": False}])
+        release_files.finalize_export(tmp_path, tmp_path / "export", None, [{"passed": False}])
 
 
 def test_release_source_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="02_train"):
-        export.release_source(tmp_path / "empty")
+        release_files.release_source(tmp_path / "empty")
     save_checkpoint(tmp_path / "nobase" / "checkpoints", 1, {"ema": {}}, {})
     with pytest.raises(ValueError, match="base_model"):
-        export.release_source(tmp_path / "nobase")
+        release_files.release_source(tmp_path / "nobase")
 
 
 def test_push_to_hub_error_paths(exported, monkeypatch):
     out = exported[0] / "export"
     with pytest.raises(ValueError, match="owner/name"):
-        export.push_to_hub(out, "")
+        release_files.push_to_hub(out, "")
     monkeypatch.delenv("HF_TOKEN", raising=False)
     with pytest.raises(RuntimeError, match="HF_TOKEN"):
-        export.push_to_hub(out, "me/furception")
+        release_files.push_to_hub(out, "me/furception")
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
     with pytest.raises(RuntimeError, match="failed"):  # nothing listens on port 9: no upload happens
-        export.push_to_hub(out, "me/furception", endpoint="http://127.0.0.1:9")
+        release_files.push_to_hub(out, "me/furception", endpoint="http://127.0.0.1:9")
 
 
 def test_val_images_and_reconstructions(tmp_path):
@@ -220,17 +220,17 @@ def test_val_images_and_reconstructions(tmp_path):
     val.mkdir(parents=True)
     for i in range(2):
         Image.fromarray(np.full((40, 56, 3), 60 * i, np.uint8)).save(val / f"{i}.png")
-    images = export.val_images(tmp_path, size=32)
+    images = release_files.val_images(tmp_path, size=32)
     assert images.shape == (2, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
     vae = load_vae("tiny-random")
-    cols = export.reconstructions(images, {"a": vae, "b": vae}, vae)
+    cols = release_files.reconstructions(images, {"a": vae, "b": vae}, vae)
     assert list(cols) == ["input", "a", "b"] and torch.equal(cols["a"], cols["b"])
-    assert export.val_images(tmp_path / "none") is None
+    assert release_files.val_images(tmp_path / "none") is None
     shutil.rmtree(val)
 
 
 def _card(run_dir, base="stabilityai/sd-vae-ft-mse", config=SD_CONFIG, **kw):
-    release = export.Release(checkpoint="x/step_0000007", step=7, base_model=base, base_config="",
+    release = release_files.Release(checkpoint="x/step_0000007", step=7, base_model=base, base_config="",
                              trained_base_model=base, weights="ema", base_seed=0, decoder_weights={})
     return model_card.model_card(run_dir, release, config, "my_run", "1.0", "mit", **kw)
 

@@ -8,9 +8,8 @@ import torch
 
 from furlib.models import load_vae
 from furlib.perceptual import LPIPS
-from furlib.training import step as step_lib
 from furlib.training.settings import TrainSettings
-from furlib.training.trainer import Trainer
+from furlib.training.trainer import Trainer, step_generator
 
 RES = 64
 
@@ -45,7 +44,7 @@ def test_reconstruction_leaf_gradient_matches_fp32(precision):
     """Oklab terms and LPIPS (in fp32 under any autocast): the same d rec / d recon as fp32.
     Before: LPIPS ran under the autocast, unscaled: 6% error and 1% exact zeros in fp16."""
     x, recon = images()
-    grads = [step_lib.leaf_grads(make(p), recon.clone().requires_grad_(True), x, gan_on=False)[0][0]
+    grads = [make(p).leaf_grads(recon.clone().requires_grad_(True), x, gan_on=False)[0][0]
              for p in ("no", precision)]
     assert rel_err(grads[1], grads[0]) < 1e-4  # seen: 0
 
@@ -54,7 +53,7 @@ def test_fp16_critic_term_leaf_gradient_matches_fp32():
     """d gan / d recon runs on the decoder's scaled loss. Before (unscaled): 8.6% error and 5%
     exact zeros; scaled: 2.4% (fp16 rounding of the critic's forward), no zeros."""
     x, recon = images()
-    grads = [step_lib.leaf_grads(quiet_critic(make(p, 0.0)), recon.clone().requires_grad_(True), x, gan_on=True)[0][1]
+    grads = [quiet_critic(make(p, 0.0)).leaf_grads(recon.clone().requires_grad_(True), x, gan_on=True)[0][1]
              for p in ("no", "fp16")]
     assert rel_err(grads[1], grads[0]) < 0.04
     assert float((grads[1] == 0).float().mean()) < 1e-3
@@ -66,15 +65,15 @@ def test_fp16_critic_has_its_own_scaler_skips_overflow_and_matches_fp32():
     unscaled gradients are fp32's. Before (unscaled): 9% error; scaled: 0.3%."""
     x, recon = images()
     ref_t, t = quiet_critic(make("no", 0.0)), quiet_critic(make("fp16", 0.0))
-    step_lib.critic_grads(ref_t, x, recon, step_lib.step_generator(ref_t.device, 0, 0, 1), accum=1)
+    ref_t.critic_grads(x, recon, step_generator(ref_t.device, 0, 0, 1), accum=1)
     ref = torch.cat([p.grad.flatten() for p in ref_t.critic.parameters()])
     skips = 0
     for _ in range(12):
         before = [p.detach().clone() for p in t.critic.parameters()]
         scale = t.critic_scaler.get_scale()
         t.opt_critic.zero_grad(set_to_none=True)
-        step_lib.critic_grads(t, x, recon, step_lib.step_generator(t.device, 0, 0, 1), accum=1)
-        if step_lib.apply_critic(t)["critic/skipped"] == 0.0:
+        t.critic_grads(x, recon, step_generator(t.device, 0, 0, 1), accum=1)
+        if t.apply_critic()["critic/skipped"] == 0.0:
             break
         skips += 1
         assert all(torch.equal(a, b) for a, b in zip(before, t.critic.parameters()))  # not stepped

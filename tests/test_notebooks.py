@@ -125,7 +125,7 @@ def test_a_relative_source_is_taken_from_where_the_command_runs(tmp_path):
                                   "train_source": "not/here", "run_name": "imgs"}, tmp_path)
     assert got == {"source": str(tmp_path / "imgs"), "eval_source": "val", "base_model": "tiny",
                    "train_source": "not/here", "run_name": "imgs"}
-    from furlib.data import sources
+    from furlib import sources
 
     with pytest.raises(FileNotFoundError, match="looked in"):
         sources.source_key(str(tmp_path / "nothing" / "x.y"), "train", "image")

@@ -1,4 +1,4 @@
-"""furlib.data.prepare (and furlib.data.sources) on generated corpora: verdicts, report, split, incremental and resumed runs."""
+"""furlib.data.prepare (and furlib.sources) on generated corpora: verdicts, report, split, incremental and resumed runs."""
 
 import io
 import json
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from furlib.data import prepare as prep
-from furlib.data import sources
+from furlib.data import prep_report, prepare
+from furlib import sources
 from furlib.images import load_rgb
 
 RES = 32  # crop side for these tests: small images keep them fast
@@ -80,7 +80,7 @@ def _odd_modes(folder) -> list[str]:
 def run(source, data_dir, **kw):
     kw = {"resolution": RES, "max_side": 128, "val_fraction": 0.3, "progress": False, "workers": 1,
           **kw}
-    return prep.prepare(source, data_dir, **kw)
+    return prepare.prepare(source, data_dir, **kw)
 
 
 def verdicts(report) -> dict:
@@ -123,7 +123,7 @@ def test_stored_files_are_lossless_capped_and_split(tmp_path):
     assert (by_id["big.png"]["width"], by_id["big.png"]["height"]) == (128, 64)
     for a in report["accepted"]:
         assert a["file"] == f"{a['split']}/{a['hash'][:16]}.png"
-        assert (a["split"] == "val") == prep.is_val(a["hash"], 0.5)
+        assert (a["split"] == "val") == prep_report.is_val(a["hash"], 0.5)
         assert Image.open(tmp_path / "data" / a["file"]).format == "PNG"
 
 
@@ -150,7 +150,7 @@ def test_val_max_keeps_the_smallest_hashes(tmp_path):
     for i in range(16):
         noise(36, 40, i).save(src / f"{i:02d}.png")
     report = run(src, tmp_path / "data", val_fraction=0.9, val_max=3)
-    candidates = sorted(a["hash"] for a in report["accepted"] if prep.is_val(a["hash"], 0.9))
+    candidates = sorted(a["hash"] for a in report["accepted"] if prep_report.is_val(a["hash"], 0.9))
     assert sorted(a["hash"] for a in report["accepted"] if a["split"] == "val") == candidates[:3]
     assert len(os.listdir(tmp_path / "data" / "val")) == 3
     assert report["counts"]["val_over_cap"] == len(candidates) - 3
@@ -175,7 +175,7 @@ def test_rerun_skips_work_and_sees_changes(tmp_path):
 def test_interrupted_run_resumes(tmp_path, monkeypatch):
     src = tmp_path / "src"
     expected = make_corpus(src)
-    real, calls = prep._process, []
+    real, calls = prepare._process, []
 
     def dies_after_five(*args, **kwargs):
         if len(calls) == 5:
@@ -183,10 +183,10 @@ def test_interrupted_run_resumes(tmp_path, monkeypatch):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(prep, "_process", dies_after_five)
+    monkeypatch.setattr(prepare, "_process", dies_after_five)
     with pytest.raises(KeyboardInterrupt):
         run(src, tmp_path / "data")
-    monkeypatch.setattr(prep, "_process", real)
+    monkeypatch.setattr(prepare, "_process", real)
     with open(tmp_path / "data" / "journal.jsonl", "a") as log:
         log.write('{"key": "half a li')  # what a kill mid-write leaves
     stale = tmp_path / "data" / "train" / ".tmp-1-0123456789abcdef.png"  # a killed writer's
@@ -206,17 +206,17 @@ def test_unexpected_errors_are_reported_then_retried(tmp_path, monkeypatch):
     src.mkdir()
     for i in range(3):
         noise(36, 40, i).save(src / f"{i}.png")
-    real = prep.load_for_storage
+    real = prepare.load_for_storage
 
     def flaky(source, *args, **kwargs):
         if str(source).endswith("1.png"):
             raise MemoryError("simulated")
         return real(source, *args, **kwargs)
 
-    monkeypatch.setattr(prep, "load_for_storage", flaky)
+    monkeypatch.setattr(prepare, "load_for_storage", flaky)
     report = run(src, tmp_path / "data")
     assert report["rejected"] == [{"path": "1.png", "reason": "error", "detail": "MemoryError: simulated"}]
-    monkeypatch.setattr(prep, "load_for_storage", real)
+    monkeypatch.setattr(prepare, "load_for_storage", real)
     again = run(src, tmp_path / "data")
     assert again["counts"]["decoded_this_run"] == 1 and again["counts"]["accepted"] == 3
 
@@ -225,12 +225,12 @@ def test_pixel_settings_refuse_until_rebuild(tmp_path):
     src = tmp_path / "src"
     make_corpus(src)
     first = run(src, tmp_path / "data")
-    stored = sorted(p.name for p in (tmp_path / "data").rglob("*.*") if p.parent.name in prep.store.SPLITS)
+    stored = sorted(p.name for p in (tmp_path / "data").rglob("*.*") if p.parent.name in prepare.store.SPLITS)
     for change in ({"max_side": 96}, {"background": (0, 0, 0)}):
         with pytest.raises(ValueError, match="rebuild=True"):
             run(src, tmp_path / "data", **change)
     assert sorted(p.name for p in (tmp_path / "data").rglob("*.*")
-                  if p.parent.name in prep.store.SPLITS) == stored  # nothing deleted
+                  if p.parent.name in prepare.store.SPLITS) == stored  # nothing deleted
     assert run(src, tmp_path / "data")["accepted"] == first["accepted"]
     report = run(src, tmp_path / "data", max_side=96, rebuild=True)
     assert "max_side 128 -> 96" in report["rebuilt_because"]

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from furlib.data import prepare as prep
+from furlib.data import prep_report, prepare
 from furlib.data import store
+from furlib import prepared
 from furlib.images import load_rgb
 from furlib.training import crops
 
@@ -36,7 +37,7 @@ def png16(width=48, height=40) -> bytes:
 def run(source, data_dir, **kw):
     kw = {"resolution": RES, "max_side": 128, "val_fraction": 0.3, "progress": False, "workers": 1,
           **kw}
-    return prep.prepare(source, data_dir, **kw)
+    return prepare.prepare(source, data_dir, **kw)
 
 
 def originals_and_conversions(folder) -> tuple[set, set]:
@@ -80,17 +81,17 @@ def test_faithful_sources_are_stored_as_their_own_bytes(tmp_path):
             assert stored.suffix == ".png"
             expected = load_rgb(source)
             if max(expected.size) > 128:
-                expected = prep._cap_long_side(expected, 128)
+                expected = prepare._cap_long_side(expected, 128)
             assert np.array_equal(np.asarray(Image.open(stored)), np.asarray(expected)), input_id
-    assert sorted(p.name for p in crops.list_images(tmp_path / "data" / "train")
-                  + crops.list_images(tmp_path / "data" / "val")) == sorted(
+    assert sorted(p.name for p in prepared.list_images(tmp_path / "data" / "train")
+                  + prepared.list_images(tmp_path / "data" / "val")) == sorted(
         a["file"].split("/")[1] for a in report["accepted"])
 
 
 def test_crops_of_stored_originals_equal_crops_of_the_source(tmp_path):
     originals, _ = originals_and_conversions(tmp_path / "src")
     report = run(tmp_path / "src", tmp_path / "data", val_fraction=0)
-    paths = crops.list_images(tmp_path / "data" / "train")
+    paths = prepared.list_images(tmp_path / "data" / "train")
     assert {p.suffix for p in paths} == {".jpg", ".png", ".webp"}  # the loader reads every kind
     sources = {a["file"].split("/")[1]: tmp_path / "src" / a["id"] for a in report["accepted"]}
     for kw in ({}, {"cache_dir": tmp_path / "cache"}):
@@ -157,8 +158,8 @@ def table(tmp_path, n: int):
 
 def test_stream_resumes_at_its_position(tmp_path, monkeypatch):
     source = table(tmp_path, 10)
-    monkeypatch.setattr(prep, "STREAM_SAVE_S", 0.0)  # save the position after every row
-    real, read = prep._process, []
+    monkeypatch.setattr(prepare, "STREAM_SAVE_S", 0.0)  # save the position after every row
+    real, read = prepare._process, []
 
     def dies_after_six(item, *args):
         if len(read) == 6:
@@ -166,10 +167,11 @@ def test_stream_resumes_at_its_position(tmp_path, monkeypatch):
         read.append(item.input_id)
         return real(item, *args)
 
-    monkeypatch.setattr(prep, "_process", dies_after_six)
+    monkeypatch.setattr(prepare, "_process", dies_after_six)
     with pytest.raises(KeyboardInterrupt):
         run(source, tmp_path / "data")
-    from furlib.data import shares, sources
+    from furlib import sources
+    from furlib.data import shares
     real_rows, seen = shares._stream_rows, []
 
     def counting(*args, **kwargs):  # which rows the resumed stream really reads
@@ -179,7 +181,7 @@ def test_stream_resumes_at_its_position(tmp_path, monkeypatch):
             yield index, item
 
     monkeypatch.setattr(shares, "_stream_rows", counting)
-    monkeypatch.setattr(prep, "_process", real)
+    monkeypatch.setattr(prepare, "_process", real)
     resumed = run(source, tmp_path / "data")
     assert seen == [f"set.parquet/{i}" for i in range(6, 10)]  # rows 0-5 are not read again
     assert resumed["counts"]["decoded_this_run"] == 4
@@ -216,11 +218,11 @@ def test_check_prepared_names_the_fix(tmp_path):
     for i, (h, w) in enumerate([(40, 40), (64, 80)]):
         noise(h, w, i).save(src / f"{i}.png")
     run(src, tmp_path / "data", val_fraction=0)
-    assert prep.check_prepared(tmp_path / "data", 32)["train"] == 2
+    assert prep_report.check_prepared(tmp_path / "data", 32)["train"] == 2
     with pytest.raises(ValueError, match=r"resolution=48.*resolution=48"):
-        prep.check_prepared(tmp_path / "data", 48)
+        prep_report.check_prepared(tmp_path / "data", 48)
     with pytest.raises(ValueError, match="01_data_prep"):
-        prep.check_prepared(tmp_path / "nothing", 32)
+        prep_report.check_prepared(tmp_path / "nothing", 32)
 
 
 def test_two_shard_processes_at_once_on_one_folder(tmp_path):

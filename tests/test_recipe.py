@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from furlib.pipeline import load_profile
-from furlib.training.critic import PatchCritic, PixelLayerNorm
+from furlib.training.losses import PatchCritic, PixelLayerNorm
 from furlib.training.settings import TrainSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +78,7 @@ def test_grad_accum_sets_the_adaptive_weight_per_micro_batch():
     micro-batches' rec_i + w_i * gan_i and the logged weight the mean of the w_i."""
     from furlib.models import load_vae
     from furlib.perceptual import LPIPS
-    from furlib.training.critic import generator_loss
+    from furlib.training.losses import generator_loss
     from furlib.training.losses import reference_adaptive_weight
     from furlib.training.trainer import Trainer
 
@@ -111,12 +111,13 @@ def test_decoder_warms_up_and_the_critic_does_not():
     optimizer runs at its rate from step 0."""
     from types import SimpleNamespace
 
-    from furlib.training.step import set_lr
+    from furlib.training.trainer import Trainer
 
     s = TrainSettings(lr=5e-7, critic_lr=5e-7, warmup_steps=5000)
     t = SimpleNamespace(s=s, opt=SimpleNamespace(param_groups=[{}]), opt_critic=SimpleNamespace(param_groups=[{}]))
-    set_lr(t, 0)
+    t.set_lr = Trainer.set_lr.__get__(t)  # the method alone, on stand-in optimizers
+    t.set_lr(0)
     assert t.opt.param_groups[0]["lr"] == pytest.approx(5e-7 / 5000)
     assert t.opt_critic.param_groups[0]["lr"] == pytest.approx(5e-7)
-    set_lr(t, 10_000)
+    t.set_lr(10_000)
     assert t.opt.param_groups[0]["lr"] == pytest.approx(5e-7)

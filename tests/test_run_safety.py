@@ -6,13 +6,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from furlib.data import prepare
-from furlib.training import checkpoint, fit
+from furlib import checkpoint
+from furlib.training import fit
 from furlib.training.logbook import Logbook
 from furlib.training.settings import TrainSettings
 
@@ -210,13 +210,13 @@ def test_every_bad_parameter_is_named_with_what_is_allowed():
     bad = dict(batch_size=0, resolution=60, checkpoint_every=0, log_every=0, ema_decay=1.5, phase_upsample=False,
                lpips_backbone="imagenet", num_workers=-1)
     with pytest.raises(ValueError) as err:
-        TrainSettings(**bad).validate()
+        TrainSettings(**bad)
     for name, value in bad.items():
         assert f"{name}={value!r}: must be" in str(err.value), name
     assert "bare yes/no" in str(err.value)
     assert "multiple of 8" in str(err.value)
     with pytest.raises(ValueError, match="ema_decay=-0.5"):
-        TrainSettings(ema_decay=-0.5).validate()
+        TrainSettings(ema_decay=-0.5)
     with pytest.raises(ValueError, match="no parameter.*learning_rate"):
         TrainSettings.from_params({"learning_rate": 0.1})
 
@@ -259,14 +259,14 @@ def test_bin_only_base_folder_is_refused(tmp_path):
 
 
 def test_export_builds_a_random_base_with_the_runs_seed(tmp_path):
-    from furlib.export import release
+    from furlib.export import release_files
     from furlib.models import decoder_state, load_vae
 
     weights = decoder_state(load_vae("tiny-random", seed=3))
     checkpoint.save_checkpoint(tmp_path / "checkpoints", 5, {"decoder": weights, "ema": weights},
                                {"base_model": "tiny-random", "settings": {"seed": 3}})
-    src = release.release_source(tmp_path)
-    vae = release.build_release_vae(src.base_model, src.base_config, src.decoder_weights, src.base_seed)
+    src = release_files.release_source(tmp_path)
+    vae = release_files.build_release_vae(src.base_model, src.base_config, src.decoder_weights, src.base_seed)
     encoder = {k: v for k, v in load_vae("tiny-random", seed=3).state_dict().items() if k.startswith("encoder.")}
     assert all(torch.equal(v, vae.state_dict()[k]) for k, v in encoder.items())
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from furlib.data import prepare as prep
+from furlib.data import prepare
 
 datasets = pytest.importorskip("datasets")
 FILES, ROWS = 4, 4  # a source of 4 files x 4 rows
@@ -49,7 +49,7 @@ def rows_read(monkeypatch):
 
 
 def _prepare(source, data_dir, **kw):
-    return prep.prepare(source, data_dir, resolution=32, max_side=128, val_fraction=0.3,
+    return prepare.prepare(source, data_dir, resolution=32, max_side=128, val_fraction=0.3,
                         progress=False, workers=1, **kw)
 
 
@@ -68,7 +68,7 @@ def test_each_shard_reads_only_its_half(sources, tmp_path, rows_read, name):
 
 def test_each_process_reads_only_its_share(sources, tmp_path, rows_read, monkeypatch):
     # the processes as threads of this one, so their reads are counted here; the code is the same
-    monkeypatch.setattr(prep, "ProcessPoolExecutor", lambda n, mp_context=None: ThreadPoolExecutor(n))
+    monkeypatch.setattr(prepare, "ProcessPoolExecutor", lambda n, mp_context=None: ThreadPoolExecutor(n))
     whole = _prepare(sources / "files", tmp_path / "whole")
     rows_read[0] = 0
     shard = _prepare(sources / "files", tmp_path / "procs", num_proc=2, num_shards=2, shard_index=0)
@@ -81,15 +81,15 @@ def test_each_process_reads_only_its_share(sources, tmp_path, rows_read, monkeyp
 
 
 def test_a_single_file_is_read_whole_by_each_and_says_so(sources, tmp_path, rows_read, capsys):
-    prep.prepare(sources / "one.parquet", tmp_path / "one", resolution=32, max_side=128, progress=True,
+    prepare.prepare(sources / "one.parquet", tmp_path / "one", resolution=32, max_side=128, progress=True,
                  workers=1, num_shards=2, shard_index=0)
     assert rows_read[0] == FILES * ROWS  # a row filter: the only split one file allows
     assert "every reader reads every row" in capsys.readouterr().out
 
 
 def test_a_stream_of_files_resumes_in_the_file_it_stopped_in(sources, tmp_path, rows_read, monkeypatch):
-    monkeypatch.setattr(prep, "STREAM_SAVE_S", 0.0)  # save the position after every row
-    real, done = prep._process, []
+    monkeypatch.setattr(prepare, "STREAM_SAVE_S", 0.0)  # save the position after every row
+    real, done = prepare._process, []
 
     def dies_after_six(item, *args):
         if len(done) == 6:  # row 2 of file 1
@@ -97,11 +97,11 @@ def test_a_stream_of_files_resumes_in_the_file_it_stopped_in(sources, tmp_path, 
         done.append(item.input_id)
         return real(item, *args)
 
-    monkeypatch.setattr(prep, "_process", dies_after_six)
+    monkeypatch.setattr(prepare, "_process", dies_after_six)
     with pytest.raises(KeyboardInterrupt):
         _prepare(sources / "files", tmp_path / "data")
     assert done[-1] == "files/1/1"
-    monkeypatch.setattr(prep, "_process", real)
+    monkeypatch.setattr(prepare, "_process", real)
     rows_read[0] = 0
     resumed = _prepare(sources / "files", tmp_path / "data")
     assert rows_read[0] == FILES * ROWS - 6 and resumed["counts"]["decoded_this_run"] == FILES * ROWS - 6

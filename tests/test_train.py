@@ -7,15 +7,14 @@ import shutil
 import pytest
 import torch
 
-from furlib.training import checkpoint
-from furlib.training.critic import generator_loss
+from furlib import checkpoint
+from furlib.training.losses import generator_loss
 from furlib.training.ema import scaled_decay
 from furlib.training.losses import reference_adaptive_weight
 from furlib.models import decoder_state, load_vae
 from furlib.perceptual import LPIPS
-from furlib.training import step as step_lib
 from furlib.training.settings import TrainSettings
-from furlib.training.step import NonFiniteError, step_generator
+from furlib.training.trainer import NonFiniteError, step_generator
 from furlib.training.trainer import Trainer
 
 RES = 32
@@ -46,8 +45,8 @@ def test_single_backward_matches_plain_ldm_loss():
     """Fast path (grads at the reconstruction + last-layer weight grads) == LDM's rec + w*gan."""
     t = make_trainer(latent_mode="mode")
     x = batch(0)
-    z = step_lib.encode(t, x, step_generator(t.device, 0, 0, 0))
-    recon, logs = step_lib.decoder_grads(t, x, z, gan_on=True, accum=1)
+    z = t.encode(x, step_generator(t.device, 0, 0, 0))
+    recon, logs = t.decoder_grads(x, z, gan_on=True, accum=1)
     fast = {n: p.grad.clone() for n, p in t.trainable}
     t.opt.zero_grad(set_to_none=True)
 
@@ -120,11 +119,11 @@ def test_schedules():
 
 def test_bad_settings_named():
     with pytest.raises(ValueError, match="gan_loss"):
-        settings(gan_loss="lsgan").validate()
+        settings(gan_loss="lsgan")
     with pytest.raises(ValueError, match="grad_accum"):
-        settings(batch_size=3, grad_accum=2).validate()
+        settings(batch_size=3, grad_accum=2)
     with pytest.raises(ValueError, match="phase_upsample.*bare yes/no"):  # YAML's `no` is False
-        settings(phase_upsample=False).validate()
+        settings(phase_upsample=False)
 
 
 def test_short_run_lowers_held_out_error_of_ema():
@@ -148,7 +147,7 @@ def test_phase_upsample_is_diffusers_upsample2d():
     """2x2 phase convs == nearest 2x + 3x3 conv: outputs and all gradients, any size, both layouts."""
     from diffusers.models.upsampling import Upsample2D
 
-    from furlib.training.upsample import PhaseUpsample, use_phase_upsampling
+    from furlib.training.speed import PhaseUpsample, use_phase_upsampling
 
     torch.manual_seed(0)
     up = Upsample2D(6, use_conv=True, out_channels=5)
@@ -173,7 +172,7 @@ def test_speed_knobs_change_nothing():
     for kw in ({}, {"gradient_checkpointing": True, "channels_last": "yes", "phase_upsample": "yes"}):
         t = make_trainer(latent_mode="mode", **kw)
         x = batch(0)
-        step_lib.decoder_grads(t, x.contiguous(memory_format=t.layout), step_lib.encode(t, x, step_generator(t.device, 0, 0, 0)),
+        t.decoder_grads(x.contiguous(memory_format=t.layout), t.encode(x, step_generator(t.device, 0, 0, 0)),
                         gan_on=True, accum=1)
         grads.append({n: p.grad.clone() for n, p in t.trainable})
     # other conv algorithms reassociate sums: compare by norm over all tensors (per tensor it is
@@ -197,8 +196,8 @@ def test_compiled_fast_path_matches_plain():
     for kw in ({}, {"torch_compile": "yes", "phase_upsample": "yes"}):
         t = make_trainer(latent_mode="mode", **kw)
         x = batch(0)
-        recon, logs = step_lib.decoder_grads(t, x, step_lib.encode(t, x, step_generator(t.device, 0, 0, 0)), gan_on=True, accum=1)
-        logs.update(step_lib.critic_grads(t, x, recon, step_generator(t.device, 0, 0, 1), accum=1))
+        recon, logs = t.decoder_grads(x, t.encode(x, step_generator(t.device, 0, 0, 0)), gan_on=True, accum=1)
+        logs.update(t.critic_grads(x, recon, step_generator(t.device, 0, 0, 1), accum=1))
         grads = [p.grad.flatten() for _, p in t.trainable] + [p.grad.flatten() for p in t.critic.parameters()]
         results.append((torch.cat(grads), logs))
     (plain, plain_logs), (fast, fast_logs) = results

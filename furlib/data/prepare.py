@@ -1,4 +1,4 @@
-"""Stage 01: turn a source of images (``furlib.data.sources``) into prepared training data.
+"""Stage 01: turn a source of images (``furlib.sources``) into prepared training data.
 
 Stored images (``furlib.data.store`` has the folder layout and its locking): ``<split>/<hash16>``
 + ``.jpg``/``.png``/``.webp``. A source file that already decodes to 8-bit sRGB RGB with nothing to
@@ -37,9 +37,9 @@ from pathlib import Path
 from PIL import Image
 
 from furlib.data import store
-from furlib.data.report import build_report, check_prepared, is_val  # noqa: F401 - used by callers
 from furlib.data import shares
-from furlib.data.sources import RESUMED, Input, check_revision, source_key
+from furlib.data.prep_report import build_report, is_val
+from furlib.sources import RESUMED, Input, check_revision, source_key
 from furlib.images import DEFAULT_MAX_PIXELS, ImageRejected, load_for_storage
 
 PREPARE_VERSION = 1  # bump when decoding or storage changes: older data then needs rebuild=True

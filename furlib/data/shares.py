@@ -20,8 +20,8 @@ the rows of the files finished before; a resumed run reads none of those again.
 
 from pathlib import Path
 
-from furlib.data import sources
-from furlib.data.sources import RESUMED, Input
+from furlib import sources
+from furlib.sources import RESUMED, Input
 
 FILE_STRIDE = 2 ** 40  # sort index of row r of file f: f * FILE_STRIDE + r (the stream's order)
 

@@ -1,2 +1,3 @@
-"""Stage 03, evaluation: metrics, the side-by-side evaluation of VAEs, its report files, the decode
-checks (tiling, fp16) and the comparison figures."""
+"""Stage 03, evaluation: metrics, the side-by-side evaluation of a run's checkpoints and other
+VAEs (``evaluate``), its report files (``eval_report``), the decode checks (tiling, fp16) and the
+comparison figures (``eval_figures``)."""

@@ -5,23 +5,21 @@ square; every VAE encodes with its own encoder, takes the posterior *mode* (dete
 decodes. Batches run under ``torch.inference_mode``, in bf16 autocast on CUDA and fp32 on the
 CPU. Only per-image metrics (``furlib.evaluation.metrics``) and a few 8-bit images for pictures stay in
 memory, so the set can be large. Images are ``rgb_m11`` NCHW; kept pictures are uint8 HWC.
-Report tables and files: ``furlib.evaluation.report``; tiled and fp16 decode checks: ``furlib.evaluation.decode_checks``.
+Report tables and files: ``furlib.evaluation.eval_report``; tiled and fp16 decode checks: ``furlib.evaluation.decode_checks``.
 """
 
 import contextlib
-import json
 import heapq
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
-from furlib.training import checkpoint
+from furlib import checkpoint
 from furlib.evaluation import metrics
-from furlib.images import center_crop, to_rgb_m11, to_uint8
+from furlib.images import preprocess, to_uint8
 from furlib.models import is_pretrained, load_vae, with_decoder
 
 
@@ -55,7 +53,8 @@ class EvalModel:
 
 def run_models(run_dir, base_model: str = "", base_config: str = "", compare: str = "",
                seed: int = 0) -> list:
-    """base, finetuned-ema, finetuned-raw (latest checkpoint), export (if written), extras."""
+    """base, finetuned-ema, finetuned-raw (latest checkpoint), extras (``compare``). 03 evaluates
+    checkpoints; 04 verifies its own export."""
     ckpt = checkpoint.find_run_checkpoint(Path(run_dir))
     base_model, base_config, state = checkpoint.run_base(ckpt, base_model, base_config)
     seed = state.get("settings", {}).get("seed", seed)  # 'tiny' bases: the encoder 02 trained with
@@ -64,21 +63,9 @@ def run_models(run_dir, base_model: str = "", base_config: str = "", compare: st
     for which, stem in checkpoint.WEIGHT_FILES.items():
         if (ckpt / stem).exists():
             specs.append(EvalModel(f"finetuned-{which}", base_model, base_config, str(ckpt), which, seed, step))
-    export = Path(run_dir) / "export"
-    if (export / "config.json").exists():  # 04's diffusers files sit at the export's root  # labelled with its own step if it differs
-        export_step = export_release_step(export)
-        name = "export" if export_step == step else \
-            f"export-step{export_step}" if export_step is not None else "export-unverified"
-        specs.append(EvalModel(name, str(export), step=export_step))
     for item in filter(None, (s.strip() for s in compare.split(","))):
         specs.append(EvalModel(_unique(_short_name(item), specs), item))
     return specs
-
-
-def export_release_step(export_dir: Path) -> int | None:
-    """The training step 04 exported (its ``manifest.json``), or None for an unverified folder."""
-    manifest = Path(export_dir) / "manifest.json"
-    return json.loads(manifest.read_text())["release"]["step"] if manifest.exists() else None
 
 
 def _short_name(item: str) -> str:
@@ -130,16 +117,9 @@ class _SourceItems:
     max_images: int
 
     def __iter__(self):
-        from furlib.data.sources import iter_source
+        from furlib.sources import iter_source
 
         return iter_source(self.source, self.split, self.image_column, self.max_images)
-
-
-def preprocess(src, resolution: int) -> torch.Tensor:
-    """Image -> (3, R, R) ``rgb_m11`` through ``images.center_crop`` (what 02's previews show)."""
-    from furlib.images import load_rgb  # EXIF orientation, ICC -> sRGB, alpha over white
-
-    return to_rgb_m11(center_crop(load_rgb(src), resolution))
 
 
 def batches(images: ImageSet, resolution: int, batch_size: int):

@@ -2,13 +2,13 @@
 
 It reads what the run left behind: ``data/report.json`` (01) for the training data,
 ``02_train.record.json`` for the training parameters and ``eval/metrics.md`` (written by
-``furlib.evaluation.report``) for the evaluation; a missing one is said, never guessed.
+``furlib.evaluation.eval_report``) for the evaluation; a missing one is said, never guessed.
 """
 
 import json
 from pathlib import Path
 
-from furlib.export.release import EXPORT, Release, release_stem
+from furlib.export.release_files import EXPORT, Release, release_stem
 from furlib.models import is_pretrained
 
 # (latent channels, downscale factor, scaling factor) -> the models that read such latents.

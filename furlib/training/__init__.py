@@ -1,6 +1,7 @@
-"""Stage 02, training: every parameter's default (``settings``) and its one check (``validation``);
-the recipe's loss (``losses``), critic and EMA; the step (``step``), the object holding a run's parts
-(``trainer``) and their set-up (``build``), gradient averaging over GPUs (``grad_sync``); what a run
-will do (``plan``) and the loop (``fit``); the training input (``crops``, ``pixelcache``; ``streaming`` for data never prepared); one writer
-per run (``runlock``), checkpoints and what a resume may change (``checkpoint``, ``resume``); logs
-and training figures."""
+"""Stage 02, training, recipe first: the step (``trainer``: the ``Trainer`` and its step in one
+file), the loss (``losses``: pixel terms, LPIPS, the critic, its penalty and the adaptive weight),
+every parameter's default and its one check (``settings``), EMA (``ema``); what only makes it
+faster, same maths (``speed``: compile, layouts, phase upsampling, gradient averaging); what a run
+will do (``plan``) and the loop (``fit``); the training input (``crops``, ``pixelcache``;
+``streaming`` for data never prepared); one writer per run (``runlock``), what a resume may change
+(``resume``); logs (``logbook``) and the dashboard (``dashboard``)."""

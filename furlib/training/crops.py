@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from furlib.images import center_crop, to_rgb_m11
+from furlib.images import to_rgb_m11
+from furlib.prepared import list_images, open_rgb
 from furlib.training import pixelcache
 
 _CROP_STREAM, _ORDER_STREAM = 1, 2  # keep the two random streams of one seed apart
@@ -36,15 +37,6 @@ _CROP_STREAM, _ORDER_STREAM = 1, 2  # keep the two random streams of one seed ap
 REDUCING_GAP = 2.0
 PIXEL_CACHE_CHOICES = ("auto", "yes", "no")  # 02's pixel_cache
 CROP_ATTEMPTS = 10  # draws of a crop size before the fallback (torchvision's RandomResizedCrop: 10)
-
-
-STORED_GLOBS = ("[!.]*.jpg", "[!.]*.png", "[!.]*.webp")  # what 01 stores; hidden: temporaries
-
-
-def list_images(split_dir) -> list[Path]:
-    """The prepared images of one split folder (``data/train`` or ``data/val``): stored originals
-    (JPEG, PNG, WebP) and converted PNGs, sorted by name."""
-    return sorted(p for pattern in STORED_GLOBS for p in Path(split_dir).glob(pattern))
 
 
 def sample_rng(seed: int, g: int) -> np.random.Generator:
@@ -163,15 +155,6 @@ def open_top_rows(path, rows: int) -> Image.Image:
 
 
 
-def open_rgb(path) -> Image.Image:
-    """A prepared PNG, fully read into memory (the file is closed on return); a PIL image passes."""
-    if isinstance(path, Image.Image):
-        return path if path.mode == "RGB" else path.convert("RGB")
-    with Image.open(path) as image:
-        image.load()
-        return image if image.mode == "RGB" else image.convert("RGB")
-
-
 class CropDataset(torch.utils.data.Dataset):
     """Index = global sample index ``g`` (any int >= 0) -> one ``rgb_m11`` CHW crop.
 
@@ -288,13 +271,3 @@ def make_loader(split_dir, resolution: int, batch_size: int, seed: int = 0, star
         dataset, batch_sampler=StepBatches(batch_size, start_step), num_workers=num_workers,
         pin_memory=pin_memory, persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None)
-
-
-
-def center_crops(paths, resolution: int) -> torch.Tensor:
-    """Fixed crops for val strips and evaluation: ``rgb_m11`` NCHW float32, one per path (or RGB
-    PIL image)."""
-    crops = [center_crop(open_rgb(p), resolution) for p in paths]
-    if not crops:
-        return torch.empty(0, 3, resolution, resolution)
-    return to_rgb_m11(np.stack(crops))

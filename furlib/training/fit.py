@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from furlib import models, perceptual, runinfo
-from furlib.training import crops, pixelcache, plots
-from furlib.training.checkpoint import sweep_temporaries
+from furlib import models, perceptual, prepared, reconstructions, runinfo
+from furlib.checkpoint import sweep_temporaries
+from furlib.training import crops, dashboard, pixelcache
 from furlib.training.launch import single_process_warning
 from furlib.training.logbook import Logbook
 from furlib.training.plan import make_plan
@@ -53,10 +53,10 @@ class Preview:
     """Fixed val images, their base reconstructions, and the figures shown every plot_every."""
 
     def __init__(self, trainer: Trainer, data_dir: Path, s: TrainSettings, logbook: Logbook, show=None):
-        val = crops.list_images(data_dir / "val")
+        val = prepared.list_images(data_dir / "val")
         self.held_out = bool(val)  # without a val split the strip shows training images: say so
-        paths = val or crops.list_images(data_dir / "train")
-        self.images = crops.center_crops(paths[:s.preview_images], s.resolution)
+        paths = val or prepared.list_images(data_dir / "train")
+        self.images = prepared.center_crops(paths[:s.preview_images], s.resolution)
         self.base = trainer.reconstruct(self.images)  # before any checkpoint is loaded
         self.trainer, self.logbook, self.show = trainer, logbook, show
         self.folder = logbook.log_dir.parent / "train"
@@ -72,9 +72,9 @@ class Preview:
         self.last_step = t.step_count
         columns = {"original": self.images, "base": self.base, "current": t.reconstruct(self.images),
                    "EMA": t.reconstruct(self.images, ema=True)}
-        self.logbook.image("preview", plots.strip_grid(columns), t.step_count)
-        figures = {"dashboard": plots.training_dashboard(self.logbook.history),
-                   "strip": plots.reconstruction_strip(columns, title)}
+        self.logbook.image("preview", reconstructions.strip_grid(columns), t.step_count)
+        figures = {"dashboard": dashboard.training_dashboard(self.logbook.history),
+                   "strip": reconstructions.reconstruction_strip(columns, title)}
         for name, fig in figures.items():
             fig.savefig(self.folder / f"{name}.png", dpi=80)
             if self.show:
@@ -85,7 +85,6 @@ class Preview:
 def plan(settings: TrainSettings | dict):
     """What ``fit`` will do (device, global batch, checkpoint, cache, workers, costs), in seconds."""
     s = settings if isinstance(settings, TrainSettings) else TrainSettings.from_params(settings)
-    s.validate()
     return make_plan(s, s.num_gpus, runinfo.pick_device(s.device))
 
 
@@ -93,7 +92,6 @@ def fit(settings: TrainSettings | dict, show=None, announce: bool = True) -> dic
     """Train until ``max_steps``; returns (on rank 0) the results also saved as train/results.json.
     ``announce=False``: the caller has shown ``plan(settings)`` already."""
     s = settings if isinstance(settings, TrainSettings) else TrainSettings.from_params(settings)
-    s.validate()
     rank, world, dev = _process(s.device)
     alone = single_process_warning(s.device, world)
     if alone:

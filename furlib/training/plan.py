@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from furlib import models, runinfo
-from furlib.data import report
-from furlib.training import checkpoint, crops, resume
+from furlib import checkpoint, runinfo
+from furlib.data import prep_report
+from furlib.prepared import list_images
+from furlib.training import crops, resume
 
 # Measured: 02's defaults (an SD-sized VAE, 256 px, batch 32) on a 2-core CPU took 7 min 23 s for
 # 4 steps and 10 GB of memory (issue 15); cost grows with the pixels of a batch.
@@ -68,16 +69,16 @@ def make_plan(s, processes: int, device: torch.device) -> Plan:
     run_path = runinfo.run_dir(s.outputs_dir, s.run_name)
     train_dir = run_path / "data" / "train"
     if s.train_source:  # streamed: 01's data/ serves only the preview strip (val)
-        if not crops.list_images(run_path / "data" / "val"):
+        if not list_images(run_path / "data" / "val"):
             raise ValueError(f"train_source={s.train_source!r} streams the training images, but 02's preview "
                              f"and 03 need held-out ones: run 01_data_prep with run_name={s.run_name!r} on a "
                              "small source first (its data/val is used; its data/train is not)")
         notes = [f"training input: {s.train_source!r} streamed, split per rank and loader worker "
                  "(no deduplication, no pixel cache; rejections under logs/stream_rejected/)"]
-    elif not crops.list_images(train_dir):
+    elif not list_images(train_dir):
         raise ValueError(f"no training images in {train_dir}: run 01_data_prep with run_name={s.run_name!r} first")
     else:
-        report.check_prepared(run_path / "data", s.resolution)  # a too-large resolution fails here, not in a worker
+        prep_report.check_prepared(run_path / "data", s.resolution)  # a too-large resolution fails here, not in a worker
         notes = []
     ckpt, ckpt_notes = checkpoint.pick_checkpoint(run_path, s.on_bad_checkpoint)
     notes += ckpt_notes

@@ -1,7 +1,7 @@
 """Training straight from a parquet/arrow/save_to_disk or Hub dataset, without 01's folder.
 
 For data that does not fit a local disk. ``StreamCrops`` reads the dataset as a ``datasets``
-IterableDataset (``furlib.data.sources.open_stream``), splits it per rank with datasets'
+IterableDataset (``furlib.sources.open_stream``), splits it per rank with datasets'
 ``split_dataset_by_node`` and per DataLoader worker with datasets' own worker sharding (an
 IterableDataset iterated inside a worker reads only its share of the shards), decodes every row
 with 01's rules (``load_rgb``: EXIF, ICC, alpha, bombs; too small rejected; long side capped at
@@ -34,7 +34,7 @@ class StreamCrops(torch.utils.data.IterableDataset):
                  shuffle_buffer: int = 256, log_dir=None):
         from datasets.distributed import split_dataset_by_node
 
-        from furlib.data.sources import open_stream
+        from furlib.sources import open_stream
 
         ds, self.prefix = open_stream(source, source_split, image_column, revision)  # fails here, early
         if shuffle_buffer > 0:

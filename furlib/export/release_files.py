@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from furlib.training.checkpoint import find_run_checkpoint, load_decoder_weights, run_base
+from furlib.checkpoint import find_run_checkpoint, load_decoder_weights, run_base
 from furlib.ldm_keys import diffusers_to_ldm
 from furlib.models import load_vae, with_decoder
 from furlib.runinfo import file_sha256
@@ -256,8 +256,8 @@ def push_to_hub(export_dir: Path, repo_id: str, private: bool = False, endpoint:
 
 def val_images(run_dir: Path, n: int = 4, size: int = 256) -> torch.Tensor | None:
     """Up to ``n`` of the run's ``data/val`` images, as 03 evaluates them, as ``rgb_m11``."""
-    from furlib.evaluation.evaluate import preprocess
-    from furlib.training.crops import list_images
+    from furlib.images import preprocess
+    from furlib.prepared import list_images
 
     paths = list_images(Path(run_dir) / "data" / "val")[:n]  # stored JPEG/PNG/WebP, as 02 lists them
     return torch.stack([preprocess(p, size) for p in paths]) if paths else None
@@ -265,7 +265,7 @@ def val_images(run_dir: Path, n: int = 4, size: int = 256) -> torch.Tensor | Non
 
 @torch.no_grad()
 def reconstructions(rgb_m11: torch.Tensor, decoders: dict, encoder_vae, device="cpu") -> dict:
-    """Columns for ``plots.reconstruction_strip``: the input, then its decode by each named VAE.
+    """Columns for ``reconstructions.reconstruction_strip``: the input, then its decode by each named VAE.
 
     ``encoder_vae`` encodes once (posterior mode), so the columns differ only by decoder.
     """

@@ -20,8 +20,8 @@ from typing import NamedTuple
 
 from PIL import Image
 
-from furlib.runinfo import hub_unreachable  # noqa: F401 (tests patch it here)
-from furlib.data.builtin import ART_VERSION, builtin_sources
+from furlib.builtin import ART_VERSION, builtin_sources
+from furlib.runinfo import hub_unreachable
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 TABLE_SUFFIXES = (".parquet", ".arrow")

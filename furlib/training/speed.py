@@ -1,0 +1,178 @@
+"""Speed levers: same maths, faster. Nothing here changes what a step computes.
+
+``tests/test_train.py`` compares each lever with the plain path (losses and gradients). Three
+levers, each its own section below:
+
+1. ``speed_up``: memory layout (NHWC), phase upsampling, ``torch.compile``; ``Tuning`` holds the
+   levers a benchmark or test may change that are not recipe parameters (02 never sets them, so a
+   run's record does not need them).
+2. Phase upsampling (``use_phase_upsampling``): the decoder's "nearest 2x upsample, then 3x3 conv"
+   as four 2x2 convs at the low resolution.
+3. Gradient averaging over processes by hand (``average_gradients``, ``check_in_sync``).
+
+## Phase upsampling
+The decoder's "nearest 2x upsample, then 3x3 conv" as four 2x2 convs at the low resolution.
+
+Every output pixel (2i+a, 2j+b) of a 3x3 conv over a nearest-upsampled map reads only a 2x2
+neighbourhood of the *input* map: along each axis the three taps fall on two input rows, for
+phase a=0 rows (i-1, i) with kernel rows (w0, w1+w2), for a=1 rows (i, i+1) with (w0+w1, w2).
+So the same function is one conv with 4x the output channels and a 2x2 kernel on the small map,
+then an interleave of the four phases: 16 instead of 36 multiply-adds per output and input
+channel (2.25x fewer), in the forward and both backward convs. The three upsampling convs of the
+SD decoder are 28% of its FLOPs. The checkpoint still holds the 3x3 weights; the 2x2 kernels are
+rebuilt from them (differentiably) at every call, so gradients land on the original parameter.
+
+Same maths, different rounding (sums of weights first): ``tests/test_train.py`` compares outputs
+and gradients with diffusers' ``Upsample2D``.
+
+## Gradient averaging
+Several processes, one run: gradients averaged by hand, and a check that ranks agree.
+
+Why not ``DistributedDataParallel`` (or accelerate's ``prepare``, which wraps the model in it):
+- the step differentiates at the reconstruction with ``torch.autograd.grad`` (the adaptive
+  weight's fast path, ``furlib.training.trainer``); DDP's reducer only handles gradients that
+  backward accumulates into ``.grad`` and documents that ``autograd.grad`` does not work with it;
+- the critic runs three ways a step (the decoder's term, its own loss, the gradient penalty's
+  double backward): a DDP-wrapped critic would expect one reduction per forward;
+- two models with their own optimizers, scalers and skip decisions: every rank must take the
+  same skip-or-step decision, so the loss is averaged along with the gradients.
+One flat all-reduce after all micro-batches does all of this (one call a step; ``grad_accum``
+needs no ``no_sync``). What it gives up: DDP overlaps the reduction with the backward; here it
+runs after it (one decoder's and one critic's gradients a step).
+"""
+
+import dataclasses
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Inductor's NHWC conversion, forced: left to its heuristic, the backward graph mixes layouts and
+# cuDNN's convolution_backward copies ~0.5 GB activations to match them (~40 ms a step at 256 px,
+# batch 32 on an H100); forced on an NCHW model: 273 -> 231 ms (benchmarks/RESULTS.md).
+COMPILE_OPTIONS = {"force_layout_optimization": True}
+
+
+@dataclasses.dataclass
+class Tuning:
+    inductor_options: dict = dataclasses.field(default_factory=lambda: dict(COMPILE_OPTIONS))
+    compile_critic: bool = True     # a compiled twin for the critic's first-order passes
+    lpips_autocast: bool = False    # LPIPS under the step's autocast, not fp32 (changes results)
+    part_timer: Callable[[str], AbstractContextManager] | None = None  # wraps each part of the step
+
+
+def speed_up(vae, critic, rec_loss, settings, device: torch.device, tuning: Tuning):
+    """Layout, phase upsampling and compilation, in place; returns (memory layout, the critic
+    for first-order passes)."""
+    compiled = settings.uses("torch_compile", device)
+    if settings.uses("phase_upsample", device):
+        use_phase_upsampling(vae.decoder)  # keeps the state-dict keys
+    # compiled graphs choose their own layouts (see COMPILE_OPTIONS): "auto" NHWC is for eager
+    nhwc = settings.channels_last == "yes" or (
+        settings.channels_last == "auto" and not compiled and device.type == "cuda")
+    layout = torch.channels_last if nhwc else torch.contiguous_format
+    for module in (vae, critic, rec_loss):
+        module.to(memory_format=layout)
+    scores = critic
+    if compiled:
+        # in place, so state-dict keys and the feature hook stay
+        for module in (vae.encoder, vae.decoder, rec_loss.lpips):
+            if module is not None:
+                module.compile(options=tuning.inductor_options)
+        if tuning.compile_critic:
+            # a compiled twin sharing the weights: the penalty's double backward runs the eager
+            # critic, because compiled graphs have no double backward
+            scores = torch.compile(critic, options=tuning.inductor_options)
+    return layout, scores
+
+
+
+def _fold(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernels along ``dim`` (size 3 -> 2) for the even and the odd output phase."""
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)
+
+
+def phase_kernels(weight: torch.Tensor) -> torch.Tensor:
+    """(O, C, 3, 3) -> (4 * O, C, 2, 2), phases ordered (a, b) = (0, 0), (0, 1), (1, 0), (1, 1)."""
+    rows = _fold(weight, 2)
+    return torch.cat([k for r in rows for k in _fold(r, 3)])
+
+
+def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv(interpolate(x, scale_factor=2, mode="nearest"))`` for a 3x3, padding-1 ``conv``."""
+    n, _, h, w = x.shape
+    bias = None if conv.bias is None else conv.bias.repeat(4)
+    # the kernels are summed in the weights' dtype (fp32); autocast casts them like conv's own
+    out = F.conv2d(x, phase_kernels(conv.weight), bias, padding=1)  # (N, 4 O, h + 1, w + 1)
+    # interleave in NHWC, channels innermost on both sides (a strided NCHW copy is ~5x slower);
+    # an axis's even phase starts at offset 0, its odd one at 1
+    phases = out.permute(0, 2, 3, 1).unflatten(3, (2, 2, -1))  # (N, h + 1, w + 1, a, b, O)
+    rows = [torch.stack([phases[:, a:a + h, b:b + w, a, b] for b in (0, 1)], 3) for a in (0, 1)]
+    y = torch.stack(rows, 2).reshape(n, 2 * h, 2 * w, -1).permute(0, 3, 1, 2)  # NCHW view of NHWC
+    return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
+
+
+class PhaseUpsample(nn.Module):
+    """Drop-in for a decoder ``Upsample2D``; keeps its ``conv`` (same state-dict keys)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, hidden_states: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
+        if output_size is not None:
+            raise ValueError("PhaseUpsample doubles the size; an explicit output_size is not supported")
+        return upsample_conv(hidden_states, self.conv)
+
+
+def _replaceable(module: nn.Module) -> bool:
+    conv = getattr(module, "conv", None)
+    return (type(module).__name__ == "Upsample2D" and module.use_conv and not module.use_conv_transpose
+            and module.interpolate and module.norm is None and isinstance(conv, nn.Conv2d)
+            and conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.stride == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1)
+
+
+def use_phase_upsampling(decoder: nn.Module) -> int:
+    """Swap the decoder's plain nearest+3x3 ``Upsample2D`` layers in place; returns how many."""
+    swapped = 0
+    for block in getattr(decoder, "up_blocks", []):
+        ups = getattr(block, "upsamplers", None) or []
+        for i, up in enumerate(ups):
+            if _replaceable(up):
+                ups[i] = PhaseUpsample(up.conv)
+                swapped += 1
+    return swapped
+
+
+
+def average_gradients(params: list, scalars: list, world_size: int) -> None:
+    """Average the ``.grad`` of ``params`` and the 0-dim tensors ``scalars`` (in place) over all
+    ranks with one all-reduce; a no-op on one process. Everything must be fp32 (one flat buffer)."""
+    if world_size == 1:
+        return
+    import torch.distributed as dist
+
+    tensors = [p.grad for p in params if p.grad is not None] + [s.view(1) for s in scalars]
+    flat = torch.cat([t.reshape(-1) for t in tensors])  # one copy in, one copy back
+    dist.all_reduce(flat)
+    flat /= world_size
+    for t, synced in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(synced.view_as(t))
+
+
+def check_in_sync(tensors: list, rank: int, world_size: int, step: int) -> None:
+    """Raise unless every rank holds the same ``tensors`` (a collective call; compares one
+    float64 sum per tensor, which any real divergence changes)."""
+    if world_size == 1:
+        return
+    import torch.distributed as dist
+
+    mine = torch.stack([t.detach().double().sum() for t in tensors])
+    every = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(every, mine)
+    if not all(torch.equal(mine, other) for other in every):
+        raise RuntimeError(f"rank {rank}: weights differ between ranks at step {step}")
