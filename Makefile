@@ -23,10 +23,10 @@ LINTED := furlib tests benchmarks scripts notebooks/*.py
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed  ## all four notebooks on the built-in set, tiny model, CPU
-	$(PY) -m furlib.pipeline params/demo.yaml
+	$(PY) -m furlib.pipeline params/demo.yaml --log-output
 
 run: $(VENV)/.installed  ## any profile: make run PROFILE=params/furception_v1.yaml
-	$(PY) -m furlib.pipeline $(PROFILE)
+	$(PY) -m furlib.pipeline $(PROFILE) --log-output
 
 lint: $(VENV)/.installed
 	$(PY) -m pyflakes $(LINTED)
@@ -41,5 +41,10 @@ $(VENV)/.lab-installed: $(VENV)/.installed requirements-lab.txt
 	$(PY) -m pip install --quiet -r requirements-lab.txt
 	touch $@
 
+# As root (containers often are) Jupyter refuses to start without --allow-root; in a container the
+# browser is outside, so the server listens on every interface (token-protected) and opens none.
+# LAB_ARGS adds your own, e.g. make lab LAB_ARGS="--port=8890".
+IN_CONTAINER := $(wildcard /.dockerenv /run/.containerenv)
+LAB_FLAGS := $(if $(filter 0,$(shell id -u)),--allow-root) $(if $(IN_CONTAINER),--ip=0.0.0.0 --no-browser) $(LAB_ARGS)
 lab: $(VENV)/.lab-installed  ## Jupyter Lab on the notebooks, kernel = this .venv (outputs not saved into notebooks/)
-	$(VENV)/bin/jupyter lab --config=tools/jupyter_lab_config.py notebooks/01_data_prep.ipynb
+	$(VENV)/bin/jupyter lab --config=tools/jupyter_lab_config.py $(LAB_FLAGS) notebooks/01_data_prep.ipynb

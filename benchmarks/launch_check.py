@@ -50,7 +50,9 @@ def results(outputs: Path, run_name: str) -> dict:
 
 def cli_run(outputs: Path, nproc: int, device: str, max_steps: int) -> dict:
     overrides = dict(OVERRIDES, max_steps=max_steps, device=device, outputs_dir=str(outputs), run_name="cli")
-    mode = ["--cpu"] if device == "cpu" else ["--multi_gpu"]
+    # --multi_gpu is accelerate's torchrun launcher, on CPUs too (fit uses gloo for device='cpu');
+    # --cpu would start ONE process whatever --num_processes says
+    mode = ["--multi_gpu"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc), *mode, "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "furlib.training.fit", "params/smoke.yaml"]
     cmd += [a for k, v in overrides.items() for a in ("-p", f"{k}={v!r}")]  # quoted: 'yes' stays a string

@@ -10,6 +10,7 @@ outputs: ``<outputs_dir>/<run_name>/NN_verb.ipynb``.
 
 import argparse
 import ast
+import difflib
 import json
 import logging
 import sys
@@ -20,6 +21,14 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("01_data_prep", "02_train", "03_eval", "04_export")
+# parameters that may name a file or folder; a relative one is taken from where you run the
+# pipeline (the notebooks run in the repository root), unless it is one of the special values
+PATH_KEYS = ("source", "train_source", "eval_source", "base_model", "base_config")
+SPECIAL = {"", "builtin", "val", "tiny", "tiny-random", "random:sd"}
+
+
+class StageFailed(RuntimeError):
+    """A notebook raised; the message is one plain line (the traceback is in the executed notebook)."""
 
 
 def notebook_path(stage: str) -> Path:
@@ -55,13 +64,27 @@ def load_profile(path: str | Path, overrides: dict | None = None) -> dict:
     params = yaml.safe_load(path.read_text()) or {}
     if not isinstance(params, dict):
         raise ValueError(f"{path} must be a flat mapping of parameter names to values")
-    params.update(overrides or {})
     declared = set().union(*(declared_parameters(s) for s in STAGES))
-    unknown = sorted(set(params) - declared)
-    if unknown:
-        raise ValueError(f"{path}: no notebook declares {unknown}; check the spelling against the "
-                         f"notebooks' parameters cells")
-    return params
+    for where, keys in ((str(path), params), ("-p", overrides or {})):  # blame the one that has it
+        unknown = sorted(set(keys) - declared)
+        if unknown:
+            close = {k: difflib.get_close_matches(k, declared, 1) for k in unknown}
+            hints = "; ".join(f"{k!r}: did you mean {c[0]!r}?" for k, c in close.items() if c)
+            raise ValueError(f"{where}: no notebook declares {unknown}{' (' + hints + ')' if hints else ''}; "
+                             "check the spelling against the notebooks' parameters cells")
+    return dict(params, **(overrides or {}))
+
+
+def resolve_paths(params: dict, cwd: Path) -> dict:
+    """A relative file or folder parameter that exists from ``cwd`` (where the user typed the
+    command) becomes absolute, since the notebooks run in the repository root."""
+    out = dict(params)
+    for key in PATH_KEYS:
+        value = out.get(key)
+        if isinstance(value, str) and value not in SPECIAL and not Path(value).is_absolute() \
+                and (cwd / value).exists():
+            out[key] = str((cwd / value).resolve())
+    return out
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -117,7 +140,7 @@ def run(profile: str | Path, stages=STAGES, overrides: dict | None = None, log_o
     """Execute ``stages`` in order; returns the run folder. Stops at the first failing stage."""
     import papermill
 
-    params = load_profile(profile, overrides)
+    params = resolve_paths(load_profile(profile, overrides), Path.cwd())
     defaults = stage_defaults(STAGES[0])  # the notebooks' own defaults
     for key in ("run_name", "outputs_dir"):  # every stage works on the same run folder
         params.setdefault(key, defaults[key])
@@ -127,9 +150,15 @@ def run(profile: str | Path, stages=STAGES, overrides: dict | None = None, log_o
         mine = {k: v for k, v in params.items() if k in declared_parameters(stage)}
         t0 = time.time()
         print(f"[{stage}] running with {len(mine)} parameters -> {run_dir / (stage + '.ipynb')}", flush=True)
-        papermill.execute_notebook(str(notebook_path(stage)), str(run_dir / f"{stage}.ipynb"),
-                                   parameters=mine, cwd=str(ROOT), log_output=log_output,
-                                   progress_bar=False)
+        executed = run_dir / f"{stage}.ipynb"
+        try:
+            papermill.execute_notebook(str(notebook_path(stage)), str(executed), parameters=mine,
+                                       cwd=str(ROOT), log_output=log_output, progress_bar=False)
+        except papermill.PapermillExecutionError as err:
+            said = " ".join(str(err.evalue).split())  # a multi-line message (a list of bad values) on one line
+            rest = ",".join(stages[list(stages).index(stage):])
+            raise StageFailed(f"[{stage}] failed: {err.ename}: {said} -- fix that, then re-run from "
+                              f"here with --stages {rest} (traceback: {executed})") from None
         print(f"[{stage}] done in {time.time() - t0:.0f} s", flush=True)
     return run_dir
 
@@ -143,8 +172,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.log_output:  # papermill streams cell output through `logging`, silent until configured
         logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-    overrides = dict(parse_override(p) for p in args.param)
-    run_dir = run(args.profile, args.stages.split(","), overrides, args.log_output)
+    try:
+        overrides = dict(parse_override(p) for p in args.param)
+        run_dir = run(args.profile, args.stages.split(","), overrides, args.log_output)
+    except (StageFailed, ValueError, FileNotFoundError) as err:  # one plain line, last
+        print(f"ERROR: {err}", file=sys.stderr, flush=True)
+        return 1
     print(f"outputs: {run_dir}")
     return 0
 

@@ -58,6 +58,17 @@ def iter_source(source, source_split: str = "train", image_column: str = "image"
 
 def _kind(source) -> tuple[str, Path]:
     """builtin, folder (of images), table (parquet/arrow/save_to_disk) or hub."""
+    if not isinstance(source, (str, os.PathLike)):  # e.g. a datasets.Dataset from a notebook
+        raise TypeError(f"source must be a path or a Hub dataset id, not a {type(source).__name__}: "
+                        "save a dataset with .save_to_disk(folder) or .to_parquet(file) and give that path "
+                        "(a re-run resumes from the journal, which needs a source it can find again)")
+    if str(source).startswith("hf://"):
+        raise ValueError(f"source {str(source)!r}: give the Hub dataset's id ('owner/name', with "
+                         "source_split), not an hf:// path")
+    if any(c in str(source) for c in "*?"):
+        raise ValueError(f"source {str(source)!r} is a glob: give the folder that holds the files (all "
+                         "its .parquet/.arrow files are read; the Hub's data/<split>-*.parquet names "
+                         "give source_split its splits)")
     path = Path(str(source)).expanduser()
     if source in BUILTIN_SOURCES:
         return "builtin", path
@@ -74,7 +85,16 @@ def _kind(source) -> tuple[str, Path]:
         return ("table" if tables_only else "folder"), path
     if re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", str(source)):
         return "hub", path
-    raise FileNotFoundError(f"source {source!r}: no such file or folder, and not a Hub dataset id")
+    raise FileNotFoundError(f"source {source!r}: no such file or folder (looked in {Path.cwd()}), "
+                            "and not a Hub dataset id; give an absolute path")
+
+
+def check_revision(source, revision: str) -> None:
+    """A revision pins a Hub dataset's commit; a local source has none to pin."""
+    kind, path = _kind(source)
+    if revision and kind != "hub":
+        raise ValueError(f"source_revision={revision!r} pins a Hub dataset's commit, but source "
+                         f"{str(source)!r} is a local {kind}: leave source_revision empty")
 
 
 def source_key(source, source_split: str, image_column: str) -> str:
@@ -239,10 +259,14 @@ def _dataset_rows(ds, prefix: str, image_column: str, stamp, resume=None):
                     {"next_index": index + 1, "stamp": stamp, "state": ds.state_dict()})
 
 
+def hub_offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
 def _hub_rows(source: str, source_split: str, image_column: str, revision: str = "", resume=None):
     """Stream a Hub dataset; any failure to reach or read it becomes one clear RuntimeError."""
-    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes")
-                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    offline = hub_offline()
     if not offline and (why := hub_unreachable()):  # fail in ms, not after minutes of retries
         raise _hub_error(source, source_split, ConnectionError(why))
     try:
@@ -277,5 +301,6 @@ def _hub_error(source: str, source_split: str, e: Exception) -> RuntimeError:
     return RuntimeError(
         f"could not read Hub dataset {source!r} split {source_split!r} ({type(e).__name__}: "
         f"{first_line}); no local file or folder of that name exists either. {OFFLINE_HELP} "
-        f"A copy already in the datasets cache is used with HF_DATASETS_OFFLINE=1. "
-        f"Re-running resumes an interrupted run.")
+        f"A Hub source is streamed, never cached, so it needs the Hub every time: to work offline, "
+        f"download it once (hf download {source} --repo-type dataset --local-dir <folder>) and give "
+        f"that folder as source. Re-running resumes an interrupted run.")

@@ -2,7 +2,7 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
-#     notebook_metadata_filter: kernelspec,jupytext
+#     notebook_metadata_filter: kernelspec,jupytext,accelerator,colab,kaggle
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -53,7 +53,7 @@ import time
 from IPython.display import display
 from PIL import ImageColor
 
-from furlib import crops, parameters, prepared, runinfo
+from furlib import crops, handoff, parameters, prepared, runinfo
 from furlib.data import prep_figures
 from furlib.data.prepare import prepare
 from furlib.display import show
@@ -85,6 +85,8 @@ num_workers = 0            # loader processes for the preview (0: in this proces
 parameters.check_notebook("01_data_prep", globals())  # names, types and finite numbers, before anything runs
 run_dir = runinfo.run_dir(outputs_dir, run_name)
 data_dir = run_dir / "data"
+if note := handoff.use_outputs_dir(outputs_dir):  # Colab: Drive mounted here when outputs_dir is on it
+    print(note)
 if not str(source):
     raise ValueError("source must not be empty: use 'builtin' for the offline sample set")
 if resolution <= 0 or resolution % 8:

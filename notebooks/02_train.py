@@ -1,13 +1,21 @@
 # ---
 # jupyter:
+#   accelerator: GPU
+#   colab:
+#     gpuType: T4
+#     provenance: []
 #   jupytext:
 #     formats: ipynb,py:percent
-#     notebook_metadata_filter: kernelspec,jupytext
+#     notebook_metadata_filter: kernelspec,jupytext,accelerator,colab,kaggle
 #     text_representation:
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
 #       jupytext_version: 1.19.6
+#   kaggle:
+#     accelerator: nvidiaTeslaT4
+#     isGpuEnabled: true
+#     isInternetEnabled: true
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -51,7 +59,7 @@ import dataclasses
 
 from IPython.display import Image, display
 
-from furlib import parameters, runinfo
+from furlib import handoff, parameters, runinfo
 from furlib.display import show
 from furlib.training import fit
 from furlib.training.settings import TrainSettings
@@ -130,6 +138,9 @@ image_column = "image"                    # image column of a train_source datas
 
 # %%
 parameters.check_notebook("02_train", globals())  # names, types and finite numbers, before anything runs
+if note := handoff.use_outputs_dir(outputs_dir):  # Colab: Drive mounted here when outputs_dir is on it
+    print(note)
+handoff.require(runinfo.run_dir(outputs_dir, run_name), "data/val" if train_source else "data/train", "02_train", "01_data_prep")
 settings = TrainSettings.from_params({f.name: globals()[f.name] for f in dataclasses.fields(TrainSettings)})
 params = dataclasses.asdict(settings)
 run_dir = runinfo.run_dir(outputs_dir, run_name)

@@ -2,7 +2,7 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
-#     notebook_metadata_filter: kernelspec,jupytext
+#     notebook_metadata_filter: kernelspec,jupytext,accelerator,colab,kaggle
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -55,7 +55,7 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from furlib import parameters, perceptual, runinfo
+from furlib import handoff, parameters, perceptual, progress, runinfo
 from furlib.display import show
 from furlib.evaluation import decode_checks, eval_figures, eval_report, evaluate
 from furlib.images import preprocess
@@ -83,8 +83,9 @@ show_images = 4                # images per picture: chosen, most improved, most
 # %%
 parameters.check_notebook("03_eval", globals())  # names, types and finite numbers, before anything runs
 run_dir = runinfo.run_dir(outputs_dir, run_name)
-if not run_dir.is_dir():
-    raise ValueError(f"run_name: {run_dir} does not exist; run 02_train with this run_name first")
+if note := handoff.use_outputs_dir(outputs_dir):  # Colab: Drive mounted here when outputs_dir is on it
+    print(note)
+handoff.require(run_dir, "checkpoints", "03_eval", "02_train")  # a fresh runtime: says how to bring the run
 if eval_resolution < 8 or eval_resolution % 8:
     raise ValueError(f"eval_resolution must be a positive multiple of 8, got {eval_resolution}")
 for name, value, low in (("eval_max_images", eval_max_images, 0), ("eval_batch_size", eval_batch_size, 1), ("show_images", show_images, 0)):
@@ -187,8 +188,10 @@ for i, example in enumerate(result.examples["chosen"]):
     fig = eval_figures.wipe_figure(example, "base", finetuned)
     eval_figures.save(fig, eval_dir / f"wipe_{i}.png")
     plt.close(fig)
-if result.examples["chosen"]:
+if result.examples["chosen"] and progress.mode() == "widgets":  # someone is watching: the live slider
     display(eval_figures.comparison_widget(result.examples["chosen"], "base", finetuned))
+elif result.examples["chosen"]:  # headless, a widget would be saved as a dead "VBox(...)" line
+    print(f"headless run: the wipes are {eval_dir}/wipe_*.png; open this notebook in Jupyter or Colab for the slider")
 
 # %% [markdown]
 # ## 5. Tiled and fp16 decode checks

@@ -2,7 +2,7 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
-#     notebook_metadata_filter: kernelspec,jupytext
+#     notebook_metadata_filter: kernelspec,jupytext,accelerator,colab,kaggle
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -50,7 +50,7 @@ if "google.colab" in sys.modules or "KAGGLE_KERNEL_RUN_TYPE" in os.environ:
 import pandas as pd
 from IPython.display import Markdown, display
 
-from furlib import models, parameters, reconstructions, runinfo
+from furlib import handoff, models, parameters, reconstructions, runinfo
 from furlib.display import show
 from furlib.export import model_card, release_files
 
@@ -74,8 +74,9 @@ device = "auto"  # "auto", "cpu" or "cuda"
 # %%
 parameters.check_notebook("04_export", globals())  # names, types and finite numbers, before anything runs
 run_dir = runinfo.run_dir(outputs_dir, run_name)
-if not run_dir.is_dir():
-    raise ValueError(f"run_name: {run_dir} does not exist; run 02_train with this run_name first")
+if note := handoff.use_outputs_dir(outputs_dir):  # Colab: Drive mounted here when outputs_dir is on it
+    print(note)
+handoff.require(run_dir, "checkpoints", "04_export", "02_train")  # a fresh runtime: says how to bring the run
 if weights not in ("ema", "raw"):
     raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
 name = model_name or run_name  # a run is never released as "furception" unless asked to
@@ -136,7 +137,7 @@ if images is None:
     print(f"No val images in {run_dir}/data/val: skipping the side-by-side figure (the card has no picture).")
 else:
     base_vae = models.load_vae(release.base_model, release.base_config, release.base_seed, release.base_family)
-    exported = models.load_vae(str(files["single"]), base_config=str(stage_dir / "diffusers"))
+    exported = models.load_vae(str(files["single"]), base_config=str(stage_dir))  # config.json at the root
     columns = release_files.reconstructions(images, {"base": base_vae, "exported": exported}, base_vae, dev)
     picture = "reconstructions.png"  # beside the card, so the Hub page shows it
     show(reconstructions.reconstruction_strip(columns, f"base vs {files['single'].name}"), save_to=stage_dir / picture)

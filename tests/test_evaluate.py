@@ -70,7 +70,7 @@ def test_run_models_names_and_sources(run_dir, tmp_path):
 
 def test_an_export_folder_is_not_evaluated(run_dir):
     """03 evaluates checkpoints; 04 verifies its own export (stages hand off forward only)."""
-    export = run_dir / "export" / "diffusers"
+    export = run_dir / "export"  # 04's layout: diffusers files at its root
     models.load_vae("tiny-random").save_pretrained(export)
     try:
         assert [s.name for s in evaluate.run_models(run_dir)] == ["base", "finetuned-ema", "finetuned-raw"]

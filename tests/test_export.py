@@ -62,10 +62,26 @@ def test_every_file_is_written_and_staging_is_gone(exported):
     out = run / "export"
     names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert names == {"README.md", "manifest.json", f"{STEM}.safetensors", f"{STEM}-fp16.safetensors",
-                     "diffusers/config.json", "diffusers/diffusion_pytorch_model.safetensors",
-                     "diffusers/diffusion_pytorch_model.fp16.safetensors"}
+                     "config.json", "diffusion_pytorch_model.safetensors",
+                     "diffusion_pytorch_model.fp16.safetensors"}
     assert not (run / release_files.STAGING).exists()
     assert json.loads((out / "manifest.json").read_text()) == json.loads(json.dumps(manifest))
+
+
+def test_the_export_folder_loads_from_its_root_like_a_hub_vae_repository(exported):
+    """As `stabilityai/sd-vae-ft-mse`: from_pretrained(root) with no subfolder, the single file beside."""
+    from diffusers import AutoencoderKL
+
+    run, _, _, ema = exported
+    root = run / "export"
+    by_folder = AutoencoderKL.from_pretrained(str(root))
+    by_file = AutoencoderKL.from_single_file(str(root / f"{STEM}.safetensors"), config=str(root),
+                                             local_files_only=True)
+    for vae in (by_folder, by_file):
+        state = vae.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in ema.items())
+    fp16 = AutoencoderKL.from_pretrained(str(root), variant="fp16").state_dict()
+    assert all(torch.equal(fp16[k].half(), v.half()) for k, v in ema.items())
 
 
 def test_manifest_sizes_and_hashes_are_right(exported):
@@ -82,8 +98,8 @@ def test_verification_results(exported):
     checks = exported[1]["verification"]
     assert exported[1]["passed"] and all(c["passed"] for c in checks)
     assert {(c["file"], c["loader"]) for c in checks} == {
-        ("diffusers/diffusion_pytorch_model.safetensors", "diffusers from_pretrained"),
-        ("diffusers/diffusion_pytorch_model.fp16.safetensors", "diffusers from_pretrained fp16"),
+        ("diffusion_pytorch_model.safetensors", "diffusers from_pretrained"),
+        ("diffusion_pytorch_model.fp16.safetensors", "diffusers from_pretrained fp16"),
         (f"{STEM}.safetensors", "diffusers from_single_file"), (f"{STEM}.safetensors", "furlib load_single_file"),
         (f"{STEM}-fp16.safetensors", "diffusers from_single_file"),
         (f"{STEM}-fp16.safetensors", "furlib load_single_file")}
@@ -142,7 +158,7 @@ def test_card_names_a_hub_base_and_says_when_eval_is_missing(tmp_path):
     card = model_card.model_card(tmp_path, release, SD_CONFIG, "m", "2.0", "mit", fp16_copy=False, hub_repo="me/m")
     assert "base_model: stabilityai/sd-vae-ft-mse\n" in card and "test-only" not in card
     assert "was not run" in card and "parameters unknown" in card and "fp16" not in card
-    assert '"me/m", subfolder="diffusers"' in card
+    assert 'from_pretrained("me/m")' in card and "subfolder" not in card
 
 
 def test_raw_weights_on_request_and_no_fp16(tmp_path):

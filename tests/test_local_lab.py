@@ -13,7 +13,8 @@ ROOT = pipeline.ROOT
 
 def _hook():
     config = Config()
-    exec((ROOT / "tools" / "jupyter_lab_config.py").read_text(), {"get_config": lambda: config})
+    path = ROOT / "tools" / "jupyter_lab_config.py"  # traitlets runs it with get_config and __file__
+    exec(path.read_text(), {"get_config": lambda: config, "__file__": str(path)})
     return config.ContentsManager.pre_save_hook
 
 
@@ -32,6 +33,28 @@ def test_saving_a_committed_notebook_drops_its_outputs():
     code = [c for c in model["content"]["cells"] if c["cell_type"] == "code"]
     assert code and all(c["outputs"] == [] and c["execution_count"] is None for c in code)
     assert [c["source"] for c in model["content"]["cells"]] == source_before, "code and text are kept"
+
+
+class _Server:
+    """What jupyter_server passes as ``contents_manager``: its root folder."""
+
+    def __init__(self, root_dir):
+        self.root_dir = str(root_dir)
+
+
+def test_the_hook_matches_the_path_make_lab_s_server_gives():
+    """`make lab` opens notebooks/01_data_prep.ipynb, so the server's root is notebooks/ and it saves
+    "01_data_prep.ipynb"; from the repository root it saves "notebooks/01_data_prep.ipynb"."""
+    for root, path in ((ROOT / "notebooks", "01_data_prep.ipynb"), (ROOT / "notebooks", "/01_data_prep.ipynb"),
+                       (ROOT, "notebooks/01_data_prep.ipynb")):
+        model = _executed_model()
+        _hook()(model=model, path=path, contents_manager=_Server(root))
+        assert all(c.get("outputs") in (None, []) for c in model["content"]["cells"]), (root, path)
+    for root, path in ((ROOT / "notebooks", "old/01.ipynb"), (ROOT, "outputs/my_run/01_data_prep.ipynb"),
+                       (ROOT / "outputs", "my_run/01_data_prep.ipynb")):
+        model = _executed_model()
+        _hook()(model=model, path=path, contents_manager=_Server(root))
+        assert model == _executed_model(), (root, path)
 
 
 def test_other_notebooks_keep_their_outputs():
@@ -68,3 +91,37 @@ def test_what_install_and_runs_write_is_ignored_by_git():
     assert ignored == written
     tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", "*.egg-info/*"], capture_output=True, text=True)
     assert tracked.stdout == ""
+
+
+def test_make_lab_starts_as_root_and_in_a_container():
+    """Jupyter refuses root without --allow-root; in a container the browser is outside."""
+    import os
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if not shutil.which("make"):
+        pytest.skip("no make")
+    cmd = subprocess.run(["make", "-n", "-o", ".venv/.lab-installed", "lab", "LAB_ARGS=--port=8890"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    assert cmd.startswith(".venv/bin/jupyter lab --config=tools/jupyter_lab_config.py") and "--port=8890" in cmd
+    assert ("--allow-root" in cmd) == (os.geteuid() == 0)
+    in_container = os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv")
+    assert ("--ip=0.0.0.0" in cmd) == in_container
+
+
+def test_pyproject_extras_are_the_requirement_files():
+    """`pip install -e ".[dev]"` / `".[lab]"` install what `make test` / `make lab` install."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+    def listed(name):  # a requirements file's own lines, following its -r includes but the runtime's
+        lines = [ln.split("#")[0].strip() for ln in (ROOT / name).read_text().splitlines()]
+        own = [ln for ln in lines if ln and not ln.startswith("-r")]
+        nested = [ln.split()[1] for ln in lines if ln.startswith("-r") and ln.split()[1] != "requirements.txt"]
+        return own + [r for n in nested for r in listed(n)]
+
+    assert sorted(extras["dev"]) == sorted(listed("requirements-dev.txt"))
+    assert sorted(extras["lab"]) == sorted(listed("requirements-lab.txt"))

@@ -89,3 +89,73 @@ def test_pipeline_gives_every_stage_the_same_run_folder(tmp_path, monkeypatch):
     assert run_dir == tmp_path / "outs" / "my_run" and run_dir.is_dir()
     assert [out.parent for out, _ in calls] == [run_dir] * 4
     assert all(params["run_name"] == "my_run" for _, params in calls)
+
+
+def test_train_notebook_asks_for_a_gpu_runtime_and_jupytext_keeps_it(tmp_path):
+    """Colab reads `accelerator`/`colab.gpuType`, Kaggle `kaggle.isGpuEnabled`: 02 opens on a GPU."""
+    ipynb = nbformat.read(ROOT / "notebooks" / "02_train.ipynb", as_version=4)
+    assert ipynb.metadata["accelerator"] == "GPU" and ipynb.metadata["colab"]["gpuType"]
+    assert ipynb.metadata["kaggle"]["isGpuEnabled"] is True
+    # a `make sync` from the .py with the repository's jupytext.toml must write the same metadata
+    config = jupytext.config.load_jupytext_configuration_file(str(ROOT / "jupytext.toml"))
+    fmt = jupytext.formats.long_form_one_format("ipynb")
+    synced = jupytext.reads(jupytext.writes(ipynb, "py:percent", config=config), "py:percent")
+    jupytext.write(synced, tmp_path / "02.ipynb", fmt=fmt, config=config)
+    again = nbformat.read(tmp_path / "02.ipynb", as_version=4)
+    for key in ("accelerator", "colab", "kaggle"):
+        assert again.metadata[key] == ipynb.metadata[key], key
+    for stage in ("01_data_prep", "03_eval", "04_export"):  # the others: CPU is enough
+        assert "accelerator" not in nbformat.read(pipeline.notebook_path(stage), as_version=4).metadata
+
+
+def test_a_typo_in_p_is_blamed_on_p_not_on_the_profile(tmp_path):
+    profile = tmp_path / "ok.yaml"
+    profile.write_text("run_name: x\n")
+    with pytest.raises(ValueError, match=r"^-p: no notebook declares \['max_step'\] \('max_step': did you mean 'max_steps'\?\)"):
+        pipeline.load_profile(profile, {"max_step": 3})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_step: 3\n")
+    with pytest.raises(ValueError, match=f"^{bad}: no notebook declares"):
+        pipeline.load_profile(bad, {"max_steps": 3})
+
+
+def test_a_relative_source_is_taken_from_where_the_command_runs(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    got = pipeline.resolve_paths({"source": "imgs", "eval_source": "val", "base_model": "tiny",
+                                  "train_source": "not/here", "run_name": "imgs"}, tmp_path)
+    assert got == {"source": str(tmp_path / "imgs"), "eval_source": "val", "base_model": "tiny",
+                   "train_source": "not/here", "run_name": "imgs"}
+    from furlib import sources
+
+    with pytest.raises(FileNotFoundError, match="looked in"):
+        sources.source_key(str(tmp_path / "nothing" / "x.y"), "train", "image")
+
+
+def test_a_failing_stage_ends_with_one_plain_line(tmp_path, monkeypatch, capsys):
+    def fails(src, out, parameters, **kw):
+        raise papermill.PapermillExecutionError(3, 3, "x", "ValueError", "invalid 02_train parameter(s):\n  resolution=60: a multiple of 8\n  lr=-1: > 0", [])
+
+    monkeypatch.setattr(papermill, "execute_notebook", fails)
+    code = pipeline.main(["params/smoke.yaml", "--stages", "02_train,03_eval", "-p", f"outputs_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1
+    assert err[0].startswith("ERROR: [02_train] failed: ValueError: invalid 02_train parameter(s): resolution=60: a multiple of 8 lr=-1: > 0 -- ")
+    assert "--stages 02_train,03_eval" in err[0] and str(tmp_path / "smoke" / "02_train.ipynb") in err[0]
+
+
+def test_make_demo_streams_the_notebooks_progress(tmp_path):
+    """`make demo` passes --log-output, and with it the pipeline prints the notebook's progress lines
+    while the stage runs (before the stage's 'done'), not only into the executed notebook."""
+    import re
+    import subprocess
+    import sys
+
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^demo:.*\n\t.*furlib\.pipeline params/demo\.yaml --log-output$", makefile, re.M)
+    done = subprocess.run([sys.executable, "-m", "furlib.pipeline", "params/smoke.yaml", "--stages", "01_data_prep",
+                           "--log-output", "-p", f"outputs_dir={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600)  # one stream, in order
+    out = done.stdout
+    assert done.returncode == 0, out[-2000:]
+    assert re.search(r"prepare.*img", out), out[-2000:]
+    assert out.index("[01_data_prep] done") > re.search(r"prepare.*img", out).start()

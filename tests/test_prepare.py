@@ -289,6 +289,22 @@ def test_hub_source_offline_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="Couldn't reach") as info:
         run("someone/some-dataset", tmp_path / "data")
     assert info.value.__suppress_context__ and "save_to_disk" in str(info.value)
+    assert "cache" not in str(info.value).replace("never cached", "")  # a stream is never cached
+    assert "hf download someone/some-dataset --repo-type dataset --local-dir" in str(info.value)
+
+
+def test_a_hub_dataset_downloaded_for_offline_use_is_a_source(tmp_path):
+    """What the offline message advises: `hf download` writes data/<split>-*.parquet (and a README)."""
+    datasets = pytest.importorskip("datasets")
+    make_corpus(tmp_path / "src")
+    images = [{"bytes": p.read_bytes(), "path": None} for p in sorted((tmp_path / "src").glob("good_*.png"))[:4]]
+    (tmp_path / "dl" / "data").mkdir(parents=True)
+    for split, rows in (("train", images[:3]), ("validation", images[3:])):
+        ds = datasets.Dataset.from_dict({"image": rows}).cast_column("image", datasets.Image())
+        ds.to_parquet(str(tmp_path / "dl" / "data" / f"{split}-00000-of-00001.parquet"))
+    (tmp_path / "dl" / "README.md").write_text("---\nlicense: mit\n---\n")
+    assert len(list(sources.iter_source(tmp_path / "dl"))) == 3
+    assert len(list(sources.iter_source(tmp_path / "dl", source_split="validation"))) == 1
 
 
 def test_iter_source_and_builtin(tmp_path):
@@ -315,3 +331,16 @@ def test_builtin_parts_split_the_domains():
     assert ids("builtin-photos") == [f"builtin/photo/{n}" for n, *_ in builtin.PHOTOS if n in builtin.HELD_OUT_PHOTOS]
     assert set(ids("builtin")) == {f"builtin/photo/{n}" for n, *_ in builtin.PHOTOS} | set(ids("builtin-art"))
     assert len({sources.source_key(s, "train", "image") for s in builtin.BUILTIN_SOURCES}) == 3  # journals apart
+
+
+def test_sources_that_cannot_work_are_refused_with_the_way_that_does(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    make_corpus(tmp_path / "src")
+    with pytest.raises(ValueError, match="source_revision='v1' pins a Hub dataset's commit.*local folder"):
+        run(tmp_path / "src", tmp_path / "data", source_revision="v1")
+    with pytest.raises(TypeError, match=r"not a Dataset: save a dataset with .save_to_disk"):
+        run(datasets.Dataset.from_dict({"image": [b""]}), tmp_path / "data")
+    with pytest.raises(ValueError, match="give the Hub dataset's id"):
+        run("hf://datasets/someone/some-dataset/data/*.parquet", tmp_path / "data")
+    with pytest.raises(ValueError, match="is a glob: give the folder"):
+        run(str(tmp_path / "src" / "*.png"), tmp_path / "data")

@@ -169,15 +169,16 @@ def test_stream_resumes_at_its_position(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run(source, tmp_path / "data")
     from furlib import sources
-    real_rows, seen = sources._dataset_rows, []
+    from furlib.data import shares
+    real_rows, seen = shares._stream_rows, []
 
     def counting(*args, **kwargs):  # which rows the resumed stream really reads
-        for item in real_rows(*args, **kwargs):
+        for index, item in real_rows(*args, **kwargs):
             if item.src is not sources.RESUMED:
                 seen.append(item.input_id)
-            yield item
+            yield index, item
 
-    monkeypatch.setattr(sources, "_dataset_rows", counting)
+    monkeypatch.setattr(shares, "_stream_rows", counting)
     monkeypatch.setattr(prepare, "_process", real)
     resumed = run(source, tmp_path / "data")
     assert seen == [f"set.parquet/{i}" for i in range(6, 10)]  # rows 0-5 are not read again

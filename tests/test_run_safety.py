@@ -176,6 +176,25 @@ def test_torn_last_log_line_is_dropped_with_a_note(tmp_path):
         Logbook(tmp_path, resume_step=3, tensorboard=False)
 
 
+def test_tensorboard_after_a_resume_keeps_the_checkpoint_step(tmp_path):
+    """A run killed after logging steps 1-4 resumes from its step-2 checkpoint: TensorBoard shows
+    1, 2 as logged and 3, 4 as trained again, as log.jsonl does."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    book = Logbook(tmp_path)
+    for step in (1, 2, 3, 4):
+        book.log(step, {"loss": float(step)})
+    book.close()
+    book = Logbook(tmp_path, resume_step=2)
+    for step in (3, 4):
+        book.log(step, {"loss": 10.0 * step})
+    book.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+    assert [r["loss"] for r in book.history] == [1.0, 2.0, 30.0, 40.0]
+
+
 def test_resume_checks_the_settings_it_continues(trained):
     from furlib.training.plan import make_plan
 

@@ -7,11 +7,19 @@
 # jupytext extension applies the config a second time).
 import os
 
+NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
+
 
 def strip_outputs_of_committed_notebooks(model, path, contents_manager=None, **kwargs):
-    """pre_save_hook: clear outputs and counts of notebooks/NN_verb.ipynb before writing."""
-    folder, name = os.path.split(path.strip("/"))
-    if model.get("type") != "notebook" or folder != "notebooks" or not name.endswith(".ipynb"):
+    """pre_save_hook: clear outputs and counts of notebooks/NN_verb.ipynb before writing.
+
+    ``path`` is relative to the server's root (``contents_manager.root_dir``): `make lab` opens a
+    notebook, which makes ``notebooks/`` the root and the path just ``01_data_prep.ipynb``; so the
+    file is found from its absolute location, whatever the root."""
+    root = getattr(contents_manager, "root_dir", None) or os.getcwd()
+    where = os.path.realpath(os.path.join(root, path.strip("/")))
+    if model.get("type") != "notebook" or os.path.dirname(where) != os.path.realpath(NOTEBOOKS) \
+            or not where.endswith(".ipynb"):
         return
     for cell in model["content"]["cells"]:
         if cell.get("cell_type") == "code":

@@ -17,11 +17,12 @@ Settings that change stored pixels (``max_side``, ``background``, the version) r
 data prepared otherwise unless ``rebuild=True`` (which deletes it all, explicitly).
 
 In parallel: ``num_proc`` processes, and ``shard_index`` of ``num_shards`` machines (or runs), each
-take the inputs ``i`` with ``i % num_shards == shard_index``, then every ``num_proc``-th of those;
-each process journals to its own file, each shard writes its part, and whichever run finds all
-parts finished merges them into one ``report.json`` and one train/val set (the same as an
-unsharded run). Re-running reuses every journal, whatever the split into processes and shards.
-In the report, ``path`` is the input id.
+take the inputs ``i`` with ``i % num_shards == shard_index``, then every ``num_proc``-th of those,
+and read only those where the source allows it (``furlib.data.shares``); each process journals
+to its own file, each shard writes its part, and whichever run finds all parts finished merges
+them into one ``report.json`` and one train/val set (the same as an unsharded run). Re-running
+reuses every journal, whatever the split into processes and shards (a stream of several files
+names its rows by file and row, so this holds for it too). In the report, ``path`` is the input id.
 """
 
 import hashlib
@@ -37,8 +38,9 @@ from PIL import Image
 
 from furlib import atomic
 from furlib.data import store
+from furlib.data import shares
 from furlib.data.prep_report import build_report, is_val
-from furlib.sources import RESUMED, Input, iter_inputs, source_key
+from furlib.sources import RESUMED, Input, check_revision, source_key
 from furlib.images import DEFAULT_MAX_PIXELS, ImageRejected, cap_long_side, decode_input
 from furlib.parameters import strict_bool
 from furlib.runinfo import read_json
@@ -67,6 +69,7 @@ def prepare(source, data_dir, resolution: int = 256, max_side: int = DEFAULT_MAX
     data_dir = Path(data_dir)
     strict_bool("rebuild", rebuild)  # the string 'False' must never wipe prepared data
     _check_parallel(num_proc, num_shards, shard_index)
+    check_revision(source, source_revision)
     settings = {"version": PREPARE_VERSION, "max_side": max_side,
                 "background": [int(c) for c in background]}
     selection = dict(scope=source_key(source, source_split, image_column), max_images=max_images,
@@ -138,14 +141,16 @@ def _run_proc(job: dict, k: int, m: int, progress: bool) -> tuple[list, int]:
     name = f"shard-{job['shard_index']:05d}-of-{job['num_shards']:05d}.proc-{k:03d}-of-{m:03d}"
     position_file = data_dir / "streams" / f"{name}.json"
     resume = read_json(position_file, "delete it: this process then reads its share of the stream from the start")
-    here = dict(scope=sel["scope"], filters=job["filters"])  # a position is valid only for these
+    here = dict(scope=sel["scope"], filters=job["filters"],  # a position is valid only for these
+                share=[job["shard_index"], job["num_shards"], k, m])
     resume = resume if resume and all(resume.get(key) == v for key, v in here.items()) else None
     journal, files = store.read_journal(data_dir), store.index_store(data_dir)
-    inputs, total = iter_inputs(job["source"], job["source_split"], job["image_column"],
-                                sel["max_images"], sel["art_count"], sel["seed"], exclude=data_dir,
-                                revision=sel["source_revision"], resume=resume)
     n, s = job["num_shards"], job["shard_index"]
-    own = ((i, item) for i, item in enumerate(inputs) if i % n == s and (i // n) % m == k)
+    own, share, how = shares.own_inputs(job, s + n * k, n * m, resume)  # reads only its share
+    if how == "row filter" and k == 0 and progress:
+        print(f"NOTE: {job['source']} streams as {n * m} readers over files that do not divide "
+              f"among them (or max_images needs the stream's order): every reader reads every row "
+              f"and keeps its own. Choose num_shards x num_proc dividing the number of files.")
 
     def work(indexed):  # -> (journal key, entry, whether it was decoded now)
         index, item = indexed
@@ -160,7 +165,6 @@ def _run_proc(job: dict, k: int, m: int, progress: bool) -> tuple[list, int]:
             return key, old, False
         return key, _process(item, job, data_dir, files), True
 
-    share = (total + n * m - 1) // (n * m) if total else None
     return _journalled(work, own, share, data_dir / "journal" / f"{name}.jsonl", position_file,
                        here, job["workers"], progress)
 

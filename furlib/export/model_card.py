@@ -62,7 +62,7 @@ def _diffusers_code(fam, where: str) -> str:
     """The family's pipeline with this VAE, or plain ``AutoencoderKL`` for an unknown family."""
     dtype = f", torch_dtype=torch.{fam.dtype}" if fam and fam.dtype else ""
     imports = "import torch\n" if dtype else ""
-    vae = f'vae = AutoencoderKL.from_pretrained("{where}", subfolder="diffusers"{dtype})'
+    vae = f'vae = AutoencoderKL.from_pretrained("{where}"{dtype})'
     decode = "image = vae.decode(latents / vae.config.scaling_factor{shift}).sample  # latents as the model made them"
     if fam is None:
         return "\n".join(["from diffusers import AutoencoderKL", "", vae,
@@ -171,7 +171,7 @@ WGAN-GP critic, weighted each step so its gradient norm is half the reconstructi
 | file | use |
 |---|---|
 | `{stem}.safetensors` | single file, original LDM key names, encoder included, fp32 ({apps}) |
-{fp16_row}| `diffusers/` | diffusers folder (`config.json` + safetensors{fp16_variant}) |
+{fp16_row}| `config.json`, `diffusion_pytorch_model.safetensors` | diffusers files at the root{fp16_variant} |
 | `manifest.json` | sizes, SHA-256 and the reload checks every file passed |
 
 ## Use
@@ -212,6 +212,6 @@ def model_card(run_dir: Path, release: Release, vae_config, model_name: str, ver
         data=_data_section(run_dir, training_data),
         training=_training_section(run_dir, release), metrics=_metrics_section(run_dir, release.step),
         fp16_row=f"| `{stem}-fp16.safetensors` | the same in fp16 (half the size) |\n" if fp16_copy else "",
-        fp16_variant=", plus the `fp16` variant" if fp16_copy else "",
+        fp16_variant=" (`variant=\"fp16\"`: `diffusion_pytorch_model.fp16.safetensors`)" if fp16_copy else "",
         apps=_APPS[fam.name][0] if fam else "loaders of the base's single file",
         use=_use_section(fam, stem, hub_repo or f"<path to>/{EXPORT}", bool(dict(vae_config).get("force_upcast"))))

@@ -1,8 +1,10 @@
 """Stage 04: a run's release files, each verified by reloading it independently.
 
-Layout under ``outputs/<run_name>/export/``::
+Layout under ``outputs/<run_name>/export/``, the layout of the Hub's VAE repositories (e.g.
+``stabilityai/sd-vae-ft-mse``: diffusers files at the root, the single file beside them), so
+``AutoencoderKL.from_pretrained(export_dir or repo)`` needs no ``subfolder``::
 
-    diffusers/        config.json, diffusion_pytorch_model.safetensors (+ .fp16.safetensors)
+    config.json, diffusion_pytorch_model.safetensors (+ .fp16.safetensors)   diffusers
     <model>-v<version>-step<N>.safetensors        single file, LDM keys, encoder included, fp32
     <model>-v<version>-step<N>-fp16.safetensors   the same in fp16
     README.md         the model card (``furlib.export.model_card``)
@@ -106,13 +108,13 @@ def release_stem(model_name: str, version: str, step: int) -> str:
 
 
 def write_release_files(vae, stage_dir: Path, stem: str, metadata: dict, fp16_copy: bool = True) -> dict:
-    """Diffusers folder and single files into ``stage_dir`` (emptied first); {role: path}."""
+    """Diffusers files and single files, side by side in ``stage_dir`` (emptied first); {role: path}."""
     from safetensors.torch import save_file
 
     strict_bool("fp16_copy", fp16_copy)
     stage_dir, out = Path(stage_dir), {}
     shutil.rmtree(stage_dir, ignore_errors=True)  # leftovers of a failed export must not ship
-    folder = stage_dir / "diffusers"
+    folder = stage_dir  # the repository root: from_pretrained(repo) without a subfolder
     vae.save_pretrained(folder, safe_serialization=True)
     out["diffusers"] = folder / "diffusion_pytorch_model.safetensors"
     ldm = {k: v.detach().cpu().contiguous() for k, v in diffusers_to_ldm(vae.state_dict()).items()}
@@ -183,7 +185,7 @@ def _reload(role: str, path: Path, stage_dir: Path):
     """Each file through a loader that shares no code with the writer (except our own loader)."""
     from diffusers import AutoencoderKL
 
-    folder = str(Path(stage_dir) / "diffusers")
+    folder = str(stage_dir)  # config.json at the export's root
     if role == "diffusers":
         return [("diffusers from_pretrained", AutoencoderKL.from_pretrained(folder))]
     if role == "diffusers_fp16":

@@ -22,6 +22,7 @@ import torch
 from furlib import atomic, crops, models, perceptual, prepared, reconstructions, runinfo
 from furlib.checkpoint import read_state
 from furlib.training import dashboard, resume
+from furlib.training.launch import single_process_warning
 from furlib.training.logbook import Logbook
 from furlib.training.plan import make_plan
 from furlib.training.runlock import RunLock
@@ -87,6 +88,9 @@ def fit(settings: TrainSettings | dict, show=None) -> dict:
     First, under the run lock and before any model loads, rank 0 prints what will run (the plan)."""
     s = settings if isinstance(settings, TrainSettings) else TrainSettings.from_params(settings)
     rank, world, dev = _process(s.device)
+    alone = single_process_warning(s.device, world)
+    if alone:
+        print(alone, flush=True)
     if dev.type == "cuda":  # here, so `accelerate launch -m furlib.training.fit` gets them as 02 does
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithms once
@@ -96,7 +100,7 @@ def fit(settings: TrainSettings | dict, show=None) -> dict:
         p = make_plan(s, world, dev)  # data, checkpoint and resume checks before minutes of loading
         if rank == 0:
             print(p.describe(), flush=True)
-        return _train(s, p, rank, world, dev, show, [lock.note] if lock.note else [])
+        return _train(s, p, rank, world, dev, show, [n for n in (lock.note, alone) if n])
     finally:
         lock.release()
 

@@ -32,7 +32,10 @@ class Logbook:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(self.log_dir / "tensorboard", purge_step=resume_step or None)
+            # TensorBoard drops events at steps >= purge_step: the checkpoint's own step stays
+            # (as in log.jsonl), the steps after it that the resume trains again go
+            self.writer = SummaryWriter(self.log_dir / "tensorboard",
+                                        purge_step=resume_step + 1 if resume_step else None)
 
     def _read(self) -> list:
         if not self.path.exists():

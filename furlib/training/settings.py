@@ -258,6 +258,8 @@ def _relations(s, typed_ok: set) -> list[str]:
 
         visible = torch.cuda.device_count()
         if visible < s.num_gpus:
-            out.append(f"num_gpus={s.num_gpus}: only {visible} CUDA GPU(s) are visible (use at most {visible}, "
-                       "or 1 for a single process)")
+            out.append(f"num_gpus={s.num_gpus}: " + (
+                f"only {visible} CUDA GPU(s) are visible (use at most {visible}, or 1 for a single process)"
+                if visible else "no CUDA GPU is visible (Colab: Runtime > Change runtime type > a GPU; "
+                "Kaggle: Settings > Accelerator); num_gpus=1 trains in one process, on the CPU here"))
     return out

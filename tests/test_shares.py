@@ -1,0 +1,108 @@
+"""Stage 01's shards and processes read only their share of a dataset source (rows counted)."""
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from furlib.data import prepare
+
+datasets = pytest.importorskip("datasets")
+FILES, ROWS = 4, 4  # a source of 4 files x 4 rows
+
+
+def _rows(first: int, n: int) -> "datasets.Dataset":
+    images = []
+    for seed in range(first, first + n):
+        buffer = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (36, 40, 3), np.uint8)).save(buffer, "PNG")
+        images.append({"bytes": buffer.getvalue(), "path": None})
+    return datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image())
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sources")
+    (root / "files").mkdir()
+    for f in range(FILES):  # a folder of parquet files: what a Hub dataset streams from
+        _rows(ROWS * f, ROWS).to_parquet(str(root / "files" / f"part-{f}.parquet"))
+    _rows(0, FILES * ROWS).save_to_disk(str(root / "saved"))  # memory-mapped arrow
+    _rows(0, FILES * ROWS).to_parquet(str(root / "one.parquet"))  # one file: nothing to divide
+    return root
+
+
+@pytest.fixture
+def rows_read(monkeypatch):
+    """Rows that came out of any `datasets` stream in this process (every table row 01 reads does)."""
+    count = [0]
+    real = datasets.IterableDataset.__iter__
+
+    def counting(self):
+        for row in real(self):
+            count[0] += 1
+            yield row
+
+    monkeypatch.setattr(datasets.IterableDataset, "__iter__", counting)
+    return count
+
+
+def _prepare(source, data_dir, **kw):
+    return prepare.prepare(source, data_dir, resolution=32, max_side=128, val_fraction=0.3,
+                        progress=False, workers=1, **kw)
+
+
+@pytest.mark.parametrize("name", ["files", "saved"])
+def test_each_shard_reads_only_its_half(sources, tmp_path, rows_read, name):
+    whole = _prepare(sources / name, tmp_path / "whole")
+    assert rows_read[0] == FILES * ROWS
+    per_shard = []
+    for shard in (1, 0):
+        rows_read[0] = 0
+        report = _prepare(sources / name, tmp_path / "sharded", num_shards=2, shard_index=shard)
+        per_shard.append(rows_read[0])
+    assert per_shard == [FILES * ROWS // 2] * 2, per_shard  # was 16 of 16 in each
+    assert report["complete"] and report["accepted"] == whole["accepted"]
+
+
+def test_each_process_reads_only_its_share(sources, tmp_path, rows_read, monkeypatch):
+    # the processes as threads of this one, so their reads are counted here; the code is the same
+    monkeypatch.setattr(prepare, "ProcessPoolExecutor", lambda n, mp_context=None: ThreadPoolExecutor(n))
+    whole = _prepare(sources / "files", tmp_path / "whole")
+    rows_read[0] = 0
+    shard = _prepare(sources / "files", tmp_path / "procs", num_proc=2, num_shards=2, shard_index=0)
+    assert rows_read[0] == FILES * ROWS // 2  # 2 processes x a quarter each (was 2 x 16)
+    rows_read[0] = 0
+    both = _prepare(sources / "files", tmp_path / "procs", num_proc=2, num_shards=2, shard_index=1)
+    assert rows_read[0] == FILES * ROWS // 2 and both["accepted"] == whole["accepted"]
+    again = _prepare(sources / "files", tmp_path / "procs")  # another split: every journal reused
+    assert again["counts"]["decoded_this_run"] == 0 and not shard["complete"]
+
+
+def test_a_single_file_is_read_whole_by_each_and_says_so(sources, tmp_path, rows_read, capsys):
+    prepare.prepare(sources / "one.parquet", tmp_path / "one", resolution=32, max_side=128, progress=True,
+                 workers=1, num_shards=2, shard_index=0)
+    assert rows_read[0] == FILES * ROWS  # a row filter: the only split one file allows
+    assert "every reader reads every row" in capsys.readouterr().out
+
+
+def test_a_stream_of_files_resumes_in_the_file_it_stopped_in(sources, tmp_path, rows_read, monkeypatch):
+    monkeypatch.setattr(prepare, "STREAM_SAVE_S", 0.0)  # save the position after every row
+    real, done = prepare._process, []
+
+    def dies_after_six(item, *args):
+        if len(done) == 6:  # row 2 of file 1
+            raise KeyboardInterrupt
+        done.append(item.input_id)
+        return real(item, *args)
+
+    monkeypatch.setattr(prepare, "_process", dies_after_six)
+    with pytest.raises(KeyboardInterrupt):
+        _prepare(sources / "files", tmp_path / "data")
+    assert done[-1] == "files/1/1"
+    monkeypatch.setattr(prepare, "_process", real)
+    rows_read[0] = 0
+    resumed = _prepare(sources / "files", tmp_path / "data")
+    assert rows_read[0] == FILES * ROWS - 6 and resumed["counts"]["decoded_this_run"] == FILES * ROWS - 6
+    assert resumed["accepted"] == _prepare(sources / "files", tmp_path / "fresh")["accepted"]
