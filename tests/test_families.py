@@ -95,7 +95,7 @@ def test_family_end_to_end(family, prepared, tmp_path, tmp_path_factory):
     metrics = json.loads((run / "eval" / "metrics.json").read_text())["models"]
     assert math.isfinite(metrics["finetuned-ema"]["psnr"]["mean"]) and metrics["finetuned-ema"]["step"] == STEPS
 
-    reloaded = AutoencoderKL.from_pretrained(exported / "diffusers")  # the family's factors survive
+    reloaded = AutoencoderKL.from_pretrained(exported)  # at the release root; the family's factors survive
     assert families.of_config(reloaded.config) is fam
     assert math.isclose(reloaded.config.scaling_factor, fam.scaling_factor)
     assert math.isclose(reloaded.config.shift_factor or 0.0, fam.shift_factor)
@@ -110,7 +110,7 @@ def test_family_end_to_end(family, prepared, tmp_path, tmp_path_factory):
     assert families.single_file_family(single.name, shapes, "", stated) is fam
     with pytest.raises(ValueError, match=f"does not fit the architecture in the shipped {re.escape(fam.title)} config.*give base_config"):
         models.load_vae(str(single))  # the family's shipped config is full-size; this one is tiny
-    assert families.of_config(models.load_vae(str(single), base_config=str(exported / "diffusers")).config) is fam
+    assert families.of_config(models.load_vae(str(single), base_config=str(exported)).config) is fam
 
     front = card.split("---")[1]
     assert all(f"- {tag}\n" in front for tag in fam.tags) and "- test-only" not in front

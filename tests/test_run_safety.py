@@ -3,6 +3,7 @@ resume against changed settings, one validation of 02's parameters (issue 13).""
 
 import dataclasses
 import json
+import time
 import os
 import subprocess
 import sys
@@ -185,6 +186,9 @@ def test_tensorboard_after_a_resume_keeps_the_checkpoint_step(tmp_path):
     for step in (1, 2, 3, 4):
         book.log(step, {"loss": float(step)})
     book.close()
+    # a real resume is a later process: its event file's name sorts after the first one's (names
+    # hold the second and a per-process counter, which within one test process can roll 9 -> 10)
+    time.sleep(1.1)
     book = Logbook(tmp_path, resume_step=2)
     for step in (3, 4):
         book.log(step, {"loss": 10.0 * step})
