@@ -103,7 +103,9 @@ def test_make_lab_starts_as_root_and_in_a_container():
 
     if not shutil.which("make"):
         pytest.skip("no make")
-    cmd = subprocess.run(["make", "-n", "-o", ".venv/.lab-installed", "lab", "LAB_ARGS=--port=8890"], cwd=ROOT,
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}  # under `make test`
+    cmd = subprocess.run(["make", "--no-print-directory", "-n", "-o", ".venv/.lab-installed", "lab",
+                          "LAB_ARGS=--port=8890"], cwd=ROOT, env=env,
                          capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     assert cmd.startswith(".venv/bin/jupyter lab --config=tools/jupyter_lab_config.py") and "--port=8890" in cmd
     assert ("--allow-root" in cmd) == (os.geteuid() == 0)
