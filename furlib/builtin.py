@@ -1,10 +1,11 @@
 """The built-in offline sample set: real photographs bundled with installed packages, plus
-deterministic flat-colour "artwork" drawn with PIL.
+deterministic flat-colour "artwork" drawn with PIL, and the synthetic natural images
+(``draw_natural``) that, with most of the photographs, are all the shipped base ever trained on.
 
 Nothing is downloaded: the photos are read straight from the package folders (scikit-image's
 bundled ``data/`` files, matplotlib's ``mpl-data/sample_data``, scikit-learn's sample images), never
 through ``skimage.data`` fetchers, which may call pooch. The artwork imitates the target domain
-(flat fills, dark outlines, gradients, strokes) so that a CPU smoke run trains on something like it.
+(flat fills, dark outlines, gradients, strokes): the domain the demo adapts a photo-trained decoder to.
 
 ``builtin_sources`` lists ``(input_id, src)``: ``src`` is a ``Path`` for a photo (a path that does not
 exist when a package or file is absent, so the loader records it as ``missing``) or a function
@@ -32,8 +33,8 @@ PHOTOS = (
     ("china", "sklearn", "datasets/images", "china.jpg"),
     ("flower", "sklearn", "datasets/images", "flower.jpg"),
 )
-# The shipped pretrained base (``base_model: tiny``, scripts/pretrain_base.py) never sees these:
-# measured on them, and on every drawing of the demo's seed. ``camera`` is the demo's val photo.
+# The shipped pretrained base (``base_model: tiny``, scripts/pretrain_base.py) never sees these
+# (nor any drawing): the demo scores them as ``builtin-photos``, the base's own domain.
 HELD_OUT_PHOTOS = ("astronaut", "camera", "coffee", "rocket")
 ART_VERSION = 1  # bump when the drawing code changes, so prepared data is rebuilt
 OUTLINE = (24, 18, 32)  # near-black ink
