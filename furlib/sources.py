@@ -26,8 +26,8 @@ from furlib.runinfo import hub_unreachable
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 TABLE_SUFFIXES = (".parquet", ".arrow")
 FOLDER_METADATA = {"metadata.jsonl", "metadata.csv", "metadata.parquet"}  # imagefolder's, not inputs
-OFFLINE_HELP = ("Offline, use source='builtin', a local folder of images, a local .parquet/.arrow "
-                "file, or a folder written by datasets' save_to_disk.")
+OFFLINE_HELP = ("Offline, use source='builtin' (or 'builtin-art', 'builtin-photos'), a local folder of images, "
+                "a local .parquet/.arrow file, or a folder written by datasets' save_to_disk.")
 
 
 RESUMED = "resumed"  # the src of a row a resumed stream skipped without reading
