@@ -6,27 +6,37 @@ rotation, a CMYK JPEG, an RGBA PNG), generated with every core. Then, each into 
 
 - ``num_proc=1`` on ``--plain-images`` of the plain JPEGs alone (symlinked into their own folder):
   the CPU cost of a source that needs no conversion;
-- one row per ``--procs`` value: ``prepare(num_proc=p)`` on the first ``--subset p:N`` images
-  (default: all), so slow rows stay short;
+- ``num_proc=1, workers=1`` on the ``--subset 1:N`` images: one process, one thread, one core,
+  the unit that scaling is measured against;
+- one row per ``--procs`` value: ``prepare(num_proc=p)`` (threads per process: prepare's default,
+  cores / p) on the first ``--subset p:N`` images (default: all), so slow rows stay short;
+- with ``--before DIR`` (a folder holding an older ``furlib/``, e.g. ``git archive <commit> furlib``):
+  that tree's plain row, its smallest and widest ``--procs`` rows, and a check that its widest run
+  accepted the same inputs with the same pixel hashes as this tree's, and that converted images
+  decode to identical pixels from both (``same_images_and_pixels_as_now``);
 - ``--shards`` runs of one source started at once, each with ``cores / shards`` processes, merged
   by the last to finish, on ``--subset shards:N`` images; checked equal (accepted files) to the
-  widest ``--procs`` row when both cover every image;
+  widest ``--procs`` row when both cover the same images (``same_as_num_proc_run``);
+- ``--disk``: the disk alone, every source file copied with one thread per core, then synced;
 - the training loader reading the stored files (256 px crops, batch 32, ``--loader-workers``
   processes, no pixel cache) for ``--loader-seconds``; with ``--cache-images N``, also on the
   first N stored files without and with the decoded-pixel cache (filled first, in one process:
   its cost per image is a row; the cache takes width x height x 3 bytes per image).
 
-Reported per row: wall s, images/s, CPU ms per image (this process and its children, user + sys:
-it does not depend on what else runs), stored originals, disk per image (MB), extrapolations to 1M
-images. Written to ``--out`` as JSON.
+Every prepare row is its own process (``python -c``, the measured tree first on PYTHONPATH).
+Reported per row: wall s, images/s, CPU ms per image (the row's processes, user + sys: it does not
+depend on what else runs), cores kept busy (CPU s per wall s), stored originals, disk per image
+(MB), hours per 1M images. Written to ``--out`` as JSON.
 
-    python benchmarks/prep_throughput.py --images 300 --procs 1 2 --shards 2 --out /tmp/prepare.json
+    python benchmarks/prep_throughput.py --images 200 --procs 1 2 --subset 1:100 --shards 2 --out /tmp/prepare.json
 
-On a 16-core host (sized for 20k images in about 7.5 minutes; ~47 GB of disk in --workdir at its peak):
+On a 16-core host, before and after in one call (about 6 minutes; ~40 GB of disk in --workdir at
+its peak), with the older tree carried as a folder:
 
-    python benchmarks/prep_throughput.py --images 20000 --procs 1 4 16 --subset 1:400 4:1600 \
-        shards:6000 --plain-images 200 --shards 2 --loader-seconds 10 --cache-images 200 \
-        --workdir /tmp/prepbench --out $OUT/prep-16core.json
+    git archive 7a6280e furlib ':(exclude)furlib/assets' | tar -x -C .carry/prep-before
+    python benchmarks/prep_throughput.py --images 8000 --procs 1 4 16 --subset 1:400 4:1600 \
+        --plain-images 200 --shards 2 --before .carry/prep-before --disk --loader-seconds 10 \
+        --cache-images 200 --workdir /tmp/prepbench --out $OUT/prep-16core.json
 """
 
 import argparse
@@ -107,7 +117,9 @@ def row(name: str, report: dict, wall: float, cpu: float, data_dir: Path) -> dic
     n = report["counts"]["inputs"]
     disk = stored_bytes(data_dir)
     out = {"row": name, "images": n, "wall_s": round(wall, 2), "images_per_s": round(n / wall, 1),
-           "cpu_ms_per_image": round(1000 * cpu / n, 1), "accepted": report["counts"]["accepted"],
+           "cpu_ms_per_image": round(1000 * cpu / n, 1),
+           "cores_busy": round(cpu / wall, 2),  # CPU s per wall s: cores kept busy on average
+           "accepted": report["counts"]["accepted"],
            "stored_originals": report["counts"]["stored_originals"],
            "disk_mb_per_image": round(disk / 1e6 / max(1, report["counts"]["accepted"]), 3),
            "hours_per_1m_images": round(1e6 / (n / wall) / 3600, 2)}
@@ -115,14 +127,28 @@ def row(name: str, report: dict, wall: float, cpu: float, data_dir: Path) -> dic
     return out
 
 
-def run_procs(src: Path, work: Path, procs: int, limit: int, name: str = "") -> tuple[dict, dict]:
-    from furlib.data.prepare import prepare
+# One prepare() call in its own process, with the furlib of ``code`` (the tree to measure) first
+# on the path: "before" rows run an older tree the same way (--before).
+PREPARE = ("import sys; from furlib.data.prepare import prepare; prepare(sys.argv[1], sys.argv[2], "
+           "max_images=int(sys.argv[3]), num_proc=int(sys.argv[4]), num_shards=int(sys.argv[5]), "
+           "shard_index=int(sys.argv[6]), workers=int(sys.argv[7]), progress=False)")
 
-    data = work / f"data-p{procs}"
+
+def run_prepare(code: Path, src: Path, data: Path, limit: int, procs: int, shards: int = 1,
+                workers: int = 0) -> tuple[float, float, dict]:
+    """(wall s, CPU s, merged report) of ``shards`` runs of one source started at once (as separate
+    machines would), each with ``procs`` processes of ``workers`` threads (0: prepare's default,
+    cores / procs), merged by the last to finish."""
     shutil.rmtree(data, ignore_errors=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")]))
     wall, cpu = time.time(), cpu_s()
-    report = prepare(src, data, max_images=limit, num_proc=procs, progress=False)
-    return row(name or f"num_proc={procs}", report, time.time() - wall, cpu_s() - cpu, data), report
+    runs = [subprocess.Popen([sys.executable, "-c", PREPARE, str(src), str(data), str(limit),
+                              str(procs), str(shards), str(i), str(workers)], env=env, cwd=data.parent)
+            for i in range(shards)]  # cwd: not a folder holding another furlib/
+    if any(r.wait() for r in runs):
+        raise RuntimeError("a prepare run failed (its traceback is above)")
+    wall, cpu = time.time() - wall, cpu_s() - cpu
+    return wall, cpu, json.loads((data / "report.json").read_text())
 
 
 def plain_folder(src: Path, work: Path, count: int) -> Path:
@@ -137,21 +163,45 @@ def plain_folder(src: Path, work: Path, count: int) -> Path:
     return folder
 
 
-def run_shards(src: Path, work: Path, shards: int, procs: int, limit: int) -> tuple[dict, dict]:
-    """``shards`` runs started at once (as separate machines would), each a subprocess."""
-    data = work / "data-shards"
-    shutil.rmtree(data, ignore_errors=True)
-    code = ("import sys; from furlib.data.prepare import prepare; prepare(sys.argv[1], sys.argv[2], "
-            "max_images=int(sys.argv[3]), num_proc=int(sys.argv[4]), num_shards=int(sys.argv[5]), "
-            "shard_index=int(sys.argv[6]), progress=False)")
-    wall, cpu = time.time(), cpu_s()
-    runs = [subprocess.Popen([sys.executable, "-c", code, str(src), str(data), str(limit), str(procs),
-                              str(shards), str(i)]) for i in range(shards)]
-    if any(r.wait() for r in runs):
-        raise RuntimeError("a shard run failed (its traceback is above)")
-    report = json.loads((data / "report.json").read_text())
-    return row(f"{shards} shards x num_proc={procs}", report, time.time() - wall, cpu_s() - cpu,
-               data), report
+def same_pixels(a: Path, b: Path, report_a: dict, report_b: dict, sample: int = 40) -> bool:
+    """Two prepared folders accepted the same inputs with the same pixel hashes, and (for up to
+    ``sample`` converted images, stored as PNG in one and WebP in the other, say) their stored
+    files decode to identical pixels."""
+    import numpy as np
+
+    from furlib.prepared import open_rgb
+
+    def accepted(report):
+        return sorted((e["id"], e["hash"]) for e in report["accepted"])
+
+    if accepted(report_a) != accepted(report_b):
+        return False
+    files_b = {e["hash"]: e["file"] for e in report_b["accepted"]}
+    converted = [e for e in report_a["accepted"] if e["stored"] == "converted"][:sample]
+    return all(np.array_equal(np.asarray(open_rgb(a / e["file"])),
+                              np.asarray(open_rgb(b / files_b[e["hash"]]))) for e in converted)
+
+
+def disk_row(src: Path, work: Path, threads: int) -> dict:
+    """The disk alone: copy every source file (read, then write) with ``threads`` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = work / "disk-copy"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    files = sorted(src.iterdir())
+    start = time.time()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda p: shutil.copyfile(p, folder / p.name), files))
+    os.sync()
+    wall = time.time() - start
+    total = sum(p.stat().st_size for p in files)
+    shutil.rmtree(folder)
+    out = {"row": f"disk alone: copy {len(files)} source files, {threads} threads, then sync",
+           "wall_s": round(wall, 2), "mb_per_s": round(total / 1e6 / wall, 1),
+           "images_per_s": round(len(files) / wall, 1)}
+    print(json.dumps(out), flush=True)
+    return out
 
 
 def loader_row(folder: Path, workers: int, seconds: float, name: str, cache_dir=None) -> dict:
@@ -196,6 +246,9 @@ def main():
     ap.add_argument("--subset", nargs="*", default=[], help="p:N, e.g. 1:1000 (images for the num_proc=p row)")
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--plain-images", type=int, default=100, help="plain JPEGs for the no-conversion row")
+    ap.add_argument("--before", default="", help="a folder holding an older furlib/ (git archive): "
+                    "its num_proc=1 and widest rows too, and its accepted images and pixels compared")
+    ap.add_argument("--disk", action="store_true", help="also the disk alone (copy every source)")
     ap.add_argument("--loader-workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--loader-seconds", type=float, default=20.0)
     ap.add_argument("--cache-images", type=int, default=0, help="stored files for the pixel-cache rows")
@@ -203,9 +256,9 @@ def main():
     ap.add_argument("--keep-sources", action="store_true", help="reuse sources already in --workdir")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    work, cores = Path(args.workdir), os.cpu_count() or 1
+    work, cores = Path(args.workdir).resolve(), os.cpu_count() or 1
     every = KINDS_EVERY[0] = round(1 / args.convert_share) if args.convert_share > 0 else 0
-    src = work / "src"
+    src, here = work / "src", Path(__file__).resolve().parent.parent
     result = {"args": vars(args), "cores": cores, "python": sys.version.split()[0],
               "platform": platform.platform(), "rows": []}
     if not (args.keep_sources and src.exists()):
@@ -217,28 +270,46 @@ def main():
         result["sources"] = {"count": len(sizes), "mb_per_image": round(sum(sizes) / 1e6 / len(sizes), 3),
                              "generate_s": round(time.time() - start, 1)}
         print(json.dumps(result["sources"]), flush=True)
+    if args.disk:
+        result["rows"].append(disk_row(src, work, cores))
     subset = {k if k == "shards" else int(k): int(v) for k, v in (s.split(":") for s in args.subset)}
-    reports = {}
-    if args.plain_images:
-        out, _ = run_procs(plain_folder(src, work, args.plain_images), work, 1, 0,
-                           "num_proc=1, plain JPEGs only")
-        result["rows"].append(out)
-        shutil.rmtree(work / "data-p1")
     widest = max(args.procs)
-    if args.shards > 1:  # first: on disk with the sources, never beside the widest run's copy
-        out, sharded = run_shards(src, work, args.shards, max(1, cores // args.shards),
-                                  subset.get("shards", 0))
-        result["rows"].append(out)
-        shutil.rmtree(work / "data-shards")
-    for procs in args.procs:
-        out, reports[procs] = run_procs(src, work, procs, subset.get(procs, 0))
-        result["rows"].append(out)
-        if procs != widest:
-            shutil.rmtree(work / f"data-p{procs}")  # disk: keep only the widest run's copy
-    if args.shards > 1 and not subset.get(widest) and not subset.get("shards"):
-        result["rows"][-len(args.procs) - 1]["same_as_num_proc_run"] = \
-            sharded["accepted"] == reports[widest]["accepted"]
-    train = work / f"data-p{max(args.procs)}" / "train"
+
+    def measure(name, code, source, data, limit, procs, shards=1, workers=0):
+        wall, cpu, report = run_prepare(code, source, data, limit, procs, shards, workers)
+        result["rows"].append(row(name, report, wall, cpu, data))
+        return report
+
+    trees = [("", here)] + ([("before: ", Path(args.before).resolve())] if args.before else [])
+    widest_report = {}  # label -> the report of that tree's widest row
+    for label, code in trees:
+        if args.plain_images:
+            measure(f"{label}num_proc=1, plain JPEGs only", code, plain_folder(src, work, args.plain_images),
+                    work / "data-plain", 0, 1)
+            shutil.rmtree(work / "data-plain")
+        if not label:  # the unit of scaling: one process, one thread, one core
+            measure("num_proc=1, workers=1 (one core)", code, src, work / "data-core", subset.get(1, 0), 1,
+                    workers=1)
+            shutil.rmtree(work / "data-core")
+        for procs in args.procs if not label else sorted({min(args.procs), widest}):
+            data = work / f"data-{'before-' if label else ''}p{procs}"
+            report = measure(f"{label}num_proc={procs}", code, src, data, subset.get(procs, 0), procs)
+            if procs == widest:
+                widest_report[label] = report
+            if procs != widest or label:  # disk: keep only this tree's widest copy
+                if procs == widest:
+                    result["rows"][-1]["same_images_and_pixels_as_now"] = same_pixels(
+                        work / f"data-p{widest}", data, widest_report[""], report)
+                shutil.rmtree(data)
+    if args.shards > 1:
+        procs = max(1, cores // args.shards)
+        data = work / "data-shards"
+        sharded = measure(f"{args.shards} shards x num_proc={procs} (started at once, merged by the last)",
+                          here, src, data, subset.get("shards", 0), procs, args.shards)
+        if subset.get("shards", 0) == subset.get(widest, 0):
+            result["rows"][-1]["same_as_num_proc_run"] = sharded["accepted"] == widest_report[""]["accepted"]
+        shutil.rmtree(data)
+    train = work / f"data-p{widest}" / "train"
     result["rows"].append(loader_row(train, args.loader_workers, args.loader_seconds,
                                      "loader from all stored files, no cache"))
     if args.cache_images:

@@ -1,5 +1,5 @@
 """The training input, which 01 previews and 02 trains on: random square crops of the prepared
-images (stored JPEG, PNG or WebP originals and converted PNGs), as ``rgb_m11`` NCHW batches.
+images (stored JPEG, PNG or WebP originals and converted lossless WebPs), as ``rgb_m11`` NCHW batches.
 
 One sample (the author's crops): a crop area of ``U[min_crop_scale, 1]`` times the image area,
 taken as a square never below ``resolution`` (so nothing is upsampled); a square that does not fit

@@ -28,14 +28,20 @@ plots (``to_rgb_01``). ``center_crop`` is the one fixed crop: 02's preview strip
 and 04's previews all see the same pixels.
 """
 
+from __future__ import annotations
+
 import io
 import warnings
 from functools import lru_cache
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image, ImageCms
+
+if TYPE_CHECKING:  # imported where used: stage 01's worker processes need no torch
+    import torch
 
 DEFAULT_MAX_PIXELS = 89_000_000  # just under PIL's default bomb limit (89,478,485)
 STORED_SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}  # formats stored as they are
@@ -311,6 +317,8 @@ def to_rgb_m11(pixels_hwc: np.ndarray) -> torch.Tensor:
 
     Done in numpy: torch's intra-op thread pool makes this tiny op ~100x slower on a busy CPU.
     """
+    import torch
+
     chw = np.moveaxis(pixels_hwc, -1, -3).astype(np.float32)  # a fresh, writable copy
     chw *= 1.0 / 127.5
     chw -= 1.0
@@ -324,5 +332,7 @@ def to_rgb_01(rgb_m11: torch.Tensor) -> torch.Tensor:
 
 def to_uint8(rgb_m11) -> np.ndarray:
     """``rgb_m11`` CHW / NCHW (tensor or array) -> uint8 HWC / NHWC for saving and display."""
+    import torch
+
     x = torch.as_tensor(rgb_m11).detach().cpu()
     return (to_rgb_01(x) * 255).round().to(torch.uint8).movedim(-3, -1).numpy()

@@ -2,7 +2,8 @@
 the fixed centre crops that 02's preview strip, 03 and 04 show.
 
 ``data/train`` and ``data/val`` hold the source's own JPEG/PNG/WebP files where they needed no
-conversion, else lossless PNGs (``furlib.data.prepare`` writes them); hidden files are
+conversion, else lossless WebP (PNG for a side over 16,383 px; ``furlib.data.prepare``
+writes them); hidden files are
 temporaries of an interrupted write and never listed. Crops are ``rgb_m11`` NCHW float32.
 """
 
@@ -19,12 +20,12 @@ STORED_GLOBS = ("[!.]*.jpg", "[!.]*.png", "[!.]*.webp")  # what 01 stores; hidde
 
 def list_images(split_dir) -> list[Path]:
     """The prepared images of one split folder (``data/train`` or ``data/val``): stored originals
-    (JPEG, PNG, WebP) and converted PNGs, sorted by name."""
+    (JPEG, PNG, WebP) and converted images, sorted by name."""
     return sorted(p for pattern in STORED_GLOBS for p in Path(split_dir).glob(pattern))
 
 
 def open_rgb(path) -> Image.Image:
-    """A prepared PNG, fully read into memory (the file is closed on return); a PIL image passes."""
+    """A prepared image, fully read into memory (the file is closed on return); a PIL image passes."""
     if isinstance(path, Image.Image):
         return path if path.mode == "RGB" else path.convert("RGB")
     with Image.open(path) as image:

@@ -74,7 +74,7 @@ val_max = 500              # most validation images, the smallest hashes (0: no 
 background = "#ffffff"     # colour that transparent pixels are composited over
 art_count = 24             # drawn flat-colour artworks in the "builtin" source
 seed = 0                   # seeds the built-in drawings and the crop preview
-num_proc = 1               # decoding processes on this machine (about one per core)
+num_proc = 0               # decoding processes on this machine (0: one per core)
 num_shards = 1             # machines or runs sharing this source and data folder
 shard_index = 0            # which of the num_shards this run prepares (0 to num_shards - 1)
 rebuild = False            # True: delete data prepared with other max_side/background and start over
@@ -101,8 +101,8 @@ for name, value in (("max_images", max_images), ("val_max", val_max), ("art_coun
                     ("num_workers", num_workers), ("shard_index", shard_index)):
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
-if num_proc < 1 or num_shards < 1 or shard_index >= num_shards:
-    raise ValueError(f"need num_proc >= 1, num_shards >= 1 and shard_index < num_shards, got "
+if num_proc < 0 or num_shards < 1 or shard_index >= num_shards:
+    raise ValueError(f"need num_proc >= 0, num_shards >= 1 and shard_index < num_shards, got "
                      f"{num_proc}, {num_shards}, {shard_index}")
 if preview_crops < 1:
     raise ValueError(f"preview_crops must be >= 1, got {preview_crops}")

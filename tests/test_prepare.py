@@ -121,10 +121,12 @@ def test_stored_files_are_lossless_capped_and_split(tmp_path):
     small = np.asarray(Image.open(tmp_path / "data" / by_id["small.png"]["file"]))
     assert np.array_equal(small, np.asarray(load_rgb(src / "small.png")))  # bit-exact PNG
     assert (by_id["big.png"]["width"], by_id["big.png"]["height"]) == (128, 64)
-    for a in report["accepted"]:
-        assert a["file"] == f"{a['split']}/{a['hash'][:16]}.png"
+    for a in report["accepted"]:  # small.png as it is, big.png converted: lossless WebP
+        suffix, form = (".png", "PNG") if a["stored"] == "original" else (".webp", "WEBP")
+        assert a["file"] == f"{a['split']}/{a['hash'][:16]}{suffix}"
         assert (a["split"] == "val") == prep_report.is_val(a["hash"], 0.5)
-        assert Image.open(tmp_path / "data" / a["file"]).format == "PNG"
+        assert Image.open(tmp_path / "data" / a["file"]).format == form
+    assert {a["stored"] for a in report["accepted"]} == {"original", "converted"}
 
 
 def test_split_is_stable_when_images_are_added(tmp_path):

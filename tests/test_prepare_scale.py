@@ -77,13 +77,26 @@ def test_faithful_sources_are_stored_as_their_own_bytes(tmp_path):
         if input_id in originals:
             assert stored.read_bytes() == source.read_bytes()
             assert stored.suffix == {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}[Image.open(source).format]
-        else:  # converted exactly as before: a lossless PNG of load_rgb's pixels (capped)
-            assert stored.suffix == ".png"
+        else:  # converted: a lossless WebP of exactly load_rgb's pixels (capped), read as RGB
+            assert stored.suffix == ".webp"
             expected = cap_long_side(load_rgb(source), 128, 1)
-            assert np.array_equal(np.asarray(Image.open(stored)), np.asarray(expected)), input_id
+            assert np.array_equal(np.asarray(prepared.open_rgb(stored)), np.asarray(expected)), input_id
     assert sorted(p.name for p in prepared.list_images(tmp_path / "data" / "train")
                   + prepared.list_images(tmp_path / "data" / "val")) == sorted(
         a["file"].split("/")[1] for a in report["accepted"])
+
+
+@pytest.mark.parametrize("width", [300, store.WEBP_MAX_SIDE + 1])  # past WebP's limit: PNG
+def test_converted_images_keep_every_pixel(tmp_path, width):
+    rng = np.random.default_rng(width)
+    ramp = np.linspace(0, 255, width * 40 * 3).reshape(40, width, 3)  # smooth: predictors used
+    pixels = np.where(rng.random((40, width, 1)) < 0.5, ramp, rng.integers(0, 256, (40, width, 3)))
+    image = Image.fromarray(pixels.astype(np.uint8))
+    path = tmp_path / f"x{store.converted_suffix(image)}"
+    store.save_converted(image, path)
+    assert path.suffix == (".webp" if width <= store.WEBP_MAX_SIDE else ".png")
+    back = prepared.open_rgb(path)
+    assert back.mode == "RGB" and np.array_equal(np.asarray(back), np.asarray(image))
 
 
 def test_crops_of_stored_originals_equal_crops_of_the_source(tmp_path):

@@ -1,13 +1,14 @@
 """Stage 01's shards and processes read only their share of a dataset source (rows counted)."""
 
 import io
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from furlib.data import prepare
+from furlib.data import prepare, shares
 
 datasets = pytest.importorskip("datasets")
 FILES, ROWS = 4, 4  # a source of 4 files x 4 rows
@@ -62,13 +63,15 @@ def test_each_shard_reads_only_its_half(sources, tmp_path, rows_read, name):
         rows_read[0] = 0
         report = _prepare(sources / name, tmp_path / "sharded", num_shards=2, shard_index=shard)
         per_shard.append(rows_read[0])
-    assert per_shard == [FILES * ROWS // 2] * 2, per_shard  # was 16 of 16 in each
+    owned = [sum(shares.shard_of(i, 2) == shard for i in range(FILES * ROWS)) for shard in (1, 0)]
+    want = owned if name == "saved" else [FILES * ROWS // 2] * 2  # rows by shard_of; files by f % 2
+    assert per_shard == want and sum(want) == FILES * ROWS, per_shard  # was 16 of 16 in each
     assert report["complete"] and report["accepted"] == whole["accepted"]
 
 
 def test_each_process_reads_only_its_share(sources, tmp_path, rows_read, monkeypatch):
     # the processes as threads of this one, so their reads are counted here; the code is the same
-    monkeypatch.setattr(prepare, "ProcessPoolExecutor", lambda n, mp_context=None: ThreadPoolExecutor(n))
+    monkeypatch.setattr(prepare, "ProcessPoolExecutor", lambda n, mp_context=None, **kw: ThreadPoolExecutor(n, **kw))
     whole = _prepare(sources / "files", tmp_path / "whole")
     rows_read[0] = 0
     shard = _prepare(sources / "files", tmp_path / "procs", num_proc=2, num_shards=2, shard_index=0)
@@ -106,3 +109,60 @@ def test_a_stream_of_files_resumes_in_the_file_it_stopped_in(sources, tmp_path, 
     resumed = _prepare(sources / "files", tmp_path / "data")
     assert rows_read[0] == FILES * ROWS - 6 and resumed["counts"]["decoded_this_run"] == FILES * ROWS - 6
     assert resumed["accepted"] == _prepare(sources / "files", tmp_path / "fresh")["accepted"]
+
+
+def test_shards_split_every_regular_pattern_evenly():
+    for shards in (2, 3, 4, 16):
+        for period in range(2, 17):  # e.g. every 10th input a PNG to convert, pairs of image + mask
+            marked = [i for i in range(0, 16_000, period)]
+            counts = np.bincount([shares.shard_of(i, shards) for i in marked], minlength=shards)
+            assert counts.max() - counts.min() <= 0.1 * len(marked) / shards + 2, (shards, period, counts)
+            # i % shards would put all of them on 1 / gcd(period, shards) of the shards
+
+
+def test_the_dealer_deals_each_input_once_in_shrinking_blocks():
+    from multiprocessing import get_context
+
+    counters = get_context("spawn").Array("q", [0, 0, -1])
+    dealers = [shares.Dealer(4, counters) for _ in range(4)]
+    streams = [d.blocks(1000) for d in dealers]
+    blocks = []
+    while streams:  # the four take turns, as processes finishing their blocks would
+        for stream in list(streams):
+            block = next(stream, None)
+            if block is None:
+                streams.remove(stream)
+            else:
+                blocks.append(block)
+    assert sorted(i for b in blocks for i in b) == list(range(1000))
+    sizes = [len(b) for b in blocks]
+    assert sizes[0] == 62 and sizes[-1] == 1 and sizes == sorted(sizes, reverse=True)
+    assert list(shares.Dealer().blocks(7)) == [range(7)]  # one process: everything at once
+
+
+def test_slow_inputs_are_shared_by_the_processes(tmp_path, monkeypatch):
+    """Every other input is slow: a fixed split (input i to process i % 2) gave process 0 all of
+    them; dealt, both processes take their part."""
+    import time
+
+    monkeypatch.setattr(prepare, "ProcessPoolExecutor", lambda n, mp_context=None, **kw: ThreadPoolExecutor(n, **kw))
+    real = prepare._process
+
+    def slow_when_even(item, *args):
+        if int(item.input_id[:3]) % 2 == 0:
+            time.sleep(0.03)
+        return real(item, *args)
+
+    monkeypatch.setattr(prepare, "_process", slow_when_even)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (36, 40, 3), np.uint8)).save(src / f"{i:03d}.png")
+    report = _prepare(src, tmp_path / "data", num_proc=2)
+    assert report["counts"]["accepted"] == 40
+    slow_per_process = []
+    for journal in sorted((tmp_path / "data" / "journal").glob("*.jsonl")):
+        ids = [json.loads(line)["key"] for line in journal.read_text().splitlines()]
+        slow_per_process.append(sum(int(json.loads(key)[1][:3]) % 2 == 0 for key in ids))
+    assert len(slow_per_process) == 2 and sum(slow_per_process) == 20
+    assert min(slow_per_process) >= 5, slow_per_process

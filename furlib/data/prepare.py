@@ -3,7 +3,8 @@
 Stored images (``furlib.data.store`` has the folder layout and its locking): ``<split>/<hash16>``
 + ``.jpg``/``.png``/``.webp``. A source file that already decodes to 8-bit sRGB RGB with nothing to
 convert and fits ``max_side`` is stored as its own bytes (``furlib.images.load_for_storage``);
-anything else is converted once, as a lossless PNG, long side capped at ``max_side`` (Lanczos).
+anything else is converted once, as lossless WebP (``store.converted_suffix``), long side capped
+at ``max_side`` (Lanczos).
 Either way the stored file decodes to exactly the pixels training uses.
 
 ``hash`` is the sha256 of the decoded pixels (mode, size and bytes, before the long-side cap):
@@ -63,12 +64,14 @@ def prepare(source, data_dir, resolution: int = 256, max_side: int = DEFAULT_MAX
     ``resolution``: the training crop side (px); a shorter side is rejected as ``too_small``.
     ``max_side``: stored long side cap (px, Lanczos). ``max_images``, ``val_max``: 0 = no limit.
     ``seed`` only seeds the built-in drawings. ``source_revision``: a Hub dataset's commit, tag
-    or branch. ``workers``: decoding threads per process (0 = cores / num_proc). The report of a
+    or branch. ``num_proc``: processes (0 = one per core). ``workers``: decoding threads per
+    process (0 = cores / num_proc). The report of a
     shard whose siblings are not finished yet has ``complete: False`` and ``missing_shards``.
     """
     data_dir = Path(data_dir)
     strict_bool("rebuild", rebuild)  # the string 'False' must never wipe prepared data
     _check_parallel(num_proc, num_shards, shard_index)
+    num_proc = num_proc or os.cpu_count() or 1
     check_revision(source, source_revision)
     settings = {"version": PREPARE_VERSION, "max_side": max_side,
                 "background": [int(c) for c in background]}
@@ -116,23 +119,53 @@ def _finish(data_dir: Path, job: dict, header: dict, entries: list, decoded: int
 
 
 def _check_parallel(num_proc: int, num_shards: int, shard_index: int) -> None:
-    if num_proc < 1:
-        raise ValueError(f"num_proc must be >= 1 (processes on this machine), got {num_proc}")
+    if num_proc < 0:
+        raise ValueError(f"num_proc must be >= 0 (processes on this machine; 0: one per core), "
+                         f"got {num_proc}")
     if num_shards < 1 or not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index must be in [0, num_shards) and num_shards >= 1, got "
                          f"shard_index={shard_index}, num_shards={num_shards}")
 
 
 def _run_shard(job: dict, num_proc: int, progress: bool) -> tuple[list, int]:
-    """(this shard's entries in input order, how many were decoded now), over num_proc processes."""
+    """(this shard's entries in input order, how many were decoded now), over num_proc processes.
+    Several processes share two counters: the next input to deal, and inputs done (the bar)."""
     if num_proc == 1:
         results = [_run_proc(job, 0, 1, progress)]
     else:  # spawn: no forked copies of threads or open streams
-        with ProcessPoolExecutor(num_proc, mp_context=get_context("spawn")) as pool:
-            results = list(pool.map(_run_proc, [job] * num_proc, range(num_proc),
-                                    [num_proc] * num_proc, [progress] + [False] * (num_proc - 1)))
+        context = get_context("spawn")
+        counters = context.Array("q", [0, 0, -1])  # next to deal, done, total (-1: not known)
+        with ProcessPoolExecutor(num_proc, mp_context=context, initializer=_share_counters,
+                                 initargs=(counters,)) as pool:
+            futures = [pool.submit(_run_proc, job, k, num_proc, progress) for k in range(num_proc)]
+            _follow(futures, counters, progress)
+            results = [f.result() for f in futures]
     entries = sorted((e for part, _ in results for e in part), key=lambda e: e["index"])
     return entries, sum(n for _, n in results)
+
+
+_COUNTERS = None  # in a worker process of a shard: the counters its processes share
+
+
+def _share_counters(counters) -> None:
+    global _COUNTERS
+    _COUNTERS = counters
+
+
+def _follow(futures: list, counters, progress: bool) -> None:
+    """The shard's progress bar, in the parent, until every process has ended."""
+    from concurrent.futures import FIRST_EXCEPTION, wait
+
+    from furlib.progress import tqdm
+
+    with tqdm(desc="prepare", unit="img", disable=not progress) as bar:
+        pending = futures
+        while pending:
+            pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)[1]
+            if any(f.exception() for f in futures if f.done()):
+                return  # the caller's result() raises it
+            bar.total = counters[2] if counters[2] >= 0 else None
+            bar.update(counters[1] - bar.n)
 
 
 def _run_proc(job: dict, k: int, m: int, progress: bool) -> tuple[list, int]:
@@ -145,9 +178,13 @@ def _run_proc(job: dict, k: int, m: int, progress: bool) -> tuple[list, int]:
                 share=[job["shard_index"], job["num_shards"], k, m])
     resume = resume if resume and all(resume.get(key) == v for key, v in here.items()) else None
     journal, files = store.read_journal(data_dir), store.index_store(data_dir)
-    n, s = job["num_shards"], job["shard_index"]
-    own, share, how = shares.own_inputs(job, s + n * k, n * m, resume)  # reads only its share
+    counters = _COUNTERS if m > 1 else None  # the shard's, shared with its other processes
+    own, share, how = shares.own_inputs(job, k, m, shares.Dealer(m, counters), resume)
+    if counters is not None and share is not None:  # dealt: every process counts the whole shard
+        with counters.get_lock():
+            counters[2] = share if how == "dealt" else max(0, counters[2]) + share
     if how == "row filter" and k == 0 and progress:
+        n = job["num_shards"]
         print(f"NOTE: {job['source']} streams as {n * m} readers over files that do not divide "
               f"among them (or max_images needs the stream's order): every reader reads every row "
               f"and keeps its own. Choose num_shards x num_proc dividing the number of files.")
@@ -166,7 +203,7 @@ def _run_proc(job: dict, k: int, m: int, progress: bool) -> tuple[list, int]:
         return key, _process(item, job, data_dir, files), True
 
     return _journalled(work, own, share, data_dir / "journal" / f"{name}.jsonl", position_file,
-                       here, job["workers"], progress)
+                       here, job["workers"], progress and m == 1, counters)
 
 
 def _reusable(old: dict, filters: dict, files: dict) -> bool:
@@ -184,10 +221,11 @@ def _reusable(old: dict, filters: dict, files: dict) -> bool:
 
 
 def _journalled(work, inputs, total, journal_file: Path, position_file: Path, here: dict,
-                workers: int, progress: bool):
+                workers: int, progress: bool, counters=None):
     """(entries in input order, how many were decoded now); each new entry is journalled at once,
     and a stream's position after the last journalled row is saved every STREAM_SAVE_S and at
-    the end (``here``: the scope and filters it is valid for)."""
+    the end (``here``: the scope and filters it is valid for). ``counters[1]``: inputs done by
+    all processes of the shard (the parent's bar), when there are several."""
     from furlib.progress import tqdm  # text bars headless and in saved notebooks
 
     entries, decoded, saved, position = [], 0, time.monotonic(), None
@@ -207,6 +245,9 @@ def _journalled(work, inputs, total, journal_file: Path, position_file: Path, he
                 _save_position(position_file, dict(position, **here))
                 saved, position = time.monotonic(), None
             bar.update()
+            if counters is not None:
+                with counters.get_lock():
+                    counters[1] += 1
     if position is not None:
         _save_position(position_file, dict(position, **here))
     return entries, decoded
@@ -277,17 +318,17 @@ def _process(item: Input, job: dict, data_dir: Path, files: dict) -> dict:
         return _rejection(e, filters)
     except Exception as e:  # noqa: BLE001 - one odd input must not end a long run; it is reported
         return {"status": "rejected", "reason": "error", "detail": f"{type(e).__name__}: {e}"}
-    name = digest[:16] + (suffix or ".png")
+    name = store.stored_name(files, digest[:16], suffix or store.converted_suffix(image))
     if name not in files:
         split = "val" if is_val(digest, job["val_fraction"]) else "train"
         if suffix:
             store.save_original(src, data_dir / split / name)
         else:
-            store.save_png(image, data_dir / split / name)
+            store.save_converted(image, data_dir / split / name)
         files[name] = split
     return {"status": "ok", "hash": digest, "file": name, "width": image.width,
             "height": image.height, "source_width": source_size[0], "source_height": source_size[1],
-            "stored": "original" if suffix else "converted"}
+            "stored": "original" if suffix and name.endswith(suffix) else "converted"}
 
 
 def _rejection(e: ImageRejected, filters: dict) -> dict:

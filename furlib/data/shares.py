@@ -1,21 +1,29 @@
-"""Which inputs each process of each shard of stage 01 reads: only its own, at the dataset level.
+"""Which inputs each shard and each process of stage 01 reads: only its own, at the dataset level.
 
-Worker ``w`` of ``W`` (``W = num_shards × num_proc``; process ``k`` of shard ``s`` is
-``w = s + num_shards × k``) owns the inputs whose index ``i`` has ``i % W == w``:
+**Shards** (machines or runs, ``num_shards``) split the inputs in fixed parts, so they need no
+contact: input ``i`` of a listing or a table belongs to shard ``shard_of(i, num_shards)``, which
+spreads every regular pattern (every 10th input a PNG, pairs of a JPEG and its mask) evenly over
+the shards, unlike ``i % num_shards``.
 
-- **builtin, folder**: listing is cheap (names only); each worker decodes only its own files.
-- **a memory-mapped table** (``.arrow`` file, ``save_to_disk`` folder): ``Dataset.select`` of the
-  worker's rows; the others are never read.
-- **a stream of several files** (parquet/arrow files, a Hub dataset): when ``W`` divides the number
-  of files (``IterableDataset.n_shards``) and no ``max_images`` needs the global order, worker
-  ``w`` streams only files ``f % W == w`` (``IterableDataset.shard``), so N machines download the
-  dataset once between them. Otherwise every worker streams every row and keeps its own (a row
-  filter: ``how == "row filter"`` says so, and the notebook prints it).
+**Processes** of one shard (``num_proc``) share its inputs as they free up, where the source can be
+read at any position (``Dealer``): a folder, the built-in set, a memory-mapped table (``.arrow``
+file, ``save_to_disk`` folder; ``Dataset.select`` of the rows dealt, the others never read). A
+slow stretch of inputs (large images, conversions) then costs one process a little longer, not
+the whole shard the slowest process's share.
+
+**A stream of several files** (parquet/arrow files, a Hub dataset) can only be read in order, so
+it is split by files: worker ``w`` of ``W = num_shards × num_proc`` (process ``k`` of shard ``s``
+is ``w = s + num_shards × k``) streams files ``f % W == w`` (``IterableDataset.shard``) when ``W``
+divides the number of files (``IterableDataset.n_shards``) and no ``max_images`` needs the
+global order, so N machines download the dataset once between them. Otherwise every worker
+streams every row and keeps every ``W``-th (a row filter: ``how == "row filter"`` says so, and
+the notebook prints it).
 
 Input ids of a stream of several files are ``<prefix>/<file>/<row>`` (the same whatever the split,
 so journals are reused across splits); a single-file stream keeps ``<prefix>/<row>``. A stream's
 position (``Input.position``) is the file, the next row in it, the file stream's own state and
-the rows of the files finished before; a resumed run reads none of those again.
+the rows of the files finished before; a resumed run reads none of those again. Dealt sources
+need no position: their journal answers for every input already done.
 """
 
 from pathlib import Path
@@ -24,33 +32,65 @@ from furlib import sources
 from furlib.sources import RESUMED, Input
 
 FILE_STRIDE = 2 ** 40  # sort index of row r of file f: f * FILE_STRIDE + r (the stream's order)
+GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: Fibonacci hashing
+MAX_BLOCK = 64  # inputs dealt at once at most (a block is remaining / (4 x processes), at least 1)
 
 
-def own_inputs(job: dict, w: int, workers: int, resume: dict | None = None):
-    """(iterable of (index, Input) owned by worker ``w`` of ``workers``, their count or None, how)."""
-    sel, source = job["selection"], job["source"]
+def shard_of(index: int, num_shards: int) -> int:
+    """The shard of input ``index``: floor(frac(index × φ⁻¹) × num_shards), Fibonacci hashing.
+    The fractions of any arithmetic progression of indices are equidistributed, so a pattern
+    repeating every p inputs lands on every shard alike."""
+    return ((index * GOLDEN) & (2 ** 64 - 1)) * num_shards >> 64
+
+
+class Dealer:
+    """Deals consecutive blocks of a shard's ``total`` inputs to its ``processes`` as each asks,
+    through ``counters[0]``, the next input to deal (a ``multiprocessing.Array`` the processes
+    share; None: one process takes all). Blocks shrink towards the end (guided scheduling), so
+    the processes finish together."""
+
+    def __init__(self, processes: int = 1, counters=None):
+        self.processes, self.counters = processes, counters
+
+    def blocks(self, total: int):
+        if self.counters is None:
+            yield range(total)
+            return
+        while True:
+            with self.counters.get_lock():
+                start = self.counters[0]
+                size = min(MAX_BLOCK, max(1, (total - start) // (4 * self.processes)))
+                self.counters[0] = start + size
+            if start >= total:
+                return
+            yield range(start, min(total, start + size))
+
+
+def own_inputs(job: dict, k: int, m: int, dealer: Dealer, resume: dict | None = None):
+    """(iterable of (index, Input) read by process ``k`` of ``m`` of this shard, their count or
+    None, how): ``dealer`` deals a listing's or a table's inputs; a stream is split by files."""
+    sel, source, n, s = job["selection"], job["source"], job["num_shards"], job["shard_index"]
     kind, path = sources._kind(source)
     if kind in ("builtin", "folder"):
-        inputs, total = sources.iter_inputs(source, job["source_split"], job["image_column"],
-                                            sel["max_images"], sel["art_count"], sel["seed"],
-                                            exclude=job["data_dir"])
-        own = ((i, item) for i, item in enumerate(inputs) if i % workers == w)
-        return own, (len(range(w, total, workers)) if total else None), "listing"
+        inputs, _ = sources.iter_inputs(source, job["source_split"], job["image_column"],
+                                        sel["max_images"], sel["art_count"], sel["seed"],
+                                        exclude=job["data_dir"])
+        mine = [pair for pair in enumerate(inputs) if shard_of(pair[0], n) == s]
+        dealt = (mine[j] for block in dealer.blocks(len(mine)) for j in block)
+        return dealt, len(mine), "dealt"
     ds, prefix, stamp = _open(kind, path, job)
+    if hasattr(ds, "__len__"):  # memory-mapped: select the rows dealt, read nothing else
+        rows = min(len(ds), sel["max_images"]) if sel["max_images"] else len(ds)
+        mine = [i for i in range(rows) if shard_of(i, n) == s]
+        return _dealt_rows(ds, mine, dealer, prefix, job["image_column"], stamp), len(mine), "dealt"
+    w, workers = s + n * k, n * m
     resume = resume if resume and resume.get("stamp") == stamp else None
-    if hasattr(ds, "__len__"):  # memory-mapped: select the worker's rows, read nothing else
-        n = min(len(ds), sel["max_images"]) if sel["max_images"] else len(ds)
-        mine = range(w, n, workers)
-        rows = _selected_rows(ds.select(mine), mine, prefix, job["image_column"], stamp, resume)
-        how = "rows"
-    else:
-        by_files = workers > 1 and ds.n_shards % workers == 0 and not sel["max_images"]
-        rows = _stream_rows(ds, prefix, job["image_column"], stamp, w, workers, by_files,
-                            sel["max_images"], resume)
-        mine, how = None, "files" if by_files or workers == 1 else "row filter"
+    by_files = workers > 1 and ds.n_shards % workers == 0 and not sel["max_images"]
+    rows = _stream_rows(ds, prefix, job["image_column"], stamp, w, workers, by_files,
+                        sel["max_images"], resume)
     if kind == "hub":
         rows = sources._guarded(rows, str(source), job["source_split"])
-    return rows, (len(mine) if mine is not None else None), how
+    return rows, None, "files" if by_files or workers == 1 else "row filter"
 
 
 def _open(kind: str, path, job: dict):
@@ -84,16 +124,11 @@ def row_value(row: dict, column: str):
     return Path(value) if isinstance(value, str) else value
 
 
-def _selected_rows(ds, mine: range, prefix: str, column: str, stamp, resume):
-    stream = ds.to_iterable_dataset()  # one way to resume: the stream's own state_dict
-    start = 0
-    if resume and resume.get("file") is None:
-        stream.load_state_dict(resume["state"])
-        start = resume["next_row"]
-        yield from ((mine[j], Input(f"{prefix}/{mine[j]}", RESUMED, stamp)) for j in range(start))
-    for j, row in enumerate(stream, start):
-        position = {"file": None, "next_row": j + 1, "stamp": stamp, "state": stream.state_dict()}
-        yield mine[j], Input(f"{prefix}/{mine[j]}", row_value(row, column), stamp, "", position)
+def _dealt_rows(ds, mine: list, dealer: Dealer, prefix: str, column: str, stamp):
+    for block in dealer.blocks(len(mine)):
+        chosen = [mine[j] for j in block]
+        for i, row in zip(chosen, ds.select(chosen).to_iterable_dataset()):
+            yield i, Input(f"{prefix}/{i}", row_value(row, column), stamp)
 
 
 def _stream_rows(ds, prefix, column, stamp, w, workers, by_files, limit, resume):
