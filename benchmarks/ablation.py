@@ -9,7 +9,8 @@ seed (``furception_v1_seed<N>`` aside), real LPIPS (VGG in the loss; missing wei
 error, never a random trunk). Variants:
 - ``furception_v1``: params/furception_v1.yaml as it is (Oklab MAE 1 : MSE 5, LPIPS 1, WGAN-GP);
 - ``recon_only``: without the critic term (``disc_weight 0``);
-- ``ldm_like``: params/ldm_like.yaml (RGB L1 + LPIPS, hinge critic with batch (group) norms);
+- ``ldm_like``: params/ldm_like.yaml (RGB L1 + LPIPS, hinge critic with LDM's batch norms; the
+  issue says group norms, which no critic here has);
 - ``rgb``: furception_v1 with its pixel losses in RGB instead of Oklab;
 - ``no_lpips``: furception_v1 with LPIPS weight 0;
 - ``later_schedule``: the author's later schedule (MAE 1 -> 0.6, MSE 0 -> 2 in plain-mean units,
@@ -36,13 +37,20 @@ complete checkpoints), scores new checkpoints for the curves, compares every var
 at the last step all of them saved, and writes ``--out``: ``ablation.json`` and the EMA decoders
 as fp16 safetensors (2 per file: 5 files, ~42 MiB, inside a call's 8 files / 16 MiB / 64 MiB).
 
-Device calls (one H200; tree ~15 MB + wheels ~7 MB + trunks ~34 MB < 64 MiB). carry:
-``[".whl", ".device"]``; each command, ``timeout_s`` 600 (the third 420, ``--deadline 300``)::
+Device calls, the plan (RESULTS.md, "Ablation at full length: the plan"): first, here, put the
+wheels in ``.whl/`` (``cp -r /work/main/.whl .``: diffusers, datasets, lpips, dill, multiprocess,
+importlib_metadata; 7.3 MB) and write the trunks (``python benchmarks/ablation.py trunks --out
+.device/lpips_trunks_fp16.safetensors``, 32.8 MiB; LPIPS within 5e-5 of fp32). Tree ~15 MB +
+wheels + trunks = 54 MiB < 64. carry ``[".whl", ".device"]``; the same command three times,
+back to back (the work folder survives only while the machine is warm): calls 1 and 2 with
+``timeout_s`` 600 and ``--deadline 450`` (~80 s of curves, scoring and bundling follow it), call 3
+with ``timeout_s`` 420 and ``--deadline 300``; each call returns the comparison at its last
+common step, so a lost call loses only its own steps::
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && python3 benchmarks/ablation.py device --out $OUT --steps 3000 --deadline 480 --lpips-trunks .device/lpips_trunks_fp16.safetensors
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && python3 benchmarks/ablation.py device --out $OUT --steps 3000 --deadline 450 --lpips-trunks .device/lpips_trunks_fp16.safetensors
 
-Made here first: ``python benchmarks/ablation.py trunks --out .device/lpips_trunks_fp16.safetensors``.
-Then, on this CPU, from the last call's files::
+Then, on this CPU, from the last call's files (about 55 minutes on 2 idle cores at 500 images and
+8 decoders, resumable: one cached file a model)::
 
     python benchmarks/ablation.py score --from FILES_AT --out benchmarks/runs/DATE/ablation
 
@@ -189,6 +197,8 @@ def device_phase(a) -> int:
     started, work, out = time.time(), Path(a.work), Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
     dev = runinfo.pick_device(a.device)
+    # scores in true fp32 (no TF32 convolutions), so the local fp16 cross-check shows the rounding alone
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     lpips = real_lpips(dev)  # before minutes of drawing and training: missing weights stop here
     procs = ablation_data.cpu_count()
     corpus = ablation_data.prepare_corpus(work, a.art, a.max_side, a.resolution, procs)

@@ -7,7 +7,8 @@ real FID Inception (``furlib.evaluation.fid_kid``), PSNR again from the fp16 dec
 device's fp32 numbers (the rounding shown, not assumed), the held-out curves, a reconstruction
 grid with zooms, and the table. Per-model results are cached in ``cache`` (one file a model), so
 an interrupted run continues. CPU cost per held-out image and model: one decode and one
-Inception pass (~0.4 s + ~0.3 s on 2 cores; the README section states the measured total).
+Inception pass (~0.4 s + ~0.3 s on 2 idle cores): ~50 minutes at 500 drawings and 8 decoders
+(``--fid-images`` takes the first N for a quicker look; RESULTS.md has the measurement).
 """
 
 import json
@@ -213,7 +214,7 @@ def grid_png(report: dict, x_u8: torch.Tensor, recons: dict, path: Path) -> None
         axes[2 * i + 1, 0].set_ylabel(f"zoom x{ZOOM} (box)", fontsize=9)
     for ax in axes.flat:
         ax.set_xticks([]), ax.set_yticks([])
-    fig.suptitle(f"Held-out drawings at {x_u8.shape[-1]} px, EMA decoders at step {report['step']}; "
+    fig.suptitle(f"Held-out drawings at {x_u8.shape[-1]} px, EMA decoders at step {report['step']}\n"
                  f"zoom: the 1/{ZOOM}-side square where the base errs most", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

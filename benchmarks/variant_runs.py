@@ -105,7 +105,13 @@ def score_variant(root: Path, name: str, step: int, resolution: int, train_info:
 def _history(run: Path) -> list:
     """The run's log rows (``logs/*.jsonl`` as the Logbook writes them), oldest first."""
     path = run / "logs" / "log.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    rows = [json.loads(line) for line in lines[:-1]]
+    try:  # a run killed at a deadline may leave its last line half-written (the Logbook drops it too)
+        rows += [json.loads(line) for line in lines[-1:]]
+    except json.JSONDecodeError:
+        pass
+    return rows
 
 
 def eval_models(run: Path, ckpt: Path) -> list:
