@@ -96,6 +96,9 @@ def held_out_photos(resolution: int) -> tuple[torch.Tensor, list]:
     from furlib.images import center_crop, load_rgb
 
     found = [(name.rsplit("/", 1)[-1], src) for name, src in builtin_sources(source="builtin-photos") if Path(src).is_file()]
+    if not found:  # scikit-image not installed: the drawings' scores still come back, the report says so
+        print("held-out photos: none found (scikit-image absent?): no photo scores", flush=True)
+        return torch.zeros(0, 3, resolution, resolution, dtype=torch.uint8), []
     crops = [center_crop(load_rgb(src), resolution) for _, src in found]
     return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous(), [n for n, _ in found]
 
@@ -135,20 +138,25 @@ def m11(u8: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def encode(vae, u8: torch.Tensor, device, batch: int = 32) -> torch.Tensor:
     """Posterior-mode latents of a uint8 batch (fp32), on ``device``."""
+    side = u8.shape[-1] // 8
     return torch.cat([vae.encode(m11(u8[i:i + batch]).to(device)).latent_dist.mode()
-                      for i in range(0, len(u8), batch)])
+                      for i in range(0, len(u8), batch)] or [torch.zeros(0, 4, side, side, device=device)])
 
 
 @torch.no_grad()
 def decode(vae, z: torch.Tensor, batch: int = 32) -> torch.Tensor:
     """fp32 reconstructions in [-1, 1] (clamped: what an 8-bit image keeps), on z's device."""
-    return torch.cat([vae.decode(z[i:i + batch]).sample.float().clamp(-1, 1) for i in range(0, len(z), batch)])
+    side = z.shape[-1] * 8
+    return torch.cat([vae.decode(z[i:i + batch]).sample.float().clamp(-1, 1) for i in range(0, len(z), batch)]
+                     or [torch.zeros(0, 3, side, side, device=z.device)])
 
 
 def scores(u8: torch.Tensor, recon: torch.Tensor, lpips_alex, lpips_vgg, per_image: bool = False) -> dict:
     """Means of 03's per-image metrics (LPIPS both trunks); with ``per_image`` also PSNR per image."""
     from furlib.evaluation.metrics import per_image_metrics
 
+    if not len(u8):
+        return {"n": 0}
     x = m11(u8).to(recon.device)
     parts = [per_image_metrics(x[i:i + 32], recon[i:i + 32], lpips_alex, lpips_vgg) for i in range(0, len(x), 32)]
     m = {k: torch.cat([p[k] for p in parts]) for k in SCORE_KEYS}

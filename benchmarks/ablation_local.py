@@ -144,6 +144,8 @@ def markdown(report: dict, summary: dict) -> str:
               "domain, what the finetune costs there):\n",
               "| model | " + " | ".join(label for _, label, _ in photo_keys) + " |", "|---|" + "---|" * len(photo_keys)]
     photos += [f"| {name} | " + " | ".join(_fmt(sc["photos"].get(k), f) for k, _, f in photo_keys) + " |" for name, sc, _ in rows]
+    if not held["photos"]:
+        photos = ["\nHeld-out photographs: none were found on the device (scikit-image absent): not scored."]
     check = ["\nfp16 decoders here vs the device's fp32 EMA, PSNR on the same drawings:\n",
              "| model | device fp32 (dB) | here fp16 (dB) | mean diff | largest per-image diff |", "|---|---|---|---|---|"]
     check += [f"| {n} | {lo['psnr_check']['device_fp32']:.4f} | {lo['psnr_check']['local_fp16']:.4f} | "
