@@ -156,6 +156,45 @@ def test_missing_lpips_weights_are_an_error_not_a_random_trunk(monkeypatch, tmp_
         ablation.real_lpips("cpu")
 
 
+def test_every_variant_of_the_full_run_is_valid_02_settings():
+    """The device run's 7 variants at the planned defaults: settings 02 accepts, scaled as the
+    docstring says, real LPIPS in all but no_lpips, one seed apart from the noise twin."""
+    from furlib.training.settings import TrainSettings
+
+    ablation, runs = bench("ablation"), bench("variant_runs")
+    a = ablation.parse(["device", "--out", "x"])
+    names = ablation.variant_names(a)
+    assert names == ["furception_v1", "recon_only", "ldm_like", "rgb", "no_lpips", "later_schedule", "furception_v1_seed1"]
+    settings = {}
+    for name in names:
+        profile, over = ablation.variant_overrides(name, a)
+        settings[name] = TrainSettings.from_params(runs.profile_params(profile, over))
+    for name, st in settings.items():
+        assert (st.base_model, st.resolution, st.batch_size, st.max_steps, st.lpips_backbone) == ("tiny", 256, 32, 3000, "pretrained")
+        assert st.lpips_weight == (0.0 if name == "no_lpips" else 1.0) and st.lr == pytest.approx(1e-5)
+        assert st.seed == (1 if name.endswith("seed1") else 0) and st.warmup_steps == 100 and st.resume
+        assert st.ema_decay == pytest.approx(1 - (1 - 0.999 ** (32 / 192)) / 0.02)
+    assert settings["later_schedule"].loss_schedule_steps == 2000 and settings["recon_only"].disc_weight == 0.0
+    assert (settings["ldm_like"].gan_loss, settings["ldm_like"].color_space, settings["rgb"].color_space) == ("hinge", "rgb", "rgb")
+
+
+def test_report_marks_differences_inside_the_two_seeds_gap(toy_run):
+    """The local page with a noise twin: its section is there and names the twin."""
+    import json
+
+    local = bench("ablation_local")
+    root, _ = toy_run
+    report = json.loads((root / "out" / "ablation.json").read_text())
+    twin = dict(report["results"][0], name="furception_v1_seed1")
+    report["results"].append(twin)
+    report["settings"]["noise_seed"] = 1
+    summary = json.loads((root / "report" / "local.json").read_text())
+    summary["local"]["furception_v1_seed1"] = summary["local"]["furception_v1"]
+    md = local.markdown(report, summary)
+    assert "run-to-run noise (finetuned-ema, furception_v1 vs furception_v1_seed1" in md
+    assert "| no_lpips |" in md.split("run-to-run noise")[1]
+
+
 def result(name: str, psnr: float, delta_e: float) -> dict:
     m = {"psnr": psnr, "delta_e_ok": delta_e, "hf_ratio": 0.7, "ab_shift": 0.001}
     return {"name": name, "scores": {"base": m, "finetuned-ema": m}}
