@@ -192,7 +192,7 @@ def score_device(a, names: list, work: Path, sets: dict, step: int, models: dict
 def device_phase(a) -> int:
     import torch
 
-    from furlib import checkpoint, models, runinfo
+    from furlib import models, runinfo
 
     started, work, out = time.time(), Path(a.work), Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -210,9 +210,9 @@ def device_phase(a) -> int:
     ended = train_all(a, names, work, started)
     train_s = time.time() - t0
     base = models.load_vae("tiny").to(dev).eval()
-    k = min(a.curve_images, len(sets["art"]))
-    curves = ablation_data.update_curves(work, names, base, ablation_data.encode(base, sets["art"][:k], dev),
-                                         sets["art"][:k], lpips[1], dev)
+    n_curve = min(a.curve_images, len(sets["art"]))
+    curves = ablation_data.update_curves(work, names, base, ablation_data.encode(base, sets["art"][:n_curve], dev),
+                                         sets["art"][:n_curve], lpips[1], dev)
     saved = {n: variant_runs.checkpoint_steps(work / n) for n in names}
     common = set.intersection(*saved.values()) if saved else set()
     if not common:
@@ -223,18 +223,12 @@ def device_phase(a) -> int:
     scored = score_device(a, names, work, sets, step, {"device": dev, "lpips": lpips, "base": base})
     calls = _record_call(work, a, ended, {"prepare_s": round(t0 - started, 1), "training_s": round(train_s, 1)},
                          {n: max(s) for n, s in saved.items()})
-    results = []
-    for n in names:
-        state = checkpoint.read_state(variant_runs.checkpoint_at(work / n, step))
-        history = [r for r in json.loads(json.dumps(variant_runs._history(work / n), default=float)) if r["step"] <= step]
-        results.append({"name": n, "overrides": variant_overrides(n, a)[1], "scores": scored["scores"][n],
-                        "train": {"step": step, "skipped_steps": state.get("skipped", 0), "reached": max(saved[n])},
-                        "curve": curves[n], "history": history})
+    results = [_result(a, n, work, step, scored["scores"][n], curves[n], max(saved[n])) for n in names]
     report = {"settings": {k: v for k, v in vars(a).items() if k not in ("only", "argv")}, "step": step, "calls": calls,
               "variants": {n: (VARIANTS.get(n) or (REFERENCE, {"seed": a.noise_seed})) for n in names},
               "corpus": {k: v for k, v in corpus.items() if k != "pixel_hashes"},
               "held_out": {"art": len(sets["art"]), "art_seed": ablation_data.HELD_OUT_SEED, "art_digest": sets["art_digest"],
-                           "photos": sets["photo_names"], "curve_images": k, "resolution": a.resolution},
+                           "photos": sets["photo_names"], "curve_images": n_curve, "resolution": a.resolution},
               "base": scored["scores"]["base"], "results": results, "lpips": [m.source for m in lpips],
               "versions": runinfo.versions(), "device": runinfo.device_info(dev), "torch": torch.__version__}
     out.mkdir(parents=True, exist_ok=True)
@@ -242,6 +236,16 @@ def device_phase(a) -> int:
     ablation_data.write_bundle(out, scored["decoders"], step)
     print(f"compared at step {step}; returned {ablation_data.check_limits(out)}; {time.time() - started:.0f} s", flush=True)
     return 0
+
+
+def _result(a, name: str, work: Path, step: int, scores: dict, curve: list, reached: int) -> dict:
+    """One variant's entry in ablation.json: its settings, scores at ``step``, curve and log."""
+    from furlib import checkpoint
+
+    state = checkpoint.read_state(variant_runs.checkpoint_at(work / name, step))
+    history = [r for r in json.loads(json.dumps(variant_runs._history(work / name), default=float)) if r["step"] <= step]
+    return {"name": name, "overrides": variant_overrides(name, a)[1], "scores": scores, "curve": curve,
+            "train": {"step": step, "skipped_steps": state.get("skipped", 0), "reached": reached}, "history": history}
 
 
 def _record_call(work: Path, a, ended: list, seconds: dict, reached: dict) -> list:
