@@ -252,10 +252,12 @@ def _record_call(work: Path, a, ended: list, seconds: dict, reached: dict) -> li
     """This call, appended to ``work/calls.json``: the record of every call the run took."""
     path = work / "calls.json"
     calls = json.loads(path.read_text()) if path.exists() else []
-    calls.append(dict(seconds, argv=a.argv, reached=reached,
+    before = calls[-1]["reached"] if calls else {}
+    rate = {n: round((s - before.get(n, 0)) / max(seconds["training_s"], 1), 2) for n, s in reached.items()}
+    calls.append(dict(seconds, argv=a.argv, reached=reached, saved_steps_per_s=rate,
                       stopped_at_deadline=sorted(r["name"] for r in ended if r.get("stopped"))))
     print(f"call {len(calls)}: prepared in {seconds['prepare_s']:.0f} s, trained {seconds['training_s']:.0f} s; "
-          f"steps reached {reached}", flush=True)
+          f"steps reached {reached}; saved steps a second of training (compile included) {rate}", flush=True)
     path.write_text(json.dumps(calls, indent=1))
     return calls
 
