@@ -81,14 +81,10 @@ def _cached(path: Path, compute):
 
 
 def _features(rfid, rgb_m11: torch.Tensor, batch: int) -> torch.Tensor:
-    """Inception pool3 features of a batch in [-1, 1], as RFID.update computes them."""
-    before = rfid.features.pop("_tmp", None)
+    """Inception pool3 features of images in [-1, 1], through RFID.update (its 8-bit rounding)."""
     for i in range(0, len(rgb_m11), batch):
-        rfid.update("_tmp", rgb_m11[i:i + batch])
-    feats = torch.cat(rfid.features.pop("_tmp"))
-    if before is not None:
-        rfid.features["_tmp"] = before
-    return feats
+        rfid.update("_scratch", rgb_m11[i:i + batch])
+    return torch.cat(rfid.features.pop("_scratch"))
 
 
 @torch.no_grad()
