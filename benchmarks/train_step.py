@@ -7,8 +7,8 @@
         --flops 1 --variants "project-eager[lpips_autocast=True],project-eager"  # CPU check of a command
 
 A variant takes settings in brackets, ``variant[key=value;...]``: a ``speed.Tuning`` field
-(``lpips_autocast``, ``compile_critic``, ``compile_penalty``, ``compile_cache_dir``,
-``inductor_options``), a ``TrainSettings`` field (``mixed_precision='fp16'``), ``cudnn.<name>``
+(``lpips_autocast``, ``compile_critic``, ``compile_penalty``, ``inductor_options``), a
+``TrainSettings`` field (``mixed_precision='fp16'``, ``compile_cache_dir='/tmp/cc'``), ``cudnn.<name>``
 (``torch.backends.cudnn``; ``benchmark`` itself is set by the variant), or else a
 ``torch._inductor.config`` value (``max_autotune=True``). The same variant twice with one fresh
 ``compile_cache_dir`` measures compilation cold, then warm (each variant is its own process).

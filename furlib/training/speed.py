@@ -6,8 +6,8 @@
 1. ``speed_up``: memory layout (NHWC), phase upsampling, ``torch.compile``; ``Tuning`` holds the
    levers a benchmark or test may change that are not recipe parameters (02 never sets them, so a
    run's record does not need them): among them the compiled gradient penalty
-   (``compiled_penalty``) and a compile cache folder (``use_compile_cache``), both off by default
-   until measured on a GPU (benchmarks/RESULTS.md, issue 21).
+   (``compiled_penalty``), off until measured on a GPU (benchmarks/RESULTS.md, issue 21). The
+   02 parameter ``compile_cache_dir`` keeps compiled kernels in a folder (``use_compile_cache``).
 2. Phase upsampling (``use_phase_upsampling``): the decoder's "nearest 2x upsample, then 3x3 conv"
    as four 2x2 convs at the low resolution.
 3. Gradient averaging over processes by hand (``average_gradients``, ``check_in_sync``).
@@ -68,7 +68,6 @@ class Tuning:
     compile_critic: bool = True     # a compiled twin for the critic's first-order passes
     compile_penalty: bool = False   # WGAN-GP's double backward compiled (``compiled_penalty``); same maths
     lpips_autocast: bool = False    # LPIPS under the step's autocast, not fp32 (changes results)
-    compile_cache_dir: str = ""     # inductor's and Triton's caches here (``use_compile_cache``); "": torch's
     part_timer: Callable[[str], AbstractContextManager] | None = None  # wraps each part of the step
 
 
@@ -97,8 +96,8 @@ def speed_up(vae, critic, rec_loss, settings, device: torch.device, tuning: Tuni
     """Layout, phase upsampling and compilation, in place; returns (memory layout, the critic
     for first-order passes, the gradient penalty function or None for the plain one)."""
     compiled = settings.uses("torch_compile", device)
-    if compiled and tuning.compile_cache_dir:
-        use_compile_cache(tuning.compile_cache_dir)
+    if compiled and settings.compile_cache_dir:
+        use_compile_cache(settings.compile_cache_dir)
     if settings.uses("phase_upsample", device):
         use_phase_upsampling(vae.decoder)  # keeps the state-dict keys
     # compiled graphs choose their own layouts (see COMPILE_OPTIONS): "auto" NHWC is for eager
