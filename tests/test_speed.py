@@ -55,6 +55,28 @@ def test_compiled_penalty_in_the_step_matches_plain():
         assert float(fast_logs[key]) == pytest.approx(float(plain_logs[key]), rel=1e-5), key
 
 
+@needs_cpp
+def test_compiled_penalty_under_bf16_is_as_close_to_fp32_as_the_eager_one():
+    """The GPU step runs the penalty under bf16 autocast, with the loss scale a tensor in fp16:
+    the compiled form rounds at other points than the eager one, no further from fp32."""
+    from furlib.training.losses import PatchCritic, gradient_penalty
+
+    torch.manual_seed(0)
+    critic = PatchCritic(2, 8, "pixel_layer")
+    real, fake, alpha = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 1, 1, 1)
+
+    def grads(fn, bf16: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            gp = fn(critic, real, fake, alpha, torch.tensor(512.0))
+        g = torch.autograd.grad(gp, list(critic.parameters()), allow_unused=True, materialize_grads=True)
+        return torch.cat([t.flatten() for t in g])
+
+    fp32 = grads(gradient_penalty, False)
+    eager, compiled = grads(gradient_penalty, True), grads(speed.compiled_penalty(speed.COMPILE_OPTIONS), True)
+    err = lambda g: float((g - fp32).norm() / fp32.norm())  # noqa: E731
+    assert err(compiled) <= 1.1 * err(eager)  # seen: 0.0275 vs 0.0276 (eager and compiled 0.0022 apart)
+
+
 CACHE_PROBE = """
 import json, sys
 import torch

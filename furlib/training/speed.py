@@ -114,7 +114,7 @@ def speed_up(vae, critic, rec_loss, settings, device: torch.device, tuning: Tuni
                 module.compile(options=tuning.inductor_options)
         if tuning.compile_critic:
             # a compiled twin sharing the weights: the penalty's double backward runs the eager
-            # critic, because compiled graphs have no double backward
+            # critic (autograd.grad with create_graph does not compile), or compile_penalty's form
             scores = torch.compile(critic, options=tuning.inductor_options)
         if tuning.compile_penalty:
             penalty = compiled_penalty(tuning.inductor_options)
