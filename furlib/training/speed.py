@@ -78,10 +78,13 @@ def use_compile_cache(folder) -> Path:
     of building them: a Colab runtime that was restarted, or recycled when ``folder`` is on Drive.
     torch's default (``/tmp/torchinductor_<user>``) survives a kernel restart, not a new machine.
     Only code generation and kernel builds are cached; Dynamo's tracing runs every time."""
+    import torch._inductor.config as inductor
+
     folder = Path(folder).expanduser().resolve()
     (folder / "triton").mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
     os.environ["TRITON_CACHE_DIR"] = str(folder / "triton")
+    inductor.fx_graph_cache = True  # the default since torch 2.5; requirements allow 2.4
     return folder
 
 
