@@ -7,8 +7,11 @@
         --flops 1 --variants "project-eager[lpips_autocast=True],project-eager"  # CPU check of a command
 
 A variant takes settings in brackets, ``variant[key=value;...]``: a ``speed.Tuning`` field
-(``lpips_autocast``, ``compile_critic``, ``inductor_options``), a ``TrainSettings`` field
-(``mixed_precision='fp16'``), or else a ``torch._inductor.config`` value.
+(``lpips_autocast``, ``compile_critic``, ``compile_penalty``, ``inductor_options``), a
+``TrainSettings`` field (``mixed_precision='fp16'``, ``compile_cache_dir='/tmp/cc'``), ``cudnn.<name>``
+(``torch.backends.cudnn``; ``benchmark`` itself is set by the variant), or else a
+``torch._inductor.config`` value (``max_autotune=True``). The same variant twice with one fresh
+``compile_cache_dir`` measures compilation cold, then warm (each variant is its own process).
 
 Variants (all: sd-vae-ft-mse architecture with random weights, LPIPS VGG with a random backbone
 -- the same compute as the pretrained one --, layer-norm PatchGAN WGAN-GP critic, Oklab L1+L2,
@@ -30,7 +33,12 @@ adaptive weight every step, AdamW, EMA; random data resident on the GPU):
 - project-ckpt: ``project`` plus gradient checkpointing (memory);
 - colab-t4: fp16 with grad scaling, 4 x 8 micro-batches, checkpointing, memory capped at 15 GiB.
 Timing: CUDA events per step, warm-up excluded, median. FLOPs are counted once on the
-plain-bf16 step with ``torch.utils.flop_counter`` and used for every variant's TFLOP/s.
+plain-bf16 step with ``torch.utils.flop_counter`` and used for every variant's TFLOP/s. Each row
+also has ``wait_s``: seconds to build the models, then of the first and second warm-up steps
+(step 0 compiles every graph and runs cuDNN's algorithm search; step 1 shows any recompile),
+what a user waits before training runs at speed. ``project-parts`` sums each part's ms over a step
+(``parts_ms``, medians over steps); with ``--profile`` each project row also has
+``kernel_ms_per_step`` (the GPU's busy time; the rest of ``ms_median`` it idles).
 """
 
 import argparse
@@ -125,9 +133,9 @@ def project_stepper(batch: int, variant: str, overrides: dict):
         if DEVICE.type == "cuda":
             torch.cuda.set_per_process_memory_fraction(15 * 2**30 / torch.cuda.get_device_properties(0).total_memory)
         kw.update(mixed_precision="fp16", grad_accum=4, gradient_checkpointing=True)
-    parts = {} if variant == "project-parts" else None
+    parts = PartTimes() if variant == "project-parts" else None
     if parts is not None:
-        tuning["part_timer"] = lambda name: part_timer(parts, name)
+        tuning["part_timer"] = parts.timer
     kw.update({k: v for k, v in overrides.items() if k in SETTING_FIELDS})
     tuning.update({k: v for k, v in overrides.items() if k in TUNING_FIELDS})
     trainer = Trainer(load_vae(MODEL), TrainSettings(**kw), state.device, LPIPS("vgg", "random"),
@@ -135,14 +143,32 @@ def project_stepper(batch: int, variant: str, overrides: dict):
     return trainer.step, parts
 
 
-@contextlib.contextmanager
-def part_timer(parts: dict, name: str):
-    """Synchronised wall-clock ms of one part of the step (``Tuning.part_timer``)."""
-    sync()
-    t0 = time.perf_counter()
-    yield
-    sync()
-    parts.setdefault(name, []).append((time.perf_counter() - t0) * 1e3)
+class PartTimes:
+    """Synchronised wall-clock ms of each named part of the step (``Tuning.part_timer``), summed
+    over a step: a name may run several times a step (``decoder_grads`` twice: the first pass and
+    the backward; parts of a micro-batch once per micro-batch)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.now, self.steps = {}, {}
+
+    @contextlib.contextmanager
+    def timer(self, name: str):
+        sync()
+        t0 = time.perf_counter()
+        yield
+        sync()
+        self.now[name] = self.now.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
+
+    def end_step(self) -> None:
+        for name, ms in self.now.items():
+            self.steps.setdefault(name, []).append(ms)
+        self.now = {}
+
+    def medians(self) -> dict:
+        return {name: statistics.median(ms) for name, ms in self.steps.items()}
 
 
 def count_flops(batch: int, res: int) -> float:
@@ -192,8 +218,11 @@ def fed_steps(step, batch: int, res: int, workers: int, steps: int = 100) -> dic
     return out
 
 
-def write_profile(step, x, path: Path) -> str:
-    """CUDA kernel time of two steps, by operator, as a table."""
+def write_profile(step, x, path: Path) -> tuple[str, float]:
+    """CUDA kernel time of two steps, by operator and by Python caller, as tables; returns the
+    file and the kernels' total ms per step. Beside the step's ms (CUDA events, outside the
+    profiler) the total says how long the GPU idles a step: what CUDA graphs could win at most."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
@@ -201,11 +230,16 @@ def write_profile(step, x, path: Path) -> str:
             step(x)
         sync()
     path.parent.mkdir(parents=True, exist_ok=True)
-    by_op = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=50, max_name_column_width=90)
-    by_caller = prof.key_averages(group_by_stack_n=6).table(sort_by="self_cuda_time_total", row_limit=25,
+    events = prof.key_averages()
+    # as the table's "Self CUDA time total": kernel events only, not the CPU ops that launched them
+    kernel_us = sum(e.self_device_time_total for e in events
+                    if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False))
+    kernel_ms = kernel_us / 2 / 1e3  # two steps
+    by_op = events.table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90)
+    by_caller = prof.key_averages(group_by_stack_n=6).table(sort_by="self_cuda_time_total", row_limit=30,
                                                             max_name_column_width=90)
-    path.write_text(f"{by_op}\n\nBy Python caller (6 frames):\n{by_caller}")
-    return str(path)
+    path.write_text(f"kernel time per step: {kernel_ms:.1f} ms\n\n{by_op}\n\nBy Python caller (6 frames):\n{by_caller}")
+    return str(path), kernel_ms
 
 
 def time_variant(variant: str, batch: int, res: int, steps: int, warmup: int, profile_dir: str = "",
@@ -214,26 +248,39 @@ def time_variant(variant: str, batch: int, res: int, steps: int, warmup: int, pr
     # fp32: cuDNN's exhaustive algorithm search over these ~1 GB activations did not finish in
     # 10 minutes (twice); the reference then uses cuDNN's heuristics, like a plain script would
     torch.backends.cudnn.benchmark = variant != "plain-fp32"
+    t0 = time.perf_counter()
     step, parts = plain_stepper(batch, variant == "plain-bf16") if variant.startswith("plain") \
         else project_stepper(batch, variant, overrides or {})
     data = [torch.rand(batch, 3, res, res, device=DEVICE) * 2 - 1 for _ in range(3)]
-    for i in range(warmup):
-        step(data[i % 3])
     sync()
+    # what a user waits before training: building the models, the first step (compilation, cuDNN's
+    # algorithm search), the second (any recompilation)
+    wait = {"setup_s": time.perf_counter() - t0}
+    for i in range(warmup):
+        t0 = time.perf_counter()
+        step(data[i % 3])
+        sync()
+        if i < 2:
+            wait[f"step{i}_s"] = time.perf_counter() - t0
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if parts is not None:
-        parts.clear()  # warm-up and compilation excluded
+        parts.reset()  # warm-up and compilation excluded
     times = []
     for i in range(steps):
         times.append(step_ms(step, data[i % 3]))
+        if parts is not None:
+            parts.end_step()
         print(f"{variant} step {i}: {times[-1]:.1f} ms", file=sys.stderr, flush=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    extra = {"parts_ms": {k: statistics.median(v) for k, v in parts.items()}} if parts else {}
+    extra = {"wait_s": wait}
+    if parts is not None:
+        extra["parts_ms"] = parts.medians()
     if variant == "project-fed":
         extra["fed"] = fed_steps(step, batch, res, workers)
     if profile_dir:
-        extra["profile"] = write_profile(step, data[0], Path(profile_dir) / f"profile-{variant}-{os.getpid()}.txt")
+        path = Path(profile_dir) / f"profile-{variant}-{os.getpid()}.txt"
+        extra["profile"], extra["kernel_ms_per_step"] = write_profile(step, data[0], path)
     return extra | {"variant": variant if world == 1 else f"{variant} x{world} GPUs", "gpus": world, "ms_median": statistics.median(times), "ms_min": min(times),
             "ms_max": max(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else 0.0,
             "steps": steps, "warmup": warmup}
@@ -254,8 +301,9 @@ def step_ms(step, x) -> float:
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
-    """``variant[key=value;...]`` -> (variant, its ``Tuning``/``TrainSettings`` values); any other
-    key is set in ``torch._inductor.config`` here."""
+    """``variant[key=value;...]`` -> (variant, its ``Tuning``/``TrainSettings`` values); a key
+    ``cudnn.<name>`` is set in ``torch.backends.cudnn`` (e.g. ``cudnn.benchmark_limit=0``: try every
+    algorithm), any other in ``torch._inductor.config``, here."""
     import ast
 
     import torch._inductor.config as inductor
@@ -266,16 +314,30 @@ def parse_variant(spec: str) -> tuple[str, dict]:
         key, value = item.split("=", 1)
         if key in TUNING_FIELDS or key in SETTING_FIELDS:
             overrides[key] = ast.literal_eval(value)
+        elif key.startswith("cudnn.") and hasattr(torch.backends.cudnn, key[6:]):
+            setattr(torch.backends.cudnn, key[6:], ast.literal_eval(value))
         elif hasattr(inductor, key):
             setattr(inductor, key, ast.literal_eval(value))
         else:
-            raise ValueError(f"{spec}: {key!r} is neither a Tuning or TrainSettings field nor in torch._inductor.config")
+            raise ValueError(f"{spec}: {key!r} is neither a Tuning or TrainSettings field nor in "
+                             "torch.backends.cudnn or torch._inductor.config")
     return name, overrides
+
+
+def split_variants(specs: str) -> list:
+    """``--variants`` at the commas outside brackets (a bracketed dict may hold commas)."""
+    out, depth, start = [], 0, 0
+    for i, ch in enumerate(specs + ","):
+        depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            out.append(specs[start:i].strip())
+            start = i + 1
+    return [v for v in out if v]
 
 
 def run_all(args, variants: str) -> list:
     rows = []
-    for variant in variants.split(","):  # ";" separates inductor settings inside a variant
+    for variant in split_variants(variants):  # ";" separates settings inside a variant
         launch = [sys.executable] if args.nproc == 1 or variant == "count" else \
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc)]
         cmd = launch + [__file__, "--variant", variant, "--batch", str(args.batch), "--res", str(args.res),
@@ -301,15 +363,17 @@ def run_all(args, variants: str) -> list:
 
 
 def report(rows: list, flops: float, batch: int) -> str:
-    ok = {r["variant"]: r for r in rows if "ms_median" in r}
-    lines = ["| variant | ms/step (median) | images/s | TFLOP/s | peak GiB | vs plain-fp32 | vs plain-bf16 |",
-             "|---|---|---|---|---|---|---|"]
-    for r in ok.values():
+    done = [r for r in rows if "ms_median" in r]  # a variant may run twice (compile cache cold, warm)
+    ok = {r["variant"]: r for r in reversed(done)}  # the references: each one's first row
+    lines = ["| variant | ms/step (median) | images/s | TFLOP/s | peak GiB | vs plain-fp32 | vs plain-bf16 "
+             "| s to build / step 0 / step 1 |", "|---|---|---|---|---|---|---|---|"]
+    for r in done:
         ms = r["ms_median"]
         rel = lambda ref: f"{ok[ref]['ms_median'] / ms:.2f}x" if ref in ok else "n/a"  # noqa: E731
         gpus = r.get("gpus", 1)
+        wait = " / ".join(f"{r.get('wait_s', {}).get(k, float('nan')):.1f}" for k in ("setup_s", "step0_s", "step1_s"))
         lines.append(f"| {r['variant']} | {ms:.1f} | {gpus * batch * 1000 / ms:.1f} | {gpus * flops / ms / 1e9:.0f} | "
-                     f"{r['peak_gib']:.1f} | {rel('plain-fp32')} | {rel('plain-bf16')} |")
+                     f"{r['peak_gib']:.1f} | {rel('plain-fp32')} | {rel('plain-bf16')} | {wait} |")
     return "\n".join(lines)
 
 

@@ -130,6 +130,7 @@ max_bad_steps = 20                        # consecutive non-finite steps before 
 torch_compile = "auto"                    # compile encoder, decoder, LPIPS, critic: "auto" (on CUDA), "yes", "no"
 phase_upsample = "auto"                   # upsampling convs as 2x2 phase convs, same maths: "auto" (on CUDA), "yes", "no"
 channels_last = "auto"                    # NHWC convolutions: "auto" (on CUDA when not compiled), "yes", "no"
+compile_cache_dir = ""                    # torch.compile's cache: "" torch's in /tmp (kept over a kernel restart); a Drive folder: kept over new VMs
 resume_with_changes = []                  # recipe settings a resume may change, e.g. ["lr"]
 on_bad_checkpoint = "fallback"            # damaged latest: "fallback" to the newest good one (loud), or "refuse"
 train_source = ""                         # "": 01's data/train; else a parquet/arrow file or folder, or a hub id, streamed (no dedup)

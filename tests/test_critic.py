@@ -114,3 +114,18 @@ def test_first_order_passes_use_the_scores_twin(gan_loss):
     assert torch.allclose(losses[0], losses[1])
     assert all(torch.allclose(a, b) for a, b in zip(*grads))
     assert len(calls) == {"wgan-gp": 2, "hinge": 2, "ns-r1": 1}[gan_loss]
+
+
+@pytest.mark.parametrize("grad_scale", [1.0, torch.tensor(1024.0)])
+def test_functional_penalty_is_the_penalty(grad_scale):
+    """``functional=True`` (torch.func's inner gradient, the compilable form) gives the penalty
+    and its gradient in the critic's weights of the autograd form, fp16's loss scale included."""
+    torch.manual_seed(0)
+    c = PatchCritic(layers=2, channels=8, norm="pixel_layer").double()
+    real, fake = torch.randn(3, 3, 32, 32).double(), torch.randn(3, 3, 32, 32).double()
+    alpha = torch.rand(3, 1, 1, 1).double()
+    params = list(c.parameters())
+    gps = [gradient_penalty(c, real, fake, alpha, grad_scale, functional=f) for f in (False, True)]
+    grads = [torch.autograd.grad(gp, params, allow_unused=True, materialize_grads=True) for gp in gps]
+    assert torch.allclose(gps[0], gps[1], rtol=1e-12)
+    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-14) for a, b in zip(*grads))

@@ -222,16 +222,33 @@ def _input_grad(scores: torch.Tensor, x: torch.Tensor, grad_scale) -> torch.Tens
     return grad.float() / grad_scale
 
 
+def functional_input_grad(critic: nn.Module, x: torch.Tensor, grad_scale=1.0) -> torch.Tensor:
+    """``_input_grad`` by ``torch.func.grad``: the same gradient, still differentiable in the
+    critic's weights, but traceable, so ``torch.compile`` can compile the penalty's double
+    backward (``speed.Tuning.compile_penalty``); ``autograd.grad(create_graph=True)`` cannot be."""
+    state = (dict(critic.named_parameters()), dict(critic.named_buffers()))
+
+    def total(v):
+        return torch.func.functional_call(critic, state, (v,)).float().flatten(1).mean(1).sum() * grad_scale
+
+    return torch.func.grad(total)(x).float() / grad_scale
+
+
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, alpha: torch.Tensor,
-                     grad_scale=1.0) -> torch.Tensor:
+                     grad_scale=1.0, functional: bool = False) -> torch.Tensor:
     """WGAN-GP: mean_i (||grad D(x_i)||_2 - 1)^2 at x_i = real_i + alpha_i (fake_i - real_i).
 
     ``alpha`` is (N, 1, 1, 1) in [0, 1]; D(x_i) is the mean of sample i's score map, and the
     norm is taken per sample over C*H*W. ``grad_scale``: see ``_input_grad`` (1 unless fp16).
+    ``functional``: the inner gradient by ``functional_input_grad`` (the same maths; compilable).
     """
-    x = (real + alpha * (fake - real)).detach().requires_grad_(True)
-    # critic sees a view of the leaf: module hooks (FlopCounterMode's) reject leaf inputs here
-    grad = _input_grad(critic(x.view_as(x)), x, grad_scale)
+    x = (real + alpha * (fake - real)).detach()
+    if functional:
+        grad = functional_input_grad(critic, x, grad_scale)
+    else:
+        x.requires_grad_(True)
+        # critic sees a view of the leaf: module hooks (FlopCounterMode's) reject leaf inputs here
+        grad = _input_grad(critic(x.view_as(x)), x, grad_scale)
     return (grad.flatten(1).norm(dim=1) - 1.0).pow(2).mean()
 
 
@@ -244,14 +261,18 @@ def r1_penalty(critic: nn.Module, real: torch.Tensor, grad_scale=1.0) -> tuple[t
 
 
 def critic_loss(critic, real, fake, gan_loss: str, gp_weight=10.0, r1_gamma=10.0, drift_weight=0.0,
-                generator: torch.Generator | None = None, scores=None, grad_scale=1.0) -> tuple[torch.Tensor, dict]:
+                generator: torch.Generator | None = None, scores=None, grad_scale=1.0,
+                penalty=None) -> tuple[torch.Tensor, dict]:
     """The critic's loss on prepared ``real`` and (detached) ``fake`` batches, and its logs.
 
     ``scores``: the same critic for the first-order passes (e.g. ``torch.compile(critic)``); the
-    penalties' double backward always runs ``critic`` itself. ``grad_scale``: the fp16 loss scale
-    for the penalties' inner backward (a float or 0-dim tensor; 1 in fp32/bf16).
+    penalties' double backward runs ``critic`` itself. ``penalty``: ``gradient_penalty`` or a
+    function with its signature (e.g. its compiled functional form, ``speed.compiled_penalty``).
+    ``grad_scale``: the fp16 loss scale for the penalties' inner backward (a float or 0-dim
+    tensor; 1 in fp32/bf16).
     """
     scores = critic if scores is None else scores
+    penalty = gradient_penalty if penalty is None else penalty
     if gan_loss not in GAN_LOSSES:
         raise ValueError(f"gan_loss must be one of {GAN_LOSSES}, got {gan_loss!r}")
     fake = fake.detach()
@@ -267,7 +288,7 @@ def critic_loss(critic, real, fake, gan_loss: str, gp_weight=10.0, r1_gamma=10.0
         loss = 0.5 * (F.relu(1.0 - real_scores).mean() + F.relu(1.0 + fake_scores).mean())
     elif gan_loss == "wgan-gp":
         alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device, generator=generator, dtype=real.dtype)
-        gp = gradient_penalty(critic, real, fake, alpha, grad_scale)
+        gp = penalty(critic, real, fake, alpha, grad_scale)
         loss = fake_scores.mean() - real_scores.mean() + gp_weight * gp
         if drift_weight:
             loss = loss + drift_weight * real_scores.flatten(1).mean(1).pow(2).mean()

@@ -11,7 +11,7 @@ architecture differs too (the strict load would otherwise report every tensor).
 HARMLESS = {"run_name", "outputs_dir", "device", "num_gpus", "num_workers", "pixel_cache", "resume",
             "resume_with_changes", "on_bad_checkpoint", "checkpoint_every", "keep_checkpoints",
             "log_every", "plot_every", "preview_images", "max_bad_steps", "channels_last",
-            "torch_compile", "phase_upsample", "gradient_checkpointing", "max_steps"}
+            "torch_compile", "phase_upsample", "gradient_checkpointing", "max_steps", "compile_cache_dir"}
 
 
 def compare(state: dict, requested: dict, processes: int, ckpt: str) -> list[str]:

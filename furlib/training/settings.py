@@ -92,6 +92,7 @@ class TrainSettings:
     torch_compile: str = "auto"             # compile encoder, decoder, LPIPS, critic: "auto" (on CUDA), "yes", "no"
     phase_upsample: str = "auto"            # upsampling convs as 2x2 phase convs, same maths: "auto" (on CUDA), "yes", "no"
     channels_last: str = "auto"             # NHWC convolutions: "auto" (on CUDA when not compiled), "yes", "no"
+    compile_cache_dir: str = ""             # torch.compile's cache: "" torch's in /tmp (kept over a kernel restart); a Drive folder: kept over new VMs
     resume_with_changes: list = dataclasses.field(default_factory=list)  # recipe settings a resume may change, e.g. ["lr"]
     on_bad_checkpoint: str = "fallback"     # damaged latest: "fallback" to the newest good one (loud), or "refuse"
     train_source: str = ""                  # "": 01's data/train; else a parquet/arrow file or folder, or a hub id, streamed (no dedup)

@@ -1,11 +1,13 @@
 """Speed levers: same maths, faster. Nothing here changes what a step computes.
 
-``tests/test_train.py`` compares each lever with the plain path (losses and gradients). Three
-levers, each its own section below:
+``tests/test_train.py`` and ``tests/test_speed.py`` compare each lever with the plain path
+(losses and gradients). Three levers, each its own section below:
 
 1. ``speed_up``: memory layout (NHWC), phase upsampling, ``torch.compile``; ``Tuning`` holds the
    levers a benchmark or test may change that are not recipe parameters (02 never sets them, so a
-   run's record does not need them).
+   run's record does not need them): among them the compiled gradient penalty
+   (``compiled_penalty``), off until measured on a GPU (benchmarks/RESULTS.md, issue 21). The
+   02 parameter ``compile_cache_dir`` keeps compiled kernels in a folder (``use_compile_cache``).
 2. Phase upsampling (``use_phase_upsampling``): the decoder's "nearest 2x upsample, then 3x3 conv"
    as four 2x2 convs at the low resolution.
 3. Gradient averaging over processes by hand (``average_gradients``, ``check_in_sync``).
@@ -42,12 +44,17 @@ runs after it (one decoder's and one critic's gradients a step).
 """
 
 import dataclasses
+import functools
+import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from furlib.training.losses import gradient_penalty
 
 # Inductor's NHWC conversion, forced: left to its heuristic, the backward graph mixes layouts and
 # cuDNN's convolution_backward copies ~0.5 GB activations to match them (~40 ms a step at 256 px,
@@ -59,14 +66,41 @@ COMPILE_OPTIONS = {"force_layout_optimization": True}
 class Tuning:
     inductor_options: dict = dataclasses.field(default_factory=lambda: dict(COMPILE_OPTIONS))
     compile_critic: bool = True     # a compiled twin for the critic's first-order passes
+    compile_penalty: bool = False   # WGAN-GP's double backward compiled (``compiled_penalty``); same maths
     lpips_autocast: bool = False    # LPIPS under the step's autocast, not fp32 (changes results)
     part_timer: Callable[[str], AbstractContextManager] | None = None  # wraps each part of the step
 
 
+def use_compile_cache(folder) -> Path:
+    """Keep inductor's and Triton's compiled kernels in ``folder`` (made if missing), for this
+    process and the compile workers it starts; call before the first compile. A later process
+    that compiles the same graphs (the same model, shapes, settings and torch) loads them instead
+    of building them: a Colab runtime that was restarted, or recycled when ``folder`` is on Drive.
+    torch's default (``/tmp/torchinductor_<user>``) survives a kernel restart, not a new machine.
+    Only code generation and kernel builds are cached; Dynamo's tracing runs every time."""
+    import torch._inductor.config as inductor
+
+    folder = Path(folder).expanduser().resolve()
+    (folder / "triton").mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    os.environ["TRITON_CACHE_DIR"] = str(folder / "triton")
+    inductor.fx_graph_cache = True  # the default since torch 2.5; requirements allow 2.4
+    return folder
+
+
+def compiled_penalty(options: dict):
+    """``losses.gradient_penalty`` with its inner gradient by ``torch.func`` (``functional=True``),
+    compiled: inductor fuses the double backward through the critic's layer norms and LReLUs that
+    otherwise runs eagerly, op by op. The same function; rounding may differ (tests compare)."""
+    return torch.compile(functools.partial(gradient_penalty, functional=True), options=options)
+
+
 def speed_up(vae, critic, rec_loss, settings, device: torch.device, tuning: Tuning):
     """Layout, phase upsampling and compilation, in place; returns (memory layout, the critic
-    for first-order passes)."""
+    for first-order passes, the gradient penalty function or None for the plain one)."""
     compiled = settings.uses("torch_compile", device)
+    if compiled and settings.compile_cache_dir:
+        use_compile_cache(settings.compile_cache_dir)
     if settings.uses("phase_upsample", device):
         use_phase_upsampling(vae.decoder)  # keeps the state-dict keys
     # compiled graphs choose their own layouts (see COMPILE_OPTIONS): "auto" NHWC is for eager
@@ -75,7 +109,7 @@ def speed_up(vae, critic, rec_loss, settings, device: torch.device, tuning: Tuni
     layout = torch.channels_last if nhwc else torch.contiguous_format
     for module in (vae, critic, rec_loss):
         module.to(memory_format=layout)
-    scores = critic
+    scores, penalty = critic, None
     if compiled:
         # in place, so state-dict keys and the feature hook stay
         for module in (vae.encoder, vae.decoder, rec_loss.lpips):
@@ -83,9 +117,11 @@ def speed_up(vae, critic, rec_loss, settings, device: torch.device, tuning: Tuni
                 module.compile(options=tuning.inductor_options)
         if tuning.compile_critic:
             # a compiled twin sharing the weights: the penalty's double backward runs the eager
-            # critic, because compiled graphs have no double backward
+            # critic (autograd.grad with create_graph does not compile), or compile_penalty's form
             scores = torch.compile(critic, options=tuning.inductor_options)
-    return layout, scores
+        if tuning.compile_penalty:
+            penalty = compiled_penalty(tuning.inductor_options)
+    return layout, scores, penalty
 
 
 

@@ -119,9 +119,10 @@ class Trainer:
             torch.manual_seed(s.seed)
             self.critic = PatchCritic(s.critic_layers, s.critic_channels, s.critic_norm, s.critic_input)
         self.critic = self.critic.to(self.device)
-        # critic_scores: the critic for first-order passes (maybe compiled; the penalty runs critic)
-        self.layout, self.critic_scores = speed.speed_up(self.vae, self.critic, self.rec_loss, s,
-                                                         self.device, self.tuning)
+        # critic_scores: the critic for first-order passes (maybe compiled); penalty: WGAN-GP's
+        # (None: the plain one, on the eager critic)
+        self.layout, self.critic_scores, self.penalty = speed.speed_up(self.vae, self.critic, self.rec_loss, s,
+                                                                       self.device, self.tuning)
         self.opt, self.opt_critic = self._optimizers()
         self.ema = EMA(self.trainable, s.ema_decay_for(s.batch_size * world_size))
         # fp16 loss scalers, one for the decoder's backward passes and one for the critic's: each
@@ -171,7 +172,7 @@ class Trainer:
         if gan_on:  # the step's weight, from the whole (global) batch's last-layer gradients
             speed.average_tensors(sums, self.world_size)
             weight = logs["gan/weight"] = adaptive_weight(*sums, s.disc_weight)
-        with self.part("decoder_grads"):
+        with self.part("decoder_grads"), self.part("decoder backward"):
             for part in reversed(held):  # the last micro-batch's graph first: it is still alive
                 self.decoder_backward(part, weight, s.grad_accum)
         params = [p for _, p in self.trainable] + list(self.critic.parameters())
@@ -200,13 +201,15 @@ class Trainer:
         s = self.s
         scale = loss_scale(self.scaler, leaf)
         mae_w, mse_w = s.loss_weights(self.step_count)
-        with self.autocast():
-            rec, logs = self.rec_loss(leaf, x_m11, mae_w, mse_w, s.lpips_weight)
-        grads = [torch.autograd.grad(rec * scale, leaf)[0] / scale]
-        if gan_on:
+        with self.part("rec-loss grads"):
             with self.autocast():
-                gan = generator_loss(self.critic_scores(self.critic.prepare(leaf)), s.gan_loss)
-            grads.append(torch.autograd.grad(gan * scale, leaf)[0] / scale)
+                rec, logs = self.rec_loss(leaf, x_m11, mae_w, mse_w, s.lpips_weight)
+            grads = [torch.autograd.grad(rec * scale, leaf)[0] / scale]
+        if gan_on:
+            with self.part("critic-term grads"):
+                with self.autocast():
+                    gan = generator_loss(self.critic_scores(self.critic.prepare(leaf)), s.gan_loss)
+                grads.append(torch.autograd.grad(gan * scale, leaf)[0] / scale)
             logs["gan/generator"] = gan.detach()
         return grads, logs
 
@@ -219,7 +222,7 @@ class Trainer:
         grads, logs = self.leaf_grads(leaf, x_m11, gan_on)
         last = []
         if gan_on:
-            with torch.no_grad():
+            with torch.no_grad(), self.part("last-layer grads"):
                 last = last_layer_grads(self.tap.features, grads, self.vae.decoder.conv_out)
         self.tap.features = None  # free the activation
         return MicroBatch(z, grads, last, recon if keep_graph else None), recon.detach(), logs
@@ -253,7 +256,7 @@ class Trainer:
         with self.autocast():
             real, fake = self.critic.prepare(x_m11), self.critic.prepare(recon_m11.float())
             loss, logs = critic_loss(self.critic, real, fake, s.gan_loss, s.gp_weight, s.r1_gamma, s.drift_weight,
-                                     generator=gen, scores=self.critic_scores, grad_scale=scale)
+                                     generator=gen, scores=self.critic_scores, grad_scale=scale, penalty=self.penalty)
         (loss * scale / accum).backward()  # a non-finite loss shows in the synced grads: the step is skipped
         return logs
 

@@ -1,0 +1,129 @@
+"""Speed levers of issue 21 that test_train.py does not cover: the compiled gradient penalty in
+the step, the compile cache across processes, and benchmarks/train_step.py's bookkeeping."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from furlib.models import load_vae
+from furlib.training import speed
+from furlib.training.settings import TrainSettings
+from furlib.training.trainer import Trainer, step_generator
+
+ROOT = Path(__file__).resolve().parent.parent
+needs_cpp = pytest.mark.skipif(not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++", "c++") if c),
+                               reason="torch.compile builds C++ kernels on the CPU: needs a C++ compiler")
+
+
+def bench_module(name: str):
+    """A script of benchmarks/ as a module."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def critic_step_grads(trainer: Trainer, x: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    logs = trainer.critic_grads(x, recon, step_generator(trainer.device, 0, 0, 1), accum=1)
+    return torch.cat([p.grad.flatten() for p in trainer.critic.parameters()]), logs
+
+
+@needs_cpp
+def test_compiled_penalty_in_the_step_matches_plain():
+    """``Tuning.compile_penalty``: the step's critic gradients and logs with the compiled
+    functional penalty equal the eager double backward's (about 20 s of compilation on CPU)."""
+    kw = dict(batch_size=2, lpips_weight=0.0, mixed_precision="no", critic_channels=8, critic_layers=2)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    recon = (0.8 * x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
+    results = []
+    for compiled in (False, True):
+        t = Trainer(load_vae("tiny-random", seed=0), TrainSettings(**kw), "cpu")
+        if compiled:  # what speed_up sets when torch_compile is on (here alone, to keep the test short)
+            t.penalty = speed.compiled_penalty(speed.COMPILE_OPTIONS)
+        results.append(critic_step_grads(t, x, recon))
+    (plain, plain_logs), (fast, fast_logs) = results
+    assert (fast - plain).norm() <= 1e-5 * plain.norm()  # seen: 3.7e-7 (fp32, CPU)
+    for key in ("critic/gp", "critic/loss"):
+        assert float(fast_logs[key]) == pytest.approx(float(plain_logs[key]), rel=1e-5), key
+
+
+@needs_cpp
+def test_compiled_penalty_under_bf16_is_as_close_to_fp32_as_the_eager_one():
+    """The GPU step runs the penalty under bf16 autocast, with the loss scale a tensor in fp16:
+    the compiled form rounds at other points than the eager one, no further from fp32."""
+    from furlib.training.losses import PatchCritic, gradient_penalty
+
+    torch.manual_seed(0)
+    critic = PatchCritic(2, 8, "pixel_layer")
+    real, fake, alpha = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 1, 1, 1)
+
+    def grads(fn, bf16: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            gp = fn(critic, real, fake, alpha, torch.tensor(512.0))
+        g = torch.autograd.grad(gp, list(critic.parameters()), allow_unused=True, materialize_grads=True)
+        return torch.cat([t.flatten() for t in g])
+
+    fp32 = grads(gradient_penalty, False)
+    eager, compiled = grads(gradient_penalty, True), grads(speed.compiled_penalty(speed.COMPILE_OPTIONS), True)
+    err = lambda g: float((g - fp32).norm() / fp32.norm())  # noqa: E731
+    assert err(compiled) <= 1.1 * err(eager)  # seen: 0.0275 vs 0.0276 (eager and compiled 0.0022 apart)
+
+
+CACHE_PROBE = """
+import json, sys
+import torch
+from torch._dynamo.utils import counters
+from furlib.training.speed import use_compile_cache
+use_compile_cache(sys.argv[1])
+f = torch.compile(lambda x: (x.sin() * 2 + 1).relu().sum())
+f(torch.randn(64))
+print(json.dumps(dict(counters["inductor"])))
+"""
+
+
+@needs_cpp
+def test_compile_cache_reused_by_a_second_process(tmp_path):
+    """``speed.use_compile_cache``: a second process (a restarted runtime) loads the first one's
+    compiled graph from the folder instead of building it again."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               TORCHINDUCTOR_COMPILE_THREADS="1")  # no pool of compile workers to start: seconds on 2 cores
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", CACHE_PROBE, str(tmp_path / "cache")], capture_output=True,
+                             text=True, env=env, cwd=ROOT, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first.get("fxgraph_cache_miss", 0) >= 1 and not first.get("fxgraph_cache_hit"), first
+    assert second.get("fxgraph_cache_hit", 0) >= 1 and not second.get("fxgraph_cache_miss"), second
+    assert (tmp_path / "cache" / "fxgraph").is_dir()
+
+
+def test_train_step_parts_summed_per_step_and_variant_keys(monkeypatch):
+    """A part that runs twice a step counts once with both times; ``cudnn.*`` keys set
+    ``torch.backends.cudnn``; an unknown key fails before any GPU time is spent."""
+    ts = bench_module("train_step")
+    monkeypatch.setattr(ts, "DEVICE", torch.device("cpu"))
+    parts = ts.PartTimes()
+    for _ in range(3):
+        for _ in range(2):
+            with parts.timer("decoder_grads"):
+                time.sleep(0.01)
+        parts.end_step()
+    assert parts.medians()["decoder_grads"] >= 20.0
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark_limit", torch.backends.cudnn.benchmark_limit)
+    name, overrides = ts.parse_variant("project[compile_penalty=True;mixed_precision='fp16';cudnn.benchmark_limit=0]")
+    assert (name, overrides) == ("project", {"compile_penalty": True, "mixed_precision": "fp16"})
+    assert torch.backends.cudnn.benchmark_limit == 0
+    with pytest.raises(ValueError, match="no_such_knob"):
+        ts.parse_variant("project[no_such_knob=1]")
+    assert ts.split_variants("plain-bf16,project[inductor_options={'a': 1, 'b': 2};compile_penalty=True],colab-t4") == \
+        ["plain-bf16", "project[inductor_options={'a': 1, 'b': 2};compile_penalty=True]", "colab-t4"]
