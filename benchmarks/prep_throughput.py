@@ -14,7 +14,8 @@ rotation, a CMYK JPEG, an RGBA PNG), generated with every core. Then, each into 
   that tree's plain row, its smallest and widest ``--procs`` rows, and a check that its widest run
   accepted the same inputs with the same pixel hashes as this tree's, and that converted images
   decode to identical pixels from both (``same_images_and_pixels_as_now``);
-- ``--shards`` runs of one source started at once, each with ``cores / shards`` processes, merged
+- ``--shards`` runs of one source started at once, each with ``cores / shards`` processes of one
+  thread (as on machines of ``cores / shards`` cores each), merged
   by the last to finish, on ``--subset shards:N`` images; checked equal (accepted files) to the
   widest ``--procs`` row when both cover the same images (``same_as_num_proc_run``);
 - ``--disk``: the disk alone, every source file copied with one thread per core, then synced;
@@ -302,10 +303,10 @@ def main():
                         work / f"data-p{widest}", data, widest_report[""], report)
                 shutil.rmtree(data)
     if args.shards > 1:
-        procs = max(1, cores // args.shards)
+        procs = max(1, cores // args.shards)  # one thread each: the cores a shard's own machine has
         data = work / "data-shards"
         sharded = measure(f"{args.shards} shards x num_proc={procs} (started at once, merged by the last)",
-                          here, src, data, subset.get("shards", 0), procs, args.shards)
+                          here, src, data, subset.get("shards", 0), procs, args.shards, workers=1)
         if subset.get("shards", 0) == subset.get(widest, 0):
             result["rows"][-1]["same_as_num_proc_run"] = sharded["accepted"] == widest_report[""]["accepted"]
         shutil.rmtree(data)
