@@ -200,7 +200,7 @@ def device_phase(a) -> int:
     # scores in true fp32 (no TF32 convolutions), so the local fp16 cross-check shows the rounding alone
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     lpips = real_lpips(dev)  # before minutes of drawing and training: missing weights stop here
-    procs = ablation_data.cpu_count()
+    procs = runinfo.usable_cores()
     corpus = ablation_data.prepare_corpus(work, a.art, a.max_side, a.resolution, procs)
     sets = ablation_data.held_out_sets(work, a.held_out, a.resolution, corpus["pixel_hashes"], procs)
     print(f"corpus {corpus['counts']}, held out {len(sets['art'])} drawings + {len(sets['photos'])} photos: "

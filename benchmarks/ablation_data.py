@@ -11,7 +11,6 @@ is checked by the pixel hash of every full-size drawing (as tests/test_base.py d
 
 import hashlib
 import json
-import os
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -246,6 +245,3 @@ def check_limits(folder: Path, limits: dict = BUNDLE_LIMITS) -> dict:
         raise RuntimeError(f"{folder} would not come back from the device: {found} against {limits}")
     return found
 
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -32,14 +32,14 @@ TABLE = (("psnr", "PSNR (dB) ↑", ".2f"), ("ssim", "SSIM ↑", ".4f"), ("delta_
 
 def score(source: Path, out: Path, cache: Path, fid_images: int = 0, batch: int = 16) -> int:
     """Write the report of the device's returned ``source`` into ``out``; returns 0."""
-    from furlib import models
+    from furlib import models, runinfo
     from furlib.evaluation.fid_kid import RFID
 
     t0, times = time.time(), {}
     report = json.loads((source / "ablation.json").read_text())
     decoders = ablation_data.read_bundle(source)
     held = report["held_out"]
-    x, _ = ablation_data.held_out_art(held["art"], held["resolution"], ablation_data.cpu_count())
+    x, _ = ablation_data.held_out_art(held["art"], held["resolution"], runinfo.usable_cores())
     same_pixels = ablation_data.digest(x) == held["art_digest"]
     n = min(fid_images or len(x), len(x))
     times["redraw_s"] = time.time() - t0

@@ -103,15 +103,11 @@ def score_variant(root: Path, name: str, step: int, resolution: int, train_info:
 
 
 def _history(run: Path) -> list:
-    """The run's log rows (``logs/*.jsonl`` as the Logbook writes them), oldest first."""
-    path = run / "logs" / "log.jsonl"
-    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    rows = [json.loads(line) for line in lines[:-1]]
-    try:  # a run killed at a deadline may leave its last line half-written (the Logbook drops it too)
-        rows += [json.loads(line) for line in lines[-1:]]
-    except json.JSONDecodeError:
-        pass
-    return rows
+    """The run's log rows (``logs/log.jsonl`` as the Logbook writes them), oldest first; a last
+    line half-written by a kill at a deadline is dropped, as the Logbook itself does."""
+    from furlib.training.logbook import read_log
+
+    return read_log(run / "logs" / "log.jsonl")[0]
 
 
 def eval_models(run: Path, ckpt: Path) -> list:

@@ -34,7 +34,6 @@ import io
 import warnings
 from functools import lru_cache
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np

@@ -2,9 +2,9 @@
 the fixed centre crops that 02's preview strip, 03 and 04 show.
 
 ``data/train`` and ``data/val`` hold the source's own JPEG/PNG/WebP files where they needed no
-conversion, else lossless WebP (PNG for a side over 16,383 px; ``furlib.data.prepare``
-writes them); hidden files are
-temporaries of an interrupted write and never listed. Crops are ``rgb_m11`` NCHW float32.
+conversion, else lossless WebP (PNG for a side over 16,383 px; ``furlib.data.prepare`` writes
+them); hidden files are temporaries of an interrupted write and never listed. Crops are
+``rgb_m11`` NCHW float32.
 """
 
 from pathlib import Path

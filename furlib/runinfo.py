@@ -33,6 +33,11 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity: a container's share, not the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def versions() -> dict:
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
     for name in LIBRARIES:

@@ -44,7 +44,7 @@ from furlib.data.prep_report import build_report, is_val
 from furlib.sources import RESUMED, Input, check_revision, source_key
 from furlib.images import DEFAULT_MAX_PIXELS, ImageRejected, cap_long_side, decode_input
 from furlib.parameters import strict_bool
-from furlib.runinfo import read_json
+from furlib.runinfo import read_json, usable_cores
 
 PREPARE_VERSION = 1  # bump when decoding or storage changes: older data then needs rebuild=True
 DEFAULT_MAX_SIDE = 16384  # px: native resolution kept; only beyond this is an image downscaled
@@ -65,13 +65,13 @@ def prepare(source, data_dir, resolution: int = 256, max_side: int = DEFAULT_MAX
     ``max_side``: stored long side cap (px, Lanczos). ``max_images``, ``val_max``: 0 = no limit.
     ``seed`` only seeds the built-in drawings. ``source_revision``: a Hub dataset's commit, tag
     or branch. ``num_proc``: processes (0 = one per core). ``workers``: decoding threads per
-    process (0 = cores / num_proc). The report of a
-    shard whose siblings are not finished yet has ``complete: False`` and ``missing_shards``.
+    process (0 = cores / num_proc). The report of a shard whose siblings are not finished yet
+    has ``complete: False`` and ``missing_shards``.
     """
     data_dir = Path(data_dir)
     strict_bool("rebuild", rebuild)  # the string 'False' must never wipe prepared data
     _check_parallel(num_proc, num_shards, shard_index)
-    num_proc = num_proc or os.cpu_count() or 1
+    num_proc = num_proc or usable_cores()
     check_revision(source, source_revision)
     settings = {"version": PREPARE_VERSION, "max_side": max_side,
                 "background": [int(c) for c in background]}
@@ -129,7 +129,8 @@ def _check_parallel(num_proc: int, num_shards: int, shard_index: int) -> None:
 
 def _run_shard(job: dict, num_proc: int, progress: bool) -> tuple[list, int]:
     """(this shard's entries in input order, how many were decoded now), over num_proc processes.
-    Several processes share two counters: the next input to deal, and inputs done (the bar)."""
+    Several processes share three counters: the next input to deal, inputs done and the shard's
+    count (the parent's bar)."""
     if num_proc == 1:
         results = [_run_proc(job, 0, 1, progress)]
     else:  # spawn: no forked copies of threads or open streams
@@ -180,9 +181,8 @@ def _run_proc(job: dict, k: int, m: int, progress: bool) -> tuple[list, int]:
     journal, files = store.read_journal(data_dir), store.index_store(data_dir)
     counters = _COUNTERS if m > 1 else None  # the shard's, shared with its other processes
     own, share, how = shares.own_inputs(job, k, m, shares.Dealer(m, counters), resume)
-    if counters is not None and share is not None:  # dealt: every process counts the whole shard
-        with counters.get_lock():
-            counters[2] = share if how == "dealt" else max(0, counters[2]) + share
+    if counters is not None and how == "dealt":  # the shard's count, the same in every process
+        counters[2] = share
     if how == "row filter" and k == 0 and progress:
         n = job["num_shards"]
         print(f"NOTE: {job['source']} streams as {n * m} readers over files that do not divide "

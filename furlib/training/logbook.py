@@ -8,6 +8,26 @@ import torch
 from furlib import atomic
 
 
+def read_log(path: Path) -> tuple[list, list]:
+    """(the rows of a ``log.jsonl``, notes): a half-written last line (the normal result of a kill
+    mid-write) is dropped with a note; a damaged line before the last is an error naming the
+    file and line; no file, no rows."""
+    if not path.exists():
+        return [], []
+    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    rows, notes = [], []
+    for i, line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i != lines[-1][0]:
+                raise ValueError(f"{path} line {i} is not JSON ({err}); remove that line "
+                                 "or the whole file (the checkpoint does not depend on it)") from err
+            notes.append(f"{path}: dropped a half-written last line {line[:40]!r}... "
+                         "(the run was killed while logging)")
+    return rows, notes
+
+
 def _plain(logs: dict) -> dict:
     return {k: float(v.detach().float()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}
 
@@ -38,19 +58,8 @@ class Logbook:
                                         purge_step=resume_step + 1 if resume_step else None)
 
     def _read(self) -> list:
-        if not self.path.exists():
-            return []
-        lines = [(i, line) for i, line in enumerate(self.path.read_text().splitlines(), 1) if line.strip()]
-        rows = []
-        for i, line in lines:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                if i != lines[-1][0]:
-                    raise ValueError(f"{self.path} line {i} is not JSON ({err}); remove that line "
-                                     "or the whole file (the checkpoint does not depend on it)") from err
-                self.notes.append(f"{self.path}: dropped a half-written last line {line[:40]!r}... "
-                                  "(the run was killed while logging)")
+        rows, notes = read_log(self.path)
+        self.notes += notes
         return rows
 
     def log(self, step: int, logs: dict) -> dict:

@@ -7,7 +7,6 @@ costs. ``fit`` makes it once, under the run lock, and prints it first ("what wil
 """
 
 import dataclasses
-import os
 from pathlib import Path
 
 import torch
@@ -52,7 +51,7 @@ class Plan:
 
 def worker_cap(requested: int, processes: int) -> tuple[int, str]:
     """Loader workers per process that the machine's cores can feed (one core left for training)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = runinfo.usable_cores()
     cap = max(cores // processes - 1, 0)
     if requested <= cap:
         return requested, ""
