@@ -259,3 +259,64 @@ def test_two_shard_processes_at_once_on_one_folder(tmp_path):
     for split in ("train", "val"):
         assert sorted(p.name for p in (tmp_path / "data" / split).iterdir()) == \
             sorted(p.name for p in (tmp_path / "whole" / split).iterdir())
+
+
+def children_of(pid: int) -> list[int]:
+    """Pids whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended while we looked
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+def test_an_interrupt_or_a_kill_stops_every_process(tmp_path, how):
+    """Jupyter's stop button (SIGINT to the kernel alone) and a restarted kernel (the parent killed)
+    both stop the shard's processes within seconds, not after their whole share; the run then
+    resumes from their journals."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "data"
+    code = ("import signal, sys; from furlib.data.prepare import prepare\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)  # as a Jupyter kernel does\n"
+            f"prepare('builtin', sys.argv[1], art_count=250, resolution={RES}, max_side=128, "
+            "progress=False, workers=1, num_proc=2)")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    parent = subprocess.Popen([sys.executable, "-c", code, str(data)], env=env,
+                              stderr=subprocess.PIPE)
+    journalled = lambda: sum(len(p.read_text().splitlines()) for p in data.glob("journal/*.jsonl"))
+    deadline = time.monotonic() + 120
+    while journalled() < 10 and parent.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = children_of(parent.pid)
+    assert parent.poll() is None and len(workers) >= 2, "the run ended before it could be stopped"
+    parent.send_signal(getattr(signal, how))
+    parent.wait(timeout=30)
+    if how == "SIGINT":
+        assert b"KeyboardInterrupt" in parent.stderr.read()
+    deadline = time.monotonic() + 20
+    while any(map(alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(alive, workers)), "a process of the shard kept going after its parent stopped"
+    done = journalled()
+    assert 10 <= done < 200  # stopped early, with what it had done journalled
+    time.sleep(1)
+    assert journalled() == done
+    resumed = run("builtin", data, art_count=250)
+    assert resumed["complete"] and resumed["counts"]["reused"] == done
+    assert resumed["counts"]["accepted"] + resumed["counts"]["rejected"] == resumed["counts"]["inputs"]

@@ -71,7 +71,8 @@ def test_each_shard_reads_only_its_half(sources, tmp_path, rows_read, name):
 
 def test_each_process_reads_only_its_share(sources, tmp_path, rows_read, monkeypatch):
     # the processes as threads of this one, so their reads are counted here; the code is the same
-    monkeypatch.setattr(prepare, "ProcessPoolExecutor", lambda n, mp_context=None, **kw: ThreadPoolExecutor(n, **kw))
+    monkeypatch.setattr(shares, "ProcessPoolExecutor", lambda n, mp_context=None, **kw: ThreadPoolExecutor(n, **kw))
+    monkeypatch.setattr(shares, "_join", lambda counters: monkeypatch.setattr(shares, "_COUNTERS", counters))
     whole = _prepare(sources / "files", tmp_path / "whole")
     rows_read[0] = 0
     shard = _prepare(sources / "files", tmp_path / "procs", num_proc=2, num_shards=2, shard_index=0)
@@ -123,7 +124,7 @@ def test_shards_split_every_regular_pattern_evenly():
 def test_the_dealer_deals_each_input_once_in_shrinking_blocks():
     from multiprocessing import get_context
 
-    counters = get_context("spawn").Array("q", [0, 0, -1])
+    counters = get_context("spawn").Array("q", [0, 0, -1, 0])
     dealers = [shares.Dealer(4, counters) for _ in range(4)]
     streams = [d.blocks(1000) for d in dealers]
     blocks = []
@@ -145,7 +146,8 @@ def test_slow_inputs_are_shared_by_the_processes(tmp_path, monkeypatch):
     them; dealt, both processes take their part."""
     import time
 
-    monkeypatch.setattr(prepare, "ProcessPoolExecutor", lambda n, mp_context=None, **kw: ThreadPoolExecutor(n, **kw))
+    monkeypatch.setattr(shares, "ProcessPoolExecutor", lambda n, mp_context=None, **kw: ThreadPoolExecutor(n, **kw))
+    monkeypatch.setattr(shares, "_join", lambda counters: monkeypatch.setattr(shares, "_COUNTERS", counters))
     real = prepare._process
 
     def slow_when_even(item, *args):

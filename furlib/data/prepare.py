@@ -17,13 +17,16 @@ journal, files that drop out move to ``unused/``, inputs they had rejected are d
 Settings that change stored pixels (``max_side``, ``background``, the version) refuse to run on
 data prepared otherwise unless ``rebuild=True`` (which deletes it all, explicitly).
 
-In parallel: ``num_proc`` processes, and ``shard_index`` of ``num_shards`` machines (or runs), each
-take the inputs ``i`` with ``i % num_shards == shard_index``, then every ``num_proc``-th of those,
-and read only those where the source allows it (``furlib.data.shares``); each process journals
-to its own file, each shard writes its part, and whichever run finds all parts finished merges
-them into one ``report.json`` and one train/val set (the same as an unsharded run). Re-running
+In parallel: ``shard_index`` of ``num_shards`` machines (or runs) takes a fixed part of the inputs,
+and its ``num_proc`` processes take blocks of that part as they free up; each reads only its own
+where the source allows it (``furlib.data.shares``). Each process journals to its own file, each
+shard writes its part, and whichever run finds all parts finished merges them into one
+``report.json`` and one train/val set (the same as an unsharded run). Re-running
 reuses every journal, whatever the split into processes and shards (a stream of several files
 names its rows by file and row, so this holds for it too). In the report, ``path`` is the input id.
+An interrupt (Ctrl-C, Jupyter's stop button) or one process's error stops every process after
+the inputs it has in flight, and a process whose parent was killed stops by itself: none goes on
+with its share unseen.
 """
 
 import hashlib
@@ -31,8 +34,8 @@ import json
 import os
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from multiprocessing import get_context
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from PIL import Image
@@ -128,48 +131,16 @@ def _check_parallel(num_proc: int, num_shards: int, shard_index: int) -> None:
 
 
 def _run_shard(job: dict, num_proc: int, progress: bool) -> tuple[list, int]:
-    """(this shard's entries in input order, how many were decoded now), over num_proc processes.
-    Several processes share three counters: the next input to deal, inputs done and the shard's
-    count (the parent's bar)."""
+    """(this shard's entries in input order, how many were decoded now), over num_proc processes."""
     if num_proc == 1:
-        results = [_run_proc(job, 0, 1, progress)]
-    else:  # spawn: no forked copies of threads or open streams
-        context = get_context("spawn")
-        counters = context.Array("q", [0, 0, -1])  # next to deal, done, total (-1: not known)
-        with ProcessPoolExecutor(num_proc, mp_context=context, initializer=_share_counters,
-                                 initargs=(counters,)) as pool:
-            futures = [pool.submit(_run_proc, job, k, num_proc, progress) for k in range(num_proc)]
-            _follow(futures, counters, progress)
-            results = [f.result() for f in futures]
+        results = [_run_proc(job, progress, 0, 1)]
+    else:
+        results = shares.run_processes(partial(_run_proc, job, progress), num_proc, progress)
     entries = sorted((e for part, _ in results for e in part), key=lambda e: e["index"])
     return entries, sum(n for _, n in results)
 
 
-_COUNTERS = None  # in a worker process of a shard: the counters its processes share
-
-
-def _share_counters(counters) -> None:
-    global _COUNTERS
-    _COUNTERS = counters
-
-
-def _follow(futures: list, counters, progress: bool) -> None:
-    """The shard's progress bar, in the parent, until every process has ended."""
-    from concurrent.futures import FIRST_EXCEPTION, wait
-
-    from furlib.progress import tqdm
-
-    with tqdm(desc="prepare", unit="img", disable=not progress) as bar:
-        pending = futures
-        while pending:
-            pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)[1]
-            if any(f.exception() for f in futures if f.done()):
-                return  # the caller's result() raises it
-            bar.total = counters[2] if counters[2] >= 0 else None
-            bar.update(counters[1] - bar.n)
-
-
-def _run_proc(job: dict, k: int, m: int, progress: bool) -> tuple[list, int]:
+def _run_proc(job: dict, progress: bool, k: int, m: int) -> tuple[list, int]:
     """Process ``k`` of ``m`` of one shard: decode its inputs (journal first), return entries."""
     data_dir, sel = Path(job["data_dir"]), job["selection"]
     name = f"shard-{job['shard_index']:05d}-of-{job['num_shards']:05d}.proc-{k:03d}-of-{m:03d}"
@@ -179,10 +150,11 @@ def _run_proc(job: dict, k: int, m: int, progress: bool) -> tuple[list, int]:
                 share=[job["shard_index"], job["num_shards"], k, m])
     resume = resume if resume and all(resume.get(key) == v for key, v in here.items()) else None
     journal, files = store.read_journal(data_dir), store.index_store(data_dir)
-    counters = _COUNTERS if m > 1 else None  # the shard's, shared with its other processes
+    counters = shares.shared_counters() if m > 1 else None  # the shard's, shared by its processes
     own, share, how = shares.own_inputs(job, k, m, shares.Dealer(m, counters), resume)
+    own = own if counters is None else shares.until_stopped(own)
     if counters is not None and how == "dealt":  # the shard's count, the same in every process
-        counters[2] = share
+        counters[shares.TOTAL] = share
     if how == "row filter" and k == 0 and progress:
         n = job["num_shards"]
         print(f"NOTE: {job['source']} streams as {n * m} readers over files that do not divide "
@@ -202,8 +174,11 @@ def _run_proc(job: dict, k: int, m: int, progress: bool) -> tuple[list, int]:
             return key, old, False
         return key, _process(item, job, data_dir, files), True
 
-    return _journalled(work, own, share, data_dir / "journal" / f"{name}.jsonl", position_file,
+    done = _journalled(work, own, share, data_dir / "journal" / f"{name}.jsonl", position_file,
                        here, job["workers"], progress and m == 1, counters)
+    if counters is not None and shares.orphaned():
+        os._exit(0)  # nobody to return to, and the pool's queue would keep this process waiting
+    return done
 
 
 def _reusable(old: dict, filters: dict, files: dict) -> bool:
@@ -224,7 +199,7 @@ def _journalled(work, inputs, total, journal_file: Path, position_file: Path, he
                 workers: int, progress: bool, counters=None):
     """(entries in input order, how many were decoded now); each new entry is journalled at once,
     and a stream's position after the last journalled row is saved every STREAM_SAVE_S and at
-    the end (``here``: the scope and filters it is valid for). ``counters[1]``: inputs done by
+    the end (``here``: the scope and filters it is valid for). ``counters[DONE]``: inputs done by
     all processes of the shard (the parent's bar), when there are several."""
     from furlib.progress import tqdm  # text bars headless and in saved notebooks
 
@@ -247,7 +222,7 @@ def _journalled(work, inputs, total, journal_file: Path, position_file: Path, he
             bar.update()
             if counters is not None:
                 with counters.get_lock():
-                    counters[1] += 1
+                    counters[shares.DONE] += 1
     if position is not None:
         _save_position(position_file, dict(position, **here))
     return entries, decoded

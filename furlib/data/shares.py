@@ -19,6 +19,11 @@ global order, so N machines download the dataset once between them. Otherwise ev
 streams every row and keeps every ``W``-th (a row filter: ``how == "row filter"`` says so, and
 the notebook prints it).
 
+The processes of a shard run in spawned processes (``run_processes``): the parent shows the
+shard's progress bar, and an interrupt (Ctrl-C, Jupyter's stop button) or one process's error
+stops every process after the inputs it has in flight; a process whose parent was killed stops by
+itself (``until_stopped``). None goes on with its share unseen.
+
 Input ids of a stream of several files are ``<prefix>/<file>/<row>`` (the same whatever the split,
 so journals are reused across splits); a single-file stream keeps ``<prefix>/<row>``. A stream's
 position (``Input.position``) is the file, the next row in it, the file stream's own state and
@@ -26,6 +31,9 @@ the rows of the files finished before; a resumed run reads none of those again. 
 need no position: their journal answers for every input already done.
 """
 
+import multiprocessing
+import signal
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
 
 from furlib import sources
@@ -34,6 +42,7 @@ from furlib.sources import RESUMED, Input
 FILE_STRIDE = 2 ** 40  # sort index of row r of file f: f * FILE_STRIDE + r (the stream's order)
 GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: Fibonacci hashing
 MAX_BLOCK = 64  # inputs dealt at once at most (a block is remaining / (4 x processes), at least 1)
+NEXT, DONE, TOTAL, STOP = range(4)  # the counters a shard's processes share (``run_processes``)
 
 
 def shard_of(index: int, num_shards: int) -> int:
@@ -43,10 +52,67 @@ def shard_of(index: int, num_shards: int) -> int:
     return ((index * GOLDEN) & (2 ** 64 - 1)) * num_shards >> 64
 
 
+def run_processes(task, processes: int, progress: bool) -> list:
+    """``[task(k, processes) for k in range(processes)]``, each in its own spawned process (no
+    forked copies of threads or open streams). They share the counters ``shared_counters()``
+    returns: the next input to deal, inputs done and the shard's count (-1: not known), which
+    the parent's bar shows, and the stop flag."""
+    context = multiprocessing.get_context("spawn")
+    counters = context.Array("q", [0, 0, -1, 0])
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=_join,
+                             initargs=(counters,)) as pool:
+        futures = [pool.submit(task, k, processes) for k in range(processes)]
+        try:
+            _follow(futures, counters, progress)
+            return [f.result() for f in futures]
+        finally:  # an interrupt or one process's error: the others stop within seconds, not
+            counters[STOP] = 1  # after their whole share (the pool's exit waits for them)
+
+
+_COUNTERS = None  # in a process of ``run_processes``: the counters it shares with the others
+
+
+def _join(counters) -> None:
+    global _COUNTERS
+    _COUNTERS = counters
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it sets the stop flag
+
+
+def shared_counters():
+    """The counters of this process's shard, or None outside ``run_processes``."""
+    return _COUNTERS
+
+
+def until_stopped(inputs):
+    """``inputs`` until the parent sets the stop flag or is gone (killed: its orphans stop)."""
+    for item in inputs:
+        if _COUNTERS[STOP] or orphaned():
+            return
+        yield item
+
+
+def orphaned() -> bool:
+    parent = multiprocessing.parent_process()
+    return parent is not None and not parent.is_alive()
+
+
+def _follow(futures: list, counters, progress: bool) -> None:
+    """The shard's progress bar, in the parent, until every process has ended or one failed."""
+    from furlib.progress import tqdm
+
+    with tqdm(desc="prepare", unit="img", disable=not progress) as bar:
+        pending = futures
+        while pending:
+            pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)[1]
+            if any(f.exception() for f in futures if f.done()):
+                return  # the caller's result() raises it
+            bar.total = counters[TOTAL] if counters[TOTAL] >= 0 else None
+            bar.update(counters[DONE] - bar.n)
+
+
 class Dealer:
     """Deals consecutive blocks of a shard's ``total`` inputs to its ``processes`` as each asks,
-    through ``counters[0]``, the next input to deal (a ``multiprocessing.Array`` the processes
-    share; None: one process takes all). Blocks shrink towards the end (guided scheduling), so
+    through ``counters[NEXT]`` (``run_processes``'s counters; None: one process takes all). Blocks shrink towards the end (guided scheduling), so
     the processes finish together."""
 
     def __init__(self, processes: int = 1, counters=None):
@@ -58,9 +124,9 @@ class Dealer:
             return
         while True:
             with self.counters.get_lock():
-                start = self.counters[0]
+                start = self.counters[NEXT]
                 size = min(MAX_BLOCK, max(1, (total - start) // (4 * self.processes)))
-                self.counters[0] = start + size
+                self.counters[NEXT] = start + size
             if start >= total:
                 return
             yield range(start, min(total, start + size))
