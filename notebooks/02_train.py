@@ -169,8 +169,10 @@ run_dir = runinfo.run_dir(outputs_dir, run_name)
 #     every checkpoint_every: ranks compared, checkpoints/step_N written atomically with checksums
 #     every plot_every:       loss dashboard and a strip original | base | current | EMA
 # ```
-# Interrupting this cell loses at most `checkpoint_every` steps; running it again continues from
-# the last checkpoint exactly (on a CPU: at the same thread count).
+# Stopping this cell (the stop button, Ctrl-C) lets the step in progress finish and saves it, so
+# nothing is lost; running the cell again continues from there exactly (on a CPU: at the same
+# thread count). A second stop, a crash or a kill (and any stop of a several-GPU run) loses at
+# most `checkpoint_every` steps.
 
 # %%
 if num_gpus == 1:

@@ -339,3 +339,45 @@ def test_checkpoints_of_older_versions_still_resume_with_a_note(tmp_path):
     (folder / "checksums.json").unlink()  # as written before checksums existed
     found, notes = checkpoint.pick_checkpoint(tmp_path)
     assert found == folder and "not verified" in notes[0]
+
+
+@pytest.mark.parametrize("interrupts", [1, 2])
+def test_an_interrupt_saves_the_step_in_progress_then_stops(tmp_path, monkeypatch, interrupts):
+    """Jupyter's stop button (SIGINT) during step 2 of 6: one interrupt finishes step 2, saves it
+    and stops; resumed to step 3 it equals a straight 3-step run. Two interrupts stop at once."""
+    import shutil
+    import signal
+
+    from safetensors.torch import load_file
+
+    from furlib.training.trainer import Trainer
+
+    outputs = tmp_path / "outputs"
+    prepare.prepare("builtin", outputs / "r" / "data", resolution=64, max_side=256, max_images=4,
+                    art_count=4, val_fraction=0.3, progress=False)
+    shutil.copytree(outputs / "r" / "data", outputs / "straight" / "data")
+    real_step, handler = Trainer.step, signal.getsignal(signal.SIGINT)
+
+    def step_then_stop_button(self, batch):
+        logs = real_step(self, batch)
+        if self.step_count == 2:
+            for _ in range(interrupts):
+                os.kill(os.getpid(), signal.SIGINT)
+        return logs
+
+    monkeypatch.setattr(Trainer, "step", step_then_stop_button)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        fit.fit(tiny(outputs, max_steps=6, checkpoint_every=100, plot_every=0))
+    assert signal.getsignal(signal.SIGINT) is handler, "the run's handler outlived it"
+    saved = sorted(p.name for p in (outputs / "r" / "checkpoints").glob("step_*"))
+    if interrupts == 2:
+        assert saved == [] and "stopped by hand" not in str(stopped.value)
+        return
+    assert saved == ["step_0000002"] and "stopped by hand after step 2" in str(stopped.value)
+    monkeypatch.setattr(Trainer, "step", real_step)
+    for name in ("r", "straight"):
+        fit.fit(tiny(outputs, run_name=name, max_steps=3, checkpoint_every=100, plot_every=0))
+    for stem in ("decoder", "ema", "critic"):
+        a = load_file(outputs / "r" / "checkpoints" / "step_0000003" / f"{stem}.safetensors")
+        b = load_file(outputs / "straight" / "checkpoints" / "step_0000003" / f"{stem}.safetensors")
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), stem

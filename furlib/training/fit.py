@@ -22,6 +22,7 @@ import torch
 from furlib import atomic, crops, models, perceptual, prepared, reconstructions, runinfo
 from furlib.checkpoint import read_state
 from furlib.training import dashboard, resume
+from furlib.training.interrupt import StopAfterStep
 from furlib.training.launch import single_process_warning
 from furlib.training.logbook import Logbook
 from furlib.training.plan import make_plan
@@ -186,21 +187,26 @@ def _loop(trainer: Trainer, s: TrainSettings, p, rank: int, logbook, preview) ->
     bar = tqdm(total=s.max_steps * p.global_batch, initial=trainer.step_count * p.global_batch, unit="img",
                unit_scale=True, desc="train", disable=rank != 0)
     t_first = time.time()
-    for batch in loader:
-        if trainer.step_count >= s.max_steps:
-            break
-        logs = trainer.step(batch)
-        bar.update(p.global_batch)
-        step = trainer.step_count
-        if rank == 0 and step == p.start_step + 1 and trainer.device.type == "cpu":
-            print(f"first step on the CPU: {time.time() - t_first:.1f} s; {s.max_steps - step} to go", flush=True)
-        if logbook and (step % s.log_every == 0 or step == s.max_steps):
-            row = logbook.log(step, logs)
-            bar.set_postfix(rec=f"{row['rec/total']:.4f}", w=f"{row.get('gan/weight', 0):.3g}", skipped=trainer.skipped)
-        if step % s.checkpoint_every == 0:
-            save()
-        if preview and s.plot_every and step % s.plot_every == 0:
-            preview(f"step {step}")
+    with StopAfterStep(trainer.world_size == 1) as stop:
+        for batch in loader:
+            if trainer.step_count >= s.max_steps:
+                break
+            logs = trainer.step(batch)
+            bar.update(p.global_batch)
+            step = trainer.step_count
+            if rank == 0 and step == p.start_step + 1 and trainer.device.type == "cpu":
+                print(f"first step on the CPU: {time.time() - t_first:.1f} s; {s.max_steps - step} to go", flush=True)
+            if logbook and (step % s.log_every == 0 or step == s.max_steps):
+                row = logbook.log(step, logs)
+                bar.set_postfix(rec=f"{row['rec/total']:.4f}", w=f"{row.get('gan/weight', 0):.3g}", skipped=trainer.skipped)
+            if step % s.checkpoint_every == 0:
+                save()
+            if preview and s.plot_every and step % s.plot_every == 0:
+                preview(f"step {step}")
+            if stop.requested and step < s.max_steps:
+                bar.close()
+                raise KeyboardInterrupt(f"stopped by hand after step {trainer.step_count}, saved as "
+                                        f"{save()}; run 02 again (same run_name) to resume from it")
     bar.close()
     return save() if trainer.step_count > p.start_step or p.checkpoint is None else p.checkpoint
 
