@@ -99,6 +99,27 @@ def test_converted_images_keep_every_pixel(tmp_path, width):
     assert back.mode == "RGB" and np.array_equal(np.asarray(back), np.asarray(image))
 
 
+def test_reused_pixel_memory_decodes_the_same_pixels_and_is_given_back(tmp_path):
+    """01 lets Pillow reuse freed pixel memory: after a large noisy image is freed in the pool,
+    every kind of source still decodes (and converts) to exactly its pixels; on the way out the
+    pool is emptied and Pillow's settings are what they were."""
+    from furlib.images import reusing_pixel_memory
+
+    originals, conversions = originals_and_conversions(tmp_path / "src")
+    names = sorted(originals | conversions)
+    outside = [load_rgb(tmp_path / "src" / n).tobytes() for n in names]
+    settings = Image.core.get_block_size(), Image.core.get_blocks_max()
+    with reusing_pixel_memory(threads=2):
+        for seed in (1, 2):
+            del_me = noise(1500, 1400, seed).convert("RGBA")  # blocks full of noise, then freed
+            del del_me
+        assert Image.core.get_stats()["blocks_cached"] > 0
+        inside = [load_rgb(tmp_path / "src" / n).tobytes() for n in names]
+    assert inside == outside
+    assert (Image.core.get_block_size(), Image.core.get_blocks_max()) == settings
+    assert Image.core.get_stats()["blocks_cached"] <= settings[1]
+
+
 def test_crops_of_stored_originals_equal_crops_of_the_source(tmp_path):
     originals, _ = originals_and_conversions(tmp_path / "src")
     report = run(tmp_path / "src", tmp_path / "data", val_fraction=0)

@@ -45,7 +45,8 @@ from furlib.data import store
 from furlib.data import shares
 from furlib.data.prep_report import build_report, is_val
 from furlib.sources import RESUMED, Input, check_revision, source_key
-from furlib.images import DEFAULT_MAX_PIXELS, ImageRejected, cap_long_side, decode_input
+from furlib.images import (DEFAULT_MAX_PIXELS, ImageRejected, cap_long_side, decode_input,
+                           reusing_pixel_memory)
 from furlib.parameters import strict_bool
 from furlib.runinfo import read_json, usable_cores
 
@@ -174,8 +175,9 @@ def _run_proc(job: dict, progress: bool, k: int, m: int) -> tuple[list, int]:
             return key, old, False
         return key, _process(item, job, data_dir, files), True
 
-    done = _journalled(work, own, share, data_dir / "journal" / f"{name}.jsonl", position_file,
-                       here, job["workers"], progress and m == 1, counters)
+    with reusing_pixel_memory(job["workers"]):
+        done = _journalled(work, own, share, data_dir / "journal" / f"{name}.jsonl", position_file,
+                           here, job["workers"], progress and m == 1, counters)
     if counters is not None and shares.orphaned():
         os._exit(0)  # nobody to return to, and the pool's queue would keep this process waiting
     return done
