@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -116,16 +118,21 @@ def test_first_order_passes_use_the_scores_twin(gan_loss):
     assert len(calls) == {"wgan-gp": 2, "hinge": 2, "ns-r1": 1}[gan_loss]
 
 
-@pytest.mark.parametrize("grad_scale", [1.0, torch.tensor(1024.0)])
-def test_functional_penalty_is_the_penalty(grad_scale):
+@pytest.mark.parametrize("grad_scale,norm", [(1.0, "pixel_layer"), (torch.tensor(1024.0), "pixel_layer"),
+                                             (1.0, "batch")])
+def test_functional_penalty_is_the_penalty(grad_scale, norm):
     """``functional=True`` (torch.func's inner gradient, the compilable form) gives the penalty
-    and its gradient in the critic's weights of the autograd form, fp16's loss scale included."""
+    and its gradient in the critic's weights of the autograd form, fp16's loss scale included;
+    with batch norm (running statistics updated in the forward) too, and the same statistics."""
     torch.manual_seed(0)
-    c = PatchCritic(layers=2, channels=8, norm="pixel_layer").double()
+    critics = [PatchCritic(layers=2, channels=8, norm=norm).double()]
+    critics.append(copy.deepcopy(critics[0]))
     real, fake = torch.randn(3, 3, 32, 32).double(), torch.randn(3, 3, 32, 32).double()
     alpha = torch.rand(3, 1, 1, 1).double()
-    params = list(c.parameters())
-    gps = [gradient_penalty(c, real, fake, alpha, grad_scale, functional=f) for f in (False, True)]
-    grads = [torch.autograd.grad(gp, params, allow_unused=True, materialize_grads=True) for gp in gps]
+    gps = [gradient_penalty(c, real, fake, alpha, grad_scale, functional=f) for c, f in zip(critics, (False, True))]
+    grads = [torch.autograd.grad(gp, list(c.parameters()), allow_unused=True, materialize_grads=True)
+             for c, gp in zip(critics, gps)]
     assert torch.allclose(gps[0], gps[1], rtol=1e-12)
     assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-14) for a, b in zip(*grads))
+    stats = [c.state_dict() for c in critics]
+    assert all(torch.equal(stats[0][k], stats[1][k]) for k in stats[0])

@@ -237,6 +237,15 @@ def test_batch_larger_than_the_data_is_warned(tmp_path):
     assert any("takes 16 crops" in n and f"only {images} image" in n for n in p.notes), p.notes
 
 
+@pytest.mark.parametrize("gan_loss,norm,warned", [("wgan-gp", "batch", True), ("hinge", "batch", False),
+                                                   ("wgan-gp", "pixel_layer", False)])
+def test_a_batch_norm_critic_under_wgan_gp_is_warned(tmp_path, gan_loss, norm, warned):
+    _prepared(tmp_path)
+    p = make_plan(TrainSettings(**{**TINY, "gan_loss": gan_loss, "critic_norm": norm}, outputs_dir=str(tmp_path),
+                                run_name="r"), 1, torch.device("cpu"))
+    assert any("critic_norm='batch' mixes the samples" in n for n in p.notes) == warned, p.notes
+
+
 def _all_batches(loader, n_images, batch):
     it = iter(loader)
     for _ in range(-(-2 * n_images // batch)):  # two epochs: every image at least once

@@ -226,12 +226,12 @@ def functional_input_grad(critic: nn.Module, x: torch.Tensor, grad_scale=1.0) ->
     """``_input_grad`` by ``torch.func.grad``: the same gradient, still differentiable in the
     critic's weights, but traceable, so ``torch.compile`` can compile the penalty's double
     backward (``speed.Tuning.compile_penalty``); ``autograd.grad(create_graph=True)`` cannot be."""
-    state = (dict(critic.named_parameters()), dict(critic.named_buffers()))
+    params = dict(critic.named_parameters())
 
-    def total(v):
-        return torch.func.functional_call(critic, state, (v,)).float().flatten(1).mean(1).sum() * grad_scale
+    def total(v, buffers):  # buffers as inputs: batch norm updates its running statistics in place
+        return torch.func.functional_call(critic, (params, buffers), (v,)).float().flatten(1).mean(1).sum() * grad_scale
 
-    return torch.func.grad(total)(x).float() / grad_scale
+    return torch.func.grad(total)(x, dict(critic.named_buffers())).float() / grad_scale
 
 
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, alpha: torch.Tensor,

@@ -126,7 +126,7 @@ def make_plan(s, processes: int, device: torch.device) -> Plan:
         crops.cache_plan(train_dir, run_path / "pixel_cache", s.pixel_cache)
     workers, cap_note = worker_cap(s.num_workers, processes)
     batch_note = "" if s.train_source else batch_size_note(s.global_batch(processes), len(list_images(train_dir)))
-    notes += [n for n in (cache_note, cap_note, cpu_cost_note(s, device), batch_note) if n]
+    notes += [n for n in (cache_note, cap_note, cpu_cost_note(s, device), batch_note, critic_note(s)) if n]
     return Plan(run_path, device, processes, s.global_batch(processes), s.ema_decay_for(s.global_batch(processes)),
                 ckpt, start, use_cache, workers, notes,
                 {"data": "" if s.train_source else resume.data_fingerprint(train_dir)})
@@ -139,3 +139,13 @@ def batch_size_note(global_batch: int, images: int) -> str:
     return (f"WARNING: a step takes {global_batch} crops (batch_size x processes) but data/train holds only "
             f"{images} image(s): every step repeats images, so the critic sees little variety. Prepare more "
             "images, or lower batch_size")
+
+
+def critic_note(s) -> str:
+    """A warning when WGAN-GP's per-sample penalty meets a critic norm that mixes the samples."""
+    if s.gan_loss != "wgan-gp" or s.critic_norm != "batch":
+        return ""
+    return ("WARNING: critic_norm='batch' mixes the samples of a batch, so WGAN-GP's penalty on each "
+            "sample's gradient no longer constrains that sample alone (Gulrajani et al. 2017 leave batch "
+            "norm out of the critic for this reason). The card's critic is critic_norm='pixel_layer'; "
+            "'sample_layer' is per sample too; batch norm belongs with gan_loss='hinge' (LDM's critic)")
