@@ -11,6 +11,7 @@ reports the CPU (user + sys, its worker processes included) of the ``prepare`` c
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -37,9 +38,9 @@ if __name__ == "__main__":
 def timed(tree: Path, src: Path, work: Path, settings: dict) -> float:
     """CPU seconds of one ``prepare`` of ``src`` by the furlib in ``tree``, into a fresh folder."""
     shutil.rmtree(work / "data", ignore_errors=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", CHILD, str(src), str(work / "data"), json.dumps(settings)],
-                         env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin"}, check=True,
-                         capture_output=True, text=True).stdout
+                         env=env, cwd=work, check=True, capture_output=True, text=True).stdout  # cwd: no furlib/
     return float(out.split()[-1])
 
 
