@@ -17,7 +17,7 @@
 # %% [markdown]
 # # 01 · Data prep
 # Decode, check, deduplicate and split the source images under `outputs/<run_name>/data/` (files
-# that need no conversion are kept as they are, the rest become lossless PNGs), and show the crops
+# that need no conversion are kept as they are, the rest become lossless WebP), and show the crops
 # training will see.
 
 # %%
@@ -115,10 +115,11 @@ except ValueError:
 # ## 1. Prepare
 # Every input is decoded defensively (EXIF orientation, ICC profile to sRGB, alpha over
 # `background`, first frame of animations), checked and deduplicated by its pixels. An 8-bit sRGB
-# RGB JPEG/PNG/WebP is stored as its own file; anything else as a lossless PNG, in `data/train` or
-# `data/val`. Re-running skips inputs already in the journal (a stream resumes where it stopped);
-# changing `resolution` only filters. With `num_shards`, run once per shard (any order, any
-# machine sharing the folder): the last one to finish merges them.
+# RGB JPEG/PNG/WebP is stored as its own file; anything else as lossless WebP (PNG past WebP's
+# 16,383 px), in `data/train` or `data/val`. Stop the cell whenever you like: every process stops
+# within seconds, and re-running skips inputs already in the journal (a stream resumes where it
+# stopped); changing `resolution` only filters. With `num_shards`, run once per shard (any order,
+# any machine sharing the folder): the last one to finish merges them.
 
 # %%
 start = time.time()

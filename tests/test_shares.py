@@ -168,3 +168,26 @@ def test_slow_inputs_are_shared_by_the_processes(tmp_path, monkeypatch):
         slow_per_process.append(sum(int(json.loads(key)[1][:3]) % 2 == 0 for key in ids))
     assert len(slow_per_process) == 2 and sum(slow_per_process) == 20
     assert min(slow_per_process) >= 5, slow_per_process
+
+
+def _fails_at_once_or_works_long(k: int, m: int) -> str:
+    """A process's task (spawned, so importable): process 0 fails; the others would work ~17 min."""
+    import time
+
+    if k == 0:
+        time.sleep(0.5)  # the other has started its work
+        raise ValueError("input 7 broke the decoder")
+    for _ in shares.until_stopped(range(100_000)):
+        time.sleep(0.01)
+    return "stopped" if shares.shared_counters()[shares.STOP] else "finished"
+
+
+def test_one_process_error_stops_the_others_within_seconds():
+    """The pool's exit waits for every process: without the stop flag the healthy one would finish
+    its whole share before the error reached the user."""
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="input 7 broke"):
+        shares.run_processes(_fails_at_once_or_works_long, 2, progress=False)
+    assert time.monotonic() - start < 30
