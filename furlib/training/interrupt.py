@@ -13,15 +13,18 @@ kill: at most ``checkpoint_every`` steps lost.
 import signal
 import threading
 
+_NOT_INSTALLED = object()
+
 
 class StopAfterStep:
     """Context manager: ``requested`` turns true at the first SIGINT while it is open."""
 
     def __init__(self, enabled: bool = True):
-        self.enabled, self.requested, self._previous = enabled, False, None
+        self.enabled, self.requested, self._previous = enabled, False, _NOT_INSTALLED
 
     def __enter__(self):
-        if self.enabled and threading.current_thread() is threading.main_thread():
+        if (self.enabled and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN):  # ignored (nohup &): so be it
             self._previous = signal.getsignal(signal.SIGINT)
             signal.signal(signal.SIGINT, self._first)
         return self
@@ -37,10 +40,9 @@ class StopAfterStep:
         raise KeyboardInterrupt
 
     def _restore(self):
-        if self._previous is not None:  # None: a handler not set from Python; Python's default then
-            handler, self._previous = self._previous, None
-            signal.signal(signal.SIGINT, handler if callable(handler) or handler in (
-                signal.SIG_IGN, signal.SIG_DFL) else signal.default_int_handler)
+        if self._previous is not _NOT_INSTALLED:  # None: a handler set outside Python; Python's then
+            handler, self._previous = self._previous, _NOT_INSTALLED
+            signal.signal(signal.SIGINT, signal.default_int_handler if handler is None else handler)
 
     def __exit__(self, *exc):
         self._restore()
