@@ -170,6 +170,25 @@ def test_slow_inputs_are_shared_by_the_processes(tmp_path, monkeypatch):
     assert min(slow_per_process) >= 5, slow_per_process
 
 
+def test_each_process_stats_only_the_files_dealt_to_it(tmp_path, monkeypatch):
+    """Every process lists the folder (cheap: names only), but a file's stat (its stamp, a
+    network round trip on a mounted drive) is read once, by the process that decodes it."""
+    from furlib import sources
+
+    monkeypatch.setattr(shares, "ProcessPoolExecutor", lambda n, mp_context=None, **kw: ThreadPoolExecutor(n, **kw))
+    monkeypatch.setattr(shares, "_join", lambda counters: monkeypatch.setattr(shares, "_COUNTERS", counters))
+    stats, real = [], sources._stamp
+    monkeypatch.setattr(sources, "_stamp", lambda path: stats.append(path.name) or real(path))
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(24):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (36, 40, 3), np.uint8)).save(src / f"{i:03d}.png")
+    (src / "notes.txt").write_text("not an image")
+    report = _prepare(src, tmp_path / "data", num_proc=3)
+    assert report["counts"]["accepted"] == 24 and report["counts"]["rejected"] == 1
+    assert sorted(stats) == sorted(p.name for p in src.iterdir())  # each once (was once per process)
+
+
 def _fails_at_once_or_works_long(k: int, m: int) -> str:
     """A process's task (spawned, so importable): process 0 fails; the others would work ~17 min."""
     import time

@@ -137,10 +137,15 @@ def own_inputs(job: dict, k: int, m: int, dealer: Dealer, resume: dict | None = 
     None, how): ``dealer`` deals a listing's or a table's inputs; a stream is split by files."""
     sel, source, n, s = job["selection"], job["source"], job["num_shards"], job["shard_index"]
     kind, path = sources._kind(source)
-    if kind in ("builtin", "folder"):
+    if kind == "folder":  # listed by every process, stat'ed only where dealt
+        files = sources.folder_files(path, job["data_dir"], sel["max_images"])
+        mine = [i for i in range(len(files)) if shard_of(i, n) == s]
+        dealt = ((mine[j], sources.folder_input(path, files[mine[j]]))
+                 for block in dealer.blocks(len(mine)) for j in block)
+        return dealt, len(mine), "dealt"
+    if kind == "builtin":
         inputs, _ = sources.iter_inputs(source, job["source_split"], job["image_column"],
-                                        sel["max_images"], sel["art_count"], sel["seed"],
-                                        exclude=job["data_dir"])
+                                        sel["max_images"], sel["art_count"], sel["seed"])
         mine = [pair for pair in enumerate(inputs) if shard_of(pair[0], n) == s]
         dealt = (mine[j] for block in dealer.blocks(len(mine)) for j in block)
         return dealt, len(mine), "dealt"
