@@ -341,8 +341,19 @@ def test_checkpoints_of_older_versions_still_resume_with_a_note(tmp_path):
     assert found == folder and "not verified" in notes[0]
 
 
+@pytest.fixture
+def interruptible():
+    """SIGINT raises KeyboardInterrupt here, as in a Jupyter kernel or a terminal, even where the
+    test runner was started in the background with SIGINT ignored (``nohup ... &``)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("interrupts", [1, 2])
-def test_an_interrupt_saves_the_step_in_progress_then_stops(tmp_path, monkeypatch, interrupts):
+def test_an_interrupt_saves_the_step_in_progress_then_stops(tmp_path, monkeypatch, interrupts, interruptible):
     """Jupyter's stop button (SIGINT) during step 2 of 6: one interrupt finishes step 2, saves it
     and stops; resumed to step 3 it equals a straight 3-step run. Two interrupts stop at once."""
     import shutil
@@ -381,3 +392,17 @@ def test_an_interrupt_saves_the_step_in_progress_then_stops(tmp_path, monkeypatc
         a = load_file(outputs / "r" / "checkpoints" / "step_0000003" / f"{stem}.safetensors")
         b = load_file(outputs / "straight" / "checkpoints" / "step_0000003" / f"{stem}.safetensors")
         assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), stem
+
+
+def test_an_ignored_interrupt_stays_ignored():
+    """A run started with SIGINT ignored (``nohup ... &``) is not made stoppable by 02."""
+    import signal
+
+    from furlib.training.interrupt import StopAfterStep
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopAfterStep():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
