@@ -33,7 +33,7 @@ os.stat = counting_stat
 own, n, how = shares.own_inputs(job, 0, int(sys.argv[3]), shares.Dealer(int(sys.argv[3]), None))
 listed = time.perf_counter() - t
 stats_listing = listing_stats[0]
-first = next(iter(own))
+next(iter(own))  # the first input dealt: its stat, and the process's memory by then
 os.stat = real_stat
 print(json.dumps(dict(inputs=n, listing_s=round(listed, 3), stat_calls_before_first_input=stats_listing,
                       peak_rss_mb_added=round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1e3, 1))))

@@ -66,7 +66,7 @@ def reusing_pixel_memory(threads: int):
     for the next image (its block allocator's pool: ``PILLOW_BLOCKS_MAX``, ``PILLOW_BLOCK_SIZE``;
     off by default) instead of handing them back and faulting fresh pages in for every decode,
     copy and hash. Small blocks fit images of any size, where a 16 MB one is resized on reuse.
-    Stage 01: 17-28% less CPU per plain JPEG (``benchmarks/RESULTS.md``). The pool never holds
+    Stage 01: about a third less CPU per plain JPEG (46.0 -> 30.4 ms, ``benchmarks/RESULTS.md``). The pool never holds
     more than the threads' images used at once, and is emptied on the way out."""
     before = Image.core.get_block_size(), Image.core.get_blocks_max()
     Image.core.set_block_size(POOL_BLOCK)

@@ -112,8 +112,8 @@ def _follow(futures: list, counters, progress: bool) -> None:
 
 class Dealer:
     """Deals consecutive blocks of a shard's ``total`` inputs to its ``processes`` as each asks,
-    through ``counters[NEXT]`` (``run_processes``'s counters; None: one process takes all). Blocks shrink towards the end (guided scheduling), so
-    the processes finish together."""
+    through ``counters[NEXT]`` (``run_processes``'s counters; None: one process takes all).
+    Blocks shrink towards the end (guided scheduling), so the processes finish together."""
 
     def __init__(self, processes: int = 1, counters=None):
         self.processes, self.counters = processes, counters
@@ -139,20 +139,16 @@ def own_inputs(job: dict, k: int, m: int, dealer: Dealer, resume: dict | None = 
     kind, path = sources._kind(source)
     if kind == "folder":  # listed by every process, stat'ed only where dealt
         files = sources.folder_files(path, job["data_dir"], sel["max_images"])
-        mine = [i for i in range(len(files)) if shard_of(i, n) == s]
-        dealt = ((mine[j], sources.folder_input(path, files[mine[j]]))
-                 for block in dealer.blocks(len(mine)) for j in block)
-        return dealt, len(mine), "dealt"
+        mine = _shard_part(len(files), n, s)
+        return _dealt(mine, dealer, lambda i: sources.folder_input(path, files[i])), len(mine), "dealt"
     if kind == "builtin":
         inputs, _ = sources.iter_inputs(source, job["source_split"], job["image_column"],
                                         sel["max_images"], sel["art_count"], sel["seed"])
-        mine = [pair for pair in enumerate(inputs) if shard_of(pair[0], n) == s]
-        dealt = (mine[j] for block in dealer.blocks(len(mine)) for j in block)
-        return dealt, len(mine), "dealt"
+        mine = _shard_part(len(inputs), n, s)
+        return _dealt(mine, dealer, inputs.__getitem__), len(mine), "dealt"
     ds, prefix, stamp = _open(kind, path, job)
     if hasattr(ds, "__len__"):  # memory-mapped: select the rows dealt, read nothing else
-        rows = min(len(ds), sel["max_images"]) if sel["max_images"] else len(ds)
-        mine = [i for i in range(rows) if shard_of(i, n) == s]
+        mine = _shard_part(min(len(ds), sel["max_images"]) if sel["max_images"] else len(ds), n, s)
         return _dealt_rows(ds, mine, dealer, prefix, job["image_column"], stamp), len(mine), "dealt"
     w, workers = s + n * k, n * m
     resume = resume if resume and resume.get("stamp") == stamp else None
@@ -193,6 +189,16 @@ def row_value(row: dict, column: str):
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     return Path(value) if isinstance(value, str) else value
+
+
+def _shard_part(count: int, num_shards: int, shard: int) -> list:
+    """The indices of ``count`` inputs that belong to ``shard``."""
+    return [i for i in range(count) if shard_of(i, num_shards) == shard]
+
+
+def _dealt(mine: list, dealer: Dealer, make):
+    """(index, ``make(index)``) for the inputs of ``mine`` dealt to this process, one at a time."""
+    return ((mine[j], make(mine[j])) for block in dealer.blocks(len(mine)) for j in block)
 
 
 def _dealt_rows(ds, mine: list, dealer: Dealer, prefix: str, column: str, stamp):

@@ -23,9 +23,10 @@ class StopAfterStep:
         self.enabled, self.requested, self._previous = enabled, False, _NOT_INSTALLED
 
     def __enter__(self):
+        previous = signal.getsignal(signal.SIGINT)
         if (self.enabled and threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN):  # ignored (nohup &): so be it
-            self._previous = signal.getsignal(signal.SIGINT)
+                and previous is not signal.SIG_IGN):  # ignored (nohup &): so be it
+            self._previous = previous
             signal.signal(signal.SIGINT, self._first)
         return self
 
