@@ -51,7 +51,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    rows = []
+    before, rows = args.before.resolve(), []  # the children run in a temporary folder
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name, every, settings in [("plain JPEGs", 0, {"num_proc": 1, "workers": 1}),
@@ -64,7 +64,7 @@ def main():
                     prep_throughput.write_source((src, i, every))
             runs = {"before": [], "after": []}
             for _ in range(args.reps):  # interleaved: drift hits both alike
-                for which, tree in (("before", args.before), ("after", ROOT)):
+                for which, tree in (("before", before), ("after", ROOT)):
                     runs[which].append(timed(tree, src, work, settings))
             ms = {k: 1000 * statistics.median(v) / args.images for k, v in runs.items()}
             rows.append(dict(images=name, settings=settings, cpu_s=runs, before_ms_per_image=round(ms["before"], 1),

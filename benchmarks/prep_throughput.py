@@ -52,6 +52,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this tree's furlib for the checks and the loader rows, with or without PYTHONPATH
 KINDS = ("rotated", "cmyk", "rgba")  # sources that must be converted: every KINDS_EVERY-th
 KINDS_EVERY = [10]  # set from --convert-share (0: none)
 
@@ -259,7 +261,7 @@ def main():
     args = ap.parse_args()
     work, cores = Path(args.workdir).resolve(), os.cpu_count() or 1
     every = KINDS_EVERY[0] = round(1 / args.convert_share) if args.convert_share > 0 else 0
-    src, here = work / "src", Path(__file__).resolve().parent.parent
+    src, here = work / "src", ROOT
     result = {"args": vars(args), "cores": cores, "python": sys.version.split()[0],
               "platform": platform.platform(), "rows": []}
     if not (args.keep_sources and src.exists()):
@@ -276,9 +278,15 @@ def main():
     subset = {k if k == "shards" else int(k): int(v) for k, v in (s.split(":") for s in args.subset)}
     widest = max(args.procs)
 
+    def save():  # after every row: a call cut short still returns what it measured
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=1))
+
     def measure(name, code, source, data, limit, procs, shards=1, workers=0):
         wall, cpu, report = run_prepare(code, source, data, limit, procs, shards, workers)
         result["rows"].append(row(name, report, wall, cpu, data))
+        save()
         return report
 
     trees = [("", here)] + ([("before: ", Path(args.before).resolve())] if args.before else [])
@@ -316,9 +324,7 @@ def main():
     if args.cache_images:
         result["rows"] += cache_rows(train, work, args.cache_images, args.loader_workers,
                                      args.loader_seconds)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    save()
 
 
 if __name__ == "__main__":

@@ -341,3 +341,25 @@ def test_an_interrupt_or_a_kill_stops_every_process(tmp_path, how):
     resumed = run("builtin", data, art_count=250)
     assert resumed["complete"] and resumed["counts"]["reused"] == done
     assert resumed["counts"]["accepted"] + resumed["counts"]["rejected"] == resumed["counts"]["inputs"]
+
+
+def test_the_16_core_benchmarks_run_as_a_device_call_runs_them(tmp_path):
+    """``prep_throughput.py`` and ``pixel_pool.py`` from the repository root with no PYTHONPATH and
+    a relative ``--before`` tree, as the device call does (a call lost both to these two faults)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = lambda *argv: subprocess.run([sys.executable, *argv], cwd=root, env=env,  # noqa: E731
+                                       capture_output=True, text=True)
+    prep = run("benchmarks/prep_throughput.py", "--images", "3", "--procs", "1", "--plain-images", "2",
+               "--shards", "0", "--before", ".", "--loader-workers", "1", "--loader-seconds", "0.5",
+               "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "prep.json"))
+    assert prep.returncode == 0, prep.stderr[-2000:]
+    rows = {r["row"]: r for r in json.loads((tmp_path / "prep.json").read_text())["rows"]}
+    assert rows["before: num_proc=1"]["same_images_and_pixels_as_now"] is True
+    pool = run("benchmarks/pixel_pool.py", "--before", ".", "--images", "1", "--reps", "1",
+               "--out", str(tmp_path / "pool.json"))
+    assert pool.returncode == 0, pool.stderr[-2000:]
+    assert len(json.loads((tmp_path / "pool.json").read_text())["rows"]) == 3
