@@ -344,7 +344,7 @@ def test_an_interrupt_or_a_kill_stops_every_process(tmp_path, how):
 
 
 def test_the_16_core_benchmarks_run_as_a_device_call_runs_them(tmp_path):
-    """``prep_throughput.py`` and ``pixel_pool.py`` from the repository root with no PYTHONPATH and
+    """``prep_throughput.py``, ``pixel_pool.py`` and ``prep_parts.py`` from the repository root with no PYTHONPATH and
     a relative ``--before`` tree, as the device call does (a call lost both to these two faults)."""
     import subprocess
     import sys
@@ -363,3 +363,7 @@ def test_the_16_core_benchmarks_run_as_a_device_call_runs_them(tmp_path):
                "--out", str(tmp_path / "pool.json"))
     assert pool.returncode == 0, pool.stderr[-2000:]
     assert len(json.loads((tmp_path / "pool.json").read_text())["rows"]) == 3
+    parts = run("benchmarks/prep_parts.py", "--images", "11", "--out", str(tmp_path / "parts.json"))
+    assert parts.returncode == 0, parts.stderr[-2000:]
+    measured = json.loads((tmp_path / "parts.json").read_text())
+    assert measured["parts"]["decode (plain)"]["images"] == 9 and measured["prepare_ms_per_image"] > 0
