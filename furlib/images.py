@@ -33,12 +33,14 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageCms
+from PIL import Image
+
+from furlib import srgb
+from furlib.rejection import ImageRejected  # callers import it from here too
 
 if TYPE_CHECKING:  # imported where used: stage 01's worker processes need no torch
     import torch
@@ -51,10 +53,6 @@ _ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_18
                 4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
                 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
                 8: Image.Transpose.ROTATE_90}
-
-# Colour space of an ICC profile (header field, 4 chars) -> the PIL mode its pixels must be in.
-_PROFILE_MODE = {"RGB ": "RGB", "CMYK": "CMYK", "GRAY": "L"}
-
 
 POOL_BLOCK = 1 << 20  # bytes: Pillow's pixel memory block while reusing it (its default: 16 MB)
 POOL_PER_THREAD = 64  # freed blocks Pillow keeps for reuse per decoding thread (64 MB)
@@ -76,15 +74,6 @@ def reusing_pixel_memory(threads: int):
     finally:
         Image.core.set_blocks_max(before[1])  # frees the blocks kept beyond it
         Image.core.set_block_size(before[0])
-
-
-class ImageRejected(Exception):
-    """An input that is not usable as an image; ``reason`` is a short snake_case code."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 def load_rgb(src, background=(255, 255, 255), max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -144,7 +133,7 @@ def _stored_suffix(im: Image.Image) -> str:
     if "transparency" in im.info or _orientation(im) not in (0, 1):
         return ""
     icc = im.info.get("icc_profile") or None
-    return suffix if icc is None or _is_identity(bytes(icc)) else ""
+    return suffix if icc is None or srgb.is_identity(bytes(icc)) else ""
 
 
 def _open(src) -> Image.Image:
@@ -186,9 +175,9 @@ def _decode(im: Image.Image, background, max_pixels: int, min_side: int) -> Imag
     _load_first_frame(im)
     orientation = _orientation(im)
     icc = im.info.get("icc_profile") or None
-    colour, alpha = _to_8bit(im)
+    colour, alpha = srgb.to_8bit(im)
     if icc:
-        colour = _to_srgb(colour, icc)
+        colour = srgb.to_srgb(colour, icc)
     if colour.mode != "RGB":
         colour = colour.convert("RGB")
     if alpha is not None:
@@ -225,96 +214,6 @@ def _orientation(im: Image.Image) -> int:
         return int(im.getexif().get(0x0112, 1))
     except Exception:  # noqa: BLE001 - any EXIF parser failure; the pixels are still fine
         return 1
-
-
-def _to_8bit(im: Image.Image) -> tuple[Image.Image, Image.Image | None]:
-    """Split into (colour image in L, RGB, CMYK or LAB, 8-bit; alpha 'L' or None)."""
-    mode = im.mode
-    if mode == "P" or mode == "PA":
-        has_alpha = mode == "PA" or "transparency" in im.info
-        im, mode = im.convert("RGBA" if has_alpha else "RGB"), ("RGBA" if has_alpha else "RGB")
-    if mode in ("RGBA", "RGBa", "LA", "La"):
-        if mode.endswith("a"):  # premultiplied alpha
-            im, mode = im.convert(mode[:-1] + "A"), mode[:-1] + "A"
-        alpha = im.getchannel("A")
-        return im.convert("RGB" if mode == "RGBA" else "L"), alpha
-    if mode in ("RGB", "L", "CMYK", "LAB"):
-        return im, None
-    if mode == "1":
-        return im.convert("L"), None
-    if mode.startswith("I") or mode == "F":
-        return Image.fromarray(_gray_to_uint8(np.asarray(im), mode)), None
-    if mode in ("RGBX", "YCbCr", "HSV"):
-        return im.convert("RGB"), None
-    raise ImageRejected("unsupported_mode", mode)
-
-
-def _gray_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
-    """16/32-bit integer or float grey levels -> uint8.
-
-    I;16* is 0-65535. 'I' (32-bit) is what PIL gives for 16-bit PNG/TIFF in some versions, so it is
-    read as 16-bit when any value exceeds 255, else as 8-bit. 'F' is read as [0, 1] when its
-    maximum is <= 1, else as [0, 255]; NaN becomes 0.
-    """
-    a = a.astype(np.float64)
-    if mode == "F":
-        a = np.nan_to_num(a, nan=0.0, posinf=255.0, neginf=0.0)
-        scale = 255.0 if a.max(initial=0.0) <= 1.0 else 1.0
-    elif mode.startswith("I;16") or a.max(initial=0) > 255:
-        scale = 255.0 / 65535.0
-    else:
-        scale = 1.0
-    return np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
-
-
-def _to_srgb(colour: Image.Image, icc: bytes) -> Image.Image:
-    """Convert pixels described by an embedded ICC profile to sRGB (perceptual intent).
-
-    A profile whose colour space does not match the pixels (e.g. an RGB profile on a grey JPEG)
-    does not describe them and is not applied; an unparsable or unusable profile is a rejection.
-    """
-    try:
-        space = _profile(bytes(icc)).profile.xcolor_space
-    except (OSError, ImageCms.PyCMSError, TypeError) as e:
-        raise ImageRejected("bad_icc_profile", str(e)) from None
-    if _PROFILE_MODE.get(space) != colour.mode:
-        return colour
-    try:
-        return ImageCms.applyTransform(colour, _transform(bytes(icc), colour.mode))
-    except (OSError, ImageCms.PyCMSError, ValueError) as e:
-        raise ImageRejected("bad_icc_profile", str(e)) from None
-
-
-@lru_cache(maxsize=4096)
-def _is_identity(icc: bytes) -> bool:
-    """Whether converting from this profile to sRGB changes no 8-bit RGB colour at all: tried on
-    4096 colours first (most other profiles fail there in ms), then on all 2**24 (~3 s, once per
-    profile and process): exact where a profile's name could lie."""
-    try:
-        if _profile(icc).profile.xcolor_space != "RGB ":
-            return False
-        for step in (17, 1):  # 0, 17, ..., 255 in each channel; then every value
-            levels = np.arange(0, 256, step, dtype=np.uint8)
-            rgb = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 4096, 3)
-            out = ImageCms.applyTransform(Image.fromarray(rgb), _transform(icc, "RGB"))
-            if not np.array_equal(np.asarray(out), rgb):
-                return False
-        return True
-    except (OSError, ImageCms.PyCMSError, TypeError, ValueError):
-        return False  # _to_srgb rejects it with the reason
-
-
-@lru_cache(maxsize=32)
-def _profile(icc: bytes) -> ImageCms.ImageCmsProfile:
-    return ImageCms.ImageCmsProfile(io.BytesIO(icc))
-
-
-@lru_cache(maxsize=32)
-def _transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform:
-    """Cached: most images of a data set share a handful of profiles."""
-    srgb = ImageCms.createProfile("sRGB")
-    return ImageCms.buildTransform(_profile(icc), srgb, mode, "RGB",
-                                   renderingIntent=ImageCms.Intent.PERCEPTUAL)
 
 
 def center_crop(image: Image.Image, resolution: int) -> np.ndarray:
