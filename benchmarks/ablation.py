@@ -11,7 +11,10 @@ error, never a random trunk). Variants:
 - ``recon_only``: without the critic term (``disc_weight 0``);
 - ``ldm_like``: params/ldm_like.yaml (RGB L1 + LPIPS, hinge critic with LDM's batch norms; the
   issue says group norms, which no critic here has);
-- ``rgb``: furception_v1 with its pixel losses in RGB instead of Oklab;
+- ``rgb``: furception_v1 with its pixel losses in RGB instead of Oklab (at the card's weights RGB's
+  terms pull ~6x harder against LPIPS than Oklab's: ``benchmarks/pixel_balance.py``);
+- ``rgb_matched``: RGB with MAE 0.28, MSE 0.45, the weights whose gradients match the card's Oklab
+  terms on training drawings: the colour space changed, the balance with LPIPS kept;
 - ``no_lpips``: furception_v1 with LPIPS weight 0;
 - ``later_schedule``: the author's later schedule (MAE 1 -> 0.6, MSE 0 -> 2 in plain-mean units,
   cosine over two thirds of the run, as 100k of 150k steps);
@@ -67,6 +70,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))  # the sibling scripts (benchmarks/ is not a package)
 import ablation_checks  # noqa: E402
 import ablation_data  # noqa: E402
+import ablation_report  # noqa: E402
 import variant_runs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,6 +83,9 @@ VARIANTS = {  # name: (profile, overrides on top of it)
     "recon_only": ("furception_v1", {"disc_weight": 0.0}),
     "ldm_like": ("ldm_like", {}),
     "rgb": ("furception_v1", {"color_space": "rgb"}),
+    # RGB with the pull of the card's Oklab terms: weights matching their gradient norms at the base's
+    # reconstructions of training drawings (benchmarks/pixel_balance.py, runs/2026-12-05/pixel_balance.json)
+    "rgb_matched": ("furception_v1", {"color_space": "rgb", "mae_weight": 0.28, "mse_weight": 0.45}),
     "no_lpips": ("furception_v1", {"lpips_weight": 0.0}),
     "later_schedule": ("furception_v1", {"mae_weight": 1.0, "mae_weight_end": 0.6, "mse_weight": 0.0,
                                          "mse_weight_end": 2.0, "loss_schedule_steps": 100_000}),
@@ -116,9 +123,10 @@ def variant_overrides(name: str, a) -> tuple[str, dict]:
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=("device", "score", "trunks"))
-    ap.add_argument("--out", required=True, help="device: what comes back; score: the report folder; trunks: the file")
-    ap.add_argument("--from", dest="source", default="", help="score: the device call's returned files")
+    ap.add_argument("phase", choices=("device", "report", "score", "trunks"))
+    ap.add_argument("--out", required=True, help="device: what comes back; report, score: the report folder; "
+                    "trunks: the file")
+    ap.add_argument("--from", dest="source", default="", help="report, score: the device call's returned files")
     ap.add_argument("--work", default=str(ROOT / "outputs" / "ablation-work"), help="runs, data, checkpoints")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--variants", default=",".join(VARIANTS))
@@ -131,8 +139,9 @@ def parse(argv=None):
     ap.add_argument("--held-out", type=int, default=500, help="held-out drawings (seed 1)")
     ap.add_argument("--curve-images", type=int, default=64, help="held-out drawings scored at every checkpoint")
     ap.add_argument("--lr-scale", type=float, default=20.0)
-    ap.add_argument("--jobs", type=int, default=7, help="variants trained at once (one GPU)")
-    ap.add_argument("--workers", type=int, default=2, help="data loader processes per variant")
+    ap.add_argument("--jobs", type=int, default=0, help="variants trained at once, spread over the GPUs (0: all)")
+    ap.add_argument("--workers", type=int, default=-1, help="data loader processes per variant (-1: 2, or "
+                    "more where the cores allow: up to 8, cores / jobs - 1)")
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--checkpoint-every", type=int, default=100, help="steps; also the curves' spacing")
     ap.add_argument("--deadline", type=float, default=0, help="seconds after this call started when training "
@@ -141,7 +150,12 @@ def parse(argv=None):
     ap.add_argument("--lpips-trunks", default="", help="LPIPS trunks carried as one fp16 file (`trunks`)")
     ap.add_argument("--fid-images", type=int, default=0, help="score: KID/FID on the first N held-out (0: all)")
     ap.add_argument("--only", default="", help="internal: one variant's training in this process")
-    return ap.parse_args(argv)
+    a = ap.parse_args(argv)
+    if a.workers < 0:
+        from furlib.runinfo import usable_cores
+
+        a.workers = max(2, min(8, usable_cores() // max(a.jobs or len(variant_names(a)), 1) - 1))
+    return a
 
 
 def real_lpips(device) -> tuple:
@@ -156,7 +170,10 @@ def real_lpips(device) -> tuple:
 
 
 def train_all(a, names: list, work: Path, started: float) -> list:
-    """Train, from its latest checkpoint, every variant not yet at this call's last step."""
+    """Train, from its latest checkpoint, every variant not yet at this call's last step; on a
+    machine of several GPUs the variants are spread over them."""
+    import torch
+
     target = min(a.until or a.steps, a.steps)
     todo = [n for n in names if max(variant_runs.checkpoint_steps(work / n) or {0}) < target]
     extra = ["device"] + [x for k, v in vars(a).items() if k not in ("only", "variants", "phase", "source", "argv")
@@ -164,7 +181,8 @@ def train_all(a, names: list, work: Path, started: float) -> list:
     left = a.deadline - (time.time() - started) if a.deadline else 0
     if a.deadline and left <= 0:
         raise RuntimeError(f"--deadline {a.deadline} s passed before training started")
-    ended = variant_runs.run_parallel(__file__, todo, a.jobs, work, extra, left) if todo else []
+    gpus = torch.cuda.device_count() if a.device.startswith("cuda") else 0
+    ended = variant_runs.run_parallel(__file__, todo, a.jobs or len(todo), work, extra, left, gpus) if todo else []
     failed = [r for r in ended if "failed" in r]
     if failed:
         raise RuntimeError("training failed: " + "; ".join(f"{r['name']}: {r['failed']}\n{r['log_tail']}" for r in failed))
@@ -172,21 +190,23 @@ def train_all(a, names: list, work: Path, started: float) -> list:
 
 
 def score_device(a, names: list, work: Path, sets: dict, step: int, models: dict) -> dict:
-    """Every variant's fp32 EMA at ``step`` and the base on the held-out art and photos."""
+    """Every variant's fp32 EMA at ``step`` and the base on the held-out art and photos; the
+    first drawings' reconstructions for the grid."""
     from furlib import checkpoint
 
     dev, (alex, vgg) = models["device"], models["lpips"]
     z = {k: ablation_data.encode(models["base"], sets[k], dev) for k in ("art", "photos")}
-    decoders, out = {}, {}
+    decoders, out, grids = {}, {}, {}
     for name in ["base", *names]:
         if name == "base":
             vae = models["base"]
         else:
             decoders[name] = checkpoint.load_decoder_weights(variant_runs.checkpoint_at(work / name, step), "ema")
             vae = ablation_data.decoder_of(models["base"], decoders[name], dev)
-        out[name] = {k: ablation_data.scores(sets[k], ablation_data.decode(vae, z[k]), alex, vgg, k == "art")
-                     for k in ("art", "photos")}
-    return {"scores": out, "decoders": decoders}
+        recon = {k: ablation_data.decode(vae, z[k]) for k in ("art", "photos")}
+        out[name] = {k: ablation_data.scores(sets[k], recon[k], alex, vgg, k == "art") for k in ("art", "photos")}
+        grids[name] = recon["art"][:ablation_report.GRID_IMAGES].cpu()
+    return {"scores": out, "decoders": decoders, "grids": grids}
 
 
 def device_phase(a) -> int:
@@ -199,7 +219,9 @@ def device_phase(a) -> int:
     dev = runinfo.pick_device(a.device)
     # scores in true fp32 (no TF32 convolutions), so the local fp16 cross-check shows the rounding alone
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    lpips = real_lpips(dev)  # before minutes of drawing and training: missing weights stop here
+    # before minutes of drawing and training: missing weights stop here (on the CPU: no GPU memory
+    # held by this process while the variants train)
+    lpips = real_lpips("cpu")
     procs = runinfo.usable_cores()
     corpus = ablation_data.prepare_corpus(work, a.art, a.max_side, a.resolution, procs)
     sets = ablation_data.held_out_sets(work, a.held_out, a.resolution, corpus["pixel_hashes"], procs)
@@ -209,6 +231,7 @@ def device_phase(a) -> int:
     t0 = time.time()
     ended = train_all(a, names, work, started)
     train_s = time.time() - t0
+    lpips = tuple(m.to(dev) for m in lpips)
     base = models.load_vae("tiny").to(dev).eval()
     n_curve = min(a.curve_images, len(sets["art"]))
     curves = ablation_data.update_curves(work, names, base, ablation_data.encode(base, sets["art"][:n_curve], dev),
@@ -233,6 +256,8 @@ def device_phase(a) -> int:
               "versions": runinfo.versions(), "device": runinfo.device_info(dev), "torch": torch.__version__}
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.json").write_text(json.dumps(report, indent=1, default=str))
+    ablation_report.curves_png(report, out / "curves.png")
+    ablation_report.grid_png(report, sets["art"][:ablation_report.GRID_IMAGES], scored["grids"], out / "recon_grid.png")
     ablation_data.write_bundle(out, scored["decoders"], step)
     print(f"compared at step {step}; returned {ablation_data.check_limits(out)}; {time.time() - started:.0f} s", flush=True)
     return 0
@@ -280,6 +305,19 @@ def write_trunks(path: Path) -> int:
     return 0 if torch.isfinite(torch.tensor(worst)) else 1
 
 
+def write_report(source: Path, out: Path) -> int:
+    """The page and curves from a returned ``ablation.json`` alone (no KID/FID), the device's grid kept."""
+    import shutil
+
+    if not (source / "ablation.json").exists():
+        raise FileNotFoundError(f"{source} has no ablation.json: give --from the device call's returned folder")
+    page = ablation_report.write_page(json.loads((source / "ablation.json").read_text()), out)
+    if (source / "recon_grid.png").exists():
+        shutil.copyfile(source / "recon_grid.png", out / "recon_grid.png")
+    print(page.read_text(), flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     a = parse(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)  # the command, for the record
@@ -292,6 +330,8 @@ def main(argv=None) -> int:
         return 0
     if a.phase == "trunks":
         return write_trunks(Path(a.out))
+    if a.phase == "report":
+        return write_report(Path(a.source), Path(a.out))
     if a.phase == "score":
         import ablation_local
 

@@ -14,7 +14,8 @@ import torch
 # Below this relative change the stored fp32 weights only differ by rounding (fp32 eps 1.2e-7 per
 # element; a real AdamW step at lr 5e-7 moves them by ~1e-5 of their norm).
 UNCHANGED_BELOW = 1e-8
-NOISE_METRICS = {"psnr": "PSNR (dB)", "delta_e_ok": "ΔE_ok", "hf_ratio": "HF ratio", "ab_shift": "ab shift"}
+NOISE_METRICS = {"psnr": "PSNR (dB)", "delta_e_ok": "ΔE_ok", "hf_ratio": "HF ratio", "ab_shift": "ab shift",
+                 "lpips_vgg": "LPIPS vgg", "lpips": "LPIPS alex"}  # those the scores hold
 
 
 def decoder_change(ckpt: Path) -> dict:
@@ -55,16 +56,17 @@ def noise_section(results: list, reference: str, twin: str, model: str = "finetu
     if reference not in by_name or twin not in by_name:
         return f"run-to-run noise: not measured ({reference} or {twin} has no scores)\n"
     ref = by_name[reference]["scores"][model]
-    noise = {k: abs(ref[k] - by_name[twin]["scores"][model][k]) for k in NOISE_METRICS}
+    metrics = {k: label for k, label in NOISE_METRICS.items() if k in ref}
+    noise = {k: abs(ref[k] - by_name[twin]["scores"][model][k]) for k in metrics}
     lines = [f"run-to-run noise ({model}, {reference} vs {twin}, same settings, other seed): " + ", ".join(
-        f"{label} {noise[k]:.4g}" for k, label in NOISE_METRICS.items()), "",
-        "| variant | " + " | ".join(f"Δ{label} vs {reference}" for label in NOISE_METRICS.values()) + " |",
-        "|---|" + "---|" * len(NOISE_METRICS)]
+        f"{label} {noise[k]:.4g}" for k, label in metrics.items()), "",
+        "| variant | " + " | ".join(f"Δ{label} vs {reference}" for label in metrics.values()) + " |",
+        "|---|" + "---|" * len(metrics)]
     for name, r in by_name.items():
         if name in (reference, twin):
             continue
         cells = []
-        for k in NOISE_METRICS:
+        for k in metrics:
             d = r["scores"][model][k] - ref[k]
             cells.append(f"{d:+.4g}" + (" (inside noise)" if abs(d) <= noise[k] else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

@@ -173,8 +173,10 @@ def use_carried_trunks(path: str) -> list:
     return sorted(state)
 
 
-def run_parallel(script: str, names: list, jobs: int, root: Path, extra: list, deadline_s: float = 0) -> list:
+def run_parallel(script: str, names: list, jobs: int, root: Path, extra: list, deadline_s: float = 0,
+                 gpus: int = 0) -> list:
     """Run ``script --only NAME`` for each name, ``jobs`` at once; logs in ``root/NAME.log``.
+    With ``gpus`` > 1 each run sees one GPU (``CUDA_VISIBLE_DEVICES``), the one running fewest.
     With ``deadline_s``, a run still going then is stopped (its checkpoints stay) and reported as
     ``{"name", "stopped": True}``; the others give the JSON they wrote."""
     import signal
@@ -185,10 +187,15 @@ def run_parallel(script: str, names: list, jobs: int, root: Path, extra: list, d
             name = pending.pop(0)
             log = open(root / f"{name}.log", "w")
             env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+            gpu = None
+            if gpus > 1:
+                busy = [g for _, _, g in running.values()]
+                gpu = min(range(gpus), key=busy.count)
+                env["CUDA_VISIBLE_DEVICES"] = str(gpu)
             running[name] = (subprocess.Popen([sys.executable, script, "--only", name, *extra], stdout=log,
-                                              stderr=subprocess.STDOUT, env=env, start_new_session=True), log)
+                                              stderr=subprocess.STDOUT, env=env, start_new_session=True), log, gpu)
         late = deadline_s and time.time() - t0 > deadline_s
-        for name, (proc, log) in list(running.items()):
+        for name, (proc, log, _) in list(running.items()):
             if late and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)  # the run and its loader workers
                 proc.wait()

@@ -96,10 +96,49 @@ def test_toy_ablation_end_to_end(toy_run):
     assert all(local[n]["n"] == 4 and local[n]["kid"] == local[n]["kid"] for n in local)  # not NaN
     for png in ("curves.png", "recon_grid.png"):
         assert (root / "report" / png).stat().st_size > 10_000
+        assert (root / "out" / png).stat().st_size > 10_000  # the device returns its figures itself
+    assert (root / "report" / "recon_grid.png").read_bytes() == (root / "out" / "recon_grid.png").read_bytes()
+
+
+def test_report_from_the_returned_json_alone(toy_run, tmp_path):
+    """`report` writes the page in seconds from what a call returned, with no decoders: no KID/FID
+    columns, and it says why."""
+    import shutil
+
+    ablation = bench("ablation")
+    root, _ = toy_run
+    returned = tmp_path / "returned"
+    returned.mkdir()
+    for name in ("ablation.json", "recon_grid.png"):
+        shutil.copyfile(root / "out" / name, returned / name)
+    assert ablation.main(["report", "--from", str(returned), "--out", str(tmp_path / "page")]) == 0
+    md = (tmp_path / "page" / "ablation.md").read_text()
+    assert "| furception_v1 |" in md and "KID and FID: not on this page" in md and "| KID" not in md
+    assert (tmp_path / "page" / "curves.png").stat().st_size > 10_000 and (tmp_path / "page" / "recon_grid.png").exists()
+    with pytest.raises(FileNotFoundError, match="has no ablation.json"):
+        ablation.main(["report", "--from", str(tmp_path), "--out", str(tmp_path / "page2")])
+
+
+def test_parallel_runs_spread_over_the_gpus(tmp_path, monkeypatch):
+    """On a machine of several GPUs each variant sees one, the least busy; on one GPU none is set."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    runs = bench("variant_runs")
+    script = tmp_path / "child.py"
+    script.write_text("import json, os, sys, time\n"
+                      "name = sys.argv[2]\n"
+                      "time.sleep(0.5)\n"
+                      "json.dump({'name': name, 'gpu': os.environ.get('CUDA_VISIBLE_DEVICES')}, "
+                      f"open(os.path.join({str(tmp_path)!r}, name + '.json'), 'w'))\n")
+    done = runs.run_parallel(str(script), ["a", "b", "c"], 3, tmp_path, [], gpus=2)
+    assert sorted((r["name"], r["gpu"]) for r in done) == [("a", "0"), ("b", "1"), ("c", "0")]
+    for name in "abc":
+        (tmp_path / f"{name}.json").unlink()
+    done = runs.run_parallel(str(script), ["a"], 1, tmp_path, [], gpus=1)
+    assert done == [{"name": "a", "gpu": None}]
 
 
 def test_returned_files_fit_a_device_call(toy_run, tmp_path):
-    """The toy call's files, and the full run's 7 EMA decoders of the real base, fit 8 files,
+    """The toy call's files, and the full run's 8 EMA decoders of the real base, fit 8 files,
     16 MiB each, 64 MiB in all."""
     from furlib import models
 
@@ -107,11 +146,14 @@ def test_returned_files_fit_a_device_call(toy_run, tmp_path):
     root, _ = toy_run
     data.check_limits(root / "out")
     decoder = models.decoder_state(models.load_vae("tiny"))
-    names = ["furception_v1", "recon_only", "ldm_like", "rgb", "no_lpips", "later_schedule", "furception_v1_seed1"]
+    names = ["furception_v1", "recon_only", "ldm_like", "rgb", "rgb_matched", "no_lpips", "later_schedule",
+             "furception_v1_seed1"]
     files = data.write_bundle(tmp_path, {n: decoder for n in names}, 3000)
     (tmp_path / "ablation.json").write_text("{}" * 500_000)  # a 1 MB report
+    for png in ("curves.png", "recon_grid.png"):
+        (tmp_path / png).write_bytes(b"0" * 2**20)  # ~1 MB figures (the 2026-12-03 grid: 1.2 MB)
     found = data.check_limits(tmp_path)
-    assert len(files) == 4 and found["files"] == 5 and found["total"] < 48 * 2**20, found
+    assert len(files) == 4 and found["files"] == 7 and found["total"] < 52 * 2**20, found
     back = data.read_bundle(tmp_path)
     assert set(back) == set(names) and torch.equal(back["rgb"]["decoder.conv_out.weight"],
                                                    decoder["decoder.conv_out.weight"].half().float())
@@ -157,14 +199,15 @@ def test_missing_lpips_weights_are_an_error_not_a_random_trunk(monkeypatch, tmp_
 
 
 def test_every_variant_of_the_full_run_is_valid_02_settings():
-    """The device run's 7 variants at the planned defaults: settings 02 accepts, scaled as the
+    """The device run's 8 variants at the planned defaults: settings 02 accepts, scaled as the
     docstring says, real LPIPS in all but no_lpips, one seed apart from the noise twin."""
     from furlib.training.settings import TrainSettings
 
     ablation, runs = bench("ablation"), bench("variant_runs")
     a = ablation.parse(["device", "--out", "x"])
     names = ablation.variant_names(a)
-    assert names == ["furception_v1", "recon_only", "ldm_like", "rgb", "no_lpips", "later_schedule", "furception_v1_seed1"]
+    assert names == ["furception_v1", "recon_only", "ldm_like", "rgb", "rgb_matched", "no_lpips", "later_schedule",
+                     "furception_v1_seed1"]
     settings = {}
     for name in names:
         profile, over = ablation.variant_overrides(name, a)
@@ -176,13 +219,15 @@ def test_every_variant_of_the_full_run_is_valid_02_settings():
         assert st.ema_decay == pytest.approx(1 - (1 - 0.999 ** (32 / 192)) / 0.02)
     assert settings["later_schedule"].loss_schedule_steps == 2000 and settings["recon_only"].disc_weight == 0.0
     assert (settings["ldm_like"].gan_loss, settings["ldm_like"].color_space, settings["rgb"].color_space) == ("hinge", "rgb", "rgb")
+    matched = settings["rgb_matched"]
+    assert (matched.color_space, matched.mae_weight, matched.mse_weight, matched.lpips_weight) == ("rgb", 0.28, 0.45, 1.0)
 
 
 def test_report_marks_differences_inside_the_two_seeds_gap(toy_run):
     """The local page with a noise twin: its section is there and names the twin."""
     import json
 
-    local = bench("ablation_local")
+    page = bench("ablation_report")
     root, _ = toy_run
     report = json.loads((root / "out" / "ablation.json").read_text())
     twin = dict(report["results"][0], name="furception_v1_seed1")
@@ -190,8 +235,9 @@ def test_report_marks_differences_inside_the_two_seeds_gap(toy_run):
     report["settings"]["noise_seed"] = 1
     summary = json.loads((root / "report" / "local.json").read_text())
     summary["local"]["furception_v1_seed1"] = summary["local"]["furception_v1"]
-    md = local.markdown(report, summary)
+    md = page.markdown(report, summary)
     assert "run-to-run noise (finetuned-ema, furception_v1 vs furception_v1_seed1" in md
+    assert "ΔLPIPS vgg vs furception_v1" in md  # the scores hold LPIPS: its noise is shown too
     assert "| no_lpips |" in md.split("run-to-run noise")[1]
 
 

@@ -1,0 +1,69 @@
+"""How hard the pixel terms pull against LPIPS in Oklab and in RGB, and the RGB weights that pull
+as hard as the card's Oklab ones (issue 20).
+
+The card's weights (MAE 1 : MSE 5 : LPIPS 1) act on Oklab differences; the ``rgb`` variant keeps
+them on [-1, 1] RGB differences, which are several times larger, so it changes the balance
+between the pixel terms and LPIPS as well as the colour space. This measures, at the shipped
+``tiny`` base's reconstructions of *training* drawings (seed 0, the ablation's corpus: never
+scored), the gradient norm at the reconstruction of each term (one batch, plain means, as
+``ReconstructionLoss`` computes them) and gives the RGB weights whose gradients match Oklab's:
+
+    mae_rgb = 1 * |d MAE_oklab| / |d MAE_rgb|,   mse_rgb = 5 * |d MSE_oklab| / |d MSE_rgb|
+
+the ``rgb_matched`` variant of ``ablation.py`` (colour space changed, balance kept).
+
+    PYTHONPATH=$PWD python benchmarks/pixel_balance.py --images 64 --out benchmarks/runs/DATE/pixel_balance.json
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from furlib import builtin
+from furlib.images import center_crop, to_rgb_m11
+from furlib.models import load_vae
+from furlib.perceptual import LPIPS
+from furlib.training.losses import ReconstructionLoss
+
+TERMS = {"mae": (1.0, 0.0), "mse": (0.0, 1.0)}  # (mae_w, mse_w) of a term alone
+
+
+def grad_norm(loss_fn, recon: torch.Tensor, target: torch.Tensor) -> float:
+    leaf = recon.detach().requires_grad_(True)
+    return float(torch.autograd.grad(loss_fn(leaf, target), leaf)[0].norm())
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--resolution", type=int, default=256)
+    ap.add_argument("--out", default="")
+    a = ap.parse_args(argv)
+    torch.manual_seed(0)
+    x = torch.stack([to_rgb_m11(center_crop(builtin.draw_art(i, 0), a.resolution)) for i in range(a.images)])
+    vae = load_vae("tiny").eval()
+    with torch.no_grad():
+        recon = torch.cat([vae.decode(vae.encode(x[i:i + 16]).latent_dist.mode()).sample for i in range(0, len(x), 16)])
+    lpips = LPIPS("vgg", "pretrained")
+    norms = {"lpips": grad_norm(lambda r, t: lpips(r, t).mean(), recon, x)}
+    for space in ("oklab", "rgb"):
+        loss = ReconstructionLoss(space)
+        for term, (mae_w, mse_w) in TERMS.items():
+            norms[f"{term}_{space}"] = grad_norm(lambda r, t: loss(r, t, mae_w, mse_w, 0.0)[0], recon, x)
+    matched = {"mae_weight": 1.0 * norms["mae_oklab"] / norms["mae_rgb"],
+               "mse_weight": 5.0 * norms["mse_oklab"] / norms["mse_rgb"]}
+    pull = {space: (norms[f"mae_{space}"] + 5.0 * norms[f"mse_{space}"]) / norms["lpips"] for space in ("oklab", "rgb")}
+    out = {"images": a.images, "resolution": a.resolution, "source": "builtin.draw_art seed 0 (training drawings)",
+           "lpips": lpips.source, "grad_norms": norms, "rgb_matched": matched,
+           "pixel_over_lpips_at_card_weights": pull}
+    print(json.dumps(out, indent=1))
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
