@@ -37,12 +37,14 @@ Device phase, resumable: each call trains every variant from its latest checkpoi
 (default ``outputs/ablation-work``, git-ignored, so a next call on the still-warm machine finds
 it) until ``--deadline`` seconds after the call started, then kills them (a killed run keeps its
 complete checkpoints), scores new checkpoints for the curves, compares every variant's fp32 EMA
-at the last step all of them saved, and writes ``--out``: ``ablation.json`` and the EMA decoders
-as fp16 safetensors (2 per file: 5 files, ~42 MiB, inside a call's 8 files / 16 MiB / 64 MiB).
+at the last step all of them saved, and writes ``--out``: ``ablation.json``, ``curves.png``,
+``recon_grid.png`` (fp32 EMA decoders) and the EMA decoders as fp16 safetensors (2 per file: 7
+files, ~51 MiB, inside a call's 8 files / 16 MiB / 64 MiB). ``report`` (seconds, here) writes the
+page from ``ablation.json`` alone; ``score`` adds KID/FID from the decoders.
 
 Device calls, the plan (RESULTS.md, "Ablation at full length: the plan"): first, here, put the
-wheels in ``.whl/`` (``cp -r /work/main/.whl .``: diffusers, datasets, lpips, dill, multiprocess,
-importlib_metadata; 7.3 MB) and write the trunks (``python benchmarks/ablation.py trunks --out
+wheels in ``.whl/`` (``bash scripts/device_wheels.sh``: diffusers, datasets, lpips, dill,
+multiprocess, importlib_metadata; 7.0 MB) and write the trunks (``python benchmarks/ablation.py trunks --out
 .device/lpips_trunks_fp16.safetensors``, 32.8 MiB; LPIPS within 5e-5 of fp32). Tree ~15 MB +
 wheels + trunks = 54 MiB < 64. carry ``[".whl", ".device"]``; the same command three times,
 back to back (the work folder survives only while the machine is warm): calls 1 and 2 with
