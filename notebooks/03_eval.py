@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -157,9 +157,7 @@ if reference_source:
     reference = evaluate.evaluate(vaes, reference_images, resolution=eval_resolution, batch_size=eval_batch_size,
                                   device=dev, lpips_backbone=lpips_backbone, rfid=False, n_show=show_images,
                                   finetuned=finetuned, seed=seed)
-    eval_report.write_outputs(reference, eval_dir / "reference", model_notes)
-    paths["md"].write_text(paths["md"].read_text() + f"\n\n## Reference set: {reference_source}\n\n"
-                           + eval_report.markdown(reference, model_notes))
+    eval_report.add_reference(reference, eval_dir, reference_source, model_notes)
     display(eval_report.summary_table(reference))
     show(eval_figures.comparison_figure(reference.examples["chosen"], "base", finetuned,
                                          f"{reference_source}: the base's own domain", reference.per_image),

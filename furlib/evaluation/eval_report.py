@@ -85,3 +85,12 @@ def write_outputs(result: EvalResult, eval_dir, model_notes: dict | None = None)
     paths["json"].write_text(json.dumps(summary_json(result, model_notes), indent=1, ensure_ascii=False))
     paths["md"].write_text(markdown(result, model_notes))
     return paths
+
+
+def add_reference(result: EvalResult, eval_dir, name: str, model_notes: dict | None = None) -> dict:
+    """A second set scored apart (``reference_source``): its own files in ``eval_dir/reference``
+    and a section of its own at the end of ``eval_dir/metrics.md``; returns its paths."""
+    paths = write_outputs(result, Path(eval_dir) / "reference", model_notes)
+    md = Path(eval_dir) / "metrics.md"
+    md.write_text(md.read_text() + f"\n\n## Reference set: {name}\n\n" + markdown(result, model_notes))
+    return paths
