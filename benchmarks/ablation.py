@@ -46,7 +46,8 @@ Device calls, the plan (RESULTS.md, "Ablation at full length: the plan"): first,
 wheels in ``.whl/`` (``bash scripts/device_wheels.sh``: diffusers, datasets, lpips, dill,
 multiprocess, importlib_metadata; 7.0 MB) and write the trunks (``python benchmarks/ablation.py trunks --out
 .device/lpips_trunks_fp16.safetensors``, 32.8 MiB; LPIPS within 5e-5 of fp32). Tree ~15 MB +
-wheels + trunks = 54 MiB < 64. carry ``[".whl", ".device"]``; the same command three times,
+wheels + trunks = 54 MiB < 64. carry ``[".whl", ".device"]``, ``needs_h200`` (8 runs of ~11 GiB
+do not fit an 80 GB card; each keeps to its share, ``--gpu-share``); the same command three times,
 back to back (the work folder survives only while the machine is warm): calls 1 and 2 with
 ``timeout_s`` 600 and ``--deadline 450`` (~80 s of curves, scoring and bundling follow it), call 3
 with ``timeout_s`` 420 and ``--deadline 300``; each call returns the comparison at its last
@@ -152,6 +153,8 @@ def parse(argv=None):
     ap.add_argument("--lpips-trunks", default="", help="LPIPS trunks carried as one fp16 file (`trunks`)")
     ap.add_argument("--fid-images", type=int, default=0, help="score: KID/FID on the first N held-out (0: all)")
     ap.add_argument("--only", default="", help="internal: one variant's training in this process")
+    ap.add_argument("--gpu-share", type=int, default=0, help="internal: runs sharing this run's GPU; each "
+                    "keeps to 1/N of its memory (its allocator frees its cache there instead of starving the others)")
     a = ap.parse_args(argv)
     if a.workers < 0:
         from furlib.runinfo import usable_cores
@@ -178,17 +181,35 @@ def train_all(a, names: list, work: Path, started: float) -> list:
 
     target = min(a.until or a.steps, a.steps)
     todo = [n for n in names if max(variant_runs.checkpoint_steps(work / n) or {0}) < target]
+    gpus = torch.cuda.device_count() if a.device.startswith("cuda") else 0
+    jobs = a.jobs or len(todo)
+    a.gpu_share = runs_per_gpu(min(jobs, len(todo)), gpus)
     extra = ["device"] + [x for k, v in vars(a).items() if k not in ("only", "variants", "phase", "source", "argv")
                           for x in (f"--{k.replace('_', '-')}", str(v))]
     left = a.deadline - (time.time() - started) if a.deadline else 0
     if a.deadline and left <= 0:
         raise RuntimeError(f"--deadline {a.deadline} s passed before training started")
-    gpus = torch.cuda.device_count() if a.device.startswith("cuda") else 0
-    ended = variant_runs.run_parallel(__file__, todo, a.jobs or len(todo), work, extra, left, gpus) if todo else []
+    ended = variant_runs.run_parallel(__file__, todo, jobs, work, extra, left, gpus) if todo else []
     failed = [r for r in ended if "failed" in r]
     if failed:
         raise RuntimeError("training failed: " + "; ".join(f"{r['name']}: {r['failed']}\n{r['log_tail']}" for r in failed))
     return ended
+
+
+def runs_per_gpu(runs: int, gpus: int) -> int:
+    """The most runs that share one GPU when ``runs`` are spread over ``gpus`` (0: no GPU)."""
+    return -(-runs // gpus) if gpus else 0
+
+
+def keep_to_share(share: int) -> float:
+    """Hold this process to 0.95 / ``share`` of its GPU's memory (``share`` > 1): its allocator
+    then frees its own cache at that line instead of holding memory the other runs need."""
+    if share <= 1:
+        return 1.0
+    import torch
+
+    torch.cuda.set_per_process_memory_fraction(0.95 / share)
+    return 0.95 / share
 
 
 def score_device(a, names: list, work: Path, sets: dict, step: int, models: dict) -> dict:
@@ -326,6 +347,7 @@ def main(argv=None) -> int:
     if a.lpips_trunks:
         variant_runs.use_carried_trunks(a.lpips_trunks)
     if a.only:  # one variant's training, in its own process
+        keep_to_share(a.gpu_share)
         profile, over = variant_overrides(a.only, a)
         info = variant_runs.train(profile, a.only, over, Path(a.work), Path(a.work) / "data")
         (Path(a.work) / f"{a.only}.json").write_text(json.dumps(dict(info, name=a.only, profile=profile), default=str))

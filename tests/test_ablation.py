@@ -119,6 +119,16 @@ def test_report_from_the_returned_json_alone(toy_run, tmp_path):
         ablation.main(["report", "--from", str(tmp_path), "--out", str(tmp_path / "page2")])
 
 
+def test_runs_sharing_a_gpu_keep_to_their_share_of_its_memory(monkeypatch):
+    ablation = bench("ablation")
+    assert [ablation.runs_per_gpu(8, g) for g in (0, 1, 2, 8)] == [0, 8, 4, 1]
+    assert ablation.runs_per_gpu(7, 2) == 4
+    asked = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f: asked.append(f))
+    assert ablation.keep_to_share(1) == 1.0 and asked == []  # a GPU of its own: no limit
+    assert ablation.keep_to_share(8) == pytest.approx(0.95 / 8) and asked == [pytest.approx(0.95 / 8)]
+
+
 def test_parallel_runs_spread_over_the_gpus(tmp_path, monkeypatch):
     """On a machine of several GPUs each variant sees one, the least busy; on one GPU none is set."""
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
