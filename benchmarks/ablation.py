@@ -33,6 +33,10 @@ drawings of seed 1 (pixel-hash disjoint from training, checked) and the 4 ``buil
 (all that exist), centre crops at the training resolution; held-out curves on the first
 ``--curve-images`` drawings at every checkpoint.
 
+Runs that share a GPU keep in step (``variant_runs.Pacer``: one more than ``--checkpoint-every``
+steps ahead of the slowest waits), since steps past the compared one are wasted; on a machine of
+several GPUs the runs are spread over them and, one a GPU, run free.
+
 Device phase, resumable: each call trains every variant from its latest checkpoint in ``--work``
 (default ``outputs/ablation-work``, git-ignored, so a next call on the still-warm machine finds
 it) until ``--deadline`` seconds after the call started, then kills them (a killed run keeps its
@@ -189,7 +193,10 @@ def train_all(a, names: list, work: Path, started: float) -> list:
     left = a.deadline - (time.time() - started) if a.deadline else 0
     if a.deadline and left <= 0:
         raise RuntimeError(f"--deadline {a.deadline} s passed before training started")
-    ended = variant_runs.run_parallel(__file__, todo, jobs, work, extra, left, gpus) if todo else []
+    # runs sharing a device keep in step within a checkpoint's spacing: steps past the one all of
+    # them will be compared at would take device time from the slowest
+    lead = a.checkpoint_every if a.gpu_share != 1 else 0
+    ended = variant_runs.run_parallel(__file__, todo, jobs, work, extra, left, gpus, lead) if todo else []
     failed = [r for r in ended if "failed" in r]
     if failed:
         raise RuntimeError("training failed: " + "; ".join(f"{r['name']}: {r['failed']}\n{r['log_tail']}" for r in failed))

@@ -174,14 +174,17 @@ def use_carried_trunks(path: str) -> list:
 
 
 def run_parallel(script: str, names: list, jobs: int, root: Path, extra: list, deadline_s: float = 0,
-                 gpus: int = 0) -> list:
+                 gpus: int = 0, lead: int = 0) -> list:
     """Run ``script --only NAME`` for each name, ``jobs`` at once; logs in ``root/NAME.log``.
     With ``gpus`` > 1 each run sees one GPU (``CUDA_VISIBLE_DEVICES``), the one running fewest.
-    With ``deadline_s``, a run still going then is stopped (its checkpoints stay) and reported as
+    With ``lead`` > 0 the runs keep in step (``Pacer``), so a fast variant gives its GPU time to
+    the slow ones instead of training past the step they will all be compared at. With
+    ``deadline_s``, a run still going then is stopped (its checkpoints stay) and reported as
     ``{"name", "stopped": True}``; the others give the JSON they wrote."""
     import signal
 
     pending, running, done, t0 = list(names), {}, [], time.time()
+    pacer = Pacer(root, lead)
     while pending or running:
         while pending and len(running) < jobs:
             name = pending.pop(0)
@@ -197,7 +200,7 @@ def run_parallel(script: str, names: list, jobs: int, root: Path, extra: list, d
         late = deadline_s and time.time() - t0 > deadline_s
         for name, (proc, log, _) in list(running.items()):
             if late and proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)  # the run and its loader workers
+                os.killpg(proc.pid, signal.SIGKILL)  # the run and its loader workers (paused or not)
                 proc.wait()
                 done.append({"name": name, "stopped": True})
             elif proc.poll() is not None:
@@ -209,8 +212,70 @@ def run_parallel(script: str, names: list, jobs: int, root: Path, extra: list, d
                 continue
             log.close()
             del running[name]
+        if not late:
+            pacer.update({n: r[0] for n, r in running.items()})
         time.sleep(1)
     return done
+
+
+class Pacer:
+    """Keeps parallel runs in step: a run more than ``lead`` logged steps ahead of the slowest is
+    paused (SIGSTOP, with its loader workers) until that one is within ``lead / 2``. If the
+    slowest logs nothing new for ``stall_s`` while others wait (a lock a paused run holds, a long
+    compile), every run is resumed and pacing ends for this call: it can only cost time, never
+    stop a run."""
+
+    def __init__(self, root: Path, lead: int, stall_s: float = 240.0):
+        self.root, self.lead, self.stall_s = root, lead, stall_s
+        self.paused: set = set()
+        self.slowest, self.since, self.on = -1, time.time(), lead > 0
+
+    def update(self, procs: dict) -> None:
+        """``procs``: {name: Popen} of the runs still going."""
+        import signal
+
+        self.paused.intersection_update(procs)
+        if not procs or not (self.on or self.paused):
+            return
+        steps = {n: logged_step(self.root / n) for n in procs}
+        slowest = min(steps.values())
+        if slowest != self.slowest:
+            self.slowest, self.since = slowest, time.time()
+        elif self.on and self.paused and time.time() - self.since > self.stall_s:
+            print(f"pacing ends: the slowest run stayed at step {slowest} for {self.stall_s:.0f} s", flush=True)
+            self.on = False
+        for name, proc in procs.items():
+            ahead = steps[name] - slowest
+            if self.on and name not in self.paused and ahead > self.lead:
+                self._signal(proc, signal.SIGSTOP)
+                self.paused.add(name)
+            elif name in self.paused and (not self.on or ahead <= self.lead // 2):
+                self._signal(proc, signal.SIGCONT)
+                self.paused.discard(name)
+
+    @staticmethod
+    def _signal(proc, sig) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # it ended since it was polled: run_parallel collects it next
+            pass
+
+
+def logged_step(run: Path) -> int:
+    """The last step a run's ``logs/log.jsonl`` holds (0 before its first row); reads only the
+    file's end, and skips a half-written last line."""
+    path = run / "logs" / "log.jsonl"
+    if not path.exists():
+        return 0
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, 2) - 4096))
+        lines = f.read().decode("utf-8", "replace").splitlines()
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return 0
 
 
 def table(results: list, finetuned: str = "finetuned-ema") -> str:

@@ -129,6 +129,53 @@ def test_runs_sharing_a_gpu_keep_to_their_share_of_its_memory(monkeypatch):
     assert ablation.keep_to_share(8) == pytest.approx(0.95 / 8) and asked == [pytest.approx(0.95 / 8)]
 
 
+def test_runs_sharing_a_gpu_keep_in_step(tmp_path):
+    """A run more than `lead` logged steps ahead of the slowest is paused (SIGSTOP) and resumed
+    once that one is within lead / 2; a slowest run that stalls ends the pacing and frees all."""
+    import json
+    import subprocess
+
+    runs = bench("variant_runs")
+
+    def log_step(name, step):
+        (tmp_path / name / "logs").mkdir(parents=True, exist_ok=True)
+        with open(tmp_path / name / "logs" / "log.jsonl", "a") as f:
+            f.write(json.dumps({"rec/total": 0.1, "step": step}) + "\n")
+
+    def state(proc):  # the process's state letter: T when stopped
+        return Path(f"/proc/{proc.pid}/stat").read_text().split(") ")[1][0]
+
+    procs = {n: subprocess.Popen(["sleep", "60"], start_new_session=True) for n in ("fast", "slow")}
+    try:
+        pacer = runs.Pacer(tmp_path, lead=4)
+        log_step("fast", 10)
+        log_step("slow", 2)
+        log_step("killed", 5)
+        (tmp_path / "killed" / "logs" / "log.jsonl").open("a").write('{"step": 6, "rec')  # half-written: skipped
+        assert runs.logged_step(tmp_path / "killed") == 5 and runs.logged_step(tmp_path / "none") == 0
+        pacer.update(procs)
+        assert pacer.paused == {"fast"} and state(procs["fast"]) == "T" and state(procs["slow"]) != "T"
+        log_step("slow", 7)  # 3 behind: still more than lead / 2
+        pacer.update(procs)
+        assert pacer.paused == {"fast"}
+        log_step("slow", 8)  # within lead / 2 of the fast one: it goes on
+        pacer.update(procs)
+        assert pacer.paused == set() and state(procs["fast"]) != "T"
+        log_step("fast", 20)
+        pacer.update(procs)
+        assert pacer.paused == {"fast"}
+        pacer.stall_s, pacer.since = 0.0, 0.0  # the slowest has logged nothing new for too long
+        pacer.update(procs)
+        assert not pacer.on and pacer.paused == set() and state(procs["fast"]) != "T"
+        log_step("fast", 40)
+        pacer.update(procs)
+        assert pacer.paused == set()  # pacing stays off for the rest of the call
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+
+
 def test_parallel_runs_spread_over_the_gpus(tmp_path, monkeypatch):
     """On a machine of several GPUs each variant sees one, the least busy; on one GPU none is set."""
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
