@@ -33,9 +33,9 @@ drawings of seed 1 (pixel-hash disjoint from training, checked) and the 4 ``buil
 (all that exist), centre crops at the training resolution; held-out curves on the first
 ``--curve-images`` drawings at every checkpoint.
 
-Runs that share a GPU keep in step (``variant_runs.Pacer``: one more than ``--checkpoint-every``
-steps ahead of the slowest waits), since steps past the compared one are wasted; on a machine of
-several GPUs the runs are spread over them and, one a GPU, run free.
+Runs that share a GPU keep in step (``variant_runs.Pacer``: one more than ``--lead`` steps,
+by default ``--checkpoint-every``, ahead of the slowest waits), since steps past the compared one
+are wasted; on a machine of several GPUs the runs are spread over them and, one a GPU, run free.
 
 Device phase, resumable: each call trains every variant from its latest checkpoint in ``--work``
 (default ``outputs/ablation-work``, git-ignored, so a next call on the still-warm machine finds
@@ -151,6 +151,8 @@ def parse(argv=None):
                     "more where the cores allow: up to 8, cores / jobs - 1)")
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--checkpoint-every", type=int, default=100, help="steps; also the curves' spacing")
+    ap.add_argument("--lead", type=int, default=-1, help="steps a run may lead the slowest that shares its "
+                    "device before it waits (-1: --checkpoint-every where runs share one; 0: never wait)")
     ap.add_argument("--deadline", type=float, default=0, help="seconds after this call started when training "
                     "stops (0: none); every variant is then compared at the last step all of them saved")
     ap.add_argument("--noise-seed", type=int, default=1, help=f"seed of a second {REFERENCE} run (-1: none)")
@@ -195,7 +197,7 @@ def train_all(a, names: list, work: Path, started: float) -> list:
         raise RuntimeError(f"--deadline {a.deadline} s passed before training started")
     # runs sharing a device keep in step within a checkpoint's spacing: steps past the one all of
     # them will be compared at would take device time from the slowest
-    lead = a.checkpoint_every if a.gpu_share != 1 else 0
+    lead = (a.checkpoint_every if a.gpu_share != 1 else 0) if a.lead < 0 else a.lead
     ended = variant_runs.run_parallel(__file__, todo, jobs, work, extra, left, gpus, lead) if todo else []
     failed = [r for r in ended if "failed" in r]
     if failed:
@@ -310,7 +312,8 @@ def _record_call(work: Path, a, ended: list, seconds: dict, reached: dict) -> li
     before = calls[-1]["reached"] if calls else {}
     rate = {n: round((s - before.get(n, 0)) / max(seconds["training_s"], 1), 2) for n, s in reached.items()}
     calls.append(dict(seconds, argv=a.argv, reached=reached, saved_steps_per_s=rate,
-                      stopped_at_deadline=sorted(r["name"] for r in ended if r.get("stopped"))))
+                      stopped_at_deadline=sorted(r["name"] for r in ended if r.get("stopped")),
+                      paced={r["name"]: r["paced"] for r in ended if r.get("paced")}))
     print(f"call {len(calls)}: prepared in {seconds['prepare_s']:.0f} s, trained {seconds['training_s']:.0f} s; "
           f"steps reached {reached}; saved steps a second of training (compile included) {rate}", flush=True)
     path.write_text(json.dumps(calls, indent=1))

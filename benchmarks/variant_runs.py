@@ -212,8 +212,10 @@ def run_parallel(script: str, names: list, jobs: int, root: Path, extra: list, d
                 continue
             log.close()
             del running[name]
-        if not late:
-            pacer.update({n: r[0] for n, r in running.items()})
+        pacer.update({n: r[0] for n, r in running.items()} if not late else {})
+        for record in done:  # how often and how long a run waited, where it did
+            if pacer.record(record["name"]):
+                record["paced"] = pacer.record(record["name"])
         time.sleep(1)
     return done
 
@@ -227,14 +229,16 @@ class Pacer:
 
     def __init__(self, root: Path, lead: int, stall_s: float = 240.0):
         self.root, self.lead, self.stall_s = root, lead, stall_s
-        self.paused: set = set()
+        self.paused: dict = {}  # name: when it was paused
+        self.waited: dict = {}  # name: [pauses, seconds paused] so far
         self.slowest, self.since, self.on = -1, time.time(), lead > 0
 
     def update(self, procs: dict) -> None:
         """``procs``: {name: Popen} of the runs still going."""
         import signal
 
-        self.paused.intersection_update(procs)
+        for name in set(self.paused) - set(procs):  # ended (or killed) while paused
+            self._count(name)
         if not procs or not (self.on or self.paused):
             return
         steps = {n: logged_step(self.root / n) for n in procs}
@@ -248,10 +252,19 @@ class Pacer:
             ahead = steps[name] - slowest
             if self.on and name not in self.paused and ahead > self.lead:
                 self._signal(proc, signal.SIGSTOP)
-                self.paused.add(name)
+                self.paused[name] = time.time()
             elif name in self.paused and (not self.on or ahead <= self.lead // 2):
                 self._signal(proc, signal.SIGCONT)
-                self.paused.discard(name)
+                self._count(name)
+
+    def _count(self, name: str) -> None:
+        pauses, seconds = self.waited.get(name, (0, 0.0))
+        self.waited[name] = (pauses + 1, round(seconds + time.time() - self.paused.pop(name), 1))
+
+    def record(self, name: str) -> dict:
+        """What pacing did to one run: {"pauses", "paused_s"} (empty when it never waited)."""
+        pauses, seconds = self.waited.get(name, (0, 0.0))
+        return {"pauses": pauses, "paused_s": seconds} if pauses else {}
 
     @staticmethod
     def _signal(proc, sig) -> None:
