@@ -197,7 +197,7 @@ def train_all(a, names: list, work: Path, started: float) -> list:
         raise RuntimeError(f"--deadline {a.deadline} s passed before training started")
     # runs sharing a device keep in step within a checkpoint's spacing: steps past the one all of
     # them will be compared at would take device time from the slowest
-    lead = (a.checkpoint_every if a.gpu_share != 1 else 0) if a.lead < 0 else a.lead
+    lead = a.lead if a.lead >= 0 else (a.checkpoint_every if a.gpu_share != 1 else 0)
     ended = variant_runs.run_parallel(__file__, todo, jobs, work, extra, left, gpus, lead) if todo else []
     failed = [r for r in ended if "failed" in r]
     if failed:
@@ -340,13 +340,9 @@ def write_trunks(path: Path) -> int:
 
 def write_report(source: Path, out: Path) -> int:
     """The page and curves from a returned ``ablation.json`` alone (no KID/FID), the device's grid kept."""
-    import shutil
-
     if not (source / "ablation.json").exists():
         raise FileNotFoundError(f"{source} has no ablation.json: give --from the device call's returned folder")
-    page = ablation_report.write_page(json.loads((source / "ablation.json").read_text()), out)
-    if (source / "recon_grid.png").exists():
-        shutil.copyfile(source / "recon_grid.png", out / "recon_grid.png")
+    page = ablation_report.write_page(json.loads((source / "ablation.json").read_text()), out, returned=source)
     print(page.read_text(), flush=True)
     return 0
 

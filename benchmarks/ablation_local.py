@@ -12,7 +12,6 @@ Inception pass (~0.4 s + ~0.3 s on 2 idle cores): ~50 minutes at 500 drawings an
 """
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -53,16 +52,14 @@ def score(source: Path, out: Path, cache: Path, fid_images: int = 0, batch: int 
     local = {name: {"kid": fid[name]["kid"], "rfid": fid[name]["rfid"], "n": fid[name]["n"],
                     "psnr_check": _psnr_check(report, name, per_model[name]["psnr"])} for name in per_model}
     out.mkdir(parents=True, exist_ok=True)
-    if (source / "recon_grid.png").exists():  # the device's, from the fp32 decoders
-        shutil.copyfile(source / "recon_grid.png", out / "recon_grid.png")
-    else:
+    if not (source / "recon_grid.png").exists():  # else write_page keeps the device's, from fp32 decoders
         ablation_report.grid_png(report, x[:GRID_IMAGES], {k: v["grid"] for k, v in per_model.items()},
                                  out / "recon_grid.png", "fp16")
     times["total_s"] = time.time() - t0
     summary = {"same_pixels_as_device": same_pixels, "fid_images": n, "local": local, "cpu_seconds": times,
                "torch_threads": torch.get_num_threads()}
     (out / "local.json").write_text(json.dumps(summary, indent=1))
-    print(ablation_report.write_page(report, out, summary).read_text(), flush=True)
+    print(ablation_report.write_page(report, out, summary, returned=source).read_text(), flush=True)
     return 0
 
 

@@ -151,9 +151,14 @@ def grid_png(report: dict, x_u8: torch.Tensor, recons: dict, path: Path, precisi
     plt.close(fig)
 
 
-def write_page(report: dict, out: Path, summary: dict | None = None) -> Path:
-    """``out/ablation.md``, ``out/curves.png`` and ``out/device.json`` (the report as returned)."""
+def write_page(report: dict, out: Path, summary: dict | None = None, returned: Path | None = None) -> Path:
+    """``out/ablation.md``, ``out/curves.png``, ``out/device.json`` (the report as returned) and,
+    where the ``returned`` folder holds one, the device's fp32 ``recon_grid.png``."""
+    import shutil
+
     out.mkdir(parents=True, exist_ok=True)
+    if returned is not None and (returned / "recon_grid.png").exists():
+        shutil.copyfile(returned / "recon_grid.png", out / "recon_grid.png")
     curves_png(report, out / "curves.png")
     (out / "device.json").write_text(json.dumps(report, indent=1))
     (out / "ablation.md").write_text(markdown(report, summary))

@@ -212,11 +212,11 @@ def run_parallel(script: str, names: list, jobs: int, root: Path, extra: list, d
                 continue
             log.close()
             del running[name]
-        pacer.update({n: r[0] for n, r in running.items()} if not late else {})
-        for record in done:  # how often and how long a run waited, where it did
-            if pacer.record(record["name"]):
-                record["paced"] = pacer.record(record["name"])
+        pacer.update({n: r[0] for n, r in running.items()})  # none are left once it is late
         time.sleep(1)
+    for record in done:  # how often and how long a run waited, where it did
+        if pacer.record(record["name"]):
+            record["paced"] = pacer.record(record["name"])
     return done
 
 
