@@ -342,7 +342,11 @@ def write_report(source: Path, out: Path) -> int:
     """The page and curves from a returned ``ablation.json`` alone (no KID/FID), the device's grid kept."""
     if not (source / "ablation.json").exists():
         raise FileNotFoundError(f"{source} has no ablation.json: give --from the device call's returned folder")
-    page = ablation_report.write_page(json.loads((source / "ablation.json").read_text()), out, returned=source)
+    report = json.loads((source / "ablation.json").read_text())
+    missing = sorted({"settings", "step", "calls", "variants", "held_out", "base", "results"} - set(report))
+    if missing:
+        raise ValueError(f"{source / 'ablation.json'} is not an ablation device call's report (no {missing})")
+    page = ablation_report.write_page(report, out, returned=source)
     print(page.read_text(), flush=True)
     return 0
 

@@ -117,6 +117,9 @@ def test_report_from_the_returned_json_alone(toy_run, tmp_path):
     assert (tmp_path / "page" / "curves.png").stat().st_size > 10_000 and (tmp_path / "page" / "recon_grid.png").exists()
     with pytest.raises(FileNotFoundError, match="has no ablation.json"):
         ablation.main(["report", "--from", str(tmp_path), "--out", str(tmp_path / "page2")])
+    (tmp_path / "ablation.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"not an ablation device call's report \(no \['base', 'calls'"):
+        ablation.main(["report", "--from", str(tmp_path), "--out", str(tmp_path / "page2")])
 
 
 def test_runs_sharing_a_gpu_keep_to_their_share_of_its_memory(monkeypatch):
