@@ -20,10 +20,17 @@ from furlib.models import load_vae
 from furlib.training.losses import ReconstructionLoss
 
 
-def grad_of(recon: torch.Tensor, target: torch.Tensor, mae_w: float, mse_w: float) -> torch.Tensor:
+def grad_at(loss_fn, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``loss_fn(recon, target)`` with respect to the reconstruction."""
     leaf = recon.detach().requires_grad_(True)
-    loss, _ = ReconstructionLoss("oklab")(leaf, target, mae_w, mse_w, 0.0)
-    return torch.autograd.grad(loss, leaf)[0]
+    return torch.autograd.grad(loss_fn(leaf, target), leaf)[0]
+
+
+def grad_of(recon: torch.Tensor, target: torch.Tensor, mae_w: float, mse_w: float,
+            space: str = "oklab") -> torch.Tensor:
+    """The gradient of the pixel terms (plain means, ``ReconstructionLoss`` in ``space``)."""
+    loss = ReconstructionLoss(space)
+    return grad_at(lambda r, t: loss(r, t, mae_w, mse_w, 0.0)[0], recon, target)
 
 
 @torch.no_grad()

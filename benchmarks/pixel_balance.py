@@ -25,14 +25,9 @@ from furlib import builtin
 from furlib.images import center_crop, to_rgb_m11
 from furlib.models import load_vae
 from furlib.perceptual import LPIPS
-from furlib.training.losses import ReconstructionLoss
+from mse_share import grad_at, grad_of, reconstruct  # a sibling script (benchmarks/ is on sys.path)
 
 TERMS = {"mae": (1.0, 0.0), "mse": (0.0, 1.0)}  # (mae_w, mse_w) of a term alone
-
-
-def grad_norm(loss_fn, recon: torch.Tensor, target: torch.Tensor) -> float:
-    leaf = recon.detach().requires_grad_(True)
-    return float(torch.autograd.grad(loss_fn(leaf, target), leaf)[0].norm())
 
 
 def main(argv=None) -> dict:
@@ -44,14 +39,12 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     x = torch.stack([to_rgb_m11(center_crop(builtin.draw_art(i, 0), a.resolution)) for i in range(a.images)])
     vae = load_vae("tiny").eval()
-    with torch.no_grad():
-        recon = torch.cat([vae.decode(vae.encode(x[i:i + 16]).latent_dist.mode()).sample for i in range(0, len(x), 16)])
+    recon = torch.cat([reconstruct(vae, x[i:i + 16]) for i in range(0, len(x), 16)])
     lpips = LPIPS("vgg", "pretrained")
-    norms = {"lpips": grad_norm(lambda r, t: lpips(r, t).mean(), recon, x)}
+    norms = {"lpips": float(grad_at(lambda r, t: lpips(r, t).mean(), recon, x).norm())}
     for space in ("oklab", "rgb"):
-        loss = ReconstructionLoss(space)
         for term, (mae_w, mse_w) in TERMS.items():
-            norms[f"{term}_{space}"] = grad_norm(lambda r, t: loss(r, t, mae_w, mse_w, 0.0)[0], recon, x)
+            norms[f"{term}_{space}"] = float(grad_of(recon, x, mae_w, mse_w, space).norm())
     matched = {"mae_weight": 1.0 * norms["mae_oklab"] / norms["mae_rgb"],
                "mse_weight": 5.0 * norms["mse_oklab"] / norms["mse_rgb"]}
     pull = {space: (norms[f"mae_{space}"] + 5.0 * norms[f"mse_{space}"]) / norms["lpips"] for space in ("oklab", "rgb")}
