@@ -19,9 +19,7 @@ else a random one (said in the output: a random trunk's differences are not the 
 """
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import torch
 
@@ -29,6 +27,7 @@ from furlib.builtin import pretrain_photos
 from furlib.images import preprocess
 from furlib.models import load_vae
 from furlib.perceptual import LPIPS, LPIPSUnavailable
+from furlib.runinfo import print_and_save
 from furlib.training.losses import ReconstructionLoss
 
 
@@ -84,9 +83,7 @@ def main() -> None:
         rows[name] = {"fp32": {"loss": ref[0]}} | {m: compare(ref, loss_and_grad(fn, recon, photos, m)) for m in modes}
     result = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "trunk": lpips.source, "images": int(photos.shape[0]), "res": args.res, "rows": rows}
-    print(json.dumps(result, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    print_and_save(result, args.out)
 
 
 if __name__ == "__main__":

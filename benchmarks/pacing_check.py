@@ -20,6 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import ablation  # noqa: E402
 
+from furlib.runinfo import print_and_save  # noqa: E402
+
 
 def trace_pauses() -> None:
     """Print each change of the paused set, with the logged steps, as the Pacer makes it."""
@@ -61,11 +63,7 @@ def main(argv=None) -> dict:
                        "--lead", str(lead), *toy])
         report = json.loads((work / "out" / "ablation.json").read_text())
         out[f"lead {lead}"] = {"compared_step": report["step"], "reached": report["calls"][-1]["reached"]}
-    print(json.dumps(out, indent=1))
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(out, indent=1))
-    return out
+    return print_and_save(out, a.out)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ the ``rgb_matched`` variant of ``ablation.py`` (colour space changed, balance ke
 """
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 
@@ -25,6 +23,7 @@ from furlib import builtin
 from furlib.images import center_crop, to_rgb_m11
 from furlib.models import load_vae
 from furlib.perceptual import LPIPS
+from furlib.runinfo import print_and_save
 from mse_share import grad_at, grad_of, reconstruct  # a sibling script (benchmarks/ is on sys.path)
 
 TERMS = {"mae": (1.0, 0.0), "mse": (0.0, 1.0)}  # (mae_w, mse_w) of a term alone
@@ -51,11 +50,7 @@ def main(argv=None) -> dict:
     out = {"images": a.images, "resolution": a.resolution, "source": "builtin.draw_art seed 0 (training drawings)",
            "lpips": lpips.source, "grad_norms": norms, "rgb_matched": matched,
            "pixel_over_lpips_at_card_weights": pull}
-    print(json.dumps(out, indent=1))
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(out, indent=1))
-    return out
+    return print_and_save(out, a.out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ it hashes SHA-256 in hardware (``sha_ni``).
 
 import argparse
 import hashlib
-import json
 import platform
 import resource
 import shutil
@@ -27,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import prep_throughput  # noqa: E402  (benchmarks/ is on sys.path as this script's folder)
+
+from furlib.runinfo import print_and_save  # noqa: E402
 
 
 def cpu_flags() -> list:
@@ -101,10 +102,7 @@ def main():
                   "cpu_flags": cpu_flags(), "python": platform.python_version(), "platform": platform.platform(),
                   "parts": parts(sources, work)}
         result["prepare_ms_per_image"] = through_prepare(src, work / "data")
-    print(json.dumps(result, indent=1))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    print_and_save(result, args.out)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,17 @@ def read_json(path, fix: str, default=None):
     return value
 
 
+def print_and_save(result: dict, out="") -> dict:
+    """Print a benchmark's ``result`` as JSON and, given ``out``, write the same text there
+    (its folder made); returns ``result``."""
+    text = json.dumps(result, indent=1)
+    print(text, flush=True)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+    return result
+
+
 def notebook_parameters(stage: str, namespace: dict) -> dict:
     """The current values of the parameters a notebook declares (for its run record)."""
     from furlib.pipeline import declared_parameters
