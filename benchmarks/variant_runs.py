@@ -215,8 +215,8 @@ def run_parallel(script: str, names: list, jobs: int, root: Path, extra: list, d
         pacer.update({n: r[0] for n, r in running.items()})  # none are left once it is late
         time.sleep(1)
     for record in done:  # how often and how long a run waited, where it did
-        if pacer.record(record["name"]):
-            record["paced"] = pacer.record(record["name"])
+        if paced := pacer.record(record["name"]):
+            record["paced"] = paced
     return done
 
 
