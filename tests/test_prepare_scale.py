@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
+from conftest import proc_fields
+
 from furlib.data import prep_report, prepare
 from furlib.data import store
 from furlib import prepared
@@ -285,21 +287,16 @@ def test_two_shard_processes_at_once_on_one_folder(tmp_path):
 def children_of(pid: int) -> list[int]:
     """Pids whose parent is ``pid`` (Linux /proc)."""
     found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # ended while we looked
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
+    for entry in Path("/proc").glob("[0-9]*"):
+        fields = proc_fields(int(entry.name))
+        if fields and int(fields[1]) == pid:  # None: it ended while we looked
+            found.append(int(entry.name))
     return found
 
 
 def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    fields = proc_fields(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
