@@ -92,7 +92,8 @@ VARIANTS = {  # name: (profile, overrides on top of it)
     "rgb": ("furception_v1", {"color_space": "rgb"}),
     # RGB with the pull of the card's Oklab terms: weights matching their gradient norms at the base's
     # reconstructions of training drawings (benchmarks/pixel_balance.py, runs/2026-12-05/pixel_balance.json)
-    "rgb_matched": ("furception_v1", {"color_space": "rgb", "mae_weight": 0.28, "mse_weight": 0.45}),
+    "rgb_matched": ("furception_v1", {"color_space": "rgb", "mae_weight": 0.28, "mae_weight_end": 0.28,
+                                      "mse_weight": 0.45, "mse_weight_end": 0.45}),
     "no_lpips": ("furception_v1", {"lpips_weight": 0.0}),
     "later_schedule": ("furception_v1", {"mae_weight": 1.0, "mae_weight_end": 0.6, "mse_weight": 0.0,
                                          "mse_weight_end": 2.0, "loss_schedule_steps": 100_000}),

@@ -11,7 +11,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kaggle:
 #     accelerator: nvidiaTeslaT4
 #     isGpuEnabled: true
@@ -88,10 +88,10 @@ num_workers = 4                           # data loader processes per GPU (cappe
 pixel_cache = "auto"                      # decoded-PNG cache in <run>/pixel_cache: "auto" (fits half the free disk), "yes", "no"
 min_crop_scale = 0.08                     # smallest crop, as a fraction of the image area
 mae_weight = 1.0                          # L1 weight at step 0
-mae_weight_end = 1.0                      # L1 weight after loss_schedule_steps (cosine in between)
+mae_weight_end = 1.0                      # L1 weight after loss_schedule_steps (cosine between); no schedule: = mae_weight
 mse_weight = 5.0                          # L2 (plain mean) weight at step 0; 5: the card's 10 on half sq. error
-mse_weight_end = 5.0                      # L2 weight after loss_schedule_steps
-loss_schedule_steps = 0                   # 0: constant pixel-loss weights
+mse_weight_end = 5.0                      # L2 weight after loss_schedule_steps; no schedule: = mse_weight
+loss_schedule_steps = 0                   # 0: constant pixel-loss weights (mae_weight, mse_weight)
 lpips_weight = 1.0                        # LPIPS(VGG) weight
 lpips_backbone = "pretrained"             # "pretrained", or "random" (offline opt-in, not perceptual)
 disc_weight = 0.5                         # critic term's grad norm relative to the reconstruction's

@@ -291,7 +291,12 @@ def test_every_variant_of_the_full_run_is_valid_02_settings():
     assert settings["later_schedule"].loss_schedule_steps == 2000 and settings["recon_only"].disc_weight == 0.0
     assert (settings["ldm_like"].gan_loss, settings["ldm_like"].color_space, settings["rgb"].color_space) == ("hinge", "rgb", "rgb")
     matched = settings["rgb_matched"]
-    assert (matched.color_space, matched.mae_weight, matched.mse_weight, matched.lpips_weight) == ("rgb", 0.28, 0.45, 1.0)
+    assert (matched.color_space, matched.lpips_weight) == ("rgb", 1.0)
+    starts = {"rgb_matched": (0.28, 0.45), "ldm_like": (1.0, 0.0), "later_schedule": (1.0, 0.0)}
+    for name, st in settings.items():  # the weights the step uses, not only the fields set
+        assert st.loss_weights(0) == pytest.approx(starts.get(name, (1.0, 5.0))), name
+    assert matched.loss_weights(3000) == pytest.approx((0.28, 0.45))
+    assert settings["later_schedule"].loss_weights(2000) == pytest.approx((0.6, 2.0))
 
 
 def test_report_marks_differences_inside_the_two_seeds_gap(toy_run):

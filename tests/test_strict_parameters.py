@@ -79,3 +79,18 @@ def test_yaml_exponent_without_a_dot_is_named_with_the_fix():
     value = yaml.safe_load("lr: 5e-7")["lr"]  # YAML 1.1: a string
     with pytest.raises(ValueError, match="lr='5e-7': must be a finite number.*write 5.0e-7"):
         TrainSettings.from_params({"lr": value})
+
+
+def test_a_lone_pixel_weight_override_is_refused_not_ignored():
+    """Without a schedule the end weight was what trained: mae_weight 0.28 alone left L1 at the
+    profile's 1.0 (the 2026-12-06 ablation's rgb_matched ran as rgb). Now it is an error naming the fix,
+    and equal start and end weights are what the step uses."""
+    with pytest.raises(ValueError, match="mae_weight=0.28 but mae_weight_end=1.0 with loss_schedule_steps=0.*"
+                                         "set mae_weight_end to 0.28 too"):
+        TrainSettings.from_params({"mae_weight": 0.28})
+    with pytest.raises(ValueError, match="mse_weight_end=2.0"):
+        TrainSettings.from_params({"mse_weight_end": 2.0})
+    s = TrainSettings.from_params({"mae_weight": 0.28, "mae_weight_end": 0.28, "mse_weight": 0.45, "mse_weight_end": 0.45})
+    assert s.loss_weights(0) == s.loss_weights(10**6) == (0.28, 0.45)
+    ramp = TrainSettings.from_params({"mae_weight": 0.28, "loss_schedule_steps": 10})
+    assert ramp.loss_weights(0) == (0.28, 5.0) and ramp.loss_weights(10) == (1.0, 5.0)

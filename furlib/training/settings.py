@@ -50,10 +50,10 @@ class TrainSettings:
     pixel_cache: str = "auto"               # decoded-PNG cache in <run>/pixel_cache: "auto" (fits half the free disk), "yes", "no"
     min_crop_scale: float = 0.08            # smallest crop, as a fraction of the image area
     mae_weight: float = 1.0                 # L1 weight at step 0
-    mae_weight_end: float = 1.0             # L1 weight after loss_schedule_steps (cosine in between)
+    mae_weight_end: float = 1.0             # L1 weight after loss_schedule_steps (cosine between); no schedule: = mae_weight
     mse_weight: float = 5.0                 # L2 (plain mean) weight at step 0; 5: the card's 10 on half sq. error
-    mse_weight_end: float = 5.0             # L2 weight after loss_schedule_steps
-    loss_schedule_steps: int = 0            # 0: constant pixel-loss weights
+    mse_weight_end: float = 5.0             # L2 weight after loss_schedule_steps; no schedule: = mse_weight
+    loss_schedule_steps: int = 0            # 0: constant pixel-loss weights (mae_weight, mse_weight)
     lpips_weight: float = 1.0               # LPIPS(VGG) weight
     lpips_backbone: str = "pretrained"      # "pretrained", or "random" (offline opt-in, not perceptual)
     disc_weight: float = 0.5                # critic term's grad norm relative to the reconstruction's
@@ -144,6 +144,8 @@ class TrainSettings:
 
     def loss_weights(self, step: int) -> tuple[float, float]:
         s = self.loss_schedule_steps
+        if s <= 0:  # no schedule: the start weights throughout (_relations keeps the end weights equal)
+            return self.mae_weight, self.mse_weight
         return (cosine_ramp(step, self.mae_weight, self.mae_weight_end, s),
                 cosine_ramp(step, self.mse_weight, self.mse_weight_end, s))
 
@@ -248,6 +250,13 @@ def _relations(s, typed_ok: set) -> list[str]:
     out = []
     if {"batch_size", "grad_accum"} <= typed_ok and s.grad_accum >= 1 and s.batch_size % s.grad_accum:
         out.append(f"grad_accum={s.grad_accum!r}: must divide batch_size={s.batch_size} (micro-batches of equal size)")
+    for term in ("mae", "mse"):  # without a schedule an end weight is never reached: a lone override would not train
+        start, end = f"{term}_weight", f"{term}_weight_end"
+        if {start, end, "loss_schedule_steps"} <= typed_ok and s.loss_schedule_steps == 0 and \
+                getattr(s, start) != getattr(s, end):
+            out.append(f"{start}={getattr(s, start)!r} but {end}={getattr(s, end)!r} with loss_schedule_steps=0 "
+                       f"(constant weights): set {end} to {getattr(s, start)!r} too, or set loss_schedule_steps "
+                       f"to ramp from one to the other")
     if "resume_with_changes" in typed_ok:
         names = {f.name for f in dataclasses.fields(s)} | {"processes"}
         unknown = [n for n in s.resume_with_changes if n not in names]
