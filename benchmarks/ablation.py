@@ -135,6 +135,8 @@ def parse(argv=None):
     ap.add_argument("--out", required=True, help="device: what comes back; report, score: the report folder; "
                     "trunks: the file")
     ap.add_argument("--from", dest="source", default="", help="report, score: the device call's returned files")
+    ap.add_argument("--note", action="append", default=[], help="report, score: a line at the top of the page "
+                    "(a known fault of the run); repeatable")
     ap.add_argument("--work", default=str(ROOT / "outputs" / "ablation-work"), help="runs, data, checkpoints")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--variants", default=",".join(VARIANTS))
@@ -339,7 +341,7 @@ def write_trunks(path: Path) -> int:
     return 0 if torch.isfinite(torch.tensor(worst)) else 1
 
 
-def write_report(source: Path, out: Path) -> int:
+def write_report(source: Path, out: Path, notes=()) -> int:
     """The page and curves from a returned ``ablation.json`` alone (no KID/FID), the device's grid kept."""
     if not (source / "ablation.json").exists():
         raise FileNotFoundError(f"{source} has no ablation.json: give --from the device call's returned folder")
@@ -347,7 +349,7 @@ def write_report(source: Path, out: Path) -> int:
     missing = sorted({"settings", "step", "calls", "variants", "held_out", "base", "results"} - set(report))
     if missing:
         raise ValueError(f"{source / 'ablation.json'} is not an ablation device call's report (no {missing})")
-    page = ablation_report.write_page(report, out, returned=source)
+    page = ablation_report.write_page(report, out, returned=source, notes=notes)
     print(page.read_text(), flush=True)
     return 0
 
@@ -366,11 +368,12 @@ def main(argv=None) -> int:
     if a.phase == "trunks":
         return write_trunks(Path(a.out))
     if a.phase == "report":
-        return write_report(Path(a.source), Path(a.out))
+        return write_report(Path(a.source), Path(a.out), a.note)
     if a.phase == "score":
         import ablation_local
 
-        return ablation_local.score(Path(a.source), Path(a.out), Path(a.work).parent / "ablation-local", a.fid_images)
+        return ablation_local.score(Path(a.source), Path(a.out), Path(a.work).parent / "ablation-local", a.fid_images,
+                                    notes=a.note)
     return device_phase(a)
 
 

@@ -22,7 +22,7 @@ import ablation_report
 from ablation_report import GRID_IMAGES
 
 
-def score(source: Path, out: Path, cache: Path, fid_images: int = 0, batch: int = 16) -> int:
+def score(source: Path, out: Path, cache: Path, fid_images: int = 0, batch: int = 16, notes=()) -> int:
     """Write the report of the device's returned ``source`` into ``out``; returns 0."""
     from furlib import models, runinfo
     from furlib.evaluation.fid_kid import RFID
@@ -59,7 +59,7 @@ def score(source: Path, out: Path, cache: Path, fid_images: int = 0, batch: int 
     summary = {"same_pixels_as_device": same_pixels, "fid_images": n, "local": local, "cpu_seconds": times,
                "torch_threads": torch.get_num_threads()}
     (out / "local.json").write_text(json.dumps(summary, indent=1))
-    print(ablation_report.write_page(report, out, summary, returned=source).read_text(), flush=True)
+    print(ablation_report.write_page(report, out, summary, source, notes).read_text(), flush=True)
     return 0
 
 

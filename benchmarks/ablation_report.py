@@ -34,15 +34,15 @@ def _table(columns: tuple, rows: list) -> list:
     return lines + [f"| {name} | " + " | ".join(_fmt(vals.get(k), f) for k, _, f in columns) + " |" for name, vals in rows]
 
 
-def markdown(report: dict, summary: dict | None = None) -> str:
-    """The report page: what ran, the tables, the noise and stability tables; with the CPU
-    phase's ``summary`` also KID/FID and the fp16 cross-check."""
+def markdown(report: dict, summary: dict | None = None, notes=()) -> str:
+    """The report page: ``notes`` (known faults of the run, first), what ran, the tables, the noise
+    and stability tables; with the CPU phase's ``summary`` also KID/FID and the fp16 cross-check."""
     s, held = report["settings"], report["held_out"]
     local = (summary or {}).get("local", {})
     models = [("base (`tiny`, photo-trained)", "base", report["base"])] + [
         (r["name"], r["name"], r["scores"]) for r in report["results"]]
     reached = ", ".join(f"{r['name']} {r['train']['reached']}" for r in report["results"])
-    head = [f"Compared at step **{report['step']}** (planned {s['steps']}; last checkpoint every variant saved; "
+    head = [f"**Note:** {line}\n" for line in notes] + [f"Compared at step **{report['step']}** (planned {s['steps']}; last checkpoint every variant saved; "
             f"reached: {reached}), batch {s['batch']}, {s['resolution']} px, base `tiny`, lr x{s['lr_scale']}, "
             f"LPIPS trunks: {report['lpips']}. Corpus: {report['corpus']['count']} drawings of seed "
             f"{report['corpus']['seed']} (long side <= {report['corpus']['max_side']} px). Device: "
@@ -151,7 +151,8 @@ def grid_png(report: dict, x_u8: torch.Tensor, recons: dict, path: Path, precisi
     plt.close(fig)
 
 
-def write_page(report: dict, out: Path, summary: dict | None = None, returned: Path | None = None) -> Path:
+def write_page(report: dict, out: Path, summary: dict | None = None, returned: Path | None = None,
+               notes=()) -> Path:
     """``out/ablation.md``, ``out/curves.png``, ``out/device.json`` (the report as returned) and,
     where the ``returned`` folder holds one, the device's fp32 ``recon_grid.png``."""
     import shutil
@@ -161,5 +162,5 @@ def write_page(report: dict, out: Path, summary: dict | None = None, returned: P
         shutil.copyfile(returned / "recon_grid.png", out / "recon_grid.png")
     curves_png(report, out / "curves.png")
     (out / "device.json").write_text(json.dumps(report, indent=1))
-    (out / "ablation.md").write_text(markdown(report, summary))
+    (out / "ablation.md").write_text(markdown(report, summary, notes))
     return out / "ablation.md"

@@ -113,8 +113,10 @@ def test_report_from_the_returned_json_alone(toy_run, tmp_path):
     returned.mkdir()
     for name in ("ablation.json", "recon_grid.png"):
         shutil.copyfile(root / "out" / name, returned / name)
-    assert ablation.main(["report", "--from", str(returned), "--out", str(tmp_path / "page")]) == 0
+    assert ablation.main(["report", "--from", str(returned), "--out", str(tmp_path / "page"),
+                          "--note", "rgb ran twice", "--note", "second"]) == 0
     md = (tmp_path / "page" / "ablation.md").read_text()
+    assert md.startswith("**Note:** rgb ran twice\n\n**Note:** second\n\nCompared at step")
     assert "| furception_v1 |" in md and "KID and FID: not on this page" in md and "| KID" not in md
     assert (tmp_path / "page" / "curves.png").stat().st_size > 10_000 and (tmp_path / "page" / "recon_grid.png").exists()
     with pytest.raises(FileNotFoundError, match="has no ablation.json"):
