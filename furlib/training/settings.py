@@ -50,9 +50,9 @@ class TrainSettings:
     pixel_cache: str = "auto"               # decoded-PNG cache in <run>/pixel_cache: "auto" (fits half the free disk), "yes", "no"
     min_crop_scale: float = 0.08            # smallest crop, as a fraction of the image area
     mae_weight: float = 1.0                 # L1 weight at step 0
-    mae_weight_end: float = 1.0             # L1 weight after loss_schedule_steps (cosine between); no schedule: = mae_weight
+    mae_weight_end: float = 1.0             # L1 weight after loss_schedule_steps (cosine between); without one it must match mae_weight
     mse_weight: float = 5.0                 # L2 (plain mean) weight at step 0; 5: the card's 10 on half sq. error
-    mse_weight_end: float = 5.0             # L2 weight after loss_schedule_steps; no schedule: = mse_weight
+    mse_weight_end: float = 5.0             # L2 weight after loss_schedule_steps; without one it must match mse_weight
     loss_schedule_steps: int = 0            # 0: constant pixel-loss weights (mae_weight, mse_weight)
     lpips_weight: float = 1.0               # LPIPS(VGG) weight
     lpips_backbone: str = "pretrained"      # "pretrained", or "random" (offline opt-in, not perceptual)
