@@ -50,8 +50,11 @@ def markdown(report: dict, summary: dict | None = None, notes=()) -> str:
             "Device calls: " + "; ".join(f"`{' '.join(c['argv'])}` ({c['training_s']:.0f} s training)"
                                          for c in report["calls"]), ""]
     if summary:
-        pixels = ("the same pixels as the device's." if summary["same_pixels_as_device"]
-                  else "**other pixels than the device's** (Pillow differs): KID/FID not comparable.")
+        pixels = ("the same pixels as the device's." if summary["same_pixels_as_device"] else
+                  f"**other pixels than the device's** (Pillow {summary.get('pillow', '?')} here, "
+                  f"{report['versions'].get('pillow', '?')} on the device draws them): every model's KID/FID is "
+                  "on the same redraws, so they compare with each other; the PSNR check below shows how "
+                  "far the redraws move a model's score.")
         kid = (f"KID and FID on {summary['fid_images']} (KID: one subset of all; FID is biased upwards below "
                f"2048 images). Redrawn here: {pixels}")
         columns = TABLE

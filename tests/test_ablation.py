@@ -92,7 +92,10 @@ def test_toy_ablation_end_to_end(toy_run):
     assert r["scores"]["art"]["n"] == 4 and r["scores"]["photos"]["n"] == 4
     md = (root / "report" / "ablation.md").read_text()
     assert "| furception_v1 |" in md and "KID" in md and "FID" in md and "same pixels as the device's" in md
-    local = json.loads((root / "report" / "local.json").read_text())["local"]
+    summary = json.loads((root / "report" / "local.json").read_text())
+    other = bench("ablation_report").markdown(report, dict(summary, same_pixels_as_device=False, pillow="13.0.0"))
+    assert f"(Pillow 13.0.0 here, {report['versions']['pillow']} on the device draws them)" in other
+    local = summary["local"]
     assert local["base"]["psnr_check"]["max_abs_diff_db"] < 1e-3  # the base travels in neither direction
     assert local["furception_v1"]["psnr_check"]["max_abs_diff_db"] < 0.05  # fp16 rounding of the EMA decoder
     assert all(local[n]["n"] == 4 and local[n]["kid"] == local[n]["kid"] for n in local)  # not NaN
