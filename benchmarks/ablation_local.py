@@ -57,8 +57,8 @@ def score(source: Path, out: Path, cache: Path, fid_images: int = 0, batch: int 
         ablation_report.grid_png(report, x[:GRID_IMAGES], {k: v["grid"] for k, v in per_model.items()},
                                  out / "recon_grid.png", "fp16")
     times["total_s"] = time.time() - t0
-    summary = {"same_pixels_as_device": same_pixels, "pillow": PIL.__version__, "fid_images": n, "local": local, "cpu_seconds": times,
-               "torch_threads": torch.get_num_threads()}
+    summary = {"same_pixels_as_device": same_pixels, "pillow": PIL.__version__, "fid_images": n, "local": local,
+               "cpu_seconds": times, "torch_threads": torch.get_num_threads()}
     (out / "local.json").write_text(json.dumps(summary, indent=1))
     print(ablation_report.write_page(report, out, summary, source, notes).read_text(), flush=True)
     return 0

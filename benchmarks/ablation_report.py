@@ -42,13 +42,14 @@ def markdown(report: dict, summary: dict | None = None, notes=()) -> str:
     models = [("base (`tiny`, photo-trained)", "base", report["base"])] + [
         (r["name"], r["name"], r["scores"]) for r in report["results"]]
     reached = ", ".join(f"{r['name']} {r['train']['reached']}" for r in report["results"])
-    head = [f"**Note:** {line}\n" for line in notes] + [f"Compared at step **{report['step']}** (planned {s['steps']}; last checkpoint every variant saved; "
-            f"reached: {reached}), batch {s['batch']}, {s['resolution']} px, base `tiny`, lr x{s['lr_scale']}, "
-            f"LPIPS trunks: {report['lpips']}. Corpus: {report['corpus']['count']} drawings of seed "
-            f"{report['corpus']['seed']} (long side <= {report['corpus']['max_side']} px). Device: "
-            f"{report['device']}, torch {report['torch']}.", "",
-            "Device calls: " + "; ".join(f"`{' '.join(c['argv'])}` ({c['training_s']:.0f} s training)"
-                                         for c in report["calls"]), ""]
+    head = [f"**Note:** {line}\n" for line in notes]
+    head += [f"Compared at step **{report['step']}** (planned {s['steps']}; last checkpoint every variant saved; "
+             f"reached: {reached}), batch {s['batch']}, {s['resolution']} px, base `tiny`, lr x{s['lr_scale']}, "
+             f"LPIPS trunks: {report['lpips']}. Corpus: {report['corpus']['count']} drawings of seed "
+             f"{report['corpus']['seed']} (long side <= {report['corpus']['max_side']} px). Device: "
+             f"{report['device']}, torch {report['torch']}.", "",
+             "Device calls: " + "; ".join(f"`{' '.join(c['argv'])}` ({c['training_s']:.0f} s training)"
+                                          for c in report["calls"]), ""]
     if summary:
         pixels = ("the same pixels as the device's." if summary["same_pixels_as_device"] else
                   f"**other pixels than the device's** (Pillow {summary.get('pillow', '?')} here, "

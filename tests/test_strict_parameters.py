@@ -92,5 +92,8 @@ def test_a_lone_pixel_weight_override_is_refused_not_ignored():
         TrainSettings.from_params({"mse_weight_end": 2.0})
     s = TrainSettings.from_params({"mae_weight": 0.28, "mae_weight_end": 0.28, "mse_weight": 0.45, "mse_weight_end": 0.45})
     assert s.loss_weights(0) == s.loss_weights(10**6) == (0.28, 0.45)
+    from furlib.training.losses import cosine_ramp
+
+    assert cosine_ramp(5, 0.28, 1.0, 0) == 0.28  # no ramp: the start weight, the one a user set
     ramp = TrainSettings.from_params({"mae_weight": 0.28, "loss_schedule_steps": 10})
     assert ramp.loss_weights(0) == (0.28, 5.0) and ramp.loss_weights(10) == (1.0, 5.0)

@@ -45,9 +45,10 @@ COLOR_SPACES = ("oklab", "rgb")
 
 
 def cosine_ramp(step: int, start: float, end: float, steps: int) -> float:
-    """``start`` at step 0 to ``end`` at ``steps`` along a half cosine; ``end`` after."""
+    """``start`` at step 0 to ``end`` at ``steps`` along a half cosine; ``end`` after. No ramp
+    (``steps`` <= 0): ``start`` throughout, the value a user set, not one never reached."""
     if steps <= 0:
-        return end
+        return start
     t = min(step / steps, 1.0)
     return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t))
 

@@ -144,8 +144,6 @@ class TrainSettings:
 
     def loss_weights(self, step: int) -> tuple[float, float]:
         s = self.loss_schedule_steps
-        if s <= 0:  # no schedule: the start weights throughout (_relations keeps the end weights equal)
-            return self.mae_weight, self.mse_weight
         return (cosine_ramp(step, self.mae_weight, self.mae_weight_end, s),
                 cosine_ramp(step, self.mse_weight, self.mse_weight_end, s))
 
@@ -250,13 +248,12 @@ def _relations(s, typed_ok: set) -> list[str]:
     out = []
     if {"batch_size", "grad_accum"} <= typed_ok and s.grad_accum >= 1 and s.batch_size % s.grad_accum:
         out.append(f"grad_accum={s.grad_accum!r}: must divide batch_size={s.batch_size} (micro-batches of equal size)")
-    for term in ("mae", "mse"):  # without a schedule an end weight is never reached: a lone override would not train
-        start, end = f"{term}_weight", f"{term}_weight_end"
-        if {start, end, "loss_schedule_steps"} <= typed_ok and s.loss_schedule_steps == 0 and \
-                getattr(s, start) != getattr(s, end):
-            out.append(f"{start}={getattr(s, start)!r} but {end}={getattr(s, end)!r} with loss_schedule_steps=0 "
-                       f"(constant weights): set {end} to {getattr(s, start)!r} too, or set loss_schedule_steps "
-                       f"to ramp from one to the other")
+    for start in ("mae_weight", "mse_weight"):  # without a schedule an end weight is never reached
+        end = f"{start}_end"
+        first, last = getattr(s, start), getattr(s, end)
+        if {start, end, "loss_schedule_steps"} <= typed_ok and s.loss_schedule_steps == 0 and first != last:
+            out.append(f"{start}={first!r} but {end}={last!r} with loss_schedule_steps=0 (constant weights): "
+                       f"set {end} to {first!r} too, or set loss_schedule_steps to ramp from one to the other")
     if "resume_with_changes" in typed_ok:
         names = {f.name for f in dataclasses.fields(s)} | {"processes"}
         unknown = [n for n in s.resume_with_changes if n not in names]
