@@ -141,8 +141,8 @@ image_column = "image"                    # image column of a train_source datas
 parameters.check_notebook("02_train", globals())  # names, types and finite numbers, before anything runs
 if note := handoff.use_outputs_dir(outputs_dir):  # Colab: Drive mounted here when outputs_dir is on it
     print(note)
+settings = TrainSettings.from_params({f.name: globals()[f.name] for f in dataclasses.fields(TrainSettings)})  # values, before the data
 handoff.require(runinfo.run_dir(outputs_dir, run_name), "data/val" if train_source else "data/train", "02_train", "01_data_prep")
-settings = TrainSettings.from_params({f.name: globals()[f.name] for f in dataclasses.fields(TrainSettings)})
 params = dataclasses.asdict(settings)
 run_dir = runinfo.run_dir(outputs_dir, run_name)
 

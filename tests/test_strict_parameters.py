@@ -62,15 +62,21 @@ def test_notebook_check_names_the_misspelt_key():
     parameters.check_notebook("04_export", namespace)
 
 
-def test_papermill_typo_stops_before_the_run(tmp_path):
-    """A real papermill run: 03 with `-p eval_max_image 2` stops at its first check, naming the key."""
+@pytest.mark.parametrize("notebook, parameters, message", [
+    ("03_eval", {"eval_max_image": 2}, "'eval_max_image' (did you mean 'eval_max_images'?)"),
+    # a bad value is named before the missing data: the user fixes both in one go, not in two runs
+    ("02_train", {"mae_weight": 2.0}, "mae_weight=2.0 but mae_weight_end=1.0"),
+])
+def test_papermill_bad_parameter_stops_before_the_run(tmp_path, notebook, parameters, message):
+    """A real papermill run on a run folder with no data: the notebook stops at its first check,
+    naming the key or the value."""
     import papermill
 
     with pytest.raises(papermill.PapermillExecutionError) as err:
-        papermill.execute_notebook(str(pipeline.notebook_path("03_eval")), str(tmp_path / "out.ipynb"),
-                                   parameters={"eval_max_image": 2, "outputs_dir": str(tmp_path), "run_name": "r"},
+        papermill.execute_notebook(str(pipeline.notebook_path(notebook)), str(tmp_path / "out.ipynb"),
+                                   parameters=dict(parameters, outputs_dir=str(tmp_path), run_name="r"),
                                    cwd=str(ROOT), progress_bar=False)
-    assert "'eval_max_image' (did you mean 'eval_max_images'?)" in str(err.value)
+    assert message in str(err.value)
 
 
 def test_yaml_exponent_without_a_dot_is_named_with_the_fix():
