@@ -299,43 +299,60 @@ def alive(pid: int) -> bool:
     return fields is not None and fields[0] != "Z"
 
 
-@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("how", ["SIGINT", "SIGINT twice", "SIGKILL"])
 def test_an_interrupt_or_a_kill_stops_every_process(tmp_path, how):
-    """Jupyter's stop button (SIGINT to the kernel alone) and a restarted kernel (the parent killed)
-    both stop the shard's processes within seconds, not after their whole share; the run then
-    resumes from their journals."""
+    """Jupyter's stop button (SIGINT to the kernel alone), the same pressed again while the
+    processes finish the inputs they have in flight (the second stops the wait), and a restarted
+    kernel (the parent killed) all stop the shard's processes within seconds, not after their whole
+    share; the run then resumes from their journals."""
     import signal
     import subprocess
     import sys
     import time
 
-    data = tmp_path / "data"
+    data, source, total, first = tmp_path / "data", "builtin", 250, 10
+    if how == "SIGINT twice":  # inputs of a second or so each: the second SIGINT lands in the wait
+        source, total, first = tmp_path / "big", 8, 1
+        source.mkdir()
+        exif = Image.Exif()
+        exif[0x0112] = 6  # converted (rotated), kept at full size: a slow lossless encode
+        for i in range(total):
+            noise(2400, 2400, i).save(source / f"{i}.jpg", quality=90, exif=exif)
     code = ("import signal, sys; from furlib.data.prepare import prepare\n"
             "signal.signal(signal.SIGINT, signal.default_int_handler)  # as a Jupyter kernel does\n"
-            f"prepare('builtin', sys.argv[1], art_count=250, resolution={RES}, max_side=128, "
+            f"prepare({str(source)!r}, sys.argv[1], art_count=250, resolution={RES}, max_side=4096, "
             "progress=False, workers=1, num_proc=2)")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     parent = subprocess.Popen([sys.executable, "-c", code, str(data)], env=env,
                               stderr=subprocess.PIPE)
     journalled = lambda: sum(len(p.read_text().splitlines()) for p in data.glob("journal/*.jsonl"))
-    deadline = time.monotonic() + 120
-    while journalled() < 10 and parent.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    workers = children_of(parent.pid)
-    assert parent.poll() is None and len(workers) >= 2, "the run ended before it could be stopped"
-    parent.send_signal(getattr(signal, how))
-    parent.wait(timeout=30)
-    if how == "SIGINT":
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while journalled() < first and parent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = children_of(parent.pid)
+        assert parent.poll() is None and len(workers) >= 2, "the run ended before it could be stopped"
+        parent.send_signal(getattr(signal, how.split()[0]))
+        if how == "SIGINT twice":
+            time.sleep(0.1)
+            parent.send_signal(signal.SIGINT)
+        parent.wait(timeout=30)
+    finally:  # a hung run must not outlive the test
+        for pid in [parent.pid, *workers]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    if how.startswith("SIGINT"):
         assert b"KeyboardInterrupt" in parent.stderr.read()
     deadline = time.monotonic() + 20
     while any(map(alive, workers)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(map(alive, workers)), "a process of the shard kept going after its parent stopped"
     done = journalled()
-    assert 10 <= done < 200  # stopped early, with what it had done journalled
+    assert first <= done < total  # stopped early, with what it had done journalled
     time.sleep(1)
     assert journalled() == done
-    resumed = run("builtin", data, art_count=250)
+    resumed = run(source, data, art_count=250, max_side=4096)
     assert resumed["complete"] and resumed["counts"]["reused"] == done
     assert resumed["counts"]["accepted"] + resumed["counts"]["rejected"] == resumed["counts"]["inputs"]
 

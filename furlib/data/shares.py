@@ -59,14 +59,20 @@ def run_processes(task, processes: int, progress: bool) -> list:
     the parent's bar shows, and the stop flag."""
     context = multiprocessing.get_context("spawn")
     counters = context.Array("q", [0, 0, -1, 0])
-    with ProcessPoolExecutor(processes, mp_context=context, initializer=_join,
-                             initargs=(counters,)) as pool:
+    pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_join, initargs=(counters,))
+    try:
         futures = [pool.submit(task, k, processes) for k in range(processes)]
+        _follow(futures, counters, progress)
+        return [f.result() for f in futures]
+    finally:  # an interrupt or one process's error: the others stop within seconds, after the
+        counters[STOP] = 1  # inputs they have in flight, not after their whole share
         try:
-            _follow(futures, counters, progress)
-            return [f.result() for f in futures]
-        finally:  # an interrupt or one process's error: the others stop within seconds, not
-            counters[STOP] = 1  # after their whole share (the pool's exit waits for them)
+            pool.shutdown(wait=True)
+        except KeyboardInterrupt:  # a second Ctrl-C: stop waiting; their journals keep what is done
+            for process in list(pool._processes.values()):  # noqa: SLF001 (no public kill)
+                process.kill()
+            pool.shutdown(wait=False)
+            raise
 
 
 _COUNTERS = None  # in a process of ``run_processes``: the counters it shares with the others
