@@ -18,9 +18,10 @@ single frame, no ICC profile or one whose conversion to sRGB changes no colour, 
 sRGB). Decoding that file later with PIL gives exactly the pixels ``load_rgb`` returned.
 
 Sizes are checked from the header before any pixel is decoded, so a decompression bomb costs a
-few hundred bytes of reading. PIL's own global limit (``Image.MAX_IMAGE_PIXELS``) still applies:
-the effective limit is the smaller of it and ``max_pixels``; its warning and error are turned into
-``too_many_pixels`` rejections instead of passing through.
+few hundred bytes of reading. PIL's own global limit (``Image.MAX_IMAGE_PIXELS``) still applies
+unless raised to ``max_pixels`` within ``allowing_pixels`` (as 01 does): the effective limit is
+the smaller of the two; its warning and error are turned into ``too_many_pixels`` rejections
+instead of passing through.
 
 Conventions (the only place they are converted): ``uint8`` HWC RGB arrays <-> ``rgb_m11`` float
 CHW/NCHW tensors in [-1, 1] (``to_rgb_m11``, ``to_uint8``), and ``rgb_01`` in [0, 1] for metrics and
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import struct
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,6 +47,9 @@ from furlib.rejection import ImageRejected  # callers import it from here too
 if TYPE_CHECKING:  # imported where used: stage 01's worker processes need no torch
     import torch
 
+# What Pillow's decoders raise, besides OSError, on a malformed file (a PGM's zero maxval, a PNG's
+# unknown interlace method or oversized text chunk, a short TIFF table): each is a ``corrupt`` input
+DECODER_FAULTS = (SyntaxError, ValueError, TypeError, EOFError, IndexError, struct.error, MemoryError)
 DEFAULT_MAX_PIXELS = 89_000_000  # just under PIL's default bomb limit (89,478,485)
 STORED_SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}  # formats stored as they are
 
@@ -74,6 +79,21 @@ def reusing_pixel_memory(threads: int):
     finally:
         Image.core.set_blocks_max(before[1])  # frees the blocks kept beyond it
         Image.core.set_block_size(before[0])
+
+
+@contextlib.contextmanager
+def allowing_pixels(max_pixels: int):
+    """Within: Pillow's own decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, 89,478,485 px
+    by default) raised to ``max_pixels`` when that is larger, so a ``max_pixels`` above it takes
+    effect instead of silently stopping at Pillow's. The header check in ``load_rgb`` still
+    rejects anything larger than ``max_pixels`` before decoding; the limit is restored after."""
+    before = Image.MAX_IMAGE_PIXELS
+    if before is not None and max_pixels > before:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
 
 
 def load_rgb(src, background=(255, 255, 255), max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -162,6 +182,8 @@ def _open(src) -> Image.Image:
     except OSError as e:  # includes a header cut short ("Truncated File Read")
         raise ImageRejected("truncated" if "truncated" in str(e).lower() else "unreadable",
                             str(e)) from None
+    except DECODER_FAULTS as e:
+        raise ImageRejected("corrupt", f"{type(e).__name__}: {e}") from None
 
 
 def _decode(im: Image.Image, background, max_pixels: int, min_side: int) -> Image.Image:
@@ -204,7 +226,7 @@ def _load_first_frame(im: Image.Image) -> None:
     except OSError as e:
         reason = "truncated" if "truncated" in str(e).lower() else "corrupt"
         raise ImageRejected(reason, str(e)) from None
-    except (SyntaxError, ValueError, EOFError, IndexError, MemoryError) as e:
+    except DECODER_FAULTS as e:
         raise ImageRejected("corrupt", f"{type(e).__name__}: {e}") from None
 
 

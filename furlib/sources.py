@@ -23,7 +23,8 @@ from PIL import Image
 from furlib.builtin import ART_VERSION, BUILTIN_SOURCES, builtin_sources
 from furlib.runinfo import hub_unreachable
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".avif", ".bmp", ".tif",
+                  ".tiff", ".gif", ".tga"}  # what Pillow reads (AVIF: Pillow 11.2+ wheels)
 TABLE_SUFFIXES = (".parquet", ".arrow")
 FOLDER_METADATA = {"metadata.jsonl", "metadata.csv", "metadata.parquet"}  # imagefolder's, not inputs
 OFFLINE_HELP = ("Offline, use source='builtin' (or 'builtin-art', 'builtin-photos'), a local folder of images, "
@@ -39,6 +40,7 @@ class Input(NamedTuple):
     stamp: object = None  # see the module docstring
     reason: str = ""  # set when the input is rejected without reading it
     position: dict | None = None  # a stream row's: {"next_index", "state"} to resume after it
+    detail: str = ""  # with ``reason``: what a person reads in the rejection table
 
 
 def iter_source(source, source_split: str = "train", image_column: str = "image",
@@ -149,12 +151,23 @@ def _stamp(path: Path):
 def folder_files(root: Path, exclude=None, max_images: int = 0) -> list[str]:
     """Every non-hidden file below ``root`` (sorted), except imagefolder metadata and ``exclude``,
     up to the ``max_images``-th image (0: all). Paths as strings and not stat'ed: a million cost
-    ~90 MB and a walk; each input's ``stat`` waits for ``folder_input``, where it is read."""
+    ~90 MB and a walk; each input's ``stat`` waits for ``folder_input``, where it is read.
+    A linked folder is followed when it leads out of ``root``, each real folder once (a link
+    back up is no loop; one to a folder inside is listed there); a folder that cannot be listed
+    is listed itself, for ``folder_input`` to reject (``unreadable``)."""
     skip = Path(exclude).resolve() if exclude else None
-    out, images = [], 0
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
-                         and (skip is None or (Path(folder) / d).resolve() != skip))
+    top = os.path.realpath(root)
+    out, images, seen = [], 0, {top}
+
+    def first_visit(path: str) -> bool:
+        real = os.path.realpath(path)
+        inside = os.path.islink(path) and os.path.commonpath([top, real]) == top
+        fresh = not inside and real not in seen and (skip is None or Path(real) != skip)
+        seen.add(real)
+        return fresh
+
+    for folder, dirs, files in os.walk(root, followlinks=True, onerror=lambda e: out.append(e.filename)):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and first_visit(os.path.join(folder, d)))
         for name in sorted(files):
             if not name.startswith(".") and name not in FOLDER_METADATA:
                 out.append(os.path.join(folder, name))
@@ -167,8 +180,13 @@ def folder_files(root: Path, exclude=None, max_images: int = 0) -> list[str]:
 def folder_input(root: Path, file: str) -> Input:
     """The Input of one of ``folder_files``: its id (path below ``root``), stamp and verdict."""
     path = Path(file)
-    return Input(path.relative_to(root).as_posix(), path, _stamp(path),
-                 "" if path.suffix.lower() in IMAGE_SUFFIXES else "not_an_image")
+    input_id, suffix = path.relative_to(root).as_posix(), path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return Input(input_id, path, _stamp(path))
+    if path.is_dir():
+        return Input(input_id, path, None, "unreadable", detail="a folder that cannot be listed")
+    return Input(input_id, path, _stamp(path), "not_an_image",
+                 detail=f"{suffix or 'no suffix'}: not one of {' '.join(sorted(IMAGE_SUFFIXES))}")
 
 
 def fingerprint(path: Path) -> str:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageCms
 
-from furlib.images import ImageRejected, load_rgb
+from furlib.images import ImageRejected, allowing_pixels, load_rgb
 
 
 def encode(image: Image.Image, fmt: str, **kw) -> bytes:
@@ -70,6 +70,36 @@ def test_decompression_bombs_are_rejected_without_decoding(tmp_path):
     assert rejected(png_header_only(3000, 3000), max_pixels=1_000_000) == "too_many_pixels"
     (tmp_path / "bomb.png").write_bytes(bomb)
     assert rejected(tmp_path / "bomb.png") == "too_many_pixels"
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def test_files_pillow_fails_on_without_an_oserror_are_corrupt():
+    """Pillow raises ValueError, TypeError and others, not only OSError, on some malformed files:
+    each is a ``corrupt`` rejection, never an exception that stops 01 or a streamed training."""
+    ihdr = lambda interlace: png_chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, interlace))  # noqa: E731
+    idat = png_chunk(b"IDAT", zlib.compress(b"\0" * 25 * 8)) + png_chunk(b"IEND", b"")
+    big_text = png_chunk(b"zTXt", b"k\0\0" + zlib.compress(b"x" * 3_000_000))  # > Pillow's 1 MB text cap
+    cases = {"PGM with maxval 0": b"P5 8 8 0\n" + bytes(64),
+             "PNG interlace method 2": b"\x89PNG\r\n\x1a\n" + ihdr(2) + idat,
+             "PNG with a 3 MB text chunk": b"\x89PNG\r\n\x1a\n" + ihdr(0) + big_text + idat}
+    for name, data in cases.items():
+        assert rejected(data) == "corrupt", name
+    assert load_rgb(b"\x89PNG\r\n\x1a\n" + ihdr(0) + idat).size == (8, 8)  # the same file, well formed
+
+
+def test_max_pixels_above_pillows_own_limit_takes_effect():
+    """``allowing_pixels`` (01 runs within it) lifts Pillow's 89 MP bomb limit to ``max_pixels``,
+    so a larger ``max_pixels`` is not silently capped; the limit is restored after."""
+    before = Image.MAX_IMAGE_PIXELS
+    header = png_header_only(10_000, 9_500)  # 95 MP: over Pillow's limit
+    assert rejected(header, max_pixels=200_000_000) == "too_many_pixels"  # Pillow's limit, outside
+    with allowing_pixels(200_000_000):
+        assert rejected(header, max_pixels=200_000_000) == "truncated"  # past every size check
+        assert rejected(header, max_pixels=90_000_000) == "too_many_pixels"
+    assert Image.MAX_IMAGE_PIXELS == before
 
 
 def test_too_small_is_checked_before_decoding():

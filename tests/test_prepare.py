@@ -223,6 +223,37 @@ def test_unexpected_errors_are_reported_then_retried(tmp_path, monkeypatch):
     assert again["counts"]["decoded_this_run"] == 1 and again["counts"]["accepted"] == 3
 
 
+def test_linked_folders_other_suffixes_and_unlisted_folders(tmp_path, monkeypatch):
+    """A linked folder leading out of the source is read (once, loops ignored); JPEGs named
+    .jfif/.jpe are images; an unknown suffix says which are read; a folder that cannot be listed
+    is a recorded rejection, read once it can be."""
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    (src / "sub").mkdir(parents=True)
+    outside.mkdir()
+    noise(40, 48, 1).save(src / "own.png")
+    noise(40, 48, 2).save(src / "sub" / "inner.png")
+    noise(40, 48, 3).save(outside / "a.jfif", "JPEG")
+    noise(40, 48, 4).save(outside / "b.jpe", "JPEG")
+    (outside / "c.heic").write_bytes(b"heic")
+    for name, target in {"linked": outside, "again": outside, "loop": src, "sub_link": src / "sub"}.items():
+        (src / name).symlink_to(target, target_is_directory=True)
+    (src / "locked").mkdir()
+    noise(40, 48, 5).save(src / "locked" / "d.png")
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path=".": (_ for _ in ()).throw(PermissionError(13, "denied", str(path)))
+                        if str(path).endswith("locked") else real_scandir(path))
+    report = run(src, tmp_path / "data")
+    assert verdicts(report) == {"own.png": "ok", "sub/inner.png": "ok", "again/a.jfif": "ok", "again/b.jpe": "ok",
+                                "again/c.heic": "not_an_image", "locked": "unreadable"}
+    details = {r["path"]: r["detail"] for r in report["rejected"]}
+    assert details["again/c.heic"].startswith(".heic: not one of") and ".jfif" in details["again/c.heic"]
+    assert details["locked"] == "a folder that cannot be listed"
+    monkeypatch.setattr(os, "scandir", real_scandir)  # permissions fixed: read now, the rest reused
+    again = run(src, tmp_path / "data")
+    assert verdicts(again)["locked/d.png"] == "ok" and "locked" not in verdicts(again)
+    assert again["counts"]["decoded_this_run"] == 1
+
+
 def test_pixel_settings_refuse_until_rebuild(tmp_path):
     src = tmp_path / "src"
     make_corpus(src)

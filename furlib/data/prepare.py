@@ -45,8 +45,8 @@ from furlib.data import store
 from furlib.data import shares
 from furlib.data.prep_report import build_report, is_val
 from furlib.sources import RESUMED, Input, check_revision, source_key
-from furlib.images import (DEFAULT_MAX_PIXELS, ImageRejected, cap_long_side, decode_input,
-                           reusing_pixel_memory)
+from furlib.images import (DEFAULT_MAX_PIXELS, ImageRejected, allowing_pixels, cap_long_side,
+                           decode_input, reusing_pixel_memory)
 from furlib.parameters import strict_bool
 from furlib.runinfo import read_json, usable_cores
 
@@ -175,7 +175,7 @@ def _run_proc(job: dict, progress: bool, k: int, m: int) -> tuple[list, int]:
             return key, old, False
         return key, _process(item, job, data_dir, files), True
 
-    with reusing_pixel_memory(job["workers"]):
+    with reusing_pixel_memory(job["workers"]), allowing_pixels(job["filters"]["max_pixels"]):
         done = _journalled(work, own, share, data_dir / "journal" / f"{name}.jsonl", position_file,
                            here, job["workers"], progress and m == 1, counters)
     if counters is not None and shares.orphaned():
@@ -188,8 +188,8 @@ def _reusable(old: dict, filters: dict, files: dict) -> bool:
     rejected it then would still reject it now (a lower resolution may accept it)."""
     if old["status"] == "ok":
         return old["file"] in files
-    if old.get("reason") == "error":
-        return False  # unexpected errors: retry
+    if old.get("reason") in ("error", "unreadable", "missing"):
+        return False  # unexpected errors, and files that may have become readable since: retry
     if "min_side" in old:  # too_small at the resolution of its day
         return filters["resolution"] >= old["min_side"]
     if "max_pixels" in old:
@@ -283,7 +283,7 @@ def _process(item: Input, job: dict, data_dir: Path, files: dict) -> dict:
     """Decode, hash, cap and store one input; return its journal entry."""
     settings, filters = job["settings"], job["filters"]
     if item.reason:
-        return {"status": "rejected", "reason": item.reason, "detail": ""}
+        return {"status": "rejected", "reason": item.reason, "detail": item.detail}
     try:
         src = item.src() if callable(item.src) else item.src  # a built-in drawing is drawn now
         decoded, suffix = decode_input(src, settings["background"], filters["max_pixels"],
