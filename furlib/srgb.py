@@ -17,8 +17,16 @@ _PROFILE_MODE = {"RGB ": "RGB", "CMYK": "CMYK", "GRAY": "L"}
 
 
 def to_8bit(im: Image.Image) -> tuple[Image.Image, Image.Image | None]:
-    """Split into (colour image in L, RGB, CMYK or LAB, 8-bit; alpha 'L' or None)."""
-    mode = im.mode
+    """Split into (colour image in L, RGB, CMYK or LAB, 8-bit; alpha 'L' or None). A colour key
+    (a PNG's ``tRNS`` on a grey or RGB image: pixels of one value are transparent) becomes alpha."""
+    mode, key = im.mode, im.info.get("transparency")
+    if key is not None and mode in ("L", "RGB"):
+        mode = "LA" if mode == "L" else "RGBA"
+        im = im.convert(mode)
+    elif key is not None and mode.startswith("I") and isinstance(key, int):  # 16-bit grey: keep its depth
+        grey = np.asarray(im)
+        alpha = np.where(grey == key, 0, 255).astype(np.uint8)
+        return Image.fromarray(_grey_to_uint8(grey, mode)), Image.fromarray(alpha)
     if mode == "P" or mode == "PA":
         has_alpha = mode == "PA" or "transparency" in im.info
         im, mode = im.convert("RGBA" if has_alpha else "RGB"), ("RGBA" if has_alpha else "RGB")
