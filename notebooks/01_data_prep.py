@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -54,7 +54,7 @@ from IPython.display import display
 from PIL import ImageColor
 
 from furlib import crops, handoff, parameters, prepared, runinfo
-from furlib.data import prep_figures
+from furlib.data import prep_figures, prep_report
 from furlib.data.prepare import prepare
 from furlib.display import show
 
@@ -98,7 +98,7 @@ if max_pixels < resolution * resolution:
 if not 0 <= val_fraction < 1:
     raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
 for name, value in (("max_images", max_images), ("val_max", val_max), ("art_count", art_count),
-                    ("num_workers", num_workers), ("shard_index", shard_index)):
+                    ("num_workers", num_workers), ("shard_index", shard_index), ("seed", seed)):
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
 if num_proc < 0 or num_shards < 1 or shard_index >= num_shards:
@@ -140,6 +140,7 @@ if report["rebuilt_because"]:
     print(f"NOTE: data/ was rebuilt from scratch ({report['rebuilt_because']})")
 if counts["val_over_cap"]:
     print(f"NOTE: {counts['val_over_cap']} images over val_max={val_max} went to train")
+prep_report.check_trainable(report)  # nothing to train on: says why, before the figures
 
 # %% [markdown]
 # ## 2. What was rejected

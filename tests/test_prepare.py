@@ -203,6 +203,41 @@ def test_interrupted_run_resumes(tmp_path, monkeypatch):
     assert resumed["accepted"] == fresh["accepted"] and verdicts(resumed) == expected
 
 
+def test_a_stopped_rerun_leaves_02_no_stale_report(tmp_path, monkeypatch):
+    """Images added, 01 re-run and stopped: the folders are mid-change, so the old report is gone
+    and 02's check says 01 has not finished, instead of training on counts that no longer hold."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        noise(40, 48, i).save(src / f"{i}.png")
+    run(src, tmp_path / "data")
+    assert prep_report.check_prepared(tmp_path / "data", RES)["accepted"] == 3
+    for i in range(3, 8):
+        noise(40, 48, i).save(src / f"{i}.png")
+    real = prepare._process
+    monkeypatch.setattr(prepare, "_process", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        run(src, tmp_path / "data")
+    with pytest.raises(ValueError, match="has not finished"):
+        prep_report.check_prepared(tmp_path / "data", RES)
+    monkeypatch.setattr(prepare, "_process", real)
+    run(src, tmp_path / "data")
+    assert prep_report.check_prepared(tmp_path / "data", RES)["accepted"] == 8
+
+
+def test_nothing_to_train_on_says_why(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    noise(10, 10, 0).save(src / "small.png")
+    (src / "notes.jpg").write_text("not an image")
+    with pytest.raises(ValueError, match=r"no image kept for training: 2 inputs.*too_small 1.*smaller resolution"):
+        prep_report.check_trainable(run(src, tmp_path / "data"))
+    noise(40, 48, 1).save(src / "good.png")
+    with pytest.raises(ValueError, match="went to val: lower val_fraction"):
+        prep_report.check_trainable(run(src, tmp_path / "data", val_fraction=0.999))
+    prep_report.check_trainable(run(src, tmp_path / "data", val_fraction=0.0))  # one to train on: fine
+
+
 def test_unexpected_errors_are_reported_then_retried(tmp_path, monkeypatch):
     src = tmp_path / "src"
     src.mkdir()

@@ -18,8 +18,9 @@ def check_prepared(data_dir, resolution: int) -> dict:
     Raises ValueError naming the fix (01 with this resolution only filters: nothing is decoded)."""
     path = Path(data_dir) / "report.json"
     if not path.exists():
-        raise ValueError(f"no prepared data in {data_dir} (no report.json): run notebooks/"
-                         "01_data_prep with the same run_name first (all shards, if sharded)")
+        raise ValueError(f"no prepared data in {data_dir} (no report.json: 01 has not run, or has not "
+                         "finished): run notebooks/01_data_prep with the same run_name (all shards, if "
+                         "sharded); a stopped run resumes where it stopped")
     fix = "run 01_data_prep again with this run_name (it rewrites report.json from its journal; nothing is decoded again)"
     report = read_json(path, fix)
     try:
@@ -34,6 +35,25 @@ def check_prepared(data_dir, resolution: int) -> dict:
             f"01_data_prep with resolution={resolution} (it only filters, nothing is decoded "
             f"again), or train at the resolution 01 used ({report['settings'].get('resolution')})")
     return report["counts"]
+
+
+def check_trainable(report: dict) -> None:
+    """After a complete 01: at least one image kept for training, else a ValueError that says why
+    (the rejections by reason, a few examples) and what to change."""
+    counts = report["counts"]
+    if counts["train"] or not report.get("complete", True):
+        return
+    why = ", ".join(f"{reason} {n}" for reason, n in counts["rejected_by_reason"].items()) or "none"
+    examples = "; ".join(f"{r['path']}: {r['reason']} {r['detail']}".strip() for r in report["rejected"][:3])
+    hints = []
+    if counts["rejected_by_reason"].get("too_small") or counts["rejected_by_reason"].get("too_small_after_cap"):
+        hints.append("a smaller resolution (or a larger max_side) keeps the small images")
+    if counts["val"]:
+        hints.append(f"all {counts['val']} kept images went to val: lower val_fraction or val_max, or add images")
+    raise ValueError(f"no image kept for training: {counts['inputs']} inputs, {counts['accepted']} kept, "
+                     f"{counts['duplicates']} duplicates; rejected by reason: {why}"
+                     + (f" (e.g. {examples})" if examples else "") + ". "
+                     + ("; ".join(hints) or "point source at a folder or table of images") + ".")
 
 
 def is_val(digest: str, val_fraction: float) -> bool:

@@ -147,7 +147,10 @@ def read_parts(data_dir: Path, shards: list, header: dict) -> tuple[list, list]:
 
 
 def drop_part(data_dir: Path, shard: str) -> None:
+    """A shard starts again: its part, and the merged report, are gone until it finishes (the
+    folders change as it runs: 02 must not take the old report for them)."""
     (data_dir / "parts" / f"{shard}.jsonl").unlink(missing_ok=True)
+    (data_dir / "report.json").unlink(missing_ok=True)
 
 
 def wipe(data_dir: Path) -> None:
