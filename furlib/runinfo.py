@@ -72,7 +72,7 @@ def write_record(path: Path, parameters: dict, results: dict, device: torch.devi
 def run_dir(outputs_dir: str, run_name: str) -> Path:
     if not run_name or any(c in run_name for c in "/\\") or run_name.startswith("."):
         raise ValueError(f"run_name must be a plain folder name, got {run_name!r}")
-    return Path(outputs_dir) / run_name
+    return Path(outputs_dir).expanduser() / run_name  # "~/runs" is the home folder, as in a shell
 
 
 def read_json(path, fix: str, default=None):

@@ -180,13 +180,19 @@ def folder_files(root: Path, exclude=None, max_images: int = 0) -> list[str]:
 def folder_input(root: Path, file: str) -> Input:
     """The Input of one of ``folder_files``: its id (path below ``root``), stamp and verdict."""
     path = Path(file)
-    input_id, suffix = path.relative_to(root).as_posix(), path.suffix.lower()
+    input_id, suffix = _printable(path.relative_to(root).as_posix()), path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
         return Input(input_id, path, _stamp(path))
     if path.is_dir():
         return Input(input_id, path, None, "unreadable", detail="a folder that cannot be listed")
     return Input(input_id, path, _stamp(path), "not_an_image",
                  detail=f"{suffix or 'no suffix'}: not one of {' '.join(sorted(IMAGE_SUFFIXES))}")
+
+
+def _printable(name: str) -> str:
+    """A file name's bytes that are not UTF-8 (names from another system's archive), which
+    Python keeps as lone surrogates no table, figure or UTF-8 file takes, written as ``\\xe9``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def fingerprint(path: Path) -> str:

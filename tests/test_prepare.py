@@ -289,6 +289,22 @@ def test_linked_folders_other_suffixes_and_unlisted_folders(tmp_path, monkeypatc
     assert again["counts"]["decoded_this_run"] == 1
 
 
+def test_file_names_that_are_not_utf8_are_inputs_with_printable_ids(tmp_path):
+    """Names from another system's archive (Latin-1 bytes): read, with ids a table, a figure and
+    a UTF-8 file take (Python's lone surrogates crashed 01's rejection table and samples figure)."""
+    from furlib.data import prep_figures
+
+    src = tmp_path / "src"
+    src.mkdir()
+    noise(40, 48, 1).save(os.path.join(os.fsencode(src), b"caf\xe9.png"), "PNG")
+    with open(os.path.join(os.fsencode(src), b"notes\xff.jpg"), "wb") as f:
+        f.write(b"text")
+    report = run(src, tmp_path / "data")
+    assert verdicts(report) == {"caf\\xe9.png": "ok", "notes\\xff.jpg": "not_an_image"}
+    json.dumps(report, ensure_ascii=False).encode("utf-8")
+    str(prep_figures.rejection_table(report))
+
+
 def test_pixel_settings_refuse_until_rebuild(tmp_path):
     src = tmp_path / "src"
     make_corpus(src)

@@ -103,3 +103,13 @@ def test_a_lone_pixel_weight_override_is_refused_not_ignored():
     assert cosine_ramp(5, 0.28, 1.0, 0) == 0.28  # no ramp: the start weight, the one a user set
     ramp = TrainSettings.from_params({"mae_weight": 0.28, "loss_schedule_steps": 10})
     assert ramp.loss_weights(0) == (0.28, 5.0) and ramp.loss_weights(10) == (1.0, 5.0)
+
+
+def test_outputs_dir_under_home_is_expanded():
+    """``~/runs`` is the home folder, as in a shell, not a folder named ``~`` under the notebooks'
+    working directory."""
+    from pathlib import Path
+
+    from furlib import runinfo
+
+    assert runinfo.run_dir("~/runs", "r") == Path.home() / "runs" / "r"

@@ -126,6 +126,9 @@ def _check_parallel(num_proc: int, num_shards: int, shard_index: int) -> None:
     if num_proc < 0:
         raise ValueError(f"num_proc must be >= 0 (processes on this machine; 0: one per core), "
                          f"got {num_proc}")
+    if num_proc > 4 * usable_cores():  # each holds its own decoders and ~40 MB: 1000 would not fit
+        raise ValueError(f"num_proc={num_proc} is over 4x this machine's {usable_cores()} usable cores: "
+                         "use 0 (one process per core), or fewer")
     if num_shards < 1 or not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index must be in [0, num_shards) and num_shards >= 1, got "
                          f"shard_index={shard_index}, num_shards={num_shards}")
