@@ -126,10 +126,14 @@ def injected_names(namespace: dict, declared) -> list[str]:
 def check_notebook(stage: str, namespace: dict) -> None:
     """A notebook's parameters: no unknown injected name, every value of its default's type, a
     plain ``run_name``. Raises one ValueError listing every problem."""
-    from furlib.pipeline import stage_defaults
+    from furlib.pipeline import STAGES, declared_parameters, stage_defaults
 
     defaults = stage_defaults(stage)
-    unknown = unknown_names(injected_names(namespace, defaults), defaults, stage)
+    given = injected_names(namespace, defaults)
+    others = set().union(*(declared_parameters(s) for s in STAGES)) - set(defaults)
+    if foreign := sorted(set(given) & others):  # a whole profile (papermill -f params/x.yaml)
+        print(f"NOTE: {stage} leaves {', '.join(foreign)} to the stages that declare them")
+    unknown = unknown_names([n for n in given if n not in others], defaults, stage)
     found = ([unknown] if unknown else []) + problems(
         {k: namespace[k] for k in defaults if k in namespace}, defaults)
     if "run_name" in defaults and not found:

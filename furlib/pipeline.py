@@ -24,6 +24,10 @@ STAGES = ("01_data_prep", "02_train", "03_eval", "04_export")
 # parameters that may name a file or folder; a relative one is taken from where you run the
 # pipeline (the notebooks run in the repository root), unless it is one of the special values
 PATH_KEYS = ("source", "train_source", "eval_source", "base_model", "base_config")
+# 02's base to train; in 03 and 04 a replacement for the run's own base (read from its checkpoint),
+# so a profile's (what 02 trained from, unless a -p changed it) never reaches them: only a -p does
+BASE_KEYS = ("base_model", "base_config", "base_family")
+RUN_BASE_STAGES = ("03_eval", "04_export")
 SPECIAL = {"", "builtin", "val", "tiny", "tiny-random", "random:sd"}
 
 
@@ -141,6 +145,7 @@ def run(profile: str | Path, stages=STAGES, overrides: dict | None = None, log_o
     import papermill
 
     params = resolve_paths(load_profile(profile, overrides), Path.cwd())
+    asked = resolve_paths(overrides or {}, Path.cwd())
     defaults = stage_defaults(STAGES[0])  # the notebooks' own defaults
     for key in ("run_name", "outputs_dir"):  # every stage works on the same run folder
         params.setdefault(key, defaults[key])
@@ -148,6 +153,8 @@ def run(profile: str | Path, stages=STAGES, overrides: dict | None = None, log_o
     run_dir.mkdir(parents=True, exist_ok=True)
     for stage in stages:
         mine = {k: v for k, v in params.items() if k in declared_parameters(stage)}
+        if stage in RUN_BASE_STAGES:  # the run's own base, unless a -p names another
+            mine = {k: v for k, v in mine.items() if k not in BASE_KEYS or k in asked}
         t0 = time.time()
         print(f"[{stage}] running with {len(mine)} parameters -> {run_dir / (stage + '.ipynb')}", flush=True)
         executed = run_dir / f"{stage}.ipynb"

@@ -91,6 +91,22 @@ def test_pipeline_gives_every_stage_the_same_run_folder(tmp_path, monkeypatch):
     assert all(params["run_name"] == "my_run" for _, params in calls)
 
 
+def test_a_profiles_base_is_02s_and_03_04_use_the_runs_own(tmp_path, monkeypatch):
+    """A profile's ``base_model`` is what 02 trains from; 03 and 04 read the run's own base from its
+    checkpoint (a -p changes it for 02 but, run later, the profile's would have replaced the
+    trained base's encoder silently), unless a -p names one for them."""
+    calls = {}
+    monkeypatch.setattr(papermill, "execute_notebook",
+                        lambda src, out, parameters, **kw: calls.update({Path(out).stem: parameters}))
+    profile = tmp_path / "p.yaml"
+    profile.write_text("source: builtin\nbase_model: tiny-random\nbase_family: sd\n")
+    pipeline.run(profile, overrides={"outputs_dir": str(tmp_path / "outs")})
+    assert calls["02_train"]["base_model"] == "tiny-random"
+    assert not {"base_model", "base_family"} & (set(calls["03_eval"]) | set(calls["04_export"]))
+    pipeline.run(profile, ["03_eval", "04_export"], {"outputs_dir": str(tmp_path / "outs"), "base_model": "tiny"})
+    assert calls["04_export"]["base_model"] == "tiny" and "base_family" not in calls["04_export"]
+
+
 def test_train_notebook_asks_for_a_gpu_runtime_and_jupytext_keeps_it(tmp_path):
     """Colab reads `accelerator`/`colab.gpuType`, Kaggle `kaggle.isGpuEnabled`: 02 opens on a GPU."""
     ipynb = nbformat.read(ROOT / "notebooks" / "02_train.ipynb", as_version=4)

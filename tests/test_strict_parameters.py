@@ -60,6 +60,8 @@ def test_notebook_check_names_the_misspelt_key():
         parameters.check_notebook("04_export", namespace)
     namespace["In"][1] = "x = 1\nprint(x)\n"  # an ordinary cell ran before: nothing to compare
     parameters.check_notebook("04_export", namespace)
+    namespace["In"][1] = "# Parameters\nsource = 'builtin'\nlr = 1.0e-5\n"  # a whole profile: papermill -f
+    parameters.check_notebook("04_export", namespace)  # other stages' names: a note, not an error
 
 
 @pytest.mark.parametrize("notebook, parameters, message", [
