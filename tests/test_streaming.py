@@ -1,6 +1,7 @@
 """furlib.training.streaming: crops straight from a parquet source, split per rank and worker."""
 
 import io
+import itertools
 import json
 
 import numpy as np
@@ -59,6 +60,16 @@ def test_ranks_read_disjoint_shares_and_rejections_are_logged(tmp_path):
     assert set(reasons) == {"not_an_image", "too_small"}
 
 
+def test_a_resumed_stream_does_not_repeat_the_first_batches(tmp_path):
+    """02 resumed at a step draws another row order (and other crops): a session on Colab that
+    resumes must not train on the first session's batches again; the same step, the same order."""
+    source = table(tmp_path)
+    order = lambda step: [colour_of(c) for c in itertools.islice(iter(streaming.StreamCrops(  # noqa: E731
+        source, 32, seed=1, shuffle_buffer=16, start_step=step)), 6)]
+    assert order(0) == order(0) and order(40) == order(40)
+    assert order(0) != order(40)
+
+
 def test_loader_workers_split_the_stream(tmp_path):
     loader = streaming.make_stream_loader(table(tmp_path, saved=True), 32, batch_size=3, num_workers=2,
                                           shuffle_buffer=0, log_dir=tmp_path / "log")  # datasets 5's
@@ -85,7 +96,7 @@ def test_02_trains_from_a_streamed_source_without_preparing_it(tmp_path):
 
     source = table(tmp_path)
     run = tmp_path / "outputs" / "s"
-    s = TrainSettings(base_model="tiny", lpips_backbone="random", device="cpu", resolution=32, batch_size=2,
+    s = TrainSettings(base_model="tiny", lpips_backbone="random", device="cpu", resolution=32, batch_size=6,
                       max_steps=2, num_workers=0, warmup_steps=0, mixed_precision="no", checkpoint_every=2,
                       log_every=1, plot_every=0, preview_images=1, critic_channels=8, critic_layers=2,
                       outputs_dir=str(tmp_path / "outputs"), run_name="s", train_source=source)
@@ -94,7 +105,7 @@ def test_02_trains_from_a_streamed_source_without_preparing_it(tmp_path):
     prepare.prepare("builtin", run / "data", resolution=32, max_side=128, max_images=3, art_count=3,
                     val_fraction=1.0, progress=False)
     assert not any((run / "data" / "train").glob("*.*"))  # nothing to train from but the stream
-    results = fit.fit(s)
+    results = fit.fit(s)  # 2 x 6 crops: more than the 11 good rows, so every row was read
     assert results["step"] == 2 and (run / "checkpoints").is_dir()
     rejected = list((run / "logs" / "stream_rejected").glob("*.jsonl"))
     assert rejected and "not_an_image" in "".join(p.read_text() for p in rejected)

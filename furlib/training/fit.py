@@ -218,7 +218,7 @@ def _train_loader(trainer: Trainer, s: TrainSettings, p, rank: int):
         from furlib.training import streaming
 
         return streaming.make_stream_loader(
-            s.train_source, s.resolution, s.batch_size, seed=s.seed + 7919 * rank, rank=rank,
+            s.train_source, s.resolution, s.batch_size, seed=s.seed + 7919 * rank, rank=rank, start_step=trainer.step_count,
             world=trainer.world_size, num_workers=p.num_workers, pin_memory=trainer.device.type == "cuda",
             log_dir=p.run_path / "logs" / "stream_rejected", min_crop_scale=s.min_crop_scale,
             source_split=s.source_split, image_column=s.image_column)

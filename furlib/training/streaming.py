@@ -10,7 +10,9 @@ Rows that fail go to ``<log_dir>/rejected-rank<r>-worker<w>.jsonl``, one JSON li
 
 Differences from the prepared path, by design: no deduplication and no val split (use a prepared
 val set or another split), shuffling by datasets' shard order and a ``shuffle_buffer`` of rows
-(an epoch is one pass), and no exact resume at a step (a resumed run starts a new epoch order).
+(an epoch is one pass), and no exact resume at a step: a resumed run (``start_step``) draws another
+shard order, buffer order and crops, so it does not repeat the first batches, but it reads the
+stream from the start again (with a single file, near the rows an earlier session began with).
 """
 
 import json
@@ -31,16 +33,17 @@ class StreamCrops(torch.utils.data.IterableDataset):
                  source_split: str = "train", image_column: str = "image", revision: str = "",
                  max_side: int = 16384, max_pixels: int = DEFAULT_MAX_PIXELS,
                  background=(255, 255, 255), min_crop_scale: float = 0.08,
-                 shuffle_buffer: int = 256, log_dir=None):
+                 shuffle_buffer: int = 256, log_dir=None, start_step: int = 0):
         from datasets.distributed import split_dataset_by_node
 
         from furlib.sources import open_stream
 
         ds, self.prefix = open_stream(source, source_split, image_column, revision)  # fails here, early
+        order = int(np.random.SeedSequence([seed, start_step]).generate_state(1)[0])  # a resume: another
         if shuffle_buffer > 0:
-            ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
+            ds = ds.shuffle(seed=order, buffer_size=shuffle_buffer)
         self.ds, self.column = split_dataset_by_node(ds, rank=rank, world_size=world), image_column
-        self.resolution, self.seed, self.rank, self.min_crop_scale = resolution, seed, rank, min_crop_scale
+        self.resolution, self.seed, self.rank, self.min_crop_scale = resolution, order, rank, min_crop_scale
         self.max_side, self.max_pixels, self.background = max_side, max_pixels, tuple(background)
         self.log_dir = None if log_dir is None else Path(log_dir)
 
