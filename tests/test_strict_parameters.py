@@ -6,6 +6,7 @@ the notebook before its run starts."""
 import json
 
 import pytest
+import torch
 
 from furlib import parameters, pipeline
 from furlib.training.settings import TrainSettings
@@ -105,6 +106,22 @@ def test_a_lone_pixel_weight_override_is_refused_not_ignored():
     assert cosine_ramp(5, 0.28, 1.0, 0) == 0.28  # no ramp: the start weight, the one a user set
     ramp = TrainSettings.from_params({"mae_weight": 0.28, "loss_schedule_steps": 10})
     assert ramp.loss_weights(0) == (0.28, 5.0) and ramp.loss_weights(10) == (1.0, 5.0)
+
+
+def test_critic_settings_that_cannot_work_are_refused_with_the_fix():
+    """A critic term before the critic trains (the decoder pushed by a random critic), and a critic
+    too deep for the crop (torch's 'Kernel size can't be greater than actual input size' at step 0)."""
+    with pytest.raises(ValueError, match="gan_start=0 is before critic_start=100.*at least critic_start"):
+        TrainSettings.from_params({"critic_start": 100})
+    TrainSettings.from_params({"critic_start": 100, "gan_start": 100})
+    TrainSettings.from_params({"critic_start": 100, "disc_weight": 0.0})  # no critic term at all
+    with pytest.raises(ValueError, match="critic_layers=6 needs resolution >= 192.*use at most 4"):
+        TrainSettings.from_params({"critic_layers": 6, "resolution": 64})
+    TrainSettings.from_params({"critic_layers": 4, "resolution": 64})
+    from furlib.training.losses import PatchCritic
+
+    for layers, res in ((4, 48), (6, 192)):  # the smallest crops the relation allows do run
+        assert PatchCritic(layers, 4)(torch.zeros(1, 3, res, res)).shape[-1] == 1
 
 
 def test_outputs_dir_under_home_is_expanded():

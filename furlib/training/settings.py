@@ -254,6 +254,13 @@ def _relations(s, typed_ok: set) -> list[str]:
         if {start, end, "loss_schedule_steps"} <= typed_ok and s.loss_schedule_steps == 0 and first != last:
             out.append(f"{start}={first!r} but {end}={last!r} with loss_schedule_steps=0 (constant weights): "
                        f"set {end} to {first!r} too, or set loss_schedule_steps to ramp from one to the other")
+    if {"gan_start", "critic_start", "disc_weight"} <= typed_ok and s.disc_weight > 0 and s.gan_start < s.critic_start:
+        out.append(f"gan_start={s.gan_start!r} is before critic_start={s.critic_start!r}: the decoder would be pushed "
+                   f"by an untrained critic for {s.critic_start - s.gan_start} steps; set gan_start to at least critic_start")
+    if {"resolution", "critic_layers"} <= typed_ok and s.resolution < 3 * 2 ** s.critic_layers:
+        deepest = max(1, (s.resolution // 3).bit_length() - 1)
+        out.append(f"critic_layers={s.critic_layers!r} needs resolution >= {3 * 2 ** s.critic_layers} (each layer halves "
+                   f"the image; its last convolutions need 3 px): at resolution={s.resolution} use at most {deepest}")
     if "resume_with_changes" in typed_ok:
         names = {f.name for f in dataclasses.fields(s)} | {"processes"}
         unknown = [n for n in s.resume_with_changes if n not in names]
