@@ -63,9 +63,12 @@ def stage_defaults(stage: str) -> dict:
 def load_profile(path: str | Path, overrides: dict | None = None) -> dict:
     """A profile's parameters; raises ValueError naming any key no notebook declares."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"params file {path} does not exist (see params/ for profiles)")
-    params = yaml.safe_load(path.read_text()) or {}
+    if not path.is_file():
+        raise FileNotFoundError(f"params file {path} does not exist or is not a file (see params/ for profiles)")
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeError) as err:
+        raise ValueError(f"{path} is not a YAML profile: {' '.join(str(err).split())}") from None
     if not isinstance(params, dict):
         raise ValueError(f"{path} must be a flat mapping of parameter names to values")
     declared = set().union(*(declared_parameters(s) for s in STAGES))
@@ -95,7 +98,11 @@ def parse_override(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep:
         raise ValueError(f"override {text!r} must look like key=value")
-    return key, yaml.safe_load(value)
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise ValueError(f"-p {text!r}: the value is not YAML ({' '.join(str(err).split())}); "
+                         "quote it for a string: -p 'key=\"...\"'") from None
 
 
 def check_before_writing(params: dict, stages) -> Path:
@@ -185,6 +192,10 @@ def main(argv=None) -> int:
     except (StageFailed, ValueError, FileNotFoundError) as err:  # one plain line, last
         print(f"ERROR: {err}", file=sys.stderr, flush=True)
         return 1
+    except KeyboardInterrupt:  # 02 saved the step in progress (its own message says where)
+        print("STOPPED by hand: re-run the same command (or --stages from the stage that was running) "
+              "to continue; 02 resumes from its last checkpoint", file=sys.stderr, flush=True)
+        return 130
     print(f"outputs: {run_dir}")
     return 0
 

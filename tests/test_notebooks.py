@@ -75,6 +75,16 @@ def test_undeclared_key_is_an_error(tmp_path):
         pipeline.load_profile(bad)
     with pytest.raises(FileNotFoundError):
         pipeline.load_profile(tmp_path / "missing.yaml")
+    with pytest.raises(FileNotFoundError, match="not a file"):
+        pipeline.load_profile(tmp_path)
+    bad.write_text("run_name: x\nmax_steps: [1\n")  # broken YAML: named, not yaml's bare traceback
+    with pytest.raises(ValueError, match=f"{bad} is not a YAML profile: .*expected ',' or ']'"):
+        pipeline.load_profile(bad)
+    bad.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ValueError, match="is not a YAML profile"):
+        pipeline.load_profile(bad)
+    with pytest.raises(ValueError, match="-p 'lr=\\[1': the value is not YAML"):
+        pipeline.parse_override("lr=[1")
 
 
 def test_pipeline_gives_every_stage_the_same_run_folder(tmp_path, monkeypatch):
