@@ -212,7 +212,7 @@ def single_file_config(path: Path, base_config: str = "", base_family: str = "")
         config = AutoencoderKL.load_config(Path(base_config))
         families.check_config(base_family, config, f"base_config {base_config!r}")
         return config, None
-    with safe_open(str(path), "pt") as f:  # the header only: shapes and metadata, no tensors
+    with _named(path), safe_open(str(path), "pt") as f:  # the header only: shapes and metadata, no tensors
         shapes = strip_prefix({k: f.get_slice(k).get_shape() for k in f.keys()})
         stated = (f.metadata() or {}).get("family", "")
     fam = families.single_file_family(path.name, shapes, base_family, stated)

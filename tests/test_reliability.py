@@ -186,6 +186,15 @@ def test_pickle_renamed_safetensors_names_the_file(small_vae_folder):
     torch.save(load_file(small_vae_folder / "single.safetensors"), path)
     with pytest.raises(ValueError, match="pickled.safetensors is not a readable safetensors file"):
         models.load_vae(str(path), str(small_vae_folder / "diffusers"))
+    truncated = small_vae_folder / "truncated.safetensors"  # a download cut short; no base_config:
+    truncated.write_bytes((small_vae_folder / "single.safetensors").read_bytes()[:5000])  # the header is read
+    with pytest.raises(ValueError, match="truncated.safetensors is not a readable safetensors file"):
+        models.load_vae(str(truncated), base_family="sd")
+    from furlib.training import plan
+    from furlib.training.settings import TrainSettings
+
+    s = TrainSettings.from_params({"base_model": str(truncated), "base_family": "sd"})
+    assert plan.cpu_cost_note(s, torch.device("cpu")) == ""  # 02's plan, before load_vae: no raw error
 
 
 def test_config_that_does_not_match_its_weights(small_vae_folder, tmp_path):

@@ -82,7 +82,10 @@ def cpu_cost_note(s, device: torch.device) -> str:
     config = models.base_vae_config(s.base_model, s.base_config, s.base_family)
     if config is None:  # loading the base fails next, with its own message
         return ""
-    params, tflop = decoder_tflop_per_mp(config)
+    try:
+        params, tflop = decoder_tflop_per_mp(config)
+    except Exception:  # noqa: BLE001 - a config that builds no decoder: load_vae says why, next
+        return ""
     size = tflop / SD_DECODER_TFLOP_PER_MP
     seconds = CPU_SECONDS_PER_MEGAPIXEL * size * s.batch_size * s.resolution ** 2 / 1e6
     total_h = seconds * s.max_steps / 3600
