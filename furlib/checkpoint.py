@@ -27,6 +27,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from furlib import atomic
@@ -60,12 +61,28 @@ def save_checkpoint(ckpt_root: Path, step: int, tensors: dict, state: dict, keep
     final = ckpt_root / name
     tmp = atomic.temporary(final)
     if not (final.exists() and verify(final) is None):  # an intact step is never written twice
-        _write_folder(tmp, step, tensors, state)
+        try:
+            _write_folder(tmp, step, tensors, state)
+        except BaseException as err:  # a full disk, a stop mid-write: no half folder is left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, (OSError, SafetensorError)):
+                raise OSError(_unwritten(ckpt_root, name, tensors, err)) from err
+            raise
         replace_folder(tmp, final)  # a damaged folder of this step goes aside, removed once replaced
     atomic.write_text(ckpt_root / "latest", name + "\n")
     if keep > 0:
         prune(ckpt_root, final, keep)
     return final
+
+
+def _unwritten(ckpt_root: Path, name: str, tensors: dict, err) -> str:
+    """Why a checkpoint could not be written, how much room it needs and what is still there."""
+    need = sum(t.numel() * t.element_size() for named in tensors.values() for t in named.values()) / 1e9
+    free = shutil.disk_usage(ckpt_root).free / 1e9
+    latest = (ckpt_root / "latest").read_text().strip() if (ckpt_root / "latest").is_file() else "none yet"
+    return (f"could not write checkpoint {name} ({' '.join(str(err).split())}): it needs ~{need:.2f} GB, "
+            f"{free:.2f} GB are free on {ckpt_root}. The latest checkpoint is still {latest}, intact. Free "
+            "some space (or lower keep_checkpoints), then run 02 again: it resumes from there")
 
 
 def prune(ckpt_root: Path, final: Path, keep: int) -> list[Path]:

@@ -33,6 +33,25 @@ def test_crash_during_save_keeps_previous_latest(tmp_path, monkeypatch):
     assert not list(root.glob(".tmp-*"))
 
 
+def test_a_full_disk_during_a_save_names_the_room_needed_and_leaves_no_half_folder(tmp_path, monkeypatch):
+    """safetensors' 'I/O error: No space left on device' (what Kaggle's 20 GB or a full Drive
+    gives): an error saying how much room a checkpoint needs, how much is free and which intact
+    checkpoint a re-run resumes from; the half-written folder is removed at once."""
+    from safetensors import SafetensorError
+
+    root = tmp_path / "checkpoints"
+    checkpoint.save_checkpoint(root, 10, _tensors(1), {})
+
+    def full_disk(tensors, path):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    with pytest.raises(OSError, match=r"could not write checkpoint step_0000020 \(.*No space left.*\): it needs "
+                                      r"~0.00 GB, [0-9.]+ GB are free .* still step_0000010, intact"):
+        checkpoint.save_checkpoint(root, 20, _tensors(2), {})
+    assert not list(root.glob(".tmp-*")) and checkpoint.latest_checkpoint(tmp_path).name == "step_0000010"
+
+
 def test_keeps_last_k_and_reads_state(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (1, 2, 3, 4):
