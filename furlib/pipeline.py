@@ -105,11 +105,20 @@ def parse_override(text: str) -> tuple[str, object]:
                          "quote it for a string: -p 'key=\"...\"'") from None
 
 
-def check_before_writing(params: dict, stages) -> Path:
+def stage_parameters(stage: str, params: dict, asked: dict) -> dict:
+    """What ``stage`` is handed: the keys it declares; for 03 and 04 a base only from a -p (``asked``)."""
+    mine = {k: v for k, v in params.items() if k in declared_parameters(stage)}
+    if stage in RUN_BASE_STAGES:  # the run's own base, unless a -p names another
+        mine = {k: v for k, v in mine.items() if k not in BASE_KEYS or k in asked}
+    return mine
+
+
+def check_before_writing(params: dict, stages, asked: dict | None = None) -> Path:
     """Every check that needs no model, before the pipeline writes anything: the stages' names,
-    each value's type (``furlib.params``), a plain ``run_name``, 02's full validation, and that no
-    executed notebook would overwrite a file that is not an earlier executed notebook (a project
-    notebook, say). Returns the run folder."""
+    each value's type (``furlib.params``), a plain ``run_name``, 02's, 03's and 04's value checks
+    (a bad 04 value must not wait for 150k steps of training), and that no executed notebook would
+    overwrite a file that is not an earlier executed notebook (a project notebook, say). Returns
+    the run folder."""
     from furlib import parameters as params_lib
     from furlib.runinfo import run_dir as plain_run_dir
 
@@ -127,6 +136,14 @@ def check_before_writing(params: dict, stages) -> Path:
         from furlib.training.settings import TrainSettings
 
         TrainSettings.from_params({k: v for k, v in params.items() if k in declared_parameters("02_train")})
+    if "03_eval" in stages:
+        from furlib.evaluation.evaluate import check_parameters
+
+        check_parameters({**stage_defaults("03_eval"), **stage_parameters("03_eval", params, asked or {})})
+    if "04_export" in stages:
+        from furlib.export.release_files import check_parameters
+
+        check_parameters({**stage_defaults("04_export"), **stage_parameters("04_export", params, asked or {})})
     for stage in stages:
         _check_output(run_dir / f"{stage}.ipynb")
     return run_dir
@@ -156,12 +173,10 @@ def run(profile: str | Path, stages=STAGES, overrides: dict | None = None, log_o
     defaults = stage_defaults(STAGES[0])  # the notebooks' own defaults
     for key in ("run_name", "outputs_dir"):  # every stage works on the same run folder
         params.setdefault(key, defaults[key])
-    run_dir = check_before_writing(params, stages)
+    run_dir = check_before_writing(params, stages, asked)
     run_dir.mkdir(parents=True, exist_ok=True)
     for stage in stages:
-        mine = {k: v for k, v in params.items() if k in declared_parameters(stage)}
-        if stage in RUN_BASE_STAGES:  # the run's own base, unless a -p names another
-            mine = {k: v for k, v in mine.items() if k not in BASE_KEYS or k in asked}
+        mine = stage_parameters(stage, params, asked)
         t0 = time.time()
         print(f"[{stage}] running with {len(mine)} parameters -> {run_dir / (stage + '.ipynb')}", flush=True)
         executed = run_dir / f"{stage}.ipynb"

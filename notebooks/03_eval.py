@@ -55,7 +55,7 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from furlib import handoff, parameters, perceptual, progress, runinfo
+from furlib import handoff, parameters, progress, runinfo
 from furlib.display import show
 from furlib.evaluation import decode_checks, eval_figures, eval_report, evaluate
 from furlib.images import preprocess
@@ -82,23 +82,14 @@ show_images = 4                # images per picture: chosen, most improved, most
 
 # %%
 parameters.check_notebook("03_eval", globals())  # names, types and finite numbers, before anything runs
+evaluate.check_parameters(globals())  # values, as the pipeline checks them before 01 starts
 run_dir = runinfo.run_dir(outputs_dir, run_name)
 if note := handoff.use_outputs_dir(outputs_dir):  # Colab: Drive mounted here when outputs_dir is on it
     print(note)
 handoff.require(run_dir, "checkpoints", "03_eval", "02_train")  # a fresh runtime: says how to bring the run
-if eval_resolution < 8 or eval_resolution % 8:
-    raise ValueError(f"eval_resolution must be a positive multiple of 8, got {eval_resolution}")
-for name, value, low in (("eval_max_images", eval_max_images, 0), ("eval_batch_size", eval_batch_size, 1), ("show_images", show_images, 0)):
-    if not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-if lpips_backbone not in perceptual.BACKBONES:
-    raise ValueError(f"lpips_backbone must be one of {perceptual.BACKBONES}, got {lpips_backbone!r}")
 if eval_source == "val" and not (run_dir / "data" / "val").is_dir():
     raise ValueError(f"eval_source='val' but {run_dir}/data/val does not exist: run 01_data_prep for this run, "
                      "or pass a folder or a hub dataset id")
-if (base_config or base_family) and not base_model:
-    raise ValueError("base_config and base_family are only used with an explicit base_model; leave them empty "
-                     "for the run's own")
 dev = runinfo.pick_device(device)
 eval_dir = run_dir / "eval"
 torch.manual_seed(seed)

@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -73,21 +73,12 @@ device = "auto"  # "auto", "cpu" or "cuda"
 
 # %%
 parameters.check_notebook("04_export", globals())  # names, types and finite numbers, before anything runs
+release_files.check_parameters(globals())  # values, as the pipeline checks them before 01 starts
 run_dir = runinfo.run_dir(outputs_dir, run_name)
 if note := handoff.use_outputs_dir(outputs_dir):  # Colab: Drive mounted here when outputs_dir is on it
     print(note)
 handoff.require(run_dir, "checkpoints", "04_export", "02_train")  # a fresh runtime: says how to bring the run
-if weights not in ("ema", "raw"):
-    raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
 name = model_name or run_name  # a run is never released as "furception" unless asked to
-for label, value in (("model_name (empty: the run_name)", name), ("version", version)):
-    if not value or any(c in value for c in "/\\ "):
-        raise ValueError(f"{label} must be non-empty without slashes or spaces, got {value!r}")
-if push_to_hub and hub_repo.count("/") != 1:
-    raise ValueError(f"hub_repo must be 'owner/name' when push_to_hub is True, got {hub_repo!r}")
-if (base_config or base_family) and not base_model:
-    raise ValueError("base_config and base_family are only used with an explicit base_model; leave them empty "
-                     "for the run's own")
 dev = runinfo.pick_device(device)
 stage_dir, export_dir = run_dir / release_files.STAGING, run_dir / release_files.EXPORT
 

@@ -21,6 +21,27 @@ def test_pipeline_refuses_wrong_types_before_writing(tmp_path, key, value):
     assert not any(tmp_path.iterdir()), "nothing may be written before the parameters are checked"
 
 
+@pytest.mark.parametrize("override, message", [
+    ({"eval_resolution": 100}, "eval_resolution must be a multiple of 8, at least 32"),
+    ({"eval_resolution": 16}, "at least 32"),  # AlexNet's LPIPS trunk pools a 16 px crop away
+    ({"weights": "EMA"}, "weights must be 'ema' or 'raw'"),
+    ({"run_name": "my run"}, "model_name \\(empty: the run_name\\) must be non-empty without slashes or spaces"),
+    ({"base_family": "sdxl"}, None)])  # a -p base_family for 03 without a base_model
+def test_pipeline_checks_03_and_04_values_before_01_starts(tmp_path, monkeypatch, override, message):
+    """A bad 03 or 04 value failed after 01 and 02 had run (on the card's profile: 150k steps)."""
+    import papermill
+
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: None)
+    overrides = {**override, "outputs_dir": str(tmp_path / "o")}
+    if message is None:
+        with pytest.raises(ValueError, match="base_config and base_family are only used with an explicit base_model"):
+            pipeline.run(ROOT / "params" / "smoke.yaml", ["03_eval"], overrides)
+        return
+    with pytest.raises(ValueError, match=message):
+        pipeline.run(ROOT / "params" / "smoke.yaml", overrides=overrides)
+    assert not (tmp_path / "o").exists(), "nothing may be written before the parameters are checked"
+
+
 @pytest.mark.parametrize("run_name", ["../notebooks", "..", ".hidden", "a/b"])
 def test_pipeline_refuses_a_run_name_outside_the_run_folder(run_name):
     before = {p: p.read_bytes() for p in (ROOT / "notebooks").glob("*.ipynb")}

@@ -26,6 +26,35 @@ from furlib.parameters import strict_bool
 
 
 
+MIN_RESOLUTION = 32  # LPIPS(AlexNet)'s trunk pools a smaller crop away ("Output size is too small")
+
+
+def check_parameters(p: dict) -> None:
+    """03's values that need no run or model (the pipeline checks them before 01 starts): one
+    ValueError listing every problem."""
+    from furlib.perceptual import BACKBONES
+
+    found = []
+    if p["eval_resolution"] < MIN_RESOLUTION or p["eval_resolution"] % 8:
+        found.append(f"eval_resolution must be a multiple of 8, at least {MIN_RESOLUTION}, got {p['eval_resolution']}")
+    for name, low in (("eval_max_images", 0), ("eval_batch_size", 1), ("show_images", 0)):
+        if p[name] < low:
+            found.append(f"{name} must be an integer >= {low}, got {p[name]!r}")
+    if p["lpips_backbone"] not in BACKBONES:
+        found.append(f"lpips_backbone must be one of {BACKBONES}, got {p['lpips_backbone']!r}")
+    found += base_override_problems(p)
+    if found:
+        raise ValueError("invalid 03_eval parameter(s):\n  " + "\n  ".join(found))
+
+
+def base_override_problems(p: dict) -> list[str]:
+    """03's and 04's base_config and base_family qualify an explicit base_model only."""
+    if (p["base_config"] or p["base_family"]) and not p["base_model"]:
+        return ["base_config and base_family are only used with an explicit base_model; leave them empty "
+                "for the run's own"]
+    return []
+
+
 @dataclass(frozen=True)
 class EvalModel:
     """One VAE to evaluate: ``base_model`` as ``load_vae`` reads it, optionally with the decoder

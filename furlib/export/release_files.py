@@ -36,6 +36,24 @@ from furlib.models import load_vae, with_decoder
 from furlib.parameters import strict_bool
 from furlib.runinfo import file_sha256
 
+def check_parameters(p: dict) -> None:
+    """04's values that need no run or model (the pipeline checks them before 01 starts): one
+    ValueError listing every problem."""
+    from furlib.evaluation.evaluate import base_override_problems
+
+    found = []
+    if p["weights"] not in ("ema", "raw"):
+        found.append(f"weights must be 'ema' or 'raw', got {p['weights']!r}")
+    for label, value in (("model_name (empty: the run_name)", p["model_name"] or p["run_name"]), ("version", p["version"])):
+        if not value or any(c in value for c in "/\\ "):
+            found.append(f"{label} must be non-empty without slashes or spaces, got {value!r}")
+    if p["push_to_hub"] and p["hub_repo"].count("/") != 1:
+        found.append(f"hub_repo must be 'owner/name' when push_to_hub is True, got {p['hub_repo']!r}")
+    found += base_override_problems(p)
+    if found:
+        raise ValueError("invalid 04_export parameter(s):\n  " + "\n  ".join(found))
+
+
 FP32_TOL = 1e-5  # same weights, same maths: anything above this is a broken file
 # fp16 files lose ~3 decimal digits per weight (relative step 2**-11); decoded in fp32 that moves
 # pixels by ~1e-3 typically. A wrong key or layout moves them by ~0.1-1, so 3e-2 (about four
