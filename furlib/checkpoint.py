@@ -243,7 +243,16 @@ def check_fits(tensors: dict, expected: dict, source: Path) -> None:
     if missing or unexpected or shapes:
         raise RuntimeError(f"{source} does not fit this model: missing {missing[:8]} ({len(missing)}), "
                            f"unexpected {unexpected[:8]} ({len(unexpected)}), shapes differ {shapes[:4]}. "
-                           "Was it trained from another base_model? Otherwise: " + FIX)
+                           + _why_not_fitting(Path(source).parent))
+
+
+def _why_not_fitting(folder: Path) -> str:
+    """Damaged (the fix for a damaged folder), or intact and another model's (never delete it)."""
+    problem = verify(folder)
+    if problem:
+        return f"The folder is damaged ({problem}). Fix: {FIX}"
+    return ("Its files match their checksums: it is intact, another model's, trained from another base_model "
+            "(or base_config) than this run loads. Keep it, and load the base it was trained from")
 
 
 def load_into(module: torch.nn.Module, ckpt_dir: Path, stem: str, prefixes: tuple = ()) -> None:

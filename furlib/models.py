@@ -297,11 +297,14 @@ def decoder_state(vae) -> dict:
 
 def with_decoder(vae, decoder_weights: dict):
     """Load decoder-side weights into ``vae`` in place; the key set must match exactly."""
-    expected = set(decoder_state(vae))
-    if set(decoder_weights) != expected:
-        missing, extra = expected - set(decoder_weights), set(decoder_weights) - expected
-        raise ValueError(f"decoder weights do not fit this VAE: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(extra)[:5]}")
+    expected = decoder_state(vae)
+    missing, extra = sorted(set(expected) - set(decoder_weights)), sorted(set(decoder_weights) - set(expected))
+    shapes = [f"{k} {tuple(decoder_weights[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in decoder_weights and decoder_weights[k].shape != v.shape]
+    if missing or extra or shapes:  # one short line, not torch's hundred lines of size mismatches
+        raise ValueError(f"the run's decoder does not fit this VAE ({len(missing)} missing, e.g. {missing[:3]}; "
+                         f"{len(extra)} unexpected, e.g. {extra[:3]}; {len(shapes)} of other shapes, e.g. "
+                         f"{shapes[:2]}): it was trained from another base; leave base_model empty for the run's own")
     vae.load_state_dict(decoder_weights, strict=False)
     return vae
 

@@ -267,3 +267,17 @@ def test_card_embeds_the_picture_and_is_not_furception(tmp_path):
     assert "](reconstructions.png)" in card and "# my_run v1.0" in card
     assert "not the Furception release" in card
     assert "](" not in _card(tmp_path).split("## Training data")[0]
+
+
+def test_a_decoder_from_another_base_is_one_short_error():
+    """03/04 with a base_model of other widths than the run's: one line naming the cause and the
+    fix (torch's load_state_dict printed a hundred 'size mismatch' lines)."""
+    from furlib import models
+
+    vae = models.load_vae("tiny-random")
+    weights = models.decoder_state(vae)
+    weights = {k: torch.zeros(*v.shape[:-1], v.shape[-1] + 1) if v.ndim == 4 else v for k, v in weights.items()}
+    with pytest.raises(ValueError, match=r"the run's decoder does not fit this VAE \(0 missing.*0 unexpected.*"
+                                         r"[1-9][0-9]* of other shapes.*leave base_model empty") as err:
+        models.with_decoder(vae, weights)
+    assert len(str(err.value)) < 700
