@@ -36,6 +36,7 @@ from furlib.runinfo import file_sha256
 
 WEIGHT_FILES = {"ema": "ema.safetensors", "raw": "decoder.safetensors"}
 CHECKSUMS = "checksums.json"
+REFUSE_HINT = " (set on_bad_checkpoint='refuse' to stop instead)"
 FIX = "delete that folder (the run resumes from the one before) or set on_bad_checkpoint='fallback'"
 
 
@@ -171,7 +172,7 @@ def pick_checkpoint(run_dir: Path, on_bad: str = "fallback") -> tuple[Path | Non
     and why; with ``on_bad='refuse'`` an error. None: the run has no checkpoint."""
     root = Path(run_dir) / "checkpoints"
     pointer = root / "latest"
-    named = root / pointer.read_text().strip() if pointer.exists() else None
+    named = _pointed(root, pointer)
     folders = sorted(root.glob("step_*"), reverse=True)
     if named is None and not folders:
         return None, []
@@ -188,13 +189,22 @@ def pick_checkpoint(run_dir: Path, on_bad: str = "fallback") -> tuple[Path | Non
         raise RuntimeError("no intact checkpoint in " + str(root) + ":\n  " + "\n  ".join(skipped) +
                            f"\nFix: restore one from a backup, or delete {root} to start the run over")
     if named is None:
-        skipped.insert(0, f"{pointer}: missing")
+        skipped.insert(0, f"{pointer}: missing, empty or unreadable")
     if skipped:
         notes.append(f"WARNING: using the older {folder.name}; skipped " + "; ".join(skipped) +
-                     " (set on_bad_checkpoint='refuse' to stop instead)")
+                     REFUSE_HINT)
     if not (folder / CHECKSUMS).exists():
         notes.append(f"{folder} has no {CHECKSUMS} (written by an older version): its files are not verified")
     return folder, notes
+
+
+def _pointed(root: Path, pointer: Path) -> Path | None:
+    """The step folder ``latest`` names; None when it is missing, empty, a folder or not text."""
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return root / name if name and "/" not in name else None
 
 
 def latest_checkpoint(run_dir: Path, on_bad: str = "fallback") -> Path | None:
@@ -270,11 +280,20 @@ def load_decoder_weights(ckpt_dir: Path, which: str = "ema") -> dict:
     return load_tensors(ckpt_dir, WEIGHT_FILES[which].removesuffix(".safetensors"))
 
 
-def find_run_checkpoint(run_dir: Path) -> Path:
-    """Like ``latest_checkpoint`` but a missing one is a clear error for 03/04."""
-    ckpt = latest_checkpoint(run_dir)
+def find_run_checkpoint(run_dir: Path, on_bad: str = "refuse") -> Path:
+    """The run's latest checkpoint for 03/04; a missing one is a clear error. A damaged latest is
+    refused, naming the intact one ``on_bad='fallback'`` would use (then printed, not only warned:
+    a release or a score of an older step must not pass unseen)."""
+    ckpt, notes = pick_checkpoint(run_dir, "fallback")  # no intact one at all: its own error
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint: run 02_train with this run_name first")
+    damaged = [n for n in notes if n.startswith("WARNING")]
+    if damaged and on_bad == "refuse":
+        raise RuntimeError(f"the run's latest checkpoint is damaged: {damaged[0].removeprefix('WARNING: ').removesuffix(REFUSE_HINT)}. "
+                           f"Run 02 again (it trains on from {ckpt.name}), or set on_bad_checkpoint='fallback' "
+                           f"here to use {ckpt.name}")
+    for note in notes:
+        print(note, flush=True)
     return ckpt
 
 

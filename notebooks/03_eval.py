@@ -79,6 +79,7 @@ rfid = True                    # compute rFID and KID (FID Inception-v3, install
 seed = 0                       # seed of random test VAEs and of a random LPIPS backbone
 device = "auto"                # "auto", "cuda" or "cpu"
 show_images = 4                # images per picture: chosen, most improved, most regressed
+on_bad_checkpoint = "refuse"   # damaged latest checkpoint: "refuse", or "fallback" to the newest intact one (printed)
 
 # %%
 parameters.check_notebook("03_eval", globals())  # names, types and finite numbers, before anything runs
@@ -101,7 +102,7 @@ print(f"device {dev}; results go to {eval_dir}")
 # are the base with the latest checkpoint's decoder (04 verifies its own export).
 
 # %%
-specs = evaluate.run_models(run_dir, base_model, base_config, compare, seed, base_family)
+specs = evaluate.run_models(run_dir, base_model, base_config, compare, seed, base_family, on_bad_checkpoint)
 model_notes = {s.name: {"source": s.source(), "pretrained": s.pretrained, "step": s.step} for s in specs}
 display(pd.DataFrame(model_notes).T)
 if not all(s.pretrained for s in specs):

@@ -70,6 +70,7 @@ push_to_hub = False  # upload export/ to hub_repo; needs the HF_TOKEN environmen
 hub_repo = ""  # "owner/name" on the Hugging Face Hub, used when push_to_hub
 seed = 0  # seed of the latents every reloaded file must decode like the in-memory model
 device = "auto"  # "auto", "cpu" or "cuda"
+on_bad_checkpoint = "refuse"  # damaged latest checkpoint: "refuse", or "fallback" to release the newest intact one
 
 # %%
 parameters.check_notebook("04_export", globals())  # names, types and finite numbers, before anything runs
@@ -87,7 +88,7 @@ stage_dir, export_dir = run_dir / release_files.STAGING, run_dir / release_files
 # The base model's encoder and `quant_conv` with the run's finetuned decoder and `post_quant_conv`.
 
 # %%
-release = release_files.release_source(run_dir, weights, base_model, base_config, base_family)
+release = release_files.release_source(run_dir, weights, base_model, base_config, base_family, on_bad_checkpoint)
 vae = release_files.build_release_vae(release.base_model, release.base_config, release.decoder_weights,
                                       release.base_seed, release.base_family)
 stem = release_files.release_stem(name, version, release.step)

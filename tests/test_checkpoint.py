@@ -66,6 +66,27 @@ def test_keeps_last_k_and_reads_state(tmp_path):
         checkpoint.load_decoder_weights(root / "step_0000004", "best")
 
 
+def test_03_04_refuse_a_damaged_latest_or_fall_back_out_loud(tmp_path, capsys):
+    """03 and 04 score and release the latest checkpoint: a damaged one is refused, naming the
+    intact step 'fallback' would use; with 'fallback' that step is used and the note printed
+    (a release of an older step only warned before). A garbled ``latest`` pointer is damage too."""
+    root = tmp_path / "checkpoints"
+    for step in (1, 2):
+        checkpoint.save_checkpoint(root, step, _tensors(step), {"base_model": "tiny-random"})
+    with open(root / "step_0000002" / "ema.safetensors", "r+b") as f:
+        f.truncate(20)
+    with pytest.raises(RuntimeError, match=r"latest checkpoint is damaged: using the older step_0000001; skipped "
+                                           r".*step_0000002: ema.safetensors has 20 bytes.*on_bad_checkpoint='fallback'"
+                                           r" here to use step_0000001$"):
+        checkpoint.find_run_checkpoint(tmp_path)
+    assert checkpoint.find_run_checkpoint(tmp_path, "fallback").name == "step_0000001"
+    assert "WARNING: using the older step_0000001" in capsys.readouterr().out
+    for garbage in (b"\xff\xfe\x00", b"", b"../../etc\n"):  # a pointer that names no step folder
+        (root / "latest").write_bytes(garbage)
+        assert checkpoint.pick_checkpoint(tmp_path)[1][0].startswith("WARNING: using the older step_0000001; "
+                                                                    f"skipped {root / 'latest'}: missing, empty")
+
+
 def test_optimizer_state_round_trip():
     p = torch.nn.Parameter(torch.randn(3))
     opt = torch.optim.AdamW([p], lr=0.1, betas=(0.5, 0.9))

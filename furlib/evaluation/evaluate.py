@@ -40,6 +40,8 @@ def check_parameters(p: dict) -> None:
     for name, low in (("eval_max_images", 0), ("eval_batch_size", 1), ("show_images", 0)):
         if p[name] < low:
             found.append(f"{name} must be an integer >= {low}, got {p[name]!r}")
+    if p["on_bad_checkpoint"] not in ("refuse", "fallback"):
+        found.append(f"on_bad_checkpoint must be 'refuse' or 'fallback', got {p['on_bad_checkpoint']!r}")
     if p["lpips_backbone"] not in BACKBONES:
         found.append(f"lpips_backbone must be one of {BACKBONES}, got {p['lpips_backbone']!r}")
     found += base_override_problems(p)
@@ -84,10 +86,10 @@ class EvalModel:
 
 
 def run_models(run_dir, base_model: str = "", base_config: str = "", compare: str = "",
-               seed: int = 0, base_family: str = "") -> list:
+               seed: int = 0, base_family: str = "", on_bad_checkpoint: str = "refuse") -> list:
     """base, finetuned-ema, finetuned-raw (latest checkpoint), extras (``compare``). 03 evaluates
     checkpoints; 04 verifies its own export."""
-    ckpt = checkpoint.find_run_checkpoint(Path(run_dir))
+    ckpt = checkpoint.find_run_checkpoint(Path(run_dir), on_bad_checkpoint)
     base_model, base_config, base_family, state = checkpoint.run_base(ckpt, base_model, base_config, base_family)
     seed = state.get("settings", {}).get("seed", seed)  # 'tiny' bases: the encoder 02 trained with
     step = int(state["step"])

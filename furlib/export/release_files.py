@@ -47,6 +47,8 @@ def check_parameters(p: dict) -> None:
     for label, value in (("model_name (empty: the run_name)", p["model_name"] or p["run_name"]), ("version", p["version"])):
         if not value or any(c in value for c in "/\\ "):
             found.append(f"{label} must be non-empty without slashes or spaces, got {value!r}")
+    if p["on_bad_checkpoint"] not in ("refuse", "fallback"):
+        found.append(f"on_bad_checkpoint must be 'refuse' or 'fallback', got {p['on_bad_checkpoint']!r}")
     if p["push_to_hub"] and p["hub_repo"].count("/") != 1:
         found.append(f"hub_repo must be 'owner/name' when push_to_hub is True, got {p['hub_repo']!r}")
     found += base_override_problems(p)
@@ -100,12 +102,12 @@ def public_name(value: str) -> str:
 
 
 def release_source(run_dir: Path, weights: str = "ema", base_model: str = "", base_config: str = "",
-                   base_family: str = "") -> Release:
+                   base_family: str = "", on_bad_checkpoint: str = "refuse") -> Release:
     """What a run releases: checkpoint, step, base model (the run's own unless given), weights."""
     restored = recover_folder(Path(run_dir) / EXPORT)  # the last good release, if a 04 died mid-swap
     if restored:
         warnings.warn(restored, stacklevel=2)
-    ckpt = find_run_checkpoint(run_dir)
+    ckpt = find_run_checkpoint(run_dir, on_bad_checkpoint)
     base_model, base_config, base_family, state = run_base(ckpt, base_model, base_config, base_family)
     return Release(checkpoint=str(ckpt), step=int(state["step"]), base_model=base_model,
                    base_config=base_config or "", base_family=base_family,
