@@ -215,21 +215,41 @@ def _table_rows(path: Path, source_split: str, image_column: str, resume=None):
 def open_table(path: Path, source_split: str = "train"):
     """A local table source as a ``datasets`` Dataset (memory-mapped) or IterableDataset."""
     import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    if path.is_file() and path.suffix.lower() == ".arrow":
-        ds = datasets.Dataset.from_file(str(path))  # memory-mapped, no copy
-    elif path.is_file():
-        ds = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
-    elif (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-        ds = datasets.load_from_disk(str(path))
-    else:
-        fmt = "parquet" if any(path.rglob("*.parquet")) else "arrow"
-        ds = datasets.load_dataset(fmt, data_dir=str(path), streaming=True)
+    try:
+        if path.is_file() and path.suffix.lower() == ".arrow":
+            ds = _arrow_file(path)
+        elif path.is_file():
+            if pq.ParquetFile(path).metadata.num_rows == 0:  # datasets' stream fails on it, deep inside
+                raise ValueError(f"{path} has no rows")
+            ds = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
+        elif (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            ds = datasets.load_from_disk(str(path))
+        else:
+            fmt = "parquet" if any(path.rglob("*.parquet")) else "arrow"
+            ds = datasets.load_dataset(fmt, data_dir=str(path), streaming=True)
+    except (pa.ArrowException, OSError) as err:  # pyarrow's words name no file
+        raise ValueError(f"{path} is not a readable parquet/arrow table ({' '.join(str(err).split())}): a file cut "
+                         "short, or another format under that name") from None
     if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         if source_split not in ds:
             raise ValueError(f"source_split={source_split!r} not in {path}; splits: {list(ds)}")
         ds = ds[source_split]
     return ds
+
+
+def _arrow_file(path: Path):
+    """An ``.arrow`` file as a memory-mapped Dataset: datasets' own (Arrow's streaming format), or
+    the random-access "file" format (Feather v2: pandas' ``to_feather``, polars' ``write_ipc``)."""
+    import datasets
+    import pyarrow as pa
+
+    try:
+        return datasets.Dataset.from_file(str(path))
+    except pa.ArrowInvalid:
+        return datasets.Dataset(pa.ipc.open_file(pa.memory_map(str(path))).read_all())
 
 
 def open_stream(source, source_split: str = "train", image_column: str = "image",

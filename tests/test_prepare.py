@@ -353,6 +353,15 @@ def test_table_sources(tmp_path):
     with pytest.raises(ValueError, match="image_column"):
         run(tmp_path / "set.parquet", tmp_path / "d2", image_column="picture")
     assert len(list(sources.iter_source(tmp_path / "saved", max_images=2))) == 2
+    import pyarrow.feather  # pandas' to_feather and polars' write_ipc: Arrow's file format, not datasets'
+
+    pyarrow.feather.write_feather(ds.data.table, str(tmp_path / "feather.arrow"), compression="uncompressed")
+    assert run(tmp_path / "feather.arrow", tmp_path / "d3")["counts"]["accepted"] == 3
+    ds.select([]).to_parquet(str(tmp_path / "empty.parquet"))
+    (tmp_path / "cut.parquet").write_bytes((tmp_path / "set.parquet").read_bytes()[:-100])
+    for name, said in (("empty.parquet", "has no rows"), ("cut.parquet", "is not a readable parquet/arrow table")):
+        with pytest.raises(ValueError, match=f"{name} {said}"):  # pyarrow's own words named no file
+            run(tmp_path / name, tmp_path / "d4")
 
 
 def test_hub_source_offline_is_one_clear_error(tmp_path, monkeypatch):
