@@ -171,6 +171,8 @@ def pick_checkpoint(run_dir: Path, on_bad: str = "fallback") -> tuple[Path | Non
     ``on_bad='fallback'``, the newest intact step folder and a note saying what was skipped
     and why; with ``on_bad='refuse'`` an error. None: the run has no checkpoint."""
     root = Path(run_dir) / "checkpoints"
+    if root.exists() and not root.is_dir():  # training would run, then fail at its first save
+        raise ValueError(f"{root} is a file, not the run's checkpoints folder: move it away, then run again")
     pointer = root / "latest"
     named = _pointed(root, pointer)
     folders = sorted(root.glob("step_*"), reverse=True)

@@ -30,7 +30,16 @@ def pick_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("device='cuda' but no CUDA GPU is visible; use device='auto' or 'cpu'")
-    return torch.device(device)
+    try:
+        picked = torch.device(device)
+        if picked.type == "cuda" and (picked.index or 0) >= torch.cuda.device_count():
+            raise RuntimeError(f"{torch.cuda.device_count()} CUDA GPU(s) are visible")
+        if picked.type != "cuda":  # (a CUDA probe would hold GPU memory in a launching parent)
+            torch.empty(0, device=picked)  # 'mps' on Linux, say: here, not mid-run
+    except (RuntimeError, AssertionError) as err:
+        raise ValueError(f"device={device!r} is not usable here ({' '.join(str(err).split())[:200]}); "
+                         "use device='auto', 'cpu' or 'cuda'") from None
+    return picked
 
 
 def usable_cores() -> int:
@@ -72,7 +81,10 @@ def write_record(path: Path, parameters: dict, results: dict, device: torch.devi
 def run_dir(outputs_dir: str, run_name: str) -> Path:
     if not run_name or any(c in run_name for c in "/\\") or run_name.startswith("."):
         raise ValueError(f"run_name must be a plain folder name, got {run_name!r}")
-    return Path(outputs_dir).expanduser() / run_name  # "~/runs" is the home folder, as in a shell
+    root = Path(outputs_dir).expanduser()  # "~/runs" is the home folder, as in a shell
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"outputs_dir={outputs_dir!r} is a file, not a folder: choose a folder for the runs")
+    return root / run_name
 
 
 def read_json(path, fix: str, default=None):

@@ -153,3 +153,25 @@ def test_outputs_dir_under_home_is_expanded():
     from furlib import runinfo
 
     assert runinfo.run_dir("~/runs", "r") == Path.home() / "runs" / "r"
+
+
+def test_paths_and_values_that_would_fail_mid_run_are_refused_first(tmp_path):
+    """An outputs_dir or checkpoints that is a file (02 trained, then failed at its first save), a
+    seed from time.time_ns() (torch's generator overflowed at step 0), a device this torch lacks."""
+    from furlib import checkpoint, runinfo
+    from furlib.evaluation import evaluate
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="outputs_dir=.*afile' is a file, not a folder"):
+        runinfo.run_dir(str(tmp_path / "afile"), "r")
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "checkpoints").write_text("x")
+    with pytest.raises(ValueError, match="checkpoints is a file, not the run's checkpoints folder"):
+        checkpoint.pick_checkpoint(tmp_path / "r")
+    with pytest.raises(ValueError, match=r"seed=1765000000000000000: must be an integer in \[0, 2\*\*32\)"):
+        TrainSettings.from_params({"seed": 1_765_000_000_000_000_000})
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32\)"):
+        evaluate.check_parameters({**pipeline.stage_defaults("03_eval"), "seed": 2 ** 40})
+    if not torch.backends.mps.is_available():  # Linux, Colab, Kaggle
+        with pytest.raises(ValueError, match="device='mps' is not usable here"):
+            runinfo.pick_device("mps")

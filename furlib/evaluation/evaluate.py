@@ -40,6 +40,7 @@ def check_parameters(p: dict) -> None:
     for name, low in (("eval_max_images", 0), ("eval_batch_size", 1), ("show_images", 0)):
         if p[name] < low:
             found.append(f"{name} must be an integer >= {low}, got {p[name]!r}")
+    found += seed_problems(p)
     if p["on_bad_checkpoint"] not in ("refuse", "fallback"):
         found.append(f"on_bad_checkpoint must be 'refuse' or 'fallback', got {p['on_bad_checkpoint']!r}")
     if p["lpips_backbone"] not in BACKBONES:
@@ -47,6 +48,11 @@ def check_parameters(p: dict) -> None:
     found += base_override_problems(p)
     if found:
         raise ValueError("invalid 03_eval parameter(s):\n  " + "\n  ".join(found))
+
+
+def seed_problems(p: dict) -> list[str]:
+    """03's and 04's ``seed``, in 02's range: [0, 2**32)."""
+    return [] if 0 <= p["seed"] < 2 ** 32 else [f"seed must be an integer in [0, 2**32), got {p['seed']!r}"]
 
 
 def base_override_problems(p: dict) -> list[str]:

@@ -39,7 +39,7 @@ from furlib.runinfo import file_sha256
 def check_parameters(p: dict) -> None:
     """04's values that need no run or model (the pipeline checks them before 01 starts): one
     ValueError listing every problem."""
-    from furlib.evaluation.evaluate import base_override_problems
+    from furlib.evaluation.evaluate import base_override_problems, seed_problems
 
     found = []
     if p["weights"] not in ("ema", "raw"):
@@ -51,7 +51,7 @@ def check_parameters(p: dict) -> None:
         found.append(f"on_bad_checkpoint must be 'refuse' or 'fallback', got {p['on_bad_checkpoint']!r}")
     if p["push_to_hub"] and p["hub_repo"].count("/") != 1:
         found.append(f"hub_repo must be 'owner/name' when push_to_hub is True, got {p['hub_repo']!r}")
-    found += base_override_problems(p)
+    found += base_override_problems(p) + seed_problems(p)
     if found:
         raise ValueError("invalid 04_export parameter(s):\n  " + "\n  ".join(found))
 
