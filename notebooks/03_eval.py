@@ -123,6 +123,8 @@ finetuned = "finetuned-ema" if "finetuned-ema" in vaes else next(n for n in vaes
 
 # %%
 images = evaluate.image_set(eval_source, run_dir, eval_split, eval_image_column, eval_max_images)
+reference_images = (evaluate.image_set(reference_source, run_dir, eval_split, eval_image_column, eval_max_images,
+                                       "reference_source") if reference_source else None)  # a bad one fails now
 result = evaluate.evaluate(vaes, images, resolution=eval_resolution, batch_size=eval_batch_size, device=dev,
                            lpips_backbone=lpips_backbone, rfid=rfid, n_show=show_images,
                            finetuned=finetuned, seed=seed)
@@ -145,7 +147,6 @@ show(eval_figures.metrics_figure(result.per_image), save_to=eval_dir / "metrics.
 # %%
 reference = None
 if reference_source:
-    reference_images = evaluate.image_set(reference_source, run_dir, eval_split, eval_image_column, eval_max_images)
     reference = evaluate.evaluate(vaes, reference_images, resolution=eval_resolution, batch_size=eval_batch_size,
                                   device=dev, lpips_backbone=lpips_backbone, rfid=False, n_show=show_images,
                                   finetuned=finetuned, seed=seed)

@@ -237,3 +237,13 @@ def test_figures_and_widget(result):
     widget = eval_figures.comparison_widget(ex, "base", "finetuned-ema")
     assert widget.children[-1].value[:4] == b"\x89PNG"
     assert math.isfinite(ex[0]["delta"])
+
+
+def test_a_bad_image_set_names_its_own_parameter(tmp_path):
+    """03 opens reference_source before scoring anything; its errors name reference_source, not
+    eval_source (a bad one failed under the wrong name, after the whole main evaluation)."""
+    with pytest.raises(ValueError, match="reference_source '/no/such/folder': no such folder"):
+        evaluate.image_set("/no/such/folder", tmp_path, key="reference_source")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="eval_source '.*empty': no images"):
+        evaluate.image_set(str(tmp_path / "empty"), tmp_path)

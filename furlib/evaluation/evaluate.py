@@ -145,10 +145,10 @@ class ImageSet:
 
 
 def image_set(eval_source: str, run_dir, split: str = "validation", image_column: str = "image",
-              max_images: int = 0) -> ImageSet:
+              max_images: int = 0, key: str = "eval_source") -> ImageSet:
     """'val' (the run's ``data/val`` images), or any source 01 reads (``sources.iter_source``):
     a built-in set (e.g. 'builtin-photos'), a folder, a parquet/arrow file or saved dataset, or a
-    Hugging Face dataset id (streamed)."""
+    Hugging Face dataset id (streamed). ``key``: the parameter an error names."""
     from furlib.builtin import BUILTIN_SOURCES
 
     source = str(Path(run_dir) / "data" / "val") if eval_source == "val" else eval_source
@@ -157,9 +157,9 @@ def image_set(eval_source: str, run_dir, split: str = "validation", image_column
     if source in BUILTIN_SOURCES or Path(source).expanduser().exists():  # local: list once (a known total)
         items = list(items)
         if not items:
-            raise ValueError(f"eval_source {eval_source!r}: no images in {source}")
+            raise ValueError(f"{key} {eval_source!r}: no images in {source}")
     elif eval_source.startswith((".", "/", "~")):
-        raise ValueError(f"eval_source {eval_source!r}: no such folder or file")
+        raise ValueError(f"{key} {eval_source!r}: no such folder or file")
     else:
         next(iter(items), None)  # a hub dataset that cannot be read fails here, clearly
     return ImageSet(name, items, len(items) if isinstance(items, list) else (max_images or None))
