@@ -281,3 +281,21 @@ def test_a_decoder_from_another_base_is_one_short_error():
                                          r"[1-9][0-9]* of other shapes.*leave base_model empty") as err:
         models.with_decoder(vae, weights)
     assert len(str(err.value)) < 700
+
+
+def test_04_refuses_to_replace_what_it_did_not_write(tmp_path):
+    """04 replaces export/ whole: a file a user added there, or a card edited by hand, is refused
+    before any work (it was deleted without a word); its own release is replaced as before."""
+    run = tmp_path / "t04"
+    fabricate_run(run)
+    run_export(run)
+    run_export(run)  # its own files: replaced, no question
+    card = run / release_files.EXPORT / "README.md"
+    card.write_text(card.read_text() + "\nmy own words\n")
+    (run / release_files.EXPORT / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds files 04 did not write, or edited since it did: \['README.md', 'notes.txt'\]"):
+        release_files.release_source(run)
+    shutil.rmtree(run / release_files.EXPORT)
+    (run / release_files.EXPORT).write_text("a file")
+    with pytest.raises(ValueError, match="export is a file"):
+        release_files.release_source(run)

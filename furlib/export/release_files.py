@@ -107,6 +107,7 @@ def release_source(run_dir: Path, weights: str = "ema", base_model: str = "", ba
     restored = recover_folder(Path(run_dir) / EXPORT)  # the last good release, if a 04 died mid-swap
     if restored:
         warnings.warn(restored, stacklevel=2)
+    check_export_is_ours(Path(run_dir) / EXPORT)
     ckpt = find_run_checkpoint(run_dir, on_bad_checkpoint)
     base_model, base_config, base_family, state = run_base(ckpt, base_model, base_config, base_family)
     return Release(checkpoint=str(ckpt), step=int(state["step"]), base_model=base_model,
@@ -280,6 +281,26 @@ def file_table(root: Path) -> list[dict]:
     root = Path(root)
     return [{"path": p.relative_to(root).as_posix(), "bytes": p.stat().st_size, "sha256": file_sha256(p)}
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.json"]
+
+
+def check_export_is_ours(export_dir: Path) -> None:
+    """04 replaces ``export/`` whole: before any work, refuse when it holds what 04 did not write
+    (a file a user added or edited since, by its manifest), or is a file, instead of deleting it."""
+    export_dir = Path(export_dir)
+    if export_dir.exists() and not export_dir.is_dir():
+        raise ValueError(f"{export_dir} is a file; 04 writes a folder there: move it away, then run 04 again")
+    if not export_dir.is_dir() or not any(export_dir.iterdir()):
+        return
+    try:
+        written = {(f["path"], f["sha256"]) for f in json.loads((export_dir / "manifest.json").read_text())["files"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        written = set()
+    foreign = [f["path"] for f in file_table(export_dir) if (f["path"], f["sha256"]) not in written
+               and not any(part.startswith(".") for part in f["path"].split("/"))]  # .DS_Store and the like
+    if foreign:
+        raise ValueError(f"{export_dir} holds files 04 did not write, or edited since it did: {foreign[:5]}"
+                         f"{' ...' if len(foreign) > 5 else ''}. 04 replaces export/ whole: move them out "
+                         "(a card's words belong in 04's training_data and license parameters), then run 04 again")
 
 
 def finalize_export(stage_dir: Path, export_dir: Path, release: Release, checks: list[dict]) -> dict:
