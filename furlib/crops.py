@@ -208,7 +208,12 @@ class CropDataset(torch.utils.data.Dataset):
         """The image's uint8 HWC pixels from the cache, else decoded whole and stored there; None
         once a write has failed in this process (the PNG path then decodes only the rows needed)."""
         entry = pixelcache.entry_path(self.cache_dir, path)
-        pixels = pixelcache.read(entry)
+        try:
+            pixels = pixelcache.read(entry)
+        except ValueError as damage:  # outside damage to a derived file: rebuilt from its PNG, said
+            warnings.warn(f"{damage}: rebuilt from its PNG", RuntimeWarning, stacklevel=2)
+            entry.unlink(missing_ok=True)
+            pixels = None
         if pixels is not None or not self._cache_writes:
             return pixels
         pixels = np.asarray(open_rgb(path))

@@ -29,11 +29,9 @@ def read(entry: Path) -> np.ndarray | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     except (ValueError, EOFError) as error:  # entries are renamed into place whole: outside damage
-        raise ValueError(f"pixel cache entry {entry} is unreadable ({error}); delete it and it is "
-                         "rebuilt from its PNG") from error
+        raise ValueError(f"pixel cache entry {entry} is unreadable ({error})") from error
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
-        raise ValueError(f"pixel cache entry {entry} holds {pixels.dtype} {pixels.shape}, not uint8 "
-                         "HWC RGB; delete it and it is rebuilt from its PNG")
+        raise ValueError(f"pixel cache entry {entry} holds {pixels.dtype} {pixels.shape}, not uint8 HWC RGB")
     return pixels
 
 

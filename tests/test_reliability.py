@@ -274,17 +274,24 @@ def test_truncated_training_image_is_named_inside_the_loader(tmp_path):
         _all_batches(loader, len(list(train.iterdir())), 2)
 
 
-def test_truncated_pixel_cache_entry_is_named(tmp_path):
-    from furlib import crops
+def test_damaged_pixel_cache_entries_are_named_and_rebuilt(tmp_path):
+    """A cache entry is derived from its PNG: a damaged one (truncated, or another array) is named
+    in a warning and rebuilt, all in one run (it stopped the run, one file per run)."""
+    import numpy as np
+
+    from furlib import crops, pixelcache
 
     _prepared(tmp_path)
     train, cache = tmp_path / "r" / "data" / "train", tmp_path / "cache"
     n = len(list(train.iterdir()))
     _all_batches(crops.make_loader(train, 64, 2, cache_dir=cache), n, 2)
-    entry = sorted(cache.glob("*.npy"))[0]
-    entry.write_bytes(entry.read_bytes()[:500])
-    with pytest.raises(ValueError, match=f"pixel cache entry {entry} is unreadable.*delete it"):
+    first, second = sorted(cache.glob("*.npy"))[:2]
+    good = np.array(pixelcache.read(first))
+    first.write_bytes(first.read_bytes()[:500])
+    np.save(second, np.zeros((4, 4), np.float32))
+    with pytest.warns(RuntimeWarning, match=f"pixel cache entry {first} is unreadable.*rebuilt from its PNG"):
         _all_batches(crops.make_loader(train, 64, 2, cache_dir=cache), n, 2)
+    assert np.array_equal(pixelcache.read(first), good) and pixelcache.read(second).dtype == np.uint8
 
 
 @pytest.mark.parametrize("garble", ["{not json", "[1, 2]", '{"counts": {}}'])
