@@ -318,3 +318,18 @@ def test_malformed_lock_owner_record_names_the_file(tmp_path):
         code = f"from furlib.training.runlock import RunLock; RunLock({str(tmp_path)!r}).acquire()"
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert "run.lock.owner holds list" in done.stderr and "delete it if no training" in done.stderr
+
+
+def test_a_resume_below_the_checkpoints_step_says_nothing_trains(tmp_path):
+    """max_steps lowered on resume: no rewind; a WARNING says nothing is trained and which
+    checkpoint stays the latest (the plan only listed 'changes max_steps')."""
+    import dataclasses
+
+    from furlib import checkpoint
+
+    _prepared(tmp_path)
+    s = TrainSettings(**TINY, outputs_dir=str(tmp_path), run_name="r")
+    checkpoint.save_checkpoint(tmp_path / "r" / "checkpoints", 12, {"decoder": {"w": torch.zeros(1)}},
+                               {"settings": dataclasses.asdict(dataclasses.replace(s, max_steps=12)), "processes": 1})
+    notes = make_plan(s, 1, torch.device("cpu")).notes
+    assert any(n.startswith("WARNING: max_steps=2 is below the checkpoint's step 12: nothing is trained") for n in notes)

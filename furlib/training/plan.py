@@ -125,6 +125,9 @@ def make_plan(s, processes: int, device: torch.device) -> Plan:
         start = state["step"]
         notes += resume.compare(state, dataclasses.asdict(s), processes, str(ckpt))
         notes += resume.thread_note(state, torch.get_num_threads(), device.type)
+        if start > s.max_steps:  # a shorter max_steps on resume is no rewind: said, not only "changed"
+            notes.append(f"WARNING: max_steps={s.max_steps} is below the checkpoint's step {start}: nothing is "
+                         f"trained and {ckpt.name} stays the latest (a run does not rewind: a shorter run is a new run_name)")
     use_cache, cache_note = (False, "") if s.train_source else \
         crops.cache_plan(train_dir, run_path / "pixel_cache", s.pixel_cache)
     workers, cap_note = worker_cap(s.num_workers, processes)
