@@ -109,9 +109,12 @@ if num_proc < 0 or num_shards < 1 or shard_index >= num_shards:
 if preview_crops < 1:
     raise ValueError(f"preview_crops must be >= 1, got {preview_crops}")
 try:
-    background_rgb = ImageColor.getrgb(background)[:3]
+    background_rgba = ImageColor.getrgb(background)
 except ValueError:
     raise ValueError(f"background must be a colour such as '#ffffff' or 'white', got {background!r}") from None
+if len(background_rgba) == 4 and background_rgba[3] != 255:  # stored images have no alpha to keep it
+    raise ValueError(f"background must be opaque (transparent pixels are painted with it), got {background!r}")
+background_rgb = background_rgba[:3]
 
 # %% [markdown]
 # ## 1. Prepare

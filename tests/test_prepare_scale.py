@@ -150,6 +150,12 @@ def test_two_shards_equal_one_run(tmp_path):
     first = run(src, tmp_path / "sharded", num_shards=2, shard_index=1, val_max=2)
     assert not first["complete"] and first["missing_shards"] == ["shard-00000-of-00002"]
     assert not (tmp_path / "sharded" / "report.json").exists()
+    part = tmp_path / "sharded" / "parts" / "shard-00001-of-00002.jsonl"
+    intact = part.read_bytes()
+    part.write_bytes(intact[: len(intact) // 2])  # damaged on disk: that shard is missing again
+    assert run(src, tmp_path / "sharded", num_shards=2, shard_index=0, val_max=2)["missing_shards"] == \
+        ["shard-00001-of-00002"]
+    part.write_bytes(intact)
     second = run(src, tmp_path / "sharded", num_shards=2, shard_index=0, val_max=2)
     assert second["complete"]
     for key in ("accepted", "rejected", "duplicates"):

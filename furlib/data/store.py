@@ -138,11 +138,14 @@ def read_parts(data_dir: Path, shards: list, header: dict) -> tuple[list, list]:
     entries, missing = [], []
     for shard in shards:
         path = data_dir / "parts" / f"{shard}.jsonl"
-        lines = path.read_text().splitlines() if path.exists() else []
-        if not lines or json.loads(lines[0]) != header:
+        try:
+            lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        except (UnicodeDecodeError, json.JSONDecodeError):  # damaged on disk: that shard runs again
+            lines = []  # (quickly: its journal holds every input it decoded)
+        if not lines or lines[0] != header:
             missing.append(shard)
             continue
-        entries += [json.loads(line) for line in lines[1:]]
+        entries += lines[1:]
     return entries, missing
 
 
