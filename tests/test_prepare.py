@@ -191,6 +191,10 @@ def test_interrupted_run_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "_process", real)
     with open(tmp_path / "data" / "journal.jsonl", "a") as log:
         log.write('{"key": "half a li')  # what a kill mid-write leaves
+    journal = next((tmp_path / "data" / "journal").glob("*.jsonl"))
+    first_key = json.loads(journal.read_text().splitlines()[0])["key"]
+    with open(journal, "a") as log:  # the latest line of an input, valid JSON with fields lost: not taken
+        log.write("\n" + json.dumps({"key": first_key, "status": "ok", "hash": "ab"}) + "\n\xff\xfe garbage\n")
     stale = tmp_path / "data" / "train" / ".tmp-1-0123456789abcdef.png"  # a killed writer's
     stale.write_bytes(b"\x89PNG half")
     os.utime(stale, (1e9, 1e9))

@@ -51,15 +51,21 @@ def locked(path: Path, shared: bool, what: str, wait: bool = False):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+JOURNAL_FIELDS = {"ok": {"hash", "file", "width", "height", "source_width", "source_height"},
+                  "rejected": {"reason"}}  # what an entry of each status must hold to be reused
+
+
 def read_journal(data_dir: Path) -> dict:
-    """key -> latest entry over every journal file; unparsable lines (a killed write) are skipped."""
+    """key -> latest entry over every journal file; unparsable or incomplete lines (a killed
+    write, damage on disk) are skipped: those inputs are decoded again."""
     out = {}
     files = [data_dir / "journal.jsonl", *sorted((data_dir / "journal").glob("*.jsonl"))]
     for path in files:
-        for line in path.read_text().splitlines() if path.exists() else []:
+        for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
             try:
                 entry = json.loads(line)
-                out[entry.pop("key")] = entry
+                if JOURNAL_FIELDS[entry["status"]] <= set(entry):
+                    out[entry.pop("key")] = entry
             except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
                 continue
     return out
