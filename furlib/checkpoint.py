@@ -291,9 +291,9 @@ def find_run_checkpoint(run_dir: Path, on_bad: str = "refuse") -> Path:
         raise FileNotFoundError(f"{run_dir} has no checkpoint: run 02_train with this run_name first")
     damaged = [n for n in notes if n.startswith("WARNING")]
     if damaged and on_bad == "refuse":
-        raise RuntimeError(f"the run's latest checkpoint is damaged: {damaged[0].removeprefix('WARNING: ').removesuffix(REFUSE_HINT)}. "
-                           f"Run 02 again (it trains on from {ckpt.name}), or set on_bad_checkpoint='fallback' "
-                           f"here to use {ckpt.name}")
+        what = damaged[0].removeprefix("WARNING: ").removesuffix(REFUSE_HINT)
+        raise RuntimeError(f"the run's latest checkpoint is damaged: {what}. Run 02 again (it trains on "
+                           f"from {ckpt.name}), or set on_bad_checkpoint='fallback' here to use {ckpt.name}")
     for note in notes:
         print(note, flush=True)
     return ckpt

@@ -24,8 +24,6 @@ from furlib.images import preprocess, to_uint8
 from furlib.models import is_pretrained, load_vae, with_decoder
 from furlib.parameters import strict_bool
 
-
-
 MIN_RESOLUTION = 32  # LPIPS(AlexNet)'s trunk pools a smaller crop away ("Output size is too small")
 
 
@@ -40,27 +38,23 @@ def check_parameters(p: dict) -> None:
     for name, low in (("eval_max_images", 0), ("eval_batch_size", 1), ("show_images", 0)):
         if p[name] < low:
             found.append(f"{name} must be an integer >= {low}, got {p[name]!r}")
-    found += seed_problems(p)
-    if p["on_bad_checkpoint"] not in ("refuse", "fallback"):
-        found.append(f"on_bad_checkpoint must be 'refuse' or 'fallback', got {p['on_bad_checkpoint']!r}")
     if p["lpips_backbone"] not in BACKBONES:
         found.append(f"lpips_backbone must be one of {BACKBONES}, got {p['lpips_backbone']!r}")
-    found += base_override_problems(p)
+    found += run_reader_problems(p)
     if found:
         raise ValueError("invalid 03_eval parameter(s):\n  " + "\n  ".join(found))
 
 
-def seed_problems(p: dict) -> list[str]:
-    """03's and 04's ``seed``, in 02's range: [0, 2**32)."""
-    return [] if 0 <= p["seed"] < 2 ** 32 else [f"seed must be an integer in [0, 2**32), got {p['seed']!r}"]
-
-
-def base_override_problems(p: dict) -> list[str]:
-    """03's and 04's base_config and base_family qualify an explicit base_model only."""
+def run_reader_problems(p: dict) -> list[str]:
+    """The checks 03 and 04 share (both read a run's checkpoint and base): ``seed`` in 02's range,
+    ``on_bad_checkpoint``, and base_config / base_family only with an explicit base_model."""
+    found = [] if 0 <= p["seed"] < 2 ** 32 else [f"seed must be an integer in [0, 2**32), got {p['seed']!r}"]
+    if p["on_bad_checkpoint"] not in ("refuse", "fallback"):
+        found.append(f"on_bad_checkpoint must be 'refuse' or 'fallback', got {p['on_bad_checkpoint']!r}")
     if (p["base_config"] or p["base_family"]) and not p["base_model"]:
-        return ["base_config and base_family are only used with an explicit base_model; leave them empty "
-                "for the run's own"]
-    return []
+        found.append("base_config and base_family are only used with an explicit base_model; leave them empty "
+                     "for the run's own")
+    return found
 
 
 @dataclass(frozen=True)

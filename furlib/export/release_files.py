@@ -36,22 +36,22 @@ from furlib.models import load_vae, with_decoder
 from furlib.parameters import strict_bool
 from furlib.runinfo import file_sha256
 
+
 def check_parameters(p: dict) -> None:
     """04's values that need no run or model (the pipeline checks them before 01 starts): one
     ValueError listing every problem."""
-    from furlib.evaluation.evaluate import base_override_problems, seed_problems
+    from furlib.evaluation.evaluate import run_reader_problems
 
     found = []
     if p["weights"] not in ("ema", "raw"):
         found.append(f"weights must be 'ema' or 'raw', got {p['weights']!r}")
-    for label, value in (("model_name (empty: the run_name)", p["model_name"] or p["run_name"]), ("version", p["version"])):
+    for label, value in (("model_name (empty: the run_name)", p["model_name"] or p["run_name"]),
+                         ("version", p["version"])):
         if not value or any(c in value for c in "/\\ "):
             found.append(f"{label} must be non-empty without slashes or spaces, got {value!r}")
-    if p["on_bad_checkpoint"] not in ("refuse", "fallback"):
-        found.append(f"on_bad_checkpoint must be 'refuse' or 'fallback', got {p['on_bad_checkpoint']!r}")
     if p["push_to_hub"] and p["hub_repo"].count("/") != 1:
         found.append(f"hub_repo must be 'owner/name' when push_to_hub is True, got {p['hub_repo']!r}")
-    found += base_override_problems(p) + seed_problems(p)
+    found += run_reader_problems(p)
     if found:
         raise ValueError("invalid 04_export parameter(s):\n  " + "\n  ".join(found))
 
