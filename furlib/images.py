@@ -18,10 +18,10 @@ single frame, no ICC profile or one whose conversion to sRGB changes no colour, 
 sRGB). Decoding that file later with PIL gives exactly the pixels ``load_rgb`` returned.
 
 Sizes are checked from the header before any pixel is decoded, so a decompression bomb costs a
-few hundred bytes of reading. PIL's own global limit (``Image.MAX_IMAGE_PIXELS``) still applies
-unless raised to ``max_pixels`` within ``allowing_pixels`` (as 01 does): the effective limit is
-the smaller of the two; its warning and error are turned into ``too_many_pixels`` rejections
-instead of passing through.
+few hundred bytes of reading. PIL's own global limit (``Image.MAX_IMAGE_PIXELS``) still applies:
+the effective limit is the smaller of it and ``max_pixels`` (01 refuses a larger ``max_pixels``:
+every later reader of a stored image meets Pillow's limit too); its warning and error are turned
+into ``too_many_pixels`` rejections instead of passing through.
 
 Conventions (the only place they are converted): ``uint8`` HWC RGB arrays <-> ``rgb_m11`` float
 CHW/NCHW tensors in [-1, 1] (``to_rgb_m11``, ``to_uint8``), and ``rgb_01`` in [0, 1] for metrics and
@@ -79,21 +79,6 @@ def reusing_pixel_memory(threads: int):
     finally:
         Image.core.set_blocks_max(before[1])  # frees the blocks kept beyond it
         Image.core.set_block_size(before[0])
-
-
-@contextlib.contextmanager
-def allowing_pixels(max_pixels: int):
-    """Within: Pillow's own decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, 89,478,485 px
-    by default) raised to ``max_pixels`` when that is larger, so a ``max_pixels`` above it takes
-    effect instead of silently stopping at Pillow's. The header check in ``load_rgb`` still
-    rejects anything larger than ``max_pixels`` before decoding; the limit is restored after."""
-    before = Image.MAX_IMAGE_PIXELS
-    if before is not None and max_pixels > before:
-        Image.MAX_IMAGE_PIXELS = max_pixels
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = before
 
 
 def load_rgb(src, background=(255, 255, 255), max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageCms
 
-from furlib.images import ImageRejected, allowing_pixels, load_rgb
+from furlib.images import ImageRejected, load_rgb
 
 
 def encode(image: Image.Image, fmt: str, **kw) -> bytes:
@@ -90,33 +90,14 @@ def test_files_pillow_fails_on_without_an_oserror_are_corrupt():
     assert load_rgb(b"\x89PNG\r\n\x1a\n" + ihdr(0) + idat).size == (8, 8)  # the same file, well formed
 
 
-def test_max_pixels_above_pillows_own_limit_takes_effect():
-    """``allowing_pixels`` (01 runs within it) lifts Pillow's 89 MP bomb limit to ``max_pixels``,
-    so a larger ``max_pixels`` is not silently capped; the limit is restored after."""
-    before = Image.MAX_IMAGE_PIXELS
-    header = png_header_only(10_000, 9_500)  # 95 MP: over Pillow's limit
-    assert rejected(header, max_pixels=200_000_000) == "too_many_pixels"  # Pillow's limit, outside
-    with allowing_pixels(200_000_000):
-        assert rejected(header, max_pixels=200_000_000) == "truncated"  # past every size check
-        assert rejected(header, max_pixels=90_000_000) == "too_many_pixels"
-    assert Image.MAX_IMAGE_PIXELS == before
+def test_max_pixels_above_pillows_own_limit_is_refused(tmp_path):
+    """01 refuses a max_pixels over Pillow's own limit: it had no effect (Pillow rejected such
+    images anyway), and an image 01 stored above it would fail every later reader (crops, 03)."""
+    from furlib.data import prepare
 
-
-def test_a_png_colour_key_is_transparency():
-    """A PNG's tRNS colour key on an RGB, grey or 16-bit grey image makes the keyed pixels
-    transparent: they come out as the background, like a palette PNG's."""
-    rgb = Image.new("RGB", (8, 8), (255, 0, 255))
-    rgb.paste((0, 120, 0), (2, 2, 6, 6))
-    grey16 = np.full((8, 8), 7, np.uint16)
-    grey16[2:6, 2:6] = 40000
-    keyed = {"RGB": encode(rgb, "PNG", transparency=(255, 0, 255)),
-             "L": encode(rgb.convert("L"), "PNG", transparency=rgb.convert("L").getpixel((0, 0))),
-             "I;16": encode(Image.fromarray(grey16), "PNG", transparency=7)}
-    for mode, data in keyed.items():
-        out = np.asarray(load_rgb(data, background=(10, 20, 30)))
-        assert (out[0, 0] == (10, 20, 30)).all(), mode  # keyed: the background
-        assert (out[3, 3] != (10, 20, 30)).any(), mode  # the rest kept
-    assert np.asarray(load_rgb(keyed["I;16"]))[3, 3, 0] == round(40000 * 255 / 65535)  # 16-bit depth kept
+    with pytest.raises(ValueError, match="max_pixels=200,000,000 is over Pillow's own limit"):
+        prepare.prepare("builtin", tmp_path / "data", max_pixels=200_000_000, progress=False)
+    assert not (tmp_path / "data").exists()
 
 
 def test_too_small_is_checked_before_decoding():

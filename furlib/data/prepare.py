@@ -45,8 +45,8 @@ from furlib.data import store
 from furlib.data import shares
 from furlib.data.prep_report import build_report, is_val
 from furlib.sources import RESUMED, Input, check_revision, source_key
-from furlib.images import (DEFAULT_MAX_PIXELS, ImageRejected, allowing_pixels, cap_long_side,
-                           decode_input, reusing_pixel_memory)
+from furlib.images import (DEFAULT_MAX_PIXELS, ImageRejected, cap_long_side, decode_input,
+                           reusing_pixel_memory)
 from furlib.parameters import strict_bool
 from furlib.runinfo import read_json, usable_cores
 
@@ -75,6 +75,10 @@ def prepare(source, data_dir, resolution: int = 256, max_side: int = DEFAULT_MAX
     data_dir = Path(data_dir)
     strict_bool("rebuild", rebuild)  # the string 'False' must never wipe prepared data
     _check_parallel(num_proc, num_shards, shard_index)
+    if Image.MAX_IMAGE_PIXELS and max_pixels > Image.MAX_IMAGE_PIXELS:  # (its warning zone is ours to reject)
+        raise ValueError(f"max_pixels={max_pixels:,} is over Pillow's own limit ({Image.MAX_IMAGE_PIXELS:,} px), "
+                         "which every later reader of a stored image (training crops, evaluation) meets too: "
+                         f"use at most {Image.MAX_IMAGE_PIXELS:,}")
     num_proc = num_proc or usable_cores()
     check_revision(source, source_revision)
     settings = {"version": PREPARE_VERSION, "max_side": max_side,
@@ -178,7 +182,7 @@ def _run_proc(job: dict, progress: bool, k: int, m: int) -> tuple[list, int]:
             return key, old, False
         return key, _process(item, job, data_dir, files), True
 
-    with reusing_pixel_memory(job["workers"]), allowing_pixels(job["filters"]["max_pixels"]):
+    with reusing_pixel_memory(job["workers"]):
         done = _journalled(work, own, share, data_dir / "journal" / f"{name}.jsonl", position_file,
                            here, job["workers"], progress and m == 1, counters)
     if counters is not None and shares.orphaned():
