@@ -27,6 +27,9 @@ def counting_stat(*a, **k):
     return real_stat(*a, **k)
 job = dict(selection=dict(max_images=0, art_count=0, seed=0), source=sys.argv[1], num_shards=1, shard_index=0,
            source_split="train", image_column="image", data_dir=sys.argv[2])
+if hasattr(shares, "list_folder"):  # since 2026-12-06 the shard lists once; each process reads that list
+    job["listing"] = os.path.join(sys.argv[2], "listing.json")
+    shares.list_folder(job, __import__("pathlib").Path(job["listing"]))
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()
 os.stat = counting_stat

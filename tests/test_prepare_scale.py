@@ -169,6 +169,42 @@ def test_two_shards_equal_one_run(tmp_path):
     assert again["counts"]["decoded_this_run"] == 0 and again["accepted"] == whole["accepted"]
 
 
+def test_shards_of_a_folder_that_changed_between_them_do_not_merge(tmp_path):
+    """A file added between two shards' runs moved every later position: merged, the shards' parts
+    skipped inputs and listed others as duplicates of themselves, marked complete. Each part now
+    carries its listing's digest: the stale shard is named to run again, then all is read once."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        noise(36, 40, i).save(src / f"b_{i:02d}.png")
+    run(src, tmp_path / "data", num_shards=2, shard_index=0)
+    noise(36, 40, 99).save(src / "a_new.png")  # sorts first: every position moves
+    second = run(src, tmp_path / "data", num_shards=2, shard_index=1)
+    assert not second["complete"] and not (tmp_path / "data" / "report.json").exists()
+    assert second["missing_shards"] == [
+        "shard-00000-of-00002 (it listed the source folder before it changed: run it again)"]
+    again = run(src, tmp_path / "data", num_shards=2, shard_index=0)
+    assert again["complete"] and again["counts"]["inputs"] == 13 == again["counts"]["accepted"]
+    assert not again["duplicates"]
+
+
+def test_the_processes_of_a_shard_deal_from_its_one_listing(tmp_path):
+    """Every process of a shard reads the listing the shard wrote once (a folder still filling
+    up gave each process its own list, so dealt positions meant different files)."""
+    from furlib.data import shares
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        noise(36, 40, i).save(src / f"{i}.png")
+    job = dict(source=str(src), data_dir=str(tmp_path / "data"), num_shards=1, shard_index=0,
+               selection=dict(max_images=0), listing=str(tmp_path / "listing.json"))
+    shares.list_folder(job, Path(job["listing"]))
+    noise(36, 40, 9).save(src / "late.png")  # after the listing: not this shard's
+    own, count, _ = shares.own_inputs(job, 0, 2, shares.Dealer(2, None))
+    assert count == 4 and sorted(item.input_id for _, item in own) == [f"{i}.png" for i in range(4)]
+
+
 def test_a_second_run_on_the_same_part_is_refused(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

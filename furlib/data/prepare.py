@@ -97,6 +97,8 @@ def prepare(source, data_dir, resolution: int = 256, max_side: int = DEFAULT_MAX
             store.locked(data_dir / "parts" / f"{shard}.lock", False, f"prepare {shard}"):
         with store.locked(data_dir / ".merge.lock", False, "merge", wait=True):
             store.drop_part(data_dir, shard)  # not complete again until this run finishes
+        job["listing"] = str(data_dir / "parts" / f"{shard}.listing.json")
+        header["listing"] = shares.list_folder(job, Path(job["listing"]))
         entries, decoded = _run_shard(job, num_proc, progress)
         store.write_part(data_dir, shard, header, entries)
     report = _finish(data_dir, job, header, entries, decoded)

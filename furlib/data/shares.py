@@ -31,7 +31,9 @@ the rows of the files finished before; a resumed run reads none of those again. 
 need no position: their journal answers for every input already done.
 """
 
+import json
 import multiprocessing
+import os
 import signal
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -138,13 +140,33 @@ class Dealer:
             yield range(start, min(total, start + size))
 
 
+def list_folder(job: dict, listing: Path) -> str | None:
+    """A folder source listed once for the shard, into ``listing`` (JSON), which every process of
+    the shard reads (a folder still filling up must not give them different lists to deal from);
+    returns the listing's digest, which a shard's part carries: shards that listed a changed folder
+    do not merge. None for other sources."""
+    import hashlib
+    import json
+
+    from furlib import atomic
+
+    kind, path = sources._kind(job["source"])
+    if kind != "folder":
+        return None
+    files = sources.folder_files(path, job["data_dir"], job["selection"]["max_images"])
+    listing.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(listing, json.dumps(files))
+    names = "\n".join(os.path.relpath(f, path) for f in files)
+    return hashlib.sha256(names.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+
+
 def own_inputs(job: dict, k: int, m: int, dealer: Dealer, resume: dict | None = None):
     """(iterable of (index, Input) read by process ``k`` of ``m`` of this shard, their count or
     None, how): ``dealer`` deals a listing's or a table's inputs; a stream is split by files."""
     sel, source, n, s = job["selection"], job["source"], job["num_shards"], job["shard_index"]
     kind, path = sources._kind(source)
-    if kind == "folder":  # listed by every process, stat'ed only where dealt
-        files = sources.folder_files(path, job["data_dir"], sel["max_images"])
+    if kind == "folder":  # the shard's one listing (``list_folder``), stat'ed only where dealt
+        files = json.loads(Path(job["listing"]).read_text())
         mine = _shard_part(len(files), n, s)
         return _dealt(mine, dealer, lambda i: sources.folder_input(path, files[i])), len(mine), "dealt"
     if kind == "builtin":

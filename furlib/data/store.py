@@ -149,7 +149,9 @@ def read_parts(data_dir: Path, shards: list, header: dict) -> tuple[list, list]:
         except (UnicodeDecodeError, json.JSONDecodeError):  # damaged on disk: that shard runs again
             lines = []  # (quickly: its journal holds every input it decoded)
         if not lines or lines[0] != header:
-            missing.append(shard)
+            changed = lines and isinstance(lines[0], dict) and lines[0].get("listing") != header.get("listing")
+            missing.append(shard + (" (it listed the source folder before it changed: run it again)"
+                                    if changed else ""))
             continue
         entries += lines[1:]
     return entries, missing
