@@ -152,16 +152,17 @@ def folder_files(root: Path, exclude=None, max_images: int = 0) -> list[str]:
     """Every non-hidden file below ``root`` (sorted), except imagefolder metadata and ``exclude``,
     up to the ``max_images``-th image (0: all). Paths as strings and not stat'ed: a million cost
     ~90 MB and a walk; each input's ``stat`` waits for ``folder_input``, where it is read.
-    A linked folder is followed when it leads out of ``root``, each real folder once (a link
-    back up is no loop; one to a folder inside is listed there); a folder that cannot be listed
-    is listed itself, for ``folder_input`` to reject (``unreadable``)."""
+    A linked folder is followed when it leads out of ``root`` or to a hidden folder in it, each
+    real folder once (a link back up is no loop; one to a listed folder inside is listed there);
+    a folder that cannot be listed is listed itself, for ``folder_input`` to reject (``unreadable``)."""
     skip = Path(exclude).resolve() if exclude else None
     top = os.path.realpath(root)
     out, images, seen = [], 0, {top}
 
     def first_visit(path: str) -> bool:
         real = os.path.realpath(path)
-        inside = os.path.islink(path) and os.path.commonpath([top, real]) == top
+        inside = os.path.islink(path) and os.path.commonpath([top, real]) == top \
+            and not any(part.startswith(".") for part in Path(os.path.relpath(real, top)).parts)  # walked there
         fresh = not inside and real not in seen and (skip is None or Path(real) != skip)
         seen.add(real)
         return fresh

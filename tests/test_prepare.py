@@ -274,7 +274,10 @@ def test_linked_folders_other_suffixes_and_unlisted_folders(tmp_path, monkeypatc
     noise(40, 48, 3).save(outside / "a.jfif", "JPEG")
     noise(40, 48, 4).save(outside / "b.jpe", "JPEG")
     (outside / "c.heic").write_bytes(b"heic")
-    for name, target in {"linked": outside, "again": outside, "loop": src, "sub_link": src / "sub"}.items():
+    (src / ".real").mkdir()
+    noise(40, 48, 6).save(src / ".real" / "hidden.png")  # hidden: read only through its visible link
+    for name, target in {"linked": outside, "again": outside, "loop": src, "sub_link": src / "sub",
+                         "photos": src / ".real"}.items():
         (src / name).symlink_to(target, target_is_directory=True)
     (src / "locked").mkdir()
     noise(40, 48, 5).save(src / "locked" / "d.png")
@@ -283,7 +286,7 @@ def test_linked_folders_other_suffixes_and_unlisted_folders(tmp_path, monkeypatc
                         if str(path).endswith("locked") else real_scandir(path))
     report = run(src, tmp_path / "data")
     assert verdicts(report) == {"own.png": "ok", "sub/inner.png": "ok", "again/a.jfif": "ok", "again/b.jpe": "ok",
-                                "again/c.heic": "not_an_image", "locked": "unreadable"}
+                                "again/c.heic": "not_an_image", "locked": "unreadable", "photos/hidden.png": "ok"}
     details = {r["path"]: r["detail"] for r in report["rejected"]}
     assert details["again/c.heic"].startswith(".heic: not one of") and ".jfif" in details["again/c.heic"]
     assert details["locked"] == "a folder that cannot be listed"
@@ -291,6 +294,17 @@ def test_linked_folders_other_suffixes_and_unlisted_folders(tmp_path, monkeypatc
     again = run(src, tmp_path / "data")
     assert verdicts(again)["locked/d.png"] == "ok" and "locked" not in verdicts(again)
     assert again["counts"]["decoded_this_run"] == 1
+
+
+def test_a_source_inside_the_runs_data_folder_is_refused(tmp_path):
+    """01 pointed at its own output (data/train of the same run) moved images out of its own source."""
+    src = tmp_path / "src"
+    src.mkdir()
+    noise(40, 48, 1).save(src / "a.png")
+    run(src, tmp_path / "data")
+    for inside in (tmp_path / "data", tmp_path / "data" / "train"):
+        with pytest.raises(ValueError, match="is inside the run's data folder"):
+            run(inside, tmp_path / "data")
 
 
 def test_file_names_that_are_not_utf8_are_inputs_with_printable_ids(tmp_path):

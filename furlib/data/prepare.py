@@ -81,6 +81,10 @@ def prepare(source, data_dir, resolution: int = 256, max_side: int = DEFAULT_MAX
                          f"use at most {Image.MAX_IMAGE_PIXELS:,}")
     num_proc = num_proc or usable_cores()
     check_revision(source, source_revision)
+    folder = Path(str(source)).expanduser().resolve()
+    if folder.is_dir() and (folder == data_dir.resolve() or data_dir.resolve() in folder.parents):
+        raise ValueError(f"source {str(source)!r} is inside the run's data folder {data_dir}: 01 would read (and "
+                         "move) its own output; point source at the original images")
     settings = {"version": PREPARE_VERSION, "max_side": max_side,
                 "background": [int(c) for c in background]}
     selection = dict(scope=source_key(source, source_split, image_column), max_images=max_images,
