@@ -217,20 +217,20 @@ def open_table(path: Path, source_split: str = "train"):
     """A local table source as a ``datasets`` Dataset (memory-mapped) or IterableDataset."""
     import datasets
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     try:
         if path.is_file() and path.suffix.lower() == ".arrow":
             ds = _arrow_file(path)
         elif path.is_file():
-            if pq.ParquetFile(path).metadata.num_rows == 0:  # datasets' stream fails on it, deep inside
-                raise ValueError(f"{path} has no rows")
+            _check_parquet(path)
             ds = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
         elif (path / "dataset_dict.json").exists() or (path / "state.json").exists():
             ds = datasets.load_from_disk(str(path))
         else:
-            fmt = "parquet" if any(path.rglob("*.parquet")) else "arrow"
-            ds = datasets.load_dataset(fmt, data_dir=str(path), streaming=True)
+            parquets = sorted(path.rglob("*.parquet"))
+            for f in parquets:  # footers only: one bad file is named, not met deep in the stream
+                _check_parquet(f)
+            ds = datasets.load_dataset("parquet" if parquets else "arrow", data_dir=str(path), streaming=True)
     except (pa.ArrowException, OSError) as err:  # pyarrow's words name no file
         raise ValueError(f"{path} is not a readable parquet/arrow table ({' '.join(str(err).split())}): a file cut "
                          "short, or another format under that name") from None
@@ -239,6 +239,20 @@ def open_table(path: Path, source_split: str = "train"):
             raise ValueError(f"source_split={source_split!r} not in {path}; splits: {list(ds)}")
         ds = ds[source_split]
     return ds
+
+
+def _check_parquet(path: Path) -> None:
+    """A parquet file's footer reads and it has rows (datasets' stream fails on either, deep inside)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.ParquetFile(path).metadata.num_rows
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(f"{path} is not a readable parquet file ({' '.join(str(err).split())}): a file cut short, "
+                         "or another format under that name; replace or remove it") from None
+    if rows == 0:
+        raise ValueError(f"{path} has no rows: remove it from the source")
 
 
 def _arrow_file(path: Path):

@@ -377,9 +377,15 @@ def test_table_sources(tmp_path):
     assert run(tmp_path / "feather.arrow", tmp_path / "d3")["counts"]["accepted"] == 3
     ds.select([]).to_parquet(str(tmp_path / "empty.parquet"))
     (tmp_path / "cut.parquet").write_bytes((tmp_path / "set.parquet").read_bytes()[:-100])
-    for name, said in (("empty.parquet", "has no rows"), ("cut.parquet", "is not a readable parquet/arrow table")):
+    for name, said in (("empty.parquet", "has no rows"), ("cut.parquet", "is not a readable parquet file")):
         with pytest.raises(ValueError, match=f"{name} {said}"):  # pyarrow's own words named no file
             run(tmp_path / name, tmp_path / "d4")
+        folder = tmp_path / f"folder_{name}"  # one bad file among good ones, in a folder of parquet files
+        folder.mkdir()
+        shutil.copy(tmp_path / "set.parquet", folder / "a.parquet")
+        shutil.copy(tmp_path / name, folder / name)
+        with pytest.raises(ValueError, match=f"{name} {said}"):
+            run(folder, tmp_path / "d5")
 
 
 def test_hub_source_offline_is_one_clear_error(tmp_path, monkeypatch):
