@@ -296,6 +296,26 @@ def test_linked_folders_other_suffixes_and_unlisted_folders(tmp_path, monkeypatc
     assert again["counts"]["decoded_this_run"] == 1
 
 
+def test_a_decoding_fix_decodes_again_only_the_inputs_it_touches(tmp_path):
+    """Data prepared before the colour-key fix (journal entries without ``decoder``): a re-run
+    decodes its converted PNGs again, where the fix applies, and reuses everything else."""
+    src = tmp_path / "src"
+    src.mkdir()
+    keyed = Image.new("RGB", (48, 40), (255, 0, 255))
+    keyed.paste((0, 120, 0), (8, 8, 40, 32))
+    keyed.save(src / "keyed.png", transparency=(255, 0, 255))  # converted: a colour key
+    noise(40, 48, 1).save(src / "plain.png")  # stored as it is
+    noise(40, 48, 2).save(src / "photo.jpg")
+    noise(40, 48, 3).convert("P").save(src / "palette.bmp")  # converted, not a PNG
+    run(src, tmp_path / "data")
+    journal = next((tmp_path / "data" / "journal").glob("*.jsonl"))
+    lines = [json.loads(line) for line in journal.read_text().splitlines()]
+    journal.write_text("".join(json.dumps({k: v for k, v in e.items() if k != "decoder"}) + "\n" for e in lines))
+    again = run(src, tmp_path / "data")
+    assert again["counts"]["decoded_this_run"] == 1  # keyed.png alone
+    assert run(src, tmp_path / "data")["counts"]["decoded_this_run"] == 0
+
+
 def test_a_source_inside_the_runs_data_folder_is_refused(tmp_path):
     """01 pointed at its own output (data/train of the same run) moved images out of its own source."""
     src = tmp_path / "src"

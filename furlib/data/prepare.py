@@ -51,6 +51,10 @@ from furlib.parameters import strict_bool
 from furlib.runinfo import read_json, usable_cores
 
 PREPARE_VERSION = 1  # bump when decoding or storage changes: older data then needs rebuild=True
+# A decoding fix that touches few inputs re-decodes only those, instead of a whole rebuild:
+# 2 (2026-12-06): a PNG's colour key (tRNS on RGB or grey) is transparency; converted PNGs of
+# older entries are decoded again (one whose pixels did not change keeps its stored file)
+DECODER_VERSION = 2
 DEFAULT_MAX_SIDE = 16384  # px: native resolution kept; only beyond this is an image downscaled
 PIXEL_SETTINGS = ("version", "max_side", "background")  # a change means other stored pixels
 STREAM_SAVE_S = 10.0  # how often a stream's position is saved (s)
@@ -184,7 +188,7 @@ def _run_proc(job: dict, progress: bool, k: int, m: int) -> tuple[list, int]:
                 raise RuntimeError(f"{item.input_id} was passed by a resumed stream but is not in "
                                    f"the journal under {data_dir}; delete {position_file}, re-run")
             return key, old, False
-        if old is not None and _reusable(old, job["filters"], files):
+        if old is not None and _reusable(old, job["filters"], files, item.input_id):
             return key, old, False
         return key, _process(item, job, data_dir, files), True
 
@@ -196,11 +200,13 @@ def _run_proc(job: dict, progress: bool, k: int, m: int) -> tuple[list, int]:
     return done
 
 
-def _reusable(old: dict, filters: dict, files: dict) -> bool:
-    """A journal entry still stands: no unexpected error, its file is there, and a filter that
-    rejected it then would still reject it now (a lower resolution may accept it)."""
+def _reusable(old: dict, filters: dict, files: dict, input_id: str = "") -> bool:
+    """A journal entry still stands: no unexpected error, its file is there, no decoding fix since
+    applies to it (``DECODER_VERSION``), and a filter that rejected it then would still reject it
+    now (a lower resolution may accept it)."""
     if old["status"] == "ok":
-        return old["file"] in files
+        refixed = old.get("decoder", 1) < 2 and old.get("stored") == "converted" and input_id.lower().endswith(".png")
+        return old["file"] in files and not refixed
     if old.get("reason") in ("error", "unreadable", "missing"):
         return False  # unexpected errors, and files that may have become readable since: retry
     if "min_side" in old:  # too_small at the resolution of its day
@@ -316,7 +322,7 @@ def _process(item: Input, job: dict, data_dir: Path, files: dict) -> dict:
         else:
             store.save_converted(image, data_dir / split / name)
         files[name] = split
-    return {"status": "ok", "hash": digest, "file": name, "width": image.width,
+    return {"status": "ok", "decoder": DECODER_VERSION, "hash": digest, "file": name, "width": image.width,
             "height": image.height, "source_width": source_size[0], "source_height": source_size[1],
             "stored": "original" if suffix and name.endswith(suffix) else "converted"}
 
