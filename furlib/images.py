@@ -179,6 +179,9 @@ def _decode(im: Image.Image, background, max_pixels: int, min_side: int) -> Imag
         raise ImageRejected("empty", f"{width}x{height}")
     if min(width, height) < min_side:
         raise ImageRejected("too_small", f"{width}x{height}, short side < {min_side}")
+    if im.mode == "RGB" and "transparency" in im.info and any(t[3] == "RGB;16B" for t in getattr(im, "tile", [])):
+        raise ImageRejected("unsupported_mode", "a 16-bit RGB PNG with a colour key: Pillow decodes it to 8 bits, "
+                                                "where the 16-bit key can no longer be matched")
     _load_first_frame(im)
     orientation = _orientation(im)
     icc = im.info.get("icc_profile") or None

@@ -100,6 +100,28 @@ def test_max_pixels_above_pillows_own_limit_is_refused(tmp_path):
     assert not (tmp_path / "data").exists()
 
 
+def test_a_png_colour_key_is_transparency():
+    """A PNG's tRNS colour key on an RGB, grey or 16-bit grey image makes the keyed pixels
+    transparent: they come out as the background, like a palette PNG's."""
+    rgb = Image.new("RGB", (8, 8), (255, 0, 255))
+    rgb.paste((0, 120, 0), (2, 2, 6, 6))
+    grey16 = np.full((8, 8), 7, np.uint16)
+    grey16[2:6, 2:6] = 40000
+    keyed = {"RGB": encode(rgb, "PNG", transparency=(255, 0, 255)),
+             "L": encode(rgb.convert("L"), "PNG", transparency=rgb.convert("L").getpixel((0, 0))),
+             "I;16": encode(Image.fromarray(grey16), "PNG", transparency=7)}
+    for mode, data in keyed.items():
+        out = np.asarray(load_rgb(data, background=(10, 20, 30)))
+        assert (out[0, 0] == (10, 20, 30)).all(), mode  # keyed: the background
+        assert (out[3, 3] != (10, 20, 30)).any(), mode  # the rest kept
+    assert np.asarray(load_rgb(keyed["I;16"]))[3, 3, 0] == round(40000 * 255 / 65535)  # 16-bit depth kept
+    rows = b"".join(b"\0" + struct.pack(">HHH", 1000, 2000, 3000) * 8 for _ in range(8))  # 16-bit RGB, keyed
+    rgb16 = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 16, 2, 0, 0, 0))
+             + png_chunk(b"tRNS", struct.pack(">HHH", 1000, 2000, 3000)) + png_chunk(b"IDAT", zlib.compress(rows))
+             + png_chunk(b"IEND", b""))
+    assert rejected(rgb16) == "unsupported_mode"  # Pillow's 8-bit pixels cannot meet a 16-bit key
+
+
 def test_too_small_is_checked_before_decoding():
     assert rejected(png_header_only(40, 20), min_side=32) == "too_small"
     assert load_rgb(encode(noise(20, 40), "PNG"), min_side=20).size == (40, 20)
