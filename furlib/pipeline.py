@@ -164,6 +164,23 @@ def _check_output(out: Path) -> None:
                              "will not overwrite it; move it, or choose another outputs_dir or run_name")
 
 
+STOP_GRACE_S = 120.0  # a Ctrl-C's kernel shutdown waits this long for 02 to finish its step and save it
+
+
+def patient_kernel_manager():
+    """The kernel manager papermill runs each notebook with. A Ctrl-C makes it shut the kernel
+    down: SIGINT first (02 finishes the step in progress and checkpoints it), then SIGTERM after
+    half of ``shutdown_wait_time``, jupyter's 5 s by default: a step and a large checkpoint's write
+    were cut short. Here the kernel gets ``STOP_GRACE_S``; a second Ctrl-C stops waiting."""
+    from jupyter_client import AsyncKernelManager
+    from traitlets import Float
+
+    class PatientKernelManager(AsyncKernelManager):
+        shutdown_wait_time = Float(STOP_GRACE_S, config=True)
+
+    return PatientKernelManager
+
+
 def run(profile: str | Path, stages=STAGES, overrides: dict | None = None, log_output: bool = False) -> Path:
     """Execute ``stages`` in order; returns the run folder. Stops at the first failing stage."""
     import papermill
@@ -182,14 +199,23 @@ def run(profile: str | Path, stages=STAGES, overrides: dict | None = None, log_o
         executed = run_dir / f"{stage}.ipynb"
         try:
             papermill.execute_notebook(str(notebook_path(stage)), str(executed), parameters=mine,
-                                       cwd=str(ROOT), log_output=log_output, progress_bar=False)
+                                       cwd=str(ROOT), log_output=log_output, progress_bar=False,
+                                       kernel_manager_class=patient_kernel_manager())
         except papermill.PapermillExecutionError as err:
             said = " ".join(str(err.evalue).split())  # a multi-line message (a list of bad values) on one line
-            rest = ",".join(stages[list(stages).index(stage):])
             raise StageFailed(f"[{stage}] failed: {err.ename}: {said} -- fix that, then re-run from "
-                              f"here with --stages {rest} (traceback: {executed})") from None
+                              f"here with --stages {_from(stages, stage)} (traceback: {executed})") from None
+        except KeyboardInterrupt:  # the kernel had STOP_GRACE_S to save the step in progress
+            latest = run_dir / "checkpoints" / "latest"
+            saved = f"the latest checkpoint is {latest.read_text().strip()}" if latest.is_file() else "no checkpoint yet"
+            raise KeyboardInterrupt(f"[{stage}] stopped by hand; {saved}. Re-run with --stages "
+                                    f"{_from(stages, stage)} to continue (02 resumes from its latest checkpoint)") from None
         print(f"[{stage}] done in {time.time() - t0:.0f} s", flush=True)
     return run_dir
+
+
+def _from(stages, stage: str) -> str:
+    return ",".join(stages[list(stages).index(stage):])
 
 
 def main(argv=None) -> int:
@@ -207,9 +233,8 @@ def main(argv=None) -> int:
     except (StageFailed, ValueError, FileNotFoundError) as err:  # one plain line, last
         print(f"ERROR: {err}", file=sys.stderr, flush=True)
         return 1
-    except KeyboardInterrupt:  # 02 saved the step in progress (its own message says where)
-        print("STOPPED by hand: re-run the same command (or --stages from the stage that was running) "
-              "to continue; 02 resumes from its last checkpoint", file=sys.stderr, flush=True)
+    except KeyboardInterrupt as stop:  # run() says which stage and what was saved
+        print(f"STOPPED: {stop or 'by hand'}", file=sys.stderr, flush=True)
         return 130
     print(f"outputs: {run_dir}")
     return 0

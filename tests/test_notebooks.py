@@ -185,3 +185,24 @@ def test_make_demo_streams_the_notebooks_progress(tmp_path):
     assert done.returncode == 0, out[-2000:]
     assert re.search(r"prepare.*img", out), out[-2000:]
     assert out.index("[01_data_prep] done") > re.search(r"prepare.*img", out).start()
+
+
+def test_a_ctrl_c_gives_the_kernel_time_to_save_and_says_what_was_saved(tmp_path, monkeypatch):
+    """papermill's kernel shutdown on a Ctrl-C sent SIGTERM 2.5 s after the SIGINT that makes 02
+    save its step: the save was cut short. Each kernel now has STOP_GRACE_S, and the pipeline's
+    stop names the stage and the latest checkpoint."""
+    calls = []
+
+    def interrupted(src, out, parameters, **kw):
+        calls.append(kw["kernel_manager_class"])
+        (Path(out).parent / "checkpoints").mkdir(exist_ok=True)
+        (Path(out).parent / "checkpoints" / "latest").write_text("step_0000026\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(papermill, "execute_notebook", interrupted)
+    profile = tmp_path / "p.yaml"
+    profile.write_text("source: builtin\n")
+    with pytest.raises(KeyboardInterrupt, match=r"\[01_data_prep\] stopped by hand; the latest checkpoint is "
+                                                r"step_0000026. Re-run with --stages 01_data_prep,02_train"):
+        pipeline.run(profile, overrides={"outputs_dir": str(tmp_path / "o")})
+    assert calls[0]().shutdown_wait_time == pipeline.STOP_GRACE_S >= 60
