@@ -56,6 +56,9 @@ def hint(value, kind: type) -> str:
     """Why a value a user meant as right arrived wrong (YAML's and papermill's parsing)."""
     if kind is bool and isinstance(value, str):
         return " (a quoted string is not a boolean)"
+    if kind is str and isinstance(value, (bool, int, float)):
+        return (" (YAML and -p read a bare yes/no/true/false as a boolean and 1.10 as a number: quote it, "
+                "e.g. pixel_cache: \"yes\", version: \"1.10\")")
     if kind in (int, float) and isinstance(value, str):
         try:
             float(value)

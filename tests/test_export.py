@@ -295,7 +295,28 @@ def test_04_refuses_to_replace_what_it_did_not_write(tmp_path):
     (run / release_files.EXPORT / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match=r"holds files 04 did not write, or edited since it did: \['README.md', 'notes.txt'\]"):
         release_files.release_source(run)
-    shutil.rmtree(run / release_files.EXPORT)
+    (run / release_files.EXPORT / "notes.txt").unlink()
+    card.write_text(card.read_text().replace("\nmy own words\n", ""))
+    (run / release_files.EXPORT / ".DS_Store").write_bytes(b"junk")  # desktop junk: replaced with export/
+    release_files.release_source(run)
+    (run / release_files.EXPORT / ".git").mkdir()  # a Hub clone made in place: its history is not junk
+    (run / release_files.EXPORT / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    with pytest.raises(ValueError, match=r"did not write.*\['.git/HEAD'\]"):
+        release_files.release_source(run)
+    shutil.move(run / release_files.EXPORT, tmp_path / "elsewhere")
+    (run / release_files.EXPORT).symlink_to(tmp_path / "elsewhere")  # e.g. to Drive: the swap broke the link
+    with pytest.raises(ValueError, match="export is a link .*elsewhere"):
+        release_files.release_source(run)
+    (run / release_files.EXPORT).unlink()
     (run / release_files.EXPORT).write_text("a file")
     with pytest.raises(ValueError, match="export is a file"):
         release_files.release_source(run)
+
+
+@pytest.mark.parametrize("licence", ["other: see LICENSE", "mit\nfoo: bar", "cc by 4.0"])
+def test_a_licence_that_would_break_the_cards_yaml_is_refused(licence):
+    from furlib import pipeline
+
+    with pytest.raises(ValueError, match="license must be a Hugging Face licence id"):
+        release_files.check_parameters({**pipeline.stage_defaults("04_export"), "license": licence})
+    release_files.check_parameters({**pipeline.stage_defaults("04_export"), "license": "openrail++"})

@@ -109,6 +109,10 @@ def test_yaml_exponent_without_a_dot_is_named_with_the_fix():
     value = yaml.safe_load("lr: 5e-7")["lr"]  # YAML 1.1: a string
     with pytest.raises(ValueError, match="lr='5e-7': must be a finite number.*write 5.0e-7"):
         TrainSettings.from_params({"lr": value})
+    for text in ("pixel_cache: yes", "mixed_precision: no"):  # documented values, unquoted: YAML's booleans
+        key, value = next(iter(yaml.safe_load(text).items()))
+        with pytest.raises(ValueError, match=f"{key}={value}: must be a string .*quote it"):
+            TrainSettings.from_params({key: value})
 
 
 def test_a_lone_pixel_weight_override_is_refused_not_ignored():

@@ -21,6 +21,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import time
 import warnings
@@ -49,6 +50,9 @@ def check_parameters(p: dict) -> None:
                          ("version", p["version"])):
         if not value or any(c in value for c in "/\\ "):
             found.append(f"{label} must be non-empty without slashes or spaces, got {value!r}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+-]*", p["license"]):  # it goes into the card's YAML header
+        found.append(f"license must be a Hugging Face licence id such as 'cc-by-nc-sa-4.0', 'mit' or 'other' "
+                     f"(no spaces, colons or line breaks), got {p['license']!r}")
     if p["push_to_hub"] and p["hub_repo"].count("/") != 1:
         found.append(f"hub_repo must be 'owner/name' when push_to_hub is True, got {p['hub_repo']!r}")
     found += run_reader_problems(p)
@@ -283,10 +287,16 @@ def file_table(root: Path) -> list[dict]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.json"]
 
 
+DESKTOP_JUNK = {".DS_Store", "Thumbs.db", "desktop.ini", ".ipynb_checkpoints"}  # replaced with export/
+
+
 def check_export_is_ours(export_dir: Path) -> None:
     """04 replaces ``export/`` whole: before any work, refuse when it holds what 04 did not write
     (a file a user added or edited since, by its manifest), or is a file, instead of deleting it."""
     export_dir = Path(export_dir)
+    if export_dir.is_symlink():  # the swap would replace the link and leave its target stale
+        raise ValueError(f"{export_dir} is a link (to {os.readlink(export_dir)}); 04 replaces the folder whole: "
+                         "remove the link and copy export/ where you want it after 04, or set outputs_dir there")
     if export_dir.exists() and not export_dir.is_dir():
         raise ValueError(f"{export_dir} is a file; 04 writes a folder there: move it away, then run 04 again")
     if not export_dir.is_dir() or not any(export_dir.iterdir()):
@@ -296,7 +306,7 @@ def check_export_is_ours(export_dir: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         written = set()
     foreign = [f["path"] for f in file_table(export_dir) if (f["path"], f["sha256"]) not in written
-               and not any(part.startswith(".") for part in f["path"].split("/"))]  # .DS_Store and the like
+               and not set(f["path"].split("/")) & DESKTOP_JUNK]  # a clone's .git/ is not junk: kept
     if foreign:
         raise ValueError(f"{export_dir} holds files 04 did not write, or edited since it did: {foreign[:5]}"
                          f"{' ...' if len(foreign) > 5 else ''}. 04 replaces export/ whole: move them out "
