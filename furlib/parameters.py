@@ -136,6 +136,11 @@ def check_notebook(stage: str, namespace: dict) -> None:
     others = set().union(*(declared_parameters(s) for s in STAGES)) - set(defaults)
     if foreign := sorted(set(given) & others):  # a whole profile (papermill -f params/x.yaml)
         print(f"NOTE: {stage} leaves {', '.join(foreign)} to the stages that declare them")
+        if stage in ("03_eval", "04_export"):  # as in the pipeline: a profile's base is what 02 trained
+            for key in sorted({"base_model", "base_config", "base_family"} & set(given)):
+                print(f"NOTE: {key}={namespace[key]!r} came with a whole profile: it is 02's; {stage} uses the run's "
+                      "own base (to replace it, pass base_model without -f)")
+                namespace[key] = defaults[key]
     unknown = unknown_names([n for n in given if n not in others], defaults, stage)
     found = ([unknown] if unknown else []) + problems(
         {k: namespace[k] for k in defaults if k in namespace}, defaults)

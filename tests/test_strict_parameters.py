@@ -82,8 +82,10 @@ def test_notebook_check_names_the_misspelt_key():
         parameters.check_notebook("04_export", namespace)
     namespace["In"][1] = "x = 1\nprint(x)\n"  # an ordinary cell ran before: nothing to compare
     parameters.check_notebook("04_export", namespace)
-    namespace["In"][1] = "# Parameters\nsource = 'builtin'\nlr = 1.0e-5\n"  # a whole profile: papermill -f
+    namespace["In"][1] = "# Parameters\nsource = 'builtin'\nlr = 1.0e-5\nbase_model = 'x'\n"  # papermill -f
+    namespace["base_model"] = "x"
     parameters.check_notebook("04_export", namespace)  # other stages' names: a note, not an error
+    assert namespace["base_model"] == ""  # a whole profile's base is 02's: 04 uses the run's own
 
 
 @pytest.mark.parametrize("notebook, parameters, message", [
