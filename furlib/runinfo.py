@@ -87,6 +87,14 @@ def run_dir(outputs_dir: str, run_name: str) -> Path:
     return root / run_name
 
 
+def check_folders(run_dir: Path, names) -> None:
+    """A stage's output folders under ``run_dir`` must be folders (or not yet exist): one that is a
+    file fails here, before any work, not at the stage's first write."""
+    files = [str(Path(run_dir) / n) for n in names if (Path(run_dir) / n).exists() and not (Path(run_dir) / n).is_dir()]
+    if files:
+        raise ValueError(f"{', '.join(files)} should be a folder but is a file: move it away, then run again")
+
+
 def read_json(path, fix: str, default=None):
     """A JSON object from ``path`` (``default`` when the file is missing); a garbled file is a
     ValueError naming it and ``fix`` (what to do), never json's bare 'Expecting value'."""

@@ -88,6 +88,7 @@ run_dir = runinfo.run_dir(outputs_dir, run_name)
 if note := handoff.use_outputs_dir(outputs_dir):  # Colab: Drive mounted here when outputs_dir is on it
     print(note)
 handoff.require(run_dir, "checkpoints", "03_eval", "02_train")  # a fresh runtime: says how to bring the run
+runinfo.check_folders(run_dir, ["eval"])  # a file there fails now, not after the scoring
 if eval_source == "val" and not (run_dir / "data" / "val").is_dir():
     raise ValueError(f"eval_source='val' but {run_dir}/data/val does not exist: run 01_data_prep for this run, "
                      "or pass a folder or a hub dataset id")

@@ -174,6 +174,9 @@ def test_paths_and_values_that_would_fail_mid_run_are_refused_first(tmp_path):
     (tmp_path / "r" / "checkpoints").write_text("x")
     with pytest.raises(ValueError, match="checkpoints is a file, not the run's checkpoints folder"):
         checkpoint.pick_checkpoint(tmp_path / "r")
+    (tmp_path / "r" / "logs").write_text("x")
+    with pytest.raises(ValueError, match=r"r/logs should be a folder but is a file"):
+        runinfo.check_folders(tmp_path / "r", ["eval", "logs"])
     with pytest.raises(ValueError, match=r"seed=1765000000000000000: must be an integer in \[0, 2\*\*32\)"):
         TrainSettings.from_params({"seed": 1_765_000_000_000_000_000})
     with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32\)"):
