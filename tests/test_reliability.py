@@ -333,3 +333,23 @@ def test_a_resume_below_the_checkpoints_step_says_nothing_trains(tmp_path):
                                {"settings": dataclasses.asdict(dataclasses.replace(s, max_steps=12)), "processes": 1})
     notes = make_plan(s, 1, torch.device("cpu")).notes
     assert any(n.startswith("WARNING: max_steps=2 is below the checkpoint's step 12: nothing is trained") for n in notes)
+
+
+def test_a_disk_without_room_for_one_checkpoint_is_refused_before_training(tmp_path, monkeypatch):
+    """The first save failed after checkpoint_every steps, all of them lost; now the plan compares
+    the disk's free space with one checkpoint's size (decoder, EMA, AdamW moments, critic)."""
+    import shutil
+    from collections import namedtuple
+
+    from furlib.training import plan
+
+    _prepared(tmp_path)
+    s = TrainSettings(**TINY, outputs_dir=str(tmp_path), run_name="r")
+    need = plan.checkpoint_bytes(s)
+    assert 45e6 < need < 55e6  # TINY's run: 49.80 MB estimated, 49.88 MB written (measured 2026-12-06)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, need // 2))
+    with pytest.raises(ValueError, match=r"one checkpoint of this run takes ~0.0[0-9] GB, and 0.0[0-9] GB are free"):
+        make_plan(s, 1, torch.device("cpu"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, need * 2))
+    make_plan(s, 1, torch.device("cpu"))

@@ -99,6 +99,40 @@ def cpu_cost_note(s, device: torch.device) -> str:
             "python -m furlib.pipeline params/demo.yaml")
 
 
+def checkpoint_bytes(s) -> int:
+    """About what one checkpoint of this run takes: the decoder side in fp32 (raw, EMA, AdamW's
+    two moments: 16 B a parameter) and the critic (weights and moments: 12 B); 0 when the base's
+    config cannot be read yet (loading it fails next, with its own message)."""
+    from diffusers import AutoencoderKL
+
+    from furlib.training.losses import PatchCritic
+
+    config = models.base_vae_config(s.base_model, s.base_config, s.base_family)
+    if config is None:
+        return 0
+    try:
+        with torch.device("meta"):
+            vae = AutoencoderKL.from_config(config)
+            critic = PatchCritic(s.critic_layers, s.critic_channels, s.critic_norm, s.critic_input)
+    except Exception:  # noqa: BLE001 - a config that builds no VAE: load_vae says why, next
+        return 0
+    decoder = sum(p.numel() for n, p in vae.named_parameters() if n.startswith(models.TRAINABLE_PREFIXES))
+    return 16 * decoder + 12 * sum(p.numel() for p in critic.parameters())
+
+
+def check_room_for_a_checkpoint(s, run_path: Path) -> None:
+    """Refuse before training when the disk cannot hold one checkpoint: the first save would fail
+    after ``checkpoint_every`` steps, all of them lost."""
+    import shutil
+
+    need = checkpoint_bytes(s)
+    where = next(p for p in (run_path, *run_path.parents) if p.exists())
+    free = shutil.disk_usage(where).free
+    if need and free < need:
+        raise ValueError(f"one checkpoint of this run takes ~{need / 1e9:.2f} GB, and {free / 1e9:.2f} GB are free on "
+                         f"{where}: 02 could not save its first one. Free some space, or set outputs_dir elsewhere")
+
+
 def make_plan(s, processes: int, device: torch.device) -> Plan:
     run_path = runinfo.run_dir(s.outputs_dir, s.run_name)
     train_dir = run_path / "data" / "train"
@@ -115,6 +149,7 @@ def make_plan(s, processes: int, device: torch.device) -> Plan:
         prep_report.check_prepared(run_path / "data", s.resolution)  # a too-large resolution fails here, not in a worker
         notes = []
     runinfo.check_folders(run_path, ("checkpoints", "logs", "train", "pixel_cache"))  # not at the first save
+    check_room_for_a_checkpoint(s, run_path)
     ckpt, ckpt_notes = checkpoint.pick_checkpoint(run_path, s.on_bad_checkpoint)
     notes += ckpt_notes
     start = 0
