@@ -313,6 +313,17 @@ def test_04_refuses_to_replace_what_it_did_not_write(tmp_path):
         release_files.release_source(run)
 
 
+def test_push_to_hub_without_a_token_is_refused_with_the_other_values(monkeypatch):
+    """Before 01 starts (the pipeline's checks), not after the training and the export."""
+    from furlib import pipeline
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(ValueError, match="push_to_hub needs a Hugging Face write token"):
+        release_files.check_parameters({**pipeline.stage_defaults("04_export"), "push_to_hub": True, "hub_repo": "me/x"})
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    release_files.check_parameters({**pipeline.stage_defaults("04_export"), "push_to_hub": True, "hub_repo": "me/x"})
+
+
 @pytest.mark.parametrize("licence", ["other: see LICENSE", "mit\nfoo: bar", "cc by 4.0"])
 def test_a_licence_that_would_break_the_cards_yaml_is_refused(licence):
     from furlib import pipeline

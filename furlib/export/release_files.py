@@ -55,6 +55,9 @@ def check_parameters(p: dict) -> None:
                      f"(no spaces, colons or line breaks), got {p['license']!r}")
     if p["push_to_hub"] and p["hub_repo"].count("/") != 1:
         found.append(f"hub_repo must be 'owner/name' when push_to_hub is True, got {p['hub_repo']!r}")
+    if p["push_to_hub"] and not os.environ.get("HF_TOKEN"):  # said before training, not after it
+        found.append("push_to_hub needs a Hugging Face write token in the environment variable HF_TOKEN "
+                     "(on Colab: a secret named HF_TOKEN)")
     found += run_reader_problems(p)
     if found:
         raise ValueError("invalid 04_export parameter(s):\n  " + "\n  ".join(found))
