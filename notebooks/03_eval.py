@@ -135,6 +135,9 @@ print(f"{result.notes['n_images']} images of {result.notes['image_set']}", resul
 for detail in (result.notes["lpips_detail"], result.notes["rfid_detail"]):
     if detail:
         print("WARNING:", detail)
+if result.notes["upscaled"]:
+    print(f"WARNING: {result.notes['upscaled']} images were smaller than eval_resolution and were enlarged "
+          f"(e.g. {result.notes['upscaled_examples'][:3]}): they flatter every score (metrics.md says so too)")
 
 # %%
 show(eval_figures.metrics_figure(result.per_image), save_to=eval_dir / "metrics.png")

@@ -247,3 +247,18 @@ def test_a_bad_image_set_names_its_own_parameter(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="eval_source '.*empty': no images"):
         evaluate.image_set(str(tmp_path / "empty"), tmp_path)
+
+
+def test_images_smaller_than_the_crop_are_counted_and_said(tmp_path):
+    """An eval set with images below eval_resolution: they are enlarged, smooth, and flatter every
+    score; the count and examples go into metrics.md's note (they were scored silently)."""
+    from PIL import Image
+
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    for name, size in (("big.png", (80, 72)), ("small.png", (20, 30)), ("strip.png", (1, 300))):
+        Image.new("RGB", size, (90, 140, 30)).save(folder / name)
+    res = evaluate.evaluate({"base": models.load_vae("tiny-random")}, evaluate.image_set(str(folder), tmp_path),
+                            resolution=64, batch_size=2, lpips_backbone="random", rfid=False, n_show=1)
+    assert res.notes["upscaled"] == 2 and sorted(res.notes["upscaled_examples"]) == ["small.png", "strip.png"]
+    assert "2 of the 3 images were smaller than 64 px and were enlarged" in eval_report.markdown(res)

@@ -59,6 +59,10 @@ def markdown(result: EvalResult, model_notes: dict | None = None) -> str:
             f"Lanczos-resized, centre crop; posterior mode); mean ± std over images. {n['lpips']}. "
             f"{n['rfid']}. Oklab: ΔE_ok mean distance, Δa/Δb mean tint of reconstruction − original, "
             f"HF ratio = Laplacian energy reconstruction / original (> 1 adds noise, < 1 blurs)._")
+    if n.get("upscaled"):
+        note += (f"\n\n_{n['upscaled']} of the {n['n_images']} images were smaller than {n['resolution']} px and were "
+                 f"enlarged (e.g. {', '.join(map(str, n['upscaled_examples']))}): smooth, they flatter every score; "
+                 "lower eval_resolution or leave them out._")
     untrained = [k for k, v in (model_notes or {}).items() if not v.get("pretrained", True)]
     if untrained:
         note += f"\n\n_Not pretrained (test weights, numbers mean nothing): {', '.join(untrained)}._"

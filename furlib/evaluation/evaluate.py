@@ -20,7 +20,7 @@ import torch
 
 from furlib import checkpoint
 from furlib.evaluation import fid_kid, metrics
-from furlib.images import preprocess, to_uint8
+from furlib.images import center_crop, load_rgb, to_rgb_m11, to_uint8
 from furlib.models import is_pretrained, load_vae, with_decoder
 from furlib.parameters import strict_bool
 
@@ -173,12 +173,16 @@ class _SourceItems:
         return iter_source(self.source, self.split, self.image_column, self.max_images)
 
 
-def batches(images: ImageSet, resolution: int, batch_size: int):
-    """Yields (ids, ``rgb_m11`` (B, 3, R, R))."""
+def batches(images: ImageSet, resolution: int, batch_size: int, upscaled: list | None = None):
+    """Yields (ids, ``rgb_m11`` (B, 3, R, R)); appends to ``upscaled`` the ids of images whose short
+    side was below ``resolution`` (enlarged: smooth, so they flatter every score)."""
     ids, xs = [], []
     for image_id, src in images.items:
+        image = load_rgb(src)
+        if upscaled is not None and min(image.size) < resolution:
+            upscaled.append(image_id)
         ids.append(image_id)
-        xs.append(preprocess(src, resolution))
+        xs.append(to_rgb_m11(center_crop(image, resolution)))
         if len(ids) == batch_size:
             yield ids, torch.stack(xs)
             ids, xs = [], []
@@ -257,9 +261,9 @@ def evaluate(vaes: dict, images: ImageSet, *, resolution: int = 256, batch_size:
     fid, rfid_note = _make_rfid(rfid, device, seed)
     finetuned = finetuned or next((n for n in vaes if n != base), "")
     label = "ΔPSNR (dB)" if rank_by == "psnr" else "−ΔLPIPS"
-    keeper, rows, n = _Keeper(n_show, label), [], 0
+    keeper, rows, n, upscaled = _Keeper(n_show, label), [], 0, []
     total = math.ceil(images.total / batch_size) if images.total else None
-    for ids, x in tqdm(batches(images, resolution, batch_size), total=total, desc="evaluate", unit="batch"):
+    for ids, x in tqdm(batches(images, resolution, batch_size, upscaled), total=total, desc="evaluate", unit="batch"):
         x = x.to(device)
         batch_rows, per_model, recons = _score_batch(vaes, ids, x, lpips, fid)
         rows += batch_rows
@@ -270,7 +274,8 @@ def evaluate(vaes: dict, images: ImageSet, *, resolution: int = 256, batch_size:
     (rfid_values, kid_values), rfid_note = _finish_rfid(fid, rfid_note, list(vaes), n)
     notes = {"image_set": images.name, "n_images": n, "resolution": resolution,
              "lpips": lpips_note[0], "lpips_detail": lpips_note[1], "rfid": rfid_note[0],
-             "rfid_detail": rfid_note[1], "rank_by": f"{rank_by}: {finetuned} vs {base}"}
+             "rfid_detail": rfid_note[1], "rank_by": f"{rank_by}: {finetuned} vs {base}",
+             "upscaled": len(upscaled), "upscaled_examples": upscaled[:5]}
     return EvalResult(pd.DataFrame(rows), rfid_values, notes, keeper.examples(), kid_values)
 
 
