@@ -210,7 +210,18 @@ def _table_rows(path: Path, source_split: str, image_column: str, resume=None):
     """Rows of a parquet/arrow file, a save_to_disk folder, or a folder of parquet/arrow files."""
     ds = open_table(path, source_split)
     total = len(ds) if hasattr(ds, "__len__") else None
-    return _dataset_rows(ds, path.name, image_column, fingerprint(path), resume), total
+    rows = beside_table(enumerate(_dataset_rows(ds, path.name, image_column, fingerprint(path), resume)), path)
+    return (item for _, item in rows), total
+
+
+def beside_table(rows, table: Path):
+    """``(index, Input)`` rows whose relative image paths are taken from the table's own folder
+    (a folder source: that folder), not from wherever the notebook runs."""
+    base = table if table.is_dir() else table.parent
+    for index, item in rows:
+        if isinstance(item.src, Path) and not item.src.is_absolute():
+            item = item._replace(src=base / item.src)
+        yield index, item
 
 
 def open_table(path: Path, source_split: str = "train"):

@@ -408,6 +408,24 @@ def test_table_sources(tmp_path):
             run(folder, tmp_path / "d5")
 
 
+def test_a_tables_relative_image_paths_are_taken_from_its_folder(tmp_path, monkeypatch):
+    """A parquet listing ``images/0.png`` beside itself: read from the table's folder (they were
+    looked up from the notebooks' working directory: all 'missing', or another file of that name)."""
+    datasets = pytest.importorskip("datasets")
+    from furlib.training import streaming
+
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        noise(40, 48, i).save(tmp_path / "images" / f"{i}.png")
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": None, "path": f"images/{i}.png"} for i in range(3)]})
+    ds.to_parquet(str(tmp_path / "list.parquet"))
+    monkeypatch.chdir(tmp_path.parent)  # anywhere but the table's folder
+    assert run(tmp_path / "list.parquet", tmp_path / "data")["counts"]["accepted"] == 3
+    assert len(list(sources.iter_source(tmp_path / "list.parquet"))) == 3
+    crops = streaming.StreamCrops(str(tmp_path / "list.parquet"), 32, shuffle_buffer=0, log_dir=tmp_path / "log")
+    assert next(iter(crops)).shape == (3, 32, 32) and not (tmp_path / "log").exists()
+
+
 def test_hub_source_offline_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "hub_unreachable", lambda: "cannot resolve the Hub (test)")
     with pytest.raises(RuntimeError, match="source='builtin'") as info:

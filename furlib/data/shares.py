@@ -177,7 +177,8 @@ def own_inputs(job: dict, k: int, m: int, dealer: Dealer, resume: dict | None = 
     ds, prefix, stamp = _open(kind, path, job)
     if hasattr(ds, "__len__"):  # memory-mapped: select the rows dealt, read nothing else
         mine = _shard_part(min(len(ds), sel["max_images"]) if sel["max_images"] else len(ds), n, s)
-        return _dealt_rows(ds, mine, dealer, prefix, job["image_column"], stamp), len(mine), "dealt"
+        rows = _dealt_rows(ds, mine, dealer, prefix, job["image_column"], stamp)
+        return sources.beside_table(rows, path), len(mine), "dealt"
     w, workers = s + n * k, n * m
     resume = resume if resume and resume.get("stamp") == stamp else None
     by_files = workers > 1 and ds.n_shards % workers == 0 and not sel["max_images"]
@@ -185,6 +186,8 @@ def own_inputs(job: dict, k: int, m: int, dealer: Dealer, resume: dict | None = 
                         sel["max_images"], resume)
     if kind == "hub":
         rows = sources._guarded(rows, str(source), job["source_split"])
+    else:
+        rows = sources.beside_table(rows, path)
     return rows, None, "files" if by_files or workers == 1 else "row filter"
 
 
