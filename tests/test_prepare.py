@@ -343,6 +343,34 @@ def test_file_names_that_are_not_utf8_are_inputs_with_printable_ids(tmp_path):
     str(prep_figures.rejection_table(report))
 
 
+def test_a_file_changed_or_deleted_while_it_is_read_is_not_stored(tmp_path, monkeypatch):
+    """A plain JPEG is decoded, hashed, then its own bytes copied: a file rewritten in between would
+    be stored under the old pixels' hash, and one deleted ended the run. Now: rejected (read
+    again next run), and 'missing'."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, seed in (("changed.jpg", 1), ("deleted.jpg", 2), ("kept.jpg", 3)):
+        noise(40, 48, seed).save(src / name, quality=90)
+    real = prepare.decode_input
+
+    def meddling(source, *args, **kwargs):
+        out = real(source, *args, **kwargs)
+        if str(source).endswith("changed.jpg"):
+            noise(40, 48, 9).save(source, quality=90)
+            os.utime(source, ns=(1, 10**18))
+        elif str(source).endswith("deleted.jpg"):
+            source.unlink()
+        return out
+
+    monkeypatch.setattr(prepare, "decode_input", meddling)
+    report = run(src, tmp_path / "data", val_fraction=0.0)
+    assert verdicts(report) == {"changed.jpg": "error", "deleted.jpg": "missing", "kept.jpg": "ok"}
+    assert len(list((tmp_path / "data" / "train").iterdir())) == 1  # nothing stored for the changed one
+    monkeypatch.setattr(prepare, "decode_input", real)
+    again = run(src, tmp_path / "data", val_fraction=0.0)
+    assert verdicts(again) == {"changed.jpg": "ok", "kept.jpg": "ok"}
+
+
 def test_pixel_settings_refuse_until_rebuild(tmp_path):
     src = tmp_path / "src"
     make_corpus(src)

@@ -318,13 +318,30 @@ def _process(item: Input, job: dict, data_dir: Path, files: dict) -> dict:
     if name not in files:
         split = "val" if is_val(digest, job["val_fraction"]) else "train"
         if suffix:
-            store.save_original(src, data_dir / split / name)
+            try:
+                store.save_original(src, data_dir / split / name)
+            except FileNotFoundError:  # deleted between the decode and the copy
+                return {"status": "rejected", "reason": "missing", "detail": "deleted while 01 read it"}
+            if _changed(src, item.stamp):  # the bytes copied may not be the pixels hashed
+                (data_dir / split / name).unlink(missing_ok=True)
+                return {"status": "rejected", "reason": "error", "detail": "changed while 01 read it (read again next run)"}
         else:
             store.save_converted(image, data_dir / split / name)
         files[name] = split
     return {"status": "ok", "decoder": DECODER_VERSION, "hash": digest, "file": name, "width": image.width,
             "height": image.height, "source_width": source_size[0], "source_height": source_size[1],
             "stored": "original" if suffix and name.endswith(suffix) else "converted"}
+
+
+def _changed(src, stamp) -> bool:
+    """A source file whose size or mtime is no longer its listing's (``folder_input``'s stamp)."""
+    if not isinstance(src, Path) or not isinstance(stamp, list):
+        return False
+    try:
+        st = src.stat()
+    except OSError:
+        return True
+    return [st.st_size, st.st_mtime_ns] != stamp
 
 
 def _rejection(e: ImageRejected, filters: dict) -> dict:
