@@ -100,7 +100,7 @@ def prepare(source, data_dir, resolution: int = 256, max_side: int = DEFAULT_MAX
                val_fraction=val_fraction, val_max=val_max,
                workers=workers or max(1, (os.cpu_count() or 1) // num_proc))
     shard = f"shard-{shard_index:05d}-of-{num_shards:05d}"
-    header = dict(selection, settings=settings, num_shards=num_shards)
+    header = dict(selection, settings=settings, filters=job["filters"], num_shards=num_shards)  # parts merge if equal
     with store.locked(data_dir / ".lock", True, "prepare"), \
             store.locked(data_dir / "parts" / f"{shard}.lock", False, f"prepare {shard}"):
         with store.locked(data_dir / ".merge.lock", False, "merge", wait=True):

@@ -150,8 +150,8 @@ def read_parts(data_dir: Path, shards: list, header: dict) -> tuple[list, list]:
             lines = []  # (quickly: its journal holds every input it decoded)
         if not lines or lines[0] != header:
             changed = lines and isinstance(lines[0], dict) and lines[0].get("listing") != header.get("listing")
-            missing.append(shard + (" (it listed the source folder before it changed: run it again)"
-                                    if changed else ""))
+            why = "it listed the source folder before it changed" if changed else "it ran with other settings"
+            missing.append(shard + (f" ({why}: run it again)" if lines else ""))
             continue
         entries += lines[1:]
     return entries, missing
