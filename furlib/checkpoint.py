@@ -193,8 +193,8 @@ def pick_checkpoint(run_dir: Path, on_bad: str = "fallback") -> tuple[Path | Non
     if named is None:
         skipped.insert(0, f"{pointer}: missing, empty or unreadable")
     if skipped:
-        notes.append(f"WARNING: using the older {folder.name}; skipped " + "; ".join(skipped) +
-                     REFUSE_HINT)
+        which = f"the older {folder.name}" if folders and folder != folders[0] else f"{folder.name}, the newest step"
+        notes.append(f"WARNING: using {which}; skipped " + "; ".join(skipped) + REFUSE_HINT)
     if not (folder / CHECKSUMS).exists():
         notes.append(f"{folder} has no {CHECKSUMS} (written by an older version): its files are not verified")
     return folder, notes

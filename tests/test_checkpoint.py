@@ -85,6 +85,9 @@ def test_03_04_refuse_a_damaged_latest_or_fall_back_out_loud(tmp_path, capsys):
         (root / "latest").write_bytes(garbage)
         assert checkpoint.pick_checkpoint(tmp_path)[1][0].startswith("WARNING: using the older step_0000001; "
                                                                     f"skipped {root / 'latest'}: missing, empty")
+    checkpoint.save_checkpoint(root, 3, _tensors(3), {"base_model": "tiny-random"})
+    (root / "latest").unlink()  # only the pointer lost: the newest step is used, and said so (not "older")
+    assert checkpoint.pick_checkpoint(tmp_path)[1][0].startswith("WARNING: using step_0000003, the newest step; ")
 
 
 def test_optimizer_state_round_trip():
