@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from furlib import atomic
 from furlib.atomic import replace_folder
-from furlib.runinfo import file_sha256
+from furlib.runinfo import check_folders, file_sha256
 
 WEIGHT_FILES = {"ema": "ema.safetensors", "raw": "decoder.safetensors"}
 CHECKSUMS = "checksums.json"
@@ -170,9 +170,8 @@ def pick_checkpoint(run_dir: Path, on_bad: str = "fallback") -> tuple[Path | Non
     """(the checkpoint to resume or release, notes). ``latest`` when intact; else, with
     ``on_bad='fallback'``, the newest intact step folder and a note saying what was skipped
     and why; with ``on_bad='refuse'`` an error. None: the run has no checkpoint."""
+    check_folders(run_dir, ["checkpoints"])  # a file there: training would run, then fail at its first save
     root = Path(run_dir) / "checkpoints"
-    if root.exists() and not root.is_dir():  # training would run, then fail at its first save
-        raise ValueError(f"{root} is a file, not the run's checkpoints folder: move it away, then run again")
     pointer = root / "latest"
     named = _pointed(root, pointer)
     folders = sorted(root.glob("step_*"), reverse=True)
@@ -245,13 +244,20 @@ def load_tensors(ckpt_dir: Path, stem: str) -> dict:
         raise RuntimeError(f"cannot read {path} ({type(err).__name__}: {err}). Fix: {FIX}") from err
 
 
-def check_fits(tensors: dict, expected: dict, source: Path) -> None:
-    """Tensors read from ``source`` must have exactly the keys and shapes of ``expected`` (a
-    state dict): a missing layer would otherwise silently keep its base weights."""
+def mismatch(tensors: dict, expected: dict) -> tuple[list, list, list]:
+    """(keys missing, keys unexpected, "key (shape) vs (shape)" for the others of another shape) of
+    ``tensors`` against the state dict ``expected``; three empty lists when they fit."""
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     shapes = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
               if k in tensors and tensors[k].shape != v.shape]
+    return missing, unexpected, shapes
+
+
+def check_fits(tensors: dict, expected: dict, source: Path) -> None:
+    """Tensors read from ``source`` must have exactly the keys and shapes of ``expected`` (a
+    state dict): a missing layer would otherwise silently keep its base weights."""
+    missing, unexpected, shapes = mismatch(tensors, expected)
     if missing or unexpected or shapes:
         raise RuntimeError(f"{source} does not fit this model: missing {missing[:8]} ({len(missing)}), "
                            f"unexpected {unexpected[:8]} ({len(unexpected)}), shapes differ {shapes[:4]}. "

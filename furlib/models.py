@@ -297,10 +297,9 @@ def decoder_state(vae) -> dict:
 
 def with_decoder(vae, decoder_weights: dict):
     """Load decoder-side weights into ``vae`` in place; the key set must match exactly."""
-    expected = decoder_state(vae)
-    missing, extra = sorted(set(expected) - set(decoder_weights)), sorted(set(decoder_weights) - set(expected))
-    shapes = [f"{k} {tuple(decoder_weights[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in decoder_weights and decoder_weights[k].shape != v.shape]
+    from furlib.checkpoint import mismatch
+
+    missing, extra, shapes = mismatch(decoder_weights, decoder_state(vae))
     if missing or extra or shapes:  # one short line, not torch's hundred lines of size mismatches
         raise ValueError(f"the run's decoder does not fit this VAE ({len(missing)} missing, e.g. {missing[:3]}; "
                          f"{len(extra)} unexpected, e.g. {extra[:3]}; {len(shapes)} of other shapes, e.g. "

@@ -90,7 +90,8 @@ def run_dir(outputs_dir: str, run_name: str) -> Path:
 def check_folders(run_dir: Path, names) -> None:
     """A stage's output folders under ``run_dir`` must be folders (or not yet exist): one that is a
     file fails here, before any work, not at the stage's first write."""
-    files = [str(Path(run_dir) / n) for n in names if (Path(run_dir) / n).exists() and not (Path(run_dir) / n).is_dir()]
+    paths = [Path(run_dir) / name for name in names]
+    files = [str(p) for p in paths if p.exists() and not p.is_dir()]
     if files:
         raise ValueError(f"{', '.join(files)} should be a folder but is a file: move it away, then run again")
 

@@ -309,7 +309,7 @@ def test_04_refuses_to_replace_what_it_did_not_write(tmp_path):
         release_files.release_source(run)
     (run / release_files.EXPORT).unlink()
     (run / release_files.EXPORT).write_text("a file")
-    with pytest.raises(ValueError, match="export is a file"):
+    with pytest.raises(ValueError, match="t04/export should be a folder but is a file"):
         release_files.release_source(run)
 
 

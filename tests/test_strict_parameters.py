@@ -172,7 +172,7 @@ def test_paths_and_values_that_would_fail_mid_run_are_refused_first(tmp_path):
         runinfo.run_dir(str(tmp_path / "afile"), "r")
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "checkpoints").write_text("x")
-    with pytest.raises(ValueError, match="checkpoints is a file, not the run's checkpoints folder"):
+    with pytest.raises(ValueError, match="r/checkpoints should be a folder but is a file"):
         checkpoint.pick_checkpoint(tmp_path / "r")
     (tmp_path / "r" / "logs").write_text("x")
     with pytest.raises(ValueError, match=r"r/logs should be a folder but is a file"):

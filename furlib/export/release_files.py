@@ -35,7 +35,7 @@ from furlib.atomic import recover_folder, replace_folder
 from furlib.ldm_keys import diffusers_to_ldm
 from furlib.models import load_vae, with_decoder
 from furlib.parameters import strict_bool
-from furlib.runinfo import file_sha256
+from furlib.runinfo import check_folders, file_sha256
 
 
 def check_parameters(p: dict) -> None:
@@ -300,8 +300,7 @@ def check_export_is_ours(export_dir: Path) -> None:
     if export_dir.is_symlink():  # the swap would replace the link and leave its target stale
         raise ValueError(f"{export_dir} is a link (to {os.readlink(export_dir)}); 04 replaces the folder whole: "
                          "remove the link and copy export/ where you want it after 04, or set outputs_dir there")
-    if export_dir.exists() and not export_dir.is_dir():
-        raise ValueError(f"{export_dir} is a file; 04 writes a folder there: move it away, then run 04 again")
+    check_folders(export_dir.parent, [export_dir.name])
     if not export_dir.is_dir() or not any(export_dir.iterdir()):
         return
     try:

@@ -148,7 +148,7 @@ def make_plan(s, processes: int, device: torch.device) -> Plan:
     else:
         prep_report.check_prepared(run_path / "data", s.resolution)  # a too-large resolution fails here, not in a worker
         notes = []
-    runinfo.check_folders(run_path, ("checkpoints", "logs", "train", "pixel_cache"))  # not at the first save
+    runinfo.check_folders(run_path, ("logs", "train", "pixel_cache"))  # not at the first write (checkpoints: below)
     check_room_for_a_checkpoint(s, run_path)
     ckpt, ckpt_notes = checkpoint.pick_checkpoint(run_path, s.on_bad_checkpoint)
     notes += ckpt_notes
