@@ -194,7 +194,8 @@ def test_pickle_renamed_safetensors_names_the_file(small_vae_folder):
     from furlib.training.settings import TrainSettings
 
     s = TrainSettings.from_params({"base_model": str(truncated), "base_family": "sd"})
-    assert plan.cpu_cost_note(s, torch.device("cpu")) == ""  # 02's plan, before load_vae: no raw error
+    vae = plan.base_vae(s)  # 02's plan, before load_vae: no raw error, no cost note
+    assert vae is None and plan.cpu_cost_note(s, torch.device("cpu"), vae) == ""
 
 
 def test_config_that_does_not_match_its_weights(small_vae_folder, tmp_path):
@@ -345,7 +346,7 @@ def test_a_disk_without_room_for_one_checkpoint_is_refused_before_training(tmp_p
 
     _prepared(tmp_path)
     s = TrainSettings(**TINY, outputs_dir=str(tmp_path), run_name="r")
-    need = plan.checkpoint_bytes(s)
+    need = plan.checkpoint_bytes(s, plan.base_vae(s))
     assert 45e6 < need < 55e6  # TINY's run: 49.80 MB estimated, 49.88 MB written (measured 2026-12-06)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, need // 2))

@@ -288,16 +288,17 @@ def test_cpu_runs_say_what_they_cost_and_use_the_cores_there_are(tmp_path):
     workers, note = plan.worker_cap(4, 1)
     assert workers <= max(cores - 1, 0) and (workers == 4 or "capped" in note)
     cpu = torch.device("cpu")
-    note = plan.cpu_cost_note(TrainSettings(base_model="random:sd"), cpu)
+    cost = lambda s, device=cpu: plan.cpu_cost_note(s, device, plan.base_vae(s))  # noqa: E731 - as make_plan does
+    note = cost(TrainSettings(base_model="random:sd"))
     assert "WARNING" in note and "params/demo.yaml" in note and " s and up to" in note
     assert "49.5 M-parameter decoder (9.46 TFLOP per megapixel" in note  # SD's decoder, counted
-    assert plan.cpu_cost_note(TrainSettings(base_model="random:sd"), torch.device("cuda")) == ""
+    assert cost(TrainSettings(base_model="random:sd"), torch.device("cuda")) == ""
     # the size decides, not the name: the same 2000 steps, ~1 h for SD's decoder, ~2 min for a 0.8 M one
     small = dict(resolution=96, batch_size=4, max_steps=2000)
-    assert "~1.08 h" in plan.cpu_cost_note(TrainSettings(base_model="random:flux", **small), cpu)
+    assert "~1.08 h" in cost(TrainSettings(base_model="random:flux", **small))
     load_vae("tiny-random").save_pretrained(tmp_path / "sd-vae-ft-mse")
-    assert plan.cpu_cost_note(TrainSettings(base_model=str(tmp_path / "sd-vae-ft-mse"), **small), cpu) == ""
-    assert plan.cpu_cost_note(TrainSettings(base_model="tiny", resolution=96, batch_size=4, max_steps=100), cpu) == ""
+    assert cost(TrainSettings(base_model=str(tmp_path / "sd-vae-ft-mse"), **small)) == ""
+    assert cost(TrainSettings(base_model="tiny", resolution=96, batch_size=4, max_steps=100)) == ""
 
 
 def test_bin_only_base_folder_is_refused(tmp_path):

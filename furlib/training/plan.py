@@ -59,31 +59,46 @@ def worker_cap(requested: int, processes: int) -> tuple[int, str]:
                  "process(es), one each kept for training")
 
 
-def decoder_tflop_per_mp(vae_config: dict) -> tuple[int, float]:
-    """(decoder parameters, forward TFLOP per output megapixel) of a VAE config, counted by
-    torch's FLOP counter on a meta-device model: no weights, no memory, well under a second."""
+def base_vae(s):
+    """The run's base VAE built from its config on the meta device (no weights, no memory, well
+    under a second), for counting; None where its config cannot be read or builds no VAE
+    (``load_vae`` then says why, next)."""
     from diffusers import AutoencoderKL
+
+    config = models.base_vae_config(s.base_model, s.base_config, s.base_family)
+    if config is None:
+        return None
+    try:
+        with torch.device("meta"):
+            return AutoencoderKL.from_config(config)
+    except Exception:  # noqa: BLE001 - any config diffusers cannot build
+        return None
+
+
+def decoder_parameters(vae) -> int:
+    """Parameters 02 trains (decoder and post_quant_conv)."""
+    return sum(p.numel() for n, p in vae.named_parameters() if n.startswith(models.TRAINABLE_PREFIXES))
+
+
+def decoder_tflop_per_mp(vae) -> tuple[int, float]:
+    """(decoder parameters, forward TFLOP per output megapixel) of a meta-device VAE
+    (``base_vae``), counted by torch's FLOP counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.device("meta"):
-        vae = AutoencoderKL.from_config(vae_config)
-    params = sum(p.numel() for n, p in vae.named_parameters() if n.startswith(models.TRAINABLE_PREFIXES))
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     latent = torch.empty(1, vae.config.latent_channels, 8, 8, device="meta")
     with FlopCounterMode(display=False) as counter:
         vae.decode(latent)
-    return params, counter.get_total_flops() / (8 * factor) ** 2 / 1e6
+    return decoder_parameters(vae), counter.get_total_flops() / (8 * factor) ** 2 / 1e6
 
 
-def cpu_cost_note(s, device: torch.device) -> str:
-    """A warning when the base's size makes a CPU run slow (a step or the run); '' otherwise."""
-    if device.type != "cpu":
-        return ""
-    config = models.base_vae_config(s.base_model, s.base_config, s.base_family)
-    if config is None:  # loading the base fails next, with its own message
+def cpu_cost_note(s, device: torch.device, vae) -> str:
+    """A warning when the base's size (``vae``: ``base_vae(s)``) makes a CPU run slow (a step or
+    the run); '' otherwise."""
+    if device.type != "cpu" or vae is None:  # None: loading the base fails next, with its own message
         return ""
     try:
-        params, tflop = decoder_tflop_per_mp(config)
+        params, tflop = decoder_tflop_per_mp(vae)
     except Exception:  # noqa: BLE001 - a config that builds no decoder: load_vae says why, next
         return ""
     size = tflop / SD_DECODER_TFLOP_PER_MP
@@ -99,33 +114,25 @@ def cpu_cost_note(s, device: torch.device) -> str:
             "python -m furlib.pipeline params/demo.yaml")
 
 
-def checkpoint_bytes(s) -> int:
-    """About what one checkpoint of this run takes: the decoder side in fp32 (raw, EMA, AdamW's
-    two moments: 16 B a parameter) and the critic (weights and moments: 12 B); 0 when the base's
-    config cannot be read yet (loading it fails next, with its own message)."""
-    from diffusers import AutoencoderKL
-
+def checkpoint_bytes(s, vae) -> int:
+    """About what one checkpoint of this run takes (``vae``: ``base_vae(s)``): the decoder side in
+    fp32 (raw, EMA, AdamW's two moments: 16 B a parameter) and the critic (weights and moments:
+    12 B); 0 without a base VAE (loading it fails next, with its own message)."""
     from furlib.training.losses import PatchCritic
 
-    config = models.base_vae_config(s.base_model, s.base_config, s.base_family)
-    if config is None:
+    if vae is None:
         return 0
-    try:
-        with torch.device("meta"):
-            vae = AutoencoderKL.from_config(config)
-            critic = PatchCritic(s.critic_layers, s.critic_channels, s.critic_norm, s.critic_input)
-    except Exception:  # noqa: BLE001 - a config that builds no VAE: load_vae says why, next
-        return 0
-    decoder = sum(p.numel() for n, p in vae.named_parameters() if n.startswith(models.TRAINABLE_PREFIXES))
-    return 16 * decoder + 12 * sum(p.numel() for p in critic.parameters())
+    with torch.device("meta"):
+        critic = PatchCritic(s.critic_layers, s.critic_channels, s.critic_norm, s.critic_input)
+    return 16 * decoder_parameters(vae) + 12 * sum(p.numel() for p in critic.parameters())
 
 
-def check_room_for_a_checkpoint(s, run_path: Path) -> None:
+def check_room_for_a_checkpoint(s, run_path: Path, vae) -> None:
     """Refuse before training when the disk cannot hold one checkpoint: the first save would fail
     after ``checkpoint_every`` steps, all of them lost."""
     import shutil
 
-    need = checkpoint_bytes(s)
+    need = checkpoint_bytes(s, vae)
     where = next(p for p in (run_path, *run_path.parents) if p.exists())
     free = shutil.disk_usage(where).free
     if need and free < need:
@@ -149,7 +156,8 @@ def make_plan(s, processes: int, device: torch.device) -> Plan:
         prep_report.check_prepared(run_path / "data", s.resolution)  # a too-large resolution fails here, not in a worker
         notes = []
     runinfo.check_folders(run_path, ("logs", "train", "pixel_cache"))  # not at the first write (checkpoints: below)
-    check_room_for_a_checkpoint(s, run_path)
+    vae = base_vae(s)  # its config read once, for the disk's room and the CPU's cost
+    check_room_for_a_checkpoint(s, run_path, vae)
     ckpt, ckpt_notes = checkpoint.pick_checkpoint(run_path, s.on_bad_checkpoint)
     notes += ckpt_notes
     start = 0
@@ -168,7 +176,7 @@ def make_plan(s, processes: int, device: torch.device) -> Plan:
         crops.cache_plan(train_dir, run_path / "pixel_cache", s.pixel_cache)
     workers, cap_note = worker_cap(s.num_workers, processes)
     batch_note = "" if s.train_source else batch_size_note(s.global_batch(processes), len(list_images(train_dir)))
-    notes += [n for n in (cache_note, cap_note, cpu_cost_note(s, device), batch_note, critic_note(s)) if n]
+    notes += [n for n in (cache_note, cap_note, cpu_cost_note(s, device, vae), batch_note, critic_note(s)) if n]
     return Plan(run_path, device, processes, s.global_batch(processes), s.ema_decay_for(s.global_batch(processes)),
                 ckpt, start, use_cache, workers, notes,
                 {"data": "" if s.train_source else resume.data_fingerprint(train_dir)})
