@@ -129,15 +129,15 @@ def injected_names(namespace: dict, declared) -> list[str]:
 def check_notebook(stage: str, namespace: dict) -> None:
     """A notebook's parameters: no unknown injected name, every value of its default's type, a
     plain ``run_name``. Raises one ValueError listing every problem."""
-    from furlib.pipeline import STAGES, declared_parameters, stage_defaults
+    from furlib.pipeline import BASE_KEYS, RUN_BASE_STAGES, STAGES, declared_parameters, stage_defaults
 
     defaults = stage_defaults(stage)
     given = injected_names(namespace, defaults)
     others = set().union(*(declared_parameters(s) for s in STAGES)) - set(defaults)
     if foreign := sorted(set(given) & others):  # a whole profile (papermill -f params/x.yaml)
         print(f"NOTE: {stage} leaves {', '.join(foreign)} to the stages that declare them")
-        if stage in ("03_eval", "04_export"):  # as in the pipeline: a profile's base is what 02 trained
-            for key in sorted({"base_model", "base_config", "base_family"} & set(given)):
+        if stage in RUN_BASE_STAGES:  # as in the pipeline: a profile's base is what 02 trained
+            for key in sorted(set(BASE_KEYS) & set(given)):
                 print(f"NOTE: {key}={namespace[key]!r} came with a whole profile: it is 02's; {stage} uses the run's "
                       "own base (to replace it, pass base_model without -f)")
                 namespace[key] = defaults[key]

@@ -105,15 +105,16 @@ def parse_override(text: str) -> tuple[str, object]:
                          "quote it for a string: -p 'key=\"...\"'") from None
 
 
-def stage_parameters(stage: str, params: dict, asked: dict) -> dict:
-    """What ``stage`` is handed: the keys it declares; for 03 and 04 a base only from a -p (``asked``)."""
+def stage_parameters(stage: str, params: dict, asked) -> dict:
+    """What ``stage`` is handed: the keys it declares; for 03 and 04 a base only from a -p (``asked``:
+    the keys given with -p)."""
     mine = {k: v for k, v in params.items() if k in declared_parameters(stage)}
     if stage in RUN_BASE_STAGES:  # the run's own base, unless a -p names another
         mine = {k: v for k, v in mine.items() if k not in BASE_KEYS or k in asked}
     return mine
 
 
-def check_before_writing(params: dict, stages, asked: dict | None = None) -> Path:
+def check_before_writing(params: dict, stages, asked=()) -> Path:
     """Every check that needs no model, before the pipeline writes anything: the stages' names,
     each value's type (``furlib.params``), a plain ``run_name``, 02's, 03's and 04's value checks
     (a bad 04 value must not wait for 150k steps of training), and that no executed notebook would
@@ -139,11 +140,11 @@ def check_before_writing(params: dict, stages, asked: dict | None = None) -> Pat
     if "03_eval" in stages:
         from furlib.evaluation.evaluate import check_parameters
 
-        check_parameters({**stage_defaults("03_eval"), **stage_parameters("03_eval", params, asked or {})})
+        check_parameters({**stage_defaults("03_eval"), **stage_parameters("03_eval", params, asked)})
     if "04_export" in stages:
         from furlib.export.release_files import check_parameters
 
-        check_parameters({**stage_defaults("04_export"), **stage_parameters("04_export", params, asked or {})})
+        check_parameters({**stage_defaults("04_export"), **stage_parameters("04_export", params, asked)})
     for stage in stages:
         _check_output(run_dir / f"{stage}.ipynb")
     return run_dir
@@ -186,7 +187,7 @@ def run(profile: str | Path, stages=STAGES, overrides: dict | None = None, log_o
     import papermill
 
     params = resolve_paths(load_profile(profile, overrides), Path.cwd())
-    asked = resolve_paths(overrides or {}, Path.cwd())
+    asked = set(overrides or {})  # the keys a -p gave (only their names are compared)
     defaults = stage_defaults(STAGES[0])  # the notebooks' own defaults
     for key in ("run_name", "outputs_dir"):  # every stage works on the same run folder
         params.setdefault(key, defaults[key])

@@ -117,7 +117,7 @@ def iter_inputs(source, source_split, image_column, max_images, art_count=24, se
     kind, path = _kind(source)
     if kind == "builtin":
         art_stamp = f"art{ART_VERSION}-seed{seed}"
-        items = [Input(i, s, _stamp(s) if isinstance(s, Path) else art_stamp)
+        items = [Input(i, s, file_stamp(s) if isinstance(s, Path) else art_stamp)
                  for i, s in builtin_sources(art_count, seed, str(source))]
     elif kind == "folder":
         items = [folder_input(path, f) for f in folder_files(path, exclude, max_images)]
@@ -140,7 +140,8 @@ def _take(items, max_images: int):
             return
 
 
-def _stamp(path: Path):
+def file_stamp(path: Path):
+    """A local file's version: [size, mtime_ns], or None when it cannot be read."""
     try:
         st = path.stat()
     except OSError:
@@ -183,10 +184,10 @@ def folder_input(root: Path, file: str) -> Input:
     path = Path(file)
     input_id, suffix = _printable(path.relative_to(root).as_posix()), path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
-        return Input(input_id, path, _stamp(path))
+        return Input(input_id, path, file_stamp(path))
     if path.is_dir():
         return Input(input_id, path, None, "unreadable", detail="a folder that cannot be listed")
-    return Input(input_id, path, _stamp(path), "not_an_image",
+    return Input(input_id, path, file_stamp(path), "not_an_image",
                  detail=f"{suffix or 'no suffix'}: not one of {' '.join(sorted(IMAGE_SUFFIXES))}")
 
 
@@ -214,14 +215,16 @@ def _table_rows(path: Path, source_split: str, image_column: str, resume=None):
     return (item for _, item in rows), total
 
 
+def beside(table: Path, image: Path) -> Path:
+    """An image path a table holds: a relative one is taken from the table's own folder (a folder
+    source: that folder), not from wherever the notebook runs."""
+    return image if image.is_absolute() else (table if table.is_dir() else table.parent) / image
+
+
 def beside_table(rows, table: Path):
-    """``(index, Input)`` rows whose relative image paths are taken from the table's own folder
-    (a folder source: that folder), not from wherever the notebook runs."""
-    base = table if table.is_dir() else table.parent
+    """``(index, Input)`` rows with their image paths taken ``beside`` the table."""
     for index, item in rows:
-        if isinstance(item.src, Path) and not item.src.is_absolute():
-            item = item._replace(src=base / item.src)
-        yield index, item
+        yield index, item._replace(src=beside(table, item.src)) if isinstance(item.src, Path) else item
 
 
 def open_table(path: Path, source_split: str = "train"):

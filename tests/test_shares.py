@@ -177,8 +177,8 @@ def test_each_process_stats_only_the_files_dealt_to_it(tmp_path, monkeypatch):
 
     monkeypatch.setattr(shares, "ProcessPoolExecutor", lambda n, mp_context=None, **kw: ThreadPoolExecutor(n, **kw))
     monkeypatch.setattr(shares, "_join", lambda counters: monkeypatch.setattr(shares, "_COUNTERS", counters))
-    stats, real = [], sources._stamp
-    monkeypatch.setattr(sources, "_stamp", lambda path: stats.append(path.name) or real(path))
+    stats, real = [], sources.file_stamp
+    monkeypatch.setattr(sources, "file_stamp", lambda path: stats.append(path.name) or real(path))
     src = tmp_path / "src"
     src.mkdir()
     for i in range(24):

@@ -44,7 +44,7 @@ from furlib import atomic
 from furlib.data import store
 from furlib.data import shares
 from furlib.data.prep_report import build_report, is_val
-from furlib.sources import RESUMED, Input, check_revision, source_key
+from furlib.sources import RESUMED, Input, check_revision, file_stamp, source_key
 from furlib.images import (DEFAULT_MAX_PIXELS, ImageRejected, cap_long_side, decode_input,
                            reusing_pixel_memory)
 from furlib.parameters import strict_bool
@@ -109,6 +109,7 @@ def prepare(source, data_dir, resolution: int = 256, max_side: int = DEFAULT_MAX
         header["listing"] = shares.list_folder(job, Path(job["listing"]))
         entries, decoded = _run_shard(job, num_proc, progress)
         store.write_part(data_dir, shard, header, entries)
+        Path(job["listing"]).unlink(missing_ok=True)  # its digest is in the part; each run lists anew
     report = _finish(data_dir, job, header, entries, decoded)
     report.update(source=str(source), rebuilt_because=rebuilt, settings=dict(
         settings, **job["filters"], val_fraction=val_fraction, val_max=val_max,
@@ -335,13 +336,7 @@ def _process(item: Input, job: dict, data_dir: Path, files: dict) -> dict:
 
 def _changed(src, stamp) -> bool:
     """A source file whose size or mtime is no longer its listing's (``folder_input``'s stamp)."""
-    if not isinstance(src, Path) or not isinstance(stamp, list):
-        return False
-    try:
-        st = src.stat()
-    except OSError:
-        return True
-    return [st.st_size, st.st_mtime_ns] != stamp
+    return isinstance(src, Path) and isinstance(stamp, list) and file_stamp(src) != stamp
 
 
 def _rejection(e: ImageRejected, filters: dict) -> dict:

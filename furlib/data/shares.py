@@ -31,6 +31,7 @@ the rows of the files finished before; a resumed run reads none of those again. 
 need no position: their journal answers for every input already done.
 """
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -38,7 +39,7 @@ import signal
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
 
-from furlib import sources
+from furlib import atomic, sources
 from furlib.sources import RESUMED, Input
 
 FILE_STRIDE = 2 ** 40  # sort index of row r of file f: f * FILE_STRIDE + r (the stream's order)
@@ -145,11 +146,6 @@ def list_folder(job: dict, listing: Path) -> str | None:
     the shard reads (a folder still filling up must not give them different lists to deal from);
     returns the listing's digest, which a shard's part carries: shards that listed a changed folder
     do not merge. None for other sources."""
-    import hashlib
-    import json
-
-    from furlib import atomic
-
     kind, path = sources._kind(job["source"])
     if kind != "folder":
         return None

@@ -24,6 +24,7 @@ from PIL import Image
 
 from furlib.images import DEFAULT_MAX_PIXELS, ImageRejected, cap_long_side, decode_input
 from furlib import crops
+from furlib.sources import beside
 
 
 class StreamCrops(torch.utils.data.IterableDataset):
@@ -39,8 +40,8 @@ class StreamCrops(torch.utils.data.IterableDataset):
         from furlib.sources import _kind, open_stream
 
         ds, self.prefix = open_stream(source, source_split, image_column, revision)  # fails here, early
-        kind, path = _kind(source)  # a local table's relative image paths are taken from its folder
-        self.base = (path if path.is_dir() else path.parent) if kind == "table" else None
+        kind, path = _kind(source)
+        self.table = path if kind == "table" else None  # its relative image paths are taken beside it
         order = int(np.random.SeedSequence([seed, start_step]).generate_state(1)[0])  # a resume: another
         if shuffle_buffer > 0:
             ds = ds.shuffle(seed=order, buffer_size=shuffle_buffer)
@@ -76,8 +77,8 @@ class StreamCrops(torch.utils.data.IterableDataset):
         logging why it was rejected."""
         if isinstance(value, dict):  # datasets' Image feature: {"bytes", "path"}
             value = value.get("bytes") or value.get("path")
-        if isinstance(value, str) and self.base is not None and not Path(value).is_absolute():
-            value = self.base / value
+        if isinstance(value, str) and self.table is not None:
+            value = beside(self.table, Path(value))
         try:
             image, _ = decode_input(value, self.background, self.max_pixels, min_side=self.resolution)
             return cap_long_side(image, self.max_side, self.resolution)
