@@ -186,6 +186,7 @@ def test_shards_of_a_folder_that_changed_between_them_do_not_merge(tmp_path):
     again = run(src, tmp_path / "data", num_shards=2, shard_index=0)
     assert again["complete"] and again["counts"]["inputs"] == 13 == again["counts"]["accepted"]
     assert not again["duplicates"]
+    assert not list((tmp_path / "data" / "parts").glob("*.listing.json"))  # each run lists anew
     lower = run(src, tmp_path / "data", num_shards=2, shard_index=1, resolution=RES // 2)  # a filter changed:
     assert lower["missing_shards"] == ["shard-00000-of-00002 (it ran with other settings: run it again)"]
 
