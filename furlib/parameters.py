@@ -15,6 +15,8 @@ import ast
 import difflib
 import math
 
+SEED_LIMIT = 2 ** 32  # every stage's seed is below it: a time.time_ns() overflowed torch's generator
+
 
 def expected(default) -> tuple[type, str] | None:
     """(type, words) a parameter whose default is ``default`` must have; None: anything goes."""

@@ -101,7 +101,7 @@ for name, value in (("max_images", max_images), ("val_max", val_max), ("art_coun
                     ("num_workers", num_workers), ("shard_index", shard_index), ("seed", seed)):
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
-if seed >= 2 ** 32:
+if seed >= parameters.SEED_LIMIT:
     raise ValueError(f"seed must be below 2**32, got {seed}")
 if num_proc < 0 or num_shards < 1 or shard_index >= num_shards:
     raise ValueError(f"need num_proc >= 0, num_shards >= 1 and shard_index < num_shards, got "

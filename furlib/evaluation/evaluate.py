@@ -22,7 +22,7 @@ from furlib import checkpoint
 from furlib.evaluation import fid_kid, metrics
 from furlib.images import center_crop, load_rgb, to_rgb_m11, to_uint8
 from furlib.models import is_pretrained, load_vae, with_decoder
-from furlib.parameters import strict_bool
+from furlib.parameters import SEED_LIMIT, strict_bool
 
 MIN_RESOLUTION = 32  # LPIPS(AlexNet)'s trunk pools a smaller crop away ("Output size is too small")
 
@@ -48,7 +48,7 @@ def check_parameters(p: dict) -> None:
 def run_reader_problems(p: dict) -> list[str]:
     """The checks 03 and 04 share (both read a run's checkpoint and base): ``seed`` in 02's range,
     ``on_bad_checkpoint``, and base_config / base_family only with an explicit base_model."""
-    found = [] if 0 <= p["seed"] < 2 ** 32 else [f"seed must be an integer in [0, 2**32), got {p['seed']!r}"]
+    found = [] if 0 <= p["seed"] < SEED_LIMIT else [f"seed must be an integer in [0, 2**32), got {p['seed']!r}"]
     if p["on_bad_checkpoint"] not in ("refuse", "fallback"):
         found.append(f"on_bad_checkpoint must be 'refuse' or 'fallback', got {p['on_bad_checkpoint']!r}")
     if (p["base_config"] or p["base_family"]) and not p["base_model"]:

@@ -21,6 +21,7 @@ import re
 
 import torch
 
+from furlib.parameters import SEED_LIMIT
 from furlib.training.ema import scaled_decay
 from furlib.training.losses import cosine_ramp
 
@@ -172,7 +173,7 @@ RANGES = {
     "batch_size": (lambda v: v >= 1, "an integer >= 1 (images per GPU per step)"),
     "grad_accum": (lambda v: v >= 1, "an integer >= 1 that divides batch_size"),
     "max_steps": (lambda v: v >= 1, "an integer >= 1"),
-    "seed": (lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2**32)"),  # (a time.time_ns() overflowed torch's generator)
+    "seed": (lambda v: 0 <= v < SEED_LIMIT, "an integer in [0, 2**32)"),
     "num_gpus": (lambda v: v >= 1, "an integer >= 1"),
     "resolution": (lambda v: v >= 32 and v % 8 == 0, "a multiple of 8, at least 32 (px; the VAE downsamples 8x)"),
     "min_crop_scale": (lambda v: 0 < v <= 1, "a fraction in (0, 1] of the image area"),
