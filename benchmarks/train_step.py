@@ -225,7 +225,8 @@ def write_profile(step, x, path: Path) -> tuple[str, float]:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True,
+                 record_shapes=True) as prof:
         for _ in range(2):
             step(x)
         sync()
@@ -238,7 +239,10 @@ def write_profile(step, x, path: Path) -> tuple[str, float]:
     by_op = events.table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90)
     by_caller = prof.key_averages(group_by_stack_n=6).table(sort_by="self_cuda_time_total", row_limit=30,
                                                             max_name_column_width=90)
-    path.write_text(f"kernel time per step: {kernel_ms:.1f} ms\n\n{by_op}\n\nBy Python caller (6 frames):\n{by_caller}")
+    by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=40,
+                                                                  max_name_column_width=60)
+    path.write_text(f"kernel time per step: {kernel_ms:.1f} ms\n\n{by_op}\n\nBy Python caller (6 frames):\n{by_caller}"
+                    f"\n\nBy operator and input shapes:\n{by_shape}")
     return str(path), kernel_ms
 
 

@@ -68,6 +68,7 @@ class Tuning:
     compile_critic: bool = True     # a compiled twin for the critic's first-order passes
     compile_penalty: bool = False   # WGAN-GP's double backward compiled (``compiled_penalty``); same maths
     lpips_autocast: bool = False    # LPIPS under the step's autocast, not fp32 (changes results)
+    math_attention: bool = False    # the VAE's attention as plain matrix products (``use_math_attention``)
     part_timer: Callable[[str], AbstractContextManager] | None = None  # wraps each part of the step
 
 
@@ -88,6 +89,18 @@ def use_compile_cache(folder) -> Path:
     return folder
 
 
+def use_math_attention(vae) -> None:
+    """The VAE's self-attention as batched matrix products and a softmax (diffusers' classic
+    ``AttnProcessor``) instead of ``scaled_dot_product_attention``. Its one head is 512 wide (SD,
+    SDXL) and fused kernels stop at 256: PyTorch then takes its memory-efficient kernel, whose
+    backward for this width ran at ~27 TFLOP/s on an H100 (6.4 ms a step at 256 px, batch 32;
+    benchmarks/RESULTS.md). The score matrix (batch x tokens^2) is small at training crops.
+    Same maths, different rounding; the weights and state-dict keys do not change."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    vae.set_attn_processor(AttnProcessor())
+
+
 def compiled_penalty(options: dict):
     """``losses.gradient_penalty`` with its inner gradient by ``torch.func`` (``functional=True``),
     compiled: inductor fuses the double backward through the critic's layer norms and LReLUs that
@@ -103,6 +116,8 @@ def speed_up(vae, critic, rec_loss, settings, device: torch.device, tuning: Tuni
         use_compile_cache(settings.compile_cache_dir)
     if settings.uses("phase_upsample", device):
         use_phase_upsampling(vae.decoder)  # keeps the state-dict keys
+    if tuning.math_attention:
+        use_math_attention(vae)
     # compiled graphs choose their own layouts (see COMPILE_OPTIONS): "auto" NHWC is for eager
     nhwc = settings.channels_last == "yes" or (
         settings.channels_last == "auto" and not compiled and device.type == "cuda")
