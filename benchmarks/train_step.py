@@ -22,8 +22,10 @@ adaptive weight every step, AdamW, EMA; random data resident on the GPU):
 - project-eager: ``furlib.training.trainer.Trainer.step`` (what 02 runs) without torch.compile;
 - project: ``Trainer.step`` with its GPU defaults (compile incl. the critic's first-order passes,
   phase upsampling, channels_last, bf16);
-- project-prev: the defaults before this round's levers (channels_last model, inductor's own layout
-  choice, eager critic, plain upsampling: ``Tuning(inductor_options={}, compile_critic=False)``);
+- project-prev: the defaults of issue 7's first round (channels_last model, inductor's own layout
+  choice, eager critic and penalty, SDPA attention, plain upsampling);
+- project-issue7: the defaults issue 21 started from (eager penalty, SDPA attention:
+  ``Tuning(compile_penalty=False, math_attention=False)``);
 - project-nophase: ``project`` without phase upsampling;
 - project-fed: ``project`` fed by ``furlib.crops.make_loader`` (``--workers`` processes, pinned
   memory) from generated 1-2 MP PNGs, once decoding the PNGs and once from the pixel cache; wall
@@ -62,9 +64,8 @@ from furlib.training.speed import Tuning  # noqa: E402
 from furlib.training.settings import TrainSettings  # noqa: E402
 from furlib.training.trainer import Trainer  # noqa: E402
 
-VARIANTS = ("count", "plain-fp32", "plain-bf16", "project-eager", "project-prev", "project-nophase", "project",
-            "project-fed", "project-parts",
-            "project-ckpt", "colab-t4")
+VARIANTS = ("count", "plain-fp32", "plain-bf16", "project-eager", "project-prev", "project-issue7", "project-nophase",
+            "project", "project-fed", "project-parts", "project-ckpt", "colab-t4")
 TUNING_FIELDS = {f.name for f in dataclasses.fields(Tuning)}
 SETTING_FIELDS = {f.name for f in dataclasses.fields(TrainSettings)}
 DEVICE = torch.device("cuda")  # --device; MODEL: --model
@@ -126,7 +127,10 @@ def project_stepper(batch: int, variant: str, overrides: dict):
         kw.update(phase_upsample="no")
     elif variant == "project-prev":
         kw.update(phase_upsample="no", channels_last="yes")
-        tuning.update(inductor_options={}, compile_critic=False)  # inductor's own layouts, eager critic
+        tuning.update(inductor_options={}, compile_critic=False,  # inductor's own layouts, eager critic
+                      compile_penalty=False, math_attention=False)
+    elif variant == "project-issue7":
+        tuning.update(compile_penalty=False, math_attention=False)
     elif variant == "project-ckpt":
         kw.update(gradient_checkpointing=True)
     elif variant == "colab-t4":

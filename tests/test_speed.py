@@ -77,6 +77,80 @@ def test_compiled_penalty_under_bf16_is_as_close_to_fp32_as_the_eager_one():
     assert err(compiled) <= 1.1 * err(eager)  # seen: 0.0275 vs 0.0276 (eager and compiled 0.0022 apart)
 
 
+def test_math_attention_is_the_same_function_with_the_same_gradients():
+    """``speed.use_math_attention``: diffusers' classic processor (matrix products and a softmax)
+    in place of SDPA; the decoder's output and weight gradients agree in fp32, the keys stay."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    torch.manual_seed(0)
+    z = torch.randn(2, 4, 8, 8)
+    runs = []
+    for math in (False, True):
+        vae = load_vae("tiny-random", seed=0)
+        if math:
+            speed.use_math_attention(vae)
+            processors = [m.processor for m in vae.modules() if hasattr(m, "processor")]
+            assert processors and all(isinstance(p, AttnProcessor) for p in processors)
+        out = vae.decode(z).sample
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in vae.decoder.parameters()])
+        runs.append((out.detach(), grads, sorted(vae.state_dict())))
+    (out_sdpa, g_sdpa, keys_sdpa), (out_math, g_math, keys_math) = runs
+    assert keys_math == keys_sdpa
+    assert (out_math - out_sdpa).abs().max() <= 1e-5 * out_sdpa.abs().max()
+    assert (g_math - g_sdpa).norm() <= 1e-5 * g_sdpa.norm()
+
+
+def test_math_attention_only_on_cuda_up_to_512px():
+    """Measured on CUDA at 256 and 512 px; larger crops keep SDPA (the scores grow as tokens^2)."""
+    tuning, cuda = speed.Tuning(), torch.device("cuda")  # a device name: no GPU needed
+    assert speed.wants_math_attention(tuning, TrainSettings(resolution=256), cuda)
+    assert speed.wants_math_attention(tuning, TrainSettings(resolution=512), cuda)
+    assert not speed.wants_math_attention(tuning, TrainSettings(resolution=520), cuda)
+    assert not speed.wants_math_attention(tuning, TrainSettings(resolution=256), torch.device("cpu"))
+    assert not speed.wants_math_attention(speed.Tuning(math_attention=False), TrainSettings(resolution=256), cuda)
+
+
+def test_padded_rgb_convs_are_the_same_function_with_the_same_gradients():
+    """``speed.pad_rgb_convs``: the encoder's and the critic's RGB convs with zero channels added
+    give the same outputs, input and weight gradients, and penalty (a double backward) in fp32."""
+    from furlib.training.losses import PatchCritic, gradient_penalty
+
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    runs = []
+    for padded in (False, True):
+        torch.manual_seed(0)
+        vae, critic = load_vae("tiny-random", seed=0), PatchCritic(2, 8, "pixel_layer")
+        if padded:
+            assert speed.pad_rgb_convs(vae.encoder, critic) == 2
+        xi = x.clone().requires_grad_(True)
+        latent = vae.encode(xi).latent_dist.mean
+        gp = gradient_penalty(critic, x, x.flip(0), torch.full((2, 1, 1, 1), 0.3), torch.tensor(1.0))
+        total = (latent * torch.linspace(-1, 1, latent.numel()).view_as(latent)).sum() + critic(xi).mean() + gp
+        total.backward()
+        params = list(vae.encoder.parameters()) + list(critic.parameters())
+        runs.append((total.detach(), xi.grad, torch.cat([p.grad.flatten() for p in params]),
+                     sorted(vae.state_dict()) + sorted(critic.state_dict())))
+    (t0, gx0, gw0, keys0), (t1, gx1, gw1, keys1) = runs
+    assert keys1 == keys0
+    assert float(t1) == pytest.approx(float(t0), rel=1e-5)
+    assert (gx1 - gx0).norm() <= 1e-5 * gx0.norm()
+    assert (gw1 - gw0).norm() <= 1e-5 * gw0.norm()
+    # LPIPS's VGG: its first conv too, and the input gradient the step takes through it
+    from furlib.perceptual import LPIPS
+
+    lpips_runs = []
+    for padded in (False, True):
+        lp = LPIPS("vgg", "random")
+        if padded:
+            assert speed.pad_rgb_convs(lp) == 1
+        xi = x.clone().requires_grad_(True)
+        loss = lp(xi, x.flip(0)).sum()
+        lpips_runs.append((float(loss), torch.autograd.grad(loss, xi)[0]))
+    (l0, g0), (l1, g1) = lpips_runs
+    assert l1 == pytest.approx(l0, rel=1e-5) and (g1 - g0).norm() <= 1e-5 * g0.norm()
+
+
 CACHE_PROBE = """
 import json, sys
 import torch

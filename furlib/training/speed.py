@@ -6,8 +6,9 @@
 1. ``speed_up``: memory layout (NHWC), phase upsampling, ``torch.compile``; ``Tuning`` holds the
    levers a benchmark or test may change that are not recipe parameters (02 never sets them, so a
    run's record does not need them): among them the compiled gradient penalty
-   (``compiled_penalty``), off until measured on a GPU (benchmarks/RESULTS.md, issue 21). The
-   02 parameter ``compile_cache_dir`` keeps compiled kernels in a folder (``use_compile_cache``).
+   (``compiled_penalty``) and the attention as matrix products (``use_math_attention``), each on
+   by default since measured on a GPU (benchmarks/RESULTS.md, issue 21). The 02 parameter
+   ``compile_cache_dir`` keeps compiled kernels in a folder (``use_compile_cache``).
 2. Phase upsampling (``use_phase_upsampling``): the decoder's "nearest 2x upsample, then 3x3 conv"
    as four 2x2 convs at the low resolution.
 3. Gradient averaging over processes by hand (``average_gradients``, ``check_in_sync``).
@@ -62,13 +63,21 @@ from furlib.training.losses import gradient_penalty
 COMPILE_OPTIONS = {"force_layout_optimization": True}
 
 
+# The VAE's attention as matrix products on CUDA for crops up to this many latent tokens (512 px):
+# the score matrix is batch x tokens^2 in fp32 (diffusers upcasts the softmax), 0.5 GB at batch 8
+MATH_ATTENTION_TOKENS = 64 * 64
+
+
 @dataclasses.dataclass
 class Tuning:
+    """Levers a benchmark or test may change; the defaults are what 02 runs. Each was measured
+    side by side on a GPU before it became a default (benchmarks/RESULTS.md, issue 21)."""
     inductor_options: dict = dataclasses.field(default_factory=lambda: dict(COMPILE_OPTIONS))
     compile_critic: bool = True     # a compiled twin for the critic's first-order passes
-    compile_penalty: bool = False   # WGAN-GP's double backward compiled (``compiled_penalty``); same maths
+    compile_penalty: bool = True    # WGAN-GP's double backward compiled (``compiled_penalty``); same maths
     lpips_autocast: bool = False    # LPIPS under the step's autocast, not fp32 (changes results)
-    math_attention: bool = False    # the VAE's attention as plain matrix products (``use_math_attention``)
+    math_attention: bool = True     # on CUDA, crops up to 512 px: ``use_math_attention``
+    pad_rgb_convs: bool = False     # RGB-input convs read 8 channels, 5 of them zero (``pad_rgb_convs``)
     part_timer: Callable[[str], AbstractContextManager] | None = None  # wraps each part of the step
 
 
@@ -89,6 +98,12 @@ def use_compile_cache(folder) -> Path:
     return folder
 
 
+def wants_math_attention(tuning: Tuning, settings, device: torch.device) -> bool:
+    """``Tuning.math_attention`` applies on CUDA (where it was measured) up to 512 px crops."""
+    tokens = (settings.resolution // 8) ** 2
+    return tuning.math_attention and torch.device(device).type == "cuda" and tokens <= MATH_ATTENTION_TOKENS
+
+
 def use_math_attention(vae) -> None:
     """The VAE's self-attention as batched matrix products and a softmax (diffusers' classic
     ``AttnProcessor``) instead of ``scaled_dot_product_attention``. Its one head is 512 wide (SD,
@@ -99,6 +114,34 @@ def use_math_attention(vae) -> None:
     from diffusers.models.attention_processor import AttnProcessor
 
     vae.set_attn_processor(AttnProcessor())
+
+
+class PaddedRGBConv2d(nn.Conv2d):
+    """A 3-channel-input conv that pads its input and weight with zero channels to
+    ``RGB_PADDED``: the same sums (the added products are exact zeros), a channel count cuDNN's
+    fast NHWC kernels take. Gradients reach the 3-channel weight and input through the pads."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        extra = RGB_PADDED - x.shape[1]
+        return self._conv_forward(F.pad(x, (0, 0, 0, 0, 0, extra)), F.pad(self.weight, (0, 0, 0, 0, 0, extra)),
+                                  self.bias)
+
+
+RGB_PADDED = 8  # bf16 NHWC convolutions want channel counts that are multiples of 8 (16 bytes)
+
+
+def pad_rgb_convs(*modules: nn.Module) -> int:
+    """Make every plain 3-channel-input ``Conv2d`` in ``modules`` a ``PaddedRGBConv2d`` in place
+    (the class changes; parameters, state-dict keys and hooks stay); returns how many. On an H100
+    the encoder's first conv (3 -> 128 at 256 px, bf16 NHWC) took 5.3 ms a step at 2.7 TFLOP/s
+    (benchmarks/RESULTS.md, issue 21)."""
+    changed = 0
+    for module in modules:
+        for conv in (module.modules() if module is not None else ()):
+            if type(conv) is nn.Conv2d and conv.in_channels == 3 and conv.groups == 1 and conv.padding_mode == "zeros":
+                conv.__class__ = PaddedRGBConv2d
+                changed += 1
+    return changed
 
 
 def compiled_penalty(options: dict):
@@ -116,12 +159,14 @@ def speed_up(vae, critic, rec_loss, settings, device: torch.device, tuning: Tuni
         use_compile_cache(settings.compile_cache_dir)
     if settings.uses("phase_upsample", device):
         use_phase_upsampling(vae.decoder)  # keeps the state-dict keys
-    if tuning.math_attention:
+    if wants_math_attention(tuning, settings, device):
         use_math_attention(vae)
     # compiled graphs choose their own layouts (see COMPILE_OPTIONS): "auto" NHWC is for eager
     nhwc = settings.channels_last == "yes" or (
         settings.channels_last == "auto" and not compiled and device.type == "cuda")
     layout = torch.channels_last if nhwc else torch.contiguous_format
+    if tuning.pad_rgb_convs:
+        pad_rgb_convs(vae.encoder, critic, rec_loss)
     for module in (vae, critic, rec_loss):
         module.to(memory_format=layout)
     scores, penalty = critic, None
