@@ -7,7 +7,8 @@
         --flops 1 --variants "project-eager[lpips_autocast=True],project-eager"  # CPU check of a command
 
 A variant takes settings in brackets, ``variant[key=value;...]``: a ``speed.Tuning`` field
-(``lpips_autocast``, ``compile_critic``, ``compile_penalty``, ``inductor_options``), a
+(``lpips_autocast``, ``compile_critic``, ``compile_penalty``, ``math_attention``, ``pad_rgb_convs``,
+``inductor_options``), a
 ``TrainSettings`` field (``mixed_precision='fp16'``, ``compile_cache_dir='/tmp/cc'``), ``cudnn.<name>``
 (``torch.backends.cudnn``; ``benchmark`` itself is set by the variant), or else a
 ``torch._inductor.config`` value (``max_autotune=True``). The same variant twice with one fresh
@@ -20,8 +21,8 @@ adaptive weight every step, AdamW, EMA; random data resident on the GPU):
   with retain_graph (LDM's way);
 - plain-bf16: the same with bf16 autocast, channels_last and TF32;
 - project-eager: ``furlib.training.trainer.Trainer.step`` (what 02 runs) without torch.compile;
-- project: ``Trainer.step`` with its GPU defaults (compile incl. the critic's first-order passes,
-  phase upsampling, channels_last, bf16);
+- project: ``Trainer.step`` with its GPU defaults (compile incl. the critic's first-order passes
+  and the gradient penalty, phase upsampling, NHWC, attention as matrix products, bf16);
 - project-prev: the defaults of issue 7's first round (channels_last model, inductor's own layout
   choice, eager critic and penalty, SDPA attention, plain upsampling);
 - project-issue7: the defaults issue 21 started from (eager penalty, SDPA attention:
