@@ -99,6 +99,14 @@ def check_revision(source, revision: str) -> None:
                          f"{str(source)!r} is a local {kind}: leave source_revision empty")
 
 
+def check_table(source, source_split: str) -> None:
+    """Open a local table source (file or saved dataset) with its split, so a wrong split or an
+    unreadable table fails before 01 changes anything in the data folder; others: nothing."""
+    kind, path = _kind(source)
+    if kind == "table":
+        open_table(path, source_split)
+
+
 def source_key(source, source_split: str, image_column: str) -> str:
     """What journal keys are scoped to: the same input id from another source is another input."""
     kind, path = _kind(source)
@@ -252,7 +260,22 @@ def open_table(path: Path, source_split: str = "train"):
         if source_split not in ds:
             raise ValueError(f"source_split={source_split!r} not in {path}; splits: {list(ds)}")
         ds = ds[source_split]
+    elif source_split != "train" and str(ds.split) != source_split:  # "train": every row, the default
+        raise _no_splits(path, source_split, ds.split)
     return ds
+
+
+def _no_splits(path: Path, source_split: str, split) -> ValueError:
+    """A table without splits given another split: reading all its rows would pass them off as that one."""
+    if path.is_file():  # (a parquet file's split is the 'train' it was read as: no news)
+        what = "is one table file, without splits"
+        other = "give a folder of files named by split (the Hub's data/<split>-*.parquet)"
+    else:
+        saved = f", saved from split {str(split)!r}" if split else ""
+        what = f"holds one Dataset without splits (Dataset.save_to_disk{saved})"
+        other = "save a DatasetDict (DatasetDict({'train': ..., 'validation': ...}).save_to_disk) to choose one"
+    return ValueError(f"source_split={source_split!r}, but {path} {what}: leave source_split at its "
+                      f"default 'train' to read all its rows, or {other}")
 
 
 def _check_parquet(path: Path) -> None:

@@ -403,6 +403,34 @@ def test_resolution_only_filters(tmp_path):
     assert again["accepted"] == low["accepted"] and again["counts"]["decoded_this_run"] == 0
 
 
+def test_switching_source_says_what_it_set_aside_and_switching_back_restores_it(tmp_path, capsys):
+    """Another source on the same data folder moves the earlier source's images to unused/:
+    a NOTE says how many and from where, and running the earlier source again brings them back."""
+    a, b, data = tmp_path / "a", tmp_path / "b", tmp_path / "data"
+    a.mkdir(), b.mkdir()
+    for i in range(4):
+        noise(36, 40, i).save(a / f"{i}.png")
+    noise(36, 40, 10).save(b / "new.png")
+    shutil.copy(a / "0.png", b / "also_in_a.png")  # in both sources: stays where it is
+
+    def stored():
+        return {p.name for split in ("train", "val") for p in (data / split).iterdir()}
+
+    first = run(a, data)
+    run(a, data)
+    noise(36, 40, 20).save(a / "1.png")  # the same source, one image replaced: not another source
+    changed = run(a, data)
+    assert len(list((data / "unused").iterdir())) == 1 and "NOTE" not in capsys.readouterr().out
+    run(b, data)
+    note = f"NOTE: 3 images of the previous run (source={str(a.resolve())!r}) were set aside into {data / 'unused'}"
+    assert note in capsys.readouterr().out
+    assert len(list((data / "unused").iterdir())) == 4
+    back = run(a, data)
+    assert back["accepted"] == changed["accepted"] and back["counts"]["decoded_this_run"] == 0
+    assert stored() == {x["file"].split("/")[1] for x in back["accepted"]} and len(first["accepted"]) == 4
+    assert "NOTE: 1 image of the previous run" in capsys.readouterr().out  # b's new.png, aside now
+
+
 def test_table_sources(tmp_path):
     datasets = pytest.importorskip("datasets")
     rows = [{"bytes": io.BytesIO(), "path": None} for _ in range(4)]
@@ -488,6 +516,34 @@ def test_a_hub_dataset_downloaded_for_offline_use_is_a_source(tmp_path):
     (tmp_path / "dl" / "README.md").write_text("---\nlicense: mit\n---\n")
     assert len(list(sources.iter_source(tmp_path / "dl"))) == 3
     assert len(list(sources.iter_source(tmp_path / "dl", source_split="validation"))) == 1
+
+
+def test_a_table_without_splits_refuses_another_source_split(tmp_path):
+    """One saved Dataset, parquet or arrow file has no splits: source_split='validation' read
+    every row as if they were the validation rows. The default reads them all, as it always did."""
+    datasets = pytest.importorskip("datasets")
+    rows = [io.BytesIO() for _ in range(2)]
+    for i, row in enumerate(rows):
+        noise(40, 40, i).save(row, "PNG")
+    ds = datasets.Dataset.from_dict({"image": [r.getvalue() for r in rows]})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    ds.to_parquet(str(tmp_path / "set.parquet"))
+    shutil.copy(next((tmp_path / "saved").glob("*.arrow")), tmp_path / "set.arrow")
+    one_file = "is one table file, without splits"
+    for source, said in (("saved", "holds one Dataset without splits"), ("set.parquet", one_file),
+                         ("set.arrow", one_file)):
+        with pytest.raises(ValueError, match=f"{source} {said}.*source_split at its default 'train'"):
+            list(sources.iter_source(tmp_path / source, source_split="validation"))
+        assert len(list(sources.iter_source(tmp_path / source))) == 2
+    run(tmp_path / "saved", tmp_path / "data")
+    report = (tmp_path / "data" / "report.json").read_text()
+    with pytest.raises(ValueError, match="save a DatasetDict"):
+        run(tmp_path / "saved", tmp_path / "data", source_split="validation")
+    assert (tmp_path / "data" / "report.json").read_text() == report  # refused before anything changed
+    datasets.Dataset.from_dict(ds.to_dict(), split="validation").save_to_disk(str(tmp_path / "val"))
+    assert len(list(sources.iter_source(tmp_path / "val", source_split="validation"))) == 2  # its own split
+    with pytest.raises(ValueError, match="saved from split 'validation'"):
+        list(sources.iter_source(tmp_path / "val", source_split="test"))
 
 
 def test_iter_source_and_builtin(tmp_path):

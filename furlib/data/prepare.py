@@ -14,6 +14,8 @@ stable when inputs are added: val iff ``int(hash[:8], 16) / 2**32 < val_fraction
 
 Settings that only filter (``resolution``, ``max_pixels``) never rebuild: the report filters the
 journal, files that drop out move to ``unused/``, inputs they had rejected are decoded again.
+Another ``source`` on the same folder moves the earlier source's files to ``unused/`` too, with
+a NOTE; running that source again brings them back from the journal.
 Settings that change stored pixels (``max_side``, ``background``, the version) refuse to run on
 data prepared otherwise unless ``rebuild=True`` (which deletes it all, explicitly).
 
@@ -44,7 +46,7 @@ from furlib import atomic
 from furlib.data import store
 from furlib.data import shares
 from furlib.data.prep_report import build_report, is_val
-from furlib.sources import RESUMED, Input, check_revision, file_stamp, source_key
+from furlib.sources import RESUMED, Input, check_revision, check_table, file_stamp, source_key
 from furlib.images import (DEFAULT_MAX_PIXELS, ImageRejected, cap_long_side, decode_input,
                            reusing_pixel_memory)
 from furlib.parameters import strict_bool
@@ -85,6 +87,7 @@ def prepare(source, data_dir, resolution: int = 256, max_side: int = DEFAULT_MAX
                          f"use at most {Image.MAX_IMAGE_PIXELS:,}")
     num_proc = num_proc or usable_cores()
     check_revision(source, source_revision)
+    check_table(source, source_split)  # before the lock: a wrong split leaves the report be
     folder = Path(str(source)).expanduser().resolve()
     if folder.is_dir() and (folder == data_dir.resolve() or data_dir.resolve() in folder.parents):
         raise ValueError(f"source {str(source)!r} is inside the run's data folder {data_dir}: 01 would read (and "
@@ -116,6 +119,8 @@ def prepare(source, data_dir, resolution: int = 256, max_side: int = DEFAULT_MAX
         max_images=max_images, source_split=source_split, image_column=image_column,
         art_count=art_count, seed=seed, source_revision=source_revision, num_proc=num_proc,
         num_shards=num_shards, shard_index=shard_index))
+    for scope, count in report["set_aside"].items():  # printed here: no notebook should miss it
+        print(_set_aside_note(data_dir, scope, count))
     if report["complete"]:  # renamed into place whole: 02 never reads half a report
         atomic.write_text(data_dir / "report.json", json.dumps(report, indent=1))
     return report
@@ -129,12 +134,26 @@ def _finish(data_dir: Path, job: dict, header: dict, entries: list, decoded: int
         merged, missing = store.read_parts(data_dir, shards, header)
         if missing:
             report = build_report(entries, job["val_fraction"], job["val_max"], job["filters"])
+            report["set_aside"] = {}
         else:
             merged.sort(key=lambda e: e["index"])
             report = build_report(merged, job["val_fraction"], job["val_max"], job["filters"])
-            store.place_files(data_dir, report["accepted"], store.index_store(data_dir))
+            aside = store.place_files(data_dir, report["accepted"], store.index_store(data_dir))
+            report["set_aside"] = store.other_sources(data_dir, aside, merged, job["selection"]["scope"])
     report["counts"].update(decoded_this_run=decoded, reused=len(entries) - decoded)
     return dict(report, complete=not missing, missing_shards=missing)
+
+
+def _set_aside_note(data_dir: Path, scope: str, count: int) -> str:
+    """What a person reads when another source's images left train/ and val/ (``source_key``'s
+    ``scope``: the folder, or ``table|split|column``): the earlier run's data is kept, not lost."""
+    where, *rest = scope.rsplit("|", 2) if scope.count("|") >= 2 else [scope]
+    words = f"source={where.removeprefix('hub:')!r}" + (
+        f", source_split={rest[0]!r}, image_column={rest[1]!r}" if rest else "")
+    images, were = (f"{count} images", "were") if count != 1 else ("1 image", "was")
+    return (f"NOTE: {images} of the previous run ({words}) {were} set aside into {data_dir / 'unused'}: not "
+            "in this source. Running 01 again with that source brings them back to train/ and val/ (its "
+            "unchanged inputs from the journal, not decoded again).")
 
 
 def _check_parallel(num_proc: int, num_shards: int, shard_index: int) -> None:

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import socket
+from collections import Counter
 from pathlib import Path
 
 from furlib import atomic
@@ -119,15 +120,32 @@ def save_original(src, path: Path) -> None:
             shutil.copyfile(src, tmp)
 
 
-def place_files(data_dir: Path, accepted: list, store: dict) -> None:
-    """Move files so train/ and val/ hold exactly the report's images; the rest go to unused/."""
-    wanted = {Path(a["file"]).name: a["split"] for a in accepted}
+def place_files(data_dir: Path, accepted: list, store: dict) -> list:
+    """Move files so train/ and val/ hold exactly the report's images; the rest go to unused/.
+    Returns the names this moved from train/ or val/ to unused/."""
+    wanted, aside = {Path(a["file"]).name: a["split"] for a in accepted}, []
     for name, where in list(store.items()):
         target = wanted.get(name, "unused")
         if where != target:
             with contextlib.suppress(FileNotFoundError):  # another merge moved it already
                 os.replace(data_dir / where / name, data_dir / target / name)
             store[name] = target
+            aside += [name] if target == "unused" else []
+    return aside
+
+
+def other_sources(data_dir: Path, names: list, entries: list, scope: str) -> dict:
+    """{scope: count} of the ``names`` set aside because they came from another source (scope)
+    than this run's: no input of ``entries`` has their pixels and no journal entry of ``scope``
+    stored them (a filter, or an input of this source replaced or removed, sets files aside too)."""
+    gone = set(names) - {e["file"] for e in entries if "file" in e}
+    if not gone:  # the usual case: the journal is not read again
+        return {}
+    scopes = {}
+    for key, entry in read_journal(data_dir).items():
+        if entry.get("file") in gone:
+            scopes.setdefault(entry["file"], set()).add(json.loads(key)[0])
+    return dict(Counter(min(found) for found in scopes.values() if scope not in found))
 
 
 def write_part(data_dir: Path, shard: str, header: dict, entries: list) -> None:
