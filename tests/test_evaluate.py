@@ -80,6 +80,46 @@ def test_an_export_folder_is_not_evaluated(run_dir):
         shutil.rmtree(run_dir / "export")
 
 
+def test_a_bad_compare_entry_names_compare(run_dir, tmp_path, monkeypatch):
+    """A compare entry that cannot load: the error names compare and the entry, with the shared
+    loader's reason (it named base_model, which the user had left empty)."""
+    (tmp_path / "no_config").mkdir()
+    (tmp_path / "garbled.safetensors").write_bytes(b"not a safetensors file")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cases = {"/no/such/vae": "no such diffusers folder", str(tmp_path / "no_config"): "has no config.json",
+             str(tmp_path / "garbled.safetensors"): "not a readable safetensors file",
+             "someone/no-such-vae": "is a Hugging Face Hub id, but the Hub cannot be reached"}
+    for entry, reason in cases.items():
+        spec = evaluate.run_models(run_dir, compare=entry)[-1]
+        with pytest.raises((ValueError, RuntimeError), match=re.escape(reason)) as caught:
+            evaluate.load_models([spec], "cpu")
+        assert str(caught.value).startswith(f"compare entry {entry!r}") and "base_model" not in str(caught.value)
+    with pytest.raises(ValueError, match="^base_model '/no/such/vae': no such"):  # the run's own base: as it was
+        evaluate.EvalModel("base", "/no/such/vae").load()
+
+
+def test_a_compared_release_of_a_random_base_is_flagged(run_dir, tmp_path):
+    """Another run's export/ (or its single file) made from a random test base scores like a real
+    VAE; 04's manifest and file header say what base it came from, so 03 flags it as it flags a random
+    base of the run's own."""
+    import shutil
+
+    from furlib.export import release_files
+
+    release = release_files.release_source(run_dir)
+    vae = release_files.build_release_vae(release.base_model, "", release.decoder_weights, release.base_seed)
+    stage, export = tmp_path / "other_run" / release_files.STAGING, tmp_path / "other_run" / release_files.EXPORT
+    meta = release_files.file_metadata("other", "1", release.step, release.base_model, "ema", vae.config)
+    files = release_files.write_release_files(vae, stage, "other-v1-step10", meta, fp16_copy=False)
+    release_files.finalize_export(stage, export, release, release_files.verify_export(vae, files, stage))
+    lone = shutil.copy(export / "other-v1-step10.safetensors", tmp_path)  # the single file alone: its header
+    plain = tmp_path / "plain"  # a folder 04 did not write: nothing says what it is
+    vae.save_pretrained(plain)
+    specs = evaluate.run_models(run_dir, compare=f"{export},{lone},{plain}")
+    assert [s.pretrained for s in specs[3:]] == [False, False, True]
+    assert "tiny-random" in specs[3].source() and "tiny-random" in specs[4].source()
+
+
 def test_image_sources(run_dir, monkeypatch):
     assert evaluate.image_set("val", run_dir, max_images=3).total == 3
     assert evaluate.image_set(str(run_dir / "data"), run_dir).total == 5  # any folder, recursive

@@ -7,6 +7,7 @@ CPU. Only per-image metrics (``furlib.evaluation.metrics``), pool3 features for 
 (``furlib.evaluation.fid_kid``, 8 KiB an image) and a few 8-bit images for pictures stay in
 memory, so the set can be large. Images are ``rgb_m11`` NCHW; kept pictures are uint8 HWC.
 Report tables and files: ``furlib.evaluation.eval_report``; tiled and fp16 decode checks: ``furlib.evaluation.decode_checks``.
+What 03 knows of a ``compare`` entry (its errors, whether it is pretrained): ``furlib.evaluation.compared``.
 """
 
 import contextlib
@@ -19,7 +20,7 @@ import pandas as pd
 import torch
 
 from furlib import checkpoint
-from furlib.evaluation import fid_kid, metrics
+from furlib.evaluation import compared, fid_kid, metrics
 from furlib.images import center_crop, load_rgb, to_rgb_m11, to_uint8
 from furlib.models import is_pretrained, load_vae, with_decoder
 from furlib.parameters import SEED_LIMIT, strict_bool
@@ -69,17 +70,21 @@ class EvalModel:
     seed: int = 0  # only for 'tiny' / 'random:sd', whose weights come from it
     step: int | None = None  # the training step of its decoder (None: not from this run)
     base_family: str = ""  # a single-file base's family (furlib.families)
+    entry_of: str = ""  # the parameter listing it beside the run's own ('compare'): its errors name it
+    made_from: tuple = ()  # the bases a release of 04 records (furlib.evaluation.compared)
 
     @property
     def pretrained(self) -> bool:
-        return is_pretrained(self.base_model)
+        return all(is_pretrained(b) for b in (self.base_model, *self.made_from))
 
     def source(self) -> str:
         extra = f" + {self.weights} decoder of {Path(self.checkpoint).name}" if self.checkpoint else ""
-        return f"{self.base_model}{extra}"
+        made = f" (a release of 04, made from {', '.join(self.made_from)})" if self.made_from else ""
+        return f"{self.base_model}{extra}{made}"
 
     def load(self):
-        vae = load_vae(self.base_model, self.base_config, self.seed, self.base_family)
+        with compared.named_entry(self.entry_of, self.base_model):
+            vae = load_vae(self.base_model, self.base_config, self.seed, self.base_family)
         if self.checkpoint:
             with_decoder(vae, checkpoint.load_decoder_weights(Path(self.checkpoint), self.weights))
         return vae.eval()
@@ -102,7 +107,8 @@ def run_models(run_dir, base_model: str = "", base_config: str = "", compare: st
     family = _run_family(base_model, base_config, base_family) if any(i.endswith(".safetensors") for i in items) else ""
     for item in items:  # a single file cannot say its family: it is compared as one of the run's
         specs.append(EvalModel(_unique(_short_name(item), specs), item,
-                               base_family=family if item.endswith(".safetensors") else ""))
+                               base_family=family if item.endswith(".safetensors") else "",
+                               entry_of="compare", made_from=compared.release_bases(item)))
     return specs
 
 
