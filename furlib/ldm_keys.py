@@ -11,6 +11,10 @@ encoder included). The differences, all handled by one table of name templates:
 - ``norm_out`` is diffusers' ``conv_norm_out``; conv_in, conv_out, (post_)quant_conv are shared.
 Any number of blocks and resnets per block works. Tensors are renamed and reshaped, never copied
 into another dtype: an fp16 file stays fp16 until it is loaded into a model.
+
+A file already in diffusers' layout (a folder's ``diffusion_pytorch_model.safetensors`` given as a
+single file, which diffusers' ``from_single_file`` also takes) is read as it is, with the attention
+names of diffusers' files before 0.14 (``query``, ``key``, ``value``, ``proj_attn``) renamed.
 """
 
 import functools
@@ -110,17 +114,33 @@ def strip_prefix(ldm_state: dict) -> dict:
     return {k: v for k, v in ldm_state.items() if not k.startswith(IGNORED_PREFIXES)}
 
 
+_OLD_ATTENTION = re.compile(r"(\.attentions\.\d+\.)(query|key|value|proj_attn)\.")
+_NEW_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def is_diffusers_layout(keys) -> bool:
+    """Whether a file's (bare) keys are diffusers' names: LDM has no up_blocks, down_blocks, mid_block."""
+    return any(".up_blocks." in k or ".down_blocks." in k or ".mid_block." in k for k in keys)
+
+
+def _diffusers_name(name: str) -> tuple[str, bool]:
+    return _OLD_ATTENTION.sub(lambda m: f"{m[1]}{_NEW_ATTENTION[m[2]]}.", name), False
+
+
 def ldm_to_diffusers(ldm_state: dict, reference_state: dict) -> dict:
     """LDM-layout tensors renamed for a model whose ``state_dict()`` is ``reference_state``.
 
     The reference gives the architecture (number of up blocks) and the expected shapes; anything
     that does not fit raises one ``ValueError`` listing missing keys, unexpected keys and shape
-    mismatches, so a wrong file never reaches ``load_state_dict``.
+    mismatches, so a wrong file never reaches ``load_state_dict``. Tensors already in diffusers'
+    layout are checked the same way, under their own names.
     """
     n_up = _count_up_blocks(reference_state, r"decoder\.up_blocks\.(\d+)\.")
+    state = strip_prefix(ldm_state)
+    diffusers = is_diffusers_layout(state)
     out, seen, unexpected, mismatched = {}, set(), [], []
-    for name, tensor in strip_prefix(ldm_state).items():
-        renamed = _rename(name, n_up, to_ldm=False)
+    for name, tensor in state.items():
+        renamed = _diffusers_name(name) if diffusers else _rename(name, n_up, to_ldm=False)
         if renamed is None or renamed[0] not in reference_state:
             unexpected.append(name)
             continue
@@ -136,7 +156,7 @@ def ldm_to_diffusers(ldm_state: dict, reference_state: dict) -> dict:
         out[key] = tensor
     missing = [k for k in reference_state if k not in seen]
     if missing or unexpected or mismatched:
-        raise ValueError(_mismatch_message(missing, unexpected, mismatched, n_up))
+        raise ValueError(_mismatch_message(missing, unexpected, mismatched, 0 if diffusers else n_up))
     return out
 
 
@@ -146,9 +166,10 @@ def diffusers_to_ldm_name(name: str, n_up: int) -> str | None:
 
 
 def _mismatch_message(missing, unexpected, mismatched, n_up) -> str:
+    """One message for every misfit; missing keys by their LDM names (by diffusers' when n_up is 0)."""
     lines = ["this file does not fit the VAE architecture (base_config):"]
     if missing:
-        shown = [diffusers_to_ldm_name(k, n_up) or k for k in missing]
+        shown = [diffusers_to_ldm_name(k, n_up) or k for k in missing] if n_up else missing
         lines.append(f"  missing {len(missing)} keys: {_head(shown)}")
         if all(k.startswith(("encoder.", "quant_conv.")) for k in missing):
             lines.append("  (no encoder: a decoder-only file; A1111 refuses these, ship the whole VAE)")

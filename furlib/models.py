@@ -3,7 +3,8 @@
 ``base_model`` names a VAE in one of these forms:
 - a Hugging Face Hub id (``stabilityai/sd-vae-ft-mse``) or ``id@subfolder`` (``repo@vae``);
 - a local diffusers folder (``config.json`` + weights);
-- a single-file ``.safetensors`` in the original LDM layout (A1111/ComfyUI files), with the
+- a single-file ``.safetensors`` (or ``.sft``) in the original LDM layout (A1111/ComfyUI files,
+  FLUX.1's ``ae.safetensors``) or in diffusers' own (a folder's weights file alone), with the
   architecture and factors from ``base_config`` (a diffusers folder) or from the shipped config
   of its ``base_family`` (``furlib.families``: its keys alone cannot tell SD 1.x from SDXL, nor
   SD3 from FLUX.1, so without either it is a clear error, never a guess);
@@ -49,6 +50,7 @@ OFFLINE_HINT = (
     "With internet (Colab/Kaggle) the hub id works as given."
 )
 TRAINABLE_PREFIXES = ("decoder.", "post_quant_conv.")  # the rest (encoder, quant_conv) stays frozen
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")  # .sft: FLUX.1's ae.sft, safetensors as ComfyUI reads it
 
 
 def is_pretrained(base_model: str) -> bool:
@@ -66,7 +68,7 @@ def load_vae(base_model: str, base_config: str = "", seed: int = 0, base_family:
     if base_model in RANDOM_BASES:
         return _random_vae(base_model, seed, base_family)
     path = Path(base_model).expanduser()
-    if path.suffix in (".safetensors", ".ckpt", ".pt", ".bin"):
+    if path.suffix in (*SAFETENSORS_SUFFIXES, ".ckpt", ".pt", ".bin"):
         return load_single_file(path, base_config, base_family)
     if base_model == "tiny":
         vae = load_tiny_base()
@@ -176,21 +178,20 @@ def _load_from_hub(base_model: str):
 
 
 def load_single_file(path: Path, base_config: str = "", base_family: str = ""):
-    """A single-file LDM-layout VAE; never unpickles (``.safetensors`` only). The architecture and
+    """A single-file VAE, LDM or diffusers layout; never unpickles (safetensors only). The architecture and
     factors: ``base_config``'s, else the shipped config of the file's family (see ``families``)."""
     from diffusers import AutoencoderKL
-    from safetensors.torch import load_file
 
     from furlib.ldm_keys import ldm_to_diffusers
 
     if not path.exists():
         raise ValueError(f"base_model file {path} does not exist")
-    if path.suffix != ".safetensors":
+    if path.suffix not in SAFETENSORS_SUFFIXES:
         raise ValueError(f"{path.name}: only .safetensors single files load (pickled "
                          f"{path.suffix} files can run arbitrary code); convert it first")
     with _named(path):
         config, fam = single_file_config(path, base_config, base_family)
-        tensors = load_file(path)
+        tensors = _vae_tensors(path)
     vae = AutoencoderKL.from_config(config)
     check_weights(tensors, path)
     try:
@@ -199,6 +200,18 @@ def load_single_file(path: Path, base_config: str = "", base_family: str = ""):
         where = base_config or f"the shipped {fam.title} config ({fam.config_dir})"
         raise ValueError(_mismatch(path, where, err)) from err
     return vae.eval()
+
+
+def _vae_tensors(path: Path) -> dict:
+    """A single file's VAE tensors under their bare names; a full checkpoint's others (a UNet, text
+    encoders, FLUX.1's fp8 transformer: gigabytes, and no isfinite for fp8) are never read."""
+    from safetensors import safe_open
+
+    from furlib.ldm_keys import strip_prefix
+
+    with safe_open(str(path), "pt") as f:
+        stored = strip_prefix({k: k for k in f.keys()})  # bare name -> name in the file
+        return {bare: f.get_tensor(name) for bare, name in stored.items()}
 
 
 def single_file_config(path: Path, base_config: str = "", base_family: str = "") -> tuple[dict, object]:
@@ -233,11 +246,11 @@ def base_vae_config(base_model: str, base_config: str = "", base_family: str = "
         if base_model.startswith("random:") or base_model == "tiny":
             where = TINY_BASE_DIR if base_model == "tiny" else families.get(base_model.split(":", 1)[1]).config_dir
             return dict(AutoencoderKL.load_config(where))
-        if path.suffix == ".safetensors" and path.is_file():
+        if path.suffix in SAFETENSORS_SUFFIXES and path.is_file():
             return dict(single_file_config(path, base_config, base_family)[0])
         if path.is_dir() and (path / "config.json").exists():
             return dict(AutoencoderKL.load_config(path))
-        if path.exists() or base_model.startswith((".", "/", "~")) or path.suffix in (".safetensors", ".ckpt"):
+        if path.exists() or base_model.startswith((".", "/", "~")) or path.suffix in (*SAFETENSORS_SUFFIXES, ".ckpt"):
             return None
         repo, _, subfolder = base_model.partition("@")
         return dict(AutoencoderKL.load_config(repo, subfolder=subfolder or None,
@@ -247,10 +260,12 @@ def base_vae_config(base_model: str, base_config: str = "", base_family: str = "
 
 
 def _mismatch(weights, config, err) -> str:
-    first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-    return (f"{weights} does not fit the architecture in {config} ({first}). The weights are another VAE's "
+    """The advice on one line, then the first lines of what did not fit (the keys and shapes)."""
+    said = [line.strip()[:300] for line in str(err).strip().splitlines() if line.strip()][:6]
+    return (f"{weights} does not fit the architecture in {config}. The weights are another VAE's "
             "than the config describes: give base_config the diffusers folder whose config.json came with "
-            "these weights (do not ignore the mismatched sizes: that would train from random layers)")
+            "these weights (do not ignore the mismatched sizes: that would train from random layers):\n  "
+            + "\n  ".join(said or [type(err).__name__]))
 
 
 @contextlib.contextmanager

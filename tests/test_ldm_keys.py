@@ -175,3 +175,50 @@ def test_pickled_checkpoint_is_refused(tiny, tmp_path):
     torch.save({"state_dict": diffusers_to_ldm(tiny[0].state_dict())}, path)
     with pytest.raises(ValueError, match="only .safetensors"):
         load_vae(str(path), base_config=str(tiny[1]))
+
+
+def test_load_vae_says_which_keys_and_shapes_do_not_fit(tiny, tmp_path):
+    """The mismatch's details reach the user, not only the converter's header line."""
+    _, folder, _ = tiny
+    path = _write(diffusers_to_ldm(_vae(THREE_BLOCKS).state_dict()), tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="does not fit the architecture.*give base_config") as err:
+        load_vae(str(path), base_config=str(folder))
+    msg = str(err.value)
+    assert "shape mismatches" in msg and "model expects" in msg and "missing" in msg
+    assert "missing 28 keys: decoder.up.3.block.0.conv1.bias" in msg  # the LDM names, as in the file
+
+
+def _old_attention_names(state: dict) -> dict:
+    """Diffusers' files before 0.14 named the VAE's attention query/key/value/proj_attn."""
+    old = {"to_q.": "query.", "to_k.": "key.", "to_v.": "value.", "to_out.0.": "proj_attn."}
+    renamed = {}
+    for k, v in state.items():
+        for new, before in old.items():
+            k = k.replace(f"attentions.0.{new}", f"attentions.0.{before}")
+        renamed[k] = v
+    return renamed
+
+
+def test_a_diffusers_layout_file_loads_as_a_single_file(tiny, tmp_path):
+    """A folder's diffusion_pytorch_model.safetensors given as a single file (diffusers'
+    from_single_file takes it as it is): loaded, old attention names too; a wrong one is
+    refused naming its diffusers keys."""
+    vae, folder, _ = tiny
+    _assert_same(load_vae(str(folder / "diffusion_pytorch_model.safetensors"), base_config=str(folder)).state_dict(),
+                 vae.state_dict())
+    old = _write(_old_attention_names(vae.state_dict()), tmp_path / "old.safetensors")
+    _assert_same(load_vae(str(old), base_config=str(folder)).state_dict(), vae.state_dict())
+    other = _write(_vae(THREE_BLOCKS).state_dict(), tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="does not fit the architecture") as err:
+        load_vae(str(other), base_config=str(folder))
+    assert "missing" in str(err.value) and "decoder.up_blocks.3." in str(err.value)
+
+
+def test_a_full_checkpoint_with_an_fp8_model_reads_only_its_vae(tiny, tmp_path):
+    """ComfyUI's all-in-one FLUX.1 checkpoints hold an fp8 transformer beside the VAE: only the
+    VAE's tensors are read (torch has no isfinite for fp8; the rest is gigabytes)."""
+    vae, folder, _ = tiny
+    full = {f"first_stage_model.{k}": v for k, v in diffusers_to_ldm(vae.state_dict()).items()}
+    full["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"] = torch.ones(4, 4).to(torch.float8_e4m3fn)
+    path = _write(full, tmp_path / "flux1-dev-fp8.safetensors")
+    _assert_same(load_vae(str(path), base_config=str(folder)).state_dict(), vae.state_dict())
