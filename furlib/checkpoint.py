@@ -20,8 +20,10 @@ latest checkpoint falls back to the newest intact one with a note (``pick_checkp
 Nothing here unpickles: tensors are safetensors, everything else JSON.
 """
 
+import errno
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -30,7 +32,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from furlib import atomic
+from furlib import atomic, families
 from furlib.atomic import replace_folder
 from furlib.runinfo import check_folders, file_sha256
 
@@ -38,6 +40,7 @@ WEIGHT_FILES = {"ema": "ema.safetensors", "raw": "decoder.safetensors"}
 CHECKSUMS = "checksums.json"
 REFUSE_HINT = " (set on_bad_checkpoint='refuse' to stop instead)"
 FIX = "delete that folder (the run resumes from the one before) or set on_bad_checkpoint='fallback'"
+STEP_NAME = re.compile(r"step_(\d+)")  # a checkpoint folder; a user's step_0002000_backup copy is none
 
 
 def _write_folder(tmp: Path, step: int, tensors: dict, state: dict) -> None:
@@ -67,7 +70,7 @@ def save_checkpoint(ckpt_root: Path, step: int, tensors: dict, state: dict, keep
         except BaseException as err:  # a full disk, a stop mid-write: no half folder is left behind
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(err, (OSError, SafetensorError)):
-                raise OSError(_unwritten(ckpt_root, name, tensors, err)) from err
+                raise OSError(_unwritten(ckpt_root, name, tensors, err, keep)) from err
             raise
         replace_folder(tmp, final)  # a damaged folder of this step goes aside, removed once replaced
     atomic.write_text(ckpt_root / "latest", name + "\n")
@@ -76,14 +79,42 @@ def save_checkpoint(ckpt_root: Path, step: int, tensors: dict, state: dict, keep
     return final
 
 
-def _unwritten(ckpt_root: Path, name: str, tensors: dict, err) -> str:
-    """Why a checkpoint could not be written, how much room it needs and what is still there."""
+def _unwritten(ckpt_root: Path, name: str, tensors: dict, err, keep: int) -> str:
+    """Why a checkpoint could not be written, what is still there and what to do: room (how much
+    it needs) only when the disk is full, else the error's own cause (permission, read-only)."""
+    latest = (ckpt_root / "latest").read_text().strip() if (ckpt_root / "latest").is_file() else "none yet"
+    head = f"could not write checkpoint {name} ({' '.join(str(err).split())})"
+    kept = f"The latest checkpoint is still {latest}, intact."
+    full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
+        any(s in str(err) for s in ("No space left", "os error 28", "Disk quota", "os error 122"))
+    if not full:
+        return (f"{head}. {kept} Make {ckpt_root} writable (or set outputs_dir to a folder that is), then "
+                "run 02 again: it resumes from there")
     need = sum(t.numel() * t.element_size() for named in tensors.values() for t in named.values()) / 1e9
     free = shutil.disk_usage(ckpt_root).free / 1e9
-    latest = (ckpt_root / "latest").read_text().strip() if (ckpt_root / "latest").is_file() else "none yet"
-    return (f"could not write checkpoint {name} ({' '.join(str(err).split())}): it needs ~{need:.2f} GB, "
-            f"{free:.2f} GB are free on {ckpt_root}. The latest checkpoint is still {latest}, intact. Free "
-            "some space (or lower keep_checkpoints), then run 02 again: it resumes from there")
+    lower = "" if keep == 1 else (f" (or lower keep_checkpoints={keep}: 02 removes the checkpoints beyond it "
+                                  "before it trains on)" if keep else " (or set keep_checkpoints: 0 keeps them all)")
+    return (f"{head}: it needs ~{need:.2f} GB, {free:.2f} GB are free on {ckpt_root}. {kept} Free some "
+            f"space{lower}, then run 02 again: it resumes from there")
+
+
+def step_folders(ckpt_root: Path) -> list[Path]:
+    """A run's checkpoint folders (``step_<digits>``), newest step first; anything else there (a
+    user's ``step_0002000_backup`` copy, a ``step_0002000.zip``) is neither resumed nor pruned."""
+    found = [p for p in Path(ckpt_root).glob("step_*") if STEP_NAME.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def prunable(ckpt_root: Path, final: Path, keep: int) -> list[Path]:
+    """What ``prune`` removes (nothing for ``keep`` 0: all kept)."""
+    older = [f for f in step_folders(ckpt_root) if int(f.name[5:]) < int(Path(final).name[5:])]
+    kept, out = 1, []
+    for folder in older if keep > 0 else []:
+        if kept < keep and _intact(folder):
+            kept += 1
+        else:
+            out.append(folder)
+    return out
 
 
 def prune(ckpt_root: Path, final: Path, keep: int) -> list[Path]:
@@ -91,14 +122,9 @@ def prune(ckpt_root: Path, final: Path, keep: int) -> list[Path]:
     ones and any damaged one among them (a damaged folder never takes an intact one's place, as
     after a fallback). Folders after ``final`` (skipped by a fallback) are left for the step that
     rewrites them. Returns what was removed."""
-    older = [f for f in sorted(Path(ckpt_root).glob("step_*"), reverse=True) if f.name < final.name]
-    kept, removed = 1, []
-    for folder in older:
-        if kept < keep and _intact(folder):
-            kept += 1
-            continue
+    removed = prunable(ckpt_root, final, keep)
+    for folder in removed:
         shutil.rmtree(folder, ignore_errors=True)
-        removed.append(folder)
     return removed
 
 
@@ -169,12 +195,13 @@ def _state_problem(folder: Path) -> str | None:
 def pick_checkpoint(run_dir: Path, on_bad: str = "fallback") -> tuple[Path | None, list[str]]:
     """(the checkpoint to resume or release, notes). ``latest`` when intact; else, with
     ``on_bad='fallback'``, the newest intact step folder and a note saying what was skipped
-    and why; with ``on_bad='refuse'`` an error. None: the run has no checkpoint."""
+    and why; with ``on_bad='refuse'`` an error (not for a folder ``latest`` names that is gone:
+    deleted as ``FIX`` says, the one before is used, with the note). None: no checkpoint."""
     check_folders(run_dir, ["checkpoints"])  # a file there: training would run, then fail at its first save
     root = Path(run_dir) / "checkpoints"
     pointer = root / "latest"
     named = _pointed(root, pointer)
-    folders = sorted(root.glob("step_*"), reverse=True)
+    folders = step_folders(root)
     if named is None and not folders:
         return None, []
     candidates = ([named] if named else []) + [f for f in folders if f != named]
@@ -184,7 +211,7 @@ def pick_checkpoint(run_dir: Path, on_bad: str = "fallback") -> tuple[Path | Non
         if problem is None:
             break
         skipped.append(f"{folder}: {problem}")
-        if on_bad == "refuse":
+        if on_bad == "refuse" and folder.exists():  # one deleted as FIX says: the one before is used
             raise RuntimeError(f"checkpoint {folder} is damaged: {problem}. Fix: {FIX}")
     else:
         raise RuntimeError("no intact checkpoint in " + str(root) + ":\n  " + "\n  ".join(skipped) +
@@ -226,9 +253,12 @@ def read_state(ckpt_dir: Path) -> dict:
 
 def run_base(ckpt_dir: Path, base_model: str = "", base_config: str = "",
              base_family: str = "") -> tuple[str, str, str, dict]:
-    """(base_model, base_config, base_family, state): the given base, else the run's own."""
+    """(base_model, base_config, base_family, state): the given base, else the run's own. A given
+    base must be of the run's family (``families.check_same_family``)."""
     state = read_state(ckpt_dir)
-    if not base_model:  # the base the run trained from, with the architecture and family it used
+    if base_model:
+        families.check_same_family(state, base_model, base_config, base_family)
+    else:  # the base the run trained from, with the architecture and family it used
         base_model, base_config = state.get("base_model", ""), state.get("base_config", "")
         base_family = base_family or state.get("base_family", "")
     if not base_model:

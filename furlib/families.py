@@ -145,6 +145,31 @@ def single_file_family(name: str, shapes: dict, base_family: str, stated: str = 
                      f"factors. Set base_family to {options}, or base_config to a diffusers folder with its config.json.")
 
 
+def of_base(base_model: str, base_config: str = "", base_family: str = "") -> Family | None:
+    """A base's family: ``base_family`` when given, else its config's; None where neither tells
+    (a VAE of none of them, or a config that cannot be read: loading the base then says why)."""
+    if base_family:
+        return get(base_family)
+    from furlib.models import base_vae_config  # (models imports this module)
+
+    config = base_vae_config(base_model, base_config)
+    return of_config(config) if config else None
+
+
+def check_same_family(state: dict, base_model: str, base_config: str = "", base_family: str = "") -> None:
+    """A base given to score or release a run (03's and 04's ``base_model``) must be of the family
+    the run trained on (``state``: its checkpoint's). SD and SDXL VAEs have the same shapes, as have
+    SD3 and FLUX.1's: another family's encoder would load, and its latents meet a decoder that never
+    learnt to read them (scored as a bad finetune, or shipped under a card naming the wrong models)."""
+    trained = of_base(state.get("base_model", ""), state.get("base_config", ""), state.get("base_family", ""))
+    given = of_base(base_model, base_config, base_family)
+    if trained and given and trained is not given:
+        raise ValueError(f"base_model {base_model!r} is a {given.title} VAE ({given.factors()}), but the run's decoder "
+                         f"trained on {trained.title} latents ({trained.factors()}, from {state.get('base_model', '')!r}): "
+                         f"it cannot decode another family's latents. Leave base_model empty for the run's own "
+                         f"base, or give a {trained.title} one")
+
+
 def check_config(base_family: str, config, where: str) -> None:
     """``base_family``, when given, must be the family the loaded config has; never rewritten."""
     if not base_family:

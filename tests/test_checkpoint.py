@@ -102,3 +102,64 @@ def test_optimizer_state_round_trip():
     assert opt2.param_groups[0]["lr"] == 0.1 and opt2.param_groups[0]["betas"] == (0.5, 0.9)
     for k, v in opt.state[p].items():
         assert torch.equal(v, opt2.state[q][k])
+
+
+def test_a_latest_folder_deleted_as_the_fix_says_resumes_from_the_one_before(tmp_path):
+    """on_bad_checkpoint='refuse' said "delete that folder (the run resumes from the one before)";
+    once deleted, it refused again ("the folder does not exist ... delete that folder"): a loop."""
+    import shutil
+
+    root = tmp_path / "checkpoints"
+    for step in (1, 2):
+        checkpoint.save_checkpoint(root, step, _tensors(step), {})
+    (root / "step_0000002" / "ema.safetensors").write_bytes(b"damaged")
+    with pytest.raises(RuntimeError, match=r"step_0000002 is damaged: .*Fix: delete that folder \(the run resumes"):
+        checkpoint.pick_checkpoint(tmp_path, on_bad="refuse")
+    shutil.rmtree(root / "step_0000002")
+    folder, notes = checkpoint.pick_checkpoint(tmp_path, on_bad="refuse")
+    assert folder.name == "step_0000001" and "step_0000002: the folder does not exist" in notes[0]
+
+
+def test_only_step_folders_are_checkpoints(tmp_path):
+    """A user's copy kept beside the checkpoints (step_0000001_keep, a .zip for download) was pruned
+    as an old step; steps past 9,999,999 sorted as older than the 7-digit ones."""
+    root = tmp_path / "checkpoints"
+    checkpoint.save_checkpoint(root, 1, _tensors(1), {}, keep=1)
+    import shutil
+
+    shutil.copytree(root / "step_0000001", root / "step_0000001_keep")
+    (root / "step_0000001.zip").write_bytes(b"PK")
+    for step in (9_999_999, 10_000_000):
+        checkpoint.save_checkpoint(root, step, _tensors(step), {}, keep=1)
+    kept = ["latest", "step_0000001.zip", "step_0000001_keep", "step_10000000"]
+    assert sorted(p.name for p in root.iterdir()) == kept
+    (root / "latest").unlink()  # the newest is found by its step number, not by the name's letters
+    checkpoint.save_checkpoint(root, 9_999_999, _tensors(9), {}, keep=0)
+    (root / "latest").unlink()
+    assert checkpoint.pick_checkpoint(tmp_path)[0].name == "step_10000000"
+
+
+def test_an_unwritable_checkpoint_folder_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    """A permission or read-only error was reported as room needed and free ('77 GB are free ...
+    Free some space'); a full disk still says how much room a checkpoint needs."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    root = tmp_path / "checkpoints"
+    checkpoint.save_checkpoint(root, 10, _tensors(1), {})
+
+    def denied(tensors, path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(checkpoint, "save_file", denied)
+    with pytest.raises(OSError, match=r"Permission denied.*still step_0000010, intact\. Make .* writable") as err:
+        checkpoint.save_checkpoint(root, 20, _tensors(2), {})
+    assert "free" not in str(err.value).lower()
+
+    def full(tensors, path):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(OSError, match=r"GB are free .* Free some space \(or lower keep_checkpoints=3: 02 removes"):
+        checkpoint.save_checkpoint(root, 20, _tensors(2), {})

@@ -231,3 +231,44 @@ def test_03_compares_a_single_file_as_one_of_the_runs_family(tmp_path, single_fi
     assert {s.base_family for s in specs} == {"sdxl"}
     with pytest.raises(ValueError, match="Set base_family"):
         evaluate.run_models(tmp_path / "single", base_model=str(single_files["sdxl"]))[0].load()
+
+
+@pytest.mark.parametrize("trained, other", [("sd", "sdxl"), ("flux", "sd3")])
+def test_03_and_04_refuse_a_base_of_another_family_than_the_runs(tmp_path, trained, other):
+    """SD/SDXL and SD3/FLUX.1 VAEs have the same shapes: 04 with another family's base_model
+    would ship the run's decoder behind latents it never learnt to read, under a card naming
+    the wrong models, and 03 would score that pair as if it were the finetune. A base of the
+    run's own family is still taken."""
+    from furlib.evaluation.evaluate import run_models
+
+    from furlib.checkpoint import save_checkpoint
+
+    base, wrong = _base_folder(tmp_path, trained), _base_folder(tmp_path, other)
+    same = tmp_path / "same"
+    models.load_vae("tiny-random", seed=5, base_family=trained).save_pretrained(same)
+    dec = models.decoder_state(models.load_vae(str(base)))
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoints", 3, {"decoder": dec, "ema": dec},
+                    {"base_model": str(base), "base_config": "", "base_family": ""})
+    fam, wrong_fam = families.get(trained), families.get(other)
+    with pytest.raises(ValueError, match=rf"{re.escape(wrong_fam.title)}.*trained on {re.escape(fam.title)}"):
+        export.release_source(run, base_model=str(wrong))
+    with pytest.raises(ValueError, match=rf"{re.escape(wrong_fam.title)}.*trained on {re.escape(fam.title)}"):
+        export.release_source(run, base_model="tiny-random", base_family=other)
+    assert export.release_source(run, base_model=str(same)).base_model == str(same)
+    with pytest.raises(ValueError, match=rf"{re.escape(wrong_fam.title)}.*trained on {re.escape(fam.title)}"):
+        run_models(run, base_model=str(wrong))
+    assert run_models(run, base_model=str(same))[0].base_model == str(same)
+
+
+def test_a_flux_sft_file_is_a_single_file(tmp_path, single_files):
+    """FLUX.1's VAE circulates as ae.sft (safetensors under another suffix, as ComfyUI reads it);
+    it was reported as 'no such ... file' though it exists."""
+    sft = tmp_path / "ae.sft"
+    shutil.copy(single_files["flux"], sft)
+    folder = _base_folder(tmp_path, "flux")
+    loaded = models.load_vae(str(sft), base_config=str(folder))
+    assert families.of_config(loaded.config).name == "flux"
+    with pytest.raises(ValueError, match="Set base_family to 'sd3'.*'flux'"):
+        models.load_vae(str(sft))
+    assert families.of_config(models.base_vae_config(str(sft), base_family="flux")).name == "flux"

@@ -354,3 +354,35 @@ def test_a_disk_without_room_for_one_checkpoint_is_refused_before_training(tmp_p
         make_plan(s, 1, torch.device("cpu"))
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, need * 2))
     make_plan(s, 1, torch.device("cpu"))
+
+
+def test_a_lowered_keep_checkpoints_frees_the_room_it_promises(tmp_path, monkeypatch):
+    """A full disk's error says "free some space (or lower keep_checkpoints)"; lowered, the plan
+    still refused ("could not save its first one"): the older checkpoints went only after the
+    next save, which needed their room. Now the plan counts their room and fit removes them first."""
+    import shutil
+    from collections import namedtuple
+
+    from furlib import checkpoint
+    from furlib.models import load_vae
+    from furlib.perceptual import LPIPS
+    from furlib.training import plan
+    from furlib.training.trainer import Trainer
+
+    _prepared(tmp_path)
+    s = TrainSettings(**{**TINY, "max_steps": 12}, outputs_dir=str(tmp_path), run_name="r")
+    trainer = Trainer(load_vae("tiny", seed=0), s, "cpu", LPIPS("vgg", "random", seed=0))
+    for step in (4, 8, 12):  # three real checkpoints, as a run of 12 steps leaves them
+        trainer.step_count = step
+        trainer.save(tmp_path / "r" / "checkpoints", 3, base_model="tiny", base_config="", base_family="")
+    need = plan.checkpoint_bytes(s, plan.base_vae(s))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, need // 2))
+    with pytest.raises(ValueError, match=r"could not save its next one\. Free some space, or lower keep_checkpoints "
+                                         r"\(now 3; the run holds 3\)"):
+        make_plan(s, 1, torch.device("cpu"))
+    lowered = TrainSettings(**{**TINY, "max_steps": 12, "keep_checkpoints": 1}, outputs_dir=str(tmp_path), run_name="r")
+    assert [f.name for f in make_plan(lowered, 1, torch.device("cpu")).stale] == ["step_0000008", "step_0000004"]
+    results = fit.fit(lowered)
+    assert any("removed step_0000008, step_0000004" in n for n in results["notes"])
+    assert [f.name for f in checkpoint.step_folders(tmp_path / "r" / "checkpoints")] == ["step_0000012"]

@@ -407,3 +407,19 @@ def test_an_ignored_interrupt_stays_ignored():
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_setting_an_older_checkpoint_does_not_record_is_compared_with_its_default():
+    """A checkpoint written before loss_schedule_steps and mae_weight_end existed: a resume that set
+    them (a newer profile's schedule) changed the recipe with no word; now they are compared with
+    their defaults, what that version did."""
+    from furlib.training import resume
+
+    old = dataclasses.asdict(TrainSettings(base_model="tiny"))
+    for name in ("loss_schedule_steps", "mae_weight_end"):
+        del old[name]
+    state = {"settings": old, "base_model": "tiny"}
+    scheduled = dict(dataclasses.asdict(TrainSettings(base_model="tiny", loss_schedule_steps=1000, mae_weight_end=0.5)))
+    with pytest.raises(ValueError, match=r"mae_weight_end: 1.0 -> 0.5, loss_schedule_steps: 0 -> 1000"):
+        resume.compare(state, scheduled, 1, "ckpt")
+    assert resume.compare(state, dataclasses.asdict(TrainSettings(base_model="tiny")), 1, "ckpt") == []

@@ -12,6 +12,8 @@ import json
 import re
 from pathlib import Path
 
+from furlib.models import SAFETENSORS_SUFFIXES
+
 LOADER_KEY = re.compile(r"\bbase_model\b")  # the parameter the shared loader's messages name
 
 
@@ -46,7 +48,7 @@ def release_bases(item: str) -> tuple[str, ...]:
         return ()
     folder = path if path.is_dir() else path.parent
     bases = _manifest_bases(folder / "manifest.json", None if path.is_dir() else path.name)
-    if path.suffix == ".safetensors" and path.is_file():
+    if path.suffix in SAFETENSORS_SUFFIXES and path.is_file():
         bases += _header_base(path)
     return tuple(dict.fromkeys(b for b in bases if b))
 

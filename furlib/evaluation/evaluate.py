@@ -19,10 +19,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from furlib import checkpoint
+from furlib import checkpoint, families
 from furlib.evaluation import compared, fid_kid, metrics
 from furlib.images import center_crop, load_rgb, to_rgb_m11, to_uint8
-from furlib.models import is_pretrained, load_vae, with_decoder
+from furlib.models import SAFETENSORS_SUFFIXES, is_pretrained, load_vae, with_decoder
 from furlib.parameters import SEED_LIMIT, strict_bool
 
 MIN_RESOLUTION = 32  # LPIPS(AlexNet)'s trunk pools a smaller crop away ("Output size is too small")
@@ -104,27 +104,18 @@ def run_models(run_dir, base_model: str = "", base_config: str = "", compare: st
             specs.append(EvalModel(f"finetuned-{which}", base_model, base_config, str(ckpt), which, seed, step,
                                    base_family))
     items = [s.strip() for s in compare.split(",") if s.strip()]
-    family = _run_family(base_model, base_config, base_family) if any(i.endswith(".safetensors") for i in items) else ""
+    files = [i for i in items if i.endswith(SAFETENSORS_SUFFIXES)]
+    run_family = families.of_base(base_model, base_config, base_family) if files else None
     for item in items:  # a single file cannot say its family: it is compared as one of the run's
         specs.append(EvalModel(_unique(_short_name(item), specs), item,
-                               base_family=family if item.endswith(".safetensors") else "",
+                               base_family=run_family.name if run_family and item in files else "",
                                entry_of="compare", made_from=compared.release_bases(item)))
     return specs
 
 
-def _run_family(base_model: str, base_config: str, base_family: str) -> str:
-    """The run's family: given, or read from its base's config ('' when it is none of them)."""
-    from furlib import families
-    from furlib.models import base_vae_config
-
-    config = None if base_family else base_vae_config(base_model, base_config)
-    fam = families.of_config(config) if config else None
-    return base_family or (fam.name if fam else "")
-
-
 def _short_name(item: str) -> str:
     path = Path(item.split("@")[0])
-    return path.stem if path.suffix == ".safetensors" else path.name
+    return path.stem if path.suffix in SAFETENSORS_SUFFIXES else path.name
 
 
 def _unique(name: str, specs: list) -> str:

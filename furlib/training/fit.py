@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from furlib import atomic, crops, models, perceptual, prepared, reconstructions, runinfo
-from furlib.checkpoint import read_state
+from furlib import atomic, checkpoint, crops, models, perceptual, prepared, reconstructions, runinfo
 from furlib.training import dashboard, resume
 from furlib.training.interrupt import StopAfterStep
 from furlib.training.launch import single_process_warning
@@ -137,7 +136,7 @@ def _take_lock(lock: RunLock, rank: int, world: int) -> None:
 def _train(s: TrainSettings, p, rank: int, world: int, dev, show, notes: list) -> dict:
     trainer, build_notes, p.fingerprints["base"] = _build(s, rank, world, dev)
     if p.checkpoint is not None:  # another base under the same name refuses; changed data is noted
-        build_notes += resume.compare_fingerprints(read_state(p.checkpoint), p.fingerprints,
+        build_notes += resume.compare_fingerprints(checkpoint.read_state(p.checkpoint), p.fingerprints,
                                                    s.resume_with_changes, str(p.checkpoint))
     notes = notes + p.notes + build_notes
     logbook = preview = None
@@ -145,6 +144,10 @@ def _train(s: TrainSettings, p, rank: int, world: int, dev, show, notes: list) -
         swept = atomic.sweep(p.run_path / "checkpoints", older_than_s=0)  # we hold the run lock
         logbook = Logbook(p.run_path / "logs", resume_step=p.start_step)
         late = logbook.notes + ([f"removed {swept} folder(s) of an interrupted checkpoint save"] if swept else [])
+        if p.stale:  # the plan counted their room as free: a lowered keep_checkpoints takes effect now
+            removed = checkpoint.prune(p.run_path / "checkpoints", p.checkpoint, s.keep_checkpoints)
+            late.append(f"removed {', '.join(f.name for f in removed)}: older than the keep_checkpoints="
+                        f"{s.keep_checkpoints} newest")
         print(models.describe(trainer.vae), *build_notes, *late, sep="\n", flush=True)
         notes += late
         preview = Preview(trainer, p.run_path / "data", s, logbook, show)

@@ -40,6 +40,7 @@ class Plan:
     num_workers: int            # loader processes per training process, after the CPU cap
     notes: list                 # fallbacks, resume changes, caps, costs: shown and recorded
     fingerprints: dict = dataclasses.field(default_factory=dict)  # data (here) and base (fit): recorded, compared
+    stale: list = dataclasses.field(default_factory=list)  # checkpoints beyond keep_checkpoints: fit removes them
 
     def describe(self) -> str:
         start = f"resume from {self.checkpoint} (step {self.start_step})" if self.checkpoint else "a fresh start"
@@ -127,17 +128,22 @@ def checkpoint_bytes(s, vae) -> int:
     return 16 * decoder_parameters(vae) + 12 * sum(p.numel() for p in critic.parameters())
 
 
-def check_room_for_a_checkpoint(s, run_path: Path, vae) -> None:
-    """Refuse before training when the disk cannot hold one checkpoint: the first save would fail
-    after ``checkpoint_every`` steps, all of them lost."""
+def check_room_for_a_checkpoint(s, run_path: Path, vae, stale=()) -> None:
+    """Refuse before training when the disk cannot hold one checkpoint: the next save would fail
+    after ``checkpoint_every`` steps, all of them lost. ``stale``: checkpoint folders removed before
+    training (beyond ``keep_checkpoints``), whose room counts as free."""
     import shutil
 
     need = checkpoint_bytes(s, vae)
     where = next(p for p in (run_path, *run_path.parents) if p.exists())
-    free = shutil.disk_usage(where).free
+    free = shutil.disk_usage(where).free + sum(f.stat().st_size for d in stale for f in d.rglob("*") if f.is_file())
     if need and free < need:
+        kept = len(checkpoint.step_folders(run_path / "checkpoints"))
+        lower = (f", or lower keep_checkpoints (now {s.keep_checkpoints or 'all'}; the run holds {kept}): the older "
+                 "ones beyond it are removed before training") if kept > 1 and s.keep_checkpoints != 1 else ""
         raise ValueError(f"one checkpoint of this run takes ~{need / 1e9:.2f} GB, and {free / 1e9:.2f} GB are free on "
-                         f"{where}: 02 could not save its first one. Free some space, or set outputs_dir elsewhere")
+                         f"{where}: 02 could not save its {'next' if kept else 'first'} one. Free some space{lower}, "
+                         "or set outputs_dir elsewhere")
 
 
 def make_plan(s, processes: int, device: torch.device) -> Plan:
@@ -157,10 +163,9 @@ def make_plan(s, processes: int, device: torch.device) -> Plan:
         notes = []
     runinfo.check_folders(run_path, ("logs", "train", "pixel_cache"))  # not at the first write (checkpoints: below)
     vae = base_vae(s)  # its config read once, for the disk's room and the CPU's cost
-    check_room_for_a_checkpoint(s, run_path, vae)
     ckpt, ckpt_notes = checkpoint.pick_checkpoint(run_path, s.on_bad_checkpoint)
     notes += ckpt_notes
-    start = 0
+    start, stale = 0, []
     if ckpt is not None:
         if not s.resume:  # never overwrite a run's work silently
             raise ValueError(f"resume=False but {run_path} already has checkpoints (latest {ckpt.name}): "
@@ -172,6 +177,8 @@ def make_plan(s, processes: int, device: torch.device) -> Plan:
         if start > s.max_steps:  # a shorter max_steps on resume is no rewind: said, not only "changed"
             notes.append(f"WARNING: max_steps={s.max_steps} is below the checkpoint's step {start}: nothing is "
                          f"trained and {ckpt.name} stays the latest (a run does not rewind: a shorter run is a new run_name)")
+        stale = checkpoint.prunable(run_path / "checkpoints", ckpt, s.keep_checkpoints)  # a lowered keep: room now
+    check_room_for_a_checkpoint(s, run_path, vae, stale)
     use_cache, cache_note = (False, "") if s.train_source else \
         crops.cache_plan(train_dir, run_path / "pixel_cache", s.pixel_cache)
     workers, cap_note = worker_cap(s.num_workers, processes)
@@ -179,7 +186,7 @@ def make_plan(s, processes: int, device: torch.device) -> Plan:
     notes += [n for n in (cache_note, cap_note, cpu_cost_note(s, device, vae), batch_note, critic_note(s)) if n]
     return Plan(run_path, device, processes, s.global_batch(processes), s.ema_decay_for(s.global_batch(processes)),
                 ckpt, start, use_cache, workers, notes,
-                {"data": "" if s.train_source else resume.data_fingerprint(train_dir)})
+                {"data": "" if s.train_source else resume.data_fingerprint(train_dir)}, stale)
 
 
 def batch_size_note(global_batch: int, images: int) -> str:

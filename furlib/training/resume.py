@@ -24,7 +24,7 @@ def compare(state: dict, requested: dict, processes: int, ckpt: str) -> list[str
     if base[0] and base[0] != base[1] and "base_model" not in allowed:
         raise ValueError(f"{ckpt} was trained from base_model={base[0]!r}, not {base[1]!r}: set base_model "
                          f"back, or choose a new run_name to train from {base[1]!r}")
-    saved = dict(saved, processes=state.get("processes", 1))
+    saved = dict(_defaults(), **saved, processes=state.get("processes", 1))
     wanted = dict(requested, processes=processes)
     changed = {k: (saved[k], wanted[k]) for k in saved if k in wanted and saved[k] != wanted[k]}
     recipe = {k: v for k, v in changed.items() if k not in HARMLESS or
@@ -38,6 +38,17 @@ def compare(state: dict, requested: dict, processes: int, ckpt: str) -> list[str
     notes = [f"resume changes {k}: {a!r} -> {b!r}" + ("" if k in HARMLESS else " (allowed by resume_with_changes)")
              for k, (a, b) in changed.items() if k not in ("resume_with_changes",)]
     return notes
+
+
+def _defaults() -> dict:
+    """02's defaults: the values of settings a checkpoint of an older version does not record
+    (added since, each defaulting to what that version did), so setting one on resume is a change."""
+    import dataclasses
+
+    from furlib.training.settings import TrainSettings
+
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(TrainSettings)}
 
 
 def thread_note(state: dict, threads: int, device_type: str) -> list[str]:
