@@ -192,8 +192,8 @@ def update_curves(work: Path, names: list, base, z_curve, x_curve_u8, lpips_vgg,
     for name in names:
         rows = curves.setdefault(name, [base_point])
         done = {r["step"] for r in rows}
-        for d in sorted((work / name / "checkpoints").glob("step_*")):
-            if (d / "state.json").exists() and not d.name.startswith("."):
+        for d in reversed(checkpoint.step_folders(work / name / "checkpoints")):  # oldest first
+            if (d / "state.json").exists():
                 step = checkpoint.read_state(d)["step"]
                 if step not in done:
                     rows.append(point(decoder_of(base, checkpoint.load_decoder_weights(d, "ema"), device), step))

@@ -77,15 +77,15 @@ def checkpoint_steps(run: Path) -> set:
     """The steps of a run's complete checkpoints (a killed run's partial save is not one)."""
     from furlib import checkpoint
 
-    return {checkpoint.read_state(d)["step"] for d in (run / "checkpoints").glob("step_*")
-            if (d / "state.json").exists() and not d.name.startswith(".")}
+    return {checkpoint.read_state(d)["step"] for d in checkpoint.step_folders(run / "checkpoints")
+            if (d / "state.json").exists()}
 
 
 def checkpoint_at(run: Path, step: int) -> Path:
     """The run's checkpoint folder of ``step``."""
     from furlib import checkpoint
 
-    return next(d for d in (run / "checkpoints").glob("step_*") if checkpoint.read_state(d)["step"] == step)
+    return next(d for d in checkpoint.step_folders(run / "checkpoints") if checkpoint.read_state(d)["step"] == step)
 
 
 def score_variant(root: Path, name: str, step: int, resolution: int, train_info: dict | None = None, **extra) -> dict:
