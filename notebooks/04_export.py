@@ -140,7 +140,7 @@ else:
 
 # %%
 card = model_card.model_card(run_dir, release, vae.config, name, version, license, fp16_copy, hub_repo,
-                             training_data, picture)
+                             training_data, picture, checks)
 (stage_dir / "README.md").write_text(card)
 manifest = release_files.finalize_export(stage_dir, export_dir, release, checks)
 display(Markdown(card))

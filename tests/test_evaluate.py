@@ -253,7 +253,8 @@ def test_fp16_decode_check_and_overflow(result):
     with torch.no_grad():
         loud.decoder.conv_in.weight.mul_(1e5)  # activations far past fp16's 65504
     bad = decode_checks.fp16_decode_check(loud, z)
-    assert bad["status"] == "overflow" and bad["first_nonfinite_block"] is not None
+    assert bad["status"] == "overflow" and bad["first_nonfinite_block"] == "conv_in"  # (an inf was once read as 3.4e38)
+    assert not bad["peak_abs"] >= 3e38  # the finite peaks only (here none)
     table, details = decode_checks.decode_checks({"base": vaes["base"]}, torch.zeros(1, 3, 32, 32))
     assert list(table.index) == ["base"] and table.loc["base", "fp16"] == "ok"
     assert set(details["base"]) == {"latent", "tiled", "fp16"}

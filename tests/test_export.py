@@ -331,3 +331,81 @@ def test_a_licence_that_would_break_the_cards_yaml_is_refused(licence):
     with pytest.raises(ValueError, match="license must be a Hugging Face licence id"):
         release_files.check_parameters({**pipeline.stage_defaults("04_export"), "license": licence})
     release_files.check_parameters({**pipeline.stage_defaults("04_export"), "license": "openrail++"})
+
+
+@pytest.mark.parametrize("repo", ["me/my model", "/x", "me/", "me/--x", "me/x/y", "x"])
+def test_a_hub_repo_of_a_bad_form_is_refused_before_training(repo, monkeypatch):
+    """'me/my model' passed the slash count and failed in huggingface_hub after training and export."""
+    from unittest import mock
+
+    from furlib import pipeline
+
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    with pytest.raises(ValueError, match="hub_repo must be 'owner/name'"):
+        release_files.check_parameters({**pipeline.stage_defaults("04_export"), "push_to_hub": True, "hub_repo": repo})
+    with mock.patch("huggingface_hub.HfApi") as api, pytest.raises(ValueError, match="hub_repo must be"):
+        release_files.push_to_hub("unused", repo)
+    assert not api.called
+    release_files.check_parameters({**pipeline.stage_defaults("04_export"), "push_to_hub": True,
+                                    "hub_repo": "my-org/sd_vae.ft-2"})
+
+
+def test_push_uploads_only_the_export_its_manifest_vouches_for(exported, tmp_path, monkeypatch):
+    """An edited or deleted file went up under a manifest whose checksums no longer matched; a
+    failed upload says the local export is whole and how to retry."""
+    from unittest import mock
+
+    out = tmp_path / "export"
+    shutil.copytree(exported[0] / "export", out)
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    before = release_files.file_table(out)
+    (out / "README.md").write_text("my edit")
+    with mock.patch("huggingface_hub.HfApi") as api, pytest.raises(RuntimeError, match=r"not the export 04 verified.*README.md"):
+        release_files.push_to_hub(out, "me/x")
+    assert not api.return_value.upload_folder.called
+    shutil.copy(exported[0] / "export" / "README.md", out / "README.md")
+    (out / f"{STEM}-fp16.safetensors").unlink()
+    with mock.patch("huggingface_hub.HfApi") as api, pytest.raises(RuntimeError, match=r"gone: \['furception"):
+        release_files.push_to_hub(out, "me/x")
+    shutil.copy(exported[0] / "export" / f"{STEM}-fp16.safetensors", out)
+    (out / ".DS_Store").write_bytes(b"junk")
+    with mock.patch("huggingface_hub.HfApi") as api:
+        api.return_value.upload_folder.side_effect = OSError("connection reset")
+        with pytest.raises(RuntimeError, match="connection reset.*complete and unchanged"):
+            release_files.push_to_hub(out, "me/x")
+    assert ".DS_Store" in api.return_value.upload_folder.call_args.kwargs["ignore_patterns"]
+    assert [f for f in release_files.file_table(out) if f["path"] != ".DS_Store"] == before
+
+
+def test_exporting_twice_writes_the_same_bytes(tmp_path):
+    """safetensors wrote the metadata in hash order: each export's single files had new SHA-256s."""
+    vae = load_vae("tiny-random")
+    meta = release_files.file_metadata("m", "1.0", 3, "tiny-random", "ema", vae.config)
+    sums = [{k: hashlib.sha256(p.read_bytes()).hexdigest()
+             for k, p in release_files.write_release_files(vae, tmp_path / str(i), "m", meta).items()}
+            for i in range(3)]
+    assert sums[0] == sums[1] == sums[2]
+    with safe_open(str(tmp_path / "0" / "m.safetensors"), "pt") as f:
+        assert f.metadata() == dict(meta, dtype="float32")
+    assert torch.equal(load_file(tmp_path / "0" / "m.safetensors")["decoder.conv_in.weight"],
+                       vae.decoder.conv_in.weight)
+
+
+def test_an_fp16_copy_that_overflows_in_fp16_is_warned_and_on_the_card(tmp_path):
+    """The fp16 files were checked decoded in fp32 only: one that gives black images in fp16 passed
+    silently and the card offered it as 'the same in fp16'."""
+    vae = load_vae("tiny-random")
+    with torch.no_grad():
+        vae.decoder.conv_in.weight.mul_(1e5)  # its output passes fp16's 65504; fp32's group norm absorbs it
+    files = release_files.write_release_files(vae, tmp_path / "stage", "m", {"format": "pt"})
+    with pytest.warns(UserWarning, match="non-finite values .* in float16"):
+        checks = release_files.verify_export(vae, files, tmp_path / "stage")
+    assert all(c["passed"] for c in checks)
+    half = {c["file"]: c["fp16_decode"] for c in checks if "fp16_decode" in c}
+    assert half == {"m-fp16.safetensors": "overflow", "diffusion_pytorch_model.fp16.safetensors": "overflow"}
+    release = release_files.Release(checkpoint="x/step_3", step=3, base_model="tiny-random", base_config="",
+                                    base_family="", trained_base_model="tiny-random", weights="ema", base_seed=0,
+                                    decoder_weights={})
+    card = model_card.model_card(tmp_path, release, vae.config, "m", "1.0", "mit", checks=checks)
+    assert "decodes to non-finite values (black images) in float16" in card
+    assert "non-finite" not in model_card.model_card(tmp_path, release, vae.config, "m", "1.0", "mit")

@@ -82,7 +82,7 @@ def fp16_decode_check(vae, latent_nchw: torch.Tensor) -> dict:
     def hook(name):
         def record(_module, _inputs, out):
             t = out[0] if isinstance(out, (tuple, list)) else out
-            peaks[name] = max(peaks.get(name, 0.0), float(t.float().abs().nan_to_num(math.inf).max()))
+            peaks[name] = max(peaks.get(name, 0.0), float(t.float().abs().nan_to_num(nan=math.inf, posinf=math.inf).max()))
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in _decoder_blocks(vae16)]

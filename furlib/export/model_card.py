@@ -186,13 +186,18 @@ may constrain how this model can be used and shared; check both before publishin
 
 
 def model_card(run_dir: Path, release: Release, vae_config, model_name: str, version: str, license: str,
-               fp16_copy: bool = True, hub_repo: str = "", training_data: str = "", picture: str = "") -> str:
+               fp16_copy: bool = True, hub_repo: str = "", training_data: str = "", picture: str = "",
+               checks: list | tuple = ()) -> str:
     """The model card (Hugging Face YAML front matter + markdown) for ``export/README.md``.
 
     ``vae_config``: the released VAE's config (its latent interface decides the family and the
     compatibility); ``training_data``: the user's words on the images; ``picture``: an image file
-    beside the card. No local path reaches the card (``public_name``).
+    beside the card; ``checks``: ``verify_export``'s results (an fp16 overflow is said).
+    No local path reaches the card (``public_name``).
     """
+    overflow = any(c.get("fp16_decode") == "overflow" for c in checks)
+    half = ("**decodes to non-finite values (black images) in float16**: load it in fp32 (`--no-half-vae`, "
+            "`torch_dtype=torch.float32`); it only halves the download" if overflow else "half the size")
     base, hub_base = public_name(release.base_model), _hub_base(release.base_model)
     test_only = not is_pretrained(release.base_model)
     fam = families.of_config(vae_config)  # a random test base has a family's layout too: not its tags
@@ -211,7 +216,7 @@ def model_card(run_dir: Path, release: Release, vae_config, model_name: str, ver
         picture=f"\n![input, base decoder, this decoder on held-out images]({picture})\n" if picture else "",
         data=_data_section(run_dir, training_data),
         training=_training_section(run_dir, release), metrics=_metrics_section(run_dir, release.step),
-        fp16_row=f"| `{stem}-fp16.safetensors` | the same in fp16 (half the size) |\n" if fp16_copy else "",
+        fp16_row=f"| `{stem}-fp16.safetensors` | the same in fp16 ({half}) |\n" if fp16_copy else "",
         fp16_variant=" (`variant=\"fp16\"`: `diffusion_pytorch_model.fp16.safetensors`)" if fp16_copy else "",
         apps=_APPS[fam.name][0] if fam else "loaders of the base's single file",
         use=_use_section(fam, stem, hub_repo or f"<path to>/{EXPORT}", bool(dict(vae_config).get("force_upcast"))))

@@ -53,14 +53,29 @@ def check_parameters(p: dict) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+-]*", p["license"]):  # it goes into the card's YAML header
         found.append(f"license must be a Hugging Face licence id such as 'cc-by-nc-sa-4.0', 'mit' or 'other' "
                      f"(no spaces, colons or line breaks), got {p['license']!r}")
-    if p["push_to_hub"] and p["hub_repo"].count("/") != 1:
-        found.append(f"hub_repo must be 'owner/name' when push_to_hub is True, got {p['hub_repo']!r}")
+    if p["push_to_hub"] and (problem := hub_repo_problem(p["hub_repo"])):
+        found.append(problem)
     if p["push_to_hub"] and not os.environ.get("HF_TOKEN"):  # said before training, not after it
         found.append("push_to_hub needs a Hugging Face write token in the environment variable HF_TOKEN "
                      "(on Colab: a secret named HF_TOKEN)")
     found += run_reader_problems(p)
     if found:
         raise ValueError("invalid 04_export parameter(s):\n  " + "\n  ".join(found))
+
+
+def hub_repo_problem(repo_id: str) -> str:
+    """'' if ``repo_id`` is a repository id the Hub accepts; else why not (before any training:
+    the Hub's own check ran only at the upload, after the training and the export)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+        if repo_id.count("/") == 1:
+            return ""
+    except HFValidationError:
+        pass
+    return (f"hub_repo must be 'owner/name' (letters, digits, '-', '_' and '.', neither part starting or "
+            f"ending with '-' or '.'), got {repo_id!r}")
 
 
 FP32_TOL = 1e-5  # same weights, same maths: anything above this is a broken file
@@ -148,14 +163,28 @@ def write_release_files(vae, stage_dir: Path, stem: str, metadata: dict, fp16_co
     ldm = {k: v.detach().cpu().contiguous() for k, v in diffusers_to_ldm(vae.state_dict()).items()}
     out["single"] = stage_dir / f"{stem}.safetensors"
     save_file(ldm, out["single"], metadata=dict(metadata, dtype="float32"))
+    _sort_header(out["single"])
     if fp16_copy:
         copy.deepcopy(vae).half().save_pretrained(folder, safe_serialization=True, variant="fp16")
         out["diffusers_fp16"] = folder / "diffusion_pytorch_model.fp16.safetensors"
         out["single_fp16"] = stage_dir / f"{stem}-fp16.safetensors"
         save_file({k: v.half() for k, v in ldm.items()}, out["single_fp16"],
                   metadata=dict(metadata, dtype="float16"))
+        _sort_header(out["single_fp16"])
     _drop_source_path(folder / "config.json")
     return out
+
+
+def _sort_header(path: Path) -> None:
+    """safetensors writes metadata in hash order, another in every call: the same weights got a new
+    SHA-256 at each export (a re-push uploaded them again). Sorted keys, same length and offsets;
+    no library call does this."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.dumps(json.loads(f.read(size)), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(header) <= size:  # padded with spaces, as the format allows; else left as written
+            f.seek(8)
+            f.write(header.ljust(size))
 
 
 def _drop_source_path(config_json: Path) -> None:
@@ -279,7 +308,25 @@ def verify_export(vae, files: dict, stage_dir: Path, seed: int = 0, device="cpu"
     if failed:
         raise RuntimeError(f"export verification failed; nothing was moved to {EXPORT}/ "
                            f"(inspect {stage_dir}):\n" + "\n".join(json.dumps(r) for r in failed))
+    fp16_files = {str(Path(path).relative_to(stage_dir)) for role, path in files.items() if role.endswith("fp16")}
+    if fp16_files:
+        _note_fp16_decode(vae, latents, [r for r in results if r["file"] in fp16_files])
     return results
+
+
+def _note_fp16_decode(vae, latent_nchw: torch.Tensor, fp16_rows: list[dict]) -> None:
+    """The checks above decode fp16 files in fp32: they prove the rounding, not that the files decode
+    in fp16. Decoded in fp16 too, each fp16 row gets ``fp16_decode`` ('ok', 'overflow' or why it did
+    not run), and an overflow is warned (SDXL's own VAE does so: not a failed release)."""
+    from furlib.evaluation.decode_checks import fp16_decode_check
+
+    status = fp16_decode_check(vae, latent_nchw)["status"]
+    for r in fp16_rows:
+        r["fp16_decode"] = status
+    if status == "overflow":
+        warnings.warn("the fp16 files decode to non-finite values (black images) when run in float16: "
+                      "they need fp32 decoding (--no-half-vae, diffusers' force_upcast); the model card says "
+                      "so. fp16_copy=False leaves them out", stacklevel=2)
 
 
 
@@ -291,6 +338,19 @@ def file_table(root: Path) -> list[dict]:
 
 
 DESKTOP_JUNK = {".DS_Store", "Thumbs.db", "desktop.ini", ".ipynb_checkpoints"}  # replaced with export/
+_JUNK_PATTERNS = [p for j in sorted(DESKTOP_JUNK) for p in (j, f"*/{j}", f"{j}/*", f"*/{j}/*")]  # never uploaded
+
+
+def manifest_differences(export_dir: Path) -> tuple[list, list]:
+    """(files added or edited since ``manifest.json`` listed them, files it lists that are gone);
+    desktop junk is neither, a clone's ``.git/`` is added."""
+    try:
+        listed = {f["path"]: f["sha256"] for f in json.loads((Path(export_dir) / "manifest.json").read_text())["files"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = {}
+    found = [f for f in file_table(export_dir) if not set(f["path"].split("/")) & DESKTOP_JUNK]
+    return ([f["path"] for f in found if listed.get(f["path"]) != f["sha256"]],
+            sorted(set(listed) - {f["path"] for f in found}))
 
 
 def check_export_is_ours(export_dir: Path) -> None:
@@ -303,12 +363,7 @@ def check_export_is_ours(export_dir: Path) -> None:
     check_folders(export_dir.parent, [export_dir.name])
     if not export_dir.is_dir() or not any(export_dir.iterdir()):
         return
-    try:
-        written = {(f["path"], f["sha256"]) for f in json.loads((export_dir / "manifest.json").read_text())["files"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        written = set()
-    foreign = [f["path"] for f in file_table(export_dir) if (f["path"], f["sha256"]) not in written
-               and not set(f["path"].split("/")) & DESKTOP_JUNK]  # a clone's .git/ is not junk: kept
+    foreign, _ = manifest_differences(export_dir)
     if foreign:
         raise ValueError(f"{export_dir} holds files 04 did not write, or edited since it did: {foreign[:5]}"
                          f"{' ...' if len(foreign) > 5 else ''}. 04 replaces export/ whole: move them out "
@@ -330,11 +385,16 @@ def finalize_export(stage_dir: Path, export_dir: Path, release: Release, checks:
 
 def push_to_hub(export_dir: Path, repo_id: str, private: bool = False, endpoint: str | None = None) -> str:
     """Upload the verified export folder to ``repo_id`` with the token in ``HF_TOKEN``."""
-    if not repo_id or repo_id.count("/") != 1:
-        raise ValueError(f"hub_repo must be 'owner/name', got {repo_id!r}")
+    if problem := hub_repo_problem(repo_id):
+        raise ValueError(problem)
     recover_folder(export_dir)  # a release left aside by a killed 04 is the one to upload
     if not (Path(export_dir) / "manifest.json").exists():
         raise RuntimeError(f"{export_dir} has no manifest.json: only a verified export is uploaded")
+    changed, missing = manifest_differences(export_dir)  # the manifest would vouch for files it never saw
+    if changed or missing:
+        raise RuntimeError(f"{export_dir} is not the export 04 verified (added or edited since: {changed[:5]}, "
+                           f"gone: {missing[:5]}); nothing was uploaded. Run 04 again to rebuild and verify it "
+                           "(a card's words belong in 04's training_data and license parameters)")
     token = os.environ.get("HF_TOKEN", "")
     if not token:
         raise RuntimeError("push_to_hub needs a Hugging Face write token in the environment "
@@ -344,10 +404,12 @@ def push_to_hub(export_dir: Path, repo_id: str, private: bool = False, endpoint:
     api = HfApi(endpoint=endpoint, token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(folder_path=str(export_dir), repo_id=repo_id,
+        api.upload_folder(folder_path=str(export_dir), repo_id=repo_id, ignore_patterns=_JUNK_PATTERNS,
                           commit_message=f"Upload {Path(export_dir).parent.name} export")
     except Exception as err:  # offline, auth and HTTP errors differ across huggingface_hub versions
-        raise RuntimeError(f"upload to the Hugging Face Hub ({repo_id}) failed: {err}") from err
+        raise RuntimeError(f"upload to the Hugging Face Hub ({repo_id}) failed: {err}. The export in {export_dir} "
+                           "is complete and unchanged: upload it again with push_to_hub once the cause is fixed "
+                           "(no need to run 04 again)") from err
     return f"https://huggingface.co/{repo_id}"
 
 
