@@ -386,3 +386,27 @@ def test_a_lowered_keep_checkpoints_frees_the_room_it_promises(tmp_path, monkeyp
     results = fit.fit(lowered)
     assert any("removed step_0000008, step_0000004" in n for n in results["notes"])
     assert [f.name for f in checkpoint.step_folders(tmp_path / "r" / "checkpoints")] == ["step_0000012"]
+
+
+def test_a_data_error_mid_run_saves_the_steps_trained_first(tmp_path, monkeypatch):
+    """A batch that cannot be made (an image damaged after 01, a file deleted) stopped the run with
+    the file named, and the steps since the last checkpoint were lost: they are saved first now."""
+    from furlib import checkpoint
+
+    _prepared(tmp_path)
+    real = fit._train_loader
+
+    def failing(*args):
+        for i, batch in enumerate(real(*args)):
+            if i == 3:
+                raise ValueError("training image X cannot be read (test)")
+            yield batch
+
+    monkeypatch.setattr(fit, "_train_loader", failing)
+    settings = TrainSettings(**{**TINY, "lpips_weight": 0.0, "max_steps": 10, "checkpoint_every": 100},
+                             outputs_dir=str(tmp_path), run_name="r")
+    with pytest.raises(ValueError, match="cannot be read") as caught:
+        fit.fit(settings)
+    folders = checkpoint.step_folders(tmp_path / "r" / "checkpoints")
+    assert [f.name for f in folders] == ["step_0000003"]
+    assert "02 saved the 3 step(s) trained in this run as" in "".join(getattr(caught.value, "__notes__", []))

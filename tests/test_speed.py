@@ -151,6 +151,47 @@ def test_padded_rgb_convs_are_the_same_function_with_the_same_gradients():
     assert l1 == pytest.approx(l0, rel=1e-5) and (g1 - g0).norm() <= 1e-5 * g0.norm()
 
 
+def test_sync_free_skip_is_the_synchronous_skip_decided_on_the_device():
+    """``Tuning.sync_free``: a non-finite step leaves decoder, EMA, critic and AdamW's step count
+    exactly as they were, as the synchronous skip does; the count and the stop after
+    ``max_bad_steps`` arrive once the step is settled (here, on the CPU, at the next step)."""
+    from furlib.models import decoder_state
+    from furlib.training.trainer import NonFiniteError
+
+    kw = dict(batch_size=2, lpips_weight=0.0, mixed_precision="no", critic_channels=8, critic_layers=2,
+              max_bad_steps=2)
+    x = [torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(2)]
+    bad = x[0].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    plain = Trainer(load_vae("tiny-random", seed=0), TrainSettings(**kw), "cpu")
+    fast = Trainer(load_vae("tiny-random", seed=0), TrainSettings(**kw), "cpu", tuning=speed.Tuning(sync_free=True))
+    assert fast.deferred is not None and plain.deferred is None
+
+    def state(t):
+        return [*decoder_state(t.vae).values(), *t.ema.shadow, *t.critic.state_dict().values()]
+
+    for t in (plain, fast):
+        t.step(x[0])
+    before = [v.clone() for v in state(fast)]
+    logs = fast.step(bad)
+    assert float(logs["train/skipped"]) == 1.0 and float(logs["critic/skipped"]) == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, state(fast)))  # nothing moved
+    plain.step(bad)
+    for t in (plain, fast):
+        t.step(x[1])
+    steps = {int(v["step"]) for v in fast.opt.state.values()}
+    assert steps == {2}  # the skipped step did not count
+    # the fused AdamW rounds like the plain one to ~1e-7 (this checks the skip, not the optimizer)
+    for a, b in zip(state(plain), state(fast)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    fast.settle(wait=True)
+    assert fast.skipped == plain.skipped == 1 and fast.bad_streak == 0
+    fast.step(bad)
+    fast.step(bad)  # the second bad step in a row: known once settled
+    with pytest.raises(NonFiniteError, match="2 non-finite steps in a row"):
+        fast.settle(wait=True)
+
+
 CACHE_PROBE = """
 import json, sys
 import torch

@@ -160,6 +160,7 @@ def _train(s: TrainSettings, p, rank: int, world: int, dev, show, notes: list) -
     if rank != 0:
         return {}
     preview(f"after {trainer.step_count} steps")
+    trainer.settle(wait=True)  # sync_free: every step's skip counted
     images_per_s = (trainer.step_count - first) * p.global_batch / max(time.time() - t0, 1e-9)
     results = dict(step=trainer.step_count, skipped_steps=trainer.skipped, images_per_s=images_per_s,
                    processes=world, global_batch=p.global_batch, checkpoint=str(final), notes=notes,
@@ -191,7 +192,7 @@ def _loop(trainer: Trainer, s: TrainSettings, p, rank: int, logbook, preview) ->
                unit_scale=True, desc="train", disable=rank != 0)
     t_first = time.time()
     with StopAfterStep(trainer.world_size == 1) as stop:
-        for batch in loader:
+        for batch in _saving_on_data_errors(loader, trainer, p, save):
             if trainer.step_count >= s.max_steps:
                 break
             logs = trainer.step(batch)
@@ -212,6 +213,33 @@ def _loop(trainer: Trainer, s: TrainSettings, p, rank: int, logbook, preview) ->
                                         f"{save()}; run 02 again (same run_name) to resume from it")
     bar.close()
     return save() if trainer.step_count > p.start_step or p.checkpoint is None else p.checkpoint
+
+
+def _saving_on_data_errors(loader, trainer: Trainer, p, save):
+    """The loader's batches; when one cannot be made (an image that cannot be read, a file gone),
+    the steps trained since the last checkpoint are saved before the error stops the run, and
+    the error says where. One process only: ``save`` is collective, and the other ranks' loaders
+    did not fail with this one."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as err:
+            if trainer.world_size == 1 and trainer.step_count > p.start_step:
+                add_note(err, f"02 saved the {trainer.step_count - p.start_step} step(s) trained in this run as "
+                              f"{save()}: run 02 again (same run_name) to resume from it once the data is fixed")
+            raise
+        yield batch
+
+
+def add_note(err: Exception, note: str) -> None:
+    """``err.add_note`` (Python 3.11+; 3.10 keeps the error as it is and prints the note)."""
+    if hasattr(err, "add_note"):
+        err.add_note(note)
+    else:
+        print(note, flush=True)
 
 
 def _train_loader(trainer: Trainer, s: TrainSettings, p, rank: int):

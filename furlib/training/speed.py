@@ -44,6 +44,7 @@ needs no ``no_sync``). What it gives up: DDP overlaps the reduction with the bac
 runs after it (one decoder's and one critic's gradients a step).
 """
 
+import collections
 import dataclasses
 import functools
 import os
@@ -78,6 +79,7 @@ class Tuning:
     lpips_autocast: bool = False    # LPIPS under the step's autocast, not fp32 (changes results)
     math_attention: bool = True     # on CUDA, crops up to 512 px: ``use_math_attention``
     pad_rgb_convs: bool = False     # RGB-input convs read 8 channels, 5 of them zero (``pad_rgb_convs``)
+    sync_free: bool = False         # skip decisions on the device, read a step later (``DeferredSkips``)
     part_timer: Callable[[str], AbstractContextManager] | None = None  # wraps each part of the step
 
 
@@ -142,6 +144,41 @@ def pad_rgb_convs(*modules: nn.Module) -> int:
                 conv.__class__ = PaddedRGBConv2d
                 changed += 1
     return changed
+
+
+class DeferredSkips:
+    """``Tuning.sync_free``: a non-finite step is skipped on the device (the fused AdamW's
+    ``found_inf``, an EMA step of weight 0), so the host never waits for the GPU to learn whether
+    the step was good: on an H100 the GPU idled ~8 ms a step at those two waits (benchmarks/
+    RESULTS.md, issue 21). The host learns each step's outcome once the GPU has finished it:
+    ``record`` queues a copy of (skipped, streak) with an event, ``settled`` hands back those
+    already done (``wait``: all of them, synchronising). Same updates as the synchronous skip;
+    only the skip counter and the stop after ``max_bad_steps`` come a step or two later."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.streak = torch.zeros((), device=device)  # consecutive skipped steps, on the device
+        self.queue = collections.deque()
+
+    def record(self, bad: torch.Tensor, step: int, batch: torch.Tensor) -> None:
+        self.streak = (self.streak + 1) * bad
+        flags = torch.stack([bad.float(), self.streak])
+        if self.device.type == "cuda":
+            host = torch.empty(2, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:  # a CPU step has finished when it returns
+            host, done = flags, None
+        self.queue.append((done, host, step, batch))
+
+    def settled(self, wait: bool = False):
+        """(skipped, streak, step, batch) of each recorded step the GPU has finished, in order."""
+        if wait and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        while self.queue and (self.queue[0][0] is None or self.queue[0][0].query()):
+            _, host, step, batch = self.queue.popleft()
+            yield bool(host[0]), int(host[1]), step, batch
 
 
 def compiled_penalty(options: dict):
