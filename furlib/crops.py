@@ -15,6 +15,9 @@ Reproducibility: sample ``g`` (``g = step * batch_size + i``) draws all its rand
 Decoded-pixel cache ("decode once, crop many", ``furlib.pixelcache``): with a ``cache_dir``, each
 PNG is decoded whole on first use and stored uncompressed; later samples memory-map it and copy
 only the pixels their crop reads (``crop_region``). Crops are bit-identical to the PNG path (tested).
+
+A file 01 never stores (put in data/train by hand: smaller than ``resolution``, alpha, 16-bit,
+CMYK, over Pillow's bomb limit) is named in a ValueError with the fix, never cropped (``check_stored``).
 """
 
 import math
@@ -27,7 +30,7 @@ from PIL import Image
 
 from furlib import pixelcache
 from furlib.images import to_rgb_m11
-from furlib.prepared import list_images, open_rgb
+from furlib.prepared import list_images, open_rgb, open_stored
 
 _CROP_STREAM, _ORDER_STREAM = 1, 2  # keep the two random streams of one seed apart
 # PIL's reducing_gap: crops >= 4x the output are first box-averaged by an integer factor (leaving
@@ -37,6 +40,9 @@ _CROP_STREAM, _ORDER_STREAM = 1, 2  # keep the two random streams of one seed ap
 REDUCING_GAP = 2.0
 PIXEL_CACHE_CHOICES = ("auto", "yes", "no")  # 02's pixel_cache
 CROP_ATTEMPTS = 10  # draws of a crop size before the fallback (torchvision's RandomResizedCrop: 10)
+# Modes whose convert("RGB") keeps the colours (01 stores only RGB; grey or palette files put in
+# data/train by hand still crop right). Others (alpha, 16-bit, CMYK) would crop wrong: refused.
+EXACT_RGB_MODES = ("RGB", "L", "P", "1")
 
 
 def sample_rng(seed: int, g: int) -> np.random.Generator:
@@ -135,6 +141,24 @@ def crop_from_array(pixels_hwc: np.ndarray, resolution: int, box, turns: int, hf
     return apply_crop(canvas, resolution, box, turns, hflip, vflip)
 
 
+def check_stored(header: Image.Image, path, resolution: int) -> None:
+    """Raise a ValueError naming ``path`` and the fix unless the opened (not decoded) image is one
+    the loader crops right: at least ``resolution`` on its short side and of an ``EXACT_RGB_MODES``
+    mode without a transparency key. 01 stores only such files; another was put in data/train by
+    hand (or replaced there), skipping 01's conversion and its size filter."""
+    width, height = header.size
+    if min(width, height) < resolution:
+        problem = f"is {width}x{height}, smaller than resolution={resolution} (01 rejects it as too_small)"
+    elif header.mode not in EXACT_RGB_MODES or "transparency" in header.info:
+        key = " with a transparency key" if "transparency" in header.info else ""
+        problem = (f"is a mode-{header.mode} {header.format}{key}, which 01_data_prep never stores (it "
+                   "converts alpha, 16-bit and CMYK images to 8-bit RGB); cropped as it is, its pixels are wrong")
+    else:
+        return
+    raise ValueError(f"training image {path} {problem}. It was copied into data/train by hand or replaced "
+                     "there: put it in 01's source and run 01_data_prep again, or delete it")
+
+
 def open_top_rows(path, rows: int) -> Image.Image:
     """Open a PNG and decode only its first ``rows`` rows (rows below stay black).
 
@@ -197,8 +221,9 @@ class CropDataset(torch.utils.data.Dataset):
             params = crop_params(pixels.shape[1], pixels.shape[0], self.resolution, rng,
                                  self.min_crop_scale)
             return to_rgb_m11(crop_from_array(pixels, self.resolution, *params))
-        with Image.open(path) as header:  # the size only; no pixels decoded yet
+        with open_stored(path) as header:  # the size only; no pixels decoded yet
             size = header.size
+            check_stored(header, path, self.resolution)
         params = crop_params(*size, self.resolution, rng, self.min_crop_scale)
         rows = crop_region(params[0], *size, self.resolution)[3]
         with open_top_rows(path, rows) as image:
@@ -209,14 +234,16 @@ class CropDataset(torch.utils.data.Dataset):
         once a write has failed in this process (the PNG path then decodes only the rows needed)."""
         entry = pixelcache.entry_path(self.cache_dir, path)
         try:
-            pixels = pixelcache.read(entry)
+            pixels = pixelcache.read(entry, path)  # None too when older than the image: 01 rebuilt it
         except ValueError as damage:  # outside damage to a derived file: rebuilt from its PNG, said
             warnings.warn(f"{damage}: rebuilt from its PNG", RuntimeWarning, stacklevel=2)
             entry.unlink(missing_ok=True)
             pixels = None
         if pixels is not None or not self._cache_writes:
             return pixels
-        pixels = np.asarray(open_rgb(path))
+        with open_stored(path) as image:
+            check_stored(image, path, self.resolution)
+            pixels = np.asarray(open_rgb(image))
         try:
             pixelcache.write(entry, pixels)
         except OSError as error:  # e.g. disk full: train on from the PNGs, but say so once

@@ -24,6 +24,17 @@ def list_images(split_dir) -> list[Path]:
     return sorted(p for pattern in STORED_GLOBS for p in Path(split_dir).glob(pattern))
 
 
+def open_stored(path) -> Image.Image:
+    """``Image.open`` of a prepared image (header only, not decoded); Pillow's decompression-bomb
+    error, which names no file, becomes a ValueError naming it."""
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"training image {path}: {err}. 01_data_prep never stores an image so large (its "
+                         "max_pixels): it was copied there by hand; delete it, or put it in 01's source and "
+                         "run 01_data_prep again") from err
+
+
 def open_rgb(path) -> Image.Image:
     """A prepared image, fully read into memory (the file is closed on return); a PIL image passes."""
     if isinstance(path, Image.Image):

@@ -347,3 +347,92 @@ def test_data_prep_ignores_the_pixel_cache(split, tmp_path):
     assert again["accepted"] == first["accepted"] and len(first["accepted"]) == 3
     assert len(list((data / "pixel_cache").glob("*.npy"))) >= 1
 
+
+
+def test_cache_entries_never_outlive_their_image(split, tmp_path):
+    """01 names a file by the hash of its pixels before the max_side cap: rebuilt with another
+    max_side, a file keeps its name and gets other pixels; a file replaced by hand does too. The
+    cache served the old pixels (and sizes) for them, silently."""
+    from furlib.data.prepare import prepare
+
+    data, cache = tmp_path / "run" / "data", tmp_path / "run" / "pixel_cache"
+    prep = lambda side, **kw: prepare("builtin", data, resolution=24, max_side=side, max_images=3,  # noqa: E731
+                                      art_count=3, val_fraction=0.0, progress=False, workers=1, **kw)
+    prep(128)
+    names = [p.name for p in prepared.list_images(data / "train")]
+    _samples(data / "train", 6, cache_dir=cache)
+    prep(96, rebuild=True)
+    assert [p.name for p in prepared.list_images(data / "train")] == names  # same names, other pixels
+    assert all(torch.equal(a, b) for a, b in zip(_samples(data / "train", 6, cache_dir=cache),
+                                                 _samples(data / "train", 6)))
+    _samples(split, 6, cache_dir=cache)
+    victim = prepared.list_images(split)[0]
+    save(split, victim.name, np.random.default_rng(16).integers(0, 256, (100, 90, 3)))  # by hand
+    assert pixelcache.sizes([victim], cache) == (90 * 100 * 3 + 128, 0)  # to cache again, not done
+    assert all(torch.equal(a, b) for a, b in zip(_samples(split, 6, cache_dir=cache), _samples(split, 6)))
+
+
+def _hand_made(folder, kind: str) -> None:
+    rng = np.random.default_rng(17)
+    if kind == "alpha":  # fully transparent red: 01 composites it over white
+        Image.fromarray(np.dstack([np.full((64, 64, 3), (255, 0, 0), np.uint8), np.zeros((64, 64), np.uint8)]),
+                        "RGBA").save(folder / "hand.png")
+    elif kind == "grey_alpha":
+        Image.fromarray(rng.integers(0, 256, (64, 64), np.uint8)).convert("LA").save(folder / "hand.png")
+    elif kind == "16bit":  # a ramp over 0..65535: convert("RGB") clips it to white
+        Image.fromarray(np.tile(np.linspace(0, 65535, 64), (64, 1)).astype(np.uint16)).save(folder / "hand.png")
+    elif kind == "palette_key":
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), np.uint8)).convert("P").save(folder / "hand.png",
+                                                                                      transparency=0)
+    elif kind == "cmyk":
+        Image.new("CMYK", (64, 64), (0, 255, 0, 0)).save(folder / "hand.jpg")
+    elif kind == "small":
+        save(folder, "hand.png", rng.integers(0, 256, (20, 400, 3)))  # 20 px < resolution=24
+
+
+@pytest.mark.parametrize("kind", ["alpha", "grey_alpha", "16bit", "palette_key", "cmyk", "small"])
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_file_01_never_stores_is_named_not_cropped(split, tmp_path, kind, cached):
+    """A file copied into data/train by hand skips 01's conversion: its crops were silently wrong
+    (alpha dropped, 16 bits clipped to white, CMYK unconverted), and one smaller than the crops
+    was called 'damaged on disk after 01 stored it'."""
+    _hand_made(split, kind)
+    dataset = crops.CropDataset(prepared.list_images(split), 24, seed=5,
+                                cache_dir=tmp_path / "cache" if cached else None)
+    hand = next(g for g in range(4) if dataset.paths[dataset.image_index(g)].stem == "hand")
+    words = "smaller than resolution=24" if kind == "small" else "01_data_prep never stores"
+    with pytest.raises(ValueError, match=f"training image {dataset.paths[0].parent}/hand.* {words}") as caught:
+        dataset[hand]
+    assert "damaged" not in str(caught.value) and "run 01_data_prep again" in str(caught.value)
+    assert not (tmp_path / "cache" / "hand.npy").exists()
+
+
+@pytest.mark.parametrize("mode", ["L", "P"])
+def test_grey_and_palette_files_without_alpha_still_train(split, mode):
+    """Their conversion to RGB is exact: refusing them would stop a run for nothing."""
+    pixels = np.random.default_rng(18).integers(0, 256, (64, 64, 3), np.uint8)
+    Image.fromarray(pixels).convert(mode).save(split / "hand.png")
+    dataset = crops.CropDataset(prepared.list_images(split), 24, seed=5)
+    hand = next(g for g in range(4) if dataset.paths[dataset.image_index(g)].stem == "hand")
+    assert dataset[hand].shape == (3, 24, 24)
+
+
+def test_a_worker_names_the_file_smaller_than_the_crops(split):
+    _hand_made(split, "small")
+    loader = crops.make_loader(split, 24, batch_size=4, num_workers=2)
+    loader.timeout = 60  # s: a deadline for the workers, never an unbounded wait
+    with pytest.raises(ValueError, match=f"training image {split}/hand.png is 400x20, smaller than"):
+        next(iter(loader))
+
+
+def test_an_image_over_pillows_bomb_limit_is_named(split, tmp_path):
+    """Pillow's DecompressionBombError names no file: it ended 02 in the plan or a worker with
+    'Image size (180000000 pixels) exceeds limit', leaving the user to find which file."""
+    Image.new("1", (20000, 9000)).save(split / "huge.png")  # 180 MP > 2 x Image.MAX_IMAGE_PIXELS
+    words = f"training image {split}/huge.png: Image size .* 01_data_prep never stores"
+    with pytest.raises(ValueError, match=words):
+        crops.cache_plan(split, tmp_path / "cache", "auto")
+    dataset = crops.CropDataset(prepared.list_images(split), 24, seed=5)
+    huge = next(g for g in range(4) if dataset.paths[dataset.image_index(g)].stem == "huge")
+    with pytest.raises(ValueError, match=words):
+        dataset[huge]

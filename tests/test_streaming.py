@@ -109,3 +109,16 @@ def test_02_trains_from_a_streamed_source_without_preparing_it(tmp_path):
     assert results["step"] == 2 and (run / "checkpoints").is_dir()
     rejected = list((run / "logs" / "stream_rejected").glob("*.jsonl"))
     assert rejected and "not_an_image" in "".join(p.read_text() for p in rejected)
+
+
+def test_a_row_that_fails_oddly_is_logged_like_01_does_not_end_the_run(tmp_path):
+    """01 rejects a row whose decoding raises anything (reason 'error') and goes on; the stream let
+    it end the run, in a loader worker, naming no row: e.g. image_column set to a text column, whose
+    long captions are taken as file names (OSError: File name too long)."""
+    Image.new("RGB", (40, 40), COLOURS[2]).save(tmp_path / "good.png")
+    datasets.Dataset.from_dict({"image": ["a caption " * 40, "good.png"]}).to_parquet(str(tmp_path / "t.parquet"))
+    stream = iter(streaming.StreamCrops(str(tmp_path / "t.parquet"), 32, shuffle_buffer=0, log_dir=tmp_path / "log"))
+    assert {colour_of(next(stream)) for _ in range(3)} == {2}
+    logged = json.loads((tmp_path / "log" / "rejected-rank0-worker0.jsonl").read_text().splitlines()[0])
+    assert logged["row"] == "t.parquet/epoch0/0" and logged["reason"] == "error"
+    assert "File name too long" in logged["detail"]

@@ -85,6 +85,9 @@ class StreamCrops(torch.utils.data.IterableDataset):
         except ImageRejected as e:
             self._log(where, worker, e.reason, e.detail)
             return None
+        except Exception as e:  # noqa: BLE001 - as 01's: one odd row must not end a long run; it is logged
+            self._log(where, worker, "error", f"{type(e).__name__}: {e}")
+            return None
 
     def _log(self, where: str, worker: int, reason: str, detail: str) -> None:
         if self.log_dir is not None:
