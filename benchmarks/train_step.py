@@ -8,7 +8,7 @@
 
 A variant takes settings in brackets, ``variant[key=value;...]``: a ``speed.Tuning`` field
 (``lpips_autocast``, ``compile_critic``, ``compile_penalty``, ``math_attention``, ``pad_rgb_convs``,
-``inductor_options``), a
+``sync_free``, ``inductor_options``), a
 ``TrainSettings`` field (``mixed_precision='fp16'``, ``compile_cache_dir='/tmp/cc'``), ``cudnn.<name>``
 (``torch.backends.cudnn``; ``benchmark`` itself is set by the variant), or else a
 ``torch._inductor.config`` value (``max_autotune=True``). The same variant twice with one fresh
