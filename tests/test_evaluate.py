@@ -303,3 +303,32 @@ def test_images_smaller_than_the_crop_are_counted_and_said(tmp_path):
                             resolution=64, batch_size=2, lpips_backbone="random", rfid=False, n_show=1)
     assert res.notes["upscaled"] == 2 and sorted(res.notes["upscaled_examples"]) == ["small.png", "strip.png"]
     assert "2 of the 3 images were smaller than 64 px and were enlarged" in eval_report.markdown(res)
+
+
+class _NaNOnSecond:
+    """A VAE whose decoder breaks down (NaN pixels) on the second image of each batch."""
+
+    def __init__(self, vae):
+        self.vae = vae
+
+    def encode(self, x):
+        return self.vae.encode(x)
+
+    def decode(self, z):
+        out = self.vae.decode(z)
+        out.sample[1:2] = math.nan
+        return out
+
+
+def test_a_reconstruction_with_nan_pixels_is_an_error_naming_model_and_image(tmp_path):
+    """NaN pixels were scored as they came: that model's means silently left the image out (n_images
+    still counted it) and its rFID saw black pixels. Now 03 stops, naming the model and image."""
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    for i in range(2):
+        _draw(i, 40, 40).save(folder / f"im{i}.png")
+    vae = models.load_vae("tiny-random")
+    vaes = {"base": vae, "broken": _NaNOnSecond(vae)}
+    with pytest.raises(ValueError, match=r"'broken' decoded NaN or inf pixels for 1 of 2 images \(im1.png\)"):
+        evaluate.evaluate(vaes, evaluate.image_set(str(folder), tmp_path), resolution=32, batch_size=2,
+                          lpips_backbone="random", rfid=False, n_show=1)

@@ -29,7 +29,7 @@ def test_psnr_of_a_constant_offset():
 
 def test_psnr_clamps_the_reconstruction():
     x = torch.full((1, 3, 8, 8), 1.0)  # white; an overshoot to 1.5 is still white once saved
-    assert math.isinf(metrics.psnr(x, x + 0.5).item())
+    assert metrics.psnr(x, x + 0.5).item() == metrics.PSNR_MAX_DB
 
 
 def test_ssim_identical_is_one_and_per_image():
@@ -143,3 +143,29 @@ def test_per_image_metrics_shapes():
     out = metrics.per_image_metrics(x, x + 0.05, lpips=None)
     assert list(out) == list(metrics.PER_IMAGE)
     assert all(v.shape == (3,) and v.dtype == torch.float32 for v in out.values())
+
+
+def test_hf_ratio_of_a_flat_original_stays_finite_and_readable():
+    """A flat colour crop has no Laplacian energy: the ratio's floor is 8-bit rounding noise's,
+    so one blank image cannot put 1e7 into a set's mean; detailed images keep the plain ratio."""
+    flat = torch.full((1, 3, 64, 64), 0.2)
+    noisy = flat + 0.004 * torch.randn(flat.shape, generator=torch.Generator().manual_seed(0))
+    ratio = metrics.hf_measures(flat, noisy)["hf_ratio"].item()
+    assert 1 < ratio < 100  # ~0.5 of an 8-bit step of noise: a few times the floor, not 8e7
+    assert metrics.hf_measures(flat, flat)["hf_ratio"].item() == 0
+    x = _image(1, size=64)
+    y = x * 0.9
+    x01, y01 = (x + 1) / 2, (y + 1) / 2
+    expected = (metrics.hf_energy(y01) / metrics.hf_energy(x01)).item()
+    assert metrics.hf_measures(x, y)["hf_ratio"].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_perfect_reconstruction_does_not_make_the_mean_psnr_infinite():
+    """A white crop decoded to white (or any exact match) scores the stated ceiling, not +inf,
+    so the set's mean and std stay numbers."""
+    white = torch.ones(1, 3, 16, 16)
+    x = torch.cat([white, _image(1, size=16)])
+    got = metrics.psnr(x, torch.cat([white + 0.02, x[1:] + 0.05]))
+    assert got[0].item() == metrics.PSNR_MAX_DB
+    assert got[1].item() == pytest.approx(metrics.psnr(x[1:], x[1:] + 0.05).item()) and got[1] < 40
+    assert math.isfinite(got.mean().item()) and math.isfinite(got.std().item())

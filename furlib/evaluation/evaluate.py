@@ -295,6 +295,7 @@ def _score_batch(vaes: dict, ids: list, x: torch.Tensor, lpips, fid) -> tuple:
     rows, per_model = [], {}
     recons = {name: reconstruct(vae, x) for name, vae in vaes.items()}
     for name, recon in recons.items():
+        _check_finite(name, ids, recon)
         per_model[name] = metrics.per_image_metrics(x, recon, *lpips)
         rows += [{"image": i, "model": name, **{k: float(v[j]) for k, v in per_model[name].items()}}
                  for j, i in enumerate(ids)]
@@ -303,6 +304,16 @@ def _score_batch(vaes: dict, ids: list, x: torch.Tensor, lpips, fid) -> tuple:
     if fid:
         fid.update("real", x)
     return rows, per_model, recons
+
+
+def _check_finite(name: str, ids: list, recon: torch.Tensor) -> None:
+    """NaN pixels would drop the image from that model's means (``n_images`` still counting it)
+    and reach rFID as black: an error naming the model and images, not a quietly better score."""
+    bad = [i for i, ok in zip(ids, recon.isfinite().flatten(1).all(1).tolist()) if not ok]
+    if bad:
+        raise ValueError(f"model {name!r} decoded NaN or inf pixels for {len(bad)} of {len(ids)} images "
+                         f"({', '.join(map(str, bad[:5]))}) of a batch: its decoder diverged or overflowed; "
+                         "its scores would leave those images out")
 
 
 def _delta(per_model: dict, base: str, finetuned: str, rank_by: str):

@@ -2,7 +2,8 @@
 
 Inputs are ``rgb_m11`` NCHW batches in [-1, 1]; the reconstruction is clamped to [-1, 1]
 first (what saving it as an 8-bit image keeps). Every per-image function returns (N,) fp32.
-- PSNR on [0, 1], data range 1, in dB (identical images give +inf).
+- PSNR on [0, 1], data range 1, in dB, capped at ``PSNR_MAX_DB`` (the MSE floored at 1e-10): an
+  exact match (a white crop decoded to white) would give +inf and make the set's mean infinite.
 - SSIM: hand-written, Wang et al. 2004 exactly: 11x11 Gaussian window (sigma 1.5, truncated at
   3.5 sigma), K1 0.01, K2 0.03, population covariance, mean over the "valid" window positions and
   over RGB. It equals ``skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
@@ -13,8 +14,9 @@ first (what saving it as an 8-bit image keeps). Every per-image function returns
 - Oklab colour: mean Euclidean distance (deltaE_ok), mean L/a/b bias of recon minus original,
   the (a, b) bias magnitude ("colour shift") and the chroma bias (negative = desaturated).
 - High frequencies (see ``hf_energy``): HF ratio = Laplacian energy of recon / original
-  (1 = same detail, > 1 = added high-frequency noise, < 1 = blur) and HF error = RMS of the
-  Laplacian of the error (its high-pass part; 0 for a flat colour offset).
+  (1 = same detail, > 1 = added high-frequency noise, < 1 = blur; the original's energy floored at
+  that of 8-bit rounding noise, ``HF_FLOOR``, so a flat crop gives a readable ratio, not 1e7) and
+  HF error = RMS of the Laplacian of the error (its high-pass part; 0 for a flat colour offset).
 Metrics over a set (rFID, KID) are in ``furlib.evaluation.fid_kid``.
 """
 
@@ -30,6 +32,10 @@ SSIM_SIGMA = 1.5
 SSIM_RADIUS = int(3.5 * SSIM_SIGMA + 0.5)  # 5 -> 11x11 window, as skimage and torchmetrics
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 LAPLACIAN = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))
+# Laplacian energy of uniform 8-bit rounding noise, [0, 1] units: variance (1/255)² / 12 times the
+# kernel's sum of squared weights (20); an original below it has no detail an 8-bit image can hold
+HF_FLOOR = 20.0 / (12 * 255**2)
+PSNR_MAX_DB = 100.0  # the ceiling for an exact match (MSE 1e-10); no VAE comes near it
 PER_IMAGE = ("psnr", "ssim", "lpips", "lpips_vgg", "delta_e_ok", "d_L", "d_a", "d_b", "ab_shift", "d_chroma",
              "hf_ratio", "hf_error")
 
@@ -37,7 +43,7 @@ PER_IMAGE = ("psnr", "ssim", "lpips", "lpips_vgg", "delta_e_ok", "d_L", "d_a", "
 
 def psnr(orig_m11: torch.Tensor, recon_m11: torch.Tensor) -> torch.Tensor:
     mse = (to_rgb_01(recon_m11) - to_rgb_01(orig_m11)).pow(2).flatten(1).mean(1)
-    return 10.0 * torch.log10(1.0 / mse)
+    return 10.0 * torch.log10(1.0 / mse.clamp_min(10.0 ** (-PSNR_MAX_DB / 10)))
 
 
 def _gaussian_window(channels: int, device) -> torch.Tensor:
@@ -88,7 +94,7 @@ def hf_energy(rgb_01: torch.Tensor) -> torch.Tensor:
 
 def hf_measures(orig_m11: torch.Tensor, recon_m11: torch.Tensor) -> dict:
     x, y = to_rgb_01(orig_m11), to_rgb_01(recon_m11)
-    return {"hf_ratio": hf_energy(y) / hf_energy(x).clamp_min(1e-12),
+    return {"hf_ratio": hf_energy(y) / hf_energy(x).clamp_min(HF_FLOOR),
             "hf_error": hf_energy(y - x).sqrt()}
 
 
