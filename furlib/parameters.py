@@ -56,6 +56,17 @@ def problem(key: str, value, default) -> str | None:
 
 def hint(value, kind: type) -> str:
     """Why a value a user meant as right arrived wrong (YAML's and papermill's parsing)."""
+    if value is None:
+        return (" (an empty value, ~ or null is YAML's null, not the default: write the value, \"\" for an empty "
+                "string, or leave the key out for its default)")
+    if kind is str and isinstance(value, (dict, list)):
+        return " (YAML reads [a, b] as a list and 'a: b' as a mapping: quote the string)"
+    if kind is int and isinstance(value, (str, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except ValueError:
+            return ""
+        return f" (write {int(number)}, without a dot or an exponent)" if number.is_integer() else ""
     if kind is bool and isinstance(value, str):
         return " (a quoted string is not a boolean)"
     if kind is str and isinstance(value, (bool, int, float)):

@@ -95,10 +95,18 @@ def resolve_paths(params: dict, cwd: Path) -> dict:
 
 
 def parse_override(text: str) -> tuple[str, object]:
+    """``key=value`` with the value read as YAML; a `` #`` that YAML would read as a comment (and
+    drop: ``training_data=art from #e621`` was 'art from') is an error."""
     key, sep, value = text.partition("=")
     if not sep:
         raise ValueError(f"override {text!r} must look like key=value")
     try:
+        node = yaml.compose(value)
+        dropped = (value[node.end_mark.index:] if node else value).strip()
+        if dropped:
+            fix = (f"quote the value to keep it: -p '{key}=\"{value.strip()}\"'" if node is None or
+                   isinstance(node, yaml.ScalarNode) else "leave the comment out")
+            raise ValueError(f"-p {text!r}: YAML reads {dropped!r} as a comment and would drop it; {fix}")
         return key, yaml.safe_load(value)
     except yaml.YAMLError as err:
         raise ValueError(f"-p {text!r}: the value is not YAML ({' '.join(str(err).split())}); "
@@ -115,7 +123,7 @@ def stage_parameters(stage: str, params: dict, asked) -> dict:
 
 
 def check_before_writing(params: dict, stages, asked=()) -> Path:
-    """Every check that needs no model, before the pipeline writes anything: the stages' names,
+    """Every check that needs no model, before the pipeline writes anything: the stages' names and order,
     each value's type (``furlib.params``), a plain ``run_name``, 02's, 03's and 04's value checks
     (a bad 04 value must not wait for 150k steps of training), and that no executed notebook would
     overwrite a file that is not an earlier executed notebook (a project notebook, say). Returns
@@ -126,6 +134,9 @@ def check_before_writing(params: dict, stages, asked=()) -> Path:
     bad_stages = [s for s in stages if s not in STAGES]
     if bad_stages:
         raise ValueError(f"unknown stage(s) {bad_stages}; choose from {STAGES}")
+    if list(stages) != sorted(set(stages), key=STAGES.index):  # 03 before 02 scored the old checkpoint
+        raise ValueError(f"--stages {','.join(stages)}: each stage at most once, in the pipeline's order "
+                         f"(stages hand off forward only): --stages {','.join(sorted(set(stages), key=STAGES.index))}")
     defaults = {}
     for stage in STAGES:
         defaults.update({k: v for k, v in stage_defaults(stage).items() if k not in defaults})
@@ -185,6 +196,7 @@ def patient_kernel_manager():
 def run(profile: str | Path, stages=STAGES, overrides: dict | None = None, log_output: bool = False) -> Path:
     """Execute ``stages`` in order; returns the run folder. Stops at the first failing stage."""
     import papermill
+    from nbclient.exceptions import DeadKernelError
 
     params = resolve_paths(load_profile(profile, overrides), Path.cwd())
     asked = set(overrides or {})  # the keys a -p gave (only their names are compared)
@@ -206,13 +218,20 @@ def run(profile: str | Path, stages=STAGES, overrides: dict | None = None, log_o
             said = " ".join(str(err.evalue).split())  # a multi-line message (a list of bad values) on one line
             raise StageFailed(f"[{stage}] failed: {err.ename}: {said} -- fix that, then re-run from "
                               f"here with --stages {_from(stages, stage)} (traceback: {executed})") from None
+        except DeadKernelError:  # no Python error to show: the process was killed or crashed
+            raise StageFailed(f"[{stage}] failed: its kernel died (out of memory, or a crash in native code; "
+                              f"see the system log); {_saved(run_dir)}. The cells that ran are in {executed}; "
+                              f"re-run from here with --stages {_from(stages, stage)}") from None
         except KeyboardInterrupt:  # the kernel had STOP_GRACE_S to save the step in progress
-            latest = run_dir / "checkpoints" / "latest"
-            saved = f"the latest checkpoint is {latest.read_text().strip()}" if latest.is_file() else "no checkpoint yet"
-            raise KeyboardInterrupt(f"[{stage}] stopped by hand; {saved}. Re-run with --stages "
+            raise KeyboardInterrupt(f"[{stage}] stopped by hand; {_saved(run_dir)}. Re-run with --stages "
                                     f"{_from(stages, stage)} to continue (02 resumes from its latest checkpoint)") from None
         print(f"[{stage}] done in {time.time() - t0:.0f} s", flush=True)
     return run_dir
+
+
+def _saved(run_dir: Path) -> str:
+    latest = run_dir / "checkpoints" / "latest"
+    return f"the latest checkpoint is {latest.read_text().strip()}" if latest.is_file() else "no checkpoint yet"
 
 
 def _from(stages, stage: str) -> str:

@@ -206,3 +206,35 @@ def test_a_ctrl_c_gives_the_kernel_time_to_save_and_says_what_was_saved(tmp_path
                                                 r"step_0000026. Re-run with --stages 01_data_prep,02_train"):
         pipeline.run(profile, overrides={"outputs_dir": str(tmp_path / "o")})
     assert calls[0]().shutdown_wait_time == pipeline.STOP_GRACE_S >= 60
+
+
+def test_stages_out_of_order_or_twice_are_refused_before_writing(tmp_path, monkeypatch, capsys):
+    """``--stages 03_eval,02_train`` scored the previous checkpoint, then trained: a table that did not
+    describe the run. A repeated stage ran twice. Both are refused, naming the order to use."""
+    calls = []
+    monkeypatch.setattr(papermill, "execute_notebook", lambda src, out, parameters, **kw: calls.append(Path(out).stem))
+    overrides = {"outputs_dir": str(tmp_path / "o")}
+    for stages in (["03_eval", "02_train"], ["02_train", "02_train"]):
+        with pytest.raises(ValueError, match="in the pipeline's order .*--stages 02_train,03_eval$|--stages 02_train$"):
+            pipeline.run(ROOT / "params" / "smoke.yaml", stages, overrides)
+    assert not calls and not (tmp_path / "o").exists()
+    assert pipeline.main(["params/smoke.yaml", "--stages", "04_export,01_data_prep", "-p", f"outputs_dir={tmp_path}"]) == 1
+    assert "--stages 01_data_prep,04_export" in capsys.readouterr().err
+    pipeline.run(ROOT / "params" / "smoke.yaml", ["02_train", "04_export"], overrides)  # skipping one is fine
+    assert calls == ["02_train", "04_export"]
+
+
+def test_a_dead_kernel_ends_with_one_plain_line_naming_the_stage_and_notebook(tmp_path, monkeypatch, capsys):
+    """A kernel killed mid-stage (out of memory) raised nbclient's DeadKernelError through papermill:
+    a traceback with no stage, no saved notebook and no way to continue."""
+    from nbclient.exceptions import DeadKernelError
+
+    def dies(src, out, parameters, **kw):
+        raise DeadKernelError("Kernel died")
+
+    monkeypatch.setattr(papermill, "execute_notebook", dies)
+    code = pipeline.main(["params/smoke.yaml", "--stages", "02_train,03_eval", "-p", f"outputs_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1
+    assert err[0].startswith("ERROR: [02_train] failed: its kernel died (out of memory")
+    assert str(tmp_path / "smoke" / "02_train.ipynb") in err[0] and "--stages 02_train,03_eval" in err[0]

@@ -145,6 +145,8 @@ def test_critic_settings_that_cannot_work_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="critic_layers=6 needs resolution >= 192.*use at most 4"):
         TrainSettings.from_params({"critic_layers": 6, "resolution": 64})
     TrainSettings.from_params({"critic_layers": 4, "resolution": 64})
+    with pytest.raises(ValueError, match=r"needs resolution >= 3 x 2\*\*1000000 .*use at most 4"):
+        TrainSettings.from_params({"critic_layers": 10**6, "resolution": 64})  # (once: Python's int-to-str limit)
     from furlib.training.losses import PatchCritic
 
     for layers, res in ((4, 48), (6, 192)):  # the smallest crops the relation allows do run
@@ -184,3 +186,24 @@ def test_paths_and_values_that_would_fail_mid_run_are_refused_first(tmp_path):
     if not torch.backends.mps.is_available():  # Linux, Colab, Kaggle
         with pytest.raises(ValueError, match="device='mps' is not usable here"):
             runinfo.pick_device("mps")
+
+
+def test_a_p_value_that_yaml_would_cut_at_a_hash_is_refused():
+    """``-p training_data=art from #e621`` reached the notebook as 'art from' (YAML's comment)."""
+    with pytest.raises(ValueError, match="YAML reads '#e621' as a comment.*-p 'training_data=\"art from #e621\"'"):
+        pipeline.parse_override("training_data=art from #e621")
+    with pytest.raises(ValueError, match="'#2' as a comment"):
+        pipeline.parse_override("source=/data/set #2")
+    assert pipeline.parse_override("source=/data/set#2") == ("source", "/data/set#2")  # no space: no comment
+    assert pipeline.parse_override('training_data="art from #e621"') == ("training_data", "art from #e621")
+    assert pipeline.parse_override("resume_with_changes=[seed, lr]") == ("resume_with_changes", ["seed", "lr"])
+
+
+@pytest.mark.parametrize("key, value, fix", [
+    ("max_steps", "1e5", "write 100000, without a dot"),  # the float hint's 1.0e5 failed again as not an integer
+    ("max_steps", 20000.0, "write 20000, without a dot"),
+    ("base_config", None, "YAML's null, not the default"),  # `base_config:` or `-p base_config=`
+    ("source", {"my": "images"}, "'a: b' as a mapping: quote the string")])
+def test_wrong_values_name_the_fix_that_works(tmp_path, key, value, fix):
+    with pytest.raises(ValueError, match=f"{key}=.*: must be .*{fix}"):
+        pipeline.run(ROOT / "params" / "smoke.yaml", overrides={key: value, "outputs_dir": str(tmp_path)})

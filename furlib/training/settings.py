@@ -258,10 +258,13 @@ def _relations(s, typed_ok: set) -> list[str]:
     if {"gan_start", "critic_start", "disc_weight"} <= typed_ok and s.disc_weight > 0 and s.gan_start < s.critic_start:
         out.append(f"gan_start={s.gan_start!r} is before critic_start={s.critic_start!r}: the decoder would be pushed "
                    f"by an untrained critic for {s.critic_start - s.gan_start} steps; set gan_start to at least critic_start")
-    if {"resolution", "critic_layers"} <= typed_ok and s.resolution < 3 * 2 ** s.critic_layers:
-        deepest = max(1, (s.resolution // 3).bit_length() - 1)
-        out.append(f"critic_layers={s.critic_layers!r} needs resolution >= {3 * 2 ** s.critic_layers} (each layer halves "
-                   f"the image; its last convolutions need 3 px): at resolution={s.resolution} use at most {deepest}")
+    # resolution >= 3 * 2**layers, compared through the exponent (a huge critic_layers would make
+    # 2**layers a number too large to print, or to compute in reasonable time)
+    deepest = (s.resolution // 3).bit_length() - 1 if "resolution" in typed_ok else 0
+    if {"resolution", "critic_layers"} <= typed_ok and s.critic_layers > deepest:
+        need = 3 * 2 ** s.critic_layers if s.critic_layers <= 40 else f"3 x 2**{s.critic_layers}"
+        out.append(f"critic_layers={s.critic_layers!r} needs resolution >= {need} (each layer halves the image; its "
+                   f"last convolutions need 3 px): at resolution={s.resolution} use at most {max(1, deepest)}")
     if "resume_with_changes" in typed_ok:
         names = {f.name for f in dataclasses.fields(s)} | {"processes"}
         unknown = [n for n in s.resume_with_changes if n not in names]
