@@ -98,16 +98,21 @@ def _unwritten(ckpt_root: Path, name: str, tensors: dict, err, keep: int) -> str
             f"space{lower}, then run 02 again: it resumes from there")
 
 
+def step_of(folder: Path) -> int:
+    """The step a checkpoint folder's name (``step_<digits>``) gives."""
+    return int(STEP_NAME.fullmatch(Path(folder).name)[1])
+
+
 def step_folders(ckpt_root: Path) -> list[Path]:
     """A run's checkpoint folders (``step_<digits>``), newest step first; anything else there (a
     user's ``step_0002000_backup`` copy, a ``step_0002000.zip``) is neither resumed nor pruned."""
     found = [p for p in Path(ckpt_root).glob("step_*") if STEP_NAME.fullmatch(p.name)]
-    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+    return sorted(found, key=step_of, reverse=True)
 
 
 def prunable(ckpt_root: Path, final: Path, keep: int) -> list[Path]:
     """What ``prune`` removes (nothing for ``keep`` 0: all kept)."""
-    older = [f for f in step_folders(ckpt_root) if int(f.name[5:]) < int(Path(final).name[5:])]
+    older = [f for f in step_folders(ckpt_root) if step_of(f) < step_of(final)]
     kept, out = 1, []
     for folder in older if keep > 0 else []:
         if kept < keep and _intact(folder):

@@ -47,8 +47,7 @@ def _defaults() -> dict:
 
     from furlib.training.settings import TrainSettings
 
-    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            for f in dataclasses.fields(TrainSettings)}
+    return dataclasses.asdict(TrainSettings())
 
 
 def thread_note(state: dict, threads: int, device_type: str) -> list[str]:

@@ -161,8 +161,9 @@ class DeferredSkips:
         self.queue = collections.deque()
 
     def record(self, bad: torch.Tensor, step: int, batch: torch.Tensor) -> None:
+        """``bad``: the step's 0-dim float flag (1: skipped), on the device."""
         self.streak = (self.streak + 1) * bad
-        flags = torch.stack([bad.float(), self.streak])
+        flags = torch.stack([bad, self.streak])
         if self.device.type == "cuda":
             host = torch.empty(2, pin_memory=True)
             host.copy_(flags, non_blocking=True)
@@ -179,6 +180,13 @@ class DeferredSkips:
         while self.queue and (self.queue[0][0] is None or self.queue[0][0].query()):
             _, host, step, batch = self.queue.popleft()
             yield bool(host[0]), int(host[1]), step, batch
+
+
+def step_unless(optimizer: torch.optim.Optimizer, bad: torch.Tensor) -> None:
+    """A fused optimizer's step that changes nothing where ``bad`` (0-dim float, on the device) is 1:
+    its ``found_inf``, as GradScaler sets it, so the host need not know which (``DeferredSkips``)."""
+    optimizer.found_inf, optimizer.grad_scale = bad, None
+    optimizer.step()
 
 
 def compiled_penalty(options: dict):

@@ -295,8 +295,7 @@ class Trainer:
         """``apply_decoder``'s skip decided on the device (``speed.DeferredSkips``): AdamW and the
         EMA run either way, with no effect on a bad step (found_inf; an EMA weight of 0)."""
         bad = (~(torch.isfinite(rec_total) & torch.isfinite(norm))).float()
-        self.opt.found_inf, self.opt.grad_scale = bad, None
-        self.opt.step()
+        speed.step_unless(self.opt, bad)
         self.ema.update(good=1.0 - bad)
         self.deferred.record(bad, self.step_count, self._last_batch)
         return {"train/skipped": bad, "train/grad_norm": norm}
@@ -317,8 +316,7 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), float("inf"))
         if self.deferred is not None:  # skipped on the device: found_inf
             bad = (~torch.isfinite(norm)).float()
-            self.opt_critic.found_inf, self.opt_critic.grad_scale = bad, None
-            self.opt_critic.step()
+            speed.step_unless(self.opt_critic, bad)
             return {"critic/skipped": bad}
         finite = bool(torch.isfinite(norm))
         if self.critic_scaler.is_enabled():
