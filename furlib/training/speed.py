@@ -44,7 +44,6 @@ needs no ``no_sync``). What it gives up: DDP overlaps the reduction with the bac
 runs after it (one decoder's and one critic's gradients a step).
 """
 
-import collections
 import dataclasses
 import functools
 import os
@@ -78,8 +77,6 @@ class Tuning:
     compile_penalty: bool = True    # WGAN-GP's double backward compiled (``compiled_penalty``); same maths
     lpips_autocast: bool = False    # LPIPS under the step's autocast, not fp32 (changes results)
     math_attention: bool = True     # on CUDA, crops up to 512 px: ``use_math_attention``
-    pad_rgb_convs: bool = False     # RGB-input convs read 8 channels, 5 of them zero (``pad_rgb_convs``)
-    sync_free: bool = False         # skip decisions on the device, read a step later (``DeferredSkips``)
     part_timer: Callable[[str], AbstractContextManager] | None = None  # wraps each part of the step
 
 
@@ -118,77 +115,6 @@ def use_math_attention(vae) -> None:
     vae.set_attn_processor(AttnProcessor())
 
 
-class PaddedRGBConv2d(nn.Conv2d):
-    """A 3-channel-input conv that pads its input and weight with zero channels to
-    ``RGB_PADDED``: the same sums (the added products are exact zeros), a channel count cuDNN's
-    fast NHWC kernels take. Gradients reach the 3-channel weight and input through the pads."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        extra = RGB_PADDED - x.shape[1]
-        return self._conv_forward(F.pad(x, (0, 0, 0, 0, 0, extra)), F.pad(self.weight, (0, 0, 0, 0, 0, extra)),
-                                  self.bias)
-
-
-RGB_PADDED = 8  # bf16 NHWC convolutions want channel counts that are multiples of 8 (16 bytes)
-
-
-def pad_rgb_convs(*modules: nn.Module) -> int:
-    """Make every plain 3-channel-input ``Conv2d`` in ``modules`` a ``PaddedRGBConv2d`` in place
-    (the class changes; parameters, state-dict keys and hooks stay); returns how many. On an H100
-    the encoder's first conv (3 -> 128 at 256 px, bf16 NHWC) took 5.3 ms a step at 2.7 TFLOP/s
-    (benchmarks/RESULTS.md, issue 21)."""
-    changed = 0
-    for module in modules:
-        for conv in (module.modules() if module is not None else ()):
-            if type(conv) is nn.Conv2d and conv.in_channels == 3 and conv.groups == 1 and conv.padding_mode == "zeros":
-                conv.__class__ = PaddedRGBConv2d
-                changed += 1
-    return changed
-
-
-class DeferredSkips:
-    """``Tuning.sync_free``: a non-finite step is skipped on the device (the fused AdamW's
-    ``found_inf``, an EMA step of weight 0), so the host never waits for the GPU to learn whether
-    the step was good: on an H100 the GPU idled ~8 ms a step at those two waits (benchmarks/
-    RESULTS.md, issue 21). The host learns each step's outcome once the GPU has finished it:
-    ``record`` queues a copy of (skipped, streak) with an event, ``settled`` hands back those
-    already done (``wait``: all of them, synchronising). Same updates as the synchronous skip;
-    only the skip counter and the stop after ``max_bad_steps`` come a step or two later."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.streak = torch.zeros((), device=device)  # consecutive skipped steps, on the device
-        self.queue = collections.deque()
-
-    def record(self, bad: torch.Tensor, step: int, batch: torch.Tensor) -> None:
-        """``bad``: the step's 0-dim float flag (1: skipped), on the device."""
-        self.streak = (self.streak + 1) * bad
-        flags = torch.stack([bad, self.streak])
-        if self.device.type == "cuda":
-            host = torch.empty(2, pin_memory=True)
-            host.copy_(flags, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-        else:  # a CPU step has finished when it returns
-            host, done = flags, None
-        self.queue.append((done, host, step, batch))
-
-    def settled(self, wait: bool = False):
-        """(skipped, streak, step, batch) of each recorded step the GPU has finished, in order."""
-        if wait and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        while self.queue and (self.queue[0][0] is None or self.queue[0][0].query()):
-            _, host, step, batch = self.queue.popleft()
-            yield bool(host[0]), int(host[1]), step, batch
-
-
-def step_unless(optimizer: torch.optim.Optimizer, bad: torch.Tensor) -> None:
-    """A fused optimizer's step that changes nothing where ``bad`` (0-dim float, on the device) is 1:
-    its ``found_inf``, as GradScaler sets it, so the host need not know which (``DeferredSkips``)."""
-    optimizer.found_inf, optimizer.grad_scale = bad, None
-    optimizer.step()
-
-
 def compiled_penalty(options: dict):
     """``losses.gradient_penalty`` with its inner gradient by ``torch.func`` (``functional=True``),
     compiled: inductor fuses the double backward through the critic's layer norms and LReLUs that
@@ -210,8 +136,6 @@ def speed_up(vae, critic, rec_loss, settings, device: torch.device, tuning: Tuni
     nhwc = settings.channels_last == "yes" or (
         settings.channels_last == "auto" and not compiled and device.type == "cuda")
     layout = torch.channels_last if nhwc else torch.contiguous_format
-    if tuning.pad_rgb_convs:
-        pad_rgb_convs(vae.encoder, critic, rec_loss)
     for module in (vae, critic, rec_loss):
         module.to(memory_format=layout)
     scores, penalty = critic, None

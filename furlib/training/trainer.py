@@ -131,17 +131,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.critic_scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.step_count, self.skipped, self.bad_streak = 0, 0, 0
-        # sync_free: skips decided on the device; not with fp16's scalers (they decide on the host),
-        # nor with several processes (each would learn of a stop at its own time, then wait forever)
-        self.deferred = speed.DeferredSkips(self.device) if self.sync_free() else None
-
-    def sync_free(self) -> bool:
-        return self.tuning.sync_free and self.s.mixed_precision != "fp16" and self.world_size == 1
 
     def _optimizers(self):
         """AdamW for the decoder and for the critic, the same betas and weight decay."""
-        # fused: one kernel on CUDA; sync_free needs it anywhere (its found_inf skips on the device)
-        s, fused = self.s, self.device.type == "cuda" or self.sync_free()
+        s, fused = self.s, self.device.type == "cuda"  # fused: one kernel on CUDA
         betas = (s.adam_beta1, s.adam_beta2)
         opt = torch.optim.AdamW([p for _, p in self.trainable], lr=s.lr, betas=betas,
                                 weight_decay=s.weight_decay, fused=fused)
@@ -152,7 +145,6 @@ class Trainer:
     def step(self, batch_m11: torch.Tensor) -> dict:
         """One optimizer step on a CPU or device batch; returns logs (tensors and floats)."""
         s, step = self.s, self.step_count
-        self.settle()  # sync_free: the outcome of steps the GPU has finished (never waits)
         gan_on = step >= s.gan_start and s.disc_weight > 0
         critic_on = step >= s.critic_start
         self.set_lr(step)
@@ -275,8 +267,6 @@ class Trainer:
         self.scaler.unscale_(self.opt)  # no-op unless fp16
         max_norm = self.s.grad_clip if self.s.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if self.deferred is not None:
-            return self.apply_decoder_deferred(rec_total, norm)
         if not torch.isfinite(rec_total) or not torch.isfinite(norm):
             self.skipped += 1
             self.bad_streak += 1
@@ -291,33 +281,11 @@ class Trainer:
         self.ema.update()
         return {"train/skipped": 0.0, "train/grad_norm": norm}
 
-    def apply_decoder_deferred(self, rec_total, norm) -> dict:
-        """``apply_decoder``'s skip decided on the device (``speed.DeferredSkips``): AdamW and the
-        EMA run either way, with no effect on a bad step (found_inf; an EMA weight of 0)."""
-        bad = (~(torch.isfinite(rec_total) & torch.isfinite(norm))).float()
-        speed.step_unless(self.opt, bad)
-        self.ema.update(good=1.0 - bad)
-        self.deferred.record(bad, self.step_count, self._last_batch)
-        return {"train/skipped": bad, "train/grad_norm": norm}
-
-    def settle(self, wait: bool = False) -> None:
-        """sync_free: count the skips of finished steps and stop after ``max_bad_steps`` in a row
-        (``wait``: of every step so far, e.g. before a checkpoint records the count)."""
-        for skipped, streak, step, batch in (self.deferred.settled(wait) if self.deferred else ()):
-            self.skipped += skipped
-            self.bad_streak = streak
-            if streak >= self.s.max_bad_steps:
-                raise NonFiniteError(nonfinite_message(streak, step, batch))
-
     def apply_critic(self) -> dict:
         """The critic's AdamW step, skipped when its gradients are not finite (fp16: its own scaler
         skips and lowers its scale)."""
         self.critic_scaler.unscale_(self.opt_critic)  # no-op unless fp16
         norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), float("inf"))
-        if self.deferred is not None:  # skipped on the device: found_inf
-            bad = (~torch.isfinite(norm)).float()
-            speed.step_unless(self.opt_critic, bad)
-            return {"critic/skipped": bad}
         finite = bool(torch.isfinite(norm))
         if self.critic_scaler.is_enabled():
             self.critic_scaler.step(self.opt_critic)  # skips on inf/NaN itself
@@ -366,7 +334,6 @@ class Trainer:
                 "ema": err(self.reconstruct(x_m11, ema=True))}
 
     def save(self, ckpt_root: Path, keep: int = 3, **extra) -> Path:
-        self.settle(wait=True)  # the skip count it records is every step's
         opt_t, opt_meta = checkpoint.optimizer_tensors(self.opt)
         copt_t, copt_meta = checkpoint.optimizer_tensors(self.opt_critic)
         tensors = {"decoder": decoder_state(self.vae), "ema": self.ema.state_dict(),
