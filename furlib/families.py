@@ -122,25 +122,26 @@ def candidates_of_file(shapes: dict) -> list[Family]:
     return [f for f in FAMILIES.values() if (f.latent_channels, f.quant_conv) == (channels, quant)]
 
 
-def single_file_family(name: str, shapes: dict, base_family: str, stated: str = "") -> Family:
-    """The family of single file ``name``: ``base_family``, else the family its metadata
+def single_file_family(where: str, shapes: dict, base_family: str, stated: str = "") -> Family:
+    """The family of a single file (``where``: what errors call it, e.g. "base_model 'ae.sft'"):
+    ``base_family``, else the family its metadata
     ``stated`` (files this project exported say it), checked against the keys; a clear question
     when the keys fit two families and nothing says which."""
     channels, quant = file_layout(shapes)
     fits = candidates_of_file(shapes)
     layout = f"{channels} latent channels {'with' if quant else 'without'} quant convs"
     if not fits:
-        raise ValueError(f"base_model {name}: {layout} fits none of the known families "
+        raise ValueError(f"{where}: {layout} fits none of the known families "
                          f"({', '.join(CHOICES)}): pass base_config, a diffusers folder with its config.json")
     chosen = base_family or stated
     if chosen:
         fam = get(chosen)
         if fam not in fits:
-            raise ValueError(f"base_family={chosen!r} ({fam.layout()}) does not fit base_model {name}, "
+            raise ValueError(f"base_family={chosen!r} ({fam.layout()}) does not fit {where}, "
                              f"which has {layout}: it is one of {', '.join(repr(f.name) for f in fits)}")
         return fam
     options = " or ".join(f"'{f.name}' ({f.title}: {f.factors()})" for f in fits)
-    raise ValueError(f"base_model {name} is a single LDM file with {layout}: its keys fit "
+    raise ValueError(f"{where} is a single LDM file with {layout}: its keys fit "
                      f"{' and '.join(f.title for f in fits)} alike, which differ only in their scaling/shift "
                      f"factors. Set base_family to {options}, or base_config to a diffusers folder with its config.json.")
 

@@ -57,40 +57,43 @@ def is_pretrained(base_model: str) -> bool:
     return base_model not in RANDOM_BASES
 
 
-def load_vae(base_model: str, base_config: str = "", seed: int = 0, base_family: str = ""):
+def load_vae(base_model: str, base_config: str = "", seed: int = 0, base_family: str = "",
+             what: str = "base_model"):
     """Return an fp32 ``AutoencoderKL`` in eval mode on the CPU; raises with a clear message.
 
     ``base_family`` ('sd', 'sdxl', 'sd3', 'flux' or ''): a single file's family, a random base's
-    layout, and for every other base a check that its config is that family's."""
+    layout, and for every other base a check that its config is that family's. ``what``: the
+    parameter ``base_model`` was given as, which the errors name (03's 'compare entry')."""
 
+    where = f"{what} {base_model!r}"
     if base_family:
         families.get(base_family)  # a misspelt family fails before any loading
     if base_model in RANDOM_BASES:
-        return _random_vae(base_model, seed, base_family)
+        return _random_vae(base_model, seed, base_family, where)
     path = Path(base_model).expanduser()
     if path.suffix in (*SAFETENSORS_SUFFIXES, ".ckpt", ".pt", ".bin"):
-        return load_single_file(path, base_config, base_family)
+        return load_single_file(path, base_config, base_family, where)
     if base_model == "tiny":
         vae = load_tiny_base()
     elif path.is_dir():
         if not (path / "config.json").exists():
-            raise ValueError(f"base_model folder {path} has no config.json: not a diffusers VAE folder")
+            raise ValueError(f"{where}: the folder has no config.json, so it is not a diffusers VAE folder")
         if not list(path.glob("*.safetensors")):  # diffusers would torch.load a .bin: refuse, never unpickle
-            raise ValueError(f"base_model folder {path} has no .safetensors weights (only "
+            raise ValueError(f"{where}: the folder has no .safetensors weights (only "
                              f"{sorted(p.name for p in path.iterdir() if p.name != 'config.json')}): pickled "
                              "weights are not loaded; convert them to safetensors first")
         for weights in path.glob("diffusion_pytorch_model.safetensors"):  # what diffusers reads
             check_file_dtypes(weights)
         vae = check_loaded(_from_pretrained(path, use_safetensors=True), path)
     elif path.exists() or base_model.startswith((".", "/", "~")):
-        raise ValueError(f"base_model {base_model!r}: no such diffusers folder or .safetensors file")
+        raise ValueError(f"{where}: no such diffusers folder or .safetensors file")
     else:
-        vae = _load_from_hub(base_model)
-    families.check_config(base_family, vae.config, f"base_model {base_model!r}")
+        vae = _load_from_hub(base_model, where)
+    families.check_config(base_family, vae.config, where)
     return vae
 
 
-def _random_vae(base_model: str, seed: int, base_family: str):
+def _random_vae(base_model: str, seed: int, base_family: str, where: str):
     """``tiny-random`` in ``base_family``'s latent interface, or ``random:<family>``."""
     from diffusers import AutoencoderKL
 
@@ -100,7 +103,7 @@ def _random_vae(base_model: str, seed: int, base_family: str):
         return AutoencoderKL(**{**TINY_CONFIG, **family_settings(fam)}).eval()
     fam = families.get(base_model.split(":", 1)[1])
     if base_family and base_family != fam.name:
-        raise ValueError(f"base_family={base_family!r} contradicts base_model {base_model!r}: leave it empty")
+        raise ValueError(f"base_family={base_family!r} contradicts {where}: leave it empty")
     return AutoencoderKL.from_config(AutoencoderKL.load_config(fam.config_dir)).eval()
 
 
@@ -118,7 +121,7 @@ def load_tiny_base(folder: Path = TINY_BASE_DIR):
 
     weights = Path(folder) / TINY_BASE_WEIGHTS
     if not weights.exists():
-        raise ValueError(f"base_model 'tiny': {weights} is missing; remake it with "
+        raise ValueError(f"the shipped 'tiny' base lacks {weights}; remake it with "
                          "scripts/pretrain_base.py (benchmarks/RESULTS.md has the command) or reinstall furlib")
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(Path(folder)))
     tensors = load_file(weights)
@@ -137,7 +140,7 @@ def check_weights(tensors: dict, source) -> None:
     bad = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
     if bad:
         raise ValueError(f"{source}: {len(bad)} tensor(s) hold NaN or infinity, e.g. {bad[:3]}: the file is "
-                         "damaged or comes from a diverged training; use another base_model")
+                         "damaged or comes from a diverged training; use another VAE")
 
 
 def check_file_dtypes(path: Path) -> None:
@@ -158,7 +161,7 @@ def check_loaded(vae, source):
     return vae.eval()
 
 
-def _load_from_hub(base_model: str):
+def _load_from_hub(base_model: str, where: str):
     from diffusers import AutoencoderKL
 
     from furlib.runinfo import hub_unreachable
@@ -169,28 +172,30 @@ def _load_from_hub(base_model: str):
         vae = AutoencoderKL.from_pretrained(repo, subfolder=subfolder or None, use_safetensors=True,
                                             local_files_only=bool(unreachable))
     except OSError as err:  # diffusers reports both "offline" and "no such repo" as OSError
-        ours = (f"base_model {base_model!r} is a Hugging Face Hub id, but the Hub cannot be reached "
+        ours = (f"{where} is a Hugging Face Hub id, but the Hub cannot be reached "
                 f"({unreachable}) and it is not in the local cache. {OFFLINE_HINT}") if unreachable else \
-            (f"base_model {base_model!r}: the Hugging Face Hub has no such VAE (or refused it): check "
+            (f"{where}: the Hugging Face Hub has no such VAE (or refused it): check "
              f"the id, e.g. 'stabilityai/sd-vae-ft-mse' or 'repo@subfolder'. {OFFLINE_HINT}")
         raise RuntimeError(f"{ours}\n(diffusers said: {err})") from err
-    return check_loaded(vae, f"base_model {base_model!r}")
+    return check_loaded(vae, where)
 
 
-def load_single_file(path: Path, base_config: str = "", base_family: str = ""):
+def load_single_file(path: Path, base_config: str = "", base_family: str = "", where: str = ""):
     """A single-file VAE, LDM or diffusers layout; never unpickles (safetensors only). The architecture and
-    factors: ``base_config``'s, else the shipped config of the file's family (see ``families``)."""
+    factors: ``base_config``'s, else the shipped config of the file's family (see ``families``).
+    ``where``: what the errors call it (``load_vae``'s key and value)."""
     from diffusers import AutoencoderKL
 
     from furlib.ldm_keys import ldm_to_diffusers
 
+    where = where or f"base_model {str(path)!r}"
     if not path.exists():
-        raise ValueError(f"base_model file {path} does not exist")
+        raise ValueError(f"{where} does not exist")
     if path.suffix not in SAFETENSORS_SUFFIXES:
         raise ValueError(f"{path.name}: only .safetensors single files load (pickled "
                          f"{path.suffix} files can run arbitrary code); convert it first")
     with _named(path):
-        config, fam = single_file_config(path, base_config, base_family)
+        config, fam = single_file_config(path, base_config, base_family, where)
         tensors = _vae_tensors(path)
     vae = AutoencoderKL.from_config(config)
     check_weights(tensors, path)
@@ -214,7 +219,8 @@ def _vae_tensors(path: Path) -> dict:
         return {bare: f.get_tensor(name) for bare, name in stored.items()}
 
 
-def single_file_config(path: Path, base_config: str = "", base_family: str = "") -> tuple[dict, object]:
+def single_file_config(path: Path, base_config: str = "", base_family: str = "",
+                       where: str = "") -> tuple[dict, object]:
     """(config, family or None) of a single file: ``base_config``'s, else its family's shipped one."""
     from diffusers import AutoencoderKL
     from safetensors import safe_open
@@ -228,7 +234,7 @@ def single_file_config(path: Path, base_config: str = "", base_family: str = "")
     with _named(path), safe_open(str(path), "pt") as f:  # the header only: shapes and metadata, no tensors
         shapes = strip_prefix({k: f.get_slice(k).get_shape() for k in f.keys()})
         stated = (f.metadata() or {}).get("family", "")
-    fam = families.single_file_family(path.name, shapes, base_family, stated)
+    fam = families.single_file_family(where or f"base_model {path.name}", shapes, base_family, stated)
     return AutoencoderKL.load_config(fam.config_dir), fam
 
 

@@ -58,7 +58,7 @@ def iter_source(source, source_split: str = "train", image_column: str = "image"
             yield item.input_id, src
 
 
-def _kind(source) -> tuple[str, Path]:
+def source_kind(source) -> tuple[str, Path]:
     """builtin, folder (of images), table (parquet/arrow/save_to_disk) or hub."""
     if not isinstance(source, (str, os.PathLike)):  # e.g. a datasets.Dataset from a notebook
         raise TypeError(f"source must be a path or a Hub dataset id, not a {type(source).__name__}: "
@@ -93,23 +93,24 @@ def _kind(source) -> tuple[str, Path]:
 
 def check_revision(source, revision: str) -> None:
     """A revision pins a Hub dataset's commit; a local source has none to pin."""
-    kind, path = _kind(source)
+    kind, path = source_kind(source)
     if revision and kind != "hub":
         raise ValueError(f"source_revision={revision!r} pins a Hub dataset's commit, but source "
                          f"{str(source)!r} is a local {kind}: leave source_revision empty")
 
 
-def check_table(source, source_split: str) -> None:
+def check_table(source, source_split: str):
     """Open a local table source (file or saved dataset) with its split, so a wrong split or an
-    unreadable table fails before 01 changes anything in the data folder; others: nothing."""
-    kind, path = _kind(source)
-    if kind == "table":
-        open_table(path, source_split)
+    unreadable table fails before 01 changes anything in the data folder; returns it, for 01 to
+    read rather than open again (every open resolves all the files of a folder of them). Other
+    sources: None."""
+    kind, path = source_kind(source)
+    return open_table(path, source_split) if kind == "table" else None
 
 
 def source_key(source, source_split: str, image_column: str) -> str:
     """What journal keys are scoped to: the same input id from another source is another input."""
-    kind, path = _kind(source)
+    kind, path = source_kind(source)
     where = {"builtin": str(source), "hub": f"hub:{source}"}.get(kind) or str(path.resolve())
     return where if kind in ("builtin", "folder") else f"{where}|{source_split}|{image_column}"
 
@@ -122,7 +123,7 @@ def iter_inputs(source, source_split, image_column, max_images, art_count=24, se
     resolved once, so the whole run reads one commit). ``resume``: a row's ``position`` from an
     earlier run of the same dataset version; ignored for folders, whose listing is cheap.
     """
-    kind, path = _kind(source)
+    kind, path = source_kind(source)
     if kind == "builtin":
         art_stamp = f"art{ART_VERSION}-seed{seed}"
         items = [Input(i, s, file_stamp(s) if isinstance(s, Path) else art_stamp)
@@ -310,7 +311,7 @@ def open_stream(source, source_split: str = "train", image_column: str = "image"
     source, for training straight from it (``furlib.training.streaming``)."""
     import datasets
 
-    kind, path = _kind(source)
+    kind, path = source_kind(source)
     if kind == "table":
         ds, prefix = open_table(path, source_split), path.name
     elif kind == "hub":

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,35 @@ def test_two_processes_share_the_global_batchs_adaptive_weight(tmp_path):
         weight, grad = results[rank]
         assert weight == pytest.approx(float(logs["gan/weight"]), rel=1e-4)
         assert (grad - want).norm() <= 1e-3 * want.norm()
+
+
+def test_a_stream_with_fewer_rows_than_processes_stops_every_rank_with_a_clear_error(tmp_path):
+    """A streamed train_source of one row, two processes: rank 1's share is empty. Its loader ended
+    at once while rank 0 waited for it in the first step's gradient average, for ever (rank 1 in
+    the final save's collective); now every rank stops before the first step, the cause named."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    run = tmp_path / "s"
+    prepare.prepare("builtin", run / "data", resolution=32, max_side=128, max_images=3, art_count=3,
+                    val_fraction=1.0, progress=False)  # data/val only: the preview's
+    png = io.BytesIO()
+    Image.new("RGB", (48, 48), (200, 40, 40)).save(png, "PNG")
+    datasets.Dataset.from_dict({"image": [{"bytes": png.getvalue(), "path": None}]}).cast_column(
+        "image", datasets.Image()).to_parquet(str(tmp_path / "one.parquet"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "furlib.training.fit",
+           "params/smoke.yaml", "-p", f"outputs_dir={tmp_path}", "-p", "run_name=s", "-p", "max_steps=2",
+           "-p", "resolution=32", "-p", "plot_every=0", "-p", f"train_source={tmp_path / 'one.parquet'}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the ranks too, not only torchrun
+        proc.communicate()
+        pytest.fail("the two processes hung")
+    assert proc.returncode != 0
+    assert stderr.count("rank 1 of 2 has no rows of train_source") >= 2, stderr[-3000:]  # both ranks say it
+    assert not (run / "checkpoints").exists()

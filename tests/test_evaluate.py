@@ -98,6 +98,24 @@ def test_a_bad_compare_entry_names_compare(run_dir, tmp_path, monkeypatch):
         evaluate.EvalModel("base", "/no/such/vae").load()
 
 
+def test_a_compare_entrys_errors_keep_its_path(run_dir, tmp_path):
+    """The loader names the key it is given (load_vae's ``what``: 'compare entry'); nothing rewrites
+    its words after. A regex turned every 'base_model' of a message into 'compare entry', paths too:
+    .../base_model/vae.safetensors came out as .../compare entry/vae.safetensors."""
+    folder = tmp_path / "base_model"  # a folder name people use
+    (folder / "no_config").mkdir(parents=True)
+    (folder / "garbled.safetensors").write_bytes(b"not a safetensors file")
+    cases = {str(folder / "garbled.safetensors"): f"{folder / 'garbled.safetensors'} is not a readable safetensors file",
+             str(folder / "no_config"): "has no config.json", str(folder / "gone.safetensors"): "does not exist"}
+    for entry, reason in cases.items():
+        spec = evaluate.run_models(run_dir, compare=entry)[-1]
+        with pytest.raises(ValueError) as caught:
+            evaluate.load_models([spec], "cpu")
+        message = str(caught.value)
+        assert message.startswith(f"compare entry {entry!r}") and reason in message, message
+        assert "compare entry/" not in message and message.count("compare entry") == 1, message
+
+
 def test_a_compared_release_of_a_random_base_is_flagged(run_dir, tmp_path):
     """Another run's export/ (or its single file) made from a random test base scores like a real
     VAE; 04's manifest and file header say what base it came from, so 03 flags it as it flags a random
@@ -332,3 +350,18 @@ def test_a_reconstruction_with_nan_pixels_is_an_error_naming_model_and_image(tmp
     with pytest.raises(ValueError, match=r"'broken' decoded NaN or inf pixels for 1 of 2 images \(im1.png\)"):
         evaluate.evaluate(vaes, evaluate.image_set(str(folder), tmp_path), resolution=32, batch_size=2,
                           lpips_backbone="random", rfid=False, n_show=1)
+
+
+def test_a_run_still_training_is_evaluated_at_its_latest_checkpoint_with_a_note(tmp_path, capsys):
+    """03 while 02 trains the run: as 04, it reads the latest complete checkpoint and says which step,
+    and that training goes on."""
+    from furlib.training.runlock import RunLock
+
+    run = tmp_path / "run"
+    checkpoint.save_checkpoint(run / "checkpoints", 4, {"decoder": models.decoder_state(models.load_vae("tiny-random"))},
+                               {"base_model": "tiny-random", "base_config": ""})
+    with RunLock(run):
+        specs = evaluate.run_models(run)
+    said = capsys.readouterr().out
+    assert specs[-1].step == 4 and "evaluating step 4" in said and "still training" in said
+    assert "still training" not in (evaluate.run_models(run), capsys.readouterr().out)[1]

@@ -409,3 +409,23 @@ def test_an_fp16_copy_that_overflows_in_fp16_is_warned_and_on_the_card(tmp_path)
     card = model_card.model_card(tmp_path, release, vae.config, "m", "1.0", "mit", checks=checks)
     assert "decodes to non-finite values (black images) in float16" in card
     assert "non-finite" not in model_card.model_card(tmp_path, release, vae.config, "m", "1.0", "mit")
+
+
+def test_a_run_still_training_is_exported_at_its_latest_checkpoint_with_a_note(tmp_path, capsys):
+    """04 while 02 trains the run (its run lock held): checkpoints are written whole, so the latest
+    complete one is released, and 04 says which step and that training goes on (it said nothing).
+    The owner record a crashed run left, its lock free, is no training."""
+    import os
+
+    from furlib.training.runlock import RunLock
+
+    run = tmp_path / "run"
+    fabricate_run(run, with_record=False)
+    with RunLock(run):  # held by this process: 04's look at the lock finds it taken, as another's
+        release = release_files.release_source(run)
+    said = capsys.readouterr().out
+    assert release.step == STEP and f"exporting step {STEP}" in said and "still training" in said
+    assert f"process {os.getpid()}" in said
+    (run / "run.lock.owner").write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": "then"}))
+    assert release_files.release_source(run).step == STEP
+    assert "still training" not in capsys.readouterr().out

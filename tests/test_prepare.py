@@ -431,6 +431,24 @@ def test_switching_source_says_what_it_set_aside_and_switching_back_restores_it(
     assert "NOTE: 1 image of the previous run" in capsys.readouterr().out  # b's new.png, aside now
 
 
+def test_a_table_is_opened_once_by_one_process(tmp_path, monkeypatch):
+    """01 checks a table source before its lock (a wrong split must leave the report be), then reads
+    it: one process reads what the check opened (each open resolves every file of a folder of
+    them, again) instead of opening it a second time. The kind of a source is public (02's stream
+    asks it too)."""
+    datasets = pytest.importorskip("datasets")
+    rows = [{"bytes": io.BytesIO(), "path": None} for _ in range(3)]
+    for i, row in enumerate(rows):
+        noise(40, 40 + i, i).save(row["bytes"], "PNG")
+        row["bytes"] = row["bytes"].getvalue()
+    datasets.Dataset.from_dict({"image": rows}).cast_column("image", datasets.Image()).to_parquet(str(tmp_path / "t.parquet"))
+    opened, real = [], sources.open_table
+    monkeypatch.setattr(sources, "open_table", lambda *a, **k: opened.append(a) or real(*a, **k))
+    assert run(tmp_path / "t.parquet", tmp_path / "data")["counts"]["accepted"] == 3
+    assert len(opened) == 1
+    assert sources.source_kind(tmp_path / "t.parquet") == ("table", tmp_path / "t.parquet")
+
+
 def test_table_sources(tmp_path):
     datasets = pytest.importorskip("datasets")
     rows = [{"bytes": io.BytesIO(), "path": None} for _ in range(4)]

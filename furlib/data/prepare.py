@@ -87,7 +87,7 @@ def prepare(source, data_dir, resolution: int = 256, max_side: int = DEFAULT_MAX
                          f"use at most {Image.MAX_IMAGE_PIXELS:,}")
     num_proc = num_proc or usable_cores()
     check_revision(source, source_revision)
-    check_table(source, source_split)  # before the lock: a wrong split leaves the report be
+    table = check_table(source, source_split)  # before the lock: a wrong split leaves the report be
     folder = Path(str(source)).expanduser().resolve()
     if folder.is_dir() and (folder == data_dir.resolve() or data_dir.resolve() in folder.parents):
         raise ValueError(f"source {str(source)!r} is inside the run's data folder {data_dir}: 01 would read (and "
@@ -110,7 +110,7 @@ def prepare(source, data_dir, resolution: int = 256, max_side: int = DEFAULT_MAX
             store.drop_part(data_dir, shard)  # not complete again until this run finishes
         job["listing"] = str(data_dir / "parts" / f"{shard}.listing.json")
         header["listing"] = shares.list_folder(job, Path(job["listing"]))
-        entries, decoded = _run_shard(job, num_proc, progress)
+        entries, decoded = _run_shard(job, num_proc, progress, table)
         store.write_part(data_dir, shard, header, entries)
         Path(job["listing"]).unlink(missing_ok=True)  # its digest is in the part; each run lists anew
     report = _finish(data_dir, job, header, entries, decoded)
@@ -168,17 +168,19 @@ def _check_parallel(num_proc: int, num_shards: int, shard_index: int) -> None:
                          f"shard_index={shard_index}, num_shards={num_shards}")
 
 
-def _run_shard(job: dict, num_proc: int, progress: bool) -> tuple[list, int]:
-    """(this shard's entries in input order, how many were decoded now), over num_proc processes."""
+def _run_shard(job: dict, num_proc: int, progress: bool, table=None) -> tuple[list, int]:
+    """(this shard's entries in input order, how many were decoded now), over num_proc processes.
+    ``table``: the table source ``check_table`` opened, which one process reads (spawned ones open
+    their own)."""
     if num_proc == 1:
-        results = [_run_proc(job, progress, 0, 1)]
+        results = [_run_proc(job, progress, 0, 1, table)]
     else:
         results = shares.run_processes(partial(_run_proc, job, progress), num_proc, progress)
     entries = sorted((e for part, _ in results for e in part), key=lambda e: e["index"])
     return entries, sum(n for _, n in results)
 
 
-def _run_proc(job: dict, progress: bool, k: int, m: int) -> tuple[list, int]:
+def _run_proc(job: dict, progress: bool, k: int, m: int, table=None) -> tuple[list, int]:
     """Process ``k`` of ``m`` of one shard: decode its inputs (journal first), return entries."""
     data_dir, sel = Path(job["data_dir"]), job["selection"]
     name = f"shard-{job['shard_index']:05d}-of-{job['num_shards']:05d}.proc-{k:03d}-of-{m:03d}"
@@ -189,7 +191,7 @@ def _run_proc(job: dict, progress: bool, k: int, m: int) -> tuple[list, int]:
     resume = resume if resume and all(resume.get(key) == v for key, v in here.items()) else None
     journal, files = store.read_journal(data_dir), store.index_store(data_dir)
     counters = shares.shared_counters() if m > 1 else None  # the shard's, shared by its processes
-    own, share, how = shares.own_inputs(job, k, m, shares.Dealer(m, counters), resume)
+    own, share, how = shares.own_inputs(job, k, m, shares.Dealer(m, counters), resume, table)
     own = own if counters is None else shares.until_stopped(own)
     if counters is not None and how == "dealt":  # the shard's count, the same in every process
         counters[shares.TOTAL] = share

@@ -146,7 +146,7 @@ def list_folder(job: dict, listing: Path) -> str | None:
     the shard reads (a folder still filling up must not give them different lists to deal from);
     returns the listing's digest, which a shard's part carries: shards that listed a changed folder
     do not merge. None for other sources."""
-    kind, path = sources._kind(job["source"])
+    kind, path = sources.source_kind(job["source"])
     if kind != "folder":
         return None
     files = sources.folder_files(path, job["data_dir"], job["selection"]["max_images"])
@@ -156,11 +156,12 @@ def list_folder(job: dict, listing: Path) -> str | None:
     return hashlib.sha256(names.encode("utf-8", "surrogateescape")).hexdigest()[:24]
 
 
-def own_inputs(job: dict, k: int, m: int, dealer: Dealer, resume: dict | None = None):
+def own_inputs(job: dict, k: int, m: int, dealer: Dealer, resume: dict | None = None, table=None):
     """(iterable of (index, Input) read by process ``k`` of ``m`` of this shard, their count or
-    None, how): ``dealer`` deals a listing's or a table's inputs; a stream is split by files."""
+    None, how): ``dealer`` deals a listing's or a table's inputs; a stream is split by files.
+    ``table``: a table source this process opened already (``sources.check_table``)."""
     sel, source, n, s = job["selection"], job["source"], job["num_shards"], job["shard_index"]
-    kind, path = sources._kind(source)
+    kind, path = sources.source_kind(source)
     if kind == "folder":  # the shard's one listing (``list_folder``), stat'ed only where dealt
         files = json.loads(Path(job["listing"]).read_text())
         mine = _shard_part(len(files), n, s)
@@ -170,7 +171,7 @@ def own_inputs(job: dict, k: int, m: int, dealer: Dealer, resume: dict | None = 
                                         sel["max_images"], sel["art_count"], sel["seed"])
         mine = _shard_part(len(inputs), n, s)
         return _dealt(mine, dealer, inputs.__getitem__), len(mine), "dealt"
-    ds, prefix, stamp = _open(kind, path, job)
+    ds, prefix, stamp = _open(kind, path, job, table)
     if hasattr(ds, "__len__"):  # memory-mapped: select the rows dealt, read nothing else
         mine = _shard_part(min(len(ds), sel["max_images"]) if sel["max_images"] else len(ds), n, s)
         rows = _dealt_rows(ds, mine, dealer, prefix, job["image_column"], stamp)
@@ -187,13 +188,15 @@ def own_inputs(job: dict, k: int, m: int, dealer: Dealer, resume: dict | None = 
     return rows, None, "files" if by_files or workers == 1 else "row filter"
 
 
-def _open(kind: str, path, job: dict):
-    """(dataset of one undecoded image column, id prefix, version stamp) of a table or Hub source."""
+def _open(kind: str, path, job: dict, table=None):
+    """(dataset of one undecoded image column, id prefix, version stamp) of a table or Hub source;
+    ``table``: the table source as this process opened it already."""
     import datasets
 
     source, split, column = job["source"], job["source_split"], job["image_column"]
     if kind == "table":
-        ds, prefix, stamp = sources.open_table(path, split), path.name, sources.fingerprint(path)
+        ds = sources.open_table(path, split) if table is None else table
+        prefix, stamp = path.name, sources.fingerprint(path)
     else:
         offline = sources.hub_offline()
         if not offline and (why := sources.hub_unreachable()):  # fail in ms, not after retries

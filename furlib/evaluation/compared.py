@@ -1,41 +1,36 @@
 """Stage 03's ``compare`` entries: VAEs scored beside the run's own that 03 knows only by name.
 
 Two things the run's own models get from its checkpoint and these must get elsewhere: errors that
-name the entry (the shared loader, ``furlib.models``, names 02's ``base_model``), and whether the
-weights are pretrained. A release of stage 04 (its ``export/`` folder, or a single file of it)
-records the bases it was made from (``manifest.json``, the safetensors header); anything else
-says nothing, and nothing is guessed from names.
+name the entry (the shared loader, ``furlib.models.load_vae``, names the key it is given), and
+whether the weights are pretrained. A release of stage 04 (its ``export/`` folder, or a single
+file of it) records the bases it was made from (``manifest.json``, the safetensors header);
+anything else says nothing, and nothing is guessed from names.
 """
 
 import contextlib
 import json
-import re
 from pathlib import Path
 
 from furlib.models import SAFETENSORS_SUFFIXES
 
-LOADER_KEY = re.compile(r"\bbase_model\b")  # the parameter the shared loader's messages name
+
+def loader_key(parameter: str) -> str:
+    """What ``load_vae``'s errors call an item (its ``what``): 02's ``base_model``, or ``parameter``'s entry."""
+    return f"{parameter} entry" if parameter else "base_model"
 
 
 @contextlib.contextmanager
 def named_entry(parameter: str, item: str):
-    """Errors raised loading ``item`` name ``parameter``'s entry, with the loader's reason kept;
-    ``parameter`` '' (the run's own base) leaves them as the loader said them."""
+    """Errors raised loading ``item`` name ``parameter``'s entry: the loader's own already do (given
+    ``what=loader_key(parameter)``); one that names no entry (a file's own fault, a library's) gets
+    it in front. ``parameter`` '' (the run's own base) leaves them as the loader said them."""
+    head = f"{loader_key(parameter)} {item!r}"
     try:
         yield
     except (ValueError, RuntimeError, OSError) as err:  # diffusers says "no weights file" as OSError
-        if not parameter:
+        if not parameter or str(err).startswith(head):
             raise
-        raise _renamed(err, parameter, item) from err
-
-
-def _renamed(err: Exception, parameter: str, item: str) -> Exception:
-    """"base_model 'x': no such folder" -> "compare entry 'x': no such folder"; a message that
-    names no entry (a file's own fault) gets it in front."""
-    head = f"{parameter} entry {item!r}"
-    text = LOADER_KEY.sub(f"{parameter} entry", str(err).removeprefix("base_model "))
-    text = text[len(repr(item)):] if text.startswith(repr(item)) else f": {text}"
-    return (RuntimeError if isinstance(err, RuntimeError) else ValueError)(head + text)
+        raise (RuntimeError if isinstance(err, RuntimeError) else ValueError)(f"{head}: {err}") from err
 
 
 def release_bases(item: str) -> tuple[str, ...]:

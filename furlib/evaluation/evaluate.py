@@ -24,6 +24,7 @@ from furlib.evaluation import compared, fid_kid, metrics
 from furlib.images import center_crop, load_rgb, to_rgb_m11, to_uint8
 from furlib.models import SAFETENSORS_SUFFIXES, is_pretrained, load_vae, with_decoder
 from furlib.parameters import SEED_LIMIT, strict_bool
+from furlib.training.runlock import training_note
 
 MIN_RESOLUTION = 32  # LPIPS(AlexNet)'s trunk pools a smaller crop away ("Output size is too small")
 
@@ -84,7 +85,8 @@ class EvalModel:
 
     def load(self):
         with compared.named_entry(self.entry_of, self.base_model):
-            vae = load_vae(self.base_model, self.base_config, self.seed, self.base_family)
+            vae = load_vae(self.base_model, self.base_config, self.seed, self.base_family,
+                           what=compared.loader_key(self.entry_of))
         if self.checkpoint:
             with_decoder(vae, checkpoint.load_decoder_weights(Path(self.checkpoint), self.weights))
         return vae.eval()
@@ -98,6 +100,8 @@ def run_models(run_dir, base_model: str = "", base_config: str = "", compare: st
     base_model, base_config, base_family, state = checkpoint.run_base(ckpt, base_model, base_config, base_family)
     seed = state.get("settings", {}).get("seed", seed)  # 'tiny' bases: the encoder 02 trained with
     step = int(state["step"])
+    if note := training_note(run_dir, step, "evaluating"):
+        print(note, flush=True)
     specs = [EvalModel("base", base_model, base_config, seed=seed, base_family=base_family)]
     for which, stem in checkpoint.WEIGHT_FILES.items():
         if (ckpt / stem).exists():

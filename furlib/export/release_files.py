@@ -36,6 +36,7 @@ from furlib.ldm_keys import diffusers_to_ldm
 from furlib.models import load_vae, with_decoder
 from furlib.parameters import strict_bool
 from furlib.runinfo import check_folders, file_sha256
+from furlib.training.runlock import training_note
 
 
 def check_parameters(p: dict) -> None:
@@ -125,13 +126,16 @@ def public_name(value: str) -> str:
 
 def release_source(run_dir: Path, weights: str = "ema", base_model: str = "", base_config: str = "",
                    base_family: str = "", on_bad_checkpoint: str = "refuse") -> Release:
-    """What a run releases: checkpoint, step, base model (the run's own unless given), weights."""
+    """What a run releases: checkpoint, step, base model (the run's own unless given), weights. Of a
+    run still training, its latest complete checkpoint (written whole), with a note saying so."""
     restored = recover_folder(Path(run_dir) / EXPORT)  # the last good release, if a 04 died mid-swap
     if restored:
         warnings.warn(restored, stacklevel=2)
     check_export_is_ours(Path(run_dir) / EXPORT)
     ckpt = find_run_checkpoint(run_dir, on_bad_checkpoint)
     base_model, base_config, base_family, state = run_base(ckpt, base_model, base_config, base_family)
+    if note := training_note(run_dir, int(state["step"]), "exporting"):
+        print(note, flush=True)
     return Release(checkpoint=str(ckpt), step=int(state["step"]), base_model=base_model,
                    base_config=base_config or "", base_family=base_family,
                    trained_base_model=state.get("base_model", ""),

@@ -191,7 +191,7 @@ def _loop(trainer: Trainer, s: TrainSettings, p, rank: int, logbook, preview) ->
                unit_scale=True, desc="train", disable=rank != 0)
     t_first = time.time()
     with StopAfterStep(trainer.world_size == 1) as stop:
-        for batch in _saving_on_data_errors(loader, trainer, p, save):
+        for batch in _saving_on_data_errors(_started(loader, trainer, s), trainer, p, save):
             if trainer.step_count >= s.max_steps:
                 break
             logs = trainer.step(batch)
@@ -212,6 +212,55 @@ def _loop(trainer: Trainer, s: TrainSettings, p, rank: int, logbook, preview) ->
                                         f"{save()}; run 02 again (same run_name) to resume from it")
     bar.close()
     return save() if trainer.step_count > p.start_step or p.checkpoint is None else p.checkpoint
+
+
+def _started(loader, trainer: Trainer, s: TrainSettings):
+    """The loader's batches, once every process has its first. A rank whose share of a stream is
+    empty (fewer rows than processes) or unusable ended or failed alone, while the others waited for
+    it in the first step's collective, for ever: now every rank stops here, before the first step,
+    with the cause. The loaders are endless: one that ends later is an error, not a rank that stops
+    training early."""
+    rank, world = trainer.rank, trainer.world_size
+    batches, first, failure = iter(loader), None, None
+    try:
+        first = next(batches)
+    except StopIteration:
+        failure = RuntimeError(_no_rows(s, rank, world))
+    except Exception as err:  # noqa: BLE001 - the other ranks hear of it, then it is raised as it was
+        failure = err
+    said = _from_every_rank(None if failure is None else f"{type(failure).__name__}: {_first_line(failure)}", world)
+    if failure is not None:
+        raise failure
+    stopped = [f"rank {r} ({m})" for r, m in enumerate(said) if m]
+    if stopped:
+        raise RuntimeError(f"rank {rank} of {world} stops before the first step: no batch from {', '.join(stopped)}")
+    yield first
+    yield from batches
+    raise RuntimeError(f"rank {rank} of {world}: its training data ended after step {trainer.step_count}, in a pass "
+                       "over its share that found no rows (a file without rows in train_source?); remove such files")
+
+
+def _no_rows(s: TrainSettings, rank: int, world: int) -> str:
+    if not s.train_source:  # (a prepared folder's loader never ends)
+        return f"rank {rank} of {world}: the training loader gave no batch"
+    return (f"rank {rank} of {world} has no rows of train_source {s.train_source!r}: a stream is split between the "
+            "processes by rows (or whole files) and this one's share is empty; use at most as many processes as "
+            "the source has rows, or a larger source")
+
+
+def _from_every_rank(message, world: int) -> list:
+    """Every rank's ``message`` (None: nothing to say), in rank order (a collective call)."""
+    if world == 1:
+        return [message]
+    import torch.distributed as dist
+
+    every = [None] * world
+    dist.all_gather_object(every, message)
+    return every
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:300]
 
 
 def _saving_on_data_errors(loader, trainer: Trainer, p, save):

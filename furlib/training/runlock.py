@@ -8,6 +8,8 @@ time, command) is written beside it, whole and atomically, to ``run.lock.owner``
 is refused with those named. An owner record found by a process that *got* the lock belongs to a
 run that died without releasing it: it is taken over with a note. Of a multi-process run only
 rank 0 takes the lock (it alone writes); ``fit`` tells the other ranks whether it got it.
+03 and 04 only read a run, and may while it trains (a checkpoint is published whole): they ask
+``training_note`` whether one does, and say so, never waiting for the lock.
 """
 
 import json
@@ -111,3 +113,38 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def holder(run_dir: Path) -> dict:
+    """The owner record of the training that holds ``run_dir``'s lock now; {} when none does (no
+    record, or a crashed run's, its lock free). The lock is taken only for the instant it is found
+    free, and only where a record is left."""
+    from filelock import FileLock, Timeout
+
+    try:
+        owner = read_owner(Path(run_dir) / OWNER_NAME)
+    except RuntimeError:  # unreadable: the lock alone says whether a training holds it
+        owner = {"pid": "?", "host": "?", "since": "?"}
+    if not owner:
+        return {}
+    probe = FileLock(str(Path(run_dir) / LOCK_NAME), timeout=0)
+    try:
+        probe.acquire()
+    except Timeout:
+        return owner
+    except OSError:  # a folder no one can write to: no training writes there either
+        return {}
+    probe.release()
+    return {}
+
+
+def training_note(run_dir: Path, step: int, doing: str) -> str:
+    """'' unless a training holds ``run_dir`` now; then what 03 or 04 (``doing``: 'evaluating',
+    'exporting') reads of it: its latest complete checkpoint, which training goes past."""
+    owner = holder(run_dir)
+    if not owner:
+        return ""
+    return (f"NOTE: run {Path(run_dir).name} is still training (process {owner.get('pid', '?')} on "
+            f"{owner.get('host', '?')}, since {owner.get('since', '?')}): {doing} step {step}, its latest complete "
+            "checkpoint; the steps trained after it are not in this. Run this stage again once training has ended "
+            "for the final weights.")

@@ -37,10 +37,10 @@ class StreamCrops(torch.utils.data.IterableDataset):
                  shuffle_buffer: int = 256, log_dir=None, start_step: int = 0):
         from datasets.distributed import split_dataset_by_node
 
-        from furlib.sources import _kind, open_stream
+        from furlib.sources import open_stream, source_kind
 
         ds, self.prefix = open_stream(source, source_split, image_column, revision)  # fails here, early
-        kind, path = _kind(source)
+        kind, path = source_kind(source)
         self.table = path if kind == "table" else None  # its relative image paths are taken beside it
         order = int(np.random.SeedSequence([seed, start_step]).generate_state(1)[0])  # a resume: another
         if shuffle_buffer > 0:
