@@ -177,7 +177,7 @@ def decoder_of(base, weights: dict, device):
 def update_curves(work: Path, names: list, base, z_curve, x_curve_u8, lpips_vgg, device) -> dict:
     """Held-out ΔE_ok, LPIPS(vgg) and PSNR of every variant's EMA at each checkpoint not yet
     scored (step 0: the base), kept in ``work/curves.json``; returns {variant: [{step, ...}]}."""
-    from furlib import checkpoint
+    from furlib import checkpoint, checkpoint_pick
     from furlib.evaluation.metrics import per_image_metrics
 
     path = work / "curves.json"
@@ -192,7 +192,7 @@ def update_curves(work: Path, names: list, base, z_curve, x_curve_u8, lpips_vgg,
     for name in names:
         rows = curves.setdefault(name, [base_point])
         done = {r["step"] for r in rows}
-        for d in reversed(checkpoint.step_folders(work / name / "checkpoints")):  # oldest first
+        for d in reversed(checkpoint_pick.step_folders(work / name / "checkpoints")):  # oldest first
             if (d / "state.json").exists():
                 step = checkpoint.read_state(d)["step"]
                 if step not in done:

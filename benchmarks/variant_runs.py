@@ -75,17 +75,17 @@ def train_and_score(profile: str, name: str, overrides: dict, root: Path, data_d
 
 def checkpoint_steps(run: Path) -> set:
     """The steps of a run's complete checkpoints (a killed run's partial save is not one)."""
-    from furlib import checkpoint
+    from furlib import checkpoint, checkpoint_pick
 
-    return {checkpoint.read_state(d)["step"] for d in checkpoint.step_folders(run / "checkpoints")
+    return {checkpoint.read_state(d)["step"] for d in checkpoint_pick.step_folders(run / "checkpoints")
             if (d / "state.json").exists()}
 
 
 def checkpoint_at(run: Path, step: int) -> Path:
     """The run's checkpoint folder of ``step``."""
-    from furlib import checkpoint
+    from furlib import checkpoint, checkpoint_pick
 
-    return next(d for d in checkpoint.step_folders(run / "checkpoints") if checkpoint.read_state(d)["step"] == step)
+    return next(d for d in checkpoint_pick.step_folders(run / "checkpoints") if checkpoint.read_state(d)["step"] == step)
 
 
 def score_variant(root: Path, name: str, step: int, resolution: int, train_info: dict | None = None, **extra) -> dict:
@@ -129,7 +129,7 @@ def score_run(run: Path, device, resolution: int, ckpt: Path | None = None) -> d
     from furlib.evaluation.evaluate import load_models
     from furlib.images import preprocess
     from furlib.evaluation.metrics import per_image_metrics
-    from furlib import checkpoint
+    from furlib import checkpoint_pick
     from furlib.prepared import list_images
 
     from furlib.perceptual import LPIPS
@@ -138,7 +138,7 @@ def score_run(run: Path, device, resolution: int, ckpt: Path | None = None) -> d
     x = torch.stack([preprocess(p, resolution) for p in paths]).to(device)
     lpips = LPIPS("vgg", "pretrained").to(device) if SCORE_LPIPS else None
     out = {}
-    for name, vae in load_models(eval_models(run, ckpt or checkpoint.find_run_checkpoint(run)), device).items():
+    for name, vae in load_models(eval_models(run, ckpt or checkpoint_pick.find_run_checkpoint(run)), device).items():
         recon = vae.float().decode(vae.encode(x).latent_dist.mode()).sample
         m = per_image_metrics(x, recon)
         out[name] = {k: float(m[k].mean()) for k in METRICS}

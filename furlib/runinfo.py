@@ -1,7 +1,7 @@
 """What every run records: device choice, library versions, and the JSON run record.
 
 Torch is imported where it is used: stage 01's worker processes import this module (through
-``furlib.sources``) and need none of it (1.5 s of CPU and ~300 MB each).
+``furlib.table_sources``) and need none of it (1.5 s of CPU and ~300 MB each).
 """
 
 from __future__ import annotations

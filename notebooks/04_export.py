@@ -52,7 +52,7 @@ from IPython.display import Markdown, display
 
 from furlib import handoff, models, parameters, reconstructions, runinfo
 from furlib.display import show
-from furlib.export import model_card, release_files
+from furlib.export import hub, model_card, release_files, verify
 
 # %% tags=["parameters"]
 run_name = "my_run"  # folder under outputs_dir holding the trained run
@@ -117,20 +117,20 @@ files = release_files.write_release_files(vae, stage_dir, stem, metadata, fp16_c
 # (decoded in fp32 after upcasting). Any failure raises here.
 
 # %%
-checks = release_files.verify_export(vae, files, stage_dir, seed, dev)
-hashes = {f["path"]: f for f in release_files.file_table(stage_dir)}
+checks = verify.verify_export(vae, files, stage_dir, seed, dev)
+hashes = {f["path"]: f for f in hub.file_table(stage_dir)}
 pd.DataFrame([{"file": c["file"], "loader": c["loader"], "MB": round(hashes[c["file"]]["bytes"] / 1e6, 2),
                "sha256": hashes[c["file"]]["sha256"][:12], "weights diff": c["weights_max_abs_diff"],
                "decode diff": f"{c['decode_max_abs_diff']:.2e}", "passed": c["passed"]} for c in checks])
 
 # %%
-images, picture = release_files.val_images(run_dir), ""
+images, picture = verify.val_images(run_dir), ""
 if images is None:
     print(f"No val images in {run_dir}/data/val: skipping the side-by-side figure (the card has no picture).")
 else:
     base_vae = models.load_vae(release.base_model, release.base_config, release.base_seed, release.base_family)
     exported = models.load_vae(str(files["single"]), base_config=str(stage_dir))  # config.json at the root
-    columns = release_files.reconstructions(images, {"base": base_vae, "exported": exported}, base_vae, dev)
+    columns = verify.reconstructions(images, {"base": base_vae, "exported": exported}, base_vae, dev)
     picture = "reconstructions.png"  # beside the card, so the Hub page shows it
     show(reconstructions.reconstruction_strip(columns, f"base vs {files['single'].name}"), save_to=stage_dir / picture)
 
@@ -149,7 +149,7 @@ display(Markdown(card))
 # ## 5. Upload (optional)
 
 # %%
-hub_url = release_files.push_to_hub(export_dir, hub_repo) if push_to_hub else None
+hub_url = hub.push_to_hub(export_dir, hub_repo) if push_to_hub else None
 print(hub_url or "push_to_hub is False: nothing uploaded.")
 
 # %%

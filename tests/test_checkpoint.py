@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from furlib import checkpoint
+from furlib import checkpoint, checkpoint_pick
 
 
 def _tensors(v):
@@ -25,7 +25,7 @@ def test_crash_during_save_keeps_previous_latest(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "save_file", dying_save)
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save_checkpoint(root, 20, _tensors(2), {"base_model": "tiny-random"})
-    latest = checkpoint.latest_checkpoint(tmp_path)
+    latest = checkpoint_pick.latest_checkpoint(tmp_path)
     assert latest.name == "step_0000010"
     assert checkpoint.load_decoder_weights(latest, "ema")["w"][0, 0] == 1.0
     monkeypatch.setattr(checkpoint, "save_file", real_save)  # the next save cleans up and works
@@ -49,7 +49,7 @@ def test_a_full_disk_during_a_save_names_the_room_needed_and_leaves_no_half_fold
     with pytest.raises(OSError, match=r"could not write checkpoint step_0000020 \(.*No space left.*\): it needs "
                                       r"~0.00 GB, [0-9.]+ GB are free .* still step_0000010, intact"):
         checkpoint.save_checkpoint(root, 20, _tensors(2), {})
-    assert not list(root.glob(".tmp-*")) and checkpoint.latest_checkpoint(tmp_path).name == "step_0000010"
+    assert not list(root.glob(".tmp-*")) and checkpoint_pick.latest_checkpoint(tmp_path).name == "step_0000010"
 
 
 def test_keeps_last_k_and_reads_state(tmp_path):
@@ -57,11 +57,11 @@ def test_keeps_last_k_and_reads_state(tmp_path):
     for step in (1, 2, 3, 4):
         checkpoint.save_checkpoint(root, step, _tensors(step), {"base_model": "tiny-random"}, keep=2)
     assert sorted(p.name for p in root.glob("step_*")) == ["step_0000003", "step_0000004"]
-    assert checkpoint.read_state(checkpoint.latest_checkpoint(tmp_path)) == {
+    assert checkpoint.read_state(checkpoint_pick.latest_checkpoint(tmp_path)) == {
         "base_model": "tiny-random", "step": 4, "files": ["decoder.safetensors", "ema.safetensors"]}
-    assert checkpoint.run_base(checkpoint.latest_checkpoint(tmp_path))[:2] == ("tiny-random", "")
+    assert checkpoint.run_base(checkpoint_pick.latest_checkpoint(tmp_path))[:2] == ("tiny-random", "")
     with pytest.raises(FileNotFoundError, match="run 02_train"):
-        checkpoint.find_run_checkpoint(tmp_path / "nothing")
+        checkpoint_pick.find_run_checkpoint(tmp_path / "nothing")
     with pytest.raises(ValueError, match="weights"):
         checkpoint.load_decoder_weights(root / "step_0000004", "best")
 
@@ -78,16 +78,16 @@ def test_03_04_refuse_a_damaged_latest_or_fall_back_out_loud(tmp_path, capsys):
     with pytest.raises(RuntimeError, match=r"latest checkpoint is damaged: using the older step_0000001; skipped "
                                            r".*step_0000002: ema.safetensors has 20 bytes.*on_bad_checkpoint='fallback'"
                                            r" here to use step_0000001$"):
-        checkpoint.find_run_checkpoint(tmp_path)
-    assert checkpoint.find_run_checkpoint(tmp_path, "fallback").name == "step_0000001"
+        checkpoint_pick.find_run_checkpoint(tmp_path)
+    assert checkpoint_pick.find_run_checkpoint(tmp_path, "fallback").name == "step_0000001"
     assert "WARNING: using the older step_0000001" in capsys.readouterr().out
     for garbage in (b"\xff\xfe\x00", b"", b"../../etc\n"):  # a pointer that names no step folder
         (root / "latest").write_bytes(garbage)
-        assert checkpoint.pick_checkpoint(tmp_path)[1][0].startswith("WARNING: using the older step_0000001; "
+        assert checkpoint_pick.pick_checkpoint(tmp_path)[1][0].startswith("WARNING: using the older step_0000001; "
                                                                     f"skipped {root / 'latest'}: missing, empty")
     checkpoint.save_checkpoint(root, 3, _tensors(3), {"base_model": "tiny-random"})
     (root / "latest").unlink()  # only the pointer lost: the newest step is used, and said so (not "older")
-    assert checkpoint.pick_checkpoint(tmp_path)[1][0].startswith("WARNING: using step_0000003, the newest step; ")
+    assert checkpoint_pick.pick_checkpoint(tmp_path)[1][0].startswith("WARNING: using step_0000003, the newest step; ")
 
 
 def test_optimizer_state_round_trip():
@@ -114,9 +114,9 @@ def test_a_latest_folder_deleted_as_the_fix_says_resumes_from_the_one_before(tmp
         checkpoint.save_checkpoint(root, step, _tensors(step), {})
     (root / "step_0000002" / "ema.safetensors").write_bytes(b"damaged")
     with pytest.raises(RuntimeError, match=r"step_0000002 is damaged: .*Fix: delete that folder \(the run resumes"):
-        checkpoint.pick_checkpoint(tmp_path, on_bad="refuse")
+        checkpoint_pick.pick_checkpoint(tmp_path, on_bad="refuse")
     shutil.rmtree(root / "step_0000002")
-    folder, notes = checkpoint.pick_checkpoint(tmp_path, on_bad="refuse")
+    folder, notes = checkpoint_pick.pick_checkpoint(tmp_path, on_bad="refuse")
     assert folder.name == "step_0000001" and "step_0000002: the folder does not exist" in notes[0]
 
 
@@ -136,7 +136,7 @@ def test_only_step_folders_are_checkpoints(tmp_path):
     (root / "latest").unlink()  # the newest is found by its step number, not by the name's letters
     checkpoint.save_checkpoint(root, 9_999_999, _tensors(9), {}, keep=0)
     (root / "latest").unlink()
-    assert checkpoint.pick_checkpoint(tmp_path)[0].name == "step_10000000"
+    assert checkpoint_pick.pick_checkpoint(tmp_path)[0].name == "step_10000000"
 
 
 def test_an_unwritable_checkpoint_folder_is_not_called_a_full_disk(tmp_path, monkeypatch):

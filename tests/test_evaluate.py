@@ -122,14 +122,14 @@ def test_a_compared_release_of_a_random_base_is_flagged(run_dir, tmp_path):
     base of the run's own."""
     import shutil
 
-    from furlib.export import release_files
+    from furlib.export import release_files, verify
 
     release = release_files.release_source(run_dir)
     vae = release_files.build_release_vae(release.base_model, "", release.decoder_weights, release.base_seed)
     stage, export = tmp_path / "other_run" / release_files.STAGING, tmp_path / "other_run" / release_files.EXPORT
     meta = release_files.file_metadata("other", "1", release.step, release.base_model, "ema", vae.config)
     files = release_files.write_release_files(vae, stage, "other-v1-step10", meta, fp16_copy=False)
-    release_files.finalize_export(stage, export, release, release_files.verify_export(vae, files, stage))
+    release_files.finalize_export(stage, export, release, verify.verify_export(vae, files, stage))
     lone = shutil.copy(export / "other-v1-step10.safetensors", tmp_path)  # the single file alone: its header
     plain = tmp_path / "plain"  # a folder 04 did not write: nothing says what it is
     vae.save_pretrained(plain)

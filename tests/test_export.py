@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from furlib.export import model_card, release_files
+from furlib.export import hub, model_card, release_files, verify
 from furlib.checkpoint import save_checkpoint
 from furlib.ldm_keys import ldm_to_diffusers
 from furlib.models import decoder_state, load_vae
@@ -44,7 +44,7 @@ def run_export(run, weights="ema", fp16_copy=True):
     stage = run / release_files.STAGING
     meta = release_files.file_metadata("furception", "1.0", release.step, release.base_model, weights)
     files = release_files.write_release_files(vae, stage, STEM, meta, fp16_copy)
-    checks = release_files.verify_export(vae, files, stage, seed=0)
+    checks = verify.verify_export(vae, files, stage, seed=0)
     card = model_card.model_card(run, release, vae.config, "furception", "1.0", "cc-by-nc-sa-4.0", fp16_copy)
     (stage / "README.md").write_text(card)
     return release_files.finalize_export(stage, run / release_files.EXPORT, release, checks)
@@ -106,7 +106,7 @@ def test_verification_results(exported):
     for c in checks:
         assert c["weights_max_abs_diff"] == 0.0
         fp16 = "fp16" in c["file"]
-        assert c["decode_max_abs_diff"] <= (release_files.FP16_TOL if fp16 else release_files.FP32_TOL)
+        assert c["decode_max_abs_diff"] <= (verify.FP16_TOL if fp16 else verify.FP32_TOL)
 
 
 def test_single_file_is_full_vae_with_ema_decoder(exported):
@@ -186,7 +186,7 @@ def test_a_broken_file_fails_verification(tmp_path, damage):
         ldm = {k: v for k, v in ldm.items() if not k.startswith(("encoder.", "quant_conv."))}
     save_file(ldm, files["single"], metadata={"format": "pt"})
     with pytest.raises(RuntimeError, match="export verification failed"):
-        release_files.verify_export(vae, {"single": files["single"]}, stage)
+        verify.verify_export(vae, {"single": files["single"]}, stage)
     assert not (run / release_files.EXPORT).exists()
 
 
@@ -206,13 +206,13 @@ def test_release_source_errors(tmp_path):
 def test_push_to_hub_error_paths(exported, monkeypatch):
     out = exported[0] / "export"
     with pytest.raises(ValueError, match="owner/name"):
-        release_files.push_to_hub(out, "")
+        hub.push_to_hub(out, "")
     monkeypatch.delenv("HF_TOKEN", raising=False)
     with pytest.raises(RuntimeError, match="HF_TOKEN"):
-        release_files.push_to_hub(out, "me/furception")
+        hub.push_to_hub(out, "me/furception")
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
     with pytest.raises(RuntimeError, match="failed"):  # nothing listens on port 9: no upload happens
-        release_files.push_to_hub(out, "me/furception", endpoint="http://127.0.0.1:9")
+        hub.push_to_hub(out, "me/furception", endpoint="http://127.0.0.1:9")
 
 
 def test_val_images_and_reconstructions(tmp_path):
@@ -220,12 +220,12 @@ def test_val_images_and_reconstructions(tmp_path):
     val.mkdir(parents=True)
     for i in range(2):
         Image.fromarray(np.full((40, 56, 3), 60 * i, np.uint8)).save(val / f"{i}.png")
-    images = release_files.val_images(tmp_path, size=32)
+    images = verify.val_images(tmp_path, size=32)
     assert images.shape == (2, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
     vae = load_vae("tiny-random")
-    cols = release_files.reconstructions(images, {"a": vae, "b": vae}, vae)
+    cols = verify.reconstructions(images, {"a": vae, "b": vae}, vae)
     assert list(cols) == ["input", "a", "b"] and torch.equal(cols["a"], cols["b"])
-    assert release_files.val_images(tmp_path / "none") is None
+    assert verify.val_images(tmp_path / "none") is None
     shutil.rmtree(val)
 
 
@@ -344,7 +344,7 @@ def test_a_hub_repo_of_a_bad_form_is_refused_before_training(repo, monkeypatch):
     with pytest.raises(ValueError, match="hub_repo must be 'owner/name'"):
         release_files.check_parameters({**pipeline.stage_defaults("04_export"), "push_to_hub": True, "hub_repo": repo})
     with mock.patch("huggingface_hub.HfApi") as api, pytest.raises(ValueError, match="hub_repo must be"):
-        release_files.push_to_hub("unused", repo)
+        hub.push_to_hub("unused", repo)
     assert not api.called
     release_files.check_parameters({**pipeline.stage_defaults("04_export"), "push_to_hub": True,
                                     "hub_repo": "my-org/sd_vae.ft-2"})
@@ -358,23 +358,23 @@ def test_push_uploads_only_the_export_its_manifest_vouches_for(exported, tmp_pat
     out = tmp_path / "export"
     shutil.copytree(exported[0] / "export", out)
     monkeypatch.setenv("HF_TOKEN", "hf_x")
-    before = release_files.file_table(out)
+    before = hub.file_table(out)
     (out / "README.md").write_text("my edit")
     with mock.patch("huggingface_hub.HfApi") as api, pytest.raises(RuntimeError, match=r"not the export 04 verified.*README.md"):
-        release_files.push_to_hub(out, "me/x")
+        hub.push_to_hub(out, "me/x")
     assert not api.return_value.upload_folder.called
     shutil.copy(exported[0] / "export" / "README.md", out / "README.md")
     (out / f"{STEM}-fp16.safetensors").unlink()
     with mock.patch("huggingface_hub.HfApi") as api, pytest.raises(RuntimeError, match=r"gone: \['furception"):
-        release_files.push_to_hub(out, "me/x")
+        hub.push_to_hub(out, "me/x")
     shutil.copy(exported[0] / "export" / f"{STEM}-fp16.safetensors", out)
     (out / ".DS_Store").write_bytes(b"junk")
     with mock.patch("huggingface_hub.HfApi") as api:
         api.return_value.upload_folder.side_effect = OSError("connection reset")
         with pytest.raises(RuntimeError, match="connection reset.*complete and unchanged"):
-            release_files.push_to_hub(out, "me/x")
+            hub.push_to_hub(out, "me/x")
     assert ".DS_Store" in api.return_value.upload_folder.call_args.kwargs["ignore_patterns"]
-    assert [f for f in release_files.file_table(out) if f["path"] != ".DS_Store"] == before
+    assert [f for f in hub.file_table(out) if f["path"] != ".DS_Store"] == before
 
 
 def test_exporting_twice_writes_the_same_bytes(tmp_path):
@@ -399,7 +399,7 @@ def test_an_fp16_copy_that_overflows_in_fp16_is_warned_and_on_the_card(tmp_path)
         vae.decoder.conv_in.weight.mul_(1e5)  # its output passes fp16's 65504; fp32's group norm absorbs it
     files = release_files.write_release_files(vae, tmp_path / "stage", "m", {"format": "pt"})
     with pytest.warns(UserWarning, match="non-finite values .* in float16"):
-        checks = release_files.verify_export(vae, files, tmp_path / "stage")
+        checks = verify.verify_export(vae, files, tmp_path / "stage")
     assert all(c["passed"] for c in checks)
     half = {c["file"]: c["fp16_decode"] for c in checks if "fp16_decode" in c}
     assert half == {"m-fp16.safetensors": "overflow", "diffusion_pytorch_model.fp16.safetensors": "overflow"}

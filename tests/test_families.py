@@ -23,6 +23,7 @@ from furlib.data.prepare import prepare
 from furlib.evaluation import eval_report, evaluate
 from furlib.export import model_card
 from furlib.export import release_files as export
+from furlib.export import verify
 from furlib.ldm_keys import diffusers_to_ldm
 from furlib.training.fit import fit
 from furlib.training.settings import TrainSettings
@@ -78,7 +79,7 @@ def _stages(run, base, data):
     stage, stem = run / export.STAGING, export.release_stem(run.name, "1.0", release.step)
     meta = export.file_metadata(run.name, "1.0", release.step, release.base_model, "ema", vae.config)
     files = export.write_release_files(vae, stage, stem, meta)
-    checks = export.verify_export(vae, files, stage)
+    checks = verify.verify_export(vae, files, stage)
     card = model_card.model_card(run, release, vae.config, run.name, "1.0", "mit")
     (stage / "README.md").write_text(card)
     return export.finalize_export(stage, run / export.EXPORT, release, checks), card
@@ -103,8 +104,8 @@ def test_family_end_to_end(family, prepared, tmp_path, tmp_path_factory):
     single = exported / f"run-{family}-v1.0-step{STEPS}.safetensors"
     comfy, channels, quant = _comfy_style_load(single)
     assert (channels, quant) == (fam.latent_channels, fam.quant_conv)
-    latents = export.seeded_latents(reloaded)
-    assert (export.decode(comfy, latents) - export.decode(reloaded, latents)).abs().max() <= export.FP32_TOL
+    latents = verify.seeded_latents(reloaded)
+    assert (verify.decode(comfy, latents) - verify.decode(reloaded, latents)).abs().max() <= verify.FP32_TOL
     with safe_open(str(single), "pt") as f:  # our files say their family: no question to ask
         shapes, stated = {k: f.get_slice(k).get_shape() for k in f.keys()}, f.metadata()["family"]
     assert families.single_file_family(single.name, shapes, "", stated) is fam

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from furlib.data import prep_report, prepare
-from furlib import sources
+from furlib import sources, table_sources
 from furlib.images import load_rgb
 
 RES = 32  # crop side for these tests: small images keep them fast
@@ -442,8 +442,8 @@ def test_a_table_is_opened_once_by_one_process(tmp_path, monkeypatch):
         noise(40, 40 + i, i).save(row["bytes"], "PNG")
         row["bytes"] = row["bytes"].getvalue()
     datasets.Dataset.from_dict({"image": rows}).cast_column("image", datasets.Image()).to_parquet(str(tmp_path / "t.parquet"))
-    opened, real = [], sources.open_table
-    monkeypatch.setattr(sources, "open_table", lambda *a, **k: opened.append(a) or real(*a, **k))
+    opened, real = [], table_sources.open_table
+    monkeypatch.setattr(table_sources, "open_table", lambda *a, **k: opened.append(a) or real(*a, **k))
     assert run(tmp_path / "t.parquet", tmp_path / "data")["counts"]["accepted"] == 3
     assert len(opened) == 1
     assert sources.source_kind(tmp_path / "t.parquet") == ("table", tmp_path / "t.parquet")
@@ -501,7 +501,7 @@ def test_a_tables_relative_image_paths_are_taken_from_its_folder(tmp_path, monke
 
 
 def test_hub_source_offline_is_one_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "hub_unreachable", lambda: "cannot resolve the Hub (test)")
+    monkeypatch.setattr(table_sources, "hub_unreachable", lambda: "cannot resolve the Hub (test)")
     with pytest.raises(RuntimeError, match="source='builtin'") as info:
         run("someone/some-dataset", tmp_path / "data")
     error = info.value  # no chained library traceback under it
@@ -511,7 +511,7 @@ def test_hub_source_offline_is_one_clear_error(tmp_path, monkeypatch):
     def unreachable(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'someone/some-dataset' on the Hub (test)")
 
-    monkeypatch.setattr(sources, "hub_unreachable", lambda: "")
+    monkeypatch.setattr(table_sources, "hub_unreachable", lambda: "")
     huggingface_hub = pytest.importorskip("huggingface_hub")
     monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", unreachable)
     monkeypatch.setattr(datasets, "load_dataset", unreachable)

@@ -53,14 +53,14 @@ def _damage(folder, name="ema.safetensors"):
 def test_pruning_after_a_fallback_keeps_the_intact_checkpoint(tmp_path):
     """Class 6: step 2 is damaged, the run falls back to step 1 and saves step 3 (keep=2): the
     damaged step 2 must not take the intact step 1's place."""
-    from furlib import checkpoint
+    from furlib import checkpoint, checkpoint_pick
 
     root = tmp_path / "checkpoints"
     for step in (1, 2):
         checkpoint.save_checkpoint(root, step, _tensors(step), {}, keep=2)
     _damage(root / "step_0000002")
     with pytest.warns(UserWarning, match="using the older step_0000001"):
-        assert checkpoint.latest_checkpoint(tmp_path).name == "step_0000001"
+        assert checkpoint_pick.latest_checkpoint(tmp_path).name == "step_0000001"
     checkpoint.save_checkpoint(root, 3, _tensors(3), {}, keep=2)
     assert sorted(p.name for p in root.glob("step_*")) == ["step_0000001", "step_0000003"]
 
@@ -73,27 +73,27 @@ def test_pruning_after_a_fallback_keeps_the_intact_checkpoint(tmp_path):
 def test_verification_cannot_be_bypassed_by_omission(tmp_path, edit, words):
     """Class 7 and 11: a checksums.json that lists fewer files, or has values of the wrong types,
     fails verification with the file named, never with a library's TypeError."""
-    from furlib import checkpoint
+    from furlib import checkpoint, checkpoint_pick
 
     folder = checkpoint.save_checkpoint(tmp_path / "checkpoints", 1, _tensors(1), {})
     sums = json.loads((folder / "checksums.json").read_text())
     edit(sums)
     (folder / "checksums.json").write_text(json.dumps(sums))
     _damage(folder)  # the damage the shortened list would hide
-    assert checkpoint.verify(folder) is not None
+    assert checkpoint_pick.verify(folder) is not None
     with pytest.raises(RuntimeError, match=words):
-        checkpoint.pick_checkpoint(tmp_path, on_bad="refuse")
+        checkpoint_pick.pick_checkpoint(tmp_path, on_bad="refuse")
 
 
 def test_a_file_deleted_with_its_checksum_line_is_found(tmp_path):
-    from furlib import checkpoint
+    from furlib import checkpoint, checkpoint_pick
 
     folder = checkpoint.save_checkpoint(tmp_path / "checkpoints", 1, _tensors(1), {})
     sums = json.loads((folder / "checksums.json").read_text())
     del sums["ema.safetensors"]
     (folder / "ema.safetensors").unlink()
     (folder / "checksums.json").write_text(json.dumps(sums))
-    assert "were written (state.json says) but are gone" in checkpoint.verify(folder)
+    assert "were written (state.json says) but are gone" in checkpoint_pick.verify(folder)
 
 
 def test_export_swap_never_loses_the_last_release(tmp_path, monkeypatch):
@@ -363,7 +363,7 @@ def test_a_lowered_keep_checkpoints_frees_the_room_it_promises(tmp_path, monkeyp
     import shutil
     from collections import namedtuple
 
-    from furlib import checkpoint
+    from furlib import checkpoint_pick
     from furlib.models import load_vae
     from furlib.perceptual import LPIPS
     from furlib.training import plan
@@ -385,13 +385,13 @@ def test_a_lowered_keep_checkpoints_frees_the_room_it_promises(tmp_path, monkeyp
     assert [f.name for f in make_plan(lowered, 1, torch.device("cpu")).stale] == ["step_0000008", "step_0000004"]
     results = fit.fit(lowered)
     assert any("removed step_0000008, step_0000004" in n for n in results["notes"])
-    assert [f.name for f in checkpoint.step_folders(tmp_path / "r" / "checkpoints")] == ["step_0000012"]
+    assert [f.name for f in checkpoint_pick.step_folders(tmp_path / "r" / "checkpoints")] == ["step_0000012"]
 
 
 def test_a_data_error_mid_run_saves_the_steps_trained_first(tmp_path, monkeypatch):
     """A batch that cannot be made (an image damaged after 01, a file deleted) stopped the run with
     the file named, and the steps since the last checkpoint were lost: they are saved first now."""
-    from furlib import checkpoint
+    from furlib import checkpoint_pick
 
     _prepared(tmp_path)
     real = fit._train_loader
@@ -407,6 +407,6 @@ def test_a_data_error_mid_run_saves_the_steps_trained_first(tmp_path, monkeypatc
                              outputs_dir=str(tmp_path), run_name="r")
     with pytest.raises(ValueError, match="cannot be read") as caught:
         fit.fit(settings)
-    folders = checkpoint.step_folders(tmp_path / "r" / "checkpoints")
+    folders = checkpoint_pick.step_folders(tmp_path / "r" / "checkpoints")
     assert [f.name for f in folders] == ["step_0000003"]
     assert "02 saved the 3 step(s) trained in this run as" in "".join(getattr(caught.value, "__notes__", []))

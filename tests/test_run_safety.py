@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from furlib.data import prepare
-from furlib import checkpoint
+from furlib import checkpoint, checkpoint_pick
 from furlib.training import fit
 from furlib.training.logbook import Logbook
 from furlib.training.settings import TrainSettings
@@ -99,7 +99,7 @@ def test_a_second_save_of_a_step_never_costs_the_first(tmp_path, monkeypatch):
     except KeyboardInterrupt:
         pass
     monkeypatch.undo()
-    assert checkpoint.latest_checkpoint(tmp_path) == first
+    assert checkpoint_pick.latest_checkpoint(tmp_path) == first
     assert checkpoint.load_decoder_weights(first)["w"][0, 0] == 1.0
     _save(root, 4)
     assert not list(root.glob(".tmp-*")), "stale temporaries are swept"
@@ -116,17 +116,17 @@ def test_damaged_latest_falls_back_loudly_or_refuses(tmp_path):
     _save(root, 2)
     newest = _save(root, 4, value=2.0)
     _flip_byte(newest / "ema.safetensors")
-    folder, notes = checkpoint.pick_checkpoint(tmp_path)
+    folder, notes = checkpoint_pick.pick_checkpoint(tmp_path)
     assert folder.name == "step_0000002"
     assert "WARNING" in notes[0] and "step_0000004" in notes[0] and "ema.safetensors" in notes[0]
     with pytest.raises(RuntimeError, match="step_0000004 is damaged: ema.safetensors does not match"):
-        checkpoint.pick_checkpoint(tmp_path, on_bad="refuse")
+        checkpoint_pick.pick_checkpoint(tmp_path, on_bad="refuse")
     (newest / "decoder.safetensors").write_bytes((newest / "decoder.safetensors").read_bytes()[:50])
-    assert "truncated" in checkpoint.verify(newest) or "SHA-256" in checkpoint.verify(newest)
+    assert "truncated" in checkpoint_pick.verify(newest) or "SHA-256" in checkpoint_pick.verify(newest)
     import shutil
 
     shutil.rmtree(newest)  # latest names a folder that is gone (a death mid-replace in old versions)
-    assert checkpoint.latest_checkpoint(tmp_path).name == "step_0000002"
+    assert checkpoint_pick.latest_checkpoint(tmp_path).name == "step_0000002"
 
 
 def test_garbled_file_and_missing_optimizer_slot_name_the_file(tmp_path):
@@ -153,7 +153,7 @@ def test_checkpoint_missing_a_tensor_is_not_resumed(trained, tmp_path):
     from furlib.training.trainer import Trainer
 
     outputs = trained[0]
-    ckpt = checkpoint.latest_checkpoint(outputs / "r")
+    ckpt = checkpoint_pick.latest_checkpoint(outputs / "r")
     import shutil
 
     broken = tmp_path / "step"
@@ -338,7 +338,7 @@ def test_a_bad_batch_is_called_bad_data():
 def test_checkpoints_of_older_versions_still_resume_with_a_note(tmp_path):
     folder = _save(tmp_path / "checkpoints", 2)
     (folder / "checksums.json").unlink()  # as written before checksums existed
-    found, notes = checkpoint.pick_checkpoint(tmp_path)
+    found, notes = checkpoint_pick.pick_checkpoint(tmp_path)
     assert found == folder and "not verified" in notes[0]
 
 

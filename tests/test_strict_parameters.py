@@ -166,7 +166,7 @@ def test_outputs_dir_under_home_is_expanded():
 def test_paths_and_values_that_would_fail_mid_run_are_refused_first(tmp_path):
     """An outputs_dir or checkpoints that is a file (02 trained, then failed at its first save), a
     seed from time.time_ns() (torch's generator overflowed at step 0), a device this torch lacks."""
-    from furlib import checkpoint, runinfo
+    from furlib import checkpoint_pick, runinfo
     from furlib.evaluation import evaluate
 
     (tmp_path / "afile").write_text("x")
@@ -175,7 +175,7 @@ def test_paths_and_values_that_would_fail_mid_run_are_refused_first(tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "checkpoints").write_text("x")
     with pytest.raises(ValueError, match="r/checkpoints should be a folder but is a file"):
-        checkpoint.pick_checkpoint(tmp_path / "r")
+        checkpoint_pick.pick_checkpoint(tmp_path / "r")
     (tmp_path / "r" / "logs").write_text("x")
     with pytest.raises(ValueError, match=r"r/logs should be a folder but is a file"):
         runinfo.check_folders(tmp_path / "r", ["eval", "logs"])

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from furlib import checkpoint
+from furlib import checkpoint_pick
 from furlib.training.losses import generator_loss
 from furlib.training.ema import scaled_decay
 from furlib.training.losses import reference_adaptive_weight
@@ -94,7 +94,7 @@ def test_resume_is_exact(tmp_path):
         first.step(batch(s))
     first.save(tmp_path / "checkpoints", base_model="tiny-random")
     resumed = make_trainer(**kw)
-    resumed.load(checkpoint.latest_checkpoint(tmp_path))
+    resumed.load(checkpoint_pick.latest_checkpoint(tmp_path))
     assert resumed.step_count == 2
     for s in range(2, 4):
         resumed.step(batch(s))

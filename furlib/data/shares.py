@@ -39,7 +39,7 @@ import signal
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
 
-from furlib import atomic, sources
+from furlib import atomic, sources, table_sources
 from furlib.sources import RESUMED, Input
 
 FILE_STRIDE = 2 ** 40  # sort index of row r of file f: f * FILE_STRIDE + r (the stream's order)
@@ -175,16 +175,16 @@ def own_inputs(job: dict, k: int, m: int, dealer: Dealer, resume: dict | None = 
     if hasattr(ds, "__len__"):  # memory-mapped: select the rows dealt, read nothing else
         mine = _shard_part(min(len(ds), sel["max_images"]) if sel["max_images"] else len(ds), n, s)
         rows = _dealt_rows(ds, mine, dealer, prefix, job["image_column"], stamp)
-        return sources.beside_table(rows, path), len(mine), "dealt"
+        return table_sources.beside_table(rows, path), len(mine), "dealt"
     w, workers = s + n * k, n * m
     resume = resume if resume and resume.get("stamp") == stamp else None
     by_files = workers > 1 and ds.n_shards % workers == 0 and not sel["max_images"]
     rows = _stream_rows(ds, prefix, job["image_column"], stamp, w, workers, by_files,
                         sel["max_images"], resume)
     if kind == "hub":
-        rows = sources._guarded(rows, str(source), job["source_split"])
+        rows = table_sources._guarded(rows, str(source), job["source_split"])
     else:
-        rows = sources.beside_table(rows, path)
+        rows = table_sources.beside_table(rows, path)
     return rows, None, "files" if by_files or workers == 1 else "row filter"
 
 
@@ -195,19 +195,19 @@ def _open(kind: str, path, job: dict, table=None):
 
     source, split, column = job["source"], job["source_split"], job["image_column"]
     if kind == "table":
-        ds = sources.open_table(path, split) if table is None else table
-        prefix, stamp = path.name, sources.fingerprint(path)
+        ds = table_sources.open_table(path, split) if table is None else table
+        prefix, stamp = path.name, table_sources.fingerprint(path)
     else:
-        offline = sources.hub_offline()
-        if not offline and (why := sources.hub_unreachable()):  # fail in ms, not after retries
-            raise sources._hub_error(str(source), split, ConnectionError(why))
+        offline = table_sources.hub_offline()
+        if not offline and (why := table_sources.hub_unreachable()):  # fail in ms, not after retries
+            raise table_sources._hub_error(str(source), split, ConnectionError(why))
         try:
-            ds, commit = sources._open_hub(str(source), split, job["selection"]["source_revision"])
+            ds, commit = table_sources._open_hub(str(source), split, job["selection"]["source_revision"])
         except Exception as e:  # noqa: BLE001 - network, auth, missing repo: one clear error
-            raise sources._hub_error(str(source), split, e) from None
+            raise table_sources._hub_error(str(source), split, e) from None
         prefix, stamp = f"{source}:{split}", f"hub:{commit}"
     if ds.column_names is not None and column not in ds.column_names:
-        raise sources._ColumnError(f"image_column={column!r} is not a column of {prefix}: {ds.column_names}")
+        raise table_sources._ColumnError(f"image_column={column!r} is not a column of {prefix}: {ds.column_names}")
     if ds.features is not None and isinstance(ds.features.get(column), datasets.Image):
         ds = ds.cast_column(column, datasets.Image(decode=False))
     return ds.select_columns([column]), prefix, stamp

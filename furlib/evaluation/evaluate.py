@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from furlib import checkpoint, families
+from furlib import checkpoint, checkpoint_pick, families
 from furlib.evaluation import compared, fid_kid, metrics
 from furlib.images import center_crop, load_rgb, to_rgb_m11, to_uint8
 from furlib.models import SAFETENSORS_SUFFIXES, is_pretrained, load_vae, with_decoder
@@ -96,7 +96,7 @@ def run_models(run_dir, base_model: str = "", base_config: str = "", compare: st
                seed: int = 0, base_family: str = "", on_bad_checkpoint: str = "refuse") -> list:
     """base, finetuned-ema, finetuned-raw (latest checkpoint), extras (``compare``). 03 evaluates
     checkpoints; 04 verifies its own export."""
-    ckpt = checkpoint.find_run_checkpoint(Path(run_dir), on_bad_checkpoint)
+    ckpt = checkpoint_pick.find_run_checkpoint(Path(run_dir), on_bad_checkpoint)
     base_model, base_config, base_family, state = checkpoint.run_base(ckpt, base_model, base_config, base_family)
     seed = state.get("settings", {}).get("seed", seed)  # 'tiny' bases: the encoder 02 trained with
     step = int(state["step"])

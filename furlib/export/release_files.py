@@ -1,4 +1,4 @@
-"""Stage 04: a run's release files, each verified by reloading it independently.
+"""Stage 04: a run's release files: what is released, written, then moved into place with a manifest.
 
 Layout under ``outputs/<run_name>/export/``, the layout of the Hub's VAE repositories (e.g.
 ``stabilityai/sd-vae-ft-mse``: diffusers files at the root, the single file beside them), so
@@ -11,15 +11,13 @@ Layout under ``outputs/<run_name>/export/``, the layout of the Hub's VAE reposit
     manifest.json     every file's size and SHA-256, and the verification results
 
 Everything is written to ``.export-staging/`` first and moved to ``export/`` only once every
-check passed, so a failed verification never leaves shippable-looking files behind.
-Verification decodes fixed seeded latents (``latent_nchw``, unscaled) into ``rgb_m11``.
-Nothing here unpickles: weights are read from safetensors only.
+check passed (``furlib.export.verify``), so a failed verification never leaves shippable-looking
+files behind; the manifest and the upload are ``furlib.export.hub``'s. Nothing here unpickles:
+weights are read from safetensors only.
 """
 
-import contextlib
 import copy
 import json
-import math
 import os
 import re
 import shutil
@@ -28,14 +26,14 @@ import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import torch
-
-from furlib.checkpoint import find_run_checkpoint, load_decoder_weights, run_base
+from furlib.checkpoint import load_decoder_weights, run_base
+from furlib.checkpoint_pick import find_run_checkpoint
 from furlib.atomic import recover_folder, replace_folder
+from furlib.export.hub import check_export_is_ours, file_table, hub_repo_problem
 from furlib.ldm_keys import diffusers_to_ldm
 from furlib.models import load_vae, with_decoder
 from furlib.parameters import strict_bool
-from furlib.runinfo import check_folders, file_sha256
+from furlib.runinfo import file_sha256
 from furlib.training.runlock import training_note
 
 
@@ -64,26 +62,6 @@ def check_parameters(p: dict) -> None:
         raise ValueError("invalid 04_export parameter(s):\n  " + "\n  ".join(found))
 
 
-def hub_repo_problem(repo_id: str) -> str:
-    """'' if ``repo_id`` is a repository id the Hub accepts; else why not (before any training:
-    the Hub's own check ran only at the upload, after the training and the export)."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-        if repo_id.count("/") == 1:
-            return ""
-    except HFValidationError:
-        pass
-    return (f"hub_repo must be 'owner/name' (letters, digits, '-', '_' and '.', neither part starting or "
-            f"ending with '-' or '.'), got {repo_id!r}")
-
-
-FP32_TOL = 1e-5  # same weights, same maths: anything above this is a broken file
-# fp16 files lose ~3 decimal digits per weight (relative step 2**-11); decoded in fp32 that moves
-# pixels by ~1e-3 typically. A wrong key or layout moves them by ~0.1-1, so 3e-2 (about four
-# 8-bit levels in [-1, 1]) separates the two. The fp16 weights must also equal w.half() exactly.
-FP16_TOL = 3e-2
 STAGING, EXPORT = ".export-staging", "export"
 
 
@@ -214,166 +192,6 @@ def file_metadata(model_name: str, version: str, step: int, base_model: str, wei
     return meta
 
 
-def seeded_latents(vae, seed: int = 0, n: int = 2, size: int = 8) -> torch.Tensor:
-    """Fixed unscaled latents, ``(n, latent_channels, size, size)``, from a private generator."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, vae.config.latent_channels, size, size, generator=gen)
-
-
-@contextlib.contextmanager
-def _strict_fp32():
-    """No TF32 while comparing: it alone can move GPU outputs by more than FP32_TOL."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-@torch.no_grad()
-def decode(vae, latent_nchw: torch.Tensor, device="cpu") -> torch.Tensor:
-    """``rgb_m11`` on the CPU, decoded in fp32 on ``device``; the model goes back to the CPU."""
-    vae = vae.float().to(device)
-    try:
-        with _strict_fp32():
-            return vae.decode(latent_nchw.to(device)).sample.float().cpu()
-    finally:
-        vae.to("cpu")
-
-
-def _reload(role: str, path: Path, stage_dir: Path):
-    """Each file through a loader that shares no code with the writer (except our own loader)."""
-    from diffusers import AutoencoderKL
-
-    folder = str(stage_dir)  # config.json at the export's root
-    if role == "diffusers":
-        return [("diffusers from_pretrained", AutoencoderKL.from_pretrained(folder))]
-    if role == "diffusers_fp16":
-        return [("diffusers from_pretrained fp16", AutoencoderKL.from_pretrained(folder, variant="fp16"))]
-    return [("diffusers from_single_file",
-             AutoencoderKL.from_single_file(str(path), config=folder, local_files_only=True)),
-            ("furlib load_single_file", load_vae(str(path), base_config=folder))]
-
-
-def _weights_diff(model, expected: dict) -> float:
-    """Max abs difference over every tensor, encoder included; missing or meta tensors fail."""
-    got = model.state_dict()
-    if set(got) != set(expected) or any(v.is_meta for v in got.values()):
-        return math.inf
-    flat = [(got[k].float().cpu() - expected[k].float()).flatten() for k in expected]
-    return torch.cat(flat).abs().max().item()  # one reduction: hundreds of tiny ones are slow
-
-
-def check_single_file_layout(path: Path, vae, dtype: torch.dtype) -> str:
-    """'' if the file's keys, shapes, dtype and format match our conversion of ``vae``."""
-    from safetensors import safe_open
-
-    reference = {k: tuple(v.shape) for k, v in diffusers_to_ldm(vae.state_dict()).items()}
-    with safe_open(str(path), "pt") as f:
-        if (f.metadata() or {}).get("format") != "pt":
-            return "metadata lacks format=pt"
-        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
-    if found != reference:
-        bad = sorted(set(found) ^ set(reference)) or [k for k in found if found[k] != reference[k]]
-        return f"keys/shapes differ from the reference conversion: {bad[:5]}"
-    want = {torch.float32: "F32", torch.float16: "F16"}[dtype]
-    return "" if dtypes == {want} else f"dtypes {sorted(dtypes)}, expected {want}"
-
-
-def verify_export(vae, files: dict, stage_dir: Path, seed: int = 0, device="cpu") -> list[dict]:
-    """Reload every file, compare all weights and a decode with ``vae``; raise if any fails."""
-    from furlib.progress import tqdm
-
-    latents = seeded_latents(vae, seed)
-    reference = decode(vae, latents, device)
-    exact = {k: v.detach().cpu().float() for k, v in vae.state_dict().items()}
-    results = []
-    for role, path in tqdm(files.items(), desc="verify", unit="file"):
-        fp16 = role.endswith("fp16")
-        expected = {k: v.half() for k, v in exact.items()} if fp16 else exact
-        layout = check_single_file_layout(path, vae, torch.float16 if fp16 else torch.float32) \
-            if role.startswith("single") else ""
-        try:
-            reloaded = _reload(role, path, stage_dir)
-        except Exception as err:  # any loader's refusal is a failed verification, said as such
-            raise RuntimeError(f"export verification failed: {path} does not reload: {err}") from err
-        for loader, model in reloaded:
-            weights = _weights_diff(model, expected)
-            diff = math.inf if math.isinf(weights) else \
-                (decode(model.float(), latents, device) - reference).abs().max().item()
-            tol = FP16_TOL if fp16 else FP32_TOL
-            results.append({"file": str(Path(path).relative_to(stage_dir)), "loader": loader,
-                            "weights_max_abs_diff": weights, "decode_max_abs_diff": diff,
-                            "tolerance": tol, "layout_problem": layout,
-                            "passed": weights == 0.0 and diff <= tol and not layout})
-    failed = [r for r in results if not r["passed"]]
-    if failed:
-        raise RuntimeError(f"export verification failed; nothing was moved to {EXPORT}/ "
-                           f"(inspect {stage_dir}):\n" + "\n".join(json.dumps(r) for r in failed))
-    fp16_files = {str(Path(path).relative_to(stage_dir)) for role, path in files.items() if role.endswith("fp16")}
-    if fp16_files:
-        _note_fp16_decode(vae, latents, [r for r in results if r["file"] in fp16_files])
-    return results
-
-
-def _note_fp16_decode(vae, latent_nchw: torch.Tensor, fp16_rows: list[dict]) -> None:
-    """The checks above decode fp16 files in fp32: they prove the rounding, not that the files decode
-    in fp16. Decoded in fp16 too, each fp16 row gets ``fp16_decode`` ('ok', 'overflow' or why it did
-    not run), and an overflow is warned (SDXL's own VAE does so: not a failed release)."""
-    from furlib.evaluation.decode_checks import fp16_decode_check
-
-    status = fp16_decode_check(vae, latent_nchw)["status"]
-    for r in fp16_rows:
-        r["fp16_decode"] = status
-    if status == "overflow":
-        warnings.warn("the fp16 files decode to non-finite values (black images) when run in float16: "
-                      "they need fp32 decoding (--no-half-vae, diffusers' force_upcast); the model card says "
-                      "so. fp16_copy=False leaves them out", stacklevel=2)
-
-
-
-def file_table(root: Path) -> list[dict]:
-    """Every file under ``root`` but the manifest: relative path, size in bytes, SHA-256."""
-    root = Path(root)
-    return [{"path": p.relative_to(root).as_posix(), "bytes": p.stat().st_size, "sha256": file_sha256(p)}
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.json"]
-
-
-DESKTOP_JUNK = {".DS_Store", "Thumbs.db", "desktop.ini", ".ipynb_checkpoints"}  # replaced with export/
-_JUNK_PATTERNS = [p for j in sorted(DESKTOP_JUNK) for p in (j, f"*/{j}", f"{j}/*", f"*/{j}/*")]  # never uploaded
-
-
-def manifest_differences(export_dir: Path) -> tuple[list, list]:
-    """(files added or edited since ``manifest.json`` listed them, files it lists that are gone);
-    desktop junk is neither, a clone's ``.git/`` is added."""
-    try:
-        listed = {f["path"]: f["sha256"] for f in json.loads((Path(export_dir) / "manifest.json").read_text())["files"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        listed = {}
-    found = [f for f in file_table(export_dir) if not set(f["path"].split("/")) & DESKTOP_JUNK]
-    return ([f["path"] for f in found if listed.get(f["path"]) != f["sha256"]],
-            sorted(set(listed) - {f["path"] for f in found}))
-
-
-def check_export_is_ours(export_dir: Path) -> None:
-    """04 replaces ``export/`` whole: before any work, refuse when it holds what 04 did not write
-    (a file a user added or edited since, by its manifest), or is a file, instead of deleting it."""
-    export_dir = Path(export_dir)
-    if export_dir.is_symlink():  # the swap would replace the link and leave its target stale
-        raise ValueError(f"{export_dir} is a link (to {os.readlink(export_dir)}); 04 replaces the folder whole: "
-                         "remove the link and copy export/ where you want it after 04, or set outputs_dir there")
-    check_folders(export_dir.parent, [export_dir.name])
-    if not export_dir.is_dir() or not any(export_dir.iterdir()):
-        return
-    foreign, _ = manifest_differences(export_dir)
-    if foreign:
-        raise ValueError(f"{export_dir} holds files 04 did not write, or edited since it did: {foreign[:5]}"
-                         f"{' ...' if len(foreign) > 5 else ''}. 04 replaces export/ whole: move them out "
-                         "(a card's words belong in 04's training_data and license parameters), then run 04 again")
-
-
 def finalize_export(stage_dir: Path, export_dir: Path, release: Release, checks: list[dict]) -> dict:
     """Write ``manifest.json`` into the staging folder, then swap it in as ``export_dir``."""
     if not checks or not all(c["passed"] for c in checks):
@@ -385,53 +203,3 @@ def finalize_export(stage_dir: Path, export_dir: Path, release: Release, checks:
     (stage_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
     replace_folder(stage_dir, export_dir)  # the older export is deleted only once this one is in
     return manifest
-
-
-def push_to_hub(export_dir: Path, repo_id: str, private: bool = False, endpoint: str | None = None) -> str:
-    """Upload the verified export folder to ``repo_id`` with the token in ``HF_TOKEN``."""
-    if problem := hub_repo_problem(repo_id):
-        raise ValueError(problem)
-    recover_folder(export_dir)  # a release left aside by a killed 04 is the one to upload
-    if not (Path(export_dir) / "manifest.json").exists():
-        raise RuntimeError(f"{export_dir} has no manifest.json: only a verified export is uploaded")
-    changed, missing = manifest_differences(export_dir)  # the manifest would vouch for files it never saw
-    if changed or missing:
-        raise RuntimeError(f"{export_dir} is not the export 04 verified (added or edited since: {changed[:5]}, "
-                           f"gone: {missing[:5]}); nothing was uploaded. Run 04 again to rebuild and verify it "
-                           "(a card's words belong in 04's training_data and license parameters)")
-    token = os.environ.get("HF_TOKEN", "")
-    if not token:
-        raise RuntimeError("push_to_hub needs a Hugging Face write token in the environment "
-                           "variable HF_TOKEN (on Colab: a secret named HF_TOKEN)")
-    from huggingface_hub import HfApi
-
-    api = HfApi(endpoint=endpoint, token=token)
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(folder_path=str(export_dir), repo_id=repo_id, ignore_patterns=_JUNK_PATTERNS,
-                          commit_message=f"Upload {Path(export_dir).parent.name} export")
-    except Exception as err:  # offline, auth and HTTP errors differ across huggingface_hub versions
-        raise RuntimeError(f"upload to the Hugging Face Hub ({repo_id}) failed: {err}. The export in {export_dir} "
-                           "is complete and unchanged: upload it again with push_to_hub once the cause is fixed "
-                           "(no need to run 04 again)") from err
-    return f"https://huggingface.co/{repo_id}"
-
-
-def val_images(run_dir: Path, n: int = 4, size: int = 256) -> torch.Tensor | None:
-    """Up to ``n`` of the run's ``data/val`` images, as 03 evaluates them, as ``rgb_m11``."""
-    from furlib.images import preprocess
-    from furlib.prepared import list_images
-
-    paths = list_images(Path(run_dir) / "data" / "val")[:n]  # stored JPEG/PNG/WebP, as 02 lists them
-    return torch.stack([preprocess(p, size) for p in paths]) if paths else None
-
-
-@torch.no_grad()
-def reconstructions(rgb_m11: torch.Tensor, decoders: dict, encoder_vae, device="cpu") -> dict:
-    """Columns for ``reconstructions.reconstruction_strip``: the input, then its decode by each named VAE.
-
-    ``encoder_vae`` encodes once (posterior mode), so the columns differ only by decoder.
-    """
-    latents = encoder_vae.float().to(device).encode(rgb_m11.to(device)).latent_dist.mode().cpu()
-    encoder_vae.to("cpu")
-    return {"input": rgb_m11} | {name: decode(v, latents, device) for name, v in decoders.items()}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from furlib import checkpoint, models, runinfo
+from furlib import checkpoint, checkpoint_pick, models, runinfo
 from furlib.data import prep_report
 from furlib.prepared import list_images
 from furlib import crops
@@ -138,7 +138,7 @@ def check_room_for_a_checkpoint(s, run_path: Path, vae, stale=()) -> None:
     where = next(p for p in (run_path, *run_path.parents) if p.exists())
     free = shutil.disk_usage(where).free + sum(f.stat().st_size for d in stale for f in d.rglob("*") if f.is_file())
     if need and free < need:
-        kept = len(checkpoint.step_folders(run_path / "checkpoints"))
+        kept = len(checkpoint_pick.step_folders(run_path / "checkpoints"))
         lower = (f", or lower keep_checkpoints (now {s.keep_checkpoints or 'all'}; the run holds {kept}): the older "
                  "ones beyond it are removed before training") if kept > 1 and s.keep_checkpoints != 1 else ""
         raise ValueError(f"one checkpoint of this run takes ~{need / 1e9:.2f} GB, and {free / 1e9:.2f} GB are free on "
@@ -163,7 +163,7 @@ def make_plan(s, processes: int, device: torch.device) -> Plan:
         notes = []
     runinfo.check_folders(run_path, ("logs", "train", "pixel_cache"))  # not at the first write (checkpoints: below)
     vae = base_vae(s)  # its config read once, for the disk's room and the CPU's cost
-    ckpt, ckpt_notes = checkpoint.pick_checkpoint(run_path, s.on_bad_checkpoint)
+    ckpt, ckpt_notes = checkpoint_pick.pick_checkpoint(run_path, s.on_bad_checkpoint)
     notes += ckpt_notes
     start, stale = 0, []
     if ckpt is not None:

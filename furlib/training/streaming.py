@@ -1,7 +1,7 @@
 """Training straight from a parquet/arrow/save_to_disk or Hub dataset, without 01's folder.
 
 For data that does not fit a local disk. ``StreamCrops`` reads the dataset as a ``datasets``
-IterableDataset (``furlib.sources.open_stream``), splits it per rank with datasets'
+IterableDataset (``furlib.table_sources.open_stream``), splits it per rank with datasets'
 ``split_dataset_by_node`` and per DataLoader worker with datasets' own worker sharding (an
 IterableDataset iterated inside a worker reads only its share of the shards), decodes every row
 with 01's own functions (``images.decode_input``: EXIF, ICC, alpha, bombs, too small rejected;
@@ -24,7 +24,7 @@ from PIL import Image
 
 from furlib.images import DEFAULT_MAX_PIXELS, ImageRejected, cap_long_side, decode_input
 from furlib import crops
-from furlib.sources import beside
+from furlib.table_sources import beside
 
 
 class StreamCrops(torch.utils.data.IterableDataset):
@@ -37,7 +37,8 @@ class StreamCrops(torch.utils.data.IterableDataset):
                  shuffle_buffer: int = 256, log_dir=None, start_step: int = 0):
         from datasets.distributed import split_dataset_by_node
 
-        from furlib.sources import open_stream, source_kind
+        from furlib.sources import source_kind
+        from furlib.table_sources import open_stream
 
         ds, self.prefix = open_stream(source, source_split, image_column, revision)  # fails here, early
         kind, path = source_kind(source)
