@@ -5,7 +5,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tiny models on a small CI machine: one intra-op thread avoids oversubscription when several
-# processes (papermill kernels, data-loader workers) share two cores.
+# processes (make test's two pytest workers, papermill kernels, data-loader workers) share two cores.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

@@ -83,27 +83,37 @@ def accum_trainer(accum: int, batch: int = 8, world_size: int = 1):
     return Trainer(load_vae("tiny", seed=0), s, "cpu", LPIPS("vgg", "random", seed=0), world_size=world_size)
 
 
-@pytest.mark.parametrize("accum", (2, 4, 8))
-def test_grad_accum_keeps_the_whole_batchs_adaptive_weight_and_gradient(accum):
-    """The card's weight is set for the step's batch: over 2, 4 or 8 micro-batches the weight
-    and the decoder's gradient are one batch's, to float tolerance (issue 26: per micro-batch,
-    the critic's share was 0.53 / 0.55 / 0.50 instead of 0.5). The one-batch weight itself is
-    LDM's, through plain autograd on the whole batch."""
+@pytest.fixture(scope="module")
+def one_batch():
+    """The batch, and one step on it whole: its adaptive weight and decoder gradient, and LDM's
+    weight through plain autograd on it. The same for every accum (seeded), so computed once."""
     from furlib.training.losses import generator_loss, reference_adaptive_weight
 
     x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    one, acc = accum_trainer(1), accum_trainer(accum)
-    logs_one, logs_acc = one.step(x), acc.step(x)  # the gradients stay in .grad after the step
-    assert float(logs_acc["gan/weight"]) == pytest.approx(float(logs_one["gan/weight"]), rel=1e-4)  # seen: 1.6e-5
-    got = torch.cat([p.grad.flatten() for _, p in acc.trainable])
+    one = accum_trainer(1)
+    logs_one = one.step(x)  # the gradients stay in .grad after the step
     want = torch.cat([p.grad.flatten() for _, p in one.trainable])
-    assert (got - want).norm() <= 1e-3 * want.norm(), float((got - want).norm() / want.norm())  # seen: 4e-4 at 8
     ref = accum_trainer(1)
     recon = ref.vae.decode(ref.vae.encode(x).latent_dist.mode()).sample
     rec, _ = ref.rec_loss(recon, x, *ref.s.loss_weights(0), ref.s.lpips_weight)
     gan = generator_loss(ref.critic(recon), ref.s.gan_loss)
     w = reference_adaptive_weight(rec, gan, ref.vae.decoder.conv_out.weight, ref.s.disc_weight)
-    assert float(logs_one["gan/weight"]) == pytest.approx(float(w), rel=1e-4)
+    return x, float(logs_one["gan/weight"]), want, float(w)
+
+
+@pytest.mark.parametrize("accum", (2, 4, 8))
+def test_grad_accum_keeps_the_whole_batchs_adaptive_weight_and_gradient(accum, one_batch):
+    """The card's weight is set for the step's batch: over 2, 4 or 8 micro-batches the weight
+    and the decoder's gradient are one batch's, to float tolerance (issue 26: per micro-batch,
+    the critic's share was 0.53 / 0.55 / 0.50 instead of 0.5). The one-batch weight itself is
+    LDM's, through plain autograd on the whole batch."""
+    x, weight_one, want, w = one_batch
+    acc = accum_trainer(accum)
+    logs_acc = acc.step(x)
+    assert float(logs_acc["gan/weight"]) == pytest.approx(weight_one, rel=1e-4)  # seen: 1.6e-5
+    got = torch.cat([p.grad.flatten() for _, p in acc.trainable])
+    assert (got - want).norm() <= 1e-3 * want.norm(), float((got - want).norm() / want.norm())  # seen: 4e-4 at 8
+    assert weight_one == pytest.approx(w, rel=1e-4)
 
 
 def test_grad_accum_averages_the_critics_gradient():
