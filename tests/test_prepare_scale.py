@@ -385,16 +385,17 @@ def test_an_interrupt_or_a_kill_stops_every_process(tmp_path, how):
             time.sleep(0.1)
             parent.send_signal(signal.SIGINT)
         parent.wait(timeout=30)
-    finally:  # a hung run must not outlive the test
+        if how.startswith("SIGINT"):
+            assert b"KeyboardInterrupt" in parent.stderr.read()
+        deadline = time.monotonic() + 20
+        while any(map(alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # checked before the cleanup below, which would otherwise hide an orphan that kept working
+        assert not any(map(alive, workers)), "a process of the shard kept going after its parent stopped"
+    finally:  # a hung run, or an orphan the assertion found, must not outlive the test
         for pid in [parent.pid, *workers]:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
-    if how.startswith("SIGINT"):
-        assert b"KeyboardInterrupt" in parent.stderr.read()
-    deadline = time.monotonic() + 20
-    while any(map(alive, workers)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(map(alive, workers)), "a process of the shard kept going after its parent stopped"
     done = journalled()
     assert first <= done < total  # stopped early, with what it had done journalled
     time.sleep(1)
