@@ -146,6 +146,11 @@ def hub_unreachable() -> str:
     return ""
 
 
+def first_line(err: Exception, limit: int = 300) -> str:
+    """An error's first line, cut to ``limit`` characters: a library's message inside one of ours."""
+    return (str(err).strip().splitlines() or [""])[0][:limit]
+
+
 def file_sha256(path) -> str:
     """SHA-256 of a file, read in 4 MiB blocks (checkpoints and exports are hundreds of MB)."""
     import hashlib

@@ -14,7 +14,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from furlib.runinfo import hub_unreachable
+from furlib.runinfo import first_line, hub_unreachable
 from furlib.sources import RESUMED, Input, source_kind
 
 OFFLINE_HELP = ("Offline, use source='builtin' (or 'builtin-art', 'builtin-photos'), a local folder of images, "
@@ -220,10 +220,9 @@ def _guarded(rows, source: str, source_split: str):
 
 
 def _hub_error(source: str, source_split: str, e: Exception) -> RuntimeError:
-    first_line = (str(e).strip().splitlines() or [""])[0][:300]
     return RuntimeError(
         f"could not read Hub dataset {source!r} split {source_split!r} ({type(e).__name__}: "
-        f"{first_line}); no local file or folder of that name exists either. {OFFLINE_HELP} "
+        f"{first_line(e)}); no local file or folder of that name exists either. {OFFLINE_HELP} "
         f"A Hub source is streamed, never cached, so it needs the Hub every time: to work offline, "
         f"download it once (hf download {source} --repo-type dataset --local-dir <folder>) and give "
         f"that folder as source. Re-running resumes an interrupted run.")

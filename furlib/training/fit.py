@@ -228,7 +228,8 @@ def _started(loader, trainer: Trainer, s: TrainSettings):
         failure = RuntimeError(_no_rows(s, rank, world))
     except Exception as err:  # noqa: BLE001 - the other ranks hear of it, then it is raised as it was
         failure = err
-    said = _from_every_rank(None if failure is None else f"{type(failure).__name__}: {_first_line(failure)}", world)
+    why = None if failure is None else f"{type(failure).__name__}: {runinfo.first_line(failure)}"
+    said = _from_every_rank(why, world)
     if failure is not None:
         raise failure
     stopped = [f"rank {r} ({m})" for r, m in enumerate(said) if m]
@@ -257,10 +258,6 @@ def _from_every_rank(message, world: int) -> list:
     every = [None] * world
     dist.all_gather_object(every, message)
     return every
-
-
-def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [""])[0][:300]
 
 
 def _saving_on_data_errors(loader, trainer: Trainer, p, save):
