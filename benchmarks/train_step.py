@@ -247,8 +247,41 @@ def write_profile(step, x, path: Path) -> tuple[str, float]:
     by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=40,
                                                                   max_name_column_width=60)
     path.write_text(f"kernel time per step: {kernel_ms:.1f} ms\n\n{by_op}\n\nBy Python caller (6 frames):\n{by_caller}"
-                    f"\n\nBy operator and input shapes:\n{by_shape}")
+                    f"\n\nBy operator and input shapes:\n{by_shape}\n\n{big_copies(prof.events())}")
     return str(path), kernel_ms
+
+
+def big_copies(events, min_numel: int = 2**26) -> str:
+    """Every copy of a tensor of at least ``min_numel`` elements, grouped by the operators that
+    called it (innermost last) and its shapes, with its kernels' time and the Python frames
+    nearest to it: which layout changes a step pays for, and who asks for them."""
+    groups = {}
+    for e in events:
+        shapes = getattr(e, "input_shapes", None) or []
+        if e.name != "aten::copy_" or not shapes or not shapes[0] or _numel(shapes[0]) < min_numel:
+            continue
+        ops, frames, parent = [], [], e.cpu_parent
+        while parent is not None:  # operators, then (with_stack) Python frames outside torch
+            if parent.name.startswith(("aten::", "## Call")):
+                ops.append(parent.name)
+            elif ".py(" in parent.name and "torch/" not in parent.name:
+                frames.append(parent.name)
+            parent = parent.cpu_parent
+        key = (" < ".join(ops[:4]), str(shapes[:2]), " < ".join(frames[:3]))
+        n, us = groups.get(key, (0, 0.0))
+        groups[key] = (n + 1, us + e.device_time_total)
+    lines = [f"Copies of >= {min_numel} elements (two steps): calls, kernel ms, callers (innermost first), shapes, "
+             "Python frames"]
+    for (chain, shapes, frames), (n, us) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
+        lines.append(f"{n:4d} {us / 1e3:8.2f} ms  {chain}  {shapes}  {frames}")
+    return "\n".join(lines)
+
+
+def _numel(shape) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
 
 
 def time_variant(variant: str, batch: int, res: int, steps: int, warmup: int, profile_dir: str = "",

@@ -111,6 +111,48 @@ def test_math_attention_only_on_cuda_up_to_512px():
     assert not speed.wants_math_attention(speed.Tuning(math_attention=False), TrainSettings(resolution=256), cuda)
 
 
+def test_cudagraphs_only_when_asked_on_cuda_and_compiled():
+    """The step marks its start and copies graph outputs it keeps only where CUDA graphs run."""
+    on, cuda = speed.Tuning(inductor_options={"triton.cudagraphs": True}), torch.device("cuda")
+    assert speed.uses_cudagraphs(on, TrainSettings(), cuda)
+    assert not speed.uses_cudagraphs(speed.Tuning(), TrainSettings(), cuda)
+    assert not speed.uses_cudagraphs(on, TrainSettings(), torch.device("cpu"))
+    assert not speed.uses_cudagraphs(on, TrainSettings(torch_compile="no"), cuda)
+
+
+def backward_inputs(detached: bool) -> list:
+    """Shapes of the compiled decoder's backward graph inputs, with the adaptive weight's tap."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    from furlib.training.trainer import FeatureTap
+
+    shapes = []
+
+    def backward(gm, _):
+        shapes.extend(tuple(n.meta["val"].shape) for n in gm.graph.nodes if n.op == "placeholder")
+        return make_boxed_func(gm)
+
+    torch._dynamo.reset()
+    vae = load_vae("tiny-random", seed=0)
+    tap = FeatureTap(vae.decoder.conv_out, detached)
+    vae.decoder.compile(backend=aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm), bw_compiler=backward))
+    recon = vae.decode(torch.randn(1, vae.config.latent_channels, 4, 4)).sample
+    assert tap.features.requires_grad is not detached
+    recon.sum().backward()
+    return shapes
+
+
+def test_detached_tap_takes_no_gradient_in_the_compiled_backward():
+    """Kept with its graph, the tapped features are an output of the compiled decoder that needs
+    a gradient: every backward gets one more input of their shape (autograd fills it with zeros).
+    Detached, the backward takes one input fewer."""
+    plain, detached = backward_inputs(False), backward_inputs(True)
+    assert len(detached) == len(plain) - 1
+    gone = [s for s in set(plain) if plain.count(s) != detached.count(s)]
+    assert len(gone) == 1 and len(gone[0]) == 4 and gone[0][0] == 1  # (1, C, H, W): the features
+
+
 CACHE_PROBE = """
 import json, sys
 import torch

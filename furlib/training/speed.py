@@ -77,6 +77,7 @@ class Tuning:
     compile_penalty: bool = True    # WGAN-GP's double backward compiled (``compiled_penalty``); same maths
     lpips_autocast: bool = False    # LPIPS under the step's autocast, not fp32 (changes results)
     math_attention: bool = True     # on CUDA, crops up to 512 px: ``use_math_attention``
+    tap_detached: bool = True       # the adaptive weight's features kept without a graph (``FeatureTap``)
     part_timer: Callable[[str], AbstractContextManager] | None = None  # wraps each part of the step
 
 
@@ -95,6 +96,13 @@ def use_compile_cache(folder) -> Path:
     os.environ["TRITON_CACHE_DIR"] = str(folder / "triton")
     inductor.fx_graph_cache = True  # the default since torch 2.5; requirements allow 2.4
     return folder
+
+
+def uses_cudagraphs(tuning: Tuning, settings, device: torch.device) -> bool:
+    """Whether compiled graphs run as CUDA graphs (inductor's ``triton.cudagraphs``): the step then
+    marks where it starts and copies out the graph outputs it keeps (``Trainer.step``)."""
+    return (bool(tuning.inductor_options.get("triton.cudagraphs")) and torch.device(device).type == "cuda"
+            and settings.uses("torch_compile", device))
 
 
 def wants_math_attention(tuning: Tuning, settings, device: torch.device) -> bool:

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Issue 21's device calls (third session), one function a call; the machine stays warm between
+# calls, so the inductor cache in $CC that `warm` fills serves `timed` and `rows`.
+#   bash benchmarks/step_calls.sh warm    # compile every variant, three at a time (one call)
+#   bash benchmarks/step_calls.sh timed   # time them one by one, warm, then a kernel table
+# Each variant is its own process (train_step.py); $OUT receives logs and JSON.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+CC=${CC:-/tmp/cc}
+export TORCHINDUCTOR_CACHE_DIR=$CC TRITON_CACHE_DIR=$CC/triton
+S="--flops 76868634017792"
+GRAPHS="project[inductor_options={'force_layout_optimization': True, 'triton.cudagraphs': True}]"
+VARIANTS=("project[tap_detached=False]" "project" "project[coordinate_descent_tuning=True]" "$GRAPHS")
+
+one() {  # one variant, a few steps: compiles it into $CC (a cold cache: minutes)
+    local name=$1 tag=$2
+    timeout "${LIMIT:-520}" python3 benchmarks/train_step.py $S --variant "$name" --steps 3 --warmup 3 \
+        > "$OUT/warm-$tag.json" 2> "$OUT/warm-$tag.log"
+    echo "$tag rc=$? $(date +%T)"
+}
+
+warm() {
+    # three at a time: 3 x 22 GiB of steps fit an 80 GB card; the fourth (CUDA graphs) after two
+    one "${VARIANTS[0]}" old & a=$!
+    one "${VARIANTS[1]}" project & b=$!
+    one "${VARIANTS[2]}" coordesc &
+    wait $a $b
+    LIMIT=300 one "${VARIANTS[3]}" graphs
+    wait
+}
+
+timed() {
+    local list
+    list=$(printf ',%s' "plain-bf16" "${VARIANTS[@]}" "project[cudnn.benchmark_limit=0]")
+    timeout 470 python3 benchmarks/train_step.py $S --steps 8 --warmup 3 --variant-timeout 150 \
+        --out "$OUT/step.json" --variants "${list:1}" > "$OUT/step.log" 2>&1
+    echo "timed rc=$? $(date +%T)"
+    timeout 100 python3 benchmarks/train_step.py $S --steps 4 --warmup 2 --variant-timeout 95 \
+        --profile /tmp/prof --out "$OUT/prof.json" --variants "project" > "$OUT/prof.log" 2>&1
+    echo "profile rc=$? $(date +%T)"
+    cp /tmp/prof/*.txt "$OUT/" 2>/dev/null
+}
+
+"$@"
