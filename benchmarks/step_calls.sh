@@ -10,22 +10,24 @@ CC=${CC:-/tmp/cc}
 export TORCHINDUCTOR_CACHE_DIR=$CC TRITON_CACHE_DIR=$CC/triton
 S="--flops 76868634017792"
 GRAPHS="project[inductor_options={'force_layout_optimization': True, 'triton.cudagraphs': True}]"
-VARIANTS=("project[tap_detached=False]" "project" "project[coordinate_descent_tuning=True]" "$GRAPHS")
+VARIANTS=("project[tap_detached=False]" "project" "project[coordinate_descent_tuning=True]" "$GRAPHS"
+          "project[channel_stats_norm=True]")
 
 one() {  # one variant, a few steps: compiles it into $CC (a cold cache: minutes)
     local name=$1 tag=$2
-    timeout "${LIMIT:-520}" python3 benchmarks/train_step.py $S --variant "$name" --steps 3 --warmup 3 \
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout "${LIMIT:-520}" python3 benchmarks/train_step.py $S --variant "$name" --steps 3 --warmup 3 \
         > "$OUT/warm-$tag.json" 2> "$OUT/warm-$tag.log"
     echo "$tag rc=$? $(date +%T)"
 }
 
 warm() {
-    # three at a time: 3 x 22 GiB of steps fit an 80 GB card; the fourth (CUDA graphs) after two
+    # three at a time: 3 x 22 GiB of steps fit an 80 GB card; the last two after the first two
     one "${VARIANTS[0]}" old & a=$!
     one "${VARIANTS[1]}" project & b=$!
     one "${VARIANTS[2]}" coordesc &
     wait $a $b
-    LIMIT=300 one "${VARIANTS[3]}" graphs
+    LIMIT=300 one "${VARIANTS[3]}" graphs &
+    LIMIT=300 one "${VARIANTS[4]}" gnorm &
     wait
 }
 

@@ -153,6 +153,39 @@ def test_detached_tap_takes_no_gradient_in_the_compiled_backward():
     assert len(gone) == 1 and len(gone[0]) == 4 and gone[0][0] == 1  # (1, C, H, W): the features
 
 
+def test_channel_stats_group_norm_is_group_norm():
+    """``group_norm.ChannelStatsGroupNorm``: nn.GroupNorm's function and gradients (fp64: to
+    rounding, so the same maths; fp32: 1e-6), on a VAE's decoder with every norm swapped too."""
+    import copy
+
+    from furlib.training.group_norm import use_channel_stats_group_norm
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float64, 1e-13), (torch.float32, 1e-6)):
+        plain = torch.nn.GroupNorm(8, 32, eps=1e-6).to(dtype)
+        with torch.no_grad():
+            plain.weight.normal_(generator=gen)
+            plain.bias.normal_(generator=gen)
+        mine = copy.deepcopy(plain)
+        assert use_channel_stats_group_norm(mine) == 1
+        x = torch.randn(2, 32, 9, 7, generator=gen, dtype=dtype) * 3 + 5  # an offset: variance cancels
+        grads = []
+        for norm in (plain, mine):
+            xi = x.clone().to(memory_format=torch.channels_last).requires_grad_(True)
+            y = norm(xi)
+            y.backward(torch.cos(3 * x))
+            grads.append((y.detach(), xi.grad, norm.weight.grad, norm.bias.grad))
+        for a, b in zip(*grads):
+            assert (b - a).norm() <= tol * a.norm()
+    vae = load_vae("tiny-random", seed=0)
+    fast = copy.deepcopy(vae)
+    assert use_channel_stats_group_norm(fast.decoder) > 0
+    z = torch.randn(1, vae.config.latent_channels, 4, 4, generator=gen)
+    out, fast_out = vae.decode(z).sample, fast.decode(z).sample
+    assert (fast_out - out).abs().max() <= 1e-5 * out.abs().max()
+    assert fast.state_dict().keys() == vae.state_dict().keys()
+
+
 CACHE_PROBE = """
 import json, sys
 import torch

@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from furlib.training.group_norm import use_channel_stats_group_norm
 from furlib.training.losses import gradient_penalty
 
 # Inductor's NHWC conversion, forced: left to its heuristic, the backward graph mixes layouts and
@@ -78,6 +79,7 @@ class Tuning:
     lpips_autocast: bool = False    # LPIPS under the step's autocast, not fp32 (changes results)
     math_attention: bool = True     # on CUDA, crops up to 512 px: ``use_math_attention``
     tap_detached: bool = True       # the adaptive weight's features kept without a graph (``FeatureTap``)
+    channel_stats_norm: bool = False  # compiled CUDA: the VAE's group norms as ``group_norm.ChannelStatsGroupNorm``
     part_timer: Callable[[str], AbstractContextManager] | None = None  # wraps each part of the step
 
 
@@ -140,6 +142,8 @@ def speed_up(vae, critic, rec_loss, settings, device: torch.device, tuning: Tuni
         use_phase_upsampling(vae.decoder)  # keeps the state-dict keys
     if wants_math_attention(tuning, settings, device):
         use_math_attention(vae)
+    if tuning.channel_stats_norm and compiled and torch.device(device).type == "cuda":
+        use_channel_stats_group_norm(vae)
     # compiled graphs choose their own layouts (see COMPILE_OPTIONS): "auto" NHWC is for eager
     nhwc = settings.channels_last == "yes" or (
         settings.channels_last == "auto" and not compiled and device.type == "cuda")
