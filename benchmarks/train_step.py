@@ -7,8 +7,8 @@
         --flops 1 --variants "project-eager[lpips_autocast=True],project-eager"  # CPU check of a command
 
 A variant takes settings in brackets, ``variant[key=value;...]``: a ``speed.Tuning`` field
-(``lpips_autocast``, ``compile_critic``, ``compile_penalty``, ``math_attention``,
-``inductor_options``), a
+(``lpips_autocast``, ``compile_critic``, ``compile_penalty``, ``math_attention``, ``tap_detached``,
+``channel_stats_norm``, ``inductor_options``), a
 ``TrainSettings`` field (``mixed_precision='fp16'``, ``compile_cache_dir='/tmp/cc'``), ``cudnn.<name>``
 (``torch.backends.cudnn``; ``benchmark`` itself is set by the variant), or else a
 ``torch._inductor.config`` value (``max_autotune=True``). The same variant twice with one fresh
@@ -22,11 +22,13 @@ adaptive weight every step, AdamW, EMA; random data resident on the GPU):
 - plain-bf16: the same with bf16 autocast, channels_last and TF32;
 - project-eager: ``furlib.training.trainer.Trainer.step`` (what 02 runs) without torch.compile;
 - project: ``Trainer.step`` with its GPU defaults (compile incl. the critic's first-order passes
-  and the gradient penalty, phase upsampling, NHWC, attention as matrix products, bf16);
+  and the gradient penalty, phase upsampling, NHWC, attention as matrix products, group norms by
+  channel statistics, the adaptive weight's features detached, bf16);
 - project-prev: the defaults of issue 7's first round (channels_last model, inductor's own layout
   choice, eager critic and penalty, SDPA attention, plain upsampling);
-- project-issue7: the defaults issue 21 started from (eager penalty, SDPA attention:
-  ``Tuning(compile_penalty=False, math_attention=False)``);
+- project-issue7: the defaults issue 21 started from (eager penalty, SDPA attention, native group
+  norm, the features kept with their graph:
+  ``Tuning(compile_penalty=False, math_attention=False, tap_detached=False, channel_stats_norm=False)``);
 - project-nophase: ``project`` without phase upsampling;
 - project-fed: ``project`` fed by ``furlib.crops.make_loader`` (``--workers`` processes, pinned
   memory) from generated 1-2 MP PNGs, once decoding the PNGs and once from the pixel cache; wall
@@ -129,9 +131,9 @@ def project_stepper(batch: int, variant: str, overrides: dict):
     elif variant == "project-prev":
         kw.update(phase_upsample="no", channels_last="yes")
         tuning.update(inductor_options={}, compile_critic=False,  # inductor's own layouts, eager critic
-                      compile_penalty=False, math_attention=False)
+                      compile_penalty=False, math_attention=False, tap_detached=False, channel_stats_norm=False)
     elif variant == "project-issue7":
-        tuning.update(compile_penalty=False, math_attention=False)
+        tuning.update(compile_penalty=False, math_attention=False, tap_detached=False, channel_stats_norm=False)
     elif variant == "project-ckpt":
         kw.update(gradient_checkpointing=True)
     elif variant == "colab-t4":

@@ -111,15 +111,6 @@ def test_math_attention_only_on_cuda_up_to_512px():
     assert not speed.wants_math_attention(speed.Tuning(math_attention=False), TrainSettings(resolution=256), cuda)
 
 
-def test_cudagraphs_only_when_asked_on_cuda_and_compiled():
-    """The step marks its start and copies graph outputs it keeps only where CUDA graphs run."""
-    on, cuda = speed.Tuning(inductor_options={"triton.cudagraphs": True}), torch.device("cuda")
-    assert speed.uses_cudagraphs(on, TrainSettings(), cuda)
-    assert not speed.uses_cudagraphs(speed.Tuning(), TrainSettings(), cuda)
-    assert not speed.uses_cudagraphs(on, TrainSettings(), torch.device("cpu"))
-    assert not speed.uses_cudagraphs(on, TrainSettings(torch_compile="no"), cuda)
-
-
 def backward_inputs(detached: bool) -> list:
     """Shapes of the compiled decoder's backward graph inputs, with the adaptive weight's tap."""
     from torch._dynamo.backends.common import aot_autograd
@@ -155,7 +146,8 @@ def test_detached_tap_takes_no_gradient_in_the_compiled_backward():
 
 def test_channel_stats_group_norm_is_group_norm():
     """``group_norm.ChannelStatsGroupNorm``: nn.GroupNorm's function and gradients (fp64: to
-    rounding, so the same maths; fp32: 1e-6), on a VAE's decoder with every norm swapped too."""
+    rounding, so the same maths; fp32: 1e-6), and the step's decoder gradients and adaptive
+    weight with every norm of the VAE swapped (the lever is for compiled CUDA steps; eager here)."""
     import copy
 
     from furlib.training.group_norm import use_channel_stats_group_norm
@@ -177,13 +169,23 @@ def test_channel_stats_group_norm_is_group_norm():
             grads.append((y.detach(), xi.grad, norm.weight.grad, norm.bias.grad))
         for a, b in zip(*grads):
             assert (b - a).norm() <= tol * a.norm()
-    vae = load_vae("tiny-random", seed=0)
-    fast = copy.deepcopy(vae)
-    assert use_channel_stats_group_norm(fast.decoder) > 0
-    z = torch.randn(1, vae.config.latent_channels, 4, 4, generator=gen)
-    out, fast_out = vae.decode(z).sample, fast.decode(z).sample
-    assert (fast_out - out).abs().max() <= 1e-5 * out.abs().max()
-    assert fast.state_dict().keys() == vae.state_dict().keys()
+    # the step's decoder gradients (rec + w * gan, fp32), every norm of the VAE swapped as 02 does
+    kw = dict(batch_size=2, mixed_precision="no", lpips_weight=0.0, critic_channels=8, critic_layers=2)
+    x = torch.rand(2, 3, 32, 32, generator=gen) * 2 - 1
+    steps = []
+    for swap in (False, True):
+        t = Trainer(load_vae("tiny-random", seed=0), TrainSettings(**kw), "cpu")
+        keys = t.vae.state_dict().keys()
+        if swap:
+            assert use_channel_stats_group_norm(t.vae) > 0
+            assert t.vae.state_dict().keys() == keys
+        z = t.encode(x, step_generator(t.device, 0, 0, 0))
+        recon, logs = t.decoder_grads(x, z, gan_on=True)
+        steps.append((recon, torch.cat([p.grad.flatten() for _, p in t.trainable]), logs["gan/weight"]))
+    (recon, grads, weight), (fast_recon, fast_grads, fast_weight) = steps
+    assert (fast_recon - recon).abs().max() <= 1e-5 * recon.abs().max()
+    assert (fast_grads - grads).norm() <= 1e-5 * grads.norm()
+    assert float(fast_weight) == pytest.approx(float(weight), rel=1e-4)
 
 
 CACHE_PROBE = """

@@ -6,8 +6,9 @@
 1. ``speed_up``: memory layout (NHWC), phase upsampling, ``torch.compile``; ``Tuning`` holds the
    levers a benchmark or test may change that are not recipe parameters (02 never sets them, so a
    run's record does not need them): among them the compiled gradient penalty
-   (``compiled_penalty``) and the attention as matrix products (``use_math_attention``), each on
-   by default since measured on a GPU (benchmarks/RESULTS.md, issue 21). The 02 parameter
+   (``compiled_penalty``), the attention as matrix products (``use_math_attention``) and group
+   norms with per-channel statistics (``furlib.training.group_norm``), each on by default since
+   measured on a GPU (benchmarks/RESULTS.md, issue 21). The 02 parameter
    ``compile_cache_dir`` keeps compiled kernels in a folder (``use_compile_cache``).
 2. Phase upsampling (``use_phase_upsampling``): the decoder's "nearest 2x upsample, then 3x3 conv"
    as four 2x2 convs at the low resolution.
@@ -79,7 +80,7 @@ class Tuning:
     lpips_autocast: bool = False    # LPIPS under the step's autocast, not fp32 (changes results)
     math_attention: bool = True     # on CUDA, crops up to 512 px: ``use_math_attention``
     tap_detached: bool = True       # the adaptive weight's features kept without a graph (``FeatureTap``)
-    channel_stats_norm: bool = False  # compiled CUDA: the VAE's group norms as ``group_norm.ChannelStatsGroupNorm``
+    channel_stats_norm: bool = True  # compiled CUDA: the VAE's group norms as ``group_norm.ChannelStatsGroupNorm``
     part_timer: Callable[[str], AbstractContextManager] | None = None  # wraps each part of the step
 
 
@@ -98,13 +99,6 @@ def use_compile_cache(folder) -> Path:
     os.environ["TRITON_CACHE_DIR"] = str(folder / "triton")
     inductor.fx_graph_cache = True  # the default since torch 2.5; requirements allow 2.4
     return folder
-
-
-def uses_cudagraphs(tuning: Tuning, settings, device: torch.device) -> bool:
-    """Whether compiled graphs run as CUDA graphs (inductor's ``triton.cudagraphs``): the step then
-    marks where it starts and copies out the graph outputs it keeps (``Trainer.step``)."""
-    return (bool(tuning.inductor_options.get("triton.cudagraphs")) and torch.device(device).type == "cuda"
-            and settings.uses("torch_compile", device))
 
 
 def wants_math_attention(tuning: Tuning, settings, device: torch.device) -> bool:

@@ -125,7 +125,6 @@ class Trainer:
         # (None: the plain one, on the eager critic)
         self.layout, self.critic_scores, self.penalty = speed.speed_up(self.vae, self.critic, self.rec_loss, s,
                                                                        self.device, self.tuning)
-        self.graphed = speed.uses_cudagraphs(self.tuning, s, self.device)
         self.opt, self.opt_critic = self._optimizers()
         self.ema = EMA(self.trainable, s.ema_decay_for(s.batch_size * world_size))
         # fp16 loss scalers, one for the decoder's backward passes and one for the critic's: each
@@ -148,8 +147,6 @@ class Trainer:
     def step(self, batch_m11: torch.Tensor) -> dict:
         """One optimizer step on a CPU or device batch; returns logs (tensors and floats)."""
         s, step = self.s, self.step_count
-        if self.graphed:  # the last step's graph outputs may be overwritten from here on
-            torch.compiler.cudagraph_mark_step_begin()
         gan_on = step >= s.gan_start and s.disc_weight > 0
         critic_on = step >= s.critic_start
         self.set_lr(step)
@@ -187,8 +184,6 @@ class Trainer:
             if critic_on:
                 logs.update(self.apply_critic())
         self.step_count += 1
-        if self.graphed:  # logs outlive the step; a graph's outputs don't
-            logs = {k: v.clone() if torch.is_tensor(v) else v for k, v in logs.items()}
         return logs
 
     @torch.no_grad()
@@ -225,8 +220,6 @@ class Trainer:
         reconstruction and at the last layer; returns them, the detached reconstruction and logs."""
         with torch.set_grad_enabled(keep_graph), self.autocast(), self.part("decoder forward"):
             recon = self.vae.decode(z).sample
-        if self.graphed:  # out of the graph's memory before other graphs run
-            self.tap.features = self.tap.features.clone()
         leaf = recon.detach().float().requires_grad_(True)
         grads, logs = self.leaf_grads(leaf, x_m11, gan_on)
         last = []
