@@ -16,8 +16,9 @@ A folder is written under a temporary name (``furlib.atomic``) and renamed into 
 ``latest``. A step already saved and intact is never written again; a damaged folder of the same
 step is moved aside (to a temporary name too) only once the new one is complete, then removed.
 Temporaries of a killed save are swept by the next save. Which checkpoint is used, each verified
-against ``checksums.json`` first, is ``furlib.checkpoint_pick``'s; here: writing, pruning, reading
-a picked one back (``restore``, ``load_decoder_weights``, ``run_base``). Nothing here unpickles:
+against ``checksums.json`` first, is ``furlib.checkpoint_pick``'s, and so are the holds 03 and 04 put
+on the one they read while training goes on; here: writing, pruning (a held folder is left for a
+later prune), reading a picked one back (``restore``, ``load_decoder_weights``, ``run_base``). Nothing here unpickles:
 tensors are safetensors, everything else JSON.
 """
 
@@ -33,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from furlib import atomic, families
 from furlib.atomic import replace_folder
-from furlib.checkpoint_pick import CHECKSUMS, FIX, step_folders, step_of, verify
+from furlib.checkpoint_pick import CHECKSUMS, FIX, HOLD_S, held, step_folders, step_of, verify
 from furlib.runinfo import file_sha256
 
 WEIGHT_FILES = {"ema": "ema.safetensors", "raw": "decoder.safetensors"}
@@ -95,7 +96,7 @@ def _unwritten(ckpt_root: Path, name: str, tensors: dict, err, keep: int) -> str
 
 
 def prunable(ckpt_root: Path, final: Path, keep: int) -> list[Path]:
-    """What ``prune`` removes (nothing for ``keep`` 0: all kept)."""
+    """What ``prune`` removes unless a reader holds it (nothing for ``keep`` 0: all kept)."""
     older = [f for f in step_folders(ckpt_root) if step_of(f) < step_of(final)]
     kept, out = 1, []
     for folder in older if keep > 0 else []:
@@ -110,8 +111,9 @@ def prune(ckpt_root: Path, final: Path, keep: int) -> list[Path]:
     """Keep ``final`` and the newest intact folders before it, ``keep`` in all; remove the older
     ones and any damaged one among them (a damaged folder never takes an intact one's place, as
     after a fallback). Folders after ``final`` (skipped by a fallback) are left for the step that
-    rewrites them. Returns what was removed."""
-    removed = prunable(ckpt_root, final, keep)
+    rewrites them, and one 03 or 04 holds (``checkpoint_pick.held``) for a prune once it is read.
+    Returns what was removed."""
+    removed = [folder for folder in prunable(ckpt_root, final, keep) if not held(folder)]
     for folder in removed:
         shutil.rmtree(folder, ignore_errors=True)
     return removed
@@ -126,12 +128,31 @@ def _intact(folder: Path) -> bool:
     return folder in _VERIFIED
 
 
+def _pruned(path: Path) -> bool:
+    """Whether ``path`` is missing as the pruning of a training that went on leaves it: its folder
+    gone, or going while ``latest`` names a newer one (a file never written is no such case)."""
+    folder = path.parent
+    if not folder.is_dir():
+        return True
+    try:
+        return not path.exists() and (folder.parent / "latest").read_text().strip() != folder.name
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _gone(path: Path) -> str:
+    """Why a file of a checkpoint read since it was picked is not there: pruned, not damaged."""
+    return (f"{path} is gone: removed after this stage picked {path.parent.name} (a training of this run that goes "
+            "on prunes the checkpoints beyond keep_checkpoints that no reader holds; a reader's hold lapses after "
+            f"{HOLD_S / 60:.0f} min). Nothing is damaged: run this stage again; it reads the run's latest checkpoint")
+
+
 def read_state(ckpt_dir: Path) -> dict:
     path = Path(ckpt_dir) / "state.json"
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RuntimeError(f"cannot read {path} ({err}). Fix: {FIX}") from err
+        raise RuntimeError(_gone(path) if _pruned(path) else f"cannot read {path} ({err}). Fix: {FIX}") from err
 
 
 def run_base(ckpt_dir: Path, base_model: str = "", base_config: str = "",
@@ -154,6 +175,8 @@ def load_tensors(ckpt_dir: Path, stem: str) -> dict:
     try:
         return load_file(path)
     except Exception as err:  # safetensors raises its own error types, naming no file
+        if _pruned(path):
+            raise RuntimeError(_gone(path)) from err
         raise RuntimeError(f"cannot read {path} ({type(err).__name__}: {err}). Fix: {FIX}") from err
 
 
