@@ -1,40 +1,21 @@
 """Where stage 01's inputs come from: the built-in set, a folder, a table file, or the Hub.
 
-Each input is an ``Input`` (fields below); its ``input_id`` is a path relative to the folder,
-``<file or folder name>/<row>``, ``<dataset>:<split>/<row>`` or ``builtin/...``. Nothing is
-decoded here (``furlib.data.prepare`` does that). This module tells the kinds of source apart,
-lists folders and iterates any source; tables and Hub datasets are read by
-``furlib.table_sources`` (streamed from the Hub, resumable).
-
-Stamps say which version of an input was seen: a local file's [size, mtime_ns]; a table or Hub
-row's, its dataset's fingerprint (``furlib.table_sources``).
+Each input is an ``Input`` (``furlib.inputs``: its fields, ids and stamps; the kinds of source).
+Nothing is decoded here (``furlib.data.prepare`` does that). This module lists folders and
+iterates any source; tables and Hub datasets are read by ``furlib.table_sources`` (streamed from
+the Hub, resumable).
 """
 
 import os
-import re
 from pathlib import Path
-from typing import NamedTuple
 
 from PIL import Image
 
-from furlib.builtin import ART_VERSION, BUILTIN_SOURCES, builtin_sources
+from furlib import table_sources
+from furlib.builtin import ART_VERSION, builtin_sources
+from furlib.inputs import IMAGE_SUFFIXES, Input, source_kind
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".avif", ".bmp", ".tif",
-                  ".tiff", ".gif", ".tga"}  # what Pillow reads (AVIF: Pillow 11.2+ wheels)
-TABLE_SUFFIXES = (".parquet", ".arrow")
 FOLDER_METADATA = {"metadata.jsonl", "metadata.csv", "metadata.parquet"}  # imagefolder's, not inputs
-
-
-RESUMED = "resumed"  # the src of a row a resumed stream skipped without reading
-
-
-class Input(NamedTuple):
-    input_id: str
-    src: object  # what load_rgb accepts, a zero-argument function returning a PIL image, RESUMED
-    stamp: object = None  # see the module docstring
-    reason: str = ""  # set when the input is rejected without reading it
-    position: dict | None = None  # a stream row's: {"next_index", "state"} to resume after it
-    detail: str = ""  # with ``reason``: what a person reads in the rejection table
 
 
 def iter_source(source, source_split: str = "train", image_column: str = "image",
@@ -52,39 +33,6 @@ def iter_source(source, source_split: str = "train", image_column: str = "image"
             yield item.input_id, src
 
 
-def source_kind(source) -> tuple[str, Path]:
-    """builtin, folder (of images), table (parquet/arrow/save_to_disk) or hub."""
-    if not isinstance(source, (str, os.PathLike)):  # e.g. a datasets.Dataset from a notebook
-        raise TypeError(f"source must be a path or a Hub dataset id, not a {type(source).__name__}: "
-                        "save a dataset with .save_to_disk(folder) or .to_parquet(file) and give that path "
-                        "(a re-run resumes from the journal, which needs a source it can find again)")
-    if str(source).startswith("hf://"):
-        raise ValueError(f"source {str(source)!r}: give the Hub dataset's id ('owner/name', with "
-                         "source_split), not an hf:// path")
-    if any(c in str(source) for c in "*?"):
-        raise ValueError(f"source {str(source)!r} is a glob: give the folder that holds the files (all "
-                         "its .parquet/.arrow files are read; the Hub's data/<split>-*.parquet names "
-                         "give source_split its splits)")
-    path = Path(str(source)).expanduser()
-    if source in BUILTIN_SOURCES:
-        return "builtin", path
-    if path.is_file():
-        if path.suffix.lower() not in TABLE_SUFFIXES:
-            raise ValueError(f"source file {source!r}: expected a .parquet or .arrow file")
-        return "table", path
-    if path.is_dir():
-        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-            return "table", path  # written by save_to_disk
-        suffixes = lambda: (p.suffix.lower() for p in path.rglob("*"))  # noqa: E731
-        tables_only = not any(s in IMAGE_SUFFIXES for s in suffixes()) and any(
-            s in TABLE_SUFFIXES for s in suffixes())
-        return ("table" if tables_only else "folder"), path
-    if re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", str(source)):
-        return "hub", path
-    raise FileNotFoundError(f"source {source!r}: no such file or folder (looked in {Path.cwd()}), "
-                            "and not a Hub dataset id; give an absolute path")
-
-
 def check_revision(source, revision: str) -> None:
     """A revision pins a Hub dataset's commit; a local source has none to pin."""
     kind, path = source_kind(source)
@@ -98,10 +46,8 @@ def check_table(source, source_split: str):
     unreadable table fails before 01 changes anything in the data folder; returns it, for 01 to
     read rather than open again (every open resolves all the files of a folder of them). Other
     sources: None."""
-    from furlib.table_sources import open_table  # imported here: it imports Input from this module
-
     kind, path = source_kind(source)
-    return open_table(path, source_split) if kind == "table" else None
+    return table_sources.open_table(path, source_split) if kind == "table" else None
 
 
 def source_key(source, source_split: str, image_column: str) -> str:
@@ -119,8 +65,6 @@ def iter_inputs(source, source_split, image_column, max_images, art_count=24, se
     resolved once, so the whole run reads one commit). ``resume``: a row's ``position`` from an
     earlier run of the same dataset version; ignored for folders, whose listing is cheap.
     """
-    from furlib.table_sources import _hub_rows, _table_rows  # here: they import Input from this module
-
     kind, path = source_kind(source)
     if kind == "builtin":
         art_stamp = f"art{ART_VERSION}-seed{seed}"
@@ -129,8 +73,8 @@ def iter_inputs(source, source_split, image_column, max_images, art_count=24, se
     elif kind == "folder":
         items = [folder_input(path, f) for f in folder_files(path, exclude, max_images)]
     else:
-        rows, total = _table_rows(path, source_split, image_column, resume) if kind == "table" \
-            else _hub_rows(str(source), source_split, image_column, revision, resume)
+        rows, total = table_sources._table_rows(path, source_split, image_column, resume) if kind == "table" \
+            else table_sources._hub_rows(str(source), source_split, image_column, revision, resume)
         total = min(total, max_images) if total and max_images else (total or max_images or None)
         return _take(rows, max_images), total
     items = list(_take(items, max_images))

@@ -14,8 +14,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from furlib.inputs import RESUMED, Input, source_kind
 from furlib.runinfo import first_line, hub_unreachable
-from furlib.sources import RESUMED, Input, source_kind
 
 OFFLINE_HELP = ("Offline, use source='builtin' (or 'builtin-art', 'builtin-photos'), a local folder of images, "
                 "a local .parquet/.arrow file, or a folder written by datasets' save_to_disk.")

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from furlib.data import prep_report, prepare
-from furlib import sources, table_sources
+from furlib import inputs, sources, table_sources
 from furlib.images import load_rgb
 
 RES = 32  # crop side for these tests: small images keep them fast
@@ -446,7 +446,7 @@ def test_a_table_is_opened_once_by_one_process(tmp_path, monkeypatch):
     monkeypatch.setattr(table_sources, "open_table", lambda *a, **k: opened.append(a) or real(*a, **k))
     assert run(tmp_path / "t.parquet", tmp_path / "data")["counts"]["accepted"] == 3
     assert len(opened) == 1
-    assert sources.source_kind(tmp_path / "t.parquet") == ("table", tmp_path / "t.parquet")
+    assert inputs.source_kind(tmp_path / "t.parquet") == ("table", tmp_path / "t.parquet")
 
 
 def test_table_sources(tmp_path):

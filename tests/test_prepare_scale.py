@@ -249,13 +249,13 @@ def test_stream_resumes_at_its_position(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "_process", dies_after_six)
     with pytest.raises(KeyboardInterrupt):
         run(source, tmp_path / "data")
-    from furlib import sources
+    from furlib import inputs
     from furlib.data import shares
     real_rows, seen = shares._stream_rows, []
 
     def counting(*args, **kwargs):  # which rows the resumed stream really reads
         for index, item in real_rows(*args, **kwargs):
-            if item.src is not sources.RESUMED:
+            if item.src is not inputs.RESUMED:
                 seen.append(item.input_id)
             yield index, item
 

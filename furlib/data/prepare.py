@@ -46,7 +46,8 @@ from furlib import atomic
 from furlib.data import store
 from furlib.data import shares
 from furlib.data.prep_report import build_report, is_val
-from furlib.sources import RESUMED, Input, check_revision, check_table, file_stamp, source_key
+from furlib.inputs import RESUMED, Input
+from furlib.sources import check_revision, check_table, file_stamp, source_key
 from furlib.images import (DEFAULT_MAX_PIXELS, ImageRejected, cap_long_side, decode_input,
                            reusing_pixel_memory)
 from furlib.parameters import strict_bool

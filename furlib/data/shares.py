@@ -36,11 +36,13 @@ import json
 import multiprocessing
 import os
 import signal
+import weakref
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from multiprocessing import resource_tracker
 from pathlib import Path
 
 from furlib import atomic, sources, table_sources
-from furlib.sources import RESUMED, Input
+from furlib.inputs import RESUMED, Input, source_kind
 
 FILE_STRIDE = 2 ** 40  # sort index of row r of file f: f * FILE_STRIDE + r (the stream's order)
 GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: Fibonacci hashing
@@ -59,9 +61,27 @@ def run_processes(task, processes: int, progress: bool) -> list:
     """``[task(k, processes) for k in range(processes)]``, each in its own spawned process (no
     forked copies of threads or open streams). They share the counters ``shared_counters()``
     returns: the next input to deal, inputs done and the shard's count (-1: not known), which
-    the parent's bar shows, and the stop flag."""
+    the parent's bar shows, and the stop flag.
+
+    The counters start multiprocessing's resource tracker, a process that ignores SIGTERM and
+    outlives the pool: a Jupyter kernel's shutdown spent 29 s on it (ipykernel SIGTERMs it for
+    14 s, then SIGKILLs its unreaped zombie for 14 s). A tracker this call started stops at its
+    end once nothing of the call is left to track; after an error, whose traceback keeps the
+    counters, it stops with this process, as before."""
+    tracker = resource_tracker._resource_tracker  # noqa: SLF001 (no public stop)
+    started_here = tracker._fd is None  # noqa: SLF001
     context = multiprocessing.get_context("spawn")
     counters = context.Array("q", [0, 0, -1, 0])
+    lock = weakref.ref(counters.get_lock())  # a named semaphore: a stopped tracker unlinks a live one
+    try:
+        return _run_pool(task, processes, progress, context, counters)
+    finally:
+        del counters
+        if started_here and lock() is None:
+            tracker._stop()  # noqa: SLF001
+
+
+def _run_pool(task, processes: int, progress: bool, context, counters) -> list:
     pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_join, initargs=(counters,))
     try:
         futures = [pool.submit(task, k, processes) for k in range(processes)]
@@ -146,7 +166,7 @@ def list_folder(job: dict, listing: Path) -> str | None:
     the shard reads (a folder still filling up must not give them different lists to deal from);
     returns the listing's digest, which a shard's part carries: shards that listed a changed folder
     do not merge. None for other sources."""
-    kind, path = sources.source_kind(job["source"])
+    kind, path = source_kind(job["source"])
     if kind != "folder":
         return None
     files = sources.folder_files(path, job["data_dir"], job["selection"]["max_images"])
@@ -161,7 +181,7 @@ def own_inputs(job: dict, k: int, m: int, dealer: Dealer, resume: dict | None = 
     None, how): ``dealer`` deals a listing's or a table's inputs; a stream is split by files.
     ``table``: a table source this process opened already (``sources.check_table``)."""
     sel, source, n, s = job["selection"], job["source"], job["num_shards"], job["shard_index"]
-    kind, path = sources.source_kind(source)
+    kind, path = source_kind(source)
     if kind == "folder":  # the shard's one listing (``list_folder``), stat'ed only where dealt
         files = json.loads(Path(job["listing"]).read_text())
         mine = _shard_part(len(files), n, s)

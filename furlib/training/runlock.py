@@ -8,8 +8,9 @@ time, command) is written beside it, whole and atomically, to ``run.lock.owner``
 is refused with those named. An owner record found by a process that *got* the lock belongs to a
 run that died without releasing it: it is taken over with a note. Of a multi-process run only
 rank 0 takes the lock (it alone writes); ``fit`` tells the other ranks whether it got it.
-03 and 04 only read a run, and may while it trains (a checkpoint is published whole): they ask
-``training_note`` whether one does, and say so, never waiting for the lock.
+03 and 04 only read a run, and may while it trains (a checkpoint is published whole, and the one
+they read is held from pruning: ``furlib.checkpoint_pick.hold``): they ask ``training_note``
+whether one does, and say so, never waiting for the lock.
 """
 
 import json
@@ -47,6 +48,12 @@ def read_owner(path: Path) -> dict:
     return owner
 
 
+def _unknown_owner(since: str = "?") -> dict:
+    """The owner record that stands in for an unreadable one: the OS lock alone says whether its
+    writer still runs."""
+    return {"pid": "?", "host": "?", "since": since}
+
+
 def _write_owner(path: Path, owner: dict) -> None:
     """Whole or not at all: a reader never sees half a record."""
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
@@ -77,7 +84,7 @@ class RunLock:
         try:
             previous = read_owner(self.owner_path)
         except RuntimeError as err:
-            previous = {"pid": "?", "host": "?", "since": f"unreadable record: {err}"}
+            previous = _unknown_owner(f"unreadable record: {err}")
         if previous:  # we hold the OS lock, so its writer is gone: it died without releasing it
             self.note = (f"took over the stale lock of process {previous.get('pid')} on {previous.get('host')} "
                          f"(since {previous.get('since')}), which is no longer running")
@@ -124,7 +131,7 @@ def holder(run_dir: Path) -> dict:
     try:
         owner = read_owner(Path(run_dir) / OWNER_NAME)
     except RuntimeError:  # unreadable: the lock alone says whether a training holds it
-        owner = {"pid": "?", "host": "?", "since": "?"}
+        owner = _unknown_owner()
     if not owner:
         return {}
     probe = FileLock(str(Path(run_dir) / LOCK_NAME), timeout=0)

@@ -37,7 +37,7 @@ class StreamCrops(torch.utils.data.IterableDataset):
                  shuffle_buffer: int = 256, log_dir=None, start_step: int = 0):
         from datasets.distributed import split_dataset_by_node
 
-        from furlib.sources import source_kind
+        from furlib.inputs import source_kind
         from furlib.table_sources import open_stream
 
         ds, self.prefix = open_stream(source, source_split, image_column, revision)  # fails here, early
