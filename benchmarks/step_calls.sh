@@ -3,6 +3,7 @@
 # calls, so the inductor cache in $CACHE that `warm` fills serves `timed` and `rows`.
 #   bash benchmarks/step_calls.sh warm    # compile every variant, three at a time (one call)
 #   bash benchmarks/step_calls.sh timed   # time them one by one, warm, then a kernel table
+#   bash benchmarks/step_calls.sh table   # today's default beside plain-bf16, with its kernel table
 # Each variant is its own process (train_step.py); $OUT receives logs and JSON. As run on
 # 2026-12-06 (benchmarks/RESULTS.md, third session): `project` was then without the group-norm
 # lever, which is now a default; its row today is `project[channel_stats_norm=False]`.
@@ -44,6 +45,13 @@ timed() {
     timeout 100 python3 benchmarks/train_step.py $S --steps 4 --warmup 2 --variant-timeout 95 \
         --profile /tmp/prof --out "$OUT/prof.json" --variants "project" > "$OUT/prof.log" 2>&1
     echo "profile rc=$? $(date +%T)"
+    cp /tmp/prof/*.txt "$OUT/" 2>/dev/null
+}
+
+table() {  # one call, cold cache: what the next lever should aim at (see RESULTS, third session)
+    timeout 560 python3 benchmarks/train_step.py $S --steps 6 --warmup 2 --variant-timeout 400 \
+        --profile /tmp/prof --out "$OUT/table.json" --variants "plain-bf16,project" > "$OUT/table.log" 2>&1
+    echo "table rc=$? $(date +%T)"
     cp /tmp/prof/*.txt "$OUT/" 2>/dev/null
 }
 
