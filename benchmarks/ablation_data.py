@@ -26,7 +26,7 @@ SCORE_KEYS = ("psnr", "ssim", "lpips", "lpips_vgg", "delta_e_ok", "ab_shift", "d
 
 def _draw_one(job: tuple) -> str:
     """Draw, cap the long side (stage 01's Lanczos cap), write a PNG; the full drawing's pixel hash."""
-    from furlib.data.prepare import pixel_hash
+    from furlib.data.input_entry import pixel_hash
     from furlib.images import cap_long_side
     from furlib import builtin
 
@@ -74,7 +74,7 @@ def prepare_corpus(work: Path, count: int, max_side: int, resolution: int, procs
 
 
 def _held_out_art(job: tuple) -> tuple:
-    from furlib.data.prepare import pixel_hash
+    from furlib.data.input_entry import pixel_hash
     from furlib.images import center_crop
     from furlib import builtin
 

@@ -112,7 +112,7 @@ def _history(run: Path) -> list:
 
 def eval_models(run: Path, ckpt: Path) -> list:
     """base, finetuned-ema and finetuned-raw of one checkpoint, as 03 builds them."""
-    from furlib.evaluation.evaluate import EvalModel
+    from furlib.evaluation.eval_inputs import EvalModel
     from furlib import checkpoint
 
     state = checkpoint.read_state(ckpt)
@@ -126,7 +126,7 @@ def eval_models(run: Path, ckpt: Path) -> list:
 def score_run(run: Path, device, resolution: int, ckpt: Path | None = None) -> dict:
     """{model: {metric: mean over the val split}} for base, finetuned-ema, finetuned-raw of
     ``ckpt`` (default: the run's latest checkpoint)."""
-    from furlib.evaluation.evaluate import load_models
+    from furlib.evaluation.eval_inputs import load_models
     from furlib.images import preprocess
     from furlib.evaluation.metrics import per_image_metrics
     from furlib import checkpoint_pick
@@ -343,7 +343,7 @@ def save_figures(results: list, root: Path, out: Path, resolution: int, n_images
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from furlib.evaluation.evaluate import load_models
+    from furlib.evaluation.eval_inputs import load_models
     from furlib.images import preprocess
     from furlib import reconstructions
     from furlib.prepared import list_images

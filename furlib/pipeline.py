@@ -149,7 +149,7 @@ def check_before_writing(params: dict, stages, asked=()) -> Path:
 
         TrainSettings.from_params({k: v for k, v in params.items() if k in declared_parameters("02_train")})
     if "03_eval" in stages:
-        from furlib.evaluation.evaluate import check_parameters
+        from furlib.evaluation.eval_inputs import check_parameters
 
         check_parameters({**stage_defaults("03_eval"), **stage_parameters("03_eval", params, asked)})
     if "04_export" in stages:

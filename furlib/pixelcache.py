@@ -2,9 +2,9 @@
 
 Layout: ``<cache_dir>/<png stem>.npy``, uint8 HWC RGB (``np.save`` format: a 128-byte header, then
 width * height * 3 bytes). Prepared images are named by a hash of their pixels before the
-``max_side`` cap (``furlib.data.prepare``), so a file 01 rebuilt with another ``max_side``, or one
-replaced by hand, keeps its name and gets other pixels: an entry older than its image is stale and
-counts as none (``read``, ``sizes``). The 02 run keeps its cache in its own ``<run>/pixel_cache/``,
+``max_side`` cap (``furlib.data.input_entry``), so a file 01 rebuilt with another ``max_side``, or
+one replaced by hand, keeps its name and gets other pixels: an entry older than its image is stale
+and counts as none (``read``, ``sizes``). The 02 run keeps its cache in its own ``<run>/pixel_cache/``,
 beside 01's ``data/``. ``furlib.crops`` decides when to use the cache and crops from it.
 """
 

@@ -1,8 +1,8 @@
 """Where stage 01's inputs come from: the built-in set, a folder, a table file, or the Hub.
 
 Each input is an ``Input`` (``furlib.inputs``: its fields, ids and stamps; the kinds of source).
-Nothing is decoded here (``furlib.data.prepare`` does that). This module lists folders and
-iterates any source; tables and Hub datasets are read by ``furlib.table_sources`` (streamed from
+Nothing is decoded here (``furlib.data.input_entry`` does that). This module lists folders
+and iterates any source; tables and Hub datasets are read by ``furlib.table_sources`` (streamed from
 the Hub, resumable).
 """
 

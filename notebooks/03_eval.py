@@ -57,7 +57,7 @@ from IPython.display import display
 
 from furlib import handoff, parameters, progress, runinfo
 from furlib.display import show
-from furlib.evaluation import decode_checks, eval_figures, eval_report, evaluate
+from furlib.evaluation import decode_checks, eval_figures, eval_inputs, eval_report, evaluate
 from furlib.images import preprocess
 
 # %% tags=["parameters"]
@@ -83,7 +83,7 @@ on_bad_checkpoint = "refuse"   # damaged latest checkpoint: "refuse", or "fallba
 
 # %%
 parameters.check_notebook("03_eval", globals())  # names, types and finite numbers, before anything runs
-evaluate.check_parameters(globals())  # values, as the pipeline checks them before 01 starts
+eval_inputs.check_parameters(globals())  # values, as the pipeline checks them before 01 starts
 run_dir = runinfo.run_dir(outputs_dir, run_name)
 if note := handoff.use_outputs_dir(outputs_dir):  # Colab: Drive mounted here when outputs_dir is on it
     print(note)
@@ -103,14 +103,14 @@ print(f"device {dev}; results go to {eval_dir}")
 # are the base with the latest checkpoint's decoder (04 verifies its own export).
 
 # %%
-specs = evaluate.run_models(run_dir, base_model, base_config, compare, seed, base_family, on_bad_checkpoint)
+specs = eval_inputs.run_models(run_dir, base_model, base_config, compare, seed, base_family, on_bad_checkpoint)
 model_notes = {s.name: {"source": s.source(), "pretrained": s.pretrained, "step": s.step} for s in specs}
 display(pd.DataFrame(model_notes).T)
 if not all(s.pretrained for s in specs):
     print("NOTE: some models are random-weight test VAEs: their numbers mean nothing.")
 
 # %%
-vaes = evaluate.load_models(specs, dev)
+vaes = eval_inputs.load_models(specs, dev)
 finetuned = "finetuned-ema" if "finetuned-ema" in vaes else next(n for n in vaes if n != "base")
 
 # %% [markdown]
@@ -123,9 +123,9 @@ finetuned = "finetuned-ema" if "finetuned-ema" in vaes else next(n for n in vaes
 # "n/a" only where a weight package is not installed, with the command that installs it.
 
 # %%
-images = evaluate.image_set(eval_source, run_dir, eval_split, eval_image_column, eval_max_images)
-reference_images = (evaluate.image_set(reference_source, run_dir, eval_split, eval_image_column, eval_max_images,
-                                       "reference_source") if reference_source else None)  # a bad one fails now
+images = eval_inputs.image_set(eval_source, run_dir, eval_split, eval_image_column, eval_max_images)
+reference_images = (eval_inputs.image_set(reference_source, run_dir, eval_split, eval_image_column, eval_max_images,
+                                          "reference_source") if reference_source else None)  # a bad one fails now
 result = evaluate.evaluate(vaes, images, resolution=eval_resolution, batch_size=eval_batch_size, device=dev,
                            lpips_backbone=lpips_backbone, rfid=rfid, n_show=show_images,
                            finetuned=finetuned, seed=seed)

@@ -72,7 +72,7 @@ def parse(argv=None) -> dict:
 def _image_crops(task) -> tuple[str, str, np.ndarray]:
     """(kind, sha256 pixel hash, uint8 (K, R, R, 3) crops) of one synthetic or photo task."""
     from furlib.builtin import draw_natural
-    from furlib.data.prepare import pixel_hash
+    from furlib.data.input_entry import pixel_hash
     from furlib.images import center_crop, load_rgb
     from furlib import crops
 
@@ -226,7 +226,7 @@ def held_out_sets(eval_resolution: int) -> dict:
     """{name: (ids, hashes, rgb_m11 NCHW)}: the demo's drawings (seed 0) and the held-out photos,
     preprocessed as 03 does."""
     from furlib.builtin import HELD_OUT_PHOTOS, PHOTOS, draw_art, photo_path
-    from furlib.data.prepare import pixel_hash
+    from furlib.data.input_entry import pixel_hash
     from furlib.images import preprocess
     from furlib.images import load_rgb
 

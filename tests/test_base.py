@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from furlib import builtin, models, prepared
-from furlib.data.prepare import pixel_hash
+from furlib.data.input_entry import pixel_hash
 from furlib.evaluation.metrics import psnr
 from furlib.perceptual import LPIPS
 from furlib.images import load_rgb

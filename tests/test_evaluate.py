@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from furlib import checkpoint, models
-from furlib.evaluation import decode_checks, eval_report, evaluate, metrics
+from furlib.evaluation import decode_checks, eval_inputs, eval_report, evaluate, metrics
 from furlib.images import preprocess
 
 RES = 64  # evaluation side, px: tiny VAEs on 2 CPU cores
@@ -43,9 +43,9 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def result(run_dir):
-    specs = evaluate.run_models(run_dir)
-    vaes = evaluate.load_models(specs, "cpu")
-    images = evaluate.image_set("val", run_dir)
+    specs = eval_inputs.run_models(run_dir)
+    vaes = eval_inputs.load_models(specs, "cpu")
+    images = eval_inputs.image_set("val", run_dir)
     res = evaluate.evaluate(vaes, images, resolution=RES, batch_size=2, lpips_backbone="random",
                             rfid=False, n_show=2)
     return specs, vaes, res
@@ -60,12 +60,12 @@ def test_preprocess_resizes_the_short_side_and_centre_crops():
 
 
 def test_run_models_names_and_sources(run_dir, tmp_path):
-    specs = evaluate.run_models(run_dir, compare="stabilityai/sd-vae-ft-mse, /x/y/other.safetensors")
+    specs = eval_inputs.run_models(run_dir, compare="stabilityai/sd-vae-ft-mse, /x/y/other.safetensors")
     assert [s.name for s in specs] == ["base", "finetuned-ema", "finetuned-raw", "sd-vae-ft-mse", "other"]
     assert [s.weights for s in specs[:3]] == ["", "ema", "raw"] and not specs[0].pretrained
     assert "ema decoder of step_0000010" in specs[1].source()
     with pytest.raises(FileNotFoundError, match="02_train"):
-        evaluate.run_models(tmp_path)
+        eval_inputs.run_models(tmp_path)
 
 
 def test_an_export_folder_is_not_evaluated(run_dir):
@@ -73,7 +73,7 @@ def test_an_export_folder_is_not_evaluated(run_dir):
     export = run_dir / "export"  # 04's layout: diffusers files at its root
     models.load_vae("tiny-random").save_pretrained(export)
     try:
-        assert [s.name for s in evaluate.run_models(run_dir)] == ["base", "finetuned-ema", "finetuned-raw"]
+        assert [s.name for s in eval_inputs.run_models(run_dir)] == ["base", "finetuned-ema", "finetuned-raw"]
     finally:
         import shutil
 
@@ -90,12 +90,12 @@ def test_a_bad_compare_entry_names_compare(run_dir, tmp_path, monkeypatch):
              str(tmp_path / "garbled.safetensors"): "not a readable safetensors file",
              "someone/no-such-vae": "is a Hugging Face Hub id, but the Hub cannot be reached"}
     for entry, reason in cases.items():
-        spec = evaluate.run_models(run_dir, compare=entry)[-1]
+        spec = eval_inputs.run_models(run_dir, compare=entry)[-1]
         with pytest.raises((ValueError, RuntimeError), match=re.escape(reason)) as caught:
-            evaluate.load_models([spec], "cpu")
+            eval_inputs.load_models([spec], "cpu")
         assert str(caught.value).startswith(f"compare entry {entry!r}") and "base_model" not in str(caught.value)
     with pytest.raises(ValueError, match="^base_model '/no/such/vae': no such"):  # the run's own base: as it was
-        evaluate.EvalModel("base", "/no/such/vae").load()
+        eval_inputs.EvalModel("base", "/no/such/vae").load()
 
 
 def test_a_compare_entrys_errors_keep_its_path(run_dir, tmp_path):
@@ -108,9 +108,9 @@ def test_a_compare_entrys_errors_keep_its_path(run_dir, tmp_path):
     cases = {str(folder / "garbled.safetensors"): f"{folder / 'garbled.safetensors'} is not a readable safetensors file",
              str(folder / "no_config"): "has no config.json", str(folder / "gone.safetensors"): "does not exist"}
     for entry, reason in cases.items():
-        spec = evaluate.run_models(run_dir, compare=entry)[-1]
+        spec = eval_inputs.run_models(run_dir, compare=entry)[-1]
         with pytest.raises(ValueError) as caught:
-            evaluate.load_models([spec], "cpu")
+            eval_inputs.load_models([spec], "cpu")
         message = str(caught.value)
         assert message.startswith(f"compare entry {entry!r}") and reason in message, message
         assert "compare entry/" not in message and message.count("compare entry") == 1, message
@@ -133,16 +133,16 @@ def test_a_compared_release_of_a_random_base_is_flagged(run_dir, tmp_path):
     lone = shutil.copy(export / "other-v1-step10.safetensors", tmp_path)  # the single file alone: its header
     plain = tmp_path / "plain"  # a folder 04 did not write: nothing says what it is
     vae.save_pretrained(plain)
-    specs = evaluate.run_models(run_dir, compare=f"{export},{lone},{plain}")
+    specs = eval_inputs.run_models(run_dir, compare=f"{export},{lone},{plain}")
     assert [s.pretrained for s in specs[3:]] == [False, False, True]
     assert "tiny-random" in specs[3].source() and "tiny-random" in specs[4].source()
 
 
 def test_image_sources(run_dir, monkeypatch):
-    assert evaluate.image_set("val", run_dir, max_images=3).total == 3
-    assert evaluate.image_set(str(run_dir / "data"), run_dir).total == 5  # any folder, recursive
+    assert eval_inputs.image_set("val", run_dir, max_images=3).total == 3
+    assert eval_inputs.image_set(str(run_dir / "data"), run_dir).total == 5  # any folder, recursive
     with pytest.raises(ValueError, match="eval_source"):
-        evaluate.image_set("/no/such/folder", run_dir)
+        eval_inputs.image_set("/no/such/folder", run_dir)
     import datasets
 
     def offline(*_a, **_k):
@@ -150,7 +150,7 @@ def test_image_sources(run_dir, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(RuntimeError, match="Hub dataset 'org/set'"):
-        evaluate.image_set("org/set", run_dir)
+        eval_inputs.image_set("org/set", run_dir)
 
 
 def test_numbers_match_a_direct_computation(result, run_dir):
@@ -225,7 +225,7 @@ def test_rfid_without_the_weight_package_reports_na_and_no_number(run_dir, monke
     monkeypatch.setattr(pretrained_files, "INCEPTION_FILE",
                         dataclasses.replace(pretrained_files.INCEPTION_FILE, package="furception_absent"))
     vaes = {"base": models.load_vae("tiny-random")}
-    res = evaluate.evaluate(vaes, evaluate.image_set("val", run_dir, max_images=2), resolution=32,
+    res = evaluate.evaluate(vaes, eval_inputs.image_set("val", run_dir, max_images=2), resolution=32,
                             batch_size=2, lpips_backbone="random", rfid=True, n_show=1)
     assert res.rfid == {"base": "n/a"} and res.kid == {"base": "n/a"}
     assert res.notes["rfid"].startswith("rFID and KID n/a")
@@ -237,7 +237,7 @@ def test_rfid_without_the_weight_package_reports_na_and_no_number(run_dir, monke
 
 def test_rfid_and_kid_are_real_numbers_with_their_image_count(run_dir):
     vaes = {"base": models.load_vae("tiny-random")}
-    res = evaluate.evaluate(vaes, evaluate.image_set("val", run_dir, max_images=3), resolution=32,
+    res = evaluate.evaluate(vaes, eval_inputs.image_set("val", run_dir, max_images=3), resolution=32,
                             batch_size=2, lpips_backbone="random", rfid=True, n_show=1)
     assert isinstance(res.rfid["base"], float) and res.rfid["base"] > 0
     assert isinstance(res.kid["base"], float) and math.isfinite(res.kid["base"])
@@ -267,7 +267,7 @@ def test_fp16_decode_check_and_overflow(result):
     assert ok["status"] == "ok" and ok["nonfinite_values"] == 0
     assert list(ok["peaks"])[0] == "conv_in" and list(ok["peaks"])[-1] == "conv_out"
     assert 0 < ok["max_abs_diff_vs_fp32"] < 0.05 and ok["headroom"] > 1
-    loud = evaluate.EvalModel("x", "tiny-random").load()
+    loud = eval_inputs.EvalModel("x", "tiny-random").load()
     with torch.no_grad():
         loud.decoder.conv_in.weight.mul_(1e5)  # activations far past fp16's 65504
     bad = decode_checks.fp16_decode_check(loud, z)
@@ -302,10 +302,10 @@ def test_a_bad_image_set_names_its_own_parameter(tmp_path):
     """03 opens reference_source before scoring anything; its errors name reference_source, not
     eval_source (a bad one failed under the wrong name, after the whole main evaluation)."""
     with pytest.raises(ValueError, match="reference_source '/no/such/folder': no such folder"):
-        evaluate.image_set("/no/such/folder", tmp_path, key="reference_source")
+        eval_inputs.image_set("/no/such/folder", tmp_path, key="reference_source")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="eval_source '.*empty': no images"):
-        evaluate.image_set(str(tmp_path / "empty"), tmp_path)
+        eval_inputs.image_set(str(tmp_path / "empty"), tmp_path)
 
 
 def test_images_smaller_than_the_crop_are_counted_and_said(tmp_path):
@@ -317,7 +317,7 @@ def test_images_smaller_than_the_crop_are_counted_and_said(tmp_path):
     folder.mkdir()
     for name, size in (("big.png", (80, 72)), ("small.png", (20, 30)), ("strip.png", (1, 300))):
         Image.new("RGB", size, (90, 140, 30)).save(folder / name)
-    res = evaluate.evaluate({"base": models.load_vae("tiny-random")}, evaluate.image_set(str(folder), tmp_path),
+    res = evaluate.evaluate({"base": models.load_vae("tiny-random")}, eval_inputs.image_set(str(folder), tmp_path),
                             resolution=64, batch_size=2, lpips_backbone="random", rfid=False, n_show=1)
     assert res.notes["upscaled"] == 2 and sorted(res.notes["upscaled_examples"]) == ["small.png", "strip.png"]
     assert "2 of the 3 images were smaller than 64 px and were enlarged" in eval_report.markdown(res)
@@ -348,7 +348,7 @@ def test_a_reconstruction_with_nan_pixels_is_an_error_naming_model_and_image(tmp
     vae = models.load_vae("tiny-random")
     vaes = {"base": vae, "broken": _NaNOnSecond(vae)}
     with pytest.raises(ValueError, match=r"'broken' decoded NaN or inf pixels for 1 of 2 images \(im1.png\)"):
-        evaluate.evaluate(vaes, evaluate.image_set(str(folder), tmp_path), resolution=32, batch_size=2,
+        evaluate.evaluate(vaes, eval_inputs.image_set(str(folder), tmp_path), resolution=32, batch_size=2,
                           lpips_backbone="random", rfid=False, n_show=1)
 
 
@@ -361,7 +361,7 @@ def test_a_run_still_training_is_evaluated_at_its_latest_checkpoint_with_a_note(
     checkpoint.save_checkpoint(run / "checkpoints", 4, {"decoder": models.decoder_state(models.load_vae("tiny-random"))},
                                {"base_model": "tiny-random", "base_config": ""})
     with RunLock(run):
-        specs = evaluate.run_models(run)
+        specs = eval_inputs.run_models(run)
     said = capsys.readouterr().out
     assert specs[-1].step == 4 and "evaluating step 4" in said and "still training" in said
-    assert "still training" not in (evaluate.run_models(run), capsys.readouterr().out)[1]
+    assert "still training" not in (eval_inputs.run_models(run), capsys.readouterr().out)[1]

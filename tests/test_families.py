@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from furlib import families, models, runinfo
 from furlib.data.prepare import prepare
-from furlib.evaluation import eval_report, evaluate
+from furlib.evaluation import eval_inputs, eval_report, evaluate
 from furlib.export import model_card
 from furlib.export import release_files as export
 from furlib.export import verify
@@ -69,8 +69,8 @@ def _stages(run, base, data):
     settings = TrainSettings(run_name=run.name, outputs_dir=str(run.parent), base_model=str(base), **TRAIN)
     fit(settings)
     runinfo.write_record(run / "02_train.record.json", settings.__dict__, {}, torch.device("cpu"))
-    specs = evaluate.run_models(run)
-    result = evaluate.evaluate(evaluate.load_models(specs, "cpu"), evaluate.image_set("val", run), resolution=64,
+    specs = eval_inputs.run_models(run)
+    result = evaluate.evaluate(eval_inputs.load_models(specs, "cpu"), eval_inputs.image_set("val", run), resolution=64,
                                batch_size=2, lpips_backbone="random", rfid=False, n_show=1, finetuned="finetuned-ema")
     eval_report.write_outputs(result, run / "eval", {s.name: {"step": s.step} for s in specs})
     release = export.release_source(run)
@@ -221,17 +221,17 @@ def test_03_compares_a_single_file_as_one_of_the_runs_family(tmp_path, single_fi
     dec = models.decoder_state(models.load_vae(str(base)))
     save_checkpoint(tmp_path / "run" / "checkpoints", 3, {"decoder": dec, "ema": dec},
                     {"base_model": str(base), "base_config": "", "base_family": ""})
-    specs = evaluate.run_models(tmp_path / "run", compare=f"{single_files['sd']}, {base}")
+    specs = eval_inputs.run_models(tmp_path / "run", compare=f"{single_files['sd']}, {base}")
     assert [(s.name, s.base_family) for s in specs] == [
         ("base", ""), ("finetuned-ema", ""), ("finetuned-raw", ""), ("sd", "sdxl"), ("base-sdxl", "")]
     with pytest.raises(ValueError, match="does not fit the architecture in the shipped SDXL config"):  # SDXL's shipped config was used
         specs[3].load()
     save_checkpoint(tmp_path / "single" / "checkpoints", 3, {"decoder": dec, "ema": dec},
                     {"base_model": str(single_files["sdxl"]), "base_config": "", "base_family": "sdxl"})
-    specs = evaluate.run_models(tmp_path / "single")  # the run's own family, from its checkpoint
+    specs = eval_inputs.run_models(tmp_path / "single")  # the run's own family, from its checkpoint
     assert {s.base_family for s in specs} == {"sdxl"}
     with pytest.raises(ValueError, match="Set base_family"):
-        evaluate.run_models(tmp_path / "single", base_model=str(single_files["sdxl"]))[0].load()
+        eval_inputs.run_models(tmp_path / "single", base_model=str(single_files["sdxl"]))[0].load()
 
 
 @pytest.mark.parametrize("trained, other", [("sd", "sdxl"), ("flux", "sd3")])
@@ -240,7 +240,7 @@ def test_03_and_04_refuse_a_base_of_another_family_than_the_runs(tmp_path, train
     would ship the run's decoder behind latents it never learnt to read, under a card naming
     the wrong models, and 03 would score that pair as if it were the finetune. A base of the
     run's own family is still taken."""
-    from furlib.evaluation.evaluate import run_models
+    from furlib.evaluation.eval_inputs import run_models
 
     from furlib.checkpoint import save_checkpoint
 

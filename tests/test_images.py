@@ -208,9 +208,9 @@ def test_a_broken_icc_profile_is_a_rejection():
 
 
 def test_train_previews_and_eval_see_the_same_pixels(tmp_path):
-    """02's preview strip (prepared.center_crops) and 03's evaluation (evaluate.batches) crop a
+    """02's preview strip (prepared.center_crops) and 03's evaluation (eval_inputs.batches) crop a
     non-square val image identically: the one ``images.center_crop``."""
-    from furlib.evaluation import evaluate
+    from furlib.evaluation import eval_inputs
     from furlib import prepared
 
     rng = np.random.default_rng(0)
@@ -220,7 +220,7 @@ def test_train_previews_and_eval_see_the_same_pixels(tmp_path):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(val / f"{i}.png")
     paths = prepared.list_images(val)
     preview = prepared.center_crops(paths, 64)
-    (_, evaluated), = evaluate.batches(evaluate.image_set("val", tmp_path), 64, batch_size=8)
+    (_, evaluated), = eval_inputs.batches(eval_inputs.image_set("val", tmp_path), 64, batch_size=8)
     assert torch.equal(preview, evaluated)
 
 

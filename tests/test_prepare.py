@@ -1,4 +1,4 @@
-"""furlib.data.prepare (and furlib.sources) on generated corpora: verdicts, report, split, incremental and resumed runs."""
+"""furlib.data.prepare and input_entry (and furlib.sources) on generated corpora: verdicts, report, split, incremental and resumed runs."""
 
 import io
 import json
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from furlib.data import prep_report, prepare
+from furlib.data import input_entry, prep_report, prepare
 from furlib import inputs, sources, table_sources
 from furlib.images import load_rgb
 
@@ -177,7 +177,7 @@ def test_rerun_skips_work_and_sees_changes(tmp_path):
 def test_interrupted_run_resumes(tmp_path, monkeypatch):
     src = tmp_path / "src"
     expected = make_corpus(src)
-    real, calls = prepare._process, []
+    real, calls = prepare.process_input, []
 
     def dies_after_five(*args, **kwargs):
         if len(calls) == 5:
@@ -185,10 +185,10 @@ def test_interrupted_run_resumes(tmp_path, monkeypatch):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(prepare, "_process", dies_after_five)
+    monkeypatch.setattr(prepare, "process_input", dies_after_five)
     with pytest.raises(KeyboardInterrupt):
         run(src, tmp_path / "data")
-    monkeypatch.setattr(prepare, "_process", real)
+    monkeypatch.setattr(prepare, "process_input", real)
     with open(tmp_path / "data" / "journal.jsonl", "a") as log:
         log.write('{"key": "half a li')  # what a kill mid-write leaves
     journal = next((tmp_path / "data" / "journal").glob("*.jsonl"))
@@ -218,13 +218,13 @@ def test_a_stopped_rerun_leaves_02_no_stale_report(tmp_path, monkeypatch):
     assert prep_report.check_prepared(tmp_path / "data", RES)["accepted"] == 3
     for i in range(3, 8):
         noise(40, 48, i).save(src / f"{i}.png")
-    real = prepare._process
-    monkeypatch.setattr(prepare, "_process", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    real = prepare.process_input
+    monkeypatch.setattr(prepare, "process_input", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         run(src, tmp_path / "data")
     with pytest.raises(ValueError, match="has not finished"):
         prep_report.check_prepared(tmp_path / "data", RES)
-    monkeypatch.setattr(prepare, "_process", real)
+    monkeypatch.setattr(prepare, "process_input", real)
     run(src, tmp_path / "data")
     assert prep_report.check_prepared(tmp_path / "data", RES)["accepted"] == 8
 
@@ -247,17 +247,17 @@ def test_unexpected_errors_are_reported_then_retried(tmp_path, monkeypatch):
     src.mkdir()
     for i in range(3):
         noise(36, 40, i).save(src / f"{i}.png")
-    real = prepare.decode_input
+    real = input_entry.decode_input
 
     def flaky(source, *args, **kwargs):
         if str(source).endswith("1.png"):
             raise MemoryError("simulated")
         return real(source, *args, **kwargs)
 
-    monkeypatch.setattr(prepare, "decode_input", flaky)
+    monkeypatch.setattr(input_entry, "decode_input", flaky)
     report = run(src, tmp_path / "data")
     assert report["rejected"] == [{"path": "1.png", "reason": "error", "detail": "MemoryError: simulated"}]
-    monkeypatch.setattr(prepare, "decode_input", real)
+    monkeypatch.setattr(input_entry, "decode_input", real)
     again = run(src, tmp_path / "data")
     assert again["counts"]["decoded_this_run"] == 1 and again["counts"]["accepted"] == 3
 
@@ -351,7 +351,7 @@ def test_a_file_changed_or_deleted_while_it_is_read_is_not_stored(tmp_path, monk
     src.mkdir()
     for name, seed in (("changed.jpg", 1), ("deleted.jpg", 2), ("kept.jpg", 3)):
         noise(40, 48, seed).save(src / name, quality=90)
-    real = prepare.decode_input
+    real = input_entry.decode_input
 
     def meddling(source, *args, **kwargs):
         out = real(source, *args, **kwargs)
@@ -362,11 +362,11 @@ def test_a_file_changed_or_deleted_while_it_is_read_is_not_stored(tmp_path, monk
             source.unlink()
         return out
 
-    monkeypatch.setattr(prepare, "decode_input", meddling)
+    monkeypatch.setattr(input_entry, "decode_input", meddling)
     report = run(src, tmp_path / "data", val_fraction=0.0)
     assert verdicts(report) == {"changed.jpg": "error", "deleted.jpg": "missing", "kept.jpg": "ok"}
     assert len(list((tmp_path / "data" / "train").iterdir())) == 1  # nothing stored for the changed one
-    monkeypatch.setattr(prepare, "decode_input", real)
+    monkeypatch.setattr(input_entry, "decode_input", real)
     again = run(src, tmp_path / "data", val_fraction=0.0)
     assert verdicts(again) == {"changed.jpg": "ok", "kept.jpg": "ok"}
 

@@ -238,7 +238,7 @@ def table(tmp_path, n: int):
 def test_stream_resumes_at_its_position(tmp_path, monkeypatch):
     source = table(tmp_path, 10)
     monkeypatch.setattr(prepare, "STREAM_SAVE_S", 0.0)  # save the position after every row
-    real, read = prepare._process, []
+    real, read = prepare.process_input, []
 
     def dies_after_six(item, *args):
         if len(read) == 6:
@@ -246,7 +246,7 @@ def test_stream_resumes_at_its_position(tmp_path, monkeypatch):
         read.append(item.input_id)
         return real(item, *args)
 
-    monkeypatch.setattr(prepare, "_process", dies_after_six)
+    monkeypatch.setattr(prepare, "process_input", dies_after_six)
     with pytest.raises(KeyboardInterrupt):
         run(source, tmp_path / "data")
     from furlib import inputs
@@ -260,7 +260,7 @@ def test_stream_resumes_at_its_position(tmp_path, monkeypatch):
             yield index, item
 
     monkeypatch.setattr(shares, "_stream_rows", counting)
-    monkeypatch.setattr(prepare, "_process", real)
+    monkeypatch.setattr(prepare, "process_input", real)
     resumed = run(source, tmp_path / "data")
     assert seen == [f"set.parquet/{i}" for i in range(6, 10)]  # rows 0-5 are not read again
     assert resumed["counts"]["decoded_this_run"] == 4

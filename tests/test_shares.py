@@ -93,7 +93,7 @@ def test_a_single_file_is_read_whole_by_each_and_says_so(sources, tmp_path, rows
 
 def test_a_stream_of_files_resumes_in_the_file_it_stopped_in(sources, tmp_path, rows_read, monkeypatch):
     monkeypatch.setattr(prepare, "STREAM_SAVE_S", 0.0)  # save the position after every row
-    real, done = prepare._process, []
+    real, done = prepare.process_input, []
 
     def dies_after_six(item, *args):
         if len(done) == 6:  # row 2 of file 1
@@ -101,11 +101,11 @@ def test_a_stream_of_files_resumes_in_the_file_it_stopped_in(sources, tmp_path, 
         done.append(item.input_id)
         return real(item, *args)
 
-    monkeypatch.setattr(prepare, "_process", dies_after_six)
+    monkeypatch.setattr(prepare, "process_input", dies_after_six)
     with pytest.raises(KeyboardInterrupt):
         _prepare(sources / "files", tmp_path / "data")
     assert done[-1] == "files/1/1"
-    monkeypatch.setattr(prepare, "_process", real)
+    monkeypatch.setattr(prepare, "process_input", real)
     rows_read[0] = 0
     resumed = _prepare(sources / "files", tmp_path / "data")
     assert rows_read[0] == FILES * ROWS - 6 and resumed["counts"]["decoded_this_run"] == FILES * ROWS - 6
@@ -148,14 +148,14 @@ def test_slow_inputs_are_shared_by_the_processes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(shares, "ProcessPoolExecutor", lambda n, mp_context=None, **kw: ThreadPoolExecutor(n, **kw))
     monkeypatch.setattr(shares, "_join", lambda counters: monkeypatch.setattr(shares, "_COUNTERS", counters))
-    real = prepare._process
+    real = prepare.process_input
 
     def slow_when_even(item, *args):
         if int(item.input_id[:3]) % 2 == 0:
             time.sleep(0.03)
         return real(item, *args)
 
-    monkeypatch.setattr(prepare, "_process", slow_when_even)
+    monkeypatch.setattr(prepare, "process_input", slow_when_even)
     src = tmp_path / "src"
     src.mkdir()
     for i in range(40):

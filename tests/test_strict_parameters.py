@@ -167,7 +167,7 @@ def test_paths_and_values_that_would_fail_mid_run_are_refused_first(tmp_path):
     """An outputs_dir or checkpoints that is a file (02 trained, then failed at its first save), a
     seed from time.time_ns() (torch's generator overflowed at step 0), a device this torch lacks."""
     from furlib import checkpoint_pick, runinfo
-    from furlib.evaluation import evaluate
+    from furlib.evaluation import eval_inputs
 
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ValueError, match="outputs_dir=.*afile' is a file, not a folder"):
@@ -182,7 +182,7 @@ def test_paths_and_values_that_would_fail_mid_run_are_refused_first(tmp_path):
     with pytest.raises(ValueError, match=r"seed=1765000000000000000: must be an integer in \[0, 2\*\*32\)"):
         TrainSettings.from_params({"seed": 1_765_000_000_000_000_000})
     with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32\)"):
-        evaluate.check_parameters({**pipeline.stage_defaults("03_eval"), "seed": 2 ** 40})
+        eval_inputs.check_parameters({**pipeline.stage_defaults("03_eval"), "seed": 2 ** 40})
     if not torch.backends.mps.is_available():  # Linux, Colab, Kaggle
         with pytest.raises(ValueError, match="device='mps' is not usable here"):
             runinfo.pick_device("mps")

@@ -1,16 +1,10 @@
 """Stage 01: turn a source of images (``furlib.sources``) into prepared training data.
 
-Stored images (``furlib.data.store`` has the folder layout and its locking): ``<split>/<hash16>``
-+ ``.jpg``/``.png``/``.webp``. A source file that already decodes to 8-bit sRGB RGB with nothing to
-convert and fits ``max_side`` is stored as its own bytes (``furlib.images.load_for_storage``);
-anything else is converted once, as lossless WebP (``store.converted_suffix``), long side capped
-at ``max_side`` (Lanczos).
-Either way the stored file decodes to exactly the pixels training uses.
-
-``hash`` is the sha256 of the decoded pixels (mode, size and bytes, before the long-side cap):
-equal hashes are exact duplicates, kept once. The split is a function of the hash alone, so it is
-stable when inputs are added: val iff ``int(hash[:8], 16) / 2**32 < val_fraction``, then only the
-``val_max`` smallest val hashes stay in val and the others go to train.
+Each input becomes one journal entry (``furlib.data.input_entry``: decoded, hashed by its pixels,
+stored once per hash in the folder layout of ``furlib.data.store``, or rejected with a reason).
+The split is a function of the hash alone, so it is stable when inputs are added: val iff
+``int(hash[:8], 16) / 2**32 < val_fraction``, then only the ``val_max`` smallest val hashes stay
+in val and the others go to train.
 
 Settings that only filter (``resolution``, ``max_pixels``) never rebuild: the report filters the
 journal, files that drop out move to ``unused/``, inputs they had rejected are decoded again.
@@ -31,7 +25,6 @@ the inputs it has in flight, and a process whose parent was killed stops by itse
 with its share unseen.
 """
 
-import hashlib
 import json
 import os
 import time
@@ -45,19 +38,15 @@ from PIL import Image
 from furlib import atomic
 from furlib.data import store
 from furlib.data import shares
-from furlib.data.prep_report import build_report, is_val
-from furlib.inputs import RESUMED, Input
-from furlib.sources import check_revision, check_table, file_stamp, source_key
-from furlib.images import (DEFAULT_MAX_PIXELS, ImageRejected, cap_long_side, decode_input,
-                           reusing_pixel_memory)
+from furlib.data.input_entry import process_input, reusable
+from furlib.data.prep_report import build_report
+from furlib.inputs import RESUMED
+from furlib.sources import check_revision, check_table, source_key
+from furlib.images import DEFAULT_MAX_PIXELS, reusing_pixel_memory
 from furlib.parameters import strict_bool
 from furlib.runinfo import read_json, usable_cores
 
 PREPARE_VERSION = 1  # bump when decoding or storage changes: older data then needs rebuild=True
-# A decoding fix that touches few inputs re-decodes only those, instead of a whole rebuild:
-# 2 (2026-12-06): a PNG's colour key (tRNS on RGB or grey) is transparency; converted PNGs of
-# older entries are decoded again (one whose pixels did not change keeps its stored file)
-DECODER_VERSION = 2
 DEFAULT_MAX_SIDE = 16384  # px: native resolution kept; only beyond this is an image downscaled
 PIXEL_SETTINGS = ("version", "max_side", "background")  # a change means other stored pixels
 STREAM_SAVE_S = 10.0  # how often a stream's position is saved (s)
@@ -211,9 +200,9 @@ def _run_proc(job: dict, progress: bool, k: int, m: int, table=None) -> tuple[li
                 raise RuntimeError(f"{item.input_id} was passed by a resumed stream but is not in "
                                    f"the journal under {data_dir}; delete {position_file}, re-run")
             return key, old, False
-        if old is not None and _reusable(old, job["filters"], files, item.input_id):
+        if old is not None and reusable(old, job["filters"], files, item.input_id):
             return key, old, False
-        return key, _process(item, job, data_dir, files), True
+        return key, process_input(item, job, data_dir, files), True
 
     with reusing_pixel_memory(job["workers"]):
         done = _journalled(work, own, share, data_dir / "journal" / f"{name}.jsonl", position_file,
@@ -221,22 +210,6 @@ def _run_proc(job: dict, progress: bool, k: int, m: int, table=None) -> tuple[li
     if counters is not None and shares.orphaned():
         os._exit(0)  # nobody to return to, and the pool's queue would keep this process waiting
     return done
-
-
-def _reusable(old: dict, filters: dict, files: dict, input_id: str = "") -> bool:
-    """A journal entry still stands: no unexpected error, its file is there, no decoding fix since
-    applies to it (``DECODER_VERSION``), and a filter that rejected it then would still reject it
-    now (a lower resolution may accept it)."""
-    if old["status"] == "ok":
-        refixed = old.get("decoder", 1) < 2 and old.get("stored") == "converted" and input_id.lower().endswith(".png")
-        return old["file"] in files and not refixed
-    if old.get("reason") in ("error", "unreadable", "missing"):
-        return False  # unexpected errors, and files that may have become readable since: retry
-    if "min_side" in old:  # too_small at the resolution of its day
-        return filters["resolution"] >= old["min_side"]
-    if "max_pixels" in old:
-        return filters["max_pixels"] <= old["max_pixels"]
-    return True
 
 
 def _journalled(work, inputs, total, journal_file: Path, position_file: Path, here: dict,
@@ -277,13 +250,6 @@ def _save_position(path: Path, position: dict) -> None:
     atomic.write_text(path, json.dumps(position))
 
 
-def pixel_hash(image: Image.Image) -> str:
-    """sha256 hex of mode, size and raw pixel bytes: equal iff the decoded images are identical."""
-    digest = hashlib.sha256(f"{image.mode} {image.width}x{image.height}\n".encode())
-    digest.update(image.tobytes())
-    return digest.hexdigest()
-
-
 def _ordered_map(fn, items, workers: int):
     """Yield ``(item, fn(item))`` in input order, at most ``2 * workers`` in flight (threads:
     PIL and hashlib release the GIL while decoding, resizing, encoding and hashing)."""
@@ -319,54 +285,3 @@ def _check_settings(data_dir: Path, settings: dict, rebuild: bool) -> str:
             (data_dir / name).mkdir(parents=True, exist_ok=True)
         atomic.write_text(path, json.dumps(settings, indent=1))  # renamed into place whole
     return "settings changed: " + ", ".join(changed) if changed else ""
-
-
-def _process(item: Input, job: dict, data_dir: Path, files: dict) -> dict:
-    """Decode, hash, cap and store one input; return its journal entry."""
-    settings, filters = job["settings"], job["filters"]
-    if item.reason:
-        return {"status": "rejected", "reason": item.reason, "detail": item.detail}
-    try:
-        src = item.src() if callable(item.src) else item.src  # a built-in drawing is drawn now
-        decoded, suffix = decode_input(src, settings["background"], filters["max_pixels"],
-                                       min_side=filters["resolution"])
-        digest, source_size = pixel_hash(decoded), decoded.size
-        image = cap_long_side(decoded, settings["max_side"], filters["resolution"])
-        suffix = suffix if image is decoded else ""  # capped: converted, not the source's bytes
-    except ImageRejected as e:
-        return _rejection(e, filters)
-    except Exception as e:  # noqa: BLE001 - one odd input must not end a long run; it is reported
-        return {"status": "rejected", "reason": "error", "detail": f"{type(e).__name__}: {e}"}
-    name = store.stored_name(files, digest[:16], suffix or store.converted_suffix(image))
-    if name not in files:
-        split = "val" if is_val(digest, job["val_fraction"]) else "train"
-        if suffix:
-            try:
-                store.save_original(src, data_dir / split / name)
-            except FileNotFoundError:  # deleted between the decode and the copy
-                return {"status": "rejected", "reason": "missing", "detail": "deleted while 01 read it"}
-            if _changed(src, item.stamp):  # the bytes copied may not be the pixels hashed
-                (data_dir / split / name).unlink(missing_ok=True)
-                return {"status": "rejected", "reason": "error", "detail": "changed while 01 read it (read again next run)"}
-        else:
-            store.save_converted(image, data_dir / split / name)
-        files[name] = split
-    return {"status": "ok", "decoder": DECODER_VERSION, "hash": digest, "file": name, "width": image.width,
-            "height": image.height, "source_width": source_size[0], "source_height": source_size[1],
-            "stored": "original" if suffix and name.endswith(suffix) else "converted"}
-
-
-def _changed(src, stamp) -> bool:
-    """A source file whose size or mtime is no longer its listing's (``folder_input``'s stamp)."""
-    return isinstance(src, Path) and isinstance(stamp, list) and file_stamp(src) != stamp
-
-
-def _rejection(e: ImageRejected, filters: dict) -> dict:
-    """A journal entry; a filter's rejection records the limit of its day (see ``_reusable``)."""
-    entry = {"status": "rejected", "reason": e.reason, "detail": e.detail}
-    if e.reason in ("too_small", "too_small_after_cap"):
-        entry["min_side"] = filters["resolution"]
-    elif e.reason == "too_many_pixels":
-        entry["max_pixels"] = filters["max_pixels"]
-    return entry
-

@@ -1,6 +1,6 @@
 """The files of a prepared-data folder, safe for many writers at once (processes and machines).
 
-Layout under ``data_dir`` (see ``furlib.data.prepare`` for what the images are)::
+Layout under ``data_dir`` (see ``furlib.data.input_entry`` for what the images are)::
 
     train/, val/, unused/        <hash16>.jpg|.png|.webp: stored originals, or converted
                                  images as lossless WebP (PNG beyond WebP's size limit)

@@ -40,7 +40,7 @@ from furlib.training.runlock import training_note
 def check_parameters(p: dict) -> None:
     """04's values that need no run or model (the pipeline checks them before 01 starts): one
     ValueError listing every problem."""
-    from furlib.evaluation.evaluate import run_reader_problems
+    from furlib.evaluation.eval_inputs import run_reader_problems
 
     found = []
     if p["weights"] not in ("ema", "raw"):
