@@ -50,6 +50,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -69,6 +70,8 @@ from furlib.training.trainer import Trainer  # noqa: E402
 
 VARIANTS = ("count", "plain-fp32", "plain-bf16", "project-eager", "project-prev", "project-issue7", "project-nophase",
             "project", "project-fed", "project-parts", "project-ckpt", "colab-t4")
+# the Tuning levers issue 21 added, each off: the step as that issue started from it
+ISSUE21_LEVERS_OFF = dict(compile_penalty=False, math_attention=False, tap_detached=False, channel_stats_norm=False)
 TUNING_FIELDS = {f.name for f in dataclasses.fields(Tuning)}
 SETTING_FIELDS = {f.name for f in dataclasses.fields(TrainSettings)}
 DEVICE = torch.device("cuda")  # --device; MODEL: --model
@@ -130,10 +133,9 @@ def project_stepper(batch: int, variant: str, overrides: dict):
         kw.update(phase_upsample="no")
     elif variant == "project-prev":
         kw.update(phase_upsample="no", channels_last="yes")
-        tuning.update(inductor_options={}, compile_critic=False,  # inductor's own layouts, eager critic
-                      compile_penalty=False, math_attention=False, tap_detached=False, channel_stats_norm=False)
+        tuning.update(ISSUE21_LEVERS_OFF, inductor_options={}, compile_critic=False)  # inductor's own layouts, eager critic
     elif variant == "project-issue7":
-        tuning.update(compile_penalty=False, math_attention=False, tap_detached=False, channel_stats_norm=False)
+        tuning.update(ISSUE21_LEVERS_OFF)
     elif variant == "project-ckpt":
         kw.update(gradient_checkpointing=True)
     elif variant == "colab-t4":
@@ -260,7 +262,7 @@ def big_copies(events, min_numel: int = 2**26) -> str:
     groups = {}
     for e in events:
         shapes = getattr(e, "input_shapes", None) or []
-        if e.name != "aten::copy_" or not shapes or not shapes[0] or _numel(shapes[0]) < min_numel:
+        if e.name != "aten::copy_" or not shapes or not shapes[0] or math.prod(shapes[0]) < min_numel:
             continue
         ops, frames, parent = [], [], e.cpu_parent
         while parent is not None:  # operators, then (with_stack) Python frames outside torch
@@ -277,13 +279,6 @@ def big_copies(events, min_numel: int = 2**26) -> str:
     for (chain, shapes, frames), (n, us) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
         lines.append(f"{n:4d} {us / 1e3:8.2f} ms  {chain}  {shapes}  {frames}")
     return "\n".join(lines)
-
-
-def _numel(shape) -> int:
-    out = 1
-    for d in shape:
-        out *= d
-    return out
 
 
 def time_variant(variant: str, batch: int, res: int, steps: int, warmup: int, profile_dir: str = "",

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from furlib import atomic, families
 from furlib.atomic import replace_folder
-from furlib.checkpoint_pick import CHECKSUMS, FIX, HOLD_S, held, step_folders, step_of, verify
+from furlib.checkpoint_pick import CHECKSUMS, FIX, HOLD_S, held, latest_named, step_folders, step_of, verify
 from furlib.runinfo import file_sha256
 
 WEIGHT_FILES = {"ema": "ema.safetensors", "raw": "decoder.safetensors"}
@@ -134,10 +134,8 @@ def _pruned(path: Path) -> bool:
     folder = path.parent
     if not folder.is_dir():
         return True
-    try:
-        return not path.exists() and (folder.parent / "latest").read_text().strip() != folder.name
-    except (OSError, UnicodeDecodeError):
-        return False
+    named = latest_named(folder.parent)  # None: unreadable, so no sign that training moved on
+    return not path.exists() and named is not None and named != folder
 
 
 def _gone(path: Path) -> str:

@@ -133,7 +133,7 @@ def pick_checkpoint(run_dir: Path, on_bad: str = "fallback", holding: bool = Fal
 
 def _pick(root: Path, on_bad: str, holding: bool, last: bool) -> tuple[Path | None, list[str]]:
     pointer = root / "latest"
-    named = _pointed(root, pointer)
+    named = latest_named(root)
     folders = step_folders(root)
     if named is None and not folders:
         return None, []
@@ -145,7 +145,7 @@ def _pick(root: Path, on_bad: str, holding: bool, last: bool) -> tuple[Path | No
         problem = verify(folder)
         if problem is None:
             break
-        if not last and _pointed(root, pointer) != named:
+        if not last and latest_named(root) != named:
             raise _WentWhileChecked(f"NOTE: {folder.name} was removed while it was checked (the training of this "
                                     "run saved a newer checkpoint and pruned it; no damage): picked again")
         skipped.append(f"{folder}: {problem}")
@@ -164,10 +164,10 @@ def _pick(root: Path, on_bad: str, holding: bool, last: bool) -> tuple[Path | No
     return folder, notes
 
 
-def _pointed(root: Path, pointer: Path) -> Path | None:
-    """The step folder ``latest`` names; None when it is missing, empty, a folder or not text."""
+def latest_named(root: Path) -> Path | None:
+    """The step folder ``root/latest`` names; None when it is missing, empty, a folder or not text."""
     try:
-        name = pointer.read_text().strip()
+        name = (Path(root) / "latest").read_text().strip()
     except (OSError, UnicodeDecodeError):
         return None
     return root / name if name and "/" not in name else None
