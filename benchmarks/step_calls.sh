@@ -55,4 +55,28 @@ table() {  # one call, cold cache: what the next lever should aim at (see RESULT
     cp /tmp/prof/*.txt "$OUT/" 2>/dev/null
 }
 
+# Fourth session (2026-12-06, evening): the matrix-product levers and compiled pixel terms, one
+# call. Today's default compiles alone first (the decoder's graphs, the long part, go into the
+# cache); the variants then compile only their own graphs, in parallel.
+NEW=("project[critic_patch_matmul=True]" "project[last_layer_matmul=True]" "project[compile_pixel_terms=True]"
+     "project[critic_patch_matmul=True;last_layer_matmul=True;compile_pixel_terms=True]")
+
+levers() {
+    local out=$OUT  # at most 8 files come back: the compile logs travel as one archive
+    OUT=/tmp/warm && mkdir -p $OUT
+    one project project
+    one "${NEW[0]}" patch & one "${NEW[1]}" lastlayer & one "${NEW[2]}" pixel & wait
+    one "${NEW[3]}" all
+    OUT=$out && tar czf "$OUT/warm.tgz" -C /tmp/warm .
+    local list
+    list=$(printf ',%s' "plain-bf16" "project" "${NEW[@]}")
+    timeout 300 python3 benchmarks/train_step.py $S --steps 8 --warmup 3 --variant-timeout 100 \
+        --out "$OUT/step.json" --variants "${list:1}" > "$OUT/step.log" 2>&1
+    echo "timed rc=$? $(date +%T)"
+    timeout 90 python3 benchmarks/train_step.py $S --steps 4 --warmup 2 --variant-timeout 85 \
+        --profile /tmp/prof --out "$OUT/prof.json" --variants "${NEW[3]}" > "$OUT/prof.log" 2>&1
+    echo "profile rc=$? $(date +%T)"
+    cp /tmp/prof/*.txt "$OUT/" 2>/dev/null
+}
+
 "$@"

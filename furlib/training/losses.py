@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from furlib.oklab import rgb_to_oklab
+from furlib.training.patch_matmul import shifted_weight_grads
 
 COLOR_SPACES = ("oklab", "rgb")
 
@@ -51,6 +52,13 @@ def cosine_ramp(step: int, start: float, end: float, steps: int) -> float:
         return start
     t = min(step / steps, 1.0)
     return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def pixel_errors(recon: torch.Tensor, target: torch.Tensor, color_space: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean absolute and mean squared error between fp32 ``rgb_m11`` images in ``color_space``."""
+    a, b = (rgb_to_oklab(recon), rgb_to_oklab(target)) if color_space == "oklab" else (recon, target)
+    diff = a - b
+    return diff.abs().mean(), diff.pow(2).mean()
 
 
 class ReconstructionLoss(nn.Module):
@@ -68,15 +76,11 @@ class ReconstructionLoss(nn.Module):
         if color_space not in COLOR_SPACES:
             raise ValueError(f"color_space must be one of {COLOR_SPACES}, got {color_space!r}")
         self.color_space, self.lpips, self.lpips_autocast = color_space, lpips, lpips_autocast
+        self.pixel_errors = pixel_errors  # or its compiled form (``speed.Tuning.compile_pixel_terms``)
 
     def forward(self, recon_m11, target_m11, mae_w: float, mse_w: float, lpips_w: float):
         recon, target = recon_m11.float(), target_m11.float()
-        if self.color_space == "oklab":
-            a, b = rgb_to_oklab(recon), rgb_to_oklab(target)
-        else:
-            a, b = recon, target
-        diff = a - b
-        mae, mse = diff.abs().mean(), diff.pow(2).mean()
+        mae, mse = self.pixel_errors(recon, target, self.color_space)
         total = mae_w * mae + mse_w * mse
         logs = {"rec/mae": mae.detach(), "rec/mse": mse.detach()}
         if lpips_w and self.lpips is not None:
@@ -90,13 +94,17 @@ class ReconstructionLoss(nn.Module):
         return total, logs
 
 
-def last_layer_grads(features: torch.Tensor, grads_out: list, conv: nn.Conv2d) -> list:
+def last_layer_grads(features: torch.Tensor, grads_out: list, conv: nn.Conv2d, matmul: bool = False) -> list:
     """d loss_k / d conv.weight for each d loss_k / d output in ``grads_out``, given the conv's
-    input ``features``: one weight-gradient convolution for all (the features are read once)."""
-    out = conv.out_channels
-    grads = torch.nn.grad.conv2d_weight(features.float(), (out * len(grads_out),) + conv.weight.shape[1:],
-                                        torch.cat([g.float() for g in grads_out], 1), stride=conv.stride,
-                                        padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+    input ``features``: one weight-gradient convolution for all (the features are read once), in
+    fp32. ``matmul``: as one matrix product (``patch_matmul.shifted_weight_grads``; stride-1 convs)."""
+    out, grad_out = conv.out_channels, torch.cat([g.float() for g in grads_out], 1)
+    if matmul and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1:
+        grads = shifted_weight_grads(features, grad_out, conv)
+    else:
+        grads = torch.nn.grad.conv2d_weight(features.float(), (grad_out.shape[1],) + conv.weight.shape[1:], grad_out,
+                                            stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                                            groups=conv.groups)
     return list(grads.split(out))
 
 

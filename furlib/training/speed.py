@@ -57,7 +57,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from furlib.training.group_norm import use_channel_stats_group_norm
-from furlib.training.losses import gradient_penalty
+from furlib.training.losses import gradient_penalty, pixel_errors
+from furlib.training.patch_matmul import use_patch_matmul
 
 # Inductor's NHWC conversion, forced: left to its heuristic, the backward graph mixes layouts and
 # cuDNN's convolution_backward copies ~0.5 GB activations to match them (~40 ms a step at 256 px,
@@ -81,6 +82,9 @@ class Tuning:
     math_attention: bool = True     # on CUDA, crops up to 512 px: ``use_math_attention``
     tap_detached: bool = True       # the adaptive weight's features kept without a graph (``FeatureTap``)
     channel_stats_norm: bool = True  # compiled CUDA: the VAE's group norms as ``group_norm.ChannelStatsGroupNorm``
+    critic_patch_matmul: bool = False  # compiled CUDA: the critic's RGB conv as ``patch_matmul.PatchMatmulConv``
+    last_layer_matmul: bool = False  # the adaptive weight's gradients by ``patch_matmul.shifted_weight_grads``
+    compile_pixel_terms: bool = False  # compiled runs: the Oklab L1/L2 terms compiled (``losses.pixel_errors``)
     part_timer: Callable[[str], AbstractContextManager] | None = None  # wraps each part of the step
 
 
@@ -136,8 +140,11 @@ def speed_up(vae, critic, rec_loss, settings, device: torch.device, tuning: Tuni
         use_phase_upsampling(vae.decoder)  # keeps the state-dict keys
     if wants_math_attention(tuning, settings, device):
         use_math_attention(vae)
-    if tuning.channel_stats_norm and compiled and torch.device(device).type == "cuda":
-        use_channel_stats_group_norm(vae)
+    if compiled and torch.device(device).type == "cuda":  # levers measured on CUDA only
+        if tuning.channel_stats_norm:
+            use_channel_stats_group_norm(vae)
+        if tuning.critic_patch_matmul:
+            use_patch_matmul(critic)
     # compiled graphs choose their own layouts (see COMPILE_OPTIONS): "auto" NHWC is for eager
     nhwc = settings.channels_last == "yes" or (
         settings.channels_last == "auto" and not compiled and device.type == "cuda")
@@ -156,6 +163,8 @@ def speed_up(vae, critic, rec_loss, settings, device: torch.device, tuning: Tuni
             scores = torch.compile(critic, options=tuning.inductor_options)
         if tuning.compile_penalty:
             penalty = compiled_penalty(tuning.inductor_options)
+        if tuning.compile_pixel_terms:
+            rec_loss.pixel_errors = torch.compile(pixel_errors, options=tuning.inductor_options)
     return layout, scores, penalty
 
 
