@@ -48,16 +48,18 @@ timed() {
     cp /tmp/prof/*.txt "$OUT/" 2>/dev/null
 }
 
-table() {  # one call, cold cache: what the next lever should aim at (see RESULTS, third session)
+table() {  # one call, cold cache: what the next lever should aim at (see RESULTS, fourth session);
+           # the profile text ends with where the GPU idles (trace_gaps.py), the trace comes back too
     timeout 560 python3 benchmarks/train_step.py $S --steps 6 --warmup 2 --variant-timeout 400 \
         --profile /tmp/prof --out "$OUT/table.json" --variants "plain-bf16,project" > "$OUT/table.log" 2>&1
     echo "table rc=$? $(date +%T)"
-    cp /tmp/prof/*.txt "$OUT/" 2>/dev/null
+    cp /tmp/prof/*.txt /tmp/prof/*.gz "$OUT/" 2>/dev/null
 }
 
 # Fourth session (2026-12-06, evening): the matrix-product levers and compiled pixel terms, one
 # call. Today's default compiles alone first (the decoder's graphs, the long part, go into the
-# cache); the variants then compile only their own graphs, in parallel.
+# cache); the variants then compile only their own graphs, in parallel. As run at 633b742:
+# `last_layer_matmul` did not pay and was removed after it (variants naming it now fail).
 NEW=("project[critic_patch_matmul=True]" "project[last_layer_matmul=True]" "project[compile_pixel_terms=True]"
      "project[critic_patch_matmul=True;last_layer_matmul=True;compile_pixel_terms=True]")
 

@@ -43,7 +43,9 @@ also has ``wait_s``: seconds to build the models, then of the first and second w
 (step 0 compiles every graph and runs cuDNN's algorithm search; step 1 shows any recompile),
 what a user waits before training runs at speed. ``project-parts`` sums each part's ms over a step
 (``parts_ms``, medians over steps); with ``--profile`` each project row also has
-``kernel_ms_per_step`` (the GPU's busy time; the rest of ``ms_median`` it idles).
+``kernel_ms_per_step`` (the GPU's busy time; the rest of ``ms_median`` it idles), and the profile
+folder the two steps' Chrome trace, whose idle gaps ``trace_gaps.py`` charges to the host code
+that launched the work after each (appended to the kernel tables).
 """
 
 import argparse
@@ -252,6 +254,15 @@ def write_profile(step, x, path: Path) -> tuple[str, float]:
                                                                   max_name_column_width=60)
     path.write_text(f"kernel time per step: {kernel_ms:.1f} ms\n\n{by_op}\n\nBy Python caller (6 frames):\n{by_caller}"
                     f"\n\nBy operator and input shapes:\n{by_shape}\n\n{big_copies(prof.events())}")
+    trace = path.parent / f"{path.stem}.trace.json.gz"  # the timeline: where the GPU idles (trace_gaps.py)
+    prof.export_chrome_trace(str(trace))
+    try:
+        from trace_gaps import load, summary  # beside this script (run as a script: on sys.path)
+        gaps = summary(load(trace), steps=2)
+    except Exception as e:  # the tables above stand without it; say why it is missing
+        gaps = f"no idle-gap summary: {type(e).__name__}: {e}"
+    with path.open("a") as f:
+        f.write(f"\n\n{gaps}\n")
     return str(path), kernel_ms
 
 

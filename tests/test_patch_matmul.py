@@ -1,5 +1,6 @@
-"""Issue 21's matrix-product levers (``furlib.training.patch_matmul``): the same sums as the convs
-they stand in for, and the slow kernel of the penalty's double backward gone."""
+"""Issue 21's levers of the fourth session: the critic's first conv as a matrix product
+(``furlib.training.patch_matmul``: the same sums, and the slow kernel of the penalty's double
+backward gone) and the compiled pixel terms (``losses.pixel_errors``)."""
 
 import copy
 import functools
@@ -10,12 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from furlib.models import load_vae
 from furlib.training import speed
-from furlib.training.losses import PatchCritic, gradient_penalty, last_layer_grads, pixel_errors
-from furlib.training.patch_matmul import PatchMatmulConv, conv_patches, shifted_weight_grads, use_patch_matmul
-from furlib.training.settings import TrainSettings
-from furlib.training.trainer import Trainer, step_generator
+from furlib.training.losses import PatchCritic, gradient_penalty, pixel_errors
+from furlib.training.patch_matmul import PatchMatmulConv, conv_patches, use_patch_matmul
 
 
 def penalty_grads(critic, fn, real, fake, alpha) -> torch.Tensor:
@@ -79,43 +77,6 @@ def test_penalty_double_backward_has_no_whole_map_kernel():
     is the conv's whole 16x16 output map (32 px input); through the matrix product it is gone."""
     assert (16, 16) in whole_map_kernels(False)
     assert max(whole_map_kernels(True)) < (16, 16)
-
-
-@pytest.mark.parametrize("kernel,padding", [(3, 1), (3, 0), (3, 2), (1, 0), (2, 0), ((3, 1), (1, 0))])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_shifted_weight_grads_are_the_conv_weight_grads(kernel, padding, channels_last):
-    """``shifted_weight_grads`` equals ``conv2d_weight`` in fp64 for stride-1 convs of any kernel
-    and padding, with NCHW or channels-last features."""
-    gen = torch.Generator().manual_seed(0)
-    conv = nn.Conv2d(16, 6, kernel, 1, padding).double()
-    f = torch.randn(2, 16, 9, 7, generator=gen, dtype=torch.float64)
-    g = torch.randn(conv(f).shape, generator=gen, dtype=torch.float64)
-    if channels_last:
-        f = f.contiguous(memory_format=torch.channels_last)
-    ref = torch.nn.grad.conv2d_weight(f, conv.weight.shape, g, padding=conv.padding)
-    mine = shifted_weight_grads(f, g, conv)
-    assert mine.shape == ref.shape and (mine - ref).abs().max() <= 1e-12 * ref.abs().max()
-
-
-def test_last_layer_matmul_in_the_step():
-    """The step's adaptive weight and decoder gradients with ``last_layer_matmul`` equal the conv
-    path's (fp32, eager); a strided conv keeps the conv path."""
-    kw = dict(batch_size=2, mixed_precision="no", lpips_weight=0.0, critic_channels=8, critic_layers=2)
-    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    steps = []
-    for matmul in (False, True):
-        t = Trainer(load_vae("tiny-random", seed=0), TrainSettings(**kw), "cpu",
-                    tuning=speed.Tuning(last_layer_matmul=matmul))
-        z = t.encode(x, step_generator(t.device, 0, 0, 0))
-        _, logs = t.decoder_grads(x, z, gan_on=True)
-        steps.append((torch.cat([p.grad.flatten() for _, p in t.trainable]), logs["gan/weight"]))
-    (grads, weight), (fast_grads, fast_weight) = steps
-    assert float(fast_weight) == pytest.approx(float(weight), rel=1e-5)
-    assert (fast_grads - grads).norm() <= 1e-5 * grads.norm()
-    strided = nn.Conv2d(4, 3, 3, 2, 1)
-    f = torch.randn(1, 4, 8, 8)
-    g = [torch.randn(strided(f).shape)]
-    assert torch.equal(last_layer_grads(f, g, strided, matmul=True)[0], last_layer_grads(f, g, strided)[0])
 
 
 @pytest.mark.skipif(not shutil.which("g++") and not shutil.which("c++"), reason="torch.compile on CPU needs a C++ compiler")

@@ -237,3 +237,35 @@ def test_train_step_parts_summed_per_step_and_variant_keys(monkeypatch):
         ts.parse_variant("project[no_such_knob=1]")
     assert ts.split_variants("plain-bf16,project[inductor_options={'a': 1, 'b': 2};compile_penalty=True],colab-t4") == \
         ["plain-bf16", "project[inductor_options={'a': 1, 'b': 2};compile_penalty=True]", "colab-t4"]
+
+
+def test_trace_gaps_charges_each_idle_gap_to_the_code_that_launched_the_next_work():
+    """benchmarks/trace_gaps.py on a small Chrome trace: two kernels on two streams overlap (one
+    busy interval), then a 300 us gap ended by a kernel launched late from trainer.step's
+    ``apply_decoder``, then a 50 us gap ended by work queued before it began."""
+    tg = bench_module("trace_gaps")
+
+    def x(cat, name, ts, dur, tid=1, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid, "args": args}
+
+    events = [
+        x("python_function", "furlib/training/trainer.py(147): step", 0, 2000),
+        x("python_function", "torch/nn/modules/module.py(1): _call_impl", 10, 100),
+        x("python_function", "furlib/training/trainer.py(265): apply_decoder", 900, 500),
+        x("cpu_op", "aten::mm", 20, 30), x("cpu_op", "aten::_fused_adamw_", 1000, 300),
+        x("cuda_runtime", "cudaLaunchKernel", 25, 5, correlation=1),
+        x("cuda_runtime", "cudaLaunchKernel", 40, 5, correlation=2),
+        x("cuda_runtime", "cudaLaunchKernel", 1100, 10, correlation=3),
+        x("cuda_runtime", "cudaLaunchKernel", 1120, 10, correlation=4),
+        x("kernel", "gemm", 100, 500, tid=7, correlation=1),
+        x("kernel", "other_stream", 300, 510, tid=8, correlation=2),      # busy 100-810
+        x("kernel", "adamw", 1110, 100, tid=7, correlation=3),            # gap 300, launched at 1100 > 810
+        x("gpu_memcpy", "copy", 1260, 10, tid=7, correlation=4),          # gap 50, launched at 1120 < 1210
+    ]
+    found = tg.gaps(events, min_us=20)
+    assert [(g["us"], g["host_late"], g["cpu_op"], g["frame"], g["next"]) for g in found] == [
+        (300, True, "aten::_fused_adamw_", "furlib/training/trainer.py(265): apply_decoder", "adamw"),
+        (50, False, "aten::_fused_adamw_", "furlib/training/trainer.py(265): apply_decoder", "copy")]
+    text = tg.summary(events, steps=1)
+    assert "0.3 ms a step in 2 gaps" in text and "host late for 0.3 ms" in text
+    assert tg.gaps(events, min_us=60) == found[:1]

@@ -40,7 +40,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from furlib.oklab import rgb_to_oklab
-from furlib.training.patch_matmul import shifted_weight_grads
 
 COLOR_SPACES = ("oklab", "rgb")
 
@@ -94,17 +93,13 @@ class ReconstructionLoss(nn.Module):
         return total, logs
 
 
-def last_layer_grads(features: torch.Tensor, grads_out: list, conv: nn.Conv2d, matmul: bool = False) -> list:
+def last_layer_grads(features: torch.Tensor, grads_out: list, conv: nn.Conv2d) -> list:
     """d loss_k / d conv.weight for each d loss_k / d output in ``grads_out``, given the conv's
-    input ``features``: one weight-gradient convolution for all (the features are read once), in
-    fp32. ``matmul``: as one matrix product (``patch_matmul.shifted_weight_grads``; stride-1 convs)."""
-    out, grad_out = conv.out_channels, torch.cat([g.float() for g in grads_out], 1)
-    if matmul and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1:
-        grads = shifted_weight_grads(features, grad_out, conv)
-    else:
-        grads = torch.nn.grad.conv2d_weight(features.float(), (grad_out.shape[1],) + conv.weight.shape[1:], grad_out,
-                                            stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                                            groups=conv.groups)
+    input ``features``: one weight-gradient convolution for all (the features are read once)."""
+    out = conv.out_channels
+    grads = torch.nn.grad.conv2d_weight(features.float(), (out * len(grads_out),) + conv.weight.shape[1:],
+                                        torch.cat([g.float() for g in grads_out], 1), stride=conv.stride,
+                                        padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
     return list(grads.split(out))
 
 

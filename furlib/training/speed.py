@@ -6,9 +6,11 @@
 1. ``speed_up``: memory layout (NHWC), phase upsampling, ``torch.compile``; ``Tuning`` holds the
    levers a benchmark or test may change that are not recipe parameters (02 never sets them, so a
    run's record does not need them): among them the compiled gradient penalty
-   (``compiled_penalty``), the attention as matrix products (``use_math_attention``) and group
-   norms with per-channel statistics (``furlib.training.group_norm``), each on by default since
-   measured on a GPU (benchmarks/RESULTS.md, issue 21). The 02 parameter
+   (``compiled_penalty``) and pixel terms, the attention as matrix products
+   (``use_math_attention``), group norms with per-channel statistics
+   (``furlib.training.group_norm``) and the critic's first conv as a matrix product
+   (``furlib.training.patch_matmul``), each on by default since measured on a GPU
+   (benchmarks/RESULTS.md, issue 21). The 02 parameter
    ``compile_cache_dir`` keeps compiled kernels in a folder (``use_compile_cache``).
 2. Phase upsampling (``use_phase_upsampling``): the decoder's "nearest 2x upsample, then 3x3 conv"
    as four 2x2 convs at the low resolution.
@@ -82,9 +84,8 @@ class Tuning:
     math_attention: bool = True     # on CUDA, crops up to 512 px: ``use_math_attention``
     tap_detached: bool = True       # the adaptive weight's features kept without a graph (``FeatureTap``)
     channel_stats_norm: bool = True  # compiled CUDA: the VAE's group norms as ``group_norm.ChannelStatsGroupNorm``
-    critic_patch_matmul: bool = False  # compiled CUDA: the critic's RGB conv as ``patch_matmul.PatchMatmulConv``
-    last_layer_matmul: bool = False  # the adaptive weight's gradients by ``patch_matmul.shifted_weight_grads``
-    compile_pixel_terms: bool = False  # compiled runs: the Oklab L1/L2 terms compiled (``losses.pixel_errors``)
+    critic_patch_matmul: bool = True  # compiled CUDA: the critic's RGB conv as ``patch_matmul.PatchMatmulConv``
+    compile_pixel_terms: bool = True  # compiled runs: the Oklab L1/L2 terms compiled (``losses.pixel_errors``)
     part_timer: Callable[[str], AbstractContextManager] | None = None  # wraps each part of the step
 
 

@@ -225,8 +225,7 @@ class Trainer:
         last = []
         if gan_on:
             with torch.no_grad(), self.part("last-layer grads"):
-                last = last_layer_grads(self.tap.features, grads, self.vae.decoder.conv_out,
-                                        self.tuning.last_layer_matmul)
+                last = last_layer_grads(self.tap.features, grads, self.vae.decoder.conv_out)
         self.tap.features = None  # free the activation
         return MicroBatch(z, grads, last, recon if keep_graph else None), recon.detach(), logs
 
