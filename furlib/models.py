@@ -3,11 +3,7 @@
 ``base_model`` names a VAE in one of these forms:
 - a Hugging Face Hub id (``stabilityai/sd-vae-ft-mse``) or ``id@subfolder`` (``repo@vae``);
 - a local diffusers folder (``config.json`` + weights);
-- a single-file ``.safetensors`` (or ``.sft``) in the original LDM layout (A1111/ComfyUI files,
-  FLUX.1's ``ae.safetensors``) or in diffusers' own (a folder's weights file alone), with the
-  architecture and factors from ``base_config`` (a diffusers folder) or from the shipped config
-  of its ``base_family`` (``furlib.families``: its keys alone cannot tell SD 1.x from SDXL, nor
-  SD3 from FLUX.1, so without either it is a clear error, never a guess);
+- a single-file ``.safetensors`` (or ``.sft``), LDM or diffusers layout: ``furlib.single_file``;
 - ``tiny``: the project's own small *pretrained* VAE (5.3 M parameters, SD's latent interface:
   KL, factor 8, 4 latents), shipped in ``furlib/assets/tiny_base`` as fp16 safetensors and made
   by ``scripts/pretrain_base.py`` on the built-in set; accurate but smooth, for offline CPU runs;
@@ -19,13 +15,14 @@
 ``base_family``, when given, must agree with what the base is; a config is never rewritten.
 """
 
-import contextlib
 import os
 from pathlib import Path
 
 import torch
 
 from furlib import families
+from furlib.single_file import (SAFETENSORS_SUFFIXES, check_weights, load_single_file, mismatch_advice, named,
+                                single_file_config)
 
 SD_VAE_CONFIG = Path(__file__).parent / "configs" / "sd_vae"
 TINY_BASE_DIR = Path(__file__).parent / "assets" / "tiny_base"
@@ -50,7 +47,6 @@ OFFLINE_HINT = (
     "With internet (Colab/Kaggle) the hub id works as given."
 )
 TRAINABLE_PREFIXES = ("decoder.", "post_quant_conv.")  # the rest (encoder, quant_conv) stays frozen
-SAFETENSORS_SUFFIXES = (".safetensors", ".sft")  # .sft: FLUX.1's ae.sft, safetensors as ComfyUI reads it
 
 
 def is_pretrained(base_model: str) -> bool:
@@ -130,24 +126,11 @@ def load_tiny_base(folder: Path = TINY_BASE_DIR):
     return vae.eval()
 
 
-def check_weights(tensors: dict, source) -> None:
-    """Weights read from ``source`` must be floating point and finite: an integer tensor would be
-    cast silently and a NaN one would train NaNs; either means a damaged or a wrong file."""
-    ints = [f"{k} ({v.dtype})" for k, v in tensors.items() if not v.is_floating_point()]
-    if ints:
-        raise ValueError(f"{source}: {len(ints)} tensor(s) are not floating point, e.g. {ints[:3]}: not VAE "
-                         "weights, or a damaged conversion; use the original fp32/fp16 file")
-    bad = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
-    if bad:
-        raise ValueError(f"{source}: {len(bad)} tensor(s) hold NaN or infinity, e.g. {bad[:3]}: the file is "
-                         "damaged or comes from a diverged training; use another VAE")
-
-
 def check_file_dtypes(path: Path) -> None:
     """The dtypes in a safetensors header (no tensor is read): floating point only."""
     from safetensors import safe_open
 
-    with _named(path), safe_open(str(path), "pt") as f:
+    with named(path), safe_open(str(path), "pt") as f:
         ints = [f"{k} ({f.get_slice(k).get_dtype()})" for k in f.keys()
                 if not f.get_slice(k).get_dtype().startswith(("F", "BF"))]
     if ints:
@@ -180,64 +163,6 @@ def _load_from_hub(base_model: str, where: str):
     return check_loaded(vae, where)
 
 
-def load_single_file(path: Path, base_config: str = "", base_family: str = "", where: str = ""):
-    """A single-file VAE, LDM or diffusers layout; never unpickles (safetensors only). The architecture and
-    factors: ``base_config``'s, else the shipped config of the file's family (see ``families``).
-    ``where``: what the errors call it (``load_vae``'s key and value)."""
-    from diffusers import AutoencoderKL
-
-    from furlib.ldm_keys import ldm_to_diffusers
-
-    where = where or f"base_model {str(path)!r}"
-    if not path.exists():
-        raise ValueError(f"{where} does not exist")
-    if path.suffix not in SAFETENSORS_SUFFIXES:
-        raise ValueError(f"{path.name}: only .safetensors single files load (pickled "
-                         f"{path.suffix} files can run arbitrary code); convert it first")
-    with _named(path):
-        config, fam = single_file_config(path, base_config, base_family, where)
-        tensors = _vae_tensors(path)
-    vae = AutoencoderKL.from_config(config)
-    check_weights(tensors, path)
-    try:
-        vae.load_state_dict(ldm_to_diffusers(tensors, vae.state_dict()), strict=True)
-    except (RuntimeError, ValueError, KeyError) as err:
-        where = base_config or f"the shipped {fam.title} config ({fam.config_dir})"
-        raise ValueError(_mismatch(path, where, err)) from err
-    return vae.eval()
-
-
-def _vae_tensors(path: Path) -> dict:
-    """A single file's VAE tensors under their bare names; a full checkpoint's others (a UNet, text
-    encoders, FLUX.1's fp8 transformer: gigabytes, and no isfinite for fp8) are never read."""
-    from safetensors import safe_open
-
-    from furlib.ldm_keys import strip_prefix
-
-    with safe_open(str(path), "pt") as f:
-        stored = strip_prefix({k: k for k in f.keys()})  # bare name -> name in the file
-        return {bare: f.get_tensor(name) for bare, name in stored.items()}
-
-
-def single_file_config(path: Path, base_config: str = "", base_family: str = "",
-                       where: str = "") -> tuple[dict, object]:
-    """(config, family or None) of a single file: ``base_config``'s, else its family's shipped one."""
-    from diffusers import AutoencoderKL
-    from safetensors import safe_open
-
-    from furlib.ldm_keys import strip_prefix
-
-    if base_config:
-        config = AutoencoderKL.load_config(Path(base_config))
-        families.check_config(base_family, config, f"base_config {base_config!r}")
-        return config, None
-    with _named(path), safe_open(str(path), "pt") as f:  # the header only: shapes and metadata, no tensors
-        shapes = strip_prefix({k: f.get_slice(k).get_shape() for k in f.keys()})
-        stated = (f.metadata() or {}).get("family", "")
-    fam = families.single_file_family(where or f"base_model {path.name}", shapes, base_family, stated)
-    return AutoencoderKL.load_config(fam.config_dir), fam
-
-
 def base_vae_config(base_model: str, base_config: str = "", base_family: str = "") -> dict | None:
     """The config ``load_vae`` would build, without loading weights (a hub config is a small
     download). None where loading itself would fail and say why (a bad path, the Hub out of reach)."""
@@ -265,39 +190,17 @@ def base_vae_config(base_model: str, base_config: str = "", base_family: str = "
         return None
 
 
-def _mismatch(weights, config, err) -> str:
-    """The advice on one line, then the first lines of what did not fit (the keys and shapes)."""
-    said = [line.strip()[:300] for line in str(err).strip().splitlines() if line.strip()][:6]
-    return (f"{weights} does not fit the architecture in {config}. The weights are another VAE's "
-            "than the config describes: give base_config the diffusers folder whose config.json came with "
-            "these weights (do not ignore the mismatched sizes: that would train from random layers):\n  "
-            + "\n  ".join(said or [type(err).__name__]))
-
-
-@contextlib.contextmanager
-def _named(path: Path):
-    """safetensors' own errors (a pickle renamed .safetensors, a truncated header) name no file."""
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except SafetensorError as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({err}): a pickled checkpoint renamed "
-                         ".safetensors, or a truncated download. Download it again, or convert the original "
-                         "with safetensors.torch.save_file") from err
-
-
 def _from_pretrained(path: Path, **kwargs):
     """diffusers' folder load, with its mismatch advice (ignore_mismatched_sizes) replaced by ours."""
     from diffusers import AutoencoderKL
 
     try:
-        with _named(path):
+        with named(path):
             return AutoencoderKL.from_pretrained(path, **kwargs)
     except (RuntimeError, ValueError) as err:
         if "size" not in str(err) and "shape" not in str(err):
             raise
-        raise ValueError(_mismatch(path / "diffusion_pytorch_model.safetensors", path / "config.json", err)) from err
+        raise ValueError(mismatch_advice(path / "diffusion_pytorch_model.safetensors", path / "config.json", err)) from err
 
 
 def split_trainable(vae) -> list:

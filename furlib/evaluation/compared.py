@@ -11,7 +11,7 @@ import contextlib
 import json
 from pathlib import Path
 
-from furlib.models import SAFETENSORS_SUFFIXES
+from furlib.single_file import SAFETENSORS_SUFFIXES
 
 
 def loader_key(parameter: str) -> str:

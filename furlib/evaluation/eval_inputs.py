@@ -15,8 +15,9 @@ import torch
 from furlib import checkpoint, checkpoint_pick, families
 from furlib.evaluation import compared
 from furlib.images import center_crop, load_rgb, to_rgb_m11
-from furlib.models import SAFETENSORS_SUFFIXES, is_pretrained, load_vae, with_decoder
+from furlib.models import is_pretrained, load_vae, with_decoder
 from furlib.parameters import SEED_LIMIT
+from furlib.single_file import SAFETENSORS_SUFFIXES
 from furlib.training.runlock import training_note
 
 MIN_RESOLUTION = 32  # LPIPS(AlexNet)'s trunk pools a smaller crop away ("Output size is too small")
