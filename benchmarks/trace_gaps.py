@@ -51,7 +51,7 @@ def enclosing(spans: list, starts: list, t: float):
     """The innermost (latest-starting) span of ``spans`` (sorted by start) that contains ``t``."""
     i = bisect.bisect_right(starts, t)
     best = None
-    for s in reversed(spans[max(0, i - 400):i]):  # nested spans start shortly before t
+    for s in reversed(spans[max(0, i - 5000):i]):  # spans around t start before it (a compiled graph: thousands)
         if s["ts"] <= t <= s["ts"] + s.get("dur", 0) and (best is None or s["ts"] > best["ts"]):
             best = s
     return best
@@ -79,7 +79,7 @@ class Host:
         op = enclosing(self.spans[tid]["cpu_op"], self.starts[tid]["cpu_op"], t)
         frames = self.spans[tid]["python_function"]
         i = bisect.bisect_right(self.starts[tid]["python_function"], t)
-        own = [f for f in frames[max(0, i - 4000):i] if f["ts"] + f.get("dur", 0) >= t
+        own = [f for f in frames[max(0, i - 5000):i] if f["ts"] + f.get("dur", 0) >= t
                and any(k in f["name"] for k in OWN_FILES)]
         frame = max(own, key=lambda f: f["ts"])["name"] if own else "?"
         return (op["name"] if op else "?"), frame
@@ -106,7 +106,8 @@ def summary(events: list, steps: int = 1, min_us: float = 20.0, top: int = 15) -
     busy = busy_intervals(events)
     span = busy[-1][1] - busy[0][0] if busy else 0.0
     idle = sum(g["us"] for g in found)
-    lines = [f"GPU idle gaps of >= {min_us:.0f} us: {idle / steps / 1e3:.1f} ms a step in {len(found) / steps:.0f} gaps "
+    lines = [f"GPU idle gaps of >= {min_us:.0f} us: {idle / steps / 1e3:.1f} ms a step in "
+             f"{len(found) / steps:.0f} gaps "
              f"({span / steps / 1e3:.1f} ms from the first to the last GPU work, per step); "
              f"host late for {sum(g['us'] for g in found if g['host_late']) / steps / 1e3:.1f} ms of it", "",
              "By the project frame that launched the work after the gap (ms a step, gaps a step, host late):"]

@@ -79,7 +79,8 @@ def test_penalty_double_backward_has_no_whole_map_kernel():
     assert max(whole_map_kernels(True)) < (16, 16)
 
 
-@pytest.mark.skipif(not shutil.which("g++") and not shutil.which("c++"), reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.skipif(not shutil.which("g++") and not shutil.which("c++"),
+                    reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_pixel_terms_are_the_pixel_terms():
     """``Tuning.compile_pixel_terms``: the Oklab L1/L2 terms and their gradient, compiled, equal
     the eager ones (fp32)."""
