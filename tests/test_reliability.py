@@ -2,6 +2,7 @@
 verification, fingerprints, warnings and errors that name the file or key."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -359,7 +360,8 @@ def test_a_disk_without_room_for_one_checkpoint_is_refused_before_training(tmp_p
 def test_a_lowered_keep_checkpoints_frees_the_room_it_promises(tmp_path, monkeypatch):
     """A full disk's error says "free some space (or lower keep_checkpoints)"; lowered, the plan
     still refused ("could not save its first one"): the older checkpoints went only after the
-    next save, which needed their room. Now the plan counts their room and fit removes them first."""
+    next save, which needed their room. Now the plan counts their room and fit removes them first;
+    not the room of those 03 or 04 reads now (held: prune leaves them), which the error names."""
     import shutil
     from collections import namedtuple
 
@@ -382,6 +384,16 @@ def test_a_lowered_keep_checkpoints_frees_the_room_it_promises(tmp_path, monkeyp
                                          r"\(now 3; the run holds 3\)"):
         make_plan(s, 1, torch.device("cpu"))
     lowered = TrainSettings(**{**TINY, "max_steps": 12, "keep_checkpoints": 1}, outputs_dir=str(tmp_path), run_name="r")
+    # read by 03 or 04 (held), the older ones stay when pruned: their room is not free, and the error says why
+    readers = [tmp_path / "r" / "checkpoints" / f"step_{step:07d}" / f"{checkpoint_pick.HOLD_PREFIX}elsewhere-1"
+               for step in (4, 8)]
+    for reader in readers:  # 03 and 04 on another machine, reading now
+        reader.write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": time.time()}))
+    with pytest.raises(ValueError, match=r"could not save its next one \(step_0000008, step_0000004 beyond "
+                                         r"keep_checkpoints stay while 03 or 04 reads them: at most 30 min\)"):
+        make_plan(lowered, 1, torch.device("cpu"))
+    for reader in readers:
+        reader.unlink()
     assert [f.name for f in make_plan(lowered, 1, torch.device("cpu")).stale] == ["step_0000008", "step_0000004"]
     results = fit.fit(lowered)
     assert any("removed step_0000008, step_0000004" in n for n in results["notes"])

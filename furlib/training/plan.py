@@ -128,10 +128,11 @@ def checkpoint_bytes(s, vae) -> int:
     return 16 * decoder_parameters(vae) + 12 * sum(p.numel() for p in critic.parameters())
 
 
-def check_room_for_a_checkpoint(s, run_path: Path, vae, stale=()) -> None:
+def check_room_for_a_checkpoint(s, run_path: Path, vae, stale=(), held=()) -> None:
     """Refuse before training when the disk cannot hold one checkpoint: the next save would fail
     after ``checkpoint_every`` steps, all of them lost. ``stale``: checkpoint folders removed before
-    training (beyond ``keep_checkpoints``), whose room counts as free."""
+    training (beyond ``keep_checkpoints``), whose room counts as free; ``held``: ones beyond it that
+    03 or 04 reads now (``checkpoint_pick.held``), which stay, so their room does not count."""
     import shutil
 
     need = checkpoint_bytes(s, vae)
@@ -141,9 +142,11 @@ def check_room_for_a_checkpoint(s, run_path: Path, vae, stale=()) -> None:
         kept = len(checkpoint_pick.step_folders(run_path / "checkpoints"))
         lower = (f", or lower keep_checkpoints (now {s.keep_checkpoints or 'all'}; the run holds {kept}): the older "
                  "ones beyond it are removed before training") if kept > 1 and s.keep_checkpoints != 1 else ""
+        reading = (f" ({', '.join(f.name for f in held)} beyond keep_checkpoints stay while 03 or 04 reads them: "
+                   f"at most {checkpoint_pick.HOLD_S / 60:.0f} min)") if held else ""
         raise ValueError(f"one checkpoint of this run takes ~{need / 1e9:.2f} GB, and {free / 1e9:.2f} GB are free on "
-                         f"{where}: 02 could not save its {'next' if kept else 'first'} one. Free some space{lower}, "
-                         "or set outputs_dir elsewhere")
+                         f"{where}: 02 could not save its {'next' if kept else 'first'} one{reading}. Free some space"
+                         f"{lower}, or set outputs_dir elsewhere")
 
 
 def make_plan(s, processes: int, device: torch.device) -> Plan:
@@ -165,7 +168,7 @@ def make_plan(s, processes: int, device: torch.device) -> Plan:
     vae = base_vae(s)  # its config read once, for the disk's room and the CPU's cost
     ckpt, ckpt_notes = checkpoint_pick.pick_checkpoint(run_path, s.on_bad_checkpoint)
     notes += ckpt_notes
-    start, stale = 0, []
+    start, stale, held = 0, [], []
     if ckpt is not None:
         if not s.resume:  # never overwrite a run's work silently
             raise ValueError(f"resume=False but {run_path} already has checkpoints (latest {ckpt.name}): "
@@ -177,8 +180,10 @@ def make_plan(s, processes: int, device: torch.device) -> Plan:
         if start > s.max_steps:  # a shorter max_steps on resume is no rewind: said, not only "changed"
             notes.append(f"WARNING: max_steps={s.max_steps} is below the checkpoint's step {start}: nothing is "
                          f"trained and {ckpt.name} stays the latest (a run does not rewind: a shorter run is a new run_name)")
-        stale = checkpoint.prunable(run_path / "checkpoints", ckpt, s.keep_checkpoints)  # a lowered keep: room now
-    check_room_for_a_checkpoint(s, run_path, vae, stale)
+        beyond = checkpoint.prunable(run_path / "checkpoints", ckpt, s.keep_checkpoints)  # a lowered keep: room now
+        held = [f for f in beyond if checkpoint_pick.held(f)]  # prune leaves these
+        stale = [f for f in beyond if f not in held]
+    check_room_for_a_checkpoint(s, run_path, vae, stale, held)
     use_cache, cache_note = (False, "") if s.train_source else \
         crops.cache_plan(train_dir, run_path / "pixel_cache", s.pixel_cache)
     workers, cap_note = worker_cap(s.num_workers, processes)
