@@ -28,6 +28,7 @@ from furlib.sources import file_stamp
 # 2 (2026-12-06): a PNG's colour key (tRNS on RGB or grey) is transparency; converted PNGs of
 # older entries are decoded again (one whose pixels did not change keeps its stored file)
 DECODER_VERSION = 2
+PNG_COLOUR_KEY_FIX = 2  # the version above: entries decoded before it may hold a wrong converted PNG
 
 
 def pixel_hash(image: Image.Image) -> str:
@@ -92,7 +93,8 @@ def reusable(old: dict, filters: dict, files: dict, input_id: str = "") -> bool:
     applies to it (``DECODER_VERSION``), and a filter that rejected it then would still reject it
     now (a lower resolution may accept it)."""
     if old["status"] == "ok":
-        refixed = old.get("decoder", 1) < 2 and old.get("stored") == "converted" and input_id.lower().endswith(".png")
+        refixed = (old.get("decoder", 1) < PNG_COLOUR_KEY_FIX and old.get("stored") == "converted"
+                   and input_id.lower().endswith(".png"))
         return old["file"] in files and not refixed
     if old.get("reason") in ("error", "unreadable", "missing"):
         return False  # unexpected errors, and files that may have become readable since: retry
