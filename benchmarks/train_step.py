@@ -251,7 +251,7 @@ def write_profile(step, x, path: Path) -> tuple[str, float]:
     by_op = events.table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90)
     by_caller = prof.key_averages(group_by_stack_n=6).table(sort_by="self_cuda_time_total", row_limit=30,
                                                             max_name_column_width=90)
-    by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=80,
+    by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=150,
                                                                   max_name_column_width=60)
     path.write_text(f"kernel time per step: {kernel_ms:.1f} ms\n\n{by_op}\n\nBy Python caller (6 frames):\n{by_caller}"
                     f"\n\nBy operator and input shapes:\n{by_shape}\n\n{big_copies(prof.events())}")
