@@ -47,14 +47,14 @@ def busy_intervals(events: list) -> list:
     return merged
 
 
-def enclosing(spans: list, starts: list, t: float):
-    """The innermost (latest-starting) span of ``spans`` (sorted by start) that contains ``t``."""
+def enclosing(spans: list, starts: list, t: float, keep=lambda span: True):
+    """The innermost (latest-starting) span of ``spans`` (sorted by start, ``starts`` their
+    starts) that contains ``t`` and that ``keep`` accepts; None if there is none."""
     i = bisect.bisect_right(starts, t)
-    best = None
     for s in reversed(spans[max(0, i - 5000):i]):  # spans around t start before it (a compiled graph: thousands)
-        if s["ts"] <= t <= s["ts"] + s.get("dur", 0) and (best is None or s["ts"] > best["ts"]):
-            best = s
-    return best
+        if t <= s["ts"] + s.get("dur", 0) and keep(s):
+            return s
+    return None
 
 
 class Host:
@@ -77,19 +77,17 @@ class Host:
         if tid not in self.spans:
             return "?", "?"
         op = enclosing(self.spans[tid]["cpu_op"], self.starts[tid]["cpu_op"], t)
-        frames = self.spans[tid]["python_function"]
-        i = bisect.bisect_right(self.starts[tid]["python_function"], t)
-        own = [f for f in frames[max(0, i - 5000):i] if f["ts"] + f.get("dur", 0) >= t
-               and any(k in f["name"] for k in OWN_FILES)]
-        frame = max(own, key=lambda f: f["ts"])["name"] if own else "?"
-        return (op["name"] if op else "?"), frame
+        frame = enclosing(self.spans[tid]["python_function"], self.starts[tid]["python_function"], t,
+                          lambda f: any(k in f["name"] for k in OWN_FILES))
+        return (op["name"] if op else "?"), (frame["name"] if frame else "?")
 
 
-def gaps(events: list, min_us: float = 20.0) -> list:
+def gaps(events: list, min_us: float = 20.0, busy: list | None = None) -> list:
     """Every GPU idle gap of at least ``min_us``: dicts with its length, the work after it, whether
-    the host launched that work late, and the launching cpu_op and project frame."""
+    the host launched that work late, and the launching cpu_op and project frame. ``busy``: the
+    events' ``busy_intervals``, where the caller has them already."""
     host, out = Host(events), []
-    busy = busy_intervals(events)
+    busy = busy_intervals(events) if busy is None else busy
     for (_, prev_end, _), (start, _, first) in zip(busy, busy[1:]):
         if start - prev_end < min_us:
             continue
@@ -102,8 +100,8 @@ def gaps(events: list, min_us: float = 20.0) -> list:
 
 def summary(events: list, steps: int = 1, min_us: float = 20.0, top: int = 15) -> str:
     """Idle time per step, by project frame (host late or not), and the largest gaps."""
-    found = gaps(events, min_us)
     busy = busy_intervals(events)
+    found = gaps(events, min_us, busy)
     span = busy[-1][1] - busy[0][0] if busy else 0.0
     idle = sum(g["us"] for g in found)
     lines = [f"GPU idle gaps of >= {min_us:.0f} us: {idle / steps / 1e3:.1f} ms a step in "
