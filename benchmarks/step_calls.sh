@@ -39,11 +39,19 @@ timed() {
     # coordinate-descent tuning is left out: its compile did not finish within warm's 520 s
     list=$(printf ',%s' "plain-bf16" "${VARIANTS[0]}" "${VARIANTS[1]}" "${VARIANTS[3]}" "${VARIANTS[4]}" \
         "project[cudnn.benchmark_limit=0]")
-    timeout 470 python3 benchmarks/train_step.py $S --steps 8 --warmup 3 --variant-timeout 150 \
-        --out "$OUT/step.json" --variants "${list:1}" > "$OUT/step.log" 2>&1
+    rows 470 150 "${list:1}"
+    kernels 100 95 project
+}
+
+rows() {  # the variants $3 (comma-separated) timed one by one, 8 steps each: within $1 s, each $2 s
+    timeout "$1" python3 benchmarks/train_step.py $S --steps 8 --warmup 3 --variant-timeout "$2" \
+        --out "$OUT/step.json" --variants "$3" > "$OUT/step.log" 2>&1
     echo "timed rc=$? $(date +%T)"
-    timeout 100 python3 benchmarks/train_step.py $S --steps 4 --warmup 2 --variant-timeout 95 \
-        --profile /tmp/prof --out "$OUT/prof.json" --variants "project" > "$OUT/prof.log" 2>&1
+}
+
+kernels() {  # the kernel table of variant $3 (two profiled steps): within $1 s, the variant $2 s
+    timeout "$1" python3 benchmarks/train_step.py $S --steps 4 --warmup 2 --variant-timeout "$2" \
+        --profile /tmp/prof --out "$OUT/prof.json" --variants "$3" > "$OUT/prof.log" 2>&1
     echo "profile rc=$? $(date +%T)"
     cp /tmp/prof/*.txt "$OUT/" 2>/dev/null
 }
@@ -72,13 +80,8 @@ levers() {
     OUT=$out && tar czf "$OUT/warm.tgz" -C /tmp/warm .
     local list
     list=$(printf ',%s' "plain-bf16" "project" "${NEW[@]}")
-    timeout 300 python3 benchmarks/train_step.py $S --steps 8 --warmup 3 --variant-timeout 100 \
-        --out "$OUT/step.json" --variants "${list:1}" > "$OUT/step.log" 2>&1
-    echo "timed rc=$? $(date +%T)"
-    timeout 90 python3 benchmarks/train_step.py $S --steps 4 --warmup 2 --variant-timeout 85 \
-        --profile /tmp/prof --out "$OUT/prof.json" --variants "${NEW[3]}" > "$OUT/prof.log" 2>&1
-    echo "profile rc=$? $(date +%T)"
-    cp /tmp/prof/*.txt "$OUT/" 2>/dev/null
+    rows 300 100 "${list:1}"
+    kernels 90 85 "${NEW[3]}"
 }
 
 "$@"
