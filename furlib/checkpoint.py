@@ -95,16 +95,18 @@ def _unwritten(ckpt_root: Path, name: str, tensors: dict, err, keep: int) -> str
             f"space{lower}, then run 02 again: it resumes from there")
 
 
-def prunable(ckpt_root: Path, final: Path, keep: int) -> list[Path]:
-    """What ``prune`` removes unless a reader holds it (nothing for ``keep`` 0: all kept)."""
+def prunable(ckpt_root: Path, final: Path, keep: int) -> tuple[list[Path], list[Path]]:
+    """The folders beyond ``keep`` (none for ``keep`` 0: all kept), split into what ``prune``
+    removes and what it leaves while 03 or 04 reads it (``checkpoint_pick.held``)."""
     older = [f for f in step_folders(ckpt_root) if step_of(f) < step_of(final)]
-    kept, out = 1, []
+    kept, beyond = 1, []
     for folder in older if keep > 0 else []:
         if kept < keep and _intact(folder):
             kept += 1
         else:
-            out.append(folder)
-    return out
+            beyond.append(folder)
+    reading = [folder for folder in beyond if held(folder)]
+    return [folder for folder in beyond if folder not in reading], reading
 
 
 def prune(ckpt_root: Path, final: Path, keep: int) -> list[Path]:
@@ -113,7 +115,7 @@ def prune(ckpt_root: Path, final: Path, keep: int) -> list[Path]:
     after a fallback). Folders after ``final`` (skipped by a fallback) are left for the step that
     rewrites them, and one 03 or 04 holds (``checkpoint_pick.held``) for a prune once it is read.
     Returns what was removed."""
-    removed = [folder for folder in prunable(ckpt_root, final, keep) if not held(folder)]
+    removed, _ = prunable(ckpt_root, final, keep)
     for folder in removed:
         shutil.rmtree(folder, ignore_errors=True)
     return removed

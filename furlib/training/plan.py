@@ -180,9 +180,8 @@ def make_plan(s, processes: int, device: torch.device) -> Plan:
         if start > s.max_steps:  # a shorter max_steps on resume is no rewind: said, not only "changed"
             notes.append(f"WARNING: max_steps={s.max_steps} is below the checkpoint's step {start}: nothing is "
                          f"trained and {ckpt.name} stays the latest (a run does not rewind: a shorter run is a new run_name)")
-        beyond = checkpoint.prunable(run_path / "checkpoints", ckpt, s.keep_checkpoints)  # a lowered keep: room now
-        held = [f for f in beyond if checkpoint_pick.held(f)]  # prune leaves these
-        stale = [f for f in beyond if f not in held]
+        # a lowered keep frees room now, but not the checkpoints 03 or 04 reads (prune leaves them)
+        stale, held = checkpoint.prunable(run_path / "checkpoints", ckpt, s.keep_checkpoints)
     check_room_for_a_checkpoint(s, run_path, vae, stale, held)
     use_cache, cache_note = (False, "") if s.train_source else \
         crops.cache_plan(train_dir, run_path / "pixel_cache", s.pixel_cache)
