@@ -84,4 +84,21 @@ levers() {
     kernels 90 85 "${NEW[3]}"
 }
 
+# Fifth session (2026-12-06, night): the upsampling convs as transposed convs beside today's
+# default, and the kernel table with the idle-gap summary. Both compile at once into one cache
+# (two processes, 16 cores), then each is timed alone (today's default twice) and one is profiled.
+# At most 8 files come back: logs and partial JSON travel as one archive.
+TUP="project[transposed_upsample=True]"
+
+upsample() {
+    local out=$OUT
+    OUT=/tmp/o && mkdir -p $OUT
+    LIMIT=240 one project project & LIMIT=240 one "$TUP" tup & wait
+    rows 190 60 "plain-bf16,project,$TUP,project"
+    kernels 130 120 "$TUP"
+    cp /tmp/prof/*.gz "$OUT/" 2>/dev/null
+    mv $OUT/profile-*.txt $OUT/profile-*.gz $OUT/step.json "$out/" 2>/dev/null
+    tar czf "$out/logs.tgz" -C $OUT . && OUT=$out
+}
+
 "$@"

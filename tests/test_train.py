@@ -1,5 +1,6 @@
 """The recipe's terms: adaptive weight, single-backward equivalence, EMA, NaN skips, resume."""
 
+import itertools
 import math
 import os
 import shutil
@@ -144,15 +145,17 @@ def test_short_run_lowers_held_out_error_of_ema():
 
 
 def test_phase_upsample_is_diffusers_upsample2d():
-    """2x2 phase convs == nearest 2x + 3x3 conv: outputs and all gradients, any size, both layouts."""
+    """2x2 phase convs == nearest 2x + 3x3 conv, also as one transposed conv: outputs and all
+    gradients, any size, both layouts."""
     from diffusers.models.upsampling import Upsample2D
 
     from furlib.training.speed import PhaseUpsample, use_phase_upsampling
 
     torch.manual_seed(0)
     up = Upsample2D(6, use_conv=True, out_channels=5)
-    fast = PhaseUpsample(up.conv)
-    for shape, layout in (((2, 6, 5, 7), torch.contiguous_format), ((1, 6, 4, 4), torch.channels_last)):
+    cases = ((2, 6, 5, 7), torch.contiguous_format), ((1, 6, 4, 4), torch.channels_last), ((1, 6, 1, 1), None)
+    for (shape, layout), fast in itertools.product(cases, [PhaseUpsample(up.conv), PhaseUpsample(up.conv, True)]):
+        layout = layout or torch.contiguous_format
         x = torch.randn(shape).contiguous(memory_format=layout).requires_grad_(True)
         ref, out = up(x), fast(x)
         assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)

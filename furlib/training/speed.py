@@ -86,6 +86,7 @@ class Tuning:
     channel_stats_norm: bool = True  # compiled CUDA: the VAE's group norms as ``group_norm.ChannelStatsGroupNorm``
     critic_patch_matmul: bool = True  # compiled CUDA: the critic's RGB conv as ``patch_matmul.PatchMatmulConv``
     compile_pixel_terms: bool = True  # compiled runs: the Oklab L1/L2 terms compiled (``losses.pixel_errors``)
+    transposed_upsample: bool = False  # phase upsampling as one stride-2 transposed conv (``upsample_conv_transposed``)
     part_timer: Callable[[str], AbstractContextManager] | None = None  # wraps each part of the step
 
 
@@ -138,7 +139,7 @@ def speed_up(vae, critic, rec_loss, settings, device: torch.device, tuning: Tuni
     if compiled and settings.compile_cache_dir:
         use_compile_cache(settings.compile_cache_dir)
     if settings.uses("phase_upsample", device):
-        use_phase_upsampling(vae.decoder)  # keeps the state-dict keys
+        use_phase_upsampling(vae.decoder, tuning.transposed_upsample)  # keeps the state-dict keys
     if wants_math_attention(tuning, settings, device):
         use_math_attention(vae)
     if compiled and torch.device(device).type == "cuda":  # levers measured on CUDA only
@@ -182,6 +183,24 @@ def phase_kernels(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([k for r in rows for k in _fold(r, 3)])
 
 
+def transposed_kernels(weight: torch.Tensor) -> torch.Tensor:
+    """(O, C, 3, 3) -> (C, O, 4, 4) for ``conv_transpose2d`` at stride 2, padding 1: output row
+    2i + a reads input rows (i - 1, i) for a = 0 and (i, i + 1) for a = 1, and the transposed
+    conv's tap k puts input row i at output row 2i + k - 1, so along each axis the taps are
+    (w2, w1 + w2, w0 + w1, w0): the phase kernels of ``_fold``, interleaved."""
+    def taps(w, dim):
+        w0, w1, w2 = w.unbind(dim)
+        return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
+
+    return taps(taps(weight, 2), 3).transpose(0, 1)
+
+
+def upsample_conv_transposed(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``upsample_conv`` as one stride-2 transposed conv: the same 16 multiply-adds per output,
+    written interleaved by the convolution itself (no phase stack of the output map)."""
+    return F.conv_transpose2d(x, transposed_kernels(conv.weight), conv.bias, stride=2, padding=1)
+
+
 def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """``conv(interpolate(x, scale_factor=2, mode="nearest"))`` for a 3x3, padding-1 ``conv``."""
     n, _, h, w = x.shape
@@ -199,14 +218,14 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 class PhaseUpsample(nn.Module):
     """Drop-in for a decoder ``Upsample2D``; keeps its ``conv`` (same state-dict keys)."""
 
-    def __init__(self, conv: nn.Conv2d):
+    def __init__(self, conv: nn.Conv2d, transposed: bool = False):
         super().__init__()
-        self.conv = conv
+        self.conv, self.transposed = conv, transposed
 
     def forward(self, hidden_states: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
         if output_size is not None:
             raise ValueError("PhaseUpsample doubles the size; an explicit output_size is not supported")
-        return upsample_conv(hidden_states, self.conv)
+        return (upsample_conv_transposed if self.transposed else upsample_conv)(hidden_states, self.conv)
 
 
 def _replaceable(module: nn.Module) -> bool:
@@ -217,14 +236,15 @@ def _replaceable(module: nn.Module) -> bool:
             and conv.dilation == (1, 1) and conv.groups == 1)
 
 
-def use_phase_upsampling(decoder: nn.Module) -> int:
-    """Swap the decoder's plain nearest+3x3 ``Upsample2D`` layers in place; returns how many."""
+def use_phase_upsampling(decoder: nn.Module, transposed: bool = False) -> int:
+    """Swap the decoder's plain nearest+3x3 ``Upsample2D`` layers in place; returns how many.
+    ``transposed``: each as ``upsample_conv_transposed`` (``Tuning.transposed_upsample``)."""
     swapped = 0
     for block in getattr(decoder, "up_blocks", []):
         ups = getattr(block, "upsamplers", None) or []
         for i, up in enumerate(ups):
             if _replaceable(up):
-                ups[i] = PhaseUpsample(up.conv)
+                ups[i] = PhaseUpsample(up.conv, transposed)
                 swapped += 1
     return swapped
 
