@@ -101,4 +101,11 @@ upsample() {
     tar czf "$out/logs.tgz" -C $OUT . && OUT=$out
 }
 
+# the same session's last call: today's default (transposed upsampling on) beside the optimizers
+# launched before the host's finiteness check, interleaved, on one warm cache
+check() {
+    LIMIT=200 one project project
+    rows 230 60 "plain-bf16,project,project[step_before_check=True],project,project[step_before_check=True]"
+}
+
 "$@"

@@ -86,8 +86,23 @@ class Tuning:
     channel_stats_norm: bool = True  # compiled CUDA: the VAE's group norms as ``group_norm.ChannelStatsGroupNorm``
     critic_patch_matmul: bool = True  # compiled CUDA: the critic's RGB conv as ``patch_matmul.PatchMatmulConv``
     compile_pixel_terms: bool = True  # compiled runs: the Oklab L1/L2 terms compiled (``losses.pixel_errors``)
-    transposed_upsample: bool = False  # phase upsampling as one stride-2 transposed conv (``upsample_conv_transposed``)
+    transposed_upsample: bool = True  # phase upsampling as one stride-2 transposed conv (``upsample_conv_transposed``)
+    step_before_check: bool = False  # fused AdamW launched before the host reads finiteness (``step_unless``)
     part_timer: Callable[[str], AbstractContextManager] | None = None  # wraps each part of the step
+
+
+def step_unless(opt: torch.optim.Optimizer, bad: torch.Tensor) -> None:
+    """``opt.step()`` that changes nothing (weights, moments, step count) where the 0-dim ``bad``
+    is nonzero, decided on the device: a fused Adam/AdamW reads ``found_inf`` as
+    ``GradScaler.step`` hands it over, so the host need not wait for the GPU before launching the
+    update. The caller still reads ``bad`` for its own bookkeeping, later."""
+    if not opt.defaults.get("fused"):
+        raise ValueError("step_unless needs a fused optimizer (it reads found_inf on the device)")
+    opt.grad_scale, opt.found_inf = None, bad.float()
+    try:
+        opt.step()
+    finally:
+        del opt.grad_scale, opt.found_inf
 
 
 def use_compile_cache(folder) -> Path:
