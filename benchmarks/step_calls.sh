@@ -101,11 +101,20 @@ upsample() {
     tar czf "$out/logs.tgz" -C $OUT . && OUT=$out
 }
 
-# the same session's last call: today's default (transposed upsampling on) beside the optimizers
-# launched before the host's finiteness check, interleaved, on one warm cache
-check() {
-    LIMIT=200 one project project
-    rows 230 60 "plain-bf16,project,project[step_before_check=True],project,project[step_before_check=True]"
+# The two levers built after the fifth session's device time ran out, beside today's default
+# (one call, ~9 minutes): compile the default alone (the levers change no compiled graph), time
+# each variant, interleaved, then what bf16 last-layer gradients change against TF32 on the card.
+SYNC="project[step_before_check=True]"
+LAST="project[last_layer_bf16=True]"
+BOTH="project[step_before_check=True;last_layer_bf16=True]"
+
+sixth() {
+    LIMIT=240 one project project
+    rows 280 60 "plain-bf16,project,$SYNC,$LAST,$BOTH,project"
+    timeout 40 python3 benchmarks/last_layer_precision.py --device cuda --out "$OUT/last_layer_precision.json" \
+        > "$OUT/precision.log" 2>&1
+    echo "precision rc=$? $(date +%T)"
+    rm -f "$OUT"/*.partial.json
 }
 
 "$@"

@@ -93,14 +93,18 @@ class ReconstructionLoss(nn.Module):
         return total, logs
 
 
-def last_layer_grads(features: torch.Tensor, grads_out: list, conv: nn.Conv2d) -> list:
+def last_layer_grads(features: torch.Tensor, grads_out: list, conv: nn.Conv2d,
+                     dtype: torch.dtype = torch.float32) -> list:
     """d loss_k / d conv.weight for each d loss_k / d output in ``grads_out``, given the conv's
-    input ``features``: one weight-gradient convolution for all (the features are read once)."""
+    input ``features``: one weight-gradient convolution for all (the features are read once), in
+    ``dtype``, returned in fp32 (fp64 stays fp64). fp32 is TF32 on CUDA (torch's default for convolutions); bf16 is
+    how the decoder's backward computes this layer's own gradient under autocast
+    (``Tuning.last_layer_bf16``; what it changes: benchmarks/last_layer_precision.py)."""
     out = conv.out_channels
-    grads = torch.nn.grad.conv2d_weight(features.float(), (out * len(grads_out),) + conv.weight.shape[1:],
-                                        torch.cat([g.float() for g in grads_out], 1), stride=conv.stride,
+    grads = torch.nn.grad.conv2d_weight(features.to(dtype), (out * len(grads_out),) + conv.weight.shape[1:],
+                                        torch.cat([g.to(dtype) for g in grads_out], 1), stride=conv.stride,
                                         padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
-    return list(grads.split(out))
+    return list(grads.to(torch.promote_types(dtype, torch.float32)).split(out))
 
 
 def adaptive_weight(rec_grad: torch.Tensor, gan_grad: torch.Tensor, disc_weight: float,

@@ -90,6 +90,7 @@ class Tuning:
     critic_patch_matmul: bool = True  # compiled CUDA: the critic's RGB conv as ``patch_matmul.PatchMatmulConv``
     compile_pixel_terms: bool = True  # compiled runs: the Oklab L1/L2 terms compiled (``losses.pixel_errors``)
     transposed_upsample: bool = True  # phase upsampling as one stride-2 transposed conv (``upsample_conv_transposed``)
+    last_layer_bf16: bool = False  # the adaptive weight's last-layer gradients in bf16 (``losses.last_layer_grads``)
     step_before_check: bool = False  # fused AdamW launched before the host reads finiteness (``step_unless``)
     part_timer: Callable[[str], AbstractContextManager] | None = None  # wraps each part of the step
 

@@ -225,7 +225,9 @@ class Trainer:
         last = []
         if gan_on:
             with torch.no_grad(), self.part("last-layer grads"):
-                last = last_layer_grads(self.tap.features, grads, self.vae.decoder.conv_out)
+                bf16 = self.tuning.last_layer_bf16 and self.s.mixed_precision == "bf16"
+                last = last_layer_grads(self.tap.features, grads, self.vae.decoder.conv_out,
+                                        torch.bfloat16 if bf16 else torch.float32)
         self.tap.features = None  # free the activation
         return MicroBatch(z, grads, last, recon if keep_graph else None), recon.detach(), logs
 
