@@ -19,19 +19,16 @@ error ||g - g64|| / ||g64|| and the adaptive weight's. On CUDA the TF32 row is t
 error no larger than TF32's is one the recipe already accepts.
 """
 
-import argparse
-import sys
-
 import torch
 
 from furlib.builtin import pretrain_photos
 from furlib.images import preprocess
 from furlib.models import load_vae
-from furlib.perceptual import LPIPS, LPIPSUnavailable
 from furlib.runinfo import print_and_save
 from furlib.training.losses import adaptive_weight, last_layer_grads
 from furlib.training.settings import TrainSettings
 from furlib.training.trainer import Trainer, step_generator
+from lpips_precision import arguments, vgg_lpips  # beside this script (run as a script: on sys.path)
 
 PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
 
@@ -39,14 +36,9 @@ PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat
 def step_inputs(res: int, batch: int, device: torch.device) -> tuple[Trainer, torch.Tensor, list]:
     """(a bf16 trainer on the tiny base, the decoder's last-conv features, [d rec, d gan] at the
     reconstruction), for ``batch`` bundled photographs at ``res`` px."""
-    try:
-        lpips = LPIPS("vgg", "pretrained")
-    except LPIPSUnavailable as err:
-        print(f"pretrained trunk unavailable ({err}); a RANDOM trunk instead", file=sys.stderr)
-        lpips = LPIPS("vgg", "random")
     s = TrainSettings(batch_size=batch, resolution=res, mixed_precision="bf16", torch_compile="no",
                       phase_upsample="no", channels_last="no")
-    t = Trainer(load_vae("tiny"), s, device, lpips)
+    t = Trainer(load_vae("tiny"), s, device, vgg_lpips())
     x = torch.stack([preprocess(path, res) for _, path in pretrain_photos()[:batch]]).to(device)
     z = t.encode(x, step_generator(t.device, s.seed, 0, 0))
     with torch.no_grad(), t.autocast():
@@ -57,12 +49,7 @@ def step_inputs(res: int, batch: int, device: torch.device) -> tuple[Trainer, to
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--res", type=int, default=256, help="crop side, px")
-    ap.add_argument("--batch", type=int, default=7, help="photographs (at most the 7 bundled)")
-    ap.add_argument("--out", default="")
-    args = ap.parse_args()
+    args = arguments(__doc__)
     device = torch.device(args.device)
     t, features, grads = step_inputs(args.res, args.batch, device)
     conv = t.vae.decoder.conv_out

@@ -58,20 +58,29 @@ def compare(ref: tuple, got: tuple) -> dict:
             "grad_cosine": float(torch.nn.functional.cosine_similarity(ga.flatten(), gb.flatten(), dim=0))}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(doc: str) -> argparse.Namespace:
+    """The command line of this script and of ``last_layer_precision.py``."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--res", type=int, default=256, help="crop side, px")
     ap.add_argument("--batch", type=int, default=7, help="photographs (at most the 7 bundled)")
     ap.add_argument("--out", default="")
-    args = ap.parse_args()
-    device = torch.device(args.device)
+    return ap.parse_args()
+
+
+def vgg_lpips() -> LPIPS:
+    """The pretrained VGG LPIPS where installed, else a random trunk (said on stderr)."""
     try:
-        lpips = LPIPS("vgg", "pretrained")
+        return LPIPS("vgg", "pretrained")
     except LPIPSUnavailable as err:
         print(f"pretrained trunk unavailable ({err}); a RANDOM trunk instead", file=sys.stderr)
-        lpips = LPIPS("vgg", "random")
-    lpips = lpips.to(device)
+        return LPIPS("vgg", "random")
+
+
+def main() -> None:
+    args = arguments(__doc__)
+    device = torch.device(args.device)
+    lpips = vgg_lpips().to(device)
     photos, recon = inputs(args.res, args.batch, device)
     rec_loss = ReconstructionLoss("oklab", lpips, lpips_autocast=True)  # runs under the autocast we set
     losses = {"lpips": lambda r, x: lpips(r, x).float().mean(),
