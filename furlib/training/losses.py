@@ -97,9 +97,9 @@ def last_layer_grads(features: torch.Tensor, grads_out: list, conv: nn.Conv2d,
                      dtype: torch.dtype = torch.float32) -> list:
     """d loss_k / d conv.weight for each d loss_k / d output in ``grads_out``, given the conv's
     input ``features``: one weight-gradient convolution for all (the features are read once), in
-    ``dtype``, returned in fp32 (fp64 stays fp64). fp32 is TF32 on CUDA (torch's default for convolutions); bf16 is
-    how the decoder's backward computes this layer's own gradient under autocast
-    (``Tuning.last_layer_bf16``; what it changes: benchmarks/last_layer_precision.py)."""
+    ``dtype``, returned in fp32 (fp64 stays fp64). fp32 is TF32 on CUDA (torch's default for
+    convolutions); bf16 is how the decoder's backward computes this layer's own gradient under
+    autocast (``Tuning.last_layer_bf16``; what it changes: benchmarks/last_layer_precision.py)."""
     out = conv.out_channels
     grads = torch.nn.grad.conv2d_weight(features.to(dtype), (out * len(grads_out),) + conv.weight.shape[1:],
                                         torch.cat([g.to(dtype) for g in grads_out], 1), stride=conv.stride,
