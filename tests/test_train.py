@@ -97,7 +97,7 @@ def test_step_before_check_skips_as_the_synchronous_check_does(monkeypatch):
     bad[0, 0, 0, 0] = float("nan")
     runs = []
     for early in (False, True):
-        t = Trainer(load_vae("tiny-random", seed=0), settings(gan_start=0, critic_start=0), "cpu",
+        t = Trainer(load_vae("tiny-random", seed=0), settings(), "cpu",
                     LPIPS("vgg", "random", seed=0), tuning=Tuning(step_before_check=early))
         assert t.steps_before_check(t.opt, t.scaler) == t.steps_before_check(t.opt_critic, t.critic_scaler) == early
         logs = [t.step(b) for b in (batch(0), bad, batch(2))]
