@@ -117,4 +117,19 @@ sixth() {
     rm -f "$OUT"/*.partial.json
 }
 
+# Sixth session (2026-12-06, late): `sixth` never ran (no machine for 20 minutes); one call instead
+# times its two levers and the fused norm + SiLU backward (`norm_silu`), which changes the decoder's
+# graphs, so it compiles beside today's default in a second process; then the precision script.
+FUSED="project[fused_norm_silu=True]"
+ALL="project[fused_norm_silu=True;step_before_check=True;last_layer_bf16=True]"
+
+seventh() {
+    LIMIT=270 one project project & LIMIT=270 one "$FUSED" fused & wait
+    rows 280 60 "plain-bf16,project,$FUSED,$SYNC,$LAST,$ALL,project,$FUSED"
+    timeout 35 python3 benchmarks/last_layer_precision.py --device cuda --out "$OUT/last_layer_precision.json" \
+        > "$OUT/precision.log" 2>&1
+    echo "precision rc=$? $(date +%T)"
+    rm -f "$OUT"/*.partial.json
+}
+
 "$@"

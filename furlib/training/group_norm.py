@@ -29,18 +29,32 @@ class ChannelStatsGroupNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, g = x.shape[0], x.shape[1], self.num_groups
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        var_c, mean_c = torch.var_mean(xf, dim=tuple(range(2, x.dim())), correction=0)  # (n, c)
-        mean_cg = mean_c.view(n, g, c // g)
-        mean_g = mean_cg.mean(2, keepdim=True)
-        var_g = var_c.view(n, g, c // g).mean(2, keepdim=True) + (mean_cg - mean_g).pow(2).mean(2, keepdim=True)
-        scale = torch.rsqrt(var_g + self.eps).expand(n, g, c // g).reshape(n, c)
-        shift = -mean_g.expand(n, g, c // g).reshape(n, c) * scale
+        mean_g, rstd_g = group_stats(xf, g, self.eps)
+        scale = per_channel(rstd_g, c)
+        shift = -per_channel(mean_g, c) * scale
         if self.affine:
             weight, bias = self.weight.to(xf.dtype), self.bias.to(xf.dtype)
             scale, shift = scale * weight, shift * weight + bias
         spatial = (1,) * (x.dim() - 2)
         y = xf * scale.view(n, c, *spatial) + shift.view(n, c, *spatial)
         return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+
+
+def group_stats(xf: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each (image, group)'s mean and 1 / sqrt(var + eps), both (n, groups), from per-channel
+    statistics of ``xf`` (n, c, *spatial), in its dtype (fp32 or fp64)."""
+    n, c, g = xf.shape[0], xf.shape[1], groups
+    var_c, mean_c = torch.var_mean(xf, dim=tuple(range(2, xf.dim())), correction=0)  # (n, c)
+    mean_cg = mean_c.view(n, g, c // g)
+    mean_g = mean_cg.mean(2, keepdim=True)
+    var_g = var_c.view(n, g, c // g).mean(2, keepdim=True) + (mean_cg - mean_g).pow(2).mean(2, keepdim=True)
+    return mean_g.squeeze(2), torch.rsqrt(var_g + eps).squeeze(2)
+
+
+def per_channel(per_group: torch.Tensor, channels: int) -> torch.Tensor:
+    """(n, groups) -> (n, channels): each channel takes its group's value."""
+    n, groups = per_group.shape
+    return per_group.unsqueeze(2).expand(n, groups, channels // groups).reshape(n, channels)
 
 
 def use_channel_stats_group_norm(model: nn.Module) -> int:

@@ -10,7 +10,8 @@
    (``use_math_attention``), group norms with per-channel statistics
    (``furlib.training.group_norm``) and the critic's first conv as a matrix product
    (``furlib.training.patch_matmul``), each on by default since measured on a GPU
-   (benchmarks/RESULTS.md, issue 21). The 02 parameter
+   (benchmarks/RESULTS.md, issue 21); the decoder's norm + SiLU pairs with a Triton backward
+   (``furlib.training.norm_silu``), off until measured. The 02 parameter
    ``compile_cache_dir`` keeps compiled kernels in a folder (``use_compile_cache``).
 2. Phase upsampling (``use_phase_upsampling``): the decoder's "nearest 2x upsample, then 3x3 conv"
    as four 2x2 convs at the low resolution.
@@ -63,6 +64,7 @@ from torch import nn
 
 from furlib.training.group_norm import use_channel_stats_group_norm
 from furlib.training.losses import gradient_penalty, pixel_errors
+from furlib.training.norm_silu import load_kernel, use_fused_norm_silu
 from furlib.training.patch_matmul import use_patch_matmul
 
 # Inductor's NHWC conversion, forced: left to its heuristic, the backward graph mixes layouts and
@@ -92,6 +94,7 @@ class Tuning:
     transposed_upsample: bool = True  # phase upsampling as one stride-2 transposed conv (``upsample_conv_transposed``)
     last_layer_bf16: bool = False  # the adaptive weight's last-layer gradients in bf16 (``losses.last_layer_grads``)
     step_before_check: bool = False  # fused AdamW launched before the host reads finiteness (``step_unless``)
+    fused_norm_silu: bool = False  # compiled CUDA: decoder norm + SiLU, Triton backward (``norm_silu``); unmeasured
     part_timer: Callable[[str], AbstractContextManager] | None = None  # wraps each part of the step
 
 
@@ -164,6 +167,9 @@ def speed_up(vae, critic, rec_loss, settings, device: torch.device, tuning: Tuni
     if compiled and torch.device(device).type == "cuda":  # levers measured on CUDA only
         if tuning.channel_stats_norm:
             use_channel_stats_group_norm(vae)
+        if tuning.fused_norm_silu:  # the decoder's only: the frozen encoder has no backward
+            load_kernel()  # before compiling; a clear error without Triton
+            use_fused_norm_silu(vae.decoder)
         if tuning.critic_patch_matmul:
             use_patch_matmul(critic)
     # compiled graphs choose their own layouts (see COMPILE_OPTIONS): "auto" NHWC is for eager
