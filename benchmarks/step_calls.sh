@@ -119,15 +119,18 @@ sixth() {
 
 # Sixth session (2026-12-06, late): `sixth` never ran (no machine for 20 minutes); one call instead
 # times its two levers and the fused norm + SiLU backward (`norm_silu`), which changes the decoder's
-# graphs, so it compiles beside today's default in a second process; then the precision script.
+# graphs, so it compiles beside today's default in a second process; then the backward's kernel
+# alone beside inductor's (norm_silu_kernel.py) and the precision script.
 FUSED="project[fused_norm_silu=True]"
 ALL="project[fused_norm_silu=True;step_before_check=True;last_layer_bf16=True]"
 
 seventh() {
-    LIMIT=270 one project project & LIMIT=270 one "$FUSED" fused & wait
-    rows 280 60 "plain-bf16,project,$FUSED,$SYNC,$LAST,$ALL,project,$FUSED"
-    timeout 35 python3 benchmarks/last_layer_precision.py --device cuda --out "$OUT/last_layer_precision.json" \
-        > "$OUT/precision.log" 2>&1
+    LIMIT=250 one project project & LIMIT=250 one "$FUSED" fused & wait
+    rows 250 45 "plain-bf16,project,$FUSED,$SYNC,$LAST,$ALL,project"
+    # at most 8 files come back: these two print their JSON into their logs
+    timeout 45 python3 benchmarks/norm_silu_kernel.py > "$OUT/kernel.log" 2>&1
+    echo "kernel rc=$? $(date +%T)"
+    timeout 35 python3 benchmarks/last_layer_precision.py --device cuda > "$OUT/precision.log" 2>&1
     echo "precision rc=$? $(date +%T)"
     rm -f "$OUT"/*.partial.json
 }
