@@ -148,3 +148,15 @@ def test_use_fused_norm_silu_in_a_decoder_keeps_keys_outputs_and_gradients():
     (out, grads), (fast_out, fast_grads) = decoder_run(plain, z), decoder_run(fused, z)
     assert (fast_out - out).abs().max() <= 1e-5 * out.abs().max()
     assert (fast_grads - grads).norm() <= 1e-5 * grads.norm()
+
+
+def test_without_triton_op_the_kernel_is_refused_clearly(monkeypatch):
+    """requirements.txt allows torch 2.4; ``torch.library.triton_op`` came in 2.6: ``missing``
+    names it, ``load_kernel`` refuses with it (``speed_up`` then warns and keeps the unfused norms)."""
+    from furlib.training import norm_silu
+
+    monkeypatch.delattr(torch.library, "triton_op")
+    monkeypatch.setattr(norm_silu, "_kernel", None)
+    assert "torch >= 2.6" in norm_silu.missing()
+    with pytest.raises(RuntimeError, match="torch >= 2.6"):
+        norm_silu.load_kernel()

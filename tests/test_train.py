@@ -85,31 +85,6 @@ def test_nonfinite_step_skipped_then_stops():
         t.step(bad)
 
 
-def test_step_before_check_skips_as_the_synchronous_check_does(monkeypatch):
-    """``Tuning.step_before_check``: fused AdamW launched before the host reads finiteness
-    (``speed.step_unless``) leaves decoder, critic, EMA and optimizer state exactly as the
-    synchronous skip does, over a good, a non-finite and a good step."""
-    from furlib.training.speed import Tuning
-
-    adamw = torch.optim.AdamW
-    monkeypatch.setattr(torch.optim, "AdamW", lambda params, **kw: adamw(params, **{**kw, "fused": True}))
-    bad = batch(1)
-    bad[0, 0, 0, 0] = float("nan")
-    runs = []
-    for early in (False, True):
-        t = Trainer(load_vae("tiny-random", seed=0), settings(), "cpu",
-                    LPIPS("vgg", "random", seed=0), tuning=Tuning(step_before_check=early))
-        assert t.steps_before_check(t.opt, t.scaler) == t.steps_before_check(t.opt_critic, t.critic_scaler) == early
-        logs = [t.step(b) for b in (batch(0), bad, batch(2))]
-        assert [float(g["train/skipped"]) for g in logs] == [float(g["critic/skipped"]) for g in logs] == [0, 1, 0]
-        assert t.skipped == 1 and t.opt.state[t.trainable[0][1]]["step"] == 2
-        runs.append([decoder_state(t.vae), t.critic.state_dict(), t.ema.state_dict(),
-                     *[{f"{i}.{k}": v for i, st in enumerate(o.state.values()) for k, v in st.items()}
-                       for o in (t.opt, t.opt_critic)]])
-    for sync, early in zip(*runs):
-        assert sync.keys() == early.keys() and all(torch.equal(v, early[k]) for k, v in sync.items())
-
-
 def test_last_layer_bf16_changes_the_adaptive_weight_by_rounding_only():
     """``Tuning.last_layer_bf16`` under bf16 autocast: the weight-gradient conv runs in bf16 (the
     weight moves, so the lever is on) and the adaptive weight stays within bf16's rounding."""

@@ -5,9 +5,11 @@ Why: the backward of ``silu(group_norm(x))`` needs, per (image, channel), sums o
 Inductor's reduction kernels for them read channels-last memory with the pixels strided by C, at
 about 40% of an H100's bandwidth (~6-7 ms a step at 256 px, batch 32). A hand-written Triton
 kernel (``norm_silu_triton``) reads [pixels, channels] tiles, the channels contiguous in NHWC, and
-sums over pixels; everything else stays torch ops that inductor fuses. Seen on an H100: 453 us
-for the sums at 32 x 128 x 256 x 256 bf16 where inductor's reduction took 778 us; the step with
-the lever is not measured yet (off by default).
+sums over pixels; everything else stays torch ops that inductor fuses. On an H100 (2026-12-06,
+benchmarks/RESULTS.md): the sums at 32 x 128 x 256 x 256 bf16 take 461 us (inductor's compile of
+the same torch ops: 1560 us; in the step its fused reduction took 777 us), and the step at
+256 px x 32 went from 193.5 and 192.5 ms to 181.3 and 181.1 ms. On by default for compiled CUDA
+steps. The saved activation is the bf16 input alone, and the output leaves in bf16 (below).
 
 The maths, per image n, group of M = pixels x group channels values, with fp32 statistics taken
 as ``group_norm.ChannelStatsGroupNorm`` takes them:
@@ -42,14 +44,22 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _kernel = None  # the module norm_silu_triton once imported (load_kernel)
 
 
+def missing() -> str:
+    """What this install lacks for the kernel ("" when nothing): Triton, and torch >= 2.6 for
+    ``torch.library.triton_op`` (requirements.txt allows torch 2.4)."""
+    if not hasattr(torch.library, "triton_op"):
+        return f"torch.library.triton_op (torch >= 2.6; this is {torch.__version__})"
+    return "" if importlib.util.find_spec("triton") else "Triton"
+
+
 def load_kernel():
     """Import the Triton kernel, registering its op; before compiling, so that a traced backward
-    finds it loaded. Raises a clear error without Triton."""
+    finds it loaded. Raises a clear error where it cannot run (``missing``)."""
     global _kernel
     if _kernel is None:
-        if importlib.util.find_spec("triton") is None:
-            raise RuntimeError("Tuning.fused_norm_silu needs Triton (the backward's kernel); install "
-                               "triton or set fused_norm_silu=False")
+        if missing():
+            raise RuntimeError(f"Tuning.fused_norm_silu needs {missing()} for the backward's kernel; "
+                               "set fused_norm_silu=False")
         from furlib.training import norm_silu_triton
         _kernel = norm_silu_triton
     return _kernel

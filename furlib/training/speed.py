@@ -10,8 +10,8 @@
    (``use_math_attention``), group norms with per-channel statistics
    (``furlib.training.group_norm``) and the critic's first conv as a matrix product
    (``furlib.training.patch_matmul``), each on by default since measured on a GPU
-   (benchmarks/RESULTS.md, issue 21); the decoder's norm + SiLU pairs with a Triton backward
-   (``furlib.training.norm_silu``), off until measured. The 02 parameter
+   (benchmarks/RESULTS.md, issue 21), as are the decoder's norm + SiLU pairs with a Triton
+   backward (``furlib.training.norm_silu``). The 02 parameter
    ``compile_cache_dir`` keeps compiled kernels in a folder (``use_compile_cache``).
 2. Phase upsampling (``use_phase_upsampling``): the decoder's "nearest 2x upsample, then 3x3 conv"
    as four 2x2 convs at the low resolution.
@@ -54,6 +54,7 @@ runs after it (one decoder's and one critic's gradients a step).
 import dataclasses
 import functools
 import os
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -62,9 +63,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from furlib.training import norm_silu
 from furlib.training.group_norm import use_channel_stats_group_norm
 from furlib.training.losses import gradient_penalty, pixel_errors
-from furlib.training.norm_silu import load_kernel, use_fused_norm_silu
 from furlib.training.patch_matmul import use_patch_matmul
 
 # Inductor's NHWC conversion, forced: left to its heuristic, the backward graph mixes layouts and
@@ -92,24 +93,10 @@ class Tuning:
     critic_patch_matmul: bool = True  # compiled CUDA: the critic's RGB conv as ``patch_matmul.PatchMatmulConv``
     compile_pixel_terms: bool = True  # compiled runs: the Oklab L1/L2 terms compiled (``losses.pixel_errors``)
     transposed_upsample: bool = True  # phase upsampling as one stride-2 transposed conv (``upsample_conv_transposed``)
-    last_layer_bf16: bool = False  # the adaptive weight's last-layer gradients in bf16 (``losses.last_layer_grads``)
-    step_before_check: bool = False  # fused AdamW launched before the host reads finiteness (``step_unless``)
-    fused_norm_silu: bool = False  # compiled CUDA: decoder norm + SiLU, Triton backward (``norm_silu``); unmeasured
+    last_layer_bf16: bool = False  # the adaptive weight's last-layer gradients in bf16 (``losses.last_layer_grads``):
+                                   # -1.8 ms, but its error is 6x TF32's (RESULTS, issue 21), so off
+    fused_norm_silu: bool = True  # compiled CUDA: the decoder's norm + SiLU pairs, Triton backward (``norm_silu``)
     part_timer: Callable[[str], AbstractContextManager] | None = None  # wraps each part of the step
-
-
-def step_unless(opt: torch.optim.Optimizer, bad: torch.Tensor) -> None:
-    """``opt.step()`` that changes nothing (weights, moments, step count) where the 0-dim ``bad``
-    is nonzero, decided on the device: a fused Adam/AdamW reads ``found_inf`` as
-    ``GradScaler.step`` hands it over, so the host need not wait for the GPU before launching the
-    update. The caller still reads ``bad`` for its own bookkeeping, later."""
-    if not opt.defaults.get("fused"):
-        raise ValueError("step_unless needs a fused optimizer (it reads found_inf on the device)")
-    opt.grad_scale, opt.found_inf = None, bad.float()
-    try:
-        opt.step()
-    finally:
-        del opt.grad_scale, opt.found_inf
 
 
 def use_compile_cache(folder) -> Path:
@@ -167,9 +154,11 @@ def speed_up(vae, critic, rec_loss, settings, device: torch.device, tuning: Tuni
     if compiled and torch.device(device).type == "cuda":  # levers measured on CUDA only
         if tuning.channel_stats_norm:
             use_channel_stats_group_norm(vae)
-        if tuning.fused_norm_silu:  # the decoder's only: the frozen encoder has no backward
-            load_kernel()  # before compiling; a clear error without Triton
-            use_fused_norm_silu(vae.decoder)
+        if tuning.fused_norm_silu and norm_silu.missing():  # the unfused norms: same maths, slower
+            warnings.warn(f"Tuning.fused_norm_silu is off: this install lacks {norm_silu.missing()}")
+        elif tuning.fused_norm_silu:  # the decoder's only: the frozen encoder has no backward
+            norm_silu.load_kernel()  # before compiling, so the traced backward finds its op
+            norm_silu.use_fused_norm_silu(vae.decoder)
         if tuning.critic_patch_matmul:
             use_patch_matmul(critic)
     # compiled graphs choose their own layouts (see COMPILE_OPTIONS): "auto" NHWC is for eager

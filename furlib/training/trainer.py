@@ -271,11 +271,7 @@ class Trainer:
         self.scaler.unscale_(self.opt)  # no-op unless fp16
         max_norm = self.s.grad_clip if self.s.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        finite = torch.isfinite(rec_total) & torch.isfinite(norm)
-        early = self.steps_before_check(self.opt, self.scaler)
-        if early:  # the update is queued behind the gradients; the host reads `finite` after
-            speed.step_unless(self.opt, ~finite)
-        if not finite:
+        if not torch.isfinite(rec_total) or not torch.isfinite(norm):
             self.skipped += 1
             self.bad_streak += 1
             self.opt.zero_grad(set_to_none=True)
@@ -284,8 +280,7 @@ class Trainer:
                 raise NonFiniteError(nonfinite_message(self.bad_streak, self.step_count, self._last_batch))
             return {"train/skipped": 1.0, "train/grad_norm": norm}
         self.bad_streak = 0
-        if not early:
-            self.scaler.step(self.opt)
+        self.scaler.step(self.opt)
         self.scaler.update()
         self.ema.update()
         return {"train/skipped": 0.0, "train/grad_norm": norm}
@@ -295,10 +290,6 @@ class Trainer:
         skips and lowers its scale)."""
         self.critic_scaler.unscale_(self.opt_critic)  # no-op unless fp16
         norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), float("inf"))
-        if self.steps_before_check(self.opt_critic, self.critic_scaler):  # no wait for the GPU at all
-            bad = ~torch.isfinite(norm)
-            speed.step_unless(self.opt_critic, bad)
-            return {"critic/skipped": bad.float()}
         finite = bool(torch.isfinite(norm))
         if self.critic_scaler.is_enabled():
             self.critic_scaler.step(self.opt_critic)  # skips on inf/NaN itself
@@ -306,11 +297,6 @@ class Trainer:
         elif finite:
             self.opt_critic.step()
         return {"critic/skipped": 0.0 if finite else 1.0}
-
-    def steps_before_check(self, opt, scaler) -> bool:
-        """Whether ``opt`` steps through ``speed.step_unless`` (``Tuning.step_before_check``): a
-        fused optimizer and no fp16 scaler (which skips by itself)."""
-        return self.tuning.step_before_check and bool(opt.defaults.get("fused")) and not scaler.is_enabled()
 
     def set_lr(self, step: int) -> None:
         """``TrainSettings.lr_factor``: the decoder warms up; the critic starts at its full rate, as
