@@ -137,4 +137,16 @@ seventh() {
 # As run at 3f0a7df (benchmarks/RESULTS.md, sixth session): `step_before_check` did not pay and was
 # removed after it, so `sixth` and `seventh` now fail at the variants that name it.
 
+# Next (not yet run): 512 px x 8 and the Colab profile with today's default (the fused norms on),
+# cold caches, one call (~7-9 minutes); the 512 px row beside the unfused norms and plain-bf16.
+eighth() {
+    timeout 330 python3 benchmarks/train_step.py --res 512 --batch 8 --flops 77770000000000 --steps 6 --warmup 2 \
+        --variant-timeout 150 --out "$OUT/s512.json" --variants "project,project[fused_norm_silu=False],plain-bf16" \
+        > "$OUT/s512.log" 2>&1
+    echo "512 rc=$? $(date +%T)"
+    timeout 260 python3 benchmarks/train_step.py --flops 76868634017792 --steps 3 --warmup 2 --variant-timeout 250 \
+        --out "$OUT/colab.json" --variants "colab-t4" > "$OUT/colab.log" 2>&1
+    echo "colab rc=$? $(date +%T)"
+}
+
 "$@"
