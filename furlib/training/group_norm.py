@@ -27,14 +27,11 @@ class ChannelStatsGroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` (same parameters and state-dict keys); see the module docstring."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, g = x.shape[0], x.shape[1], self.num_groups
+        n, c = x.shape[0], x.shape[1]
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        mean_g, rstd_g = group_stats(xf, g, self.eps)
-        scale = per_channel(rstd_g, c)
-        shift = -per_channel(mean_g, c) * scale
-        if self.affine:
-            weight, bias = self.weight.to(xf.dtype), self.bias.to(xf.dtype)
-            scale, shift = scale * weight, shift * weight + bias
+        mean_g, rstd_g = group_stats(xf, self.num_groups, self.eps)
+        affine = (self.weight.to(xf.dtype), self.bias.to(xf.dtype)) if self.affine else (None, None)
+        scale, shift = scale_shift(mean_g, rstd_g, c, *affine)
         spatial = (1,) * (x.dim() - 2)
         y = xf * scale.view(n, c, *spatial) + shift.view(n, c, *spatial)
         return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
@@ -55,6 +52,16 @@ def per_channel(per_group: torch.Tensor, channels: int) -> torch.Tensor:
     """(n, groups) -> (n, channels): each channel takes its group's value."""
     n, groups = per_group.shape
     return per_group.unsqueeze(2).expand(n, groups, channels // groups).reshape(n, channels)
+
+
+def scale_shift(mean_g: torch.Tensor, rstd_g: torch.Tensor, channels: int, weight=None, bias=None):
+    """(scale, shift), each (n, channels), with norm(x) = x * scale + shift: the group statistics
+    per channel, then the affine ``weight`` and ``bias`` (none: not affine)."""
+    scale = per_channel(rstd_g, channels)
+    shift = -per_channel(mean_g, channels) * scale
+    if weight is not None:
+        scale, shift = scale * weight, shift * weight + bias
+    return scale, shift
 
 
 def use_channel_stats_group_norm(model: nn.Module) -> int:

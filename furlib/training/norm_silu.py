@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from furlib.training.group_norm import ChannelStatsGroupNorm, group_stats, per_channel
+from furlib.training.group_norm import ChannelStatsGroupNorm, group_stats, per_channel, scale_shift
 
 # Triton's interpreter runs the kernel on CPU tensors (it must be set before triton is imported)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -57,8 +57,9 @@ def load_kernel():
     finds it loaded. Raises a clear error where it cannot run (``missing``)."""
     global _kernel
     if _kernel is None:
-        if missing():
-            raise RuntimeError(f"Tuning.fused_norm_silu needs {missing()} for the backward's kernel; "
+        lacking = missing()
+        if lacking:
+            raise RuntimeError(f"Tuning.fused_norm_silu needs {lacking} for the backward's kernel; "
                                "set fused_norm_silu=False")
         from furlib.training import norm_silu_triton
         _kernel = norm_silu_triton
@@ -128,11 +129,9 @@ class NormSiLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, groups: int, eps: float):
-        c = x.shape[1]
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         mean_g, rstd_g = group_stats(xf, groups, eps)
-        scale = per_channel(rstd_g, c) * weight.to(xf.dtype)
-        shift = bias.to(xf.dtype) - per_channel(mean_g, c) * scale
+        scale, shift = scale_shift(mean_g, rstd_g, x.shape[1], weight.to(xf.dtype), bias.to(xf.dtype))
         ctx.save_for_backward(x, weight, bias, mean_g, rstd_g)
         return F.silu(xf * _channels(scale, x) + _channels(shift, x)).to(out_dtype(x))
 

@@ -154,8 +154,9 @@ def speed_up(vae, critic, rec_loss, settings, device: torch.device, tuning: Tuni
     if compiled and torch.device(device).type == "cuda":  # levers measured on CUDA only
         if tuning.channel_stats_norm:
             use_channel_stats_group_norm(vae)
-        if tuning.fused_norm_silu and norm_silu.missing():  # the unfused norms: same maths, slower
-            warnings.warn(f"Tuning.fused_norm_silu is off: this install lacks {norm_silu.missing()}")
+        lacking = norm_silu.missing() if tuning.fused_norm_silu else ""
+        if lacking:  # the unfused norms: same maths, slower
+            warnings.warn(f"Tuning.fused_norm_silu is off: this install lacks {lacking}")
         elif tuning.fused_norm_silu:  # the decoder's only: the frozen encoder has no backward
             norm_silu.load_kernel()  # before compiling, so the traced backward finds its op
             norm_silu.use_fused_norm_silu(vae.decoder)
