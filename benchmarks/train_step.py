@@ -65,7 +65,7 @@ import torch
 from furlib.training.losses import PatchCritic, critic_loss  # noqa: E402
 from furlib.training.losses import ReconstructionLoss, reference_adaptive_weight  # noqa: E402
 from furlib.models import load_vae, split_trainable  # noqa: E402
-from furlib.perceptual import LPIPS  # noqa: E402
+from furlib.perceptual import LPIPS, load_trunk  # noqa: E402
 from furlib.training.speed import Tuning  # noqa: E402
 from furlib.training.settings import TrainSettings  # noqa: E402
 from furlib.training.trainer import Trainer  # noqa: E402
@@ -78,8 +78,9 @@ ISSUE21_LEVERS_OFF = dict(compile_penalty=False, math_attention=False, tap_detac
                           fused_norm_silu=False)
 TUNING_FIELDS = {f.name for f in dataclasses.fields(Tuning)}
 SETTING_FIELDS = {f.name for f in dataclasses.fields(TrainSettings)}
-DEVICE = torch.device("cuda")  # --device; MODEL: --model
+DEVICE = torch.device("cuda")  # --device; MODEL: --model; LPIPS_TRUNK: --lpips-trunk
 MODEL = "random:sd"
+LPIPS_TRUNK = ""
 
 
 def sync() -> None:
@@ -95,7 +96,7 @@ def plain_stepper(batch: int, bf16: bool):
     vae = load_vae(MODEL).to(dev, memory_format=layout)
     params = [p for _, p in split_trainable(vae)]
     critic = PatchCritic().to(dev, memory_format=layout)
-    rec_loss = ReconstructionLoss("oklab", LPIPS("vgg", "random"), lpips_autocast=True).to(dev, memory_format=layout)
+    rec_loss = ReconstructionLoss("oklab", lpips_vgg(), lpips_autocast=True).to(dev, memory_format=layout)
     opt = torch.optim.AdamW(params, lr=1e-6, betas=(0.5, 0.9))
     opt_c = torch.optim.AdamW(critic.parameters(), lr=1e-6, betas=(0.5, 0.9))
     ema = [p.detach().clone() for p in params]
@@ -121,6 +122,16 @@ def plain_stepper(batch: int, bf16: bool):
         opt_c.step()
 
     return step, None
+
+
+def lpips_vgg() -> LPIPS:
+    """LPIPS VGG: a random trunk, or the one in ``--lpips-trunk`` (what fp16 does with real weights)."""
+    lpips = LPIPS("vgg", "random")
+    if LPIPS_TRUNK:
+        from safetensors.torch import load_file
+
+        load_trunk(lpips.net.net, {k: v.float() for k, v in load_file(LPIPS_TRUNK).items()})
+    return lpips
 
 
 def project_stepper(batch: int, variant: str, overrides: dict):
@@ -151,7 +162,7 @@ def project_stepper(batch: int, variant: str, overrides: dict):
         tuning["part_timer"] = parts.timer
     kw.update({k: v for k, v in overrides.items() if k in SETTING_FIELDS})
     tuning.update({k: v for k, v in overrides.items() if k in TUNING_FIELDS})
-    trainer = Trainer(load_vae(MODEL), TrainSettings(**kw), state.device, LPIPS("vgg", "random"),
+    trainer = Trainer(load_vae(MODEL), TrainSettings(**kw), state.device, lpips_vgg(),
                       state.process_index, state.num_processes, Tuning(**tuning))
     return trainer.step, parts
 
@@ -294,6 +305,15 @@ def big_copies(events, min_numel: int = 2**26) -> str:
     return "\n".join(lines)
 
 
+def cache_counters() -> dict:
+    """The compile caches' hits, misses and bypasses in this process (inductor's FX graph cache,
+    AOTAutograd's cache): what a warm start loaded and what it rebuilt."""
+    from torch._dynamo.utils import counters
+
+    return {f"{group}.{key}": n for group in ("inductor", "aot_autograd") for key, n in counters[group].items()
+            if "cache" in key}
+
+
 def time_variant(variant: str, batch: int, res: int, steps: int, warmup: int, profile_dir: str = "",
                  workers: int = 8, overrides: dict | None = None) -> dict:
     torch.manual_seed(0)
@@ -326,7 +346,7 @@ def time_variant(variant: str, batch: int, res: int, steps: int, warmup: int, pr
         print(f"{variant} step {i}: {times[-1]:.1f} ms", file=sys.stderr, flush=True)
     chain = chain_ms(step, data, steps)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    extra = {"wait_s": wait, "ms_chain": chain}
+    extra = {"wait_s": wait, "ms_chain": chain, "caches": cache_counters()}
     if parts is not None:
         extra["parts_ms"] = parts.medians()
     if variant == "project-fed":
@@ -413,7 +433,7 @@ def run_all(args, variants: str) -> list:
         cmd = launch + [__file__, "--variant", variant, "--batch", str(args.batch), "--res", str(args.res),
                "--steps", str(args.steps), "--warmup", str(args.warmup if "fp32" not in variant else 2),
                "--profile", args.profile, "--workers", str(args.workers), "--device", args.device,
-               "--model", args.model]
+               "--model", args.model, "--lpips-trunk", args.lpips_trunk]
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout)
         except subprocess.TimeoutExpired as e:
@@ -464,9 +484,11 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="folder for kernel-time tables of the project variants")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu to check a command at tiny size")
     ap.add_argument("--model", default="random:sd", help="base_model: random:sd, or tiny for CPU checks")
+    ap.add_argument("--lpips-trunk", default="", help="LPIPS VGG trunk weights (lpips_precision.py --save-trunk); "
+                    "default: a random trunk")
     args = ap.parse_args()
-    global DEVICE, MODEL
-    DEVICE, MODEL = torch.device(args.device), args.model
+    global DEVICE, MODEL, LPIPS_TRUNK
+    DEVICE, MODEL, LPIPS_TRUNK = torch.device(args.device), args.model, args.lpips_trunk
     if args.variant == "count":  # child processes: each variant owns the whole GPU
         print(json.dumps({"flops": count_flops(args.batch, args.res)}))
         return

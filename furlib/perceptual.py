@@ -14,6 +14,7 @@ says so in every report. Inputs are ``rgb_m11`` NCHW in [-1, 1]; output is per-i
 
 import contextlib
 import io
+import math
 import warnings
 
 import torch
@@ -103,6 +104,60 @@ def load_trunk(pnet: torch.nn.Module, state: dict) -> None:
         raise LPIPSUnavailable(f"trunk weights do not fit lpips' network: missing {missing[:4]}, "
                                f"unused {unused[:4]}")
     pnet.load_state_dict({name: state[key] for name, key in wanted.items()}, strict=True)
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x unchanged; its gradient multiplied by ``scale`` on the way back."""
+    return _ScaleGrad.apply(x, scale)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None
+
+
+def fp16_grad_scale(x: torch.Tensor) -> float:
+    """The power of two ``HalfTrunk`` scales the trunk's gradients by, for an LPIPS input x
+    (n, 3, h, w) whose distances are averaged over the batch (``ReconstructionLoss``): n * h * w / 4.
+    Each layer's distance is a spatial mean, so a gradient element is about 1 / (n * pixels) of
+    the loss's. Measured in fp32 (VGG, pretrained trunk, 7 photos at 256 px against a tiny base's
+    reconstructions; scale 2^17), the scaled gradients at the trunk's conv outputs reach at most
+    4.7, their medians lie between 4.5e-4 and 0.047 by layer, and the input's largest is 139:
+    inside fp16's normal range (6.1e-5 to 65504), with room both ways."""
+    return 2.0 ** round(math.log2(x.shape[0] * x.shape[-2] * x.shape[-1] / 4))
+
+
+class HalfTrunk(torch.nn.Module):
+    """LPIPS's trunk (lpips' ``net.net``: VGG16, AlexNet or SqueezeNet ``features``) run under fp16
+    autocast, its features returned in fp32: the distance's normalisation, difference and
+    heads stay fp32 (``use_fp16_trunk``). Its backward runs on gradients scaled by
+    ``fp16_grad_scale`` (a power of two: exact), unscaled again at the input, so that they do
+    not underflow in fp16. fp16 has TF32's 10-bit mantissa; it is a speed lever for CUDA
+    (``speed.Tuning.lpips_fp16``), and what it changes is measured against TF32 by
+    ``benchmarks/lpips_precision.py``."""
+
+    def __init__(self, trunk: torch.nn.Module):
+        super().__init__()
+        self.trunk = trunk
+
+    def forward(self, x: torch.Tensor):
+        scale = fp16_grad_scale(x)
+        with torch.autocast(x.device.type, dtype=torch.float16):
+            outs = self.trunk(scale_grad(x, 1 / scale))
+        return type(outs)(*(scale_grad(o.float(), scale) for o in outs))
+
+
+def use_fp16_trunk(lpips: "LPIPS") -> None:
+    """``lpips``'s trunk as a ``HalfTrunk``, in place (the trunk's own keys move under
+    ``net.net.trunk``; LPIPS is frozen and never saved)."""
+    if not isinstance(lpips.net.net, HalfTrunk):
+        lpips.net.net = HalfTrunk(lpips.net.net)
 
 
 def lpips_note(backbone: str, net: str = "vgg", source: str = "") -> str:

@@ -134,3 +134,58 @@ def test_unpickler_refuses_anything_but_numpy_arrays(tmp_path):
     path.write_bytes(pickle.dumps({"a": np.zeros(2, np.float64)}))
     with pytest.raises(pretrained_files.WeightFileError, match="float32"):
         pretrained_files.read_numpy_pickle(path)
+
+
+def _distances_and_gradient(lp, a, b, loss_scale=1.0):
+    leaf = a.clone().requires_grad_(True)
+    d = lp(leaf, b)
+    (grad,) = torch.autograd.grad(d.mean() * loss_scale, leaf)
+    return d.detach(), grad / loss_scale
+
+
+def _pairs():
+    return torch.cat([_m11("ex_p0"), _m11("ex_p1")]), torch.cat([_m11("ex_ref")] * 2)
+
+
+def test_fp16_trunk_keeps_the_distances_and_their_gradient():
+    """``HalfTrunk`` (``Tuning.lpips_fp16``): the published distances to 1e-3, and the input
+    gradient near fp32's. Seen: 9.3% from fp32, where rounding the trunk's operands to TF32 (the
+    step's default on CUDA) moves it 13.5% on photos (benchmarks/lpips_precision.py): LPIPS's
+    gradient comes from the small difference of two feature maps."""
+    lp = perceptual.LPIPS("vgg", "pretrained")
+    a, b = _pairs()
+    d32, g32 = _distances_and_gradient(lp, a, b)
+    trunk = lp.net.net
+    perceptual.use_fp16_trunk(lp)
+    perceptual.use_fp16_trunk(lp)  # once only
+    assert type(lp.net.net) is perceptual.HalfTrunk and lp.net.net.trunk is trunk
+    d16, g16 = _distances_and_gradient(lp, a, b)
+    assert d16.tolist() == pytest.approx(EXPECTED["vgg"], abs=1e-3)
+    assert float((g16 - g32).norm() / g32.norm()) < 0.15
+    assert float(torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0)) > 0.99
+
+
+def test_fp16_trunk_scales_its_gradients_so_that_they_do_not_underflow(monkeypatch):
+    """A loss 2^-16 times smaller (gradients as small as a 65536 times larger batch x crop gives):
+    with the scale grown to match, the gradient is the same as before; without any scale, every
+    element underflows in fp16."""
+    lp = perceptual.LPIPS("vgg", "pretrained")
+    a, b = _pairs()
+    perceptual.use_fp16_trunk(lp)
+    _, reference = _distances_and_gradient(lp, a, b)
+    default = perceptual.fp16_grad_scale
+    monkeypatch.setattr(perceptual, "fp16_grad_scale", lambda x: default(x) * 2.0**16)
+    _, scaled = _distances_and_gradient(lp, a, b, 2.0**-16)
+    assert float((scaled - reference).norm() / reference.norm()) < 1e-3
+    monkeypatch.setattr(perceptual, "fp16_grad_scale", lambda x: 1.0)
+    _, unscaled = _distances_and_gradient(lp, a, b, 2.0**-16)
+    assert not unscaled.any()
+
+
+def test_fp16_grad_scale_is_a_power_of_two_near_a_quarter_of_batch_times_pixels():
+    assert perceptual.fp16_grad_scale(torch.empty(32, 3, 256, 256)) == 2.0**19
+    assert perceptual.fp16_grad_scale(torch.empty(7, 3, 256, 256)) == 2.0**17
+    assert perceptual.fp16_grad_scale(torch.empty(8, 3, 512, 512)) == 2.0**19
+    x = torch.randn(3, 4, requires_grad=True)
+    perceptual.scale_grad(x, 8.0).sum().backward()
+    assert torch.equal(x.grad, torch.full((3, 4), 8.0))

@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from furlib.perceptual import use_fp16_trunk
 from furlib.training import norm_silu
 from furlib.training.group_norm import use_channel_stats_group_norm
 from furlib.training.losses import gradient_penalty, pixel_errors
@@ -96,6 +97,7 @@ class Tuning:
     last_layer_bf16: bool = False  # the adaptive weight's last-layer gradients in bf16 (``losses.last_layer_grads``):
                                    # -1.8 ms, but its error is 6x TF32's (RESULTS, issue 21), so off
     fused_norm_silu: bool = True  # compiled CUDA: the decoder's norm + SiLU pairs, Triton backward (``norm_silu``)
+    lpips_fp16: bool = False  # compiled CUDA: LPIPS's trunk in fp16, scaled gradients (``perceptual.HalfTrunk``)
     part_timer: Callable[[str], AbstractContextManager] | None = None  # wraps each part of the step
 
 
@@ -162,6 +164,8 @@ def speed_up(vae, critic, rec_loss, settings, device: torch.device, tuning: Tuni
             norm_silu.use_fused_norm_silu(vae.decoder)
         if tuning.critic_patch_matmul:
             use_patch_matmul(critic)
+        if tuning.lpips_fp16 and rec_loss.lpips is not None:
+            use_fp16_trunk(rec_loss.lpips)
     # compiled graphs choose their own layouts (see COMPILE_OPTIONS): "auto" NHWC is for eager
     nhwc = settings.channels_last == "yes" or (
         settings.channels_last == "auto" and not compiled and device.type == "cuda")
