@@ -75,7 +75,7 @@ VARIANTS = ("count", "plain-fp32", "plain-bf16", "project-eager", "project-prev"
 # the Tuning levers issue 21 added, each off: the step as that issue started from it
 ISSUE21_LEVERS_OFF = dict(compile_penalty=False, math_attention=False, tap_detached=False, channel_stats_norm=False,
                           critic_patch_matmul=False, compile_pixel_terms=False, transposed_upsample=False,
-                          fused_norm_silu=False)
+                          fused_norm_silu=False, lpips_fp16=False)
 TUNING_FIELDS = {f.name for f in dataclasses.fields(Tuning)}
 SETTING_FIELDS = {f.name for f in dataclasses.fields(TrainSettings)}
 DEVICE = torch.device("cuda")  # --device; MODEL: --model; LPIPS_TRUNK: --lpips-trunk
