@@ -140,7 +140,8 @@ class HalfTrunk(torch.nn.Module):
     ``fp16_grad_scale`` (a power of two: exact), unscaled again at the input, so that they do
     not underflow in fp16. fp16 has TF32's 10-bit mantissa; it is a speed lever for CUDA
     (``speed.Tuning.lpips_fp16``), and what it changes is measured against TF32 by
-    ``benchmarks/lpips_precision.py``."""
+    ``benchmarks/lpips_precision.py``. Scale and precision were measured on VGG, the trunk that
+    training uses; the others run the same way, unmeasured."""
 
     def __init__(self, trunk: torch.nn.Module):
         super().__init__()
