@@ -51,6 +51,9 @@ def inputs(res: int, batch: int, device: torch.device) -> tuple[torch.Tensor, to
     return photos.to(device), recon.to(torch.bfloat16).float().to(device)
 
 
+MODES = ("fp32", "tf32", "tf32-emulated", "bf16", "fp16", "fp16-trunk")
+
+
 def to_tf32(x: torch.Tensor) -> torch.Tensor:
     """fp32 x rounded to TF32 (10 mantissa bits, to nearest even), still fp32."""
     bits = x.contiguous().view(torch.int32)
@@ -150,6 +153,8 @@ def main() -> None:
               "rec_loss": lambda r, x: rec_loss(r, x, 1.0, 5.0, 1.0)[0]}
     modes = args.modes.split(",") if args.modes else \
         ["tf32", "bf16", "fp16", "fp16-trunk"] if device.type == "cuda" else ["tf32-emulated", "bf16", "fp16-trunk"]
+    if set(modes) - set(MODES):
+        raise SystemExit(f"--modes: {sorted(set(modes) - set(MODES))} not among {MODES}")
     rows = {}
     for name, fn in losses.items():
         with precision(lpips, "fp32", device):
