@@ -213,4 +213,32 @@ colab() {
     echo "colab rc=$? $(date +%T)"
 }
 
+# Next (not yet run): today's default in full, one call (~9 minutes, cold cache). The three shapes
+# compile at once; then 256 px beside plain-bf16 (the peak memory and chain time that lpips16's
+# 50 s per variant did not reach), 512 px x 8 beside plain-bf16, the Colab profile (the fused norms
+# under fp16 + scaler + checkpointing, first time on a GPU), and one warm process that logs why
+# AOTAutograd's cache is bypassed (the warm start's 2 bypasses). At most 8 files come back.
+whole() {
+    local T="--lpips-trunks .whl/vgg16_fp16.safetensors" R="--res 512 --batch 8 --flops 77770000000000"
+    local S="$S $T" W=/tmp/w && mkdir -p $W
+    timeout 230 python3 benchmarks/train_step.py $S --variant project --steps 2 --warmup 2 > /dev/null 2> $W/256.log &
+    timeout 230 python3 benchmarks/train_step.py $T $R --variant project --steps 2 --warmup 2 > /dev/null 2> $W/512.log &
+    timeout 230 python3 benchmarks/train_step.py $S --variant colab-t4 --steps 2 --warmup 2 > /dev/null 2> $W/colab.log &
+    wait
+    echo "compiled $(date +%T)"
+    rows 110 80 "plain-bf16,project"
+    timeout 100 python3 benchmarks/train_step.py $T $R --steps 6 --warmup 2 --variant-timeout 70 \
+        --out "$OUT/s512.json" --variants "project,plain-bf16" > $W/s512.log 2>&1
+    echo "512 rc=$? $(date +%T)"
+    timeout 80 python3 benchmarks/train_step.py $S --steps 3 --warmup 2 --variant-timeout 75 \
+        --out "$OUT/colab.json" --variants "colab-t4" > $W/colab-rows.log 2>&1
+    echo "colab rc=$? $(date +%T)"
+    TORCH_LOGS=torch._functorch._aot_autograd.autograd_cache timeout 60 python3 benchmarks/train_step.py $S \
+        --variant project --steps 1 --warmup 1 > /dev/null 2> $W/aot.log
+    grep -a "Bypassing\|cache hit\|cache miss" $W/aot.log > "$OUT/aot_cache.txt"
+    echo "aot rc=$? $(date +%T)"
+    mv "$OUT"/*.partial.json $W/ 2>/dev/null  # kept, in the archive: the rows of a cut-short run
+    tar czf "$OUT/logs.tgz" -C $W .
+}
+
 "$@"
