@@ -145,16 +145,20 @@ def vgg_lpips(carried: str = "") -> LPIPS:
 
 def main() -> None:
     args = arguments(__doc__)
+    if args.lpips_trunks and not Path(args.lpips_trunks).is_file():
+        raise SystemExit(f"--lpips-trunks: no file {args.lpips_trunks}")
     device = torch.device(args.device)
+    modes = args.modes.split(",") if args.modes else \
+        ["tf32", "bf16", "fp16", "fp16-trunk"] if device.type == "cuda" else ["tf32-emulated", "bf16", "fp16-trunk"]
+    if set(modes) - set(MODES):
+        raise SystemExit(f"--modes: {sorted(set(modes) - set(MODES))} not among {MODES}")
+    if "tf32" in modes and device.type != "cuda":
+        raise SystemExit("--modes tf32 needs CUDA (on a CPU it would be fp32): tf32-emulated rounds as TF32 does")
     lpips = vgg_lpips(args.lpips_trunks).to(device)
     photos, recon = inputs(args.res, args.batch, device)
     rec_loss = ReconstructionLoss("oklab", lpips, lpips_autocast=True)  # runs under the autocast we set
     losses = {"lpips": lambda r, x: lpips(r, x).float().mean(),
               "rec_loss": lambda r, x: rec_loss(r, x, 1.0, 5.0, 1.0)[0]}
-    modes = args.modes.split(",") if args.modes else \
-        ["tf32", "bf16", "fp16", "fp16-trunk"] if device.type == "cuda" else ["tf32-emulated", "bf16", "fp16-trunk"]
-    if set(modes) - set(MODES):
-        raise SystemExit(f"--modes: {sorted(set(modes) - set(MODES))} not among {MODES}")
     rows = {}
     for name, fn in losses.items():
         with precision(lpips, "fp32", device):

@@ -177,42 +177,6 @@ lpips16() {
     rm -f "$OUT"/warm-*.json "$OUT"/*.partial.json
 }
 
-# The 512 px row and the Colab profile with today's default, the pretrained trunk (fp16-rounded) in
-# LPIPS as in lpips16 (a random trunk's fp16 activations are not the real ones).
-final() {
-    local S="--lpips-trunks .whl/vgg16_fp16.safetensors"
-    timeout 300 python3 benchmarks/train_step.py $S --res 512 --batch 8 --flops 77770000000000 --steps 6 --warmup 2 \
-        --variant-timeout 150 --out "$OUT/s512.json" --variants "project,plain-bf16" > "$OUT/s512.log" 2>&1
-    echo "512 rc=$? $(date +%T)"
-    timeout 240 python3 benchmarks/train_step.py $S --flops 76868634017792 --steps 3 --warmup 2 --variant-timeout 230 \
-        --out "$OUT/colab.json" --variants "colab-t4" > "$OUT/colab.log" 2>&1
-    echo "colab rc=$? $(date +%T)"
-}
-
-# The same with lpips_fp16 on by default, in what device time was left (~330 s): both compile at once
-# (cold), then each is timed alone with the cache warm.
-final2() {
-    local S="--lpips-trunks .whl/vgg16_fp16.safetensors" R="--res 512 --batch 8 --flops 77770000000000"
-    local C="--flops 76868634017792"
-    timeout 160 python3 benchmarks/train_step.py $S $R --variant project --steps 2 --warmup 2 > /dev/null 2> "$OUT/warm512.log" &
-    timeout 160 python3 benchmarks/train_step.py $S $C --variant colab-t4 --steps 2 --warmup 2 > /dev/null 2> "$OUT/warmcolab.log" &
-    wait
-    echo "compiled $(date +%T)"
-    timeout 100 python3 benchmarks/train_step.py $S $R --steps 6 --warmup 2 --variant-timeout 60 \
-        --out "$OUT/s512.json" --variants "project,plain-bf16" > "$OUT/s512.log" 2>&1
-    echo "512 rc=$? $(date +%T)"
-    timeout 70 python3 benchmarks/train_step.py $S $C --steps 3 --warmup 2 --variant-timeout 65 \
-        --out "$OUT/colab.json" --variants "colab-t4" > "$OUT/colab.log" 2>&1
-    echo "colab rc=$? $(date +%T)"
-}
-
-# What ~350 s of device time allowed: the Colab profile alone (cold compile, 3 steps).
-colab() {
-    timeout 185 python3 benchmarks/train_step.py --lpips-trunks .whl/vgg16_fp16.safetensors --flops 76868634017792 \
-        --steps 3 --warmup 2 --variant-timeout 180 --out "$OUT/colab.json" --variants "colab-t4" > "$OUT/colab.log" 2>&1
-    echo "colab rc=$? $(date +%T)"
-}
-
 # Next (not yet run): today's default in full, one call (~9 minutes, cold cache). The three shapes
 # compile at once; then 256 px beside plain-bf16 (the peak memory and chain time that lpips16's
 # 50 s per variant did not reach), 512 px x 8 beside plain-bf16, the Colab profile (the fused norms

@@ -489,6 +489,8 @@ def main() -> None:
     ap.add_argument("--lpips-trunks", default="", help="LPIPS's pretrained trunk from this carried fp16 file "
                     "(ablation.py trunks); default: a random trunk")
     args = ap.parse_args()
+    if args.lpips_trunks and not Path(args.lpips_trunks).is_file():
+        raise SystemExit(f"--lpips-trunks: no file {args.lpips_trunks}")
     global DEVICE, MODEL, LPIPS_TRUNKS
     DEVICE, MODEL, LPIPS_TRUNKS = torch.device(args.device), args.model, args.lpips_trunks
     if args.variant == "count":  # child processes: each variant owns the whole GPU
