@@ -190,14 +190,14 @@ whole() {
     timeout 230 python3 benchmarks/train_step.py $S --variant colab-t4 --steps 2 --warmup 2 > /dev/null 2> $W/colab.log &
     wait
     echo "compiled $(date +%T)"
-    rows 110 80 "plain-bf16,project"
+    rows 100 80 "plain-bf16,project"
     timeout 100 python3 benchmarks/train_step.py $T $R --steps 6 --warmup 2 --variant-timeout 70 \
         --out "$OUT/s512.json" --variants "project,plain-bf16" > $W/s512.log 2>&1
     echo "512 rc=$? $(date +%T)"
     timeout 80 python3 benchmarks/train_step.py $S --steps 3 --warmup 2 --variant-timeout 75 \
         --out "$OUT/colab.json" --variants "colab-t4" > $W/colab-rows.log 2>&1
     echo "colab rc=$? $(date +%T)"
-    TORCH_LOGS=torch._functorch._aot_autograd.autograd_cache timeout 60 python3 benchmarks/train_step.py $S \
+    TORCH_LOGS=torch._functorch._aot_autograd.autograd_cache timeout 50 python3 benchmarks/train_step.py $S \
         --variant project --steps 1 --warmup 1 > /dev/null 2> $W/aot.log
     grep -a "Bypassing\|cache hit\|cache miss" $W/aot.log > "$OUT/aot_cache.txt"
     echo "aot rc=$? $(date +%T)"
