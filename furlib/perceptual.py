@@ -141,24 +141,27 @@ class HalfTrunk(torch.nn.Module):
     not underflow in fp16. fp16 has TF32's 10-bit mantissa; it is a speed lever for CUDA
     (``speed.Tuning.lpips_fp16``), and what it changes is measured against TF32 by
     ``benchmarks/lpips_precision.py``. Scale and precision were measured on VGG, the trunk that
-    training uses; the others run the same way, unmeasured."""
+    training uses; the others run the same way, unmeasured. ``own_scale=False`` leaves the
+    gradients as they arrive: where they are scaled already (fp16 steps: the GradScaler's loss
+    scale, 2^16 at first and kept below overflow, is about what ``fp16_grad_scale`` gives a
+    micro-batch of 8 at 256 px), scaling them again would overflow."""
 
-    def __init__(self, trunk: torch.nn.Module):
+    def __init__(self, trunk: torch.nn.Module, own_scale: bool = True):
         super().__init__()
-        self.trunk = trunk
+        self.trunk, self.own_scale = trunk, own_scale
 
     def forward(self, x: torch.Tensor):
-        scale = fp16_grad_scale(x)
+        scale = fp16_grad_scale(x) if self.own_scale else 1.0
         with torch.autocast(x.device.type, dtype=torch.float16):
             outs = self.trunk(scale_grad(x, 1 / scale))
         return type(outs)(*(scale_grad(o.float(), scale) for o in outs))
 
 
-def use_fp16_trunk(lpips: "LPIPS") -> None:
+def use_fp16_trunk(lpips: "LPIPS", own_scale: bool = True) -> None:
     """``lpips``'s trunk as a ``HalfTrunk``, in place (the trunk's own keys move under
     ``net.net.trunk``; LPIPS is frozen and never saved)."""
     if not isinstance(lpips.net.net, HalfTrunk):
-        lpips.net.net = HalfTrunk(lpips.net.net)
+        lpips.net.net = HalfTrunk(lpips.net.net, own_scale)
 
 
 def lpips_note(backbone: str, net: str = "vgg", source: str = "") -> str:

@@ -182,6 +182,23 @@ def test_fp16_trunk_scales_its_gradients_so_that_they_do_not_underflow(monkeypat
     assert not unscaled.any()
 
 
+def test_fp16_trunk_takes_a_loss_scale_instead_of_its_own():
+    """fp16 steps (``own_scale=False``): the gradient arrives scaled by the GradScaler's loss
+    scale, which serves the trunk as its own scale does: the same gradient from 2^11 (its own
+    here) to 2^24. Both scales at once (2^11 x 2^16) overflow: why fp16 steps take only one."""
+    lp = perceptual.LPIPS("vgg", "pretrained")
+    a, b = _pairs()
+    perceptual.use_fp16_trunk(lp)
+    _, reference = _distances_and_gradient(lp, a, b)
+    assert perceptual.fp16_grad_scale(a) == 2.0**11
+    _, both = _distances_and_gradient(lp, a, b, 2.0**16)
+    assert not both.isfinite().all()
+    lp.net.net.own_scale = False
+    for loss_scale in (2.0**11, 2.0**16, 2.0**24):  # seen: 0 and 9e-4 twice
+        _, got = _distances_and_gradient(lp, a, b, loss_scale)
+        assert float((got - reference).norm() / reference.norm()) < 2e-3
+
+
 def test_fp16_grad_scale_is_a_power_of_two_near_a_quarter_of_batch_times_pixels():
     assert perceptual.fp16_grad_scale(torch.empty(32, 3, 256, 256)) == 2.0**19
     assert perceptual.fp16_grad_scale(torch.empty(7, 3, 256, 256)) == 2.0**17

@@ -65,9 +65,9 @@ class ReconstructionLoss(nn.Module):
 
     LPIPS runs in fp32 (TF32 where the caller allows it) even inside the step's bf16/fp16
     autocast: under bf16 its input gradient is 41-68% from fp32's (pretrained VGG; issue 12,
-    ``benchmarks/lpips_precision.py``), and in fp16 its backward underflows. Compiled CUDA steps
-    without fp16 loss scaling run its trunk alone in fp16 with scaled gradients
-    (``perceptual.HalfTrunk``, ``speed.wants_fp16_trunk``): as far from fp32 as TF32.
+    ``benchmarks/lpips_precision.py``), and in fp16 its backward underflows unscaled. Compiled
+    CUDA steps run its trunk alone in fp16 with scaled gradients (``perceptual.HalfTrunk``, its
+    own scale, or in fp16 steps the loss scale): as far from fp32 as TF32.
     ``lpips_autocast=True`` runs all of it under the caller's autocast instead, to measure what
     fp32 costs (``benchmarks/train_step.py``).
     """
