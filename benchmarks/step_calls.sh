@@ -201,7 +201,7 @@ whole() {
     timeout 140 python3 benchmarks/train_step.py $S --steps 3 --warmup 2 --variant-timeout 68 \
         --out "$OUT/colab.json" --variants "colab-t4,$COLAB16" > $W/colab-rows.log 2>&1
     echo "colab rc=$? $(date +%T)"
-    local left=$((565 - SECONDS))  # the call's 600 s, less the wheels' install
+    local left=$((${DEADLINE:-565} - SECONDS))  # the call's 600 s, less the wheels' install
     if [ $left -gt 30 ]; then
         TORCH_LOGS=torch._functorch._aot_autograd.autograd_cache timeout $left python3 benchmarks/train_step.py $S \
             --variant project --steps 1 --warmup 1 > /dev/null 2> $W/aot.log
