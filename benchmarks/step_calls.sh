@@ -179,32 +179,37 @@ lpips16() {
 
 # Next (not yet run): today's default in full, one call (~9.5 minutes, cold cache). The four
 # processes compile at once; then 256 px beside plain-bf16 (the peak memory and chain time that
-# lpips16's 50 s per variant did not reach), 512 px x 8 beside plain-bf16, the Colab profile with
-# and without LPIPS's trunk in fp16 on the loss scale (the fused norms under fp16 + scaler +
-# checkpointing, first time on a GPU), and in the time left one warm process that logs why
-# AOTAutograd's cache is bypassed (the warm start's 2 bypasses). At most 8 files come back.
+# lpips16's 50 s per variant did not reach), the Colab profile with and without LPIPS's trunk in
+# fp16 on the loss scale (the fused norms under fp16 + scaler + checkpointing, first time on a
+# GPU), 512 px x 8 beside plain-bf16, and one warm process that logs why AOTAutograd's cache is
+# bypassed (the warm start's 2 bypasses). A part that would end after $DEADLINE seconds of the
+# script (565: a 600 s call, less the wheels' install) is skipped. At most 8 files come back.
 COLAB16="colab-t4[lpips_fp16=False]"
+
+fits() {  # whether $1 more seconds end by the deadline; says so when not
+    [ $((SECONDS + $1)) -le "${DEADLINE:-565}" ] || { echo "skipped ($1 s left too little) $(date +%T)"; false; }
+}
 
 whole() {
     local T="--lpips-trunks .whl/vgg16_fp16.safetensors" R="--res 512 --batch 8 --flops 77770000000000"
     local S="$S $T" W=/tmp/w && mkdir -p $W
     timeout 230 python3 benchmarks/train_step.py $S --variant project --steps 2 --warmup 2 > /dev/null 2> $W/256.log &
-    timeout 230 python3 benchmarks/train_step.py $T $R --variant project --steps 2 --warmup 2 > /dev/null 2> $W/512.log &
     timeout 230 python3 benchmarks/train_step.py $S --variant colab-t4 --steps 2 --warmup 2 > /dev/null 2> $W/colab.log &
     timeout 230 python3 benchmarks/train_step.py $S --variant "$COLAB16" --steps 2 --warmup 2 > /dev/null 2> $W/colab32.log &
+    fits 430 && timeout 230 python3 benchmarks/train_step.py $T $R --variant project --steps 2 --warmup 2 \
+        > /dev/null 2> $W/512.log &
     wait
     echo "compiled $(date +%T)"
     rows 100 80 "plain-bf16,project"
-    timeout 100 python3 benchmarks/train_step.py $T $R --steps 6 --warmup 2 --variant-timeout 70 \
-        --out "$OUT/s512.json" --variants "project,plain-bf16" > $W/s512.log 2>&1
-    echo "512 rc=$? $(date +%T)"
     timeout 140 python3 benchmarks/train_step.py $S --steps 3 --warmup 2 --variant-timeout 68 \
         --out "$OUT/colab.json" --variants "colab-t4,$COLAB16" > $W/colab-rows.log 2>&1
     echo "colab rc=$? $(date +%T)"
-    local left=$((${DEADLINE:-565} - SECONDS))  # the call's 600 s, less the wheels' install
-    if [ $left -gt 30 ]; then
-        TORCH_LOGS=torch._functorch._aot_autograd.autograd_cache timeout $left python3 benchmarks/train_step.py $S \
-            --variant project --steps 1 --warmup 1 > /dev/null 2> $W/aot.log
+    fits 100 && timeout 100 python3 benchmarks/train_step.py $T $R --steps 6 --warmup 2 --variant-timeout 70 \
+        --out "$OUT/s512.json" --variants "project,plain-bf16" > $W/s512.log 2>&1
+    echo "512 rc=$? $(date +%T)"
+    if fits 40; then
+        TORCH_LOGS=torch._functorch._aot_autograd.autograd_cache timeout $((${DEADLINE:-565} - SECONDS)) \
+            python3 benchmarks/train_step.py $S --variant project --steps 1 --warmup 1 > /dev/null 2> $W/aot.log
         echo "aot rc=$? $(date +%T)"
         grep -a "Bypassing\|cache hit\|cache miss" $W/aot.log > "$OUT/aot_cache.txt"
     fi
