@@ -187,7 +187,7 @@ lpips16() {
 COLAB16="colab-t4[lpips_fp16=False]"
 
 fits() {  # whether $1 more seconds end by the deadline; says so when not
-    [ $((SECONDS + $1)) -le "${DEADLINE:-565}" ] || { echo "skipped ($1 s left too little) $(date +%T)"; false; }
+    [ $((SECONDS + $1)) -le "${DEADLINE:-565}" ] || { echo "skipped (needs $1 s more) $(date +%T)"; false; }
 }
 
 whole() {
