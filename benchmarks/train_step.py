@@ -349,6 +349,9 @@ def time_variant(variant: str, batch: int, res: int, steps: int, warmup: int, pr
     chain = chain_ms(step, data, steps)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     extra = {"wait_s": wait, "ms_chain": chain, "caches": cache_counters()}
+    trainer = getattr(step, "__self__", None)  # project variants step with ``Trainer.step``
+    if trainer is not None:  # non-finite steps skipped (fp16: overflows), warm-up and chain included
+        extra["skipped"] = trainer.skipped
     if parts is not None:
         extra["parts_ms"] = parts.medians()
     if variant == "project-fed":
