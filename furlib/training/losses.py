@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from furlib.oklab import rgb_to_oklab
+from furlib.perceptual import HalfTrunk, fp16_grad_scale
 
 COLOR_SPACES = ("oklab", "rgb")
 
@@ -66,8 +67,8 @@ class ReconstructionLoss(nn.Module):
     LPIPS runs in fp32 (TF32 where the caller allows it) even inside the step's bf16/fp16
     autocast: under bf16 its input gradient is 41-68% from fp32's (pretrained VGG; issue 12,
     ``benchmarks/lpips_precision.py``), and in fp16 its backward underflows unscaled. Compiled
-    CUDA steps run its trunk alone in fp16 with scaled gradients (``perceptual.HalfTrunk``, its
-    own scale, or in fp16 steps the loss scale): as far from fp32 as TF32.
+    CUDA steps run its trunk alone in fp16 (``perceptual.HalfTrunk``), on a loss scaled by
+    ``backward_scale`` (fp16 steps: by their loss scale): as far from fp32 as TF32.
     ``lpips_autocast=True`` runs all of it under the caller's autocast instead, to measure what
     fp32 costs (``benchmarks/train_step.py``).
     """
@@ -94,6 +95,12 @@ class ReconstructionLoss(nn.Module):
             logs["rec/lpips"] = perceptual.detach()
         logs["rec/total"] = total.detach()
         return total, logs
+
+    def backward_scale(self, recon_m11: torch.Tensor) -> float:
+        """The power of two this loss is multiplied by before its backward (its gradient divided
+        by after): ``perceptual.fp16_grad_scale`` where LPIPS's trunk runs in fp16, else 1."""
+        trunk = getattr(getattr(self.lpips, "net", None), "net", None)
+        return fp16_grad_scale(recon_m11) if isinstance(trunk, HalfTrunk) else 1.0
 
 
 def last_layer_grads(features: torch.Tensor, grads_out: list, conv: nn.Conv2d,

@@ -97,8 +97,8 @@ class Tuning:
     last_layer_bf16: bool = False  # the adaptive weight's last-layer gradients in bf16 (``losses.last_layer_grads``):
                                    # -1.8 ms, but its error is 6x TF32's (RESULTS, issue 21), so off
     fused_norm_silu: bool = True  # compiled CUDA: the decoder's norm + SiLU pairs, Triton backward (``norm_silu``)
-    lpips_fp16: bool = True  # compiled CUDA: LPIPS's trunk in fp16, scaled gradients (``perceptual.HalfTrunk``;
-                             # fp16 steps: the loss scale's): -8.5 ms; its gradient as far from fp32's
+    lpips_fp16: bool = True  # compiled CUDA: LPIPS's trunk in fp16 on a scaled loss (``perceptual.HalfTrunk``;
+                             # fp16 steps: their loss scale): -8.5 ms; its gradient as far from fp32's
                              # as TF32's (RESULTS, issue 21)
     part_timer: Callable[[str], AbstractContextManager] | None = None  # wraps each part of the step
 
@@ -124,14 +124,6 @@ def wants_math_attention(tuning: Tuning, settings, device: torch.device) -> bool
     """``Tuning.math_attention`` applies on CUDA (where it was measured) up to 512 px crops."""
     tokens = (settings.resolution // 8) ** 2
     return tuning.math_attention and torch.device(device).type == "cuda" and tokens <= MATH_ATTENTION_TOKENS
-
-
-def use_lpips_fp16(rec_loss, settings) -> None:
-    """``Tuning.lpips_fp16``: LPIPS's trunk in fp16 (``perceptual.HalfTrunk``), in place. In fp16
-    steps its gradients arrive scaled by the GradScaler's loss scale, which serves as the trunk's
-    own (``own_scale=False``): both at once would overflow fp16."""
-    if rec_loss.lpips is not None:
-        use_fp16_trunk(rec_loss.lpips, own_scale=settings.mixed_precision != "fp16")
 
 
 def use_math_attention(vae) -> None:
@@ -174,8 +166,8 @@ def speed_up(vae, critic, rec_loss, settings, device: torch.device, tuning: Tuni
             norm_silu.use_fused_norm_silu(vae.decoder)
         if tuning.critic_patch_matmul:
             use_patch_matmul(critic)
-        if tuning.lpips_fp16:
-            use_lpips_fp16(rec_loss, settings)
+        if tuning.lpips_fp16 and rec_loss.lpips is not None:
+            use_fp16_trunk(rec_loss.lpips)
     # compiled graphs choose their own layouts (see COMPILE_OPTIONS): "auto" NHWC is for eager
     nhwc = settings.channels_last == "yes" or (
         settings.channels_last == "auto" and not compiled and device.type == "cuda")

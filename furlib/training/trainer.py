@@ -199,14 +199,17 @@ class Trainer:
 
     def leaf_grads(self, leaf: torch.Tensor, x_m11: torch.Tensor, gan_on: bool) -> tuple[list, dict]:
         """[d rec / d leaf, (d gan / d leaf)] at the fp32 reconstruction ``leaf``, unscaled fp32, and
-        logs. In fp16 both backward passes run on the decoder's scaled loss (they underflow without)."""
+        logs. In fp16 both backward passes run on the decoder's scaled loss (they underflow without);
+        so does the reconstruction's where LPIPS's trunk runs in fp16."""
         s = self.s
         scale = loss_scale(self.scaler, leaf)
+        # LPIPS's fp16 trunk needs a scaled loss too (``HalfTrunk``): fp16 steps' scale serves it
+        rec_scale = scale if self.scaler.is_enabled() else self.rec_loss.backward_scale(leaf)
         mae_w, mse_w = s.loss_weights(self.step_count)
         with self.part("rec-loss grads"):
             with self.autocast():
                 rec, logs = self.rec_loss(leaf, x_m11, mae_w, mse_w, s.lpips_weight)
-            grads = [torch.autograd.grad(rec * scale, leaf)[0] / scale]
+            grads = [torch.autograd.grad(rec * rec_scale, leaf)[0] / rec_scale]
         if gan_on:
             with self.part("critic-term grads"):
                 with self.autocast():
