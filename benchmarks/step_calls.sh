@@ -177,12 +177,13 @@ lpips16() {
     rm -f "$OUT"/warm-*.json "$OUT"/*.partial.json
 }
 
-# Next (not yet run): today's default in full, one call (~9.5 minutes, cold cache). The four
+# Today's default in full, one call (8 minutes on an H100 at e99f449, cold cache; RESULTS, eighth
+# device session: the H200 run the issue's Done-when names is this call again). The four
 # processes compile at once; then 256 px beside plain-bf16 (the peak memory and chain time that
 # lpips16's 50 s per variant did not reach), the Colab profile with and without LPIPS's trunk in
 # fp16 on the loss scale (the fused norms under fp16 + scaler + checkpointing, first time on a
 # GPU), 512 px x 8 beside plain-bf16, and one warm process that logs why AOTAutograd's cache is
-# bypassed (the warm start's 2 bypasses). A part that would end after $DEADLINE seconds of the
+# bypassed (three graphs at e99f449, two since). A part that would end after $DEADLINE seconds of the
 # script (565: a 600 s call, less the wheels' install) is skipped. At most 8 files come back.
 COLAB16="colab-t4[lpips_fp16=False]"
 
