@@ -124,12 +124,12 @@ class HalfTrunk(torch.nn.Module):
     theirs: unscaled, the trunk's gradients (~1e-9 to 1e-5) underflow fp16. The caller multiplies
     the loss by ``fp16_grad_scale`` (a power of two: exact; ``ReconstructionLoss.backward_scale``)
     and divides the gradient by it; an fp16 step's loss scale serves instead (both at once would
-    overflow). fp16 has TF32's 10-bit
-    mantissa; it is a speed lever for CUDA (``speed.Tuning.lpips_fp16``), and what it changes is
-    measured against TF32 by ``benchmarks/lpips_precision.py``. Scale and precision were measured
-    on VGG, the trunk that training uses; the others run the same way, unmeasured. (The scaling
-    is the caller's, not an autograd.Function's here: AOTAutograd's compile cache bypasses
-    graphs holding one, so a warm start would trace LPIPS again.)"""
+    overflow). fp16 has TF32's 10-bit mantissa; it is a speed lever for CUDA
+    (``speed.Tuning.lpips_fp16``), and what it changes is measured against TF32 by
+    ``benchmarks/lpips_precision.py``. Scale and precision were measured on VGG, the trunk that
+    training uses; the others run the same way, unmeasured. (The scaling is the caller's, not an
+    autograd.Function's here: AOTAutograd's compile cache bypasses graphs holding one, so a warm
+    start would trace LPIPS again.)"""
 
     def __init__(self, trunk: torch.nn.Module):
         super().__init__()

@@ -200,7 +200,8 @@ class Trainer:
     def leaf_grads(self, leaf: torch.Tensor, x_m11: torch.Tensor, gan_on: bool) -> tuple[list, dict]:
         """[d rec / d leaf, (d gan / d leaf)] at the fp32 reconstruction ``leaf``, unscaled fp32, and
         logs. In fp16 both backward passes run on the decoder's scaled loss (they underflow without);
-        so does the reconstruction's where LPIPS's trunk runs in fp16."""
+        in other precisions the reconstruction's runs on a loss scaled for LPIPS's fp16 trunk, if any
+        (``ReconstructionLoss.backward_scale``)."""
         s = self.s
         scale = loss_scale(self.scaler, leaf)
         # LPIPS's fp16 trunk needs a scaled loss too (``HalfTrunk``): fp16 steps' scale serves it
