@@ -183,8 +183,9 @@ lpips16() {
 # lpips16's 50 s per variant did not reach), the Colab profile with and without LPIPS's trunk in
 # fp16 on the loss scale (the fused norms under fp16 + scaler + checkpointing, first time on a
 # GPU), 512 px x 8 beside plain-bf16, and one warm process that logs why AOTAutograd's cache is
-# bypassed (three graphs at e99f449; two expected since, unseen). A part that would end after $DEADLINE seconds of the
-# script (565: a 600 s call, less the wheels' install) is skipped. At most 8 files come back.
+# bypassed (three graphs at e99f449; two expected since, unseen). A part that would end after
+# $DEADLINE seconds of the script (565: a 600 s call, less the wheels' install) is skipped. At
+# most 8 files come back.
 COLAB16="colab-t4[lpips_fp16=False]"
 
 fits() {  # whether $1 more seconds end by the deadline; says so when not
