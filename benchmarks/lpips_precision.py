@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from furlib.builtin import pretrain_photos
 from furlib.images import preprocess
 from furlib.models import load_vae
-from furlib.perceptual import LPIPS, HalfTrunk, LPIPSUnavailable, fp16_grad_scale
+from furlib.perceptual import LPIPS, HalfTrunk, LPIPSUnavailable
 from furlib.runinfo import print_and_save
 from furlib.training.losses import ReconstructionLoss
 
@@ -102,7 +102,7 @@ def precision(lpips: LPIPS, mode: str, device: torch.device):
 
 def loss_and_grad(loss_fn, recon: torch.Tensor, photos: torch.Tensor, scale: float = 1.0) -> tuple[float, torch.Tensor]:
     """The loss and its gradient at ``recon``, in the precision the caller set, the backward on
-    the loss times ``scale`` (a power of two; the fp16 trunk's, as the step takes it)."""
+    the loss times ``scale`` (a power of two: ``ReconstructionLoss.backward_scale``)."""
     leaf = recon.detach().clone().requires_grad_(True)
     loss = loss_fn(leaf, photos)
     (grad,) = torch.autograd.grad(loss * scale, leaf)
@@ -166,8 +166,8 @@ def main() -> None:
             ref = loss_and_grad(fn, recon, photos)
         rows[name] = {"fp32": {"loss": ref[0]}}
         for mode in modes:
-            scale = fp16_grad_scale(recon) if mode == "fp16-trunk" else 1.0
-            with precision(lpips, mode, device):
+            with precision(lpips, mode, device):  # the loss scale the step takes for this trunk
+                scale = rec_loss.backward_scale(recon)
                 rows[name][mode] = compare(ref, loss_and_grad(fn, recon, photos, scale))
     result = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "trunk": lpips.source, "images": int(photos.shape[0]), "res": args.res, "rows": rows}
