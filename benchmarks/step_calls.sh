@@ -182,11 +182,20 @@ lpips16() {
 # processes compile at once; then 256 px beside plain-bf16 (the peak memory and chain time that
 # lpips16's 50 s per variant did not reach), the Colab profile with and without LPIPS's trunk in
 # fp16 on the loss scale (the fused norms under fp16 + scaler + checkpointing, first time on a
-# GPU), 512 px x 8 beside plain-bf16, and one warm process that logs why AOTAutograd's cache is
-# bypassed (three graphs at e99f449; two expected since, unseen). A part that would end after
+# GPU), 512 px x 8 beside plain-bf16, and one warm process that logs AOTAutograd's cache hits and
+# bypasses (three bypasses at e99f449; none expected since `speed.use_compile_cache` lets graphs with
+# an autograd.Function into that cache). A part that would end after
 # $DEADLINE seconds of the script (565: a 600 s call, less the wheels' install) is skipped. At
 # most 8 files come back.
 COLAB16="colab-t4[lpips_fp16=False]"
+
+profile() {  # today's default's kernel table and GPU idle gaps, warm after `whole` on the same machine
+    timeout 560 python3 benchmarks/train_step.py $S --lpips-trunks .whl/vgg16_fp16.safetensors --steps 6 \
+        --warmup 2 --variant-timeout 540 --profile /tmp/prof --out "$OUT/prof.json" --variants project \
+        > "$OUT/prof.log" 2>&1
+    echo "profile rc=$? $(date +%T)"
+    cp /tmp/prof/*.txt /tmp/prof/*.gz "$OUT/" 2>/dev/null
+}
 
 fits() {  # whether $1 more seconds end by the deadline; says so when not
     [ $((SECONDS + $1)) -le "${DEADLINE:-565}" ] || { echo "skipped (needs $1 s more) $(date +%T)"; false; }

@@ -192,17 +192,20 @@ CACHE_PROBE = """
 import json, sys
 import torch
 from torch._dynamo.utils import counters
+from furlib.oklab import safe_cbrt
 from furlib.training.speed import use_compile_cache
 use_compile_cache(sys.argv[1])
-f = torch.compile(lambda x: (x.sin() * 2 + 1).relu().sum())
-f(torch.randn(64))
-print(json.dumps(dict(counters["inductor"])))
+f = torch.compile(lambda x: safe_cbrt(x.sin() * 2 + 1).relu().sum())
+f(torch.randn(64, requires_grad=True)).backward()
+print(json.dumps({**counters["inductor"], **counters["aot_autograd"]}))
 """
 
 
 def test_compile_cache_reused_by_a_second_process(tmp_path):
     """``speed.use_compile_cache``: a second process (a restarted runtime) loads the first one's
-    compiled graph from the folder instead of building it again."""
+    compiled graphs from the folder instead of building them again: inductor's kernels, and
+    AOTAutograd's traced forward and backward of a graph that holds an ``autograd.Function``
+    (``oklab.safe_cbrt``), which torch's default settings would trace again."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                TORCHINDUCTOR_COMPILE_THREADS="1")  # no pool of compile workers to start: seconds on 2 cores
     runs = []
@@ -213,7 +216,9 @@ def test_compile_cache_reused_by_a_second_process(tmp_path):
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     first, second = runs
     assert first.get("fxgraph_cache_miss", 0) >= 1 and not first.get("fxgraph_cache_hit"), first
-    assert second.get("fxgraph_cache_hit", 0) >= 1 and not second.get("fxgraph_cache_miss"), second
+    assert first.get("autograd_cache_saved", 0) >= 1 and not first.get("autograd_cache_bypass"), first
+    assert second.get("autograd_cache_hit", 0) >= 1 and not second.get("autograd_cache_miss"), second
+    assert not second.get("fxgraph_cache_miss"), second
     assert (tmp_path / "cache" / "fxgraph").is_dir()
 
 

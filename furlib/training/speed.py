@@ -103,20 +103,32 @@ class Tuning:
     part_timer: Callable[[str], AbstractContextManager] | None = None  # wraps each part of the step
 
 
-def use_compile_cache(folder) -> Path:
-    """Keep inductor's and Triton's compiled kernels in ``folder`` (made if missing), for this
-    process and the compile workers it starts; call before the first compile. A later process
+def use_compile_cache(folder=None) -> Path | None:
+    """Keep inductor's and Triton's compiled kernels in ``folder`` (made if missing; None: torch's
+    default, ``/tmp/torchinductor_<user>``, which survives a kernel restart, not a new machine), for
+    this process and the compile workers it starts; call before the first compile. A later process
     that compiles the same graphs (the same model, shapes, settings and torch) loads them instead
     of building them: a Colab runtime that was restarted, or recycled when ``folder`` is on Drive.
-    torch's default (``/tmp/torchinductor_<user>``) survives a kernel restart, not a new machine.
-    Only code generation and kernel builds are cached; Dynamo's tracing runs every time."""
+    Dynamo's tracing runs every time.
+
+    AOTAutograd's cache (the traced forward and backward graphs) skips, by default, any graph that
+    holds an ``autograd.Function``: the decoder's fused norms (``norm_silu``) and the Oklab cube root
+    (``oklab``) hold one, so a warm start traced them again (27-29 s on an H100, RESULTS issue 21).
+    PyTorch's flag ``autograd_cache_allow_custom_autograd_functions`` (torch >= 2.7) lets them in:
+    the graph records the function's traced forward and backward, so the cache key covers them.
+    Ours are pure (no state but their saved tensors); ``tests/test_speed.py`` sees the hit."""
+    import torch._functorch.config as functorch
     import torch._inductor.config as inductor
 
+    if hasattr(functorch, "autograd_cache_allow_custom_autograd_functions"):
+        functorch.autograd_cache_allow_custom_autograd_functions = True
+    inductor.fx_graph_cache = True  # the default since torch 2.5; requirements allow 2.4
+    if folder is None:
+        return None
     folder = Path(folder).expanduser().resolve()
     (folder / "triton").mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
     os.environ["TRITON_CACHE_DIR"] = str(folder / "triton")
-    inductor.fx_graph_cache = True  # the default since torch 2.5; requirements allow 2.4
     return folder
 
 
@@ -149,8 +161,8 @@ def speed_up(vae, critic, rec_loss, settings, device: torch.device, tuning: Tuni
     """Layout, phase upsampling and compilation, in place; returns (memory layout, the critic
     for first-order passes, the gradient penalty function or None for the plain one)."""
     compiled = settings.uses("torch_compile", device)
-    if compiled and settings.compile_cache_dir:
-        use_compile_cache(settings.compile_cache_dir)
+    if compiled:
+        use_compile_cache(settings.compile_cache_dir or None)
     if settings.uses("phase_upsample", device):
         use_phase_upsampling(vae.decoder, tuning.transposed_upsample)  # keeps the state-dict keys
     if wants_math_attention(tuning, settings, device):
