@@ -127,9 +127,8 @@ class HalfTrunk(torch.nn.Module):
     overflow). fp16 has TF32's 10-bit mantissa; it is a speed lever for CUDA
     (``speed.Tuning.lpips_fp16``), and what it changes is measured against TF32 by
     ``benchmarks/lpips_precision.py``. Scale and precision were measured on VGG, the trunk that
-    training uses; the others run the same way, unmeasured. (The scaling is the caller's, not an
-    autograd.Function's here: AOTAutograd's compile cache bypasses graphs holding one, so a warm
-    start would trace LPIPS again.)"""
+    training uses; the others run the same way, unmeasured. (The scaling is the caller's, in one
+    place with the fp16 step's loss scale that replaces it.)"""
 
     def __init__(self, trunk: torch.nn.Module):
         super().__init__()
