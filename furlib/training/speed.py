@@ -113,7 +113,8 @@ def use_compile_cache(folder=None) -> Path | None:
 
     AOTAutograd's cache (the traced forward and backward graphs) skips, by default, any graph that
     holds an ``autograd.Function``: the decoder's fused norms (``norm_silu``) and the Oklab cube root
-    (``oklab``) hold one, so a warm start traced them again (27-29 s on an H100, RESULTS issue 21).
+    (``oklab``) hold one, so a warm start traced them again: step 0 took 27-29 s on an H100, 16 s
+    with them cached (RESULTS, issue 21).
     PyTorch's flag ``autograd_cache_allow_custom_autograd_functions`` (torch >= 2.7) lets them in:
     the graph records the function's traced forward and backward, so the cache key covers them.
     Ours are pure (no state but their saved tensors); ``tests/test_speed.py`` sees the hit."""
