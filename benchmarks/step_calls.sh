@@ -189,14 +189,6 @@ lpips16() {
 # most 8 files come back.
 COLAB16="colab-t4[lpips_fp16=False]"
 
-profile() {  # today's default's kernel table and GPU idle gaps, warm after `whole` on the same machine
-    timeout 560 python3 benchmarks/train_step.py $S --lpips-trunks .whl/vgg16_fp16.safetensors --steps 6 \
-        --warmup 2 --variant-timeout 540 --profile /tmp/prof --out "$OUT/prof.json" --variants project \
-        > "$OUT/prof.log" 2>&1
-    echo "profile rc=$? $(date +%T)"
-    cp /tmp/prof/*.txt /tmp/prof/*.gz "$OUT/" 2>/dev/null
-}
-
 fits() {  # whether $1 more seconds end by the deadline; says so when not
     [ $((SECONDS + $1)) -le "${DEADLINE:-565}" ] || { echo "skipped (needs $1 s more) $(date +%T)"; false; }
 }
@@ -227,6 +219,14 @@ whole() {
     fi
     mv "$OUT"/*.partial.json $W/ 2>/dev/null  # kept, in the archive: the rows of a cut-short run
     tar czf "$OUT/logs.tgz" -C $W .
+}
+
+profile() {  # today's default's kernel table and GPU idle gaps, warm after `whole` on the same machine
+    timeout 560 python3 benchmarks/train_step.py $S --lpips-trunks .whl/vgg16_fp16.safetensors --steps 6 \
+        --warmup 2 --variant-timeout 540 --profile /tmp/prof --out "$OUT/prof.json" --variants project \
+        > "$OUT/prof.log" 2>&1
+    echo "profile rc=$? $(date +%T)"
+    cp /tmp/prof/*.txt /tmp/prof/*.gz "$OUT/" 2>/dev/null
 }
 
 "$@"

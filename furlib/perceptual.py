@@ -140,10 +140,15 @@ class HalfTrunk(torch.nn.Module):
         return type(outs)(*(o.float() for o in outs))
 
 
+def has_fp16_trunk(lpips) -> bool:
+    """Whether ``lpips`` (an ``LPIPS``, or any module, or None) runs its trunk as a ``HalfTrunk``."""
+    return isinstance(getattr(getattr(lpips, "net", None), "net", None), HalfTrunk)
+
+
 def use_fp16_trunk(lpips: "LPIPS") -> None:
     """``lpips``'s trunk as a ``HalfTrunk``, in place (the trunk's own keys move under
     ``net.net.trunk``; LPIPS is frozen and never saved)."""
-    if not isinstance(lpips.net.net, HalfTrunk):
+    if not has_fp16_trunk(lpips):
         lpips.net.net = HalfTrunk(lpips.net.net)
 
 

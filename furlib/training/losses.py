@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from furlib.oklab import rgb_to_oklab
-from furlib.perceptual import HalfTrunk, fp16_grad_scale
+from furlib.perceptual import fp16_grad_scale, has_fp16_trunk
 
 COLOR_SPACES = ("oklab", "rgb")
 
@@ -99,8 +99,7 @@ class ReconstructionLoss(nn.Module):
     def backward_scale(self, recon_m11: torch.Tensor) -> float:
         """The power of two this loss is multiplied by before its backward (its gradient divided
         by after): ``perceptual.fp16_grad_scale`` where LPIPS's trunk runs in fp16, else 1."""
-        trunk = getattr(getattr(self.lpips, "net", None), "net", None)
-        return fp16_grad_scale(recon_m11) if isinstance(trunk, HalfTrunk) else 1.0
+        return fp16_grad_scale(recon_m11) if has_fp16_trunk(self.lpips) else 1.0
 
 
 def last_layer_grads(features: torch.Tensor, grads_out: list, conv: nn.Conv2d,
